@@ -1,0 +1,80 @@
+//! Where the token endpoint and the JWKS are: given (Auth0, explicit URLs) or found by OIDC discovery
+//! (RFC 8414 / OpenID Connect Discovery), which is done once and kept.
+
+use serde::Deserialize;
+use url::Url;
+
+use super::GrantError;
+use crate::config::{Endpoints, parse_url};
+
+/// Endpoints ready to use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedEndpoints {
+    /// The expected `iss` claim (and the client assertion's `aud`), when known.
+    pub issuer: Option<String>,
+    pub token_url: Url,
+    pub jwks_url: Option<Url>,
+}
+
+#[derive(Deserialize)]
+struct Discovery {
+    issuer: String,
+    token_endpoint: String,
+    jwks_uri: Option<String>,
+}
+
+/// Resolves the configured endpoints, asking the issuer when it must.
+pub async fn resolve(
+    endpoints: &Endpoints,
+    http: &reqwest::Client,
+) -> Result<ResolvedEndpoints, GrantError> {
+    match endpoints {
+        Endpoints::Fixed {
+            issuer,
+            token_url,
+            jwks_url,
+        } => Ok(ResolvedEndpoints {
+            issuer: issuer.clone(),
+            token_url: token_url.clone(),
+            jwks_url: jwks_url.clone(),
+        }),
+        Endpoints::Discover { issuer } => discover(issuer, http).await,
+    }
+}
+
+async fn discover(issuer: &Url, http: &reqwest::Client) -> Result<ResolvedEndpoints, GrantError> {
+    let base = issuer.as_str().trim_end_matches('/');
+    let url = format!("{base}/.well-known/openid-configuration");
+    let fail = |message: String| GrantError::Discovery {
+        url: url.clone(),
+        message,
+    };
+    let response = http
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| fail(super::http::describe_reqwest(&e)))?;
+    if !response.status().is_success() {
+        return Err(fail(format!("HTTP {}", response.status().as_u16())));
+    }
+    let doc: Discovery = response
+        .json()
+        .await
+        .map_err(|e| fail(format!("not a discovery document: {e}")))?;
+    if doc.issuer.trim_end_matches('/') != base {
+        return Err(fail(format!(
+            "the document names issuer `{}`, not the configured `{}`; set auth.issuer to the IdP's issuer exactly",
+            doc.issuer, issuer
+        )));
+    }
+    let token_url = parse_url(&doc.token_endpoint).map_err(|m| fail(format!("token_endpoint: {m}")))?;
+    let jwks_url = doc
+        .jwks_uri
+        .map(|u| parse_url(&u).map_err(|m| fail(format!("jwks_uri: {m}"))))
+        .transpose()?;
+    Ok(ResolvedEndpoints {
+        issuer: Some(doc.issuer),
+        token_url,
+        jwks_url,
+    })
+}

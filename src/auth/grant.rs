@@ -1,0 +1,217 @@
+//! One client-credentials grant: read the secret (again, so a rotated file is picked up), build the
+//! client authentication, ask the token endpoint with `oauth2`, and turn every failure into a
+//! [`GrantError`] that keeps the OAuth2 error code, the HTTP status and the wait hint.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use oauth2::basic::{BasicClient, BasicErrorResponse, BasicTokenResponse};
+use oauth2::{AuthType, ClientId, ClientSecret, RequestTokenError, Scope, TokenResponse, TokenUrl};
+use secrecy::{ExposeSecret, SecretString};
+
+use super::http::{Adapter, ResponseMeta, TransportError};
+use super::{GrantError, ResolvedEndpoints, assertion, endpoints};
+use crate::clock::SharedClock;
+use crate::config::{AuthSettings, ClientAuth, SecretSource};
+
+/// What the IdP handed out, not yet checked.
+pub struct IssuedToken {
+    pub access_token: SecretString,
+    pub expires_in: Option<Duration>,
+}
+
+impl std::fmt::Debug for IssuedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedToken")
+            .field("expires_in", &self.expires_in)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Performs grants for one configured client.
+#[derive(Debug)]
+pub struct Grant {
+    settings: AuthSettings,
+    http: reqwest::Client,
+    clock: SharedClock,
+    endpoints: tokio::sync::OnceCell<ResolvedEndpoints>,
+}
+
+impl Grant {
+    pub fn new(settings: AuthSettings, http: reqwest::Client, clock: SharedClock) -> Arc<Self> {
+        Arc::new(Self {
+            settings,
+            http,
+            clock,
+            endpoints: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    pub fn settings(&self) -> &AuthSettings {
+        &self.settings
+    }
+
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// The endpoints, discovered on first use when configured so.
+    pub async fn endpoints(&self) -> Result<&ResolvedEndpoints, GrantError> {
+        self.endpoints
+            .get_or_try_init(|| endpoints::resolve(&self.settings.endpoints, &self.http))
+            .await
+    }
+
+    /// Asks the token endpoint for a new token.
+    pub async fn request(&self) -> Result<IssuedToken, GrantError> {
+        let endpoints = self.endpoints().await?;
+        let s = &self.settings;
+        let mut client = BasicClient::new(ClientId::new(s.client_id.clone()))
+            .set_token_uri(TokenUrl::from_url(endpoints.token_url.clone()));
+        let mut assertion: Option<SecretString> = None;
+        match &s.client_auth {
+            ClientAuth::ClientSecretPost | ClientAuth::ClientSecretBasic => {
+                let secret = self.read_secret().await?;
+                client = client
+                    .set_client_secret(ClientSecret::new(secret.expose_secret().to_string()))
+                    .set_auth_type(match s.client_auth {
+                        ClientAuth::ClientSecretBasic => AuthType::BasicAuth,
+                        _ => AuthType::RequestBody,
+                    });
+            }
+            ClientAuth::PrivateKeyJwt(key) => {
+                client = client.set_auth_type(AuthType::RequestBody);
+                let aud = endpoints
+                    .issuer
+                    .clone()
+                    .unwrap_or_else(|| endpoints.token_url.to_string());
+                assertion = Some(
+                    assertion::sign(key, &s.client_id, &aud, self.clock.unix())
+                        .map_err(GrantError::Assertion)?,
+                );
+            }
+        }
+
+        let mut request = client.exchange_client_credentials();
+        if let Some(a) = &s.audience {
+            request = request.add_extra_param("audience", a.clone());
+        }
+        if let Some(r) = &s.resource {
+            request = request.add_extra_param("resource", r.clone());
+        }
+        if let Some(o) = &s.organization {
+            request = request.add_extra_param("organization", o.clone());
+        }
+        if let Some(scope) = &s.scope {
+            request = request.add_scopes(scope.split_whitespace().map(|x| Scope::new(x.to_string())));
+        }
+        for (k, v) in &s.extra_params {
+            request = request.add_extra_param(k.clone(), v.clone());
+        }
+        if let Some(a) = &assertion {
+            request = request
+                .add_extra_param(
+                    "client_assertion_type",
+                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                )
+                .add_extra_param("client_assertion", a.expose_secret().to_string());
+        }
+
+        let adapter = Adapter {
+            client: self.http.clone(),
+            meta: Arc::new(Mutex::new(None)),
+            now: self.clock.now(),
+        };
+        let result: Result<BasicTokenResponse, RequestTokenError<TransportError, BasicErrorResponse>> =
+            request.request_async(&adapter).await;
+        let meta = adapter.meta.lock().expect("meta lock").clone();
+        match result {
+            Ok(token) => Ok(IssuedToken {
+                access_token: SecretString::from(token.access_token().secret().to_string()),
+                expires_in: token.expires_in(),
+            }),
+            Err(e) => Err(self.map_error(e, meta, &endpoints.token_url)),
+        }
+    }
+
+    fn map_error(
+        &self,
+        error: RequestTokenError<TransportError, BasicErrorResponse>,
+        meta: Option<ResponseMeta>,
+        token_url: &url::Url,
+    ) -> GrantError {
+        let status = meta.as_ref().map(|m| m.status).unwrap_or(0);
+        let retry_after = meta.as_ref().and_then(|m| m.retry_after);
+        match error {
+            RequestTokenError::ServerResponse(e) => GrantError::Refused {
+                status,
+                error: e.error().as_ref().to_string(),
+                description: e.error_description().map(|d| sanitize(d)),
+                retry_after,
+            },
+            RequestTokenError::Request(t) => GrantError::Transport {
+                url: token_url.to_string(),
+                message: t.0,
+            },
+            // A 200 body may hold the token: never quote it. Error bodies are quoted, shortened.
+            RequestTokenError::Parse(e, body) => {
+                if status == 200 {
+                    GrantError::Malformed(format!("not a token response ({})", e.inner()))
+                } else {
+                    GrantError::Http {
+                        status,
+                        snippet: sanitize(&String::from_utf8_lossy(&body)),
+                        retry_after,
+                    }
+                }
+            }
+            RequestTokenError::Other(m) if status == 200 => GrantError::Malformed(m),
+            RequestTokenError::Other(m) => GrantError::Http {
+                status,
+                snippet: sanitize(&m),
+                retry_after,
+            },
+        }
+    }
+
+    async fn read_secret(&self) -> Result<SecretString, GrantError> {
+        match &self.settings.secret {
+            SecretSource::File { path, .. } => {
+                let text = tokio::fs::read_to_string(path).await.map_err(|e| GrantError::Secret {
+                    from: self.settings.secret.describe(),
+                    message: e.to_string(),
+                })?;
+                let trimmed = text.trim_end_matches(['\r', '\n']);
+                if trimmed.is_empty() {
+                    return Err(GrantError::Secret {
+                        from: self.settings.secret.describe(),
+                        message: "the file is empty".into(),
+                    });
+                }
+                Ok(SecretString::from(trimmed.to_string()))
+            }
+            SecretSource::Env { value, .. } => Ok(value.clone()),
+            SecretSource::None => Err(GrantError::Secret {
+                from: "configuration".into(),
+                message: "no client secret configured".into(),
+            }),
+        }
+    }
+}
+
+/// One line, printable, at most 200 characters: safe to put in a log line or an error.
+pub fn sanitize(s: &str) -> String {
+    let one_line: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let collapsed = one_line.split_whitespace().collect::<Vec<_>>().join(" ");
+    if collapsed.is_empty() {
+        return "(empty body)".into();
+    }
+    let mut out: String = collapsed.chars().take(200).collect();
+    if collapsed.chars().count() > 200 {
+        out.push('…');
+    }
+    out
+}

@@ -1,0 +1,179 @@
+//! The command line: clap models the arguments (one file per subcommand), [`main`] runs the chosen
+//! command and maps its error to an exit code — 0 ok, 1 failure, 2 usage or configuration error —
+//! printing the whole cause chain.
+
+pub mod dev;
+pub mod refresh;
+pub mod run;
+pub mod status;
+pub mod token;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand};
+
+use crate::config::{self, ConfigError, Settings};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "behest-agent",
+    version,
+    about = "Machine-to-machine access to Behest: token agent and loopback OpenAI proxy",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every subcommand accepts, before or after its name.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Global {
+    /// Config file [default: /etc/behest-agent/config.toml when it exists]
+    #[arg(long, global = true, env = "BEHEST_AGENT_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Log level or filter (overrides telemetry.log_level)
+    #[arg(long, global = true, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+    /// More logging (-v info, -vv debug)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Override a config key, e.g. --set proxy.listen=127.0.0.1:9000 (repeatable)
+    #[arg(long = "set", global = true, value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub set: Vec<(String, String)>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon in the foreground (token refresher and control API)
+    Run(run::Args),
+    /// Print a valid access token (from the daemon, else a one-shot grant using the disk cache)
+    Token(token::Args),
+    /// Show the token's state, the last refresh and error (never the token)
+    Status(status::Args),
+    /// Force a new grant now
+    Refresh(refresh::Args),
+    /// Run everything on an embedded IdP, with no accounts needed
+    Dev(dev::Args),
+    /// Print shell completions
+    Completions {
+        /// bash, zsh, fish, elvish or powershell
+        shell: clap_complete::Shell,
+    },
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not KEY=VALUE"))?;
+    Ok((k.trim().to_string(), v.to_string()))
+}
+
+impl Global {
+    /// Loads the settings from the file, the process environment and `--set`.
+    pub fn load(&self) -> Result<Settings, ConfigError> {
+        config::load(&config::LoadOptions {
+            path: self.config.clone(),
+            env: process_env(),
+            overrides: self.set.clone(),
+        })
+    }
+
+    /// The log filter for a command whose default is `default`.
+    pub fn log_level(&self, default: &str) -> String {
+        if let Some(l) = &self.log_level {
+            return l.clone();
+        }
+        match self.verbose {
+            0 => default.to_string(),
+            1 => "info".to_string(),
+            _ => "debug".to_string(),
+        }
+    }
+}
+
+/// The process environment as a map (read once, at the edge).
+pub fn process_env() -> HashMap<String, String> {
+    std::env::vars().collect()
+}
+
+/// A failure with its exit code.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub error: anyhow::Error,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        let error = e.into();
+        let code = if error.downcast_ref::<ConfigError>().is_some() {
+            2
+        } else {
+            1
+        };
+        Failure { code, error }
+    }
+}
+
+pub type CliResult = Result<ExitCode, Failure>;
+
+/// The binary's entry point.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    crate::tls::install_default_provider();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(dispatch(cli));
+    // Do not wait for lingering blocking tasks (a stdin reader, a file lock) at exit.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    match result {
+        Ok(code) => code,
+        Err(f) => {
+            eprintln!("error: {:#}", f.error);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> CliResult {
+    let g = cli.global;
+    match cli.command {
+        Command::Run(a) => run::run(&g, a).await,
+        Command::Token(a) => token::run(&g, a).await,
+        Command::Status(a) => status::run(&g, a).await,
+        Command::Refresh(a) => refresh::run(&g, a).await,
+        Command::Dev(a) => dev::run(&g, a).await,
+        Command::Completions { shell } => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "behest-agent", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Sets up logging for a short CLI command (warnings only unless asked).
+pub fn init_cli_logging(g: &Global) {
+    crate::telemetry::init(config::LogFormat::Text, &g.log_level("warn"), false);
+}
+
+/// Finds a running daemon: the configured control socket, or the default one when the
+/// configuration cannot be loaded.
+pub async fn find_daemon(
+    settings: Option<&Settings>,
+) -> Option<crate::control::ControlClient> {
+    let path = match settings {
+        Some(s) => s.control.socket.clone(),
+        None => config::default_socket(&process_env()),
+    };
+    crate::control::ControlClient::connect(&path).await
+}

@@ -1,0 +1,45 @@
+//! `behest-agent refresh`: forces one new grant now (the daemon's, or in-process without one) and
+//! exits 1 with the IdP's error when it fails. One attempt, no retry loop.
+
+use std::process::ExitCode;
+
+use anyhow::anyhow;
+use http::{Method, StatusCode};
+
+use super::{CliResult, Global, find_daemon, init_cli_logging};
+use crate::control::client::error_message;
+use crate::token::{TokenSource, rfc3339};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {}
+
+pub async fn run(g: &Global, _args: Args) -> CliResult {
+    init_cli_logging(g);
+    let settings = g.load();
+    match find_daemon(settings.as_ref().ok()).await {
+        Some(client) => {
+            let (status, body) = client.call(Method::POST, "/v1/refresh").await?;
+            if status != StatusCode::OK {
+                return Err(anyhow!("refresh failed: {}", error_message(&body, status)).into());
+            }
+            let exp = body
+                .pointer("/token/expires_at")
+                .and_then(|v| v.as_str())
+                .unwrap_or("?");
+            println!("refreshed by the daemon; the new token expires at {exp}");
+        }
+        None => {
+            let settings = settings?;
+            let source = TokenSource::new(&settings, crate::clock::system()).map_err(|e| anyhow!(e))?;
+            let t = source
+                .refresh_now()
+                .await
+                .map_err(|e| anyhow!("refresh failed: {e}"))?;
+            println!(
+                "refreshed (no daemon running; cached on disk); the new token expires at {}",
+                rfc3339(t.expires_at)
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

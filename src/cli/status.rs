@@ -1,0 +1,99 @@
+//! `behest-agent status`: the token's state, last refresh and error, and the daemon's figures. Never
+//! prints the token. Without a daemon it reports the disk cache. Exit 1 when no valid token is held.
+
+use std::process::ExitCode;
+
+use anyhow::anyhow;
+use http::Method;
+use serde_json::{Value, json};
+
+use super::{CliResult, Global, find_daemon, init_cli_logging};
+use crate::control::server::expires_words;
+use crate::token::TokenSource;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Print JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(g: &Global, args: Args) -> CliResult {
+    init_cli_logging(g);
+    let settings = g.load();
+    let doc = match find_daemon(settings.as_ref().ok()).await {
+        Some(client) => client.call(Method::GET, "/v1/status").await?.1,
+        None => {
+            let settings = settings?;
+            let source = TokenSource::new(&settings, crate::clock::system()).map_err(|e| anyhow!(e))?;
+            source.load_cache().await;
+            json!({
+                "token": source.status(),
+                "daemon": Value::Null,
+                "cache_file": settings.token.cache_file.as_ref().map(|p| p.display().to_string()),
+            })
+        }
+    };
+    let ready = doc.pointer("/token/ready").and_then(Value::as_bool).unwrap_or(false);
+    if args.json {
+        println!("{doc}");
+    } else {
+        print!("{}", human(&doc));
+    }
+    Ok(if ready { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn human(doc: &Value) -> String {
+    let s = |p: &str| doc.pointer(p).and_then(Value::as_str).unwrap_or("-").to_string();
+    let mut out = String::new();
+    let t = "/token";
+    let state = s(&format!("{t}/state"));
+    match doc.pointer(&format!("{t}/expires_in")).and_then(Value::as_i64) {
+        Some(secs) => out.push_str(&format!(
+            "token:        {state}, expires {} ({})\n",
+            expires_words(secs),
+            s(&format!("{t}/expires_at"))
+        )),
+        None => out.push_str(&format!("token:        {state}\n")),
+    }
+    for claim in ["uid", "tid", "pid", "tier"] {
+        out.push_str(&format!("  {claim}:{:width$}{}\n", "", s(&format!("{t}/claims/{claim}")), width = 11 - claim.len()));
+    }
+    out.push_str(&format!("client_id:    {}\n", s(&format!("{t}/client_id"))));
+    out.push_str(&format!("issuer:       {}\n", s(&format!("{t}/issuer"))));
+    out.push_str(&format!("last refresh: {}\n", s(&format!("{t}/last_refresh"))));
+    out.push_str(&format!("next refresh: {}\n", s(&format!("{t}/next_refresh"))));
+    out.push_str(&format!(
+        "last error:   {}\n",
+        doc.pointer(&format!("{t}/last_error"))
+            .and_then(Value::as_str)
+            .unwrap_or("none")
+    ));
+    if let Some(w) = doc.pointer(&format!("{t}/warnings")).and_then(Value::as_array) {
+        for w in w.iter().filter_map(Value::as_str) {
+            out.push_str(&format!("warning:      {w}\n"));
+        }
+    }
+    match doc.get("daemon") {
+        Some(Value::Null) | None => out.push_str("daemon:       not running (state read from the disk cache)\n"),
+        Some(d) => {
+            out.push_str(&format!(
+                "daemon:       pid {}, version {}, up since {}\n",
+                d.get("pid").map(|v| v.to_string()).unwrap_or_default(),
+                d.get("version").and_then(Value::as_str).unwrap_or("?"),
+                d.get("started_at").and_then(Value::as_str).unwrap_or("?"),
+            ));
+            if let Some(u) = d.get("upstream").and_then(Value::as_str) {
+                out.push_str(&format!("upstream:     {u}\n"));
+            }
+            if let Some(l) = d.get("listen").and_then(Value::as_array) {
+                let l: Vec<&str> = l.iter().filter_map(Value::as_str).collect();
+                out.push_str(&format!("proxy listen: {}\n", l.join(", ")));
+            }
+        }
+    }
+    if let Some(p) = doc.get("proxy").filter(|p| !p.is_null()) {
+        out.push_str(&format!("proxy:        {p}\n"));
+    }
+    out
+}

@@ -1,0 +1,146 @@
+//! Configuration: the TOML file, then `BEHEST_AGENT__SECTION__KEY` environment variables, then
+//! command-line overrides, merged with the `config` crate into [`file::FileConfig`] and validated into
+//! [`Settings`]. The environment is passed in as a map so tests never touch the process environment.
+
+pub mod file;
+pub mod settings;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub use settings::*;
+
+/// The default config file location.
+pub const DEFAULT_PATH: &str = "/etc/behest-agent/config.toml";
+
+/// A configuration problem: always names the key (or the file) and says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read the config file: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: {message}")]
+    Parse { file: String, message: String },
+    #[error("{file}: `{key}` is missing: {hint}")]
+    Missing {
+        file: String,
+        key: String,
+        hint: String,
+    },
+    #[error("{file}: `{key}`: {message}")]
+    Invalid {
+        file: String,
+        key: String,
+        message: String,
+    },
+}
+
+fn file_label(path: Option<&Path>) -> String {
+    match path {
+        Some(p) => p.display().to_string(),
+        None => "configuration (no file; environment only)".to_string(),
+    }
+}
+
+impl ConfigError {
+    pub fn missing(path: Option<&Path>, key: &str, hint: &str) -> Self {
+        ConfigError::Missing {
+            file: file_label(path),
+            key: key.to_string(),
+            hint: hint.to_string(),
+        }
+    }
+
+    pub fn invalid(path: Option<&Path>, key: &str, message: String) -> Self {
+        ConfigError::Invalid {
+            file: file_label(path),
+            key: key.to_string(),
+            message,
+        }
+    }
+}
+
+/// What to load and from where.
+#[derive(Debug, Default, Clone)]
+pub struct LoadOptions {
+    /// `--config` / `BEHEST_AGENT_CONFIG`: must exist. `None`: [`DEFAULT_PATH`] if it exists.
+    pub path: Option<PathBuf>,
+    /// The process environment (or a test's map).
+    pub env: HashMap<String, String>,
+    /// `--set section.key=value` overrides, applied last.
+    pub overrides: Vec<(String, String)>,
+}
+
+/// Loads and validates the configuration.
+pub fn load(opts: &LoadOptions) -> Result<Settings, ConfigError> {
+    let path: Option<PathBuf> = match &opts.path {
+        Some(p) => {
+            if let Err(source) = std::fs::metadata(p) {
+                return Err(ConfigError::Read {
+                    file: p.display().to_string(),
+                    source,
+                });
+            }
+            Some(p.clone())
+        }
+        None => Some(PathBuf::from(DEFAULT_PATH)).filter(|p| p.exists()),
+    };
+    let label = file_label(path.as_deref());
+
+    let mut builder = config::Config::builder();
+    if let Some(p) = &path {
+        let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+            file: label.clone(),
+            source,
+        })?;
+        builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
+    }
+    // Only `BEHEST_AGENT__…` variables: `BEHEST_AGENT_CONFIG` and `BEHEST_AGENT_CLIENT_SECRET` have a
+    // single underscore and are not config keys.
+    let env: HashMap<String, String> = opts
+        .env
+        .iter()
+        .filter(|(k, _)| k.starts_with("BEHEST_AGENT__"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    builder = builder.add_source(
+        config::Environment::with_prefix("BEHEST_AGENT")
+            .prefix_separator("__")
+            .separator("__")
+            .source(Some(env))
+            .try_parsing(true)
+            .list_separator(",")
+            .with_list_parse_key("proxy.listen")
+            .with_list_parse_key("proxy.allowed_origins")
+            .with_list_parse_key("token.required_claims"),
+    );
+    for (k, v) in &opts.overrides {
+        builder = builder
+            .set_override(k.as_str(), v.as_str())
+            .map_err(|e| ConfigError::Parse {
+                file: label.clone(),
+                message: format!("--set {k}: {e}"),
+            })?;
+    }
+    let merged = builder.build().map_err(|e| ConfigError::Parse {
+        file: label.clone(),
+        message: e.to_string(),
+    })?;
+    let model: file::FileConfig = merged.try_deserialize().map_err(|e| ConfigError::Parse {
+        file: label.clone(),
+        message: describe_parse_error(&e.to_string()),
+    })?;
+    settings::validate(model, &opts.env, path.as_deref())
+}
+
+/// The `config` crate reports unknown keys as serde does; add the fix.
+fn describe_parse_error(msg: &str) -> String {
+    if msg.contains("unknown field") {
+        format!("{msg} (remove or correct the key; config/behest-agent.toml lists every key)")
+    } else {
+        msg.to_string()
+    }
+}

@@ -1,0 +1,119 @@
+//! The configuration file model: what a user writes in TOML (or sets as `BEHEST_AGENT__SECTION__KEY`),
+//! deserialized as is. No validation happens here beyond types; unknown keys are refused by serde so
+//! a typo never silently falls back to a default. [`super::settings`] turns this into settings.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    pub auth: AuthFile,
+    pub token: TokenFile,
+    pub proxy: ProxyFile,
+    pub control: ControlFile,
+    pub telemetry: TelemetryFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthFile {
+    pub provider: Option<String>,
+    pub domain: Option<String>,
+    pub issuer: Option<String>,
+    pub token_url: Option<String>,
+    pub jwks_url: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret_file: Option<String>,
+    pub client_auth: Option<String>,
+    pub private_key_file: Option<String>,
+    pub signing_alg: Option<String>,
+    pub key_id: Option<String>,
+    pub audience: Option<String>,
+    pub resource: Option<String>,
+    pub scope: Option<String>,
+    pub organization: Option<String>,
+    pub extra_params: BTreeMap<String, String>,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenFile {
+    pub uid_claim: Option<String>,
+    pub expected_uid: Option<String>,
+    pub uid_check: Option<String>,
+    pub required_claims: Option<Vec<String>>,
+    pub verify_signature: Option<bool>,
+    #[serde(with = "humantime_serde")]
+    pub refresh_margin: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub min_backoff: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Option<Duration>,
+    pub cache_file: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyFile {
+    pub listen: Option<OneOrMany>,
+    pub upstream: Option<String>,
+    pub allow_insecure_upstream: Option<bool>,
+    pub ca_file: Option<String>,
+    pub session_id: Option<String>,
+    pub allow_remote: Option<bool>,
+    pub allowed_origins: Option<Vec<String>>,
+    pub max_connections: Option<usize>,
+    pub max_replay_body: Option<String>,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub upstream_timeout: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlFile {
+    pub socket: Option<String>,
+    pub socket_mode: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryFile {
+    pub log_format: Option<String>,
+    pub log_level: Option<String>,
+    pub metrics_listen: Option<String>,
+}
+
+/// `listen = "127.0.0.1:8711"` or `listen = ["127.0.0.1:8711", "unix:/run/x.sock"]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => s
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
+            OneOrMany::Many(v) => v,
+        }
+    }
+}

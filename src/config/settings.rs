@@ -1,0 +1,777 @@
+//! Validated settings: what the rest of the program runs on. Built once from the file model plus the
+//! environment (read through a map, never the process environment directly, so tests feed their own)
+//! and never changed afterwards; a reload builds a new one. Every error names the key, the file and
+//! the fix. Nothing here reads a secret's value into an error or a log line.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use jsonwebtoken::{Algorithm, EncodingKey};
+use secrecy::SecretString;
+use url::Url;
+
+use super::ConfigError;
+use super::file::FileConfig;
+
+/// Everything the agent needs, validated.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The config file these settings came from, when there was one.
+    pub path: Option<PathBuf>,
+    pub auth: AuthSettings,
+    pub token: TokenSettings,
+    pub proxy: ProxySettings,
+    pub control: ControlSettings,
+    pub telemetry: TelemetrySettings,
+    /// Things worth telling the operator that do not stop the agent (file permissions, …).
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provider {
+    Auth0,
+    Oidc,
+}
+
+/// Where the token endpoint and JWKS are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoints {
+    /// Known without asking (Auth0, or OIDC with explicit URLs).
+    Fixed {
+        /// The expected `iss` claim, when known.
+        issuer: Option<String>,
+        token_url: Url,
+        jwks_url: Option<Url>,
+    },
+    /// OIDC discovery at `ISSUER/.well-known/openid-configuration`.
+    Discover { issuer: Url },
+}
+
+impl Endpoints {
+    /// The issuer as configured or derived (used in the cache key and assertions).
+    pub fn issuer_hint(&self) -> String {
+        match self {
+            Endpoints::Fixed {
+                issuer, token_url, ..
+            } => issuer.clone().unwrap_or_else(|| token_url.to_string()),
+            Endpoints::Discover { issuer } => issuer.as_str().to_string(),
+        }
+    }
+}
+
+/// Where the client secret comes from; read again at each grant so rotation needs no restart.
+#[derive(Clone)]
+pub enum SecretSource {
+    /// A file (config `client_secret_file` or the systemd credential); `key` says which.
+    File { path: PathBuf, key: &'static str },
+    /// An environment variable, captured at start-up.
+    Env { var: &'static str, value: SecretString },
+    /// No secret (private_key_jwt).
+    None,
+}
+
+impl std::fmt::Debug for SecretSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SecretSource::File { path, key } => write!(f, "File({key}: {})", path.display()),
+            SecretSource::Env { var, .. } => write!(f, "Env({var})"),
+            SecretSource::None => f.write_str("None"),
+        }
+    }
+}
+
+impl SecretSource {
+    /// Where the secret comes from, in words (never the value).
+    pub fn describe(&self) -> String {
+        match self {
+            SecretSource::File { path, key } => format!("{key} ({})", path.display()),
+            SecretSource::Env { var, .. } => format!("environment variable {var}"),
+            SecretSource::None => "none".to_string(),
+        }
+    }
+}
+
+/// How the agent authenticates to the token endpoint.
+#[derive(Debug, Clone)]
+pub enum ClientAuth {
+    ClientSecretPost,
+    ClientSecretBasic,
+    PrivateKeyJwt(Arc<AssertionKey>),
+}
+
+impl ClientAuth {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ClientAuth::ClientSecretPost => "client_secret_post",
+            ClientAuth::ClientSecretBasic => "client_secret_basic",
+            ClientAuth::PrivateKeyJwt(_) => "private_key_jwt",
+        }
+    }
+}
+
+/// The private key that signs client assertions (RFC 7523).
+pub struct AssertionKey {
+    pub key: EncodingKey,
+    pub alg: Algorithm,
+    pub key_id: Option<String>,
+    pub path: PathBuf,
+}
+
+impl std::fmt::Debug for AssertionKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AssertionKey")
+            .field("alg", &self.alg)
+            .field("key_id", &self.key_id)
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    pub provider: Provider,
+    pub endpoints: Endpoints,
+    pub client_id: String,
+    pub secret: SecretSource,
+    pub client_auth: ClientAuth,
+    pub audience: Option<String>,
+    pub resource: Option<String>,
+    pub scope: Option<String>,
+    pub organization: Option<String>,
+    pub extra_params: Vec<(String, String)>,
+    /// Bound on one request to the IdP (connect + response).
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UidCheck {
+    Enforce,
+    Warn,
+}
+
+#[derive(Debug, Clone)]
+pub struct TokenSettings {
+    pub uid_claim: String,
+    pub expected_uid: String,
+    pub uid_check: UidCheck,
+    pub required_claims: Vec<String>,
+    pub verify_signature: bool,
+    pub refresh_margin: Duration,
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+    /// `None`: no disk cache.
+    pub cache_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    pub listen: Vec<ListenAddr>,
+    /// The Behest base URL; `None` runs the token engine without a proxy.
+    pub upstream: Option<Url>,
+    pub ca_file: Option<PathBuf>,
+    pub session_id: Option<String>,
+    pub allow_remote: bool,
+    pub allowed_origins: Vec<String>,
+    pub max_connections: usize,
+    pub max_replay_body: usize,
+    pub connect_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub upstream_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ControlSettings {
+    pub socket: PathBuf,
+    pub socket_mode: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Auto,
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct TelemetrySettings {
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// Reads a key as a non-empty string.
+fn nonempty(v: Option<String>) -> Option<String> {
+    v.map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+}
+
+/// Builds settings from the merged file model. `env` is the process environment as a map.
+pub(super) fn validate(
+    file: FileConfig,
+    env: &HashMap<String, String>,
+    path: Option<&Path>,
+) -> Result<Settings, ConfigError> {
+    let mut warnings = Vec::new();
+    let err = |key: &str, message: String| ConfigError::invalid(path, key, message);
+    let envv = |k: &str| env.get(k).cloned().filter(|s| !s.trim().is_empty());
+
+    // ---- [auth]
+    let a = file.auth;
+    let domain = nonempty(a.domain).or_else(|| envv("AUTH0_DOMAIN"));
+    let issuer = nonempty(a.issuer);
+    let provider = match nonempty(a.provider).as_deref() {
+        Some("auth0") => Provider::Auth0,
+        Some("oidc") => Provider::Oidc,
+        None if domain.is_none() && (issuer.is_some() || a.token_url.is_some()) => Provider::Oidc,
+        None => Provider::Auth0,
+        Some(other) => {
+            return Err(err(
+                "auth.provider",
+                format!("`{other}` is not a provider; use \"auth0\" or \"oidc\""),
+            ));
+        }
+    };
+    let endpoints = match provider {
+        Provider::Auth0 => {
+            let domain = domain.ok_or_else(|| {
+                ConfigError::missing(
+                    path,
+                    "auth.domain",
+                    "set it to your Auth0 tenant's domain (e.g. \"example.eu.auth0.com\"), or set AUTH0_DOMAIN",
+                )
+            })?;
+            let base = base_url(&domain).map_err(|m| err("auth.domain", m))?;
+            let base_str = base.as_str().trim_end_matches('/').to_string();
+            Endpoints::Fixed {
+                issuer: Some(format!("{base_str}/")),
+                token_url: join(&base, "oauth/token"),
+                jwks_url: Some(join(&base, ".well-known/jwks.json")),
+            }
+        }
+        Provider::Oidc => {
+            let token_url = nonempty(a.token_url)
+                .map(|u| parse_url(&u).map_err(|m| err("auth.token_url", m)))
+                .transpose()?;
+            let jwks_url = nonempty(a.jwks_url)
+                .map(|u| parse_url(&u).map_err(|m| err("auth.jwks_url", m)))
+                .transpose()?;
+            match (issuer, token_url) {
+                (Some(issuer), token_url) if token_url.is_none() || jwks_url.is_none() => {
+                    Endpoints::Discover {
+                        issuer: parse_url(&issuer).map_err(|m| err("auth.issuer", m))?,
+                    }
+                }
+                (issuer, Some(token_url)) => Endpoints::Fixed {
+                    issuer,
+                    token_url,
+                    jwks_url,
+                },
+                (_, None) => {
+                    return Err(ConfigError::missing(
+                        path,
+                        "auth.issuer",
+                        "provider \"oidc\" needs `issuer` (for discovery) or `token_url` and `jwks_url`",
+                    ));
+                }
+            }
+        }
+    };
+    let client_id = nonempty(a.client_id)
+        .or_else(|| envv("AUTH0_CLIENT_ID"))
+        .ok_or_else(|| {
+            ConfigError::missing(
+                path,
+                "auth.client_id",
+                "set it to the machine-to-machine application's Client ID, or set AUTH0_CLIENT_ID",
+            )
+        })?;
+    let audience = nonempty(a.audience).or_else(|| envv("AUTH0_AUDIENCE"));
+    let resource = nonempty(a.resource);
+    if let Some(r) = &resource {
+        Url::parse(r).map_err(|_| {
+            err(
+                "auth.resource",
+                format!("`{r}` is not an absolute URI (RFC 8707)"),
+            )
+        })?;
+    }
+    if provider == Provider::Auth0 && audience.is_none() && resource.is_none() {
+        return Err(ConfigError::missing(
+            path,
+            "auth.audience",
+            "Auth0 requires the API identifier (e.g. \"https://api.behest.app\"); set it, or AUTH0_AUDIENCE",
+        ));
+    }
+    let client_auth = match nonempty(a.client_auth).as_deref() {
+        None | Some("client_secret_post") => ClientAuth::ClientSecretPost,
+        Some("client_secret_basic") => ClientAuth::ClientSecretBasic,
+        Some("private_key_jwt") => {
+            let key_path = nonempty(a.private_key_file).ok_or_else(|| {
+                ConfigError::missing(
+                    path,
+                    "auth.private_key_file",
+                    "client_auth = \"private_key_jwt\" needs the PEM private key registered with the IdP",
+                )
+            })?;
+            let alg_name = nonempty(a.signing_alg).unwrap_or_else(|| "RS256".to_string());
+            let alg = match alg_name.as_str() {
+                "RS256" => Algorithm::RS256,
+                "RS384" => Algorithm::RS384,
+                "PS256" => Algorithm::PS256,
+                "ES256" => Algorithm::ES256,
+                other => {
+                    return Err(err(
+                        "auth.signing_alg",
+                        format!("`{other}` is not supported; use RS256, RS384, PS256 or ES256"),
+                    ));
+                }
+            };
+            let key_path = PathBuf::from(key_path);
+            let pem = std::fs::read(&key_path).map_err(|e| {
+                err(
+                    "auth.private_key_file",
+                    format!("cannot read {}: {e}", key_path.display()),
+                )
+            })?;
+            if let Some(w) = permission_warning(&key_path, "auth.private_key_file") {
+                warnings.push(w);
+            }
+            let key = if alg == Algorithm::ES256 {
+                EncodingKey::from_ec_pem(&pem)
+            } else {
+                EncodingKey::from_rsa_pem(&pem)
+            }
+            .map_err(|_| {
+                err(
+                    "auth.private_key_file",
+                    format!(
+                        "{} is not a PEM {} private key",
+                        key_path.display(),
+                        if alg == Algorithm::ES256 { "EC P-256" } else { "RSA" }
+                    ),
+                )
+            })?;
+            ClientAuth::PrivateKeyJwt(Arc::new(AssertionKey {
+                key,
+                alg,
+                key_id: nonempty(a.key_id),
+                path: key_path,
+            }))
+        }
+        Some(other) => {
+            return Err(err(
+                "auth.client_auth",
+                format!(
+                    "`{other}` is not supported; use client_secret_post, client_secret_basic or private_key_jwt"
+                ),
+            ));
+        }
+    };
+    let secret = match client_auth {
+        ClientAuth::PrivateKeyJwt(_) => SecretSource::None,
+        _ => {
+            let source = secret_source(nonempty(a.client_secret_file), env).ok_or_else(|| {
+                ConfigError::missing(
+                    path,
+                    "auth.client_secret_file",
+                    "give the client secret in a file (client_secret_file), as the systemd credential `client-secret`, or in BEHEST_AGENT_CLIENT_SECRET / AUTH0_CLIENT_SECRET",
+                )
+            })?;
+            if let SecretSource::File { path: p, key } = &source {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| err(key, format!("cannot read {}: {e}", p.display())))?;
+                if text.trim().is_empty() {
+                    return Err(err(key, format!("{} is empty", p.display())));
+                }
+                if let Some(w) = permission_warning(p, key) {
+                    warnings.push(w);
+                }
+            }
+            source
+        }
+    };
+    let mut extra_params: Vec<(String, String)> = a.extra_params.into_iter().collect();
+    for (k, _) in &extra_params {
+        if matches!(
+            k.as_str(),
+            "grant_type" | "client_id" | "client_secret" | "client_assertion" | "client_assertion_type"
+        ) {
+            return Err(err(
+                "auth.extra_params",
+                format!("`{k}` is set by the agent itself and cannot be overridden"),
+            ));
+        }
+    }
+    extra_params.sort();
+    let auth = AuthSettings {
+        provider,
+        endpoints,
+        client_id: client_id.clone(),
+        secret,
+        client_auth,
+        audience,
+        resource,
+        scope: nonempty(a.scope),
+        organization: nonempty(a.organization),
+        extra_params,
+        timeout: a.timeout.unwrap_or(Duration::from_secs(30)),
+    };
+
+    // ---- [token]
+    let t = file.token;
+    let uid_check = match nonempty(t.uid_check).as_deref() {
+        None | Some("enforce") => UidCheck::Enforce,
+        Some("warn") => UidCheck::Warn,
+        Some(other) => {
+            return Err(err(
+                "token.uid_check",
+                format!("`{other}` is not a mode; use \"enforce\" or \"warn\""),
+            ));
+        }
+    };
+    let min_backoff = t.min_backoff.unwrap_or(Duration::from_secs(1));
+    let max_backoff = t.max_backoff.unwrap_or(Duration::from_secs(300));
+    if min_backoff.is_zero() || max_backoff < min_backoff {
+        return Err(err(
+            "token.max_backoff",
+            "needs 0 < min_backoff <= max_backoff".to_string(),
+        ));
+    }
+    let cache_file = match t.cache_file {
+        Some(s) if s.trim().is_empty() => None,
+        Some(s) => Some(PathBuf::from(s)),
+        None => default_cache_file(env),
+    };
+    let token = TokenSettings {
+        uid_claim: nonempty(t.uid_claim).unwrap_or_else(|| "uid".to_string()),
+        expected_uid: nonempty(t.expected_uid).unwrap_or(client_id),
+        uid_check,
+        required_claims: t
+            .required_claims
+            .unwrap_or_else(|| vec!["tid".to_string(), "pid".to_string()]),
+        verify_signature: t.verify_signature.unwrap_or(true),
+        refresh_margin: t.refresh_margin.unwrap_or(Duration::from_secs(300)),
+        min_backoff,
+        max_backoff,
+        cache_file,
+    };
+
+    // ---- [proxy]
+    let p = file.proxy;
+    let allow_remote = p.allow_remote.unwrap_or(false);
+    let listen_strs = p
+        .listen
+        .map(|l| l.into_vec())
+        .unwrap_or_else(|| vec!["127.0.0.1:8711".to_string()]);
+    let mut listen = Vec::new();
+    for s in listen_strs {
+        let addr = parse_listen(&s).map_err(|m| err("proxy.listen", m))?;
+        if let ListenAddr::Tcp(sa) = &addr
+            && !sa.ip().is_loopback()
+            && !allow_remote
+        {
+            return Err(err(
+                "proxy.listen",
+                format!(
+                    "{sa} is not a loopback address: the proxy injects this machine's credential, so anyone who can reach it can use it. Listen on 127.0.0.1, or set proxy.allow_remote = true if that is really intended"
+                ),
+            ));
+        }
+        listen.push(addr);
+    }
+    let allow_insecure = p.allow_insecure_upstream.unwrap_or(false);
+    let upstream = nonempty(p.upstream)
+        .or_else(|| envv("BEHEST_BASE_URL"))
+        .map(|u| {
+            let url = parse_url(&u).map_err(|m| err("proxy.upstream", m))?;
+            if url.scheme() != "https" && !allow_insecure {
+                return Err(err(
+                    "proxy.upstream",
+                    format!(
+                        "`{url}` is not https: the token would cross the network in clear. Use https, or set proxy.allow_insecure_upstream = true (for a local test server)"
+                    ),
+                ));
+            }
+            if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
+                return Err(err(
+                    "proxy.upstream",
+                    "must be a base URL without query, fragment or credentials".to_string(),
+                ));
+            }
+            Ok(url)
+        })
+        .transpose()?;
+    let max_replay_body = match nonempty(p.max_replay_body) {
+        None => 1 << 20,
+        Some(s) => parse_size(&s).map_err(|m| err("proxy.max_replay_body", m))?,
+    };
+    let proxy = ProxySettings {
+        listen,
+        upstream,
+        ca_file: nonempty(p.ca_file).map(PathBuf::from),
+        session_id: nonempty(p.session_id),
+        allow_remote,
+        allowed_origins: p.allowed_origins.unwrap_or_default(),
+        max_connections: p.max_connections.unwrap_or(4096).max(1),
+        max_replay_body,
+        connect_timeout: p.connect_timeout.unwrap_or(Duration::from_secs(10)),
+        header_read_timeout: p.header_read_timeout.unwrap_or(Duration::from_secs(30)),
+        upstream_timeout: p.upstream_timeout.unwrap_or(Duration::from_secs(600)),
+        idle_timeout: p.idle_timeout.unwrap_or(Duration::from_secs(300)),
+        shutdown_grace: p.shutdown_grace.unwrap_or(Duration::from_secs(30)),
+    };
+    if let Some(ca) = &proxy.ca_file
+        && !ca.is_file()
+    {
+        return Err(err(
+            "proxy.ca_file",
+            format!("{} does not exist or is not a file", ca.display()),
+        ));
+    }
+
+    // ---- [control]
+    let c = file.control;
+    let socket = nonempty(c.socket)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| default_socket(env));
+    let socket_mode = match nonempty(c.socket_mode) {
+        None => 0o660,
+        Some(s) => u32::from_str_radix(s.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| {
+                err(
+                    "control.socket_mode",
+                    format!("`{s}` is not an octal mode like \"0660\""),
+                )
+            })?,
+    };
+    let control = ControlSettings {
+        socket,
+        socket_mode,
+    };
+
+    // ---- [telemetry]
+    let tl = file.telemetry;
+    let log_format = match nonempty(tl.log_format).as_deref() {
+        None | Some("auto") => LogFormat::Auto,
+        Some("text") => LogFormat::Text,
+        Some("json") => LogFormat::Json,
+        Some(other) => {
+            return Err(err(
+                "telemetry.log_format",
+                format!("`{other}` is not a format; use auto, text or json"),
+            ));
+        }
+    };
+    let log_level = nonempty(tl.log_level).unwrap_or_else(|| "info".to_string());
+    if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+        return Err(err(
+            "telemetry.log_level",
+            format!("`{log_level}` is not a level or filter (try \"info\" or \"behest_agent=debug\")"),
+        ));
+    }
+    let metrics_listen = nonempty(tl.metrics_listen)
+        .map(|s| {
+            s.parse::<SocketAddr>()
+                .map_err(|_| err("telemetry.metrics_listen", format!("`{s}` is not an IP:port")))
+        })
+        .transpose()?;
+    if let Some(m) = metrics_listen
+        && !m.ip().is_loopback()
+        && !allow_remote
+    {
+        return Err(err(
+            "telemetry.metrics_listen",
+            format!("{m} is not a loopback address; set proxy.allow_remote = true to expose metrics"),
+        ));
+    }
+    let telemetry = TelemetrySettings {
+        log_format,
+        log_level,
+        metrics_listen,
+    };
+
+    if let Some(p) = path
+        && let Some(w) = permission_warning(p, "config file")
+    {
+        warnings.push(w);
+    }
+
+    Ok(Settings {
+        path: path.map(Path::to_path_buf),
+        auth,
+        token,
+        proxy,
+        control,
+        telemetry,
+        warnings,
+    })
+}
+
+fn secret_source(file: Option<String>, env: &HashMap<String, String>) -> Option<SecretSource> {
+    if let Some(f) = file {
+        return Some(SecretSource::File {
+            path: PathBuf::from(f),
+            key: "auth.client_secret_file",
+        });
+    }
+    if let Some(dir) = env.get("CREDENTIALS_DIRECTORY").filter(|d| !d.is_empty()) {
+        let p = Path::new(dir).join("client-secret");
+        if p.exists() {
+            return Some(SecretSource::File {
+                path: p,
+                key: "systemd credential client-secret",
+            });
+        }
+    }
+    for var in ["BEHEST_AGENT_CLIENT_SECRET", "AUTH0_CLIENT_SECRET"] {
+        if let Some(v) = env.get(var).filter(|v| !v.trim().is_empty()) {
+            return Some(SecretSource::Env {
+                var,
+                value: SecretString::from(v.trim().to_string()),
+            });
+        }
+    }
+    None
+}
+
+/// A warning when a file holding configuration or a secret can be read by other users.
+fn permission_warning(path: &Path, what: &str) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode();
+    (mode & 0o004 != 0).then(|| {
+        format!(
+            "{what} {} is readable by every user (mode {:04o}); run `chmod o-r {}`",
+            path.display(),
+            mode & 0o7777,
+            path.display()
+        )
+    })
+}
+
+/// `example.auth0.com` → `https://example.auth0.com/`; a full URL is accepted as is (http only on
+/// loopback).
+fn base_url(domain: &str) -> Result<Url, String> {
+    let with_scheme = if domain.contains("://") {
+        domain.to_string()
+    } else {
+        format!("https://{domain}")
+    };
+    let mut url = parse_url(&with_scheme)?;
+    if !url.path().ends_with('/') {
+        let p = format!("{}/", url.path());
+        url.set_path(&p);
+    }
+    Ok(url)
+}
+
+fn join(base: &Url, rel: &str) -> Url {
+    base.join(rel).expect("a relative path joins onto a base URL")
+}
+
+/// An absolute http(s) URL; plain http only to a loopback host.
+pub fn parse_url(s: &str) -> Result<Url, String> {
+    let url = Url::parse(s).map_err(|e| format!("`{s}` is not a URL ({e})"))?;
+    match url.scheme() {
+        "https" => Ok(url),
+        "http" if is_loopback_host(&url) => Ok(url),
+        "http" => Err(format!(
+            "`{s}` uses plain http to a non-loopback host; use https"
+        )),
+        other => Err(format!("`{s}`: scheme `{other}` is not http(s)")),
+    }
+}
+
+pub fn is_loopback_host(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+fn parse_listen(s: &str) -> Result<ListenAddr, String> {
+    if let Some(p) = s.strip_prefix("unix:") {
+        if p.is_empty() {
+            return Err("`unix:` needs a path, like \"unix:/run/behest-agent/proxy.sock\"".into());
+        }
+        return Ok(ListenAddr::Unix(PathBuf::from(p)));
+    }
+    if let Some(port) = s.strip_prefix("localhost:") {
+        let port = port.parse::<u16>().map_err(|_| format!("`{s}` has no valid port"))?;
+        return Ok(ListenAddr::Tcp(SocketAddr::new(IpAddr::from([127, 0, 0, 1]), port)));
+    }
+    s.parse::<SocketAddr>()
+        .map(ListenAddr::Tcp)
+        .map_err(|_| format!("`{s}` is not IP:PORT or unix:/path"))
+}
+
+/// `1MiB`, `512KiB`, `1048576`, `2MB`.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: usize = num.parse().map_err(|_| format!("`{s}` is not a size like \"1MiB\""))?;
+    let mult: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" | "k" => 1 << 10,
+        "KB" | "kB" => 1000,
+        "MiB" | "M" => 1 << 20,
+        "MB" => 1_000_000,
+        "GiB" | "G" => 1 << 30,
+        "GB" => 1_000_000_000,
+        other => return Err(format!("`{other}` is not a size unit (use B, KiB, MiB, GiB)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("`{s}` is too large"))
+}
+
+fn default_cache_file(env: &HashMap<String, String>) -> Option<PathBuf> {
+    let first = |k: &str| {
+        env.get(k)
+            .and_then(|v| v.split(':').next().map(str::to_string))
+            .filter(|v| !v.is_empty())
+    };
+    if let Some(d) = first("STATE_DIRECTORY") {
+        return Some(Path::new(&d).join("token.json"));
+    }
+    if let Some(d) = first("XDG_STATE_HOME") {
+        return Some(Path::new(&d).join("behest-agent").join("token.json"));
+    }
+    first("HOME").map(|h| Path::new(&h).join(".local/state/behest-agent/token.json"))
+}
+
+pub fn default_socket(env: &HashMap<String, String>) -> PathBuf {
+    let first = |k: &str| {
+        env.get(k)
+            .and_then(|v| v.split(':').next().map(str::to_string))
+            .filter(|v| !v.is_empty())
+    };
+    if let Some(d) = first("RUNTIME_DIRECTORY") {
+        return Path::new(&d).join("agent.sock");
+    }
+    if let Some(d) = first("XDG_RUNTIME_DIR") {
+        return Path::new(&d).join("behest-agent.sock");
+    }
+    PathBuf::from(format!("/tmp/behest-agent-{}.sock", nix::unistd::getuid()))
+}

@@ -1,0 +1,208 @@
+//! The control API server.
+
+use std::convert::Infallible;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use secrecy::ExposeSecret;
+use serde_json::{Value, json};
+use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::token::{TokenError, TokenSource, rfc3339};
+
+/// What the control API serves from.
+#[derive(Clone)]
+pub struct ControlState {
+    pub tokens: TokenSource,
+    /// Facts about the daemon (pid, version, proxy addresses) merged into `/v1/status`.
+    pub daemon: Value,
+    /// Live figures (proxy counters) merged into `/v1/status` under `proxy`.
+    pub live: Option<Arc<dyn Fn() -> Value + Send + Sync>>,
+}
+
+/// Binds the control socket with `mode`, creating its directory (0750). A stale socket left by a
+/// dead daemon is replaced; a live one is an error.
+pub async fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+        && !dir.exists()
+    {
+        std::fs::DirBuilder::new().recursive(true).mode(0o750).create(dir)?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!(
+                    "another behest-agent daemon answers on {}; stop it or set control.socket",
+                    path.display()
+                ),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(listener)
+}
+
+/// Serves the control API until `shutdown`.
+pub async fn serve(listener: UnixListener, state: ControlState, shutdown: CancellationToken) {
+    let tracker = TaskTracker::new();
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "control socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(&state, req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                }
+            }
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(http::header::CACHE_CONTROL, "no-store")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("a static response builds")
+}
+
+fn error_response(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
+    json_response(status, &json!({"error": {"code": code, "message": message}}))
+}
+
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// `60`, `60s`, `5m`.
+pub fn parse_ttl(s: &str) -> Option<Duration> {
+    s.parse::<u64>()
+        .map(Duration::from_secs)
+        .ok()
+        .or_else(|| humantime::parse_duration(s).ok())
+}
+
+/// The full status document.
+pub fn status_json(state: &ControlState) -> Value {
+    let mut v = json!({ "token": state.tokens.status(), "daemon": state.daemon });
+    if let Some(live) = &state.live {
+        v["proxy"] = live();
+    }
+    v
+}
+
+async fn handle(state: &ControlState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    match (req.method(), path) {
+        (&Method::GET, "/v1/token") => {
+            let min_ttl = match query_param(req.uri().query(), "min_ttl") {
+                None => Duration::ZERO,
+                Some(s) => match parse_ttl(s) {
+                    Some(d) => d,
+                    None => {
+                        return error_response(
+                            StatusCode::BAD_REQUEST,
+                            "bad_min_ttl",
+                            "min_ttl must be seconds or a duration like 60s",
+                        );
+                    }
+                },
+            };
+            match state.tokens.get(min_ttl).await {
+                Ok(t) => {
+                    let now = state.tokens.clock().now();
+                    json_response(
+                        StatusCode::OK,
+                        &json!({
+                            "access_token": t.secret().expose_secret(),
+                            "token_type": "Bearer",
+                            "expires_at": rfc3339(t.expires_at),
+                            "expires_in": t.remaining(now).as_secs(),
+                            "claims": t.claims.view(),
+                        }),
+                    )
+                }
+                Err(e @ TokenError::TooShort { .. }) => {
+                    error_response(StatusCode::UNPROCESSABLE_ENTITY, "ttl_unavailable", &e.to_string())
+                }
+                Err(e) => error_response(StatusCode::SERVICE_UNAVAILABLE, "token_unavailable", &e.to_string()),
+            }
+        }
+        (&Method::POST, "/v1/refresh") => match state.tokens.refresh_now().await {
+            Ok(_) => json_response(StatusCode::OK, &status_json(state)),
+            Err(e) => error_response(StatusCode::BAD_GATEWAY, &e.code(), &e.to_string()),
+        },
+        (&Method::GET, "/v1/status") => json_response(StatusCode::OK, &status_json(state)),
+        (&Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({"status": "ok"})),
+        (&Method::GET, "/readyz") => {
+            if state.tokens.is_ready() {
+                json_response(StatusCode::OK, &json!({"status": "ready"}))
+            } else {
+                let s = state.tokens.status();
+                json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &json!({"status": "not ready", "token": s.state, "last_error": s.last_error}),
+                )
+            }
+        }
+        (_, "/v1/token" | "/v1/refresh" | "/v1/status" | "/healthz" | "/readyz") => {
+            error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "wrong method")
+        }
+        _ => error_response(StatusCode::NOT_FOUND, "not_found", "no such control endpoint"),
+    }
+}
+
+/// Expiry in words for humans.
+pub fn expires_words(expires_in: i64) -> String {
+    if expires_in >= 0 {
+        format!(
+            "in {}",
+            humantime::format_duration(Duration::from_secs(expires_in as u64))
+        )
+    } else {
+        format!(
+            "{} ago",
+            humantime::format_duration(Duration::from_secs(expires_in.unsigned_abs()))
+        )
+    }
+}

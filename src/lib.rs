@@ -1,0 +1,29 @@
+//! behest-agent: machine-to-machine access to Behest for CI runners and scripts.
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML file + environment model, validated into [`config::Settings`].
+//! - [`tls`]: the one rustls client configuration (system roots + an optional CA file).
+//! - [`auth`]: endpoints and discovery, client authentication, the client-credentials grant.
+//! - [`token`]: claims and checks, JWKS, the disk cache, and [`token::TokenSource`], the one handle
+//!   everything else uses to get a token.
+//! - [`control`]: the Unix-socket API of a running daemon, and its client.
+//! - [`cli`]: one file per subcommand; the binary's `main` only maps errors to exit codes.
+//! - [`dev`]: the embedded Auth0-compatible IdP (and echo upstream) for `dev`, tests and benchmarks.
+//! - [`clock`]: injected wall-clock time.
+//!
+//! Data flows one way: config → settings → `TokenSource` → control API (and proxy). The CLI commands
+//! are clients of the control API, or build a `TokenSource` in-process when no daemon runs.
+
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod auth;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod control;
+pub mod dev;
+pub mod telemetry;
+pub mod tls;
+pub mod token;

@@ -1,0 +1,96 @@
+//! The machine's access token: the checks every token passes before it is served ([`claims`]), the
+//! issuer's keys ([`jwks`]), the disk cache ([`cache`]) and [`TokenSource`], the one handle the proxy,
+//! the control API and the CLI use. A token that failed a check is never served; its text never
+//! reaches a log line, an error, a metric or `status`.
+
+pub mod cache;
+pub mod claims;
+pub mod jwks;
+pub mod source;
+
+use std::time::{Duration, SystemTime};
+
+use http::HeaderValue;
+use secrecy::{ExposeSecret, SecretString};
+
+pub use claims::{CheckError, Claims, Verifier};
+pub use source::{Status, TokenError, TokenSource};
+
+/// A checked access token.
+pub struct Token {
+    secret: SecretString,
+    /// `Bearer <token>`, built once and marked sensitive, for the proxy's hot path.
+    bearer: HeaderValue,
+    pub claims: Claims,
+    pub expires_at: SystemTime,
+    pub obtained_at: SystemTime,
+    /// When the refresher should replace it (before expiry, jittered).
+    pub refresh_at: SystemTime,
+    /// Check findings that did not refuse the token (missing `tid`, uid under `warn`, …).
+    pub warnings: Vec<String>,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("claims", &self.claims)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Token {
+    /// Builds a token from a checked secret; `None` if it cannot be a header value.
+    pub fn new(
+        secret: SecretString,
+        claims: Claims,
+        obtained_at: SystemTime,
+        refresh_margin: Duration,
+        warnings: Vec<String>,
+    ) -> Result<Token, CheckError> {
+        let mut bearer = HeaderValue::try_from(format!("Bearer {}", secret.expose_secret()))
+            .map_err(|_| CheckError::Malformed("the token has characters not allowed in a header".into()))?;
+        bearer.set_sensitive(true);
+        let expires_at = SystemTime::UNIX_EPOCH + Duration::from_secs(claims.exp);
+        let lifetime = expires_at.duration_since(obtained_at).unwrap_or_default();
+        // Refresh when the remaining lifetime falls below max(margin, 10% of lifetime), minus up to a
+        // quarter of that window of jitter so a fleet does not refresh in lockstep.
+        let window = refresh_margin.max(lifetime / 10).min(lifetime / 2);
+        let jitter = window.mul_f64(fastrand::f64() * 0.25);
+        let refresh_at = expires_at - window - jitter;
+        Ok(Token {
+            secret,
+            bearer,
+            claims,
+            expires_at,
+            obtained_at,
+            refresh_at: refresh_at.max(obtained_at),
+            warnings,
+        })
+    }
+
+    pub fn secret(&self) -> &SecretString {
+        &self.secret
+    }
+
+    /// The `Authorization` header value.
+    pub fn bearer(&self) -> &HeaderValue {
+        &self.bearer
+    }
+
+    /// Time left before expiry at `now` (zero when expired).
+    pub fn remaining(&self, now: SystemTime) -> Duration {
+        self.expires_at.duration_since(now).unwrap_or_default()
+    }
+
+    pub fn lifetime(&self) -> Duration {
+        self.expires_at
+            .duration_since(self.obtained_at)
+            .unwrap_or_default()
+    }
+}
+
+/// RFC 3339 in UTC, seconds precision.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
