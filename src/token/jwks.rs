@@ -96,10 +96,11 @@ fn pick(set: &JwkSet, kid: Option<&str>, alg: Algorithm) -> Result<Option<Decodi
     };
     let Some(jwk) = jwk else { return Ok(None) };
     if let Some(ka) = jwk.common.key_algorithm
-        && format!("{ka:?}") != format!("{alg:?}")
+        && let Ok(key_alg) = Algorithm::try_from(ka)
+        && key_alg != alg
     {
         return Err(CheckError::Signature(format!(
-            "the token says {alg:?} but its key is for {ka:?}"
+            "the token says {alg:?} but its key is for {key_alg:?}"
         )));
     }
     DecodingKey::from_jwk(jwk)

@@ -1,0 +1,6 @@
+//! The integration tests: one binary, a module per area, shared helpers in `util`.
+
+mod config;
+mod node;
+mod token;
+mod util;

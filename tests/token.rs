@@ -1,0 +1,467 @@
+//! The token engine against the embedded IdP: each client-auth method, the checks, single-flight,
+//! refresh timing and backoff (with paused time), the disk cache, and the secret-leak check.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use behest_agent::auth::GrantError;
+use behest_agent::clock::{self, TestClock};
+use behest_agent::dev::idp::{AuthMethod, ClientKey, Fault};
+use behest_agent::token::source::backoff;
+use behest_agent::token::{CheckError, TokenError};
+use secrecy::ExposeSecret;
+use tokio_util::sync::CancellationToken;
+
+use crate::util::{Harness, eventually, mode_of};
+
+const NO_CACHE: (&str, &str) = ("BEHEST_AGENT__TOKEN__CACHE_FILE", "");
+
+fn rejected(err: TokenError) -> CheckError {
+    match err {
+        TokenError::Unavailable {
+            last_error: Some(GrantError::Rejected(c)),
+        } => c,
+        other => panic!("expected a refused token, got: {other}"),
+    }
+}
+
+#[tokio::test]
+async fn client_secret_post_grant_yields_a_checked_token() {
+    let h = Harness::start().await;
+    let source = h.source(&[NO_CACHE], clock::system());
+    let t = source.get(Duration::ZERO).await.expect("a token");
+    h.remember(t.secret().expose_secret());
+    let view = t.claims.view();
+    assert_eq!(view.uid.as_deref(), Some(h.client_id.as_str()));
+    assert_eq!(view.tid.as_deref(), Some("dev-tenant"));
+    assert_eq!(view.aud, vec![crate::util::AUDIENCE.to_string()]);
+    let g = h.idp.last_grant().unwrap();
+    assert_eq!(g.auth_method, AuthMethod::ClientSecretPost);
+    assert_eq!(g.audience.as_deref(), Some(crate::util::AUDIENCE));
+    assert_eq!(g.content_type.as_deref(), Some("application/x-www-form-urlencoded"));
+    h.assert_no_secrets_logged();
+}
+
+#[tokio::test]
+async fn client_secret_basic_grant_sends_http_basic_and_no_secret_in_the_form() {
+    let h = Harness::start().await;
+    let source = h.source(
+        &[NO_CACHE, ("BEHEST_AGENT__AUTH__CLIENT_AUTH", "client_secret_basic")],
+        clock::system(),
+    );
+    let t = source.get(Duration::ZERO).await.expect("a token");
+    h.remember(t.secret().expose_secret());
+    let g = h.idp.last_grant().unwrap();
+    assert_eq!(g.auth_method, AuthMethod::ClientSecretBasic);
+    h.assert_no_secrets_logged();
+}
+
+#[tokio::test]
+async fn private_key_jwt_grant_signs_a_fresh_assertion_each_time() {
+    let (pem, public) = ClientKey::generate_rsa();
+    let h = Harness::start_with(|o| o.client_public_key = Some(public)).await;
+    let key_file = h.path("client-key.pem");
+    std::fs::write(&key_file, pem.expose_secret()).unwrap();
+    crate::util::set_mode(&key_file, 0o600);
+    h.remember(pem.expose_secret().lines().nth(3).unwrap());
+    let source = h.source(
+        &[
+            NO_CACHE,
+            ("BEHEST_AGENT__AUTH__CLIENT_AUTH", "private_key_jwt"),
+            ("BEHEST_AGENT__AUTH__PRIVATE_KEY_FILE", key_file.to_str().unwrap()),
+        ],
+        clock::system(),
+    );
+    let t = source.get(Duration::ZERO).await.expect("a token");
+    h.remember(t.secret().expose_secret());
+    assert_eq!(h.idp.last_grant().unwrap().auth_method, AuthMethod::PrivateKeyJwt);
+    assert!(!h.idp.last_grant().unwrap().client_secret_sent);
+    // The IdP refuses a replayed jti, so a second grant only works with a new assertion.
+    let t2 = source.refresh_now().await.expect("a second grant with a new assertion");
+    h.remember(t2.secret().expose_secret());
+    assert_eq!(h.idp.grants(), 2);
+    h.assert_no_secrets_logged();
+}
+
+#[tokio::test]
+async fn thousand_concurrent_gets_on_an_empty_cache_make_one_grant() {
+    let h = Harness::start_with(|o| o.token_ttl = Duration::from_secs(3600)).await;
+    let source = h.source(&[], clock::system());
+    let mut tasks = Vec::new();
+    for _ in 0..1000 {
+        let s = source.clone();
+        tasks.push(tokio::spawn(async move { s.get(Duration::ZERO).await.map(|t| t.expires_at) }));
+    }
+    for t in tasks {
+        t.await.unwrap().expect("every caller gets the token");
+    }
+    assert_eq!(h.idp.grants(), 1);
+    assert_eq!(h.idp.token_requests(), 1);
+}
+
+#[tokio::test]
+async fn concurrent_gets_during_a_failing_grant_share_its_error() {
+    let h = Harness::start().await;
+    h.idp.set_fault(Some(Fault::Status(503)));
+    let source = h.source(&[NO_CACHE], clock::system());
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let s = source.clone();
+        tasks.push(tokio::spawn(async move { s.get(Duration::ZERO).await.err() }));
+    }
+    for t in tasks {
+        let e = t.await.unwrap().expect("no token while the IdP fails");
+        assert!(e.to_string().contains("503"), "{e}");
+    }
+    assert_eq!(h.idp.token_requests(), 1, "one grant attempt, not one per caller");
+}
+
+#[tokio::test]
+async fn token_without_uid_is_refused_and_the_error_gives_the_auth0_action() {
+    let h = Harness::start().await;
+    h.idp.set_fault(Some(Fault::MissingUid));
+    let source = h.source(&[NO_CACHE], clock::system());
+    let err = source.get(Duration::ZERO).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(rejected(err), CheckError::UidMissing { .. }));
+    assert!(msg.contains("onExecuteCredentialsExchange"), "{msg}");
+    assert!(msg.contains("setCustomClaim(\"uid\", event.client.client_id)"), "{msg}");
+    assert!(source.current().is_none(), "a refused token is never served");
+}
+
+#[tokio::test]
+async fn token_with_another_uid_is_refused_naming_both_values() {
+    let h = Harness::start().await;
+    h.idp.set_fault(Some(Fault::WrongUid("someone-else".into())));
+    let source = h.source(&[NO_CACHE], clock::system());
+    let err = source.get(Duration::ZERO).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(rejected(err), CheckError::UidMismatch { .. }));
+    assert!(msg.contains("someone-else") && msg.contains(&h.client_id), "{msg}");
+}
+
+#[tokio::test]
+async fn uid_check_warn_serves_a_token_without_uid_with_a_warning() {
+    let h = Harness::start().await;
+    h.idp.set_fault(Some(Fault::MissingUid));
+    let source = h.source(&[NO_CACHE, ("BEHEST_AGENT__TOKEN__UID_CHECK", "warn")], clock::system());
+    let t = source.get(Duration::ZERO).await.expect("served under warn");
+    assert!(t.warnings.iter().any(|w| w.contains("uid")), "{:?}", t.warnings);
+}
+
+#[tokio::test]
+async fn expected_uid_overrides_the_client_id() {
+    let h = Harness::start().await;
+    h.idp.set_fault(Some(Fault::WrongUid("machine-7".into())));
+    let source = h.source(&[NO_CACHE, ("BEHEST_AGENT__TOKEN__EXPECTED_UID", "machine-7")], clock::system());
+    source.get(Duration::ZERO).await.expect("uid matches expected_uid");
+}
+
+#[tokio::test]
+async fn opaque_token_is_refused_with_a_hint_to_set_the_audience() {
+    let h = Harness::start().await;
+    h.idp.set_fault(Some(Fault::OpaqueToken));
+    let source = h.source(&[NO_CACHE], clock::system());
+    let err = source.get(Duration::ZERO).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(rejected(err), CheckError::Opaque));
+    assert!(msg.contains("auth.audience"), "{msg}");
+}
+
+#[tokio::test]
+async fn token_with_a_bad_signature_is_refused() {
+    let h = Harness::start().await;
+    h.idp.set_fault(Some(Fault::BadSignature));
+    let source = h.source(&[NO_CACHE], clock::system());
+    let err = source.get(Duration::ZERO).await.unwrap_err();
+    assert!(matches!(rejected(err), CheckError::Signature(_)));
+}
+
+#[tokio::test]
+async fn expired_token_is_refused() {
+    let h = Harness::start().await;
+    h.idp.set_fault(Some(Fault::Expired));
+    let source = h.source(&[NO_CACHE], clock::system());
+    let err = source.get(Duration::ZERO).await.unwrap_err();
+    assert!(matches!(rejected(err), CheckError::Expired(_)));
+}
+
+#[tokio::test]
+async fn token_signed_by_a_key_not_in_the_jwks_is_refused_after_one_refetch() {
+    let h = Harness::start().await;
+    h.idp.set_fault(Some(Fault::UnknownKid));
+    let source = h.source(&[NO_CACHE], clock::system());
+    let err = source.get(Duration::ZERO).await.unwrap_err();
+    assert!(matches!(rejected(err), CheckError::UnknownKid(_)));
+    assert_eq!(h.idp.jwks_requests(), 1, "an empty cache fetches once, and that fetch is the refetch");
+}
+
+#[tokio::test]
+async fn key_rotation_is_followed_by_refetching_the_jwks_on_an_unknown_kid() {
+    let h = Harness::start().await;
+    let source = h.source(&[NO_CACHE], clock::system());
+    source.get(Duration::ZERO).await.expect("first token");
+    assert_eq!(h.idp.jwks_requests(), 1);
+    h.idp.rotate_key(false);
+    source.refresh_now().await.expect("a token signed with the new key is accepted");
+    assert_eq!(h.idp.jwks_requests(), 2, "the JWKS was fetched again once");
+    source.refresh_now().await.expect("third token");
+    assert_eq!(h.idp.jwks_requests(), 2, "known kid: no more fetches");
+}
+
+#[tokio::test]
+async fn min_ttl_longer_than_the_idp_issues_is_an_error_after_one_grant() {
+    let h = Harness::start_with(|o| o.token_ttl = Duration::from_secs(60)).await;
+    let source = h.source(&[NO_CACHE], clock::system());
+    let err = source.get(Duration::from_secs(600)).await.unwrap_err();
+    assert!(matches!(err, TokenError::TooShort { .. }), "{err}");
+    assert!(err.to_string().contains("less than"), "{err}");
+    assert_eq!(h.idp.grants(), 1);
+}
+
+#[tokio::test]
+async fn a_rotated_secret_file_is_used_at_the_next_grant_without_restart() {
+    let h = Harness::start().await;
+    std::fs::write(h.path("client-secret"), "wrong-secret-value\n").unwrap();
+    let source = h.source(&[NO_CACHE], clock::system());
+    let err = source.refresh_now().await.unwrap_err();
+    assert_eq!(err.code(), "invalid_client", "{err}");
+    assert!(err.is_config_error());
+    std::fs::write(h.path("client-secret"), format!("{}\n", h.secret)).unwrap();
+    source.refresh_now().await.expect("the new secret is read at the next grant");
+}
+
+#[tokio::test]
+async fn idp_errors_keep_code_status_description_and_retry_after() {
+    let h = Harness::start().await;
+    let source = h.source(&[NO_CACHE], clock::system());
+    h.idp.fail_next(1, Fault::TooManyRequests { retry_after: Some(17), reset_in: None });
+    let err = source.refresh_now().await.unwrap_err();
+    match &err {
+        GrantError::Refused { status, error, retry_after, .. } => {
+            assert_eq!(*status, 429);
+            assert_eq!(error, "too_many_requests");
+            assert_eq!(*retry_after, Some(Duration::from_secs(17)));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    h.idp.fail_next(1, Fault::Status(502));
+    let err = source.refresh_now().await.unwrap_err();
+    assert!(matches!(err, GrantError::Http { status: 502, .. }), "{err:?}");
+    h.idp.fail_next(1, Fault::Malformed);
+    assert!(matches!(source.refresh_now().await.unwrap_err(), GrantError::Malformed(_)));
+    h.idp.fail_next(1, Fault::Empty);
+    assert!(matches!(source.refresh_now().await.unwrap_err(), GrantError::Malformed(_)));
+    h.idp.fail_next(
+        1,
+        Fault::Oauth { status: 403, error: "access_denied".into(), description: "Service not enabled".into() },
+    );
+    let err = source.refresh_now().await.unwrap_err();
+    assert!(err.to_string().contains("Service not enabled") && err.to_string().contains("auth.audience"), "{err}");
+}
+
+#[test]
+fn backoff_grows_exponentially_within_bounds_and_honours_retry_after() {
+    let min = Duration::from_secs(1);
+    let max = Duration::from_secs(60);
+    let transient = GrantError::Transport { url: "x".into(), message: "refused".into() };
+    for failures in 1..40 {
+        let d = backoff(min, max, failures, &transient);
+        assert!(d >= min && d <= max, "failure {failures}: {d:?}");
+    }
+    // Exponential: the 7th failure waits at least half of 64 s capped at 60 s.
+    assert!(backoff(min, max, 7, &transient) >= Duration::from_secs(30));
+    let config = GrantError::Refused { status: 401, error: "invalid_client".into(), description: None, retry_after: None };
+    assert!(backoff(min, max, 1, &config) >= Duration::from_secs(30), "config errors retry at the slow end");
+    let limited = GrantError::Refused { status: 429, error: "too_many_requests".into(), description: None, retry_after: Some(Duration::from_secs(120)) };
+    assert!(backoff(min, max, 1, &limited) >= Duration::from_secs(120), "Retry-After is a floor");
+}
+
+// ---- timing, with tokio's clock paused and a wall clock that follows it
+
+#[tokio::test(start_paused = true)]
+async fn refresh_happens_before_expiry_and_not_earlier_than_the_margin() {
+    let clock = TestClock::new();
+    let ttl = Duration::from_secs(3600);
+    let h = Harness::start_with(|o| {
+        o.token_ttl = ttl;
+        o.clock = clock.clone();
+    })
+    .await;
+    let source = h.source(&[NO_CACHE, ("BEHEST_AGENT__TOKEN__REFRESH_MARGIN", "5m")], clock.clone());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (s, stop) = (source.clone(), stop.clone());
+        async move { s.run(stop).await }
+    });
+    eventually(Duration::from_secs(60), "first grant", || h.idp.grants() == 1).await;
+    // window = max(5m, 10% of 1h) = 6m, minus up to 25% jitter: refresh in [exp-7m30s, exp-6m].
+    tokio::time::sleep(ttl - Duration::from_secs(8 * 60)).await;
+    assert_eq!(h.idp.grants(), 1, "no refresh before the margin");
+    tokio::time::sleep(Duration::from_secs(2 * 60 + 30)).await;
+    assert_eq!(h.idp.grants(), 2, "refreshed before expiry");
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn refresh_happens_on_wake_after_the_wall_clock_jumped_past_the_deadline() {
+    let clock = TestClock::new();
+    let h = Harness::start_with(|o| {
+        o.token_ttl = Duration::from_secs(3600);
+        o.clock = clock.clone();
+    })
+    .await;
+    let source = h.source(&[NO_CACHE], clock.clone());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (s, stop) = (source.clone(), stop.clone());
+        async move { s.run(stop).await }
+    });
+    eventually(Duration::from_secs(60), "first grant", || h.idp.grants() == 1).await;
+    // The machine sleeps 58 minutes: the wall clock moves, tokio's monotonic timer does not.
+    clock.jump(Duration::from_secs(58 * 60));
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    assert_eq!(h.idp.grants(), 2, "the refresher noticed the wall clock within 30 s");
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn idp_down_keeps_the_cached_token_until_it_expires_then_reports_unavailable_and_recovers() {
+    let clock = TestClock::new();
+    let h = Harness::start_with(|o| {
+        o.token_ttl = Duration::from_secs(600);
+        o.clock = clock.clone();
+    })
+    .await;
+    let source = h.source(&[NO_CACHE], clock.clone());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (s, stop) = (source.clone(), stop.clone());
+        async move { s.run(stop).await }
+    });
+    let first = source.get(Duration::ZERO).await.unwrap();
+    h.idp.set_fault(Some(Fault::Status(503)));
+    // Refresh is due ~4.5 min before expiry; the IdP fails; the old token is still served.
+    tokio::time::sleep(Duration::from_secs(9 * 60)).await;
+    assert!(h.idp.token_requests() > 1, "the refresher kept trying");
+    let still = source.get(Duration::ZERO).await.expect("cached token still served");
+    assert!(Arc::ptr_eq(&first, &still));
+    assert!(source.status().last_error.unwrap().contains("503"));
+    // Attempts are bounded by the backoff (1 s doubling to 8 s here): a few dozen at most.
+    assert!(h.idp.token_requests() < 100, "{} attempts", h.idp.token_requests());
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    assert!(!source.is_ready());
+    let err = source.get(Duration::ZERO).await.unwrap_err();
+    assert!(err.to_string().contains("503"), "{err}");
+    h.idp.set_fault(None);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(source.is_ready(), "recovered without restart");
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_delays_the_next_attempt() {
+    let clock = TestClock::new();
+    let h = Harness::start_with(|o| o.clock = clock.clone()).await;
+    h.idp.fail_next(1, Fault::TooManyRequests { retry_after: Some(5), reset_in: None });
+    let source = h.source(&[NO_CACHE], clock.clone());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (s, stop) = (source.clone(), stop.clone());
+        async move { s.run(stop).await }
+    });
+    eventually(Duration::from_secs(1), "first attempt", || h.idp.token_requests() == 1).await;
+    tokio::time::sleep(Duration::from_millis(4800)).await;
+    assert_eq!(h.idp.token_requests(), 1, "no retry before Retry-After");
+    assert!(source.get(Duration::ZERO).await.is_err(), "requests during the backoff do not grant");
+    assert_eq!(h.idp.token_requests(), 1);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(h.idp.grants(), 1);
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_configuration_error_is_reported_loudly_once_per_change() {
+    let clock = TestClock::new();
+    let h = Harness::start_with(|o| o.clock = clock.clone()).await;
+    let marker = format!("marker-{}", crate::util::random(10));
+    h.idp.set_fault(Some(Fault::Oauth { status: 401, error: "invalid_client".into(), description: marker.clone() }));
+    let source = h.source(&[NO_CACHE], clock.clone());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (s, stop) = (source.clone(), stop.clone());
+        async move { s.run(stop).await }
+    });
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(h.idp.token_requests() >= 3, "still retried at the slow end");
+    let logs = crate::util::logs();
+    let loud = logs.lines().filter(|l| l.contains(&marker) && l.contains("ERROR")).count();
+    assert_eq!(loud, 1, "reported loudly once");
+    stop.cancel();
+    task.await.unwrap();
+}
+
+// ---- disk cache
+
+#[tokio::test]
+async fn the_cache_file_is_written_with_mode_0600_and_reused_after_restart_without_a_grant() {
+    let h = Harness::start().await;
+    let source = h.source(&[], clock::system());
+    let t = source.get(Duration::ZERO).await.unwrap();
+    h.remember(t.secret().expose_secret());
+    let cache = h.path("state/token.json");
+    assert_eq!(mode_of(&cache), 0o600);
+    drop(source);
+    let restarted = h.source(&[], clock::system());
+    let loaded = restarted.load_cache().await.expect("the cached token is loaded");
+    assert_eq!(loaded.secret().expose_secret(), t.secret().expose_secret());
+    restarted.get(Duration::ZERO).await.unwrap();
+    assert_eq!(h.idp.grants(), 1, "restart made no grant");
+    h.assert_no_secrets_logged();
+}
+
+#[tokio::test]
+async fn a_tampered_cache_file_is_discarded_and_a_new_token_granted() {
+    let h = Harness::start().await;
+    let source = h.source(&[], clock::system());
+    let t = source.get(Duration::ZERO).await.unwrap();
+    let cache = h.path("state/token.json");
+    let text = std::fs::read_to_string(&cache).unwrap();
+    // Change one claim character: the signature no longer verifies.
+    let secret = t.secret().expose_secret().to_string();
+    let mut parts: Vec<String> = secret.split('.').map(String::from).collect();
+    let payload = &mut parts[1];
+    let last = payload.pop().unwrap();
+    payload.push(if last == 'A' { 'B' } else { 'A' });
+    std::fs::write(&cache, text.replace(&secret, &parts.join("."))).unwrap();
+    let restarted = h.source(&[], clock::system());
+    assert!(restarted.load_cache().await.is_none(), "tampered token refused");
+    assert!(!cache.exists(), "and its file removed");
+    restarted.get(Duration::ZERO).await.unwrap();
+    assert_eq!(h.idp.grants(), 2);
+}
+
+#[tokio::test]
+async fn a_cache_written_for_another_audience_is_not_used() {
+    let h = Harness::start().await;
+    h.source(&[], clock::system()).get(Duration::ZERO).await.unwrap();
+    let other = h.source(&[("BEHEST_AGENT__AUTH__SCOPE", "read:models")], clock::system());
+    assert!(other.load_cache().await.is_none());
+}
+
+#[tokio::test]
+async fn a_failing_cache_write_still_serves_the_token_from_memory() {
+    let h = Harness::start().await;
+    let ro = h.path("readonly");
+    std::fs::create_dir(&ro).unwrap();
+    crate::util::set_mode(&ro, 0o500);
+    let cache = ro.join("token.json");
+    let source = h.source(&[("BEHEST_AGENT__TOKEN__CACHE_FILE", cache.to_str().unwrap())], clock::system());
+    // Root ignores directory permissions; the point is that a failed write is not fatal either way.
+    source.get(Duration::ZERO).await.expect("served from memory");
+    assert!(source.is_ready());
+}

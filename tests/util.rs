@@ -1,0 +1,212 @@
+//! Shared test helpers: an embedded IdP with a random client, settings built from an environment map
+//! (never the process environment), and log capture for the secret-leak checks.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use behest_agent::clock::SharedClock;
+use behest_agent::config::{self, LoadOptions, Settings};
+use behest_agent::dev::idp::{Idp, IdpOptions};
+use behest_agent::token::TokenSource;
+use tempfile::TempDir;
+use tokio_util::sync::DropGuard;
+
+pub const AUDIENCE: &str = "https://api.behest.test";
+
+/// Everything the agent's library logged in this test process (debug level, text format).
+static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+
+#[derive(Clone)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Installs the capturing subscriber once per process.
+pub fn capture_logs() {
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let writer = Capture(buf.clone());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("debug")
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .try_init();
+        buf
+    });
+}
+
+/// All captured log text so far.
+pub fn logs() -> String {
+    capture_logs();
+    String::from_utf8_lossy(&LOGS.get().unwrap().lock().unwrap()).into_owned()
+}
+
+/// Fails when any of `secrets` appears in `text`.
+pub fn assert_no_secret_in(text: &str, secrets: &[String], what: &str) {
+    for s in secrets {
+        assert!(s.len() >= 8, "a secret to look for must be long enough to mean something");
+        assert!(
+            !text.contains(s.as_str()),
+            "{what} contains a secret (first chars {:?})",
+            &s[..6]
+        );
+    }
+}
+
+pub fn random(len: usize) -> String {
+    let mut bytes = vec![0u8; len];
+    aws_lc_rs::rand::fill(&mut bytes).unwrap();
+    bytes.iter().map(|b| format!("{:02x}", b)).collect::<String>()[..len].to_string()
+}
+
+/// An embedded IdP with one client, and a temporary directory for the agent's files.
+pub struct Harness {
+    pub idp: Idp,
+    _stop: DropGuard,
+    pub dir: TempDir,
+    pub client_id: String,
+    pub secret: String,
+    /// Secrets this test must never see logged (the client secret, tokens seen, keys).
+    pub secrets: Mutex<Vec<String>>,
+}
+
+impl Harness {
+    pub async fn start() -> Harness {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(edit: impl FnOnce(&mut IdpOptions)) -> Harness {
+        capture_logs();
+        let client_id = format!("client-{}", random(12));
+        let secret = format!("sec-{}", random(32));
+        let mut opts = IdpOptions::new(&client_id, &secret, AUDIENCE);
+        edit(&mut opts);
+        let (idp, stop) = Idp::start(opts).await.expect("the IdP starts");
+        let dir = tempfile::tempdir().unwrap();
+        let secret_file = dir.path().join("client-secret");
+        std::fs::write(&secret_file, format!("{secret}\n")).unwrap();
+        set_mode(&secret_file, 0o600);
+        Harness {
+            idp,
+            _stop: stop,
+            dir,
+            client_id,
+            secrets: Mutex::new(vec![secret.clone()]),
+            secret,
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The environment a test agent runs with: everything through `BEHEST_AGENT__` keys.
+    pub fn env(&self, extra: &[(&str, &str)]) -> HashMap<String, String> {
+        let mut env: HashMap<String, String> = [
+            ("BEHEST_AGENT__AUTH__DOMAIN", self.idp.base_url()),
+            ("BEHEST_AGENT__AUTH__AUDIENCE", AUDIENCE.to_string()),
+            ("BEHEST_AGENT__AUTH__CLIENT_ID", self.client_id.clone()),
+            (
+                "BEHEST_AGENT__AUTH__CLIENT_SECRET_FILE",
+                self.path("client-secret").display().to_string(),
+            ),
+            (
+                "BEHEST_AGENT__TOKEN__CACHE_FILE",
+                self.path("state/token.json").display().to_string(),
+            ),
+            (
+                "BEHEST_AGENT__CONTROL__SOCKET",
+                self.path("run/agent.sock").display().to_string(),
+            ),
+            ("BEHEST_AGENT__TOKEN__MIN_BACKOFF", "1s".to_string()),
+            ("BEHEST_AGENT__TOKEN__MAX_BACKOFF", "8s".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        for (k, v) in extra {
+            env.insert(k.to_string(), v.to_string());
+        }
+        env
+    }
+
+    pub fn settings(&self, extra: &[(&str, &str)]) -> Settings {
+        config::load(&LoadOptions {
+            path: None,
+            env: self.env(extra),
+            overrides: vec![],
+        })
+        .expect("test settings are valid")
+    }
+
+    pub fn source(&self, extra: &[(&str, &str)], clock: SharedClock) -> TokenSource {
+        TokenSource::new(&self.settings(extra), clock).expect("the token source builds")
+    }
+
+    /// Remembers a secret to look for in the logs.
+    pub fn remember(&self, secret: &str) {
+        self.secrets.lock().unwrap().push(secret.to_string());
+    }
+
+    /// No secret this test saw is in the captured logs.
+    pub fn assert_no_secrets_logged(&self) {
+        let secrets = self.secrets.lock().unwrap().clone();
+        assert_no_secret_in(&logs(), &secrets, "the agent's logs");
+    }
+}
+
+pub fn set_mode(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+pub fn mode_of(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// Polls `cond` until it holds or `deadline` passes.
+pub async fn eventually(deadline: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let end = tokio::time::Instant::now() + deadline;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < end, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// An RSA key pair for private_key_jwt: the private PKCS#8 PEM and the public JWK (n, e).
+pub fn rsa_client_key() -> (String, serde_json::Value) {
+    use aws_lc_rs::encoding::AsDer;
+    use aws_lc_rs::rsa::{KeySize, PublicKeyComponents};
+    use aws_lc_rs::signature::{KeyPair, RsaKeyPair};
+    use base64::Engine;
+    let pair = RsaKeyPair::generate(KeySize::Rsa2048).unwrap();
+    let der = pair.as_der().unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+    let mut pem = String::from("-----BEGIN PRIVATE KEY-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(chunk).unwrap());
+        pem.push('\n');
+    }
+    pem.push_str("-----END PRIVATE KEY-----\n");
+    let public = PublicKeyComponents::<Vec<u8>>::from(pair.public_key());
+    let url = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let jwk = serde_json::json!({
+        "kty": "RSA", "use": "sig", "alg": "RS256", "kid": "ci-key-1",
+        "n": url.encode(&public.n), "e": url.encode(&public.e),
+    });
+    (pem, jwk)
+}
