@@ -1,6 +1,7 @@
 //! The integration tests: one binary, a module per area, shared helpers in `util`.
 
 mod config;
+mod interop;
 mod node;
 mod token;
 mod util;
