@@ -1,5 +1,6 @@
 //! The integration tests: one binary, a module per area, shared helpers in `util`.
 
+mod cli;
 mod config;
 mod interop;
 mod node;

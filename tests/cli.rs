@@ -1,0 +1,178 @@
+//! The real binary: one-shot `token` with the disk cache, the daemon and its control socket,
+//! `status`, `refresh`, exit codes, and no secret on stderr.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::process::Command;
+
+use crate::util::{Harness, assert_no_secret_in, eventually, mode_of};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_behest-agent"));
+    c.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    c
+}
+
+impl Harness {
+    fn cmd(&self, args: &[&str], extra: &[(&str, &str)]) -> Command {
+        let mut c = bin();
+        c.envs(self.env(extra)).env("HOME", self.dir.path()).args(args);
+        c
+    }
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+async fn output(mut c: Command) -> Out {
+    let o = c.output().await.expect("the binary runs");
+    Out {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+#[tokio::test]
+async fn parallel_one_shot_token_calls_without_a_daemon_make_one_grant() {
+    let h = Harness::start().await;
+    let mut runs = Vec::new();
+    for _ in 0..8 {
+        runs.push(tokio::spawn(output(h.cmd(&["token"], &[]))));
+    }
+    let mut tokens = Vec::new();
+    for r in runs {
+        let o = r.await.unwrap();
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        assert_no_secret_in(&o.stderr, &[h.secret.clone()], "stderr");
+        tokens.push(o.stdout.trim().to_string());
+    }
+    assert!(tokens.iter().all(|t| t == &tokens[0] && t.split('.').count() == 3));
+    assert_eq!(h.idp.grants(), 1, "one grant for eight parallel calls");
+    assert_eq!(mode_of(&h.path("state/token.json")), 0o600);
+}
+
+#[tokio::test]
+async fn token_json_and_header_formats() {
+    let h = Harness::start().await;
+    let o = output(h.cmd(&["token", "--json"], &[])).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let v: Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v["claims"]["uid"], h.client_id.as_str());
+    assert!(v["expires_at"].as_str().unwrap().ends_with('Z'));
+    let token = v["access_token"].as_str().unwrap().to_string();
+    let o = output(h.cmd(&["token", "--header"], &[])).await;
+    assert_eq!(o.stdout.trim(), format!("Authorization: Bearer {token}"));
+    assert_eq!(h.idp.grants(), 1, "the second call used the disk cache");
+}
+
+#[tokio::test]
+async fn token_min_ttl_beyond_what_the_idp_issues_exits_1_with_nothing_on_stdout() {
+    let h = Harness::start_with(|o| o.token_ttl = Duration::from_secs(120)).await;
+    let o = output(h.cmd(&["token", "--min-ttl", "10m"], &[])).await;
+    assert_eq!(o.code, 1);
+    assert!(o.stdout.is_empty());
+    assert!(o.stderr.contains("less than"), "{}", o.stderr);
+}
+
+#[tokio::test]
+async fn configuration_errors_exit_2_and_name_the_key_and_the_file() {
+    let h = Harness::start().await;
+    let cfg = h.path("config.toml");
+    std::fs::write(&cfg, "[auth]\nclient_idd = \"x\"\n").unwrap();
+    let o = output(h.cmd(&["token", "--config", cfg.to_str().unwrap()], &[])).await;
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("client_idd") && o.stderr.contains(cfg.to_str().unwrap()), "{}", o.stderr);
+    let o = output(h.cmd(&["token"], &[("BEHEST_AGENT__AUTH__CLIENT_ID", "")])).await;
+    assert_eq!(o.code, 2);
+    assert!(o.stderr.contains("auth.client_id"), "{}", o.stderr);
+    let o = output(h.cmd(&["token", "--min-ttl", "soon"], &[])).await;
+    assert_eq!(o.code, 2, "usage errors exit 2");
+}
+
+#[tokio::test]
+async fn refresh_without_a_daemon_exits_1_with_the_idps_error() {
+    let h = Harness::start().await;
+    std::fs::write(h.path("client-secret"), "wrong-secret-xyz\n").unwrap();
+    let o = output(h.cmd(&["refresh"], &[])).await;
+    assert_eq!(o.code, 1);
+    assert!(o.stderr.contains("invalid_client"), "{}", o.stderr);
+}
+
+#[tokio::test]
+async fn completions_and_version() {
+    let o = output({
+        let mut c = bin();
+        c.args(["completions", "bash"]);
+        c
+    })
+    .await;
+    assert_eq!(o.code, 0);
+    assert!(o.stdout.contains("behest-agent"));
+    let o = output({
+        let mut c = bin();
+        c.arg("--version");
+        c
+    })
+    .await;
+    assert!(o.stdout.starts_with("behest-agent "), "{}", o.stdout);
+}
+
+#[tokio::test]
+async fn the_daemon_serves_token_status_and_refresh_over_its_socket_and_stops_on_sigterm() {
+    let h = Harness::start().await;
+    let mut daemon = h.cmd(&["run", "--log-level", "debug"], &[]);
+    daemon.stderr(Stdio::piped());
+    let mut child = daemon.spawn().unwrap();
+    let socket = h.path("run/agent.sock");
+    eventually(Duration::from_secs(30), "the control socket", || socket.exists()).await;
+    assert_eq!(mode_of(&socket), 0o660);
+    assert_eq!(mode_of(&h.path("run")) & 0o777, 0o750);
+
+    let o = output(h.cmd(&["token"], &[])).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let token = o.stdout.trim().to_string();
+    eventually(Duration::from_secs(10), "the daemon's grant", || h.idp.grants() >= 1).await;
+    assert_eq!(h.idp.grants(), 1, "the CLI asked the daemon, it did not grant itself");
+
+    let o = output(h.cmd(&["status", "--json"], &[])).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(!o.stdout.contains(&token), "status never shows the token");
+    let v: Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v["token"]["state"], "valid");
+    assert_eq!(v["token"]["claims"]["uid"], h.client_id.as_str());
+    assert!(v["token"]["last_error"].is_null());
+    assert!(v["token"]["expires_in"].as_i64().unwrap() > 0);
+    assert!(v["token"]["last_refresh"].as_str().is_some());
+
+    let o = output(h.cmd(&["status"], &[])).await;
+    assert!(o.stdout.contains("valid") && o.stdout.contains(&h.client_id), "{}", o.stdout);
+
+    let o = output(h.cmd(&["refresh"], &[])).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(h.idp.grants(), 2);
+    let o = output(h.cmd(&["token"], &[])).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let token2 = o.stdout.trim().to_string();
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(0));
+    let mut stderr = String::new();
+    tokio::io::AsyncReadExt::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).await.unwrap();
+    assert!(stderr.contains("token ready"), "{stderr}");
+    assert_no_secret_in(&stderr, &[h.secret.clone(), token, token2], "the daemon's log");
+    assert!(!socket.exists(), "the socket is removed on exit");
+}
