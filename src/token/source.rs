@@ -36,7 +36,10 @@ pub enum TokenError {
     #[error("no valid token is available{}", last_error.as_ref().map(|e| format!(": {e}")).unwrap_or_default())]
     Unavailable { last_error: Option<GrantError> },
     #[error("the IdP issues tokens valid for {}, less than the {} asked for", humantime::format_duration(*.lifetime), humantime::format_duration(*.min_ttl))]
-    TooShort { lifetime: Duration, min_ttl: Duration },
+    TooShort {
+        lifetime: Duration,
+        min_ttl: Duration,
+    },
 }
 
 /// The token engine's state, for `status` (never the token itself).
@@ -109,7 +112,8 @@ impl std::fmt::Debug for TokenSource {
 impl TokenSource {
     /// Builds the engine from settings: the IdP client, the verifier and the disk cache.
     pub fn new(settings: &Settings, clock: SharedClock) -> Result<Self, String> {
-        let http = crate::auth::http::client(settings.auth.timeout, settings.proxy.ca_file.as_deref())?;
+        let http =
+            crate::auth::http::client(settings.auth.timeout, settings.proxy.ca_file.as_deref())?;
         let a = &settings.auth;
         let cache = settings.token.cache_file.clone().map(|path| {
             DiskCache::new(
@@ -125,7 +129,12 @@ impl TokenSource {
             )
         });
         let audience = a.audience.clone().or_else(|| a.resource.clone());
-        let verifier = Verifier::new(settings.token.clone(), audience, http.clone(), clock.clone());
+        let verifier = Verifier::new(
+            settings.token.clone(),
+            audience,
+            http.clone(),
+            clock.clone(),
+        );
         let grant = Grant::new(a.clone(), http, clock.clone());
         Ok(Self::from_parts(grant, verifier, cache, clock))
     }
@@ -239,7 +248,7 @@ impl TokenSource {
     /// Loads the disk cache at start-up: a valid cached token is served without a grant.
     pub async fn load_cache(&self) -> Option<Arc<Token>> {
         let _guard = self.inner.grant_lock.lock().await;
-        let t = self.from_disk(Duration::ZERO).await?;
+        let t = self.disk_token(Duration::ZERO).await?;
         self.install(t.clone(), false);
         Some(t)
     }
@@ -298,7 +307,13 @@ impl TokenSource {
 
     fn unavailable(&self) -> TokenError {
         TokenError::Unavailable {
-            last_error: self.inner.state.lock().expect("state lock").last_error.clone(),
+            last_error: self
+                .inner
+                .state
+                .lock()
+                .expect("state lock")
+                .last_error
+                .clone(),
         }
     }
 
@@ -313,7 +328,12 @@ impl TokenSource {
     }
 
     fn last_error(&self) -> Option<GrantError> {
-        self.inner.state.lock().expect("state lock").last_error.clone()
+        self.inner
+            .state
+            .lock()
+            .expect("state lock")
+            .last_error
+            .clone()
     }
 
     /// One grant (the grant lock is held). With `use_disk`, a fresh token another process cached
@@ -329,7 +349,7 @@ impl TokenSource {
             },
             None => None,
         };
-        if use_disk && let Some(t) = self.from_disk(Duration::ZERO).await {
+        if use_disk && let Some(t) = self.disk_token(Duration::ZERO).await {
             let now = self.inner.clock.now();
             if now < t.refresh_at {
                 tracing::debug!("using the token another process just cached");
@@ -376,7 +396,7 @@ impl TokenSource {
     }
 
     /// The cached token from disk if it passes every check; a failing one is discarded.
-    async fn from_disk(&self, min_ttl: Duration) -> Option<Arc<Token>> {
+    async fn disk_token(&self, min_ttl: Duration) -> Option<Arc<Token>> {
         let cache = self.inner.cache.as_ref()?;
         let cached = cache.load()?;
         if let Some(cur) = self.current()
@@ -462,7 +482,8 @@ impl TokenSource {
         st.retry_at_wall = Some(self.inner.clock.now() + delay);
         let message = error.to_string();
         let still_valid = self.valid(Duration::ZERO).is_some();
-        if error.is_config_error() && st.reported_config_error.as_deref() != Some(message.as_str()) {
+        if error.is_config_error() && st.reported_config_error.as_deref() != Some(message.as_str())
+        {
             tracing::error!(
                 code = %error.code(),
                 retry_in = %humantime::format_duration(Duration::from_secs(delay.as_secs())),
@@ -507,14 +528,17 @@ impl TokenSource {
             },
             ready: token.as_ref().is_some_and(|t| t.expires_at > now),
             expires_at: token.as_ref().map(|t| rfc3339(t.expires_at)),
-            expires_in: token.as_ref().map(|t| {
-                match t.expires_at.duration_since(now) {
+            expires_in: token
+                .as_ref()
+                .map(|t| match t.expires_at.duration_since(now) {
                     Ok(d) => d.as_secs() as i64,
                     Err(e) => -(e.duration().as_secs() as i64),
-                }
-            }),
+                }),
             claims: token.as_ref().map(|t| t.claims.view()),
-            warnings: token.as_ref().map(|t| t.warnings.clone()).unwrap_or_default(),
+            warnings: token
+                .as_ref()
+                .map(|t| t.warnings.clone())
+                .unwrap_or_default(),
             last_refresh: st.last_refresh.map(rfc3339),
             next_refresh: next_refresh.map(rfc3339),
             last_error: st.last_error.as_ref().map(|e| e.to_string()),
