@@ -24,6 +24,7 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod dev;
+pub mod service;
 pub mod telemetry;
 pub mod tls;
 pub mod token;

@@ -1,6 +1,10 @@
 //! Logs: `tracing` to stderr as text, JSON, or (auto) journald-friendly text without timestamps when
 //! stderr is the journal. The level can be changed at run time (reload). Nothing here formats a
-//! secret; callers never pass one.
+//! secret; callers never pass one. Metrics live in [`metrics`].
+
+pub mod metrics;
+
+pub use metrics::Metrics;
 
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;

@@ -5,7 +5,7 @@
 //! down, and shares a disk cache with other processes under a file lock.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, SystemTime};
 
 use secrecy::ExposeSecret;
@@ -20,6 +20,7 @@ use super::{Token, Verifier, rfc3339};
 use crate::auth::{Grant, GrantError};
 use crate::clock::SharedClock;
 use crate::config::Settings;
+use crate::telemetry::Metrics;
 
 /// The refresher re-reads the wall clock at least this often, so a machine that slept through a
 /// deadline refreshes on wake.
@@ -95,6 +96,8 @@ struct Inner {
     wake: Notify,
     /// Bumped on every change, for watchers (sd_notify STATUS, metrics).
     changes: watch::Sender<u64>,
+    /// Where grant outcomes are counted, once attached.
+    metrics: OnceLock<Arc<Metrics>>,
 }
 
 /// The handle to the machine's token. Cheap to clone.
@@ -157,7 +160,33 @@ impl TokenSource {
                 grant_lock: tokio::sync::Mutex::new(()),
                 wake: Notify::new(),
                 changes: watch::channel(0).0,
+                metrics: OnceLock::new(),
             }),
+        }
+    }
+
+    /// Counts grant outcomes in `metrics` from now on (once; later calls are ignored).
+    pub fn attach_metrics(&self, metrics: Arc<Metrics>) {
+        let _ = self.inner.metrics.set(metrics);
+    }
+
+    /// Sets the token gauges (expiry, time left, ready) just before a scrape.
+    pub fn update_gauges(&self, metrics: &Metrics) {
+        let now = self.inner.clock.now();
+        match self.current() {
+            Some(t) => {
+                let exp = t.claims.exp as i64;
+                metrics.token_expiry_timestamp.set(exp);
+                let left = match t.expires_at.duration_since(now) {
+                    Ok(d) => d.as_secs_f64(),
+                    Err(e) => -e.duration().as_secs_f64(),
+                };
+                metrics.token_seconds_remaining.set(left);
+                metrics.token_ready.set(i64::from(t.expires_at > now));
+            }
+            None => {
+                metrics.token_ready.set(0);
+            }
         }
     }
 
@@ -359,6 +388,12 @@ impl TokenSource {
         }
         let result = self.grant_and_check().await;
         self.inner.attempts.fetch_add(1, Ordering::AcqRel);
+        if let Some(m) = self.inner.metrics.get() {
+            match &result {
+                Ok(_) => m.grant(true, ""),
+                Err(e) => m.grant(false, &e.code()),
+            }
+        }
         match result {
             Ok(t) => {
                 if let Some(c) = &self.inner.cache

@@ -1,0 +1,257 @@
+//! Prometheus metrics (`prometheus-client`), all named `behest_agent_*`, and the small HTTP server
+//! that exposes them with `/healthz` and `/readyz`. Labels are low-cardinality (result, error code,
+//! status class); a metric never carries a token, a secret, a path or a session id.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GrantLabels {
+    /// `ok` or `error`.
+    pub result: String,
+    /// The error code (`invalid_client`, `http_503`, `unreachable`, …); empty on success.
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabels {
+    /// The status class: `2xx`, `4xx`, `5xx`, …
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// `unreachable`, `timeout`, `reset`, …
+    pub kind: String,
+}
+
+/// Every metric the agent exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub grants: Family<GrantLabels, Counter>,
+    pub token_expiry_timestamp: Gauge,
+    pub token_seconds_remaining: Gauge<f64, AtomicU64>,
+    pub token_ready: Gauge,
+    pub proxy_requests: Family<CodeLabels, Counter>,
+    pub request_duration: Histogram,
+    pub in_flight_requests: Gauge,
+    pub in_flight_streams: Gauge,
+    pub upstream_errors: Family<KindLabels, Counter>,
+    pub replays: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("behest_agent");
+        let grants = Family::<GrantLabels, Counter>::default();
+        registry.register("grants", "Token grants by result and error code", grants.clone());
+        let token_expiry_timestamp = Gauge::default();
+        registry.register(
+            "token_expiry_timestamp_seconds",
+            "Expiry of the current token (Unix time)",
+            token_expiry_timestamp.clone(),
+        );
+        let token_seconds_remaining = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "token_seconds_until_expiry",
+            "Seconds until the current token expires",
+            token_seconds_remaining.clone(),
+        );
+        let token_ready = Gauge::default();
+        registry.register(
+            "token_ready",
+            "1 when a valid token is held",
+            token_ready.clone(),
+        );
+        let proxy_requests = Family::<CodeLabels, Counter>::default();
+        registry.register(
+            "proxy_requests",
+            "Proxied requests by status class",
+            proxy_requests.clone(),
+        );
+        let request_duration = Histogram::new(
+            [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0].into_iter(),
+        );
+        registry.register(
+            "proxy_request_duration_seconds",
+            "Time from request to the end of the response body",
+            request_duration.clone(),
+        );
+        let in_flight_requests = Gauge::default();
+        registry.register(
+            "in_flight_requests",
+            "Proxied requests in flight",
+            in_flight_requests.clone(),
+        );
+        let in_flight_streams = Gauge::default();
+        registry.register(
+            "in_flight_streams",
+            "Streamed (text/event-stream) responses in flight",
+            in_flight_streams.clone(),
+        );
+        let upstream_errors = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "upstream_errors",
+            "Upstream failures by kind",
+            upstream_errors.clone(),
+        );
+        let replays = Counter::default();
+        registry.register(
+            "replays",
+            "Requests replayed after a 401 from the upstream",
+            replays.clone(),
+        );
+        Self {
+            registry,
+            grants,
+            token_expiry_timestamp,
+            token_seconds_remaining,
+            token_ready,
+            proxy_requests,
+            request_duration,
+            in_flight_requests,
+            in_flight_streams,
+            upstream_errors,
+            replays,
+        }
+    }
+
+    pub fn grant(&self, ok: bool, code: &str) {
+        self.grants
+            .get_or_create(&GrantLabels {
+                result: if ok { "ok" } else { "error" }.to_string(),
+                code: code.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn proxy_response(&self, status: u16, duration: Duration) {
+        let class = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.proxy_requests
+            .get_or_create(&CodeLabels {
+                code: class.to_string(),
+            })
+            .inc();
+        self.request_duration.observe(duration.as_secs_f64());
+    }
+
+    pub fn upstream_error(&self, kind: &str) {
+        self.upstream_errors
+            .get_or_create(&KindLabels {
+                kind: kind.to_string(),
+            })
+            .inc();
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// What the metrics server asks the running agent at each request.
+pub trait Health: Send + Sync + 'static {
+    /// Updates time-dependent gauges just before a scrape.
+    fn before_scrape(&self, metrics: &Metrics);
+    /// Ready: a valid token is held and the listeners are bound.
+    fn ready(&self) -> Result<(), String>;
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    health: Arc<dyn Health>,
+    shutdown: CancellationToken,
+) {
+    let tracker = TaskTracker::new();
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (metrics, health, shutdown) = (metrics.clone(), health.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let (metrics, health) = (metrics.clone(), health.clone());
+                async move { Ok::<_, Infallible>(route(&metrics, health.as_ref(), req.uri().path())) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = shutdown.cancelled() => {}
+            }
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+fn route(metrics: &Metrics, health: &dyn Health, path: &str) -> Response<Full<Bytes>> {
+    let (status, ctype, body) = match path {
+        "/metrics" => {
+            health.before_scrape(metrics);
+            (
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                metrics.encode(),
+            )
+        }
+        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+        "/readyz" => match health.ready() {
+            Ok(()) => (StatusCode::OK, "text/plain", "ready\n".to_string()),
+            Err(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {why}\n"),
+            ),
+        },
+        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
+    };
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, ctype)
+        .body(Full::new(Bytes::from(body)))
+        .expect("a static response builds")
+}
