@@ -4,6 +4,8 @@
 //! Layout:
 //! - [`idp`]: an Auth0-compatible OAuth2 server (client-credentials grant, RS256 JWTs, JWKS,
 //!   discovery) with switchable faults.
+//! - [`upstream`]: the OpenAI-compatible echo upstream that verifies the IdP's tokens as Behest does,
+//!   streams SSE, takes uploads, records what it received, and takes faults.
 //! - [`serve`]: the accept loop they all share. Servers here take a bound listener and a
 //!   [`CancellationToken`], so tests bind `127.0.0.1:0` and stop them by cancelling.
 //!
@@ -11,6 +13,7 @@
 //! It must still never log or format a secret, because the tests check that the agent does not.
 
 pub mod idp;
+pub mod upstream;
 
 use std::error::Error as StdError;
 use std::time::Duration;
