@@ -1,16 +1,25 @@
-//! The daemon assembled: the token engine, its refresher and the control API, started from settings
-//! and stopped by a cancellation token. `behest-agent run`, `dev` and the tests all start it here.
+//! The daemon assembled: the token engine and its refresher, the control API, the proxy, metrics and
+//! systemd notifications, started from settings and stopped by a cancellation token. `run`, `dev`,
+//! `exec` (without a daemon) and the tests all start it here. A reload builds what changed from new
+//! settings and swaps it in; a broken new configuration never reaches this module (it is refused
+//! where it is loaded, and the old one keeps running).
 
+use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
-use serde_json::json;
-use tokio::net::UnixListener;
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::clock::SharedClock;
-use crate::config::Settings;
+use crate::config::{ListenAddr, Settings};
 use crate::control::{self, ControlState};
+use crate::proxy::{Listener, Proxy};
+use crate::service;
+use crate::telemetry::LogHandle;
+use crate::telemetry::metrics::{self, Health, Metrics};
 use crate::token::{TokenSource, rfc3339};
 
 /// Why the daemon could not start.
@@ -24,61 +33,440 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot set up the proxy: {0}")]
+    Proxy(#[from] crate::proxy::SetupError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A request to apply new settings (already loaded and validated).
+pub struct Reload {
+    pub settings: Settings,
+}
+
+/// The parts that are replaced on reload.
+#[derive(Clone)]
+struct Live {
+    tokens: TokenSource,
+    proxy: Option<Proxy>,
+}
+
+/// What `/readyz`, `status` and sd_notify ask about the running parts.
+struct State {
+    live: RwLock<Live>,
+    metrics: Arc<Metrics>,
+    started_at: SystemTime,
+    settings: RwLock<Settings>,
+    /// The proxy's bound addresses (port 0 resolved).
+    addresses: RwLock<Vec<ListenAddr>>,
+}
+
+impl State {
+    fn live(&self) -> Live {
+        self.live.read().expect("live lock").clone()
+    }
+
+    fn daemon_json(&self) -> Value {
+        let s = self.settings.read().expect("settings lock");
+        json!({
+            "pid": std::process::id(),
+            "version": env!("CARGO_PKG_VERSION"),
+            "started_at": rfc3339(self.started_at),
+            "config": s.path.as_ref().map(|p| p.display().to_string()),
+            "control_socket": s.control.socket.display().to_string(),
+            "upstream": s.proxy.upstream.as_ref().map(|u| u.to_string()),
+            "listen": self.addresses.read().expect("addresses lock").iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        })
+    }
+}
+
+impl Health for State {
+    fn before_scrape(&self, metrics: &Metrics) {
+        self.live().tokens.update_gauges(metrics);
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        let tokens = self.live().tokens;
+        if tokens.is_ready() {
+            Ok(())
+        } else {
+            Err(tokens
+                .status()
+                .last_error
+                .unwrap_or_else(|| "no valid token yet".to_string()))
+        }
+    }
 }
 
 /// A built daemon, listeners bound, not yet running.
 pub struct App {
-    pub settings: Settings,
-    pub tokens: TokenSource,
+    state: Arc<State>,
     control: UnixListener,
+    proxy_listeners: Vec<Listener>,
+    metrics_listener: Option<TcpListener>,
+    log: Option<LogHandle>,
 }
 
 impl App {
-    /// Builds the token engine (loading the disk cache) and binds the control socket.
+    /// Builds the token engine (loading the disk cache), the proxy, and binds every listener.
     pub async fn build(settings: Settings, clock: SharedClock) -> Result<App, StartError> {
+        let metrics = Arc::new(Metrics::new());
         let tokens = TokenSource::new(&settings, clock).map_err(StartError::Client)?;
+        tokens.attach_metrics(metrics.clone());
         let control = control::bind(&settings.control.socket, settings.control.socket_mode)
             .await
             .map_err(|source| StartError::Control {
                 path: settings.control.socket.display().to_string(),
                 source,
             })?;
+        let (proxy, proxy_listeners) = match &settings.proxy.upstream {
+            Some(_) => {
+                let proxy = Proxy::new(&settings.proxy, tokens.clone())?;
+                proxy.attach_metrics(metrics.clone());
+                let listeners = bind_all(&settings.proxy.listen).await?;
+                (Some(proxy), listeners)
+            }
+            None => {
+                tracing::warn!(
+                    "proxy.upstream is not set: running the token engine only (set it, or BEHEST_BASE_URL, to serve the proxy)"
+                );
+                (None, Vec::new())
+            }
+        };
+        let metrics_listener = match settings.telemetry.metrics_listen {
+            Some(addr) => {
+                Some(
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| StartError::Listen {
+                            addr: addr.to_string(),
+                            source,
+                        })?,
+                )
+            }
+            None => None,
+        };
         tokens.load_cache().await;
+        let addresses = proxy_listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect();
         Ok(App {
-            settings,
-            tokens,
+            state: Arc::new(State {
+                live: RwLock::new(Live { tokens, proxy }),
+                metrics,
+                started_at: SystemTime::now(),
+                settings: RwLock::new(settings),
+                addresses: RwLock::new(addresses),
+            }),
             control,
+            proxy_listeners,
+            metrics_listener,
+            log: None,
         })
     }
 
-    /// Runs until `shutdown`, then stops everything it started.
+    /// Lets reloads change the log level.
+    pub fn with_log_handle(mut self, log: LogHandle) -> Self {
+        self.log = Some(log);
+        self
+    }
+
+    pub fn tokens(&self) -> TokenSource {
+        self.state.live().tokens
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.state.metrics.clone()
+    }
+
+    /// The proxy's bound addresses (a `:0` port resolved).
+    pub fn proxy_addresses(&self) -> Vec<ListenAddr> {
+        self.state.addresses.read().expect("addresses lock").clone()
+    }
+
+    /// The metrics listener's address, when configured.
+    pub fn metrics_address(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
+    /// Runs until `shutdown` (no reloads).
     pub async fn run(self, shutdown: CancellationToken) {
+        let (_tx, rx) = mpsc::channel(1);
+        self.run_with_reloads(shutdown, rx).await;
+    }
+
+    /// Runs until `shutdown`, applying each settings change that arrives on `reloads`.
+    pub async fn run_with_reloads(
+        self,
+        shutdown: CancellationToken,
+        mut reloads: mpsc::Receiver<Reload>,
+    ) {
         let tracker = TaskTracker::new();
-        let daemon = json!({
-            "pid": std::process::id(),
-            "version": env!("CARGO_PKG_VERSION"),
-            "started_at": rfc3339(SystemTime::now()),
-            "control_socket": self.settings.control.socket.display().to_string(),
-            "upstream": self.settings.proxy.upstream.as_ref().map(|u| u.to_string()),
-            "listen": self.settings.proxy.listen.iter().map(|l| l.to_string()).collect::<Vec<_>>(),
-        });
-        let state = ControlState {
-            tokens: self.tokens.clone(),
-            daemon,
-            live: None,
+        let state = self.state.clone();
+        let control_state = {
+            let st = state.clone();
+            let st2 = state.clone();
+            ControlState {
+                tokens: Arc::new(move || st.live().tokens),
+                daemon: Arc::new(move || st2.daemon_json()),
+                live: Some(Arc::new({
+                    let st = state.clone();
+                    move || st.live().proxy.map(|p| p.stats()).unwrap_or(Value::Null)
+                })),
+            }
         };
-        let tokens = self.tokens.clone();
-        let s = shutdown.clone();
-        tracker.spawn(async move { tokens.run(s).await });
-        tracker.spawn(control::serve(self.control, state, shutdown.clone()));
-        tracing::info!(
-            control = %self.settings.control.socket.display(),
-            "behest-agent running"
+        tracker.spawn(control::serve(
+            self.control,
+            control_state,
+            shutdown.clone(),
+        ));
+        if let Some(l) = self.metrics_listener {
+            tracker.spawn(metrics::serve(
+                l,
+                state.metrics.clone(),
+                state.clone(),
+                shutdown.clone(),
+            ));
+        }
+        tracker.spawn(service::watchdog(shutdown.clone()));
+
+        // The parts a reload replaces run under their own cancellation tokens.
+        let mut generation = Generation::start(&tracker, state.live(), &shutdown);
+        let mut serving = ProxyServing::start(
+            &tracker,
+            state.live().proxy,
+            self.proxy_listeners,
+            &shutdown,
         );
-        shutdown.cancelled().await;
+        let mut reporter = shutdown.child_token();
+        tracker.spawn(service::report(state.live().tokens, reporter.clone()));
+        {
+            let s = state.settings.read().expect("settings lock");
+            tracing::info!(
+                control = %s.control.socket.display(),
+                listen = ?state.addresses.read().expect("addresses lock").iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                upstream = s.proxy.upstream.as_ref().map(|u| u.as_str()).unwrap_or("-"),
+                "behest-agent running"
+            );
+        }
+
+        loop {
+            let reload = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = reloads.recv() => match r { Some(r) => r, None => { shutdown.cancelled().await; break; } },
+            };
+            service::reloading();
+            match apply(&state, reload.settings, self.log.as_ref()).await {
+                Ok(Applied {
+                    tokens_changed,
+                    proxy_changed,
+                    listen_changed,
+                }) => {
+                    if tokens_changed {
+                        generation.stop();
+                        generation = Generation::start(&tracker, state.live(), &shutdown);
+                        reporter.cancel();
+                        reporter = shutdown.child_token();
+                        tracker.spawn(service::report(state.live().tokens, reporter.clone()));
+                    }
+                    if listen_changed {
+                        // Close the old sockets first so an address kept in both lists can be
+                        // bound again; in-flight requests on them finish within the grace.
+                        serving.stop();
+                        let addrs = state
+                            .settings
+                            .read()
+                            .expect("settings lock")
+                            .proxy
+                            .listen
+                            .clone();
+                        let listeners = match state.live().proxy {
+                            Some(_) => rebind(&state, &addrs).await,
+                            None => Vec::new(),
+                        };
+                        serving =
+                            ProxyServing::start(&tracker, state.live().proxy, listeners, &shutdown);
+                    } else if proxy_changed {
+                        serving.swap(state.live().proxy);
+                    }
+                    tracing::info!("configuration reloaded");
+                }
+                Err(e) => {
+                    tracing::error!("reload failed, the previous configuration keeps running: {e}")
+                }
+            }
+            service::ready(&service::describe(&state.live().tokens));
+        }
+
+        service::stopping();
+        tracing::info!("stopping: no new connections; letting in-flight requests finish");
         tracker.close();
         tracker.wait().await;
-        let _ = std::fs::remove_file(&self.settings.control.socket);
+        let socket = state
+            .settings
+            .read()
+            .expect("settings lock")
+            .control
+            .socket
+            .clone();
+        let _ = std::fs::remove_file(socket);
         tracing::info!("behest-agent stopped");
     }
+}
+
+async fn bind_all(listen: &[ListenAddr]) -> Result<Vec<Listener>, StartError> {
+    Proxy::bind(listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: listen
+                .iter()
+                .map(|l| l.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            source,
+        })
+}
+
+/// The refresher of one token source.
+struct Generation {
+    stop: CancellationToken,
+}
+
+impl Generation {
+    fn start(tracker: &TaskTracker, live: Live, shutdown: &CancellationToken) -> Self {
+        let stop = shutdown.child_token();
+        let s = stop.clone();
+        tracker.spawn(async move { live.tokens.run(s).await });
+        Generation { stop }
+    }
+
+    fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+/// The proxy's accept loop over its listeners.
+struct ProxyServing {
+    stop: CancellationToken,
+    proxy: Option<Proxy>,
+}
+
+impl ProxyServing {
+    fn start(
+        tracker: &TaskTracker,
+        proxy: Option<Proxy>,
+        listeners: Vec<Listener>,
+        shutdown: &CancellationToken,
+    ) -> Self {
+        let stop = shutdown.child_token();
+        if let Some(p) = proxy.clone()
+            && !listeners.is_empty()
+        {
+            let s = stop.clone();
+            tracker.spawn(async move { p.serve(listeners, s).await });
+        }
+        ProxyServing { stop, proxy }
+    }
+
+    /// Hands new requests on the same listeners to `proxy` (new upstream, token source, timeouts).
+    fn swap(&mut self, proxy: Option<Proxy>) {
+        if let (Some(old), Some(new)) = (&self.proxy, &proxy) {
+            old.replace_with(new);
+        }
+        self.proxy = proxy;
+    }
+
+    /// Stops accepting; in-flight requests finish within the shutdown grace.
+    fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+struct Applied {
+    tokens_changed: bool,
+    proxy_changed: bool,
+    listen_changed: bool,
+}
+
+/// Applies new settings: what changed is rebuilt, what did not is kept (a kept token source keeps
+/// its token: an unchanged identity makes no grant). Fails without changing anything.
+async fn apply(state: &State, new: Settings, log: Option<&LogHandle>) -> Result<Applied, String> {
+    let old = state.settings.read().expect("settings lock").clone();
+    if new.control.socket != old.control.socket {
+        tracing::warn!("control.socket changed: it applies after a restart");
+    }
+    if new.telemetry.metrics_listen != old.telemetry.metrics_listen {
+        tracing::warn!("telemetry.metrics_listen changed: it applies after a restart");
+    }
+    let identity_changed =
+        format!("{:?}{:?}", old.auth, old.token) != format!("{:?}{:?}", new.auth, new.token);
+    let live = state.live();
+    let tokens = if identity_changed {
+        let t = TokenSource::new(&new, live.tokens.clock().clone())?;
+        t.attach_metrics(state.metrics.clone());
+        t.load_cache().await;
+        t
+    } else {
+        live.tokens.clone()
+    };
+    let proxy_changed =
+        identity_changed || format!("{:?}", old.proxy) != format!("{:?}", new.proxy);
+    let listen_changed = old.proxy.listen != new.proxy.listen
+        || old.proxy.upstream.is_some() != new.proxy.upstream.is_some()
+        || old.proxy.max_connections != new.proxy.max_connections
+        || old.proxy.header_read_timeout != new.proxy.header_read_timeout
+        || old.proxy.shutdown_grace != new.proxy.shutdown_grace;
+    let proxy = if proxy_changed {
+        match &new.proxy.upstream {
+            Some(_) => {
+                let p = Proxy::new(&new.proxy, tokens.clone()).map_err(|e| e.to_string())?;
+                p.attach_metrics(state.metrics.clone());
+                Some(p)
+            }
+            None => None,
+        }
+    } else {
+        live.proxy.clone()
+    };
+    if let Some(log) = log
+        && let Err(e) = log.set_level(&new.telemetry.log_level)
+    {
+        tracing::warn!("log level not changed: {e}");
+    }
+    *state.live.write().expect("live lock") = Live { tokens, proxy };
+    *state.settings.write().expect("settings lock") = new;
+    Ok(Applied {
+        tokens_changed: identity_changed,
+        proxy_changed,
+        listen_changed,
+    })
+}
+
+/// Binds the new proxy addresses, retrying briefly while the old sockets close; on failure the
+/// proxy has no listener, which is logged as an error.
+async fn rebind(state: &State, addrs: &[ListenAddr]) -> Vec<Listener> {
+    let mut last = String::new();
+    for _ in 0..50 {
+        match Proxy::bind(addrs).await {
+            Ok(l) => {
+                *state.addresses.write().expect("addresses lock") =
+                    l.iter().filter_map(|l| l.local_addr().ok()).collect();
+                return l;
+            }
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tracing::error!(
+        "cannot listen on the new proxy.listen: {last}; the proxy is not serving until the next reload"
+    );
+    state.addresses.write().expect("addresses lock").clear();
+    Vec::new()
 }

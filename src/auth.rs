@@ -76,7 +76,11 @@ impl GrantError {
         match self {
             GrantError::Refused { error, .. } => matches!(
                 error.as_str(),
-                "invalid_client" | "unauthorized_client" | "access_denied" | "invalid_scope" | "invalid_target"
+                "invalid_client"
+                    | "unauthorized_client"
+                    | "access_denied"
+                    | "invalid_scope"
+                    | "invalid_target"
             ),
             GrantError::Secret { .. } | GrantError::Assertion(_) | GrantError::Rejected(_) => true,
             _ => false,

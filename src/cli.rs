@@ -3,6 +3,8 @@
 //! printing the whole cause chain.
 
 pub mod dev;
+pub mod env;
+pub mod exec;
 pub mod refresh;
 pub mod run;
 pub mod status;
@@ -57,6 +59,10 @@ pub enum Command {
     Status(status::Args),
     /// Force a new grant now
     Refresh(refresh::Args),
+    /// Print the environment a job needs to use the proxy (OPENAI_BASE_URL, …)
+    Env(env::Args),
+    /// Run a command with that environment (using the daemon, or an in-process proxy)
+    Exec(exec::Args),
     /// Run everything on an embedded IdP, with no accounts needed
     Dev(dev::Args),
     /// Print shell completions
@@ -78,6 +84,7 @@ impl Global {
     pub fn load(&self) -> Result<Settings, ConfigError> {
         config::load(&config::LoadOptions {
             path: self.config.clone(),
+            default_path: Some(PathBuf::from(config::DEFAULT_PATH)),
             env: process_env(),
             overrides: self.set.clone(),
         })
@@ -126,7 +133,10 @@ pub type CliResult = Result<ExitCode, Failure>;
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     crate::tls::install_default_provider();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -152,6 +162,8 @@ async fn dispatch(cli: Cli) -> CliResult {
         Command::Token(a) => token::run(&g, a).await,
         Command::Status(a) => status::run(&g, a).await,
         Command::Refresh(a) => refresh::run(&g, a).await,
+        Command::Env(a) => env::run(&g, a).await,
+        Command::Exec(a) => exec::run(&g, a).await,
         Command::Dev(a) => dev::run(&g, a).await,
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
@@ -168,9 +180,7 @@ pub fn init_cli_logging(g: &Global) {
 
 /// Finds a running daemon: the configured control socket, or the default one when the
 /// configuration cannot be loaded.
-pub async fn find_daemon(
-    settings: Option<&Settings>,
-) -> Option<crate::control::ControlClient> {
+pub async fn find_daemon(settings: Option<&Settings>) -> Option<crate::control::ControlClient> {
     let path = match settings {
         Some(s) => s.control.socket.clone(),
         None => config::default_socket(&process_env()),

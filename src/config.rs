@@ -66,8 +66,11 @@ impl ConfigError {
 /// What to load and from where.
 #[derive(Debug, Default, Clone)]
 pub struct LoadOptions {
-    /// `--config` / `BEHEST_AGENT_CONFIG`: must exist. `None`: [`DEFAULT_PATH`] if it exists.
+    /// `--config` / `BEHEST_AGENT_CONFIG`: must exist.
     pub path: Option<PathBuf>,
+    /// Read when `path` is `None` and the file exists: [`DEFAULT_PATH`] for the CLI; `None` in tests
+    /// and `dev`, which must not pick up the machine's configuration.
+    pub default_path: Option<PathBuf>,
     /// The process environment (or a test's map).
     pub env: HashMap<String, String>,
     /// `--set section.key=value` overrides, applied last.
@@ -86,7 +89,7 @@ pub fn load(opts: &LoadOptions) -> Result<Settings, ConfigError> {
             }
             Some(p.clone())
         }
-        None => Some(PathBuf::from(DEFAULT_PATH)).filter(|p| p.exists()),
+        None => opts.default_path.clone().filter(|p| p.exists()),
     };
     let label = file_label(path.as_deref());
 

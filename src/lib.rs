@@ -7,12 +7,16 @@
 //! - [`auth`]: endpoints and discovery, client authentication, the client-credentials grant.
 //! - [`token`]: claims and checks, JWKS, the disk cache, and [`token::TokenSource`], the one handle
 //!   everything else uses to get a token.
+//! - [`proxy`]: the loopback OpenAI proxy: listeners, guards, forwarding with the token, streaming.
 //! - [`control`]: the Unix-socket API of a running daemon, and its client.
+//! - [`app`]: the daemon assembled from those parts, with reload.
+//! - [`service`]: systemd notifications (ready, status, watchdog).
+//! - [`telemetry`]: logs and Prometheus metrics.
 //! - [`cli`]: one file per subcommand; the binary's `main` only maps errors to exit codes.
 //! - [`dev`]: the embedded Auth0-compatible IdP (and echo upstream) for `dev`, tests and benchmarks.
 //! - [`clock`]: injected wall-clock time.
 //!
-//! Data flows one way: config → settings → `TokenSource` → control API (and proxy). The CLI commands
+//! Data flows one way: config → settings → `TokenSource` → proxy and control API. The CLI commands
 //! are clients of the control API, or build a `TokenSource` in-process when no daemon runs.
 
 #![forbid(unsafe_code)]
@@ -24,6 +28,7 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod dev;
+pub mod proxy;
 pub mod service;
 pub mod telemetry;
 pub mod tls;

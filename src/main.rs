@@ -1,1 +1,3 @@
-fn main() -> std::process::ExitCode { behest_agent::cli::main() }
+fn main() -> std::process::ExitCode {
+    behest_agent::cli::main()
+}

@@ -43,7 +43,7 @@ pub fn describe(tokens: &TokenSource) -> String {
         .as_deref()
         .and_then(|t| humantime::parse_rfc3339(t).ok())
         .and_then(|t| t.duration_since(tokens.clock().now()).ok())
-        .map(|d| human(d))
+        .map(human)
         .unwrap_or_else(|| "soon".into());
     let valid_for = s
         .expires_in
@@ -52,7 +52,10 @@ pub fn describe(tokens: &TokenSource) -> String {
     match (&s.last_error, valid_for) {
         (None, Some(v)) => format!(
             "token valid for {v} (uid {})",
-            s.claims.as_ref().and_then(|c| c.uid.as_deref()).unwrap_or("-")
+            s.claims
+                .as_ref()
+                .and_then(|c| c.uid.as_deref())
+                .unwrap_or("-")
         ),
         (Some(_), Some(v)) => format!(
             "IdP failing ({}), retrying in {retry}; cached token valid for {v}",

@@ -49,7 +49,9 @@ impl Token {
         warnings: Vec<String>,
     ) -> Result<Token, CheckError> {
         let mut bearer = HeaderValue::try_from(format!("Bearer {}", secret.expose_secret()))
-            .map_err(|_| CheckError::Malformed("the token has characters not allowed in a header".into()))?;
+            .map_err(|_| {
+                CheckError::Malformed("the token has characters not allowed in a header".into())
+            })?;
         bearer.set_sensitive(true);
         let expires_at = SystemTime::UNIX_EPOCH + Duration::from_secs(claims.exp);
         let lifetime = expires_at.duration_since(obtained_at).unwrap_or_default();

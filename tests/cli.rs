@@ -21,7 +21,9 @@ fn bin() -> Command {
 impl Harness {
     fn cmd(&self, args: &[&str], extra: &[(&str, &str)]) -> Command {
         let mut c = bin();
-        c.envs(self.env(extra)).env("HOME", self.dir.path()).args(args);
+        c.envs(self.env(extra))
+            .env("HOME", self.dir.path())
+            .args(args);
         c
     }
 }
@@ -52,10 +54,14 @@ async fn parallel_one_shot_token_calls_without_a_daemon_make_one_grant() {
     for r in runs {
         let o = r.await.unwrap();
         assert_eq!(o.code, 0, "{}", o.stderr);
-        assert_no_secret_in(&o.stderr, &[h.secret.clone()], "stderr");
+        assert_no_secret_in(&o.stderr, std::slice::from_ref(&h.secret), "stderr");
         tokens.push(o.stdout.trim().to_string());
     }
-    assert!(tokens.iter().all(|t| t == &tokens[0] && t.split('.').count() == 3));
+    assert!(
+        tokens
+            .iter()
+            .all(|t| t == &tokens[0] && t.split('.').count() == 3)
+    );
     assert_eq!(h.idp.grants(), 1, "one grant for eight parallel calls");
     assert_eq!(mode_of(&h.path("state/token.json")), 0o600);
 }
@@ -90,7 +96,11 @@ async fn configuration_errors_exit_2_and_name_the_key_and_the_file() {
     std::fs::write(&cfg, "[auth]\nclient_idd = \"x\"\n").unwrap();
     let o = output(h.cmd(&["token", "--config", cfg.to_str().unwrap()], &[])).await;
     assert_eq!(o.code, 2, "{}", o.stderr);
-    assert!(o.stderr.contains("client_idd") && o.stderr.contains(cfg.to_str().unwrap()), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("client_idd") && o.stderr.contains(cfg.to_str().unwrap()),
+        "{}",
+        o.stderr
+    );
     let o = output(h.cmd(&["token"], &[("BEHEST_AGENT__AUTH__CLIENT_ID", "")])).await;
     assert_eq!(o.code, 2);
     assert!(o.stderr.contains("auth.client_id"), "{}", o.stderr);
@@ -133,15 +143,25 @@ async fn the_daemon_serves_token_status_and_refresh_over_its_socket_and_stops_on
     daemon.stderr(Stdio::piped());
     let mut child = daemon.spawn().unwrap();
     let socket = h.path("run/agent.sock");
-    eventually(Duration::from_secs(30), "the control socket", || socket.exists()).await;
+    eventually(Duration::from_secs(30), "the control socket", || {
+        socket.exists()
+    })
+    .await;
     assert_eq!(mode_of(&socket), 0o660);
     assert_eq!(mode_of(&h.path("run")) & 0o777, 0o750);
 
     let o = output(h.cmd(&["token"], &[])).await;
     assert_eq!(o.code, 0, "{}", o.stderr);
     let token = o.stdout.trim().to_string();
-    eventually(Duration::from_secs(10), "the daemon's grant", || h.idp.grants() >= 1).await;
-    assert_eq!(h.idp.grants(), 1, "the CLI asked the daemon, it did not grant itself");
+    eventually(Duration::from_secs(10), "the daemon's grant", || {
+        h.idp.grants() >= 1
+    })
+    .await;
+    assert_eq!(
+        h.idp.grants(),
+        1,
+        "the CLI asked the daemon, it did not grant itself"
+    );
 
     let o = output(h.cmd(&["status", "--json"], &[])).await;
     assert_eq!(o.code, 0, "{}", o.stderr);
@@ -154,7 +174,11 @@ async fn the_daemon_serves_token_status_and_refresh_over_its_socket_and_stops_on
     assert!(v["token"]["last_refresh"].as_str().is_some());
 
     let o = output(h.cmd(&["status"], &[])).await;
-    assert!(o.stdout.contains("valid") && o.stdout.contains(&h.client_id), "{}", o.stdout);
+    assert!(
+        o.stdout.contains("valid") && o.stdout.contains(&h.client_id),
+        "{}",
+        o.stdout
+    );
 
     let o = output(h.cmd(&["refresh"], &[])).await;
     assert_eq!(o.code, 0, "{}", o.stderr);
@@ -168,11 +192,20 @@ async fn the_daemon_serves_token_status_and_refresh_over_its_socket_and_stops_on
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await.unwrap().unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(status.code(), Some(0));
     let mut stderr = String::new();
-    tokio::io::AsyncReadExt::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).await.unwrap();
+    tokio::io::AsyncReadExt::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr)
+        .await
+        .unwrap();
     assert!(stderr.contains("token ready"), "{stderr}");
-    assert_no_secret_in(&stderr, &[h.secret.clone(), token, token2], "the daemon's log");
+    assert_no_secret_in(
+        &stderr,
+        &[h.secret.clone(), token, token2],
+        "the daemon's log",
+    );
     assert!(!socket.exists(), "the socket is removed on exit");
 }

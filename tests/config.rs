@@ -6,14 +6,25 @@ use std::time::Duration;
 use behest_agent::config::{self, ConfigError, Endpoints, ListenAddr, LoadOptions, Provider};
 
 fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
-fn load_file(toml: &str, pairs: &[(&str, &str)]) -> (tempfile::TempDir, Result<config::Settings, ConfigError>) {
+fn load_file(
+    toml: &str,
+    pairs: &[(&str, &str)],
+) -> (tempfile::TempDir, Result<config::Settings, ConfigError>) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.toml");
     std::fs::write(&path, toml).unwrap();
-    let r = config::load(&LoadOptions { path: Some(path), env: env(pairs), overrides: vec![] });
+    let r = config::load(&LoadOptions {
+        path: Some(path),
+        default_path: None,
+        env: env(pairs),
+        overrides: vec![],
+    });
     (dir, r)
 }
 
@@ -30,15 +41,28 @@ fn auth0_domain_derives_token_issuer_and_jwks_urls() {
     let s = s.unwrap();
     assert_eq!(s.auth.provider, Provider::Auth0);
     match &s.auth.endpoints {
-        Endpoints::Fixed { issuer, token_url, jwks_url } => {
+        Endpoints::Fixed {
+            issuer,
+            token_url,
+            jwks_url,
+        } => {
             assert_eq!(issuer.as_deref(), Some("https://example.eu.auth0.com/"));
-            assert_eq!(token_url.as_str(), "https://example.eu.auth0.com/oauth/token");
-            assert_eq!(jwks_url.as_ref().unwrap().as_str(), "https://example.eu.auth0.com/.well-known/jwks.json");
+            assert_eq!(
+                token_url.as_str(),
+                "https://example.eu.auth0.com/oauth/token"
+            );
+            assert_eq!(
+                jwks_url.as_ref().unwrap().as_str(),
+                "https://example.eu.auth0.com/.well-known/jwks.json"
+            );
         }
         other => panic!("{other:?}"),
     }
     assert_eq!(s.token.expected_uid, "abc123");
-    assert_eq!(s.proxy.listen, vec![ListenAddr::Tcp("127.0.0.1:8711".parse().unwrap())]);
+    assert_eq!(
+        s.proxy.listen,
+        vec![ListenAddr::Tcp("127.0.0.1:8711".parse().unwrap())]
+    );
     assert_eq!(s.proxy.max_replay_body, 1 << 20);
     assert_eq!(s.proxy.upstream_timeout, Duration::from_secs(600));
 }
@@ -50,7 +74,10 @@ fn environment_overrides_the_file_and_auth0_variables_are_fallbacks() {
         &[
             ("BEHEST_AGENT__AUTH__CLIENT_ID", "from-env"),
             ("BEHEST_AGENT__TOKEN__REFRESH_MARGIN", "90s"),
-            ("BEHEST_AGENT__PROXY__LISTEN", "127.0.0.1:9001,unix:/tmp/x.sock"),
+            (
+                "BEHEST_AGENT__PROXY__LISTEN",
+                "127.0.0.1:9001,unix:/tmp/x.sock",
+            ),
             ("AUTH0_CLIENT_ID", "ignored-because-set"),
             ("AUTH0_CLIENT_SECRET", "s3cret-value"),
             ("BEHEST_BASE_URL", "https://gateway.behest.app"),
@@ -60,10 +87,14 @@ fn environment_overrides_the_file_and_auth0_variables_are_fallbacks() {
     assert_eq!(s.auth.client_id, "from-env");
     assert_eq!(s.token.refresh_margin, Duration::from_secs(90));
     assert_eq!(s.proxy.listen.len(), 2);
-    assert_eq!(s.proxy.upstream.unwrap().as_str(), "https://gateway.behest.app/");
+    assert_eq!(
+        s.proxy.upstream.unwrap().as_str(),
+        "https://gateway.behest.app/"
+    );
 
     let s = config::load(&LoadOptions {
         path: None,
+        default_path: None,
         env: env(&[
             ("AUTH0_DOMAIN", "t.auth0.com"),
             ("AUTH0_AUDIENCE", "https://api"),
@@ -80,48 +111,90 @@ fn environment_overrides_the_file_and_auth0_variables_are_fallbacks() {
 
 #[test]
 fn an_unknown_key_is_an_error_naming_the_key_and_the_file() {
-    let (d, r) = load_file(&format!("{MINIMAL}\n[proxy]\nlisten_addr = \"x\"\n"), &[("AUTH0_CLIENT_SECRET", "s3cret-value")]);
+    let (d, r) = load_file(
+        &format!("{MINIMAL}\n[proxy]\nlisten_addr = \"x\"\n"),
+        &[("AUTH0_CLIENT_SECRET", "s3cret-value")],
+    );
     let msg = r.unwrap_err().to_string();
     assert!(msg.contains("listen_addr"), "{msg}");
-    assert!(msg.contains(&d.path().join("config.toml").display().to_string()), "{msg}");
+    assert!(
+        msg.contains(&d.path().join("config.toml").display().to_string()),
+        "{msg}"
+    );
 }
 
 #[test]
 fn missing_required_keys_name_the_key_and_how_to_fix_it() {
-    let (_d, r) = load_file("[auth]\ndomain = \"x.auth0.com\"\naudience = \"https://a\"\n", &[("AUTH0_CLIENT_SECRET", "s3cret-value")]);
+    let (_d, r) = load_file(
+        "[auth]\ndomain = \"x.auth0.com\"\naudience = \"https://a\"\n",
+        &[("AUTH0_CLIENT_SECRET", "s3cret-value")],
+    );
     let msg = r.unwrap_err().to_string();
-    assert!(msg.contains("auth.client_id") && msg.contains("AUTH0_CLIENT_ID"), "{msg}");
+    assert!(
+        msg.contains("auth.client_id") && msg.contains("AUTH0_CLIENT_ID"),
+        "{msg}"
+    );
     let (_d, r) = load_file(MINIMAL, &[]);
     let msg = r.unwrap_err().to_string();
     assert!(msg.contains("client_secret_file"), "{msg}");
-    let (_d, r) = load_file("[auth]\ndomain = \"x.auth0.com\"\nclient_id = \"c\"\n", &[("AUTH0_CLIENT_SECRET", "s3cret-value")]);
+    let (_d, r) = load_file(
+        "[auth]\ndomain = \"x.auth0.com\"\nclient_id = \"c\"\n",
+        &[("AUTH0_CLIENT_SECRET", "s3cret-value")],
+    );
     assert!(r.unwrap_err().to_string().contains("auth.audience"));
 }
 
 #[test]
 fn bad_urls_and_plain_http_to_remote_hosts_are_refused() {
-    let (_d, r) = load_file(&MINIMAL.replace("example.eu.auth0.com", "http://idp.example.com"), &[("AUTH0_CLIENT_SECRET", "s3cret-value")]);
+    let (_d, r) = load_file(
+        &MINIMAL.replace("example.eu.auth0.com", "http://idp.example.com"),
+        &[("AUTH0_CLIENT_SECRET", "s3cret-value")],
+    );
     let msg = r.unwrap_err().to_string();
-    assert!(msg.contains("auth.domain") && msg.contains("https"), "{msg}");
-    let (_d, r) = load_file(&MINIMAL.replace("example.eu.auth0.com", "http://127.0.0.1:9000"), &[("AUTH0_CLIENT_SECRET", "s3cret-value")]);
+    assert!(
+        msg.contains("auth.domain") && msg.contains("https"),
+        "{msg}"
+    );
+    let (_d, r) = load_file(
+        &MINIMAL.replace("example.eu.auth0.com", "http://127.0.0.1:9000"),
+        &[("AUTH0_CLIENT_SECRET", "s3cret-value")],
+    );
     assert!(r.is_ok(), "plain http is fine on loopback");
-    let (_d, r) = load_file(&format!("{MINIMAL}[proxy]\nupstream = \"http://gateway.example.com\"\n"), &[("AUTH0_CLIENT_SECRET", "s3cret-value")]);
+    let (_d, r) = load_file(
+        &format!("{MINIMAL}[proxy]\nupstream = \"http://gateway.example.com\"\n"),
+        &[("AUTH0_CLIENT_SECRET", "s3cret-value")],
+    );
     assert!(r.unwrap_err().to_string().contains("proxy.upstream"));
 }
 
 #[test]
 fn an_unreadable_secret_file_is_an_error_naming_the_key_and_the_path() {
-    let (_d, r) = load_file(&format!("{MINIMAL}client_secret_file = \"/nonexistent/secret\"\n"), &[]);
+    let (_d, r) = load_file(
+        &format!("{MINIMAL}client_secret_file = \"/nonexistent/secret\"\n"),
+        &[],
+    );
     let msg = r.unwrap_err().to_string();
-    assert!(msg.contains("auth.client_secret_file") && msg.contains("/nonexistent/secret"), "{msg}");
+    assert!(
+        msg.contains("auth.client_secret_file") && msg.contains("/nonexistent/secret"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn a_non_loopback_listen_address_needs_allow_remote() {
-    let (_d, r) = load_file(&format!("{MINIMAL}[proxy]\nlisten = \"0.0.0.0:8711\"\n"), &[("AUTH0_CLIENT_SECRET", "s3cret-value")]);
+    let (_d, r) = load_file(
+        &format!("{MINIMAL}[proxy]\nlisten = \"0.0.0.0:8711\"\n"),
+        &[("AUTH0_CLIENT_SECRET", "s3cret-value")],
+    );
     let msg = r.unwrap_err().to_string();
-    assert!(msg.contains("proxy.listen") && msg.contains("allow_remote"), "{msg}");
-    let (_d, r) = load_file(&format!("{MINIMAL}[proxy]\nlisten = \"0.0.0.0:8711\"\nallow_remote = true\n"), &[("AUTH0_CLIENT_SECRET", "s3cret-value")]);
+    assert!(
+        msg.contains("proxy.listen") && msg.contains("allow_remote"),
+        "{msg}"
+    );
+    let (_d, r) = load_file(
+        &format!("{MINIMAL}[proxy]\nlisten = \"0.0.0.0:8711\"\nallow_remote = true\n"),
+        &[("AUTH0_CLIENT_SECRET", "s3cret-value")],
+    );
     assert!(r.is_ok());
 }
 
@@ -129,8 +202,12 @@ fn a_non_loopback_listen_address_needs_allow_remote() {
 fn oidc_with_only_an_issuer_uses_discovery() {
     let s = config::load(&LoadOptions {
         path: None,
+        default_path: None,
         env: env(&[
-            ("BEHEST_AGENT__AUTH__ISSUER", "https://login.example.com/realms/ci"),
+            (
+                "BEHEST_AGENT__AUTH__ISSUER",
+                "https://login.example.com/realms/ci",
+            ),
             ("BEHEST_AGENT__AUTH__CLIENT_ID", "cid"),
             ("BEHEST_AGENT_CLIENT_SECRET", "s3cret-value"),
         ]),
@@ -143,10 +220,16 @@ fn oidc_with_only_an_issuer_uses_discovery() {
 
 #[test]
 fn durations_and_sizes_are_human_strings_and_bad_ones_name_the_key() {
-    let (_d, r) = load_file(&format!("{MINIMAL}[token]\nrefresh_margin = \"soon\"\n"), &[("AUTH0_CLIENT_SECRET", "s3cret-value")]);
+    let (_d, r) = load_file(
+        &format!("{MINIMAL}[token]\nrefresh_margin = \"soon\"\n"),
+        &[("AUTH0_CLIENT_SECRET", "s3cret-value")],
+    );
     let msg = r.unwrap_err().to_string();
     assert!(msg.contains("refresh_margin"), "{msg}");
-    let (_d, r) = load_file(&format!("{MINIMAL}[proxy]\nmax_replay_body = \"2MiB\"\nidle_timeout = \"1h\"\n"), &[("AUTH0_CLIENT_SECRET", "s3cret-value")]);
+    let (_d, r) = load_file(
+        &format!("{MINIMAL}[proxy]\nmax_replay_body = \"2MiB\"\nidle_timeout = \"1h\"\n"),
+        &[("AUTH0_CLIENT_SECRET", "s3cret-value")],
+    );
     let s = r.unwrap();
     assert_eq!(s.proxy.max_replay_body, 2 << 20);
     assert_eq!(s.proxy.idle_timeout, Duration::from_secs(3600));
@@ -157,6 +240,7 @@ fn the_documented_example_config_is_valid_and_complete() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/behest-agent.toml");
     let r = config::load(&LoadOptions {
         path: Some(path),
+        default_path: None,
         env: env(&[("AUTH0_CLIENT_SECRET", "s3cret-value")]),
         overrides: vec![],
     });

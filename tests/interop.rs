@@ -41,7 +41,12 @@ async fn start(extra_clients: Vec<serde_json::Value>) -> Interop {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("secret"), &secret).unwrap();
     std::fs::write(dir.path().join("key.pem"), &key_pem).unwrap();
-    Interop { op, dir, secret, key_pem }
+    Interop {
+        op,
+        dir,
+        secret,
+        key_pem,
+    }
 }
 
 impl Interop {
@@ -55,16 +60,31 @@ impl Interop {
         set("BEHEST_AGENT__AUTH__RESOURCE", RESOURCE);
         set("BEHEST_AGENT__TOKEN__CACHE_FILE", "");
         if auth == "private_key_jwt" {
-            set("BEHEST_AGENT__AUTH__PRIVATE_KEY_FILE", self.dir.path().join("key.pem").to_str().unwrap());
+            set(
+                "BEHEST_AGENT__AUTH__PRIVATE_KEY_FILE",
+                self.dir.path().join("key.pem").to_str().unwrap(),
+            );
         } else {
-            set("BEHEST_AGENT__AUTH__CLIENT_SECRET_FILE", self.dir.path().join("secret").to_str().unwrap());
+            set(
+                "BEHEST_AGENT__AUTH__CLIENT_SECRET_FILE",
+                self.dir.path().join("secret").to_str().unwrap(),
+            );
         }
-        let settings = config::load(&LoadOptions { path: None, env, overrides: vec![] }).expect("settings");
+        let settings = config::load(&LoadOptions {
+            path: None,
+            default_path: None,
+            env,
+            overrides: vec![],
+        })
+        .expect("settings");
         TokenSource::new(&settings, clock::system()).unwrap()
     }
 
     fn assert_no_secrets_logged(&self, tokens: &[String]) {
-        let mut secrets = vec![self.secret.clone(), self.key_pem.lines().nth(5).unwrap().to_string()];
+        let mut secrets = vec![
+            self.secret.clone(),
+            self.key_pem.lines().nth(5).unwrap().to_string(),
+        ];
         secrets.extend(tokens.iter().cloned());
         crate::util::assert_no_secret_in(&crate::util::logs(), &secrets, "the agent's logs");
     }
@@ -75,7 +95,10 @@ async fn grant_with(method: &str, client_id: &str) {
     let source = i.source(client_id, method);
     let t = match source.get(Duration::ZERO).await {
         Ok(t) => t,
-        Err(e) => panic!("{method} against oidc-provider failed: {e}\n--- oidc-provider ---\n{}", i.op.stderr()),
+        Err(e) => panic!(
+            "{method} against oidc-provider failed: {e}\n--- oidc-provider ---\n{}",
+            i.op.stderr()
+        ),
     };
     let view = t.claims.view();
     assert_eq!(view.uid.as_deref(), Some(client_id));
@@ -108,7 +131,10 @@ async fn oidc_provider_token_without_uid_is_refused() {
     std::fs::write(i.dir.path().join("secret"), "unused").unwrap();
     let source = i.source("ci-nouid", "client_secret_post");
     let err = source.get(Duration::ZERO).await.unwrap_err().to_string();
-    assert!(err.contains("no `uid` claim") && err.contains("onExecuteCredentialsExchange"), "{err}");
+    assert!(
+        err.contains("no `uid` claim") && err.contains("onExecuteCredentialsExchange"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

@@ -4,5 +4,6 @@ mod cli;
 mod config;
 mod interop;
 mod node;
+mod proxy;
 mod token;
 mod util;

@@ -38,7 +38,10 @@ async fn client_secret_post_grant_yields_a_checked_token() {
     let g = h.idp.last_grant().unwrap();
     assert_eq!(g.auth_method, AuthMethod::ClientSecretPost);
     assert_eq!(g.audience.as_deref(), Some(crate::util::AUDIENCE));
-    assert_eq!(g.content_type.as_deref(), Some("application/x-www-form-urlencoded"));
+    assert_eq!(
+        g.content_type.as_deref(),
+        Some("application/x-www-form-urlencoded")
+    );
     h.assert_no_secrets_logged();
 }
 
@@ -46,7 +49,10 @@ async fn client_secret_post_grant_yields_a_checked_token() {
 async fn client_secret_basic_grant_sends_http_basic_and_no_secret_in_the_form() {
     let h = Harness::start().await;
     let source = h.source(
-        &[NO_CACHE, ("BEHEST_AGENT__AUTH__CLIENT_AUTH", "client_secret_basic")],
+        &[
+            NO_CACHE,
+            ("BEHEST_AGENT__AUTH__CLIENT_AUTH", "client_secret_basic"),
+        ],
         clock::system(),
     );
     let t = source.get(Duration::ZERO).await.expect("a token");
@@ -68,16 +74,25 @@ async fn private_key_jwt_grant_signs_a_fresh_assertion_each_time() {
         &[
             NO_CACHE,
             ("BEHEST_AGENT__AUTH__CLIENT_AUTH", "private_key_jwt"),
-            ("BEHEST_AGENT__AUTH__PRIVATE_KEY_FILE", key_file.to_str().unwrap()),
+            (
+                "BEHEST_AGENT__AUTH__PRIVATE_KEY_FILE",
+                key_file.to_str().unwrap(),
+            ),
         ],
         clock::system(),
     );
     let t = source.get(Duration::ZERO).await.expect("a token");
     h.remember(t.secret().expose_secret());
-    assert_eq!(h.idp.last_grant().unwrap().auth_method, AuthMethod::PrivateKeyJwt);
+    assert_eq!(
+        h.idp.last_grant().unwrap().auth_method,
+        AuthMethod::PrivateKeyJwt
+    );
     assert!(!h.idp.last_grant().unwrap().client_secret_sent);
     // The IdP refuses a replayed jti, so a second grant only works with a new assertion.
-    let t2 = source.refresh_now().await.expect("a second grant with a new assertion");
+    let t2 = source
+        .refresh_now()
+        .await
+        .expect("a second grant with a new assertion");
     h.remember(t2.secret().expose_secret());
     assert_eq!(h.idp.grants(), 2);
     h.assert_no_secrets_logged();
@@ -90,7 +105,9 @@ async fn thousand_concurrent_gets_on_an_empty_cache_make_one_grant() {
     let mut tasks = Vec::new();
     for _ in 0..1000 {
         let s = source.clone();
-        tasks.push(tokio::spawn(async move { s.get(Duration::ZERO).await.map(|t| t.expires_at) }));
+        tasks.push(tokio::spawn(async move {
+            s.get(Duration::ZERO).await.map(|t| t.expires_at)
+        }));
     }
     for t in tasks {
         t.await.unwrap().expect("every caller gets the token");
@@ -107,13 +124,19 @@ async fn concurrent_gets_during_a_failing_grant_share_its_error() {
     let mut tasks = Vec::new();
     for _ in 0..50 {
         let s = source.clone();
-        tasks.push(tokio::spawn(async move { s.get(Duration::ZERO).await.err() }));
+        tasks.push(tokio::spawn(
+            async move { s.get(Duration::ZERO).await.err() },
+        ));
     }
     for t in tasks {
         let e = t.await.unwrap().expect("no token while the IdP fails");
         assert!(e.to_string().contains("503"), "{e}");
     }
-    assert_eq!(h.idp.token_requests(), 1, "one grant attempt, not one per caller");
+    assert_eq!(
+        h.idp.token_requests(),
+        1,
+        "one grant attempt, not one per caller"
+    );
 }
 
 #[tokio::test]
@@ -125,36 +148,59 @@ async fn token_without_uid_is_refused_and_the_error_gives_the_auth0_action() {
     let msg = err.to_string();
     assert!(matches!(rejected(err), CheckError::UidMissing { .. }));
     assert!(msg.contains("onExecuteCredentialsExchange"), "{msg}");
-    assert!(msg.contains("setCustomClaim(\"uid\", event.client.client_id)"), "{msg}");
-    assert!(source.current().is_none(), "a refused token is never served");
+    assert!(
+        msg.contains("setCustomClaim(\"uid\", event.client.client_id)"),
+        "{msg}"
+    );
+    assert!(
+        source.current().is_none(),
+        "a refused token is never served"
+    );
 }
 
 #[tokio::test]
 async fn token_with_another_uid_is_refused_naming_both_values() {
     let h = Harness::start().await;
-    h.idp.set_fault(Some(Fault::WrongUid("someone-else".into())));
+    h.idp
+        .set_fault(Some(Fault::WrongUid("someone-else".into())));
     let source = h.source(&[NO_CACHE], clock::system());
     let err = source.get(Duration::ZERO).await.unwrap_err();
     let msg = err.to_string();
     assert!(matches!(rejected(err), CheckError::UidMismatch { .. }));
-    assert!(msg.contains("someone-else") && msg.contains(&h.client_id), "{msg}");
+    assert!(
+        msg.contains("someone-else") && msg.contains(&h.client_id),
+        "{msg}"
+    );
 }
 
 #[tokio::test]
 async fn uid_check_warn_serves_a_token_without_uid_with_a_warning() {
     let h = Harness::start().await;
     h.idp.set_fault(Some(Fault::MissingUid));
-    let source = h.source(&[NO_CACHE, ("BEHEST_AGENT__TOKEN__UID_CHECK", "warn")], clock::system());
+    let source = h.source(
+        &[NO_CACHE, ("BEHEST_AGENT__TOKEN__UID_CHECK", "warn")],
+        clock::system(),
+    );
     let t = source.get(Duration::ZERO).await.expect("served under warn");
-    assert!(t.warnings.iter().any(|w| w.contains("uid")), "{:?}", t.warnings);
+    assert!(
+        t.warnings.iter().any(|w| w.contains("uid")),
+        "{:?}",
+        t.warnings
+    );
 }
 
 #[tokio::test]
 async fn expected_uid_overrides_the_client_id() {
     let h = Harness::start().await;
     h.idp.set_fault(Some(Fault::WrongUid("machine-7".into())));
-    let source = h.source(&[NO_CACHE, ("BEHEST_AGENT__TOKEN__EXPECTED_UID", "machine-7")], clock::system());
-    source.get(Duration::ZERO).await.expect("uid matches expected_uid");
+    let source = h.source(
+        &[NO_CACHE, ("BEHEST_AGENT__TOKEN__EXPECTED_UID", "machine-7")],
+        clock::system(),
+    );
+    source
+        .get(Duration::ZERO)
+        .await
+        .expect("uid matches expected_uid");
 }
 
 #[tokio::test]
@@ -193,7 +239,11 @@ async fn token_signed_by_a_key_not_in_the_jwks_is_refused_after_one_refetch() {
     let source = h.source(&[NO_CACHE], clock::system());
     let err = source.get(Duration::ZERO).await.unwrap_err();
     assert!(matches!(rejected(err), CheckError::UnknownKid(_)));
-    assert_eq!(h.idp.jwks_requests(), 1, "an empty cache fetches once, and that fetch is the refetch");
+    assert_eq!(
+        h.idp.jwks_requests(),
+        1,
+        "an empty cache fetches once, and that fetch is the refetch"
+    );
 }
 
 #[tokio::test]
@@ -203,7 +253,10 @@ async fn key_rotation_is_followed_by_refetching_the_jwks_on_an_unknown_kid() {
     source.get(Duration::ZERO).await.expect("first token");
     assert_eq!(h.idp.jwks_requests(), 1);
     h.idp.rotate_key(false);
-    source.refresh_now().await.expect("a token signed with the new key is accepted");
+    source
+        .refresh_now()
+        .await
+        .expect("a token signed with the new key is accepted");
     assert_eq!(h.idp.jwks_requests(), 2, "the JWKS was fetched again once");
     source.refresh_now().await.expect("third token");
     assert_eq!(h.idp.jwks_requests(), 2, "known kid: no more fetches");
@@ -228,17 +281,31 @@ async fn a_rotated_secret_file_is_used_at_the_next_grant_without_restart() {
     assert_eq!(err.code(), "invalid_client", "{err}");
     assert!(err.is_config_error());
     std::fs::write(h.path("client-secret"), format!("{}\n", h.secret)).unwrap();
-    source.refresh_now().await.expect("the new secret is read at the next grant");
+    source
+        .refresh_now()
+        .await
+        .expect("the new secret is read at the next grant");
 }
 
 #[tokio::test]
 async fn idp_errors_keep_code_status_description_and_retry_after() {
     let h = Harness::start().await;
     let source = h.source(&[NO_CACHE], clock::system());
-    h.idp.fail_next(1, Fault::TooManyRequests { retry_after: Some(17), reset_in: None });
+    h.idp.fail_next(
+        1,
+        Fault::TooManyRequests {
+            retry_after: Some(17),
+            reset_in: None,
+        },
+    );
     let err = source.refresh_now().await.unwrap_err();
     match &err {
-        GrantError::Refused { status, error, retry_after, .. } => {
+        GrantError::Refused {
+            status,
+            error,
+            retry_after,
+            ..
+        } => {
             assert_eq!(*status, 429);
             assert_eq!(error, "too_many_requests");
             assert_eq!(*retry_after, Some(Duration::from_secs(17)));
@@ -247,34 +314,70 @@ async fn idp_errors_keep_code_status_description_and_retry_after() {
     }
     h.idp.fail_next(1, Fault::Status(502));
     let err = source.refresh_now().await.unwrap_err();
-    assert!(matches!(err, GrantError::Http { status: 502, .. }), "{err:?}");
+    assert!(
+        matches!(err, GrantError::Http { status: 502, .. }),
+        "{err:?}"
+    );
     h.idp.fail_next(1, Fault::Malformed);
-    assert!(matches!(source.refresh_now().await.unwrap_err(), GrantError::Malformed(_)));
+    assert!(matches!(
+        source.refresh_now().await.unwrap_err(),
+        GrantError::Malformed(_)
+    ));
     h.idp.fail_next(1, Fault::Empty);
-    assert!(matches!(source.refresh_now().await.unwrap_err(), GrantError::Malformed(_)));
+    assert!(matches!(
+        source.refresh_now().await.unwrap_err(),
+        GrantError::Malformed(_)
+    ));
     h.idp.fail_next(
         1,
-        Fault::Oauth { status: 403, error: "access_denied".into(), description: "Service not enabled".into() },
+        Fault::Oauth {
+            status: 403,
+            error: "access_denied".into(),
+            description: "Service not enabled".into(),
+        },
     );
     let err = source.refresh_now().await.unwrap_err();
-    assert!(err.to_string().contains("Service not enabled") && err.to_string().contains("auth.audience"), "{err}");
+    assert!(
+        err.to_string().contains("Service not enabled")
+            && err.to_string().contains("auth.audience"),
+        "{err}"
+    );
 }
 
 #[test]
 fn backoff_grows_exponentially_within_bounds_and_honours_retry_after() {
     let min = Duration::from_secs(1);
     let max = Duration::from_secs(60);
-    let transient = GrantError::Transport { url: "x".into(), message: "refused".into() };
+    let transient = GrantError::Transport {
+        url: "x".into(),
+        message: "refused".into(),
+    };
     for failures in 1..40 {
         let d = backoff(min, max, failures, &transient);
         assert!(d >= min && d <= max, "failure {failures}: {d:?}");
     }
     // Exponential: the 7th failure waits at least half of 64 s capped at 60 s.
     assert!(backoff(min, max, 7, &transient) >= Duration::from_secs(30));
-    let config = GrantError::Refused { status: 401, error: "invalid_client".into(), description: None, retry_after: None };
-    assert!(backoff(min, max, 1, &config) >= Duration::from_secs(30), "config errors retry at the slow end");
-    let limited = GrantError::Refused { status: 429, error: "too_many_requests".into(), description: None, retry_after: Some(Duration::from_secs(120)) };
-    assert!(backoff(min, max, 1, &limited) >= Duration::from_secs(120), "Retry-After is a floor");
+    let config = GrantError::Refused {
+        status: 401,
+        error: "invalid_client".into(),
+        description: None,
+        retry_after: None,
+    };
+    assert!(
+        backoff(min, max, 1, &config) >= Duration::from_secs(30),
+        "config errors retry at the slow end"
+    );
+    let limited = GrantError::Refused {
+        status: 429,
+        error: "too_many_requests".into(),
+        description: None,
+        retry_after: Some(Duration::from_secs(120)),
+    };
+    assert!(
+        backoff(min, max, 1, &limited) >= Duration::from_secs(120),
+        "Retry-After is a floor"
+    );
 }
 
 // ---- timing, with tokio's clock paused and a wall clock that follows it
@@ -288,13 +391,19 @@ async fn refresh_happens_before_expiry_and_not_earlier_than_the_margin() {
         o.clock = clock.clone();
     })
     .await;
-    let source = h.source(&[NO_CACHE, ("BEHEST_AGENT__TOKEN__REFRESH_MARGIN", "5m")], clock.clone());
+    let source = h.source(
+        &[NO_CACHE, ("BEHEST_AGENT__TOKEN__REFRESH_MARGIN", "5m")],
+        clock.clone(),
+    );
     let stop = CancellationToken::new();
     let task = tokio::spawn({
         let (s, stop) = (source.clone(), stop.clone());
         async move { s.run(stop).await }
     });
-    eventually(Duration::from_secs(60), "first grant", || h.idp.grants() == 1).await;
+    eventually(Duration::from_secs(60), "first grant", || {
+        h.idp.grants() == 1
+    })
+    .await;
     // window = max(5m, 10% of 1h) = 6m, minus up to 25% jitter: refresh in [exp-7m30s, exp-6m].
     tokio::time::sleep(ttl - Duration::from_secs(8 * 60)).await;
     assert_eq!(h.idp.grants(), 1, "no refresh before the margin");
@@ -318,11 +427,18 @@ async fn refresh_happens_on_wake_after_the_wall_clock_jumped_past_the_deadline()
         let (s, stop) = (source.clone(), stop.clone());
         async move { s.run(stop).await }
     });
-    eventually(Duration::from_secs(60), "first grant", || h.idp.grants() == 1).await;
+    eventually(Duration::from_secs(60), "first grant", || {
+        h.idp.grants() == 1
+    })
+    .await;
     // The machine sleeps 58 minutes: the wall clock moves, tokio's monotonic timer does not.
     clock.jump(Duration::from_secs(58 * 60));
     tokio::time::sleep(Duration::from_secs(31)).await;
-    assert_eq!(h.idp.grants(), 2, "the refresher noticed the wall clock within 30 s");
+    assert_eq!(
+        h.idp.grants(),
+        2,
+        "the refresher noticed the wall clock within 30 s"
+    );
     stop.cancel();
     task.await.unwrap();
 }
@@ -346,11 +462,18 @@ async fn idp_down_keeps_the_cached_token_until_it_expires_then_reports_unavailab
     // Refresh is due ~4.5 min before expiry; the IdP fails; the old token is still served.
     tokio::time::sleep(Duration::from_secs(9 * 60)).await;
     assert!(h.idp.token_requests() > 1, "the refresher kept trying");
-    let still = source.get(Duration::ZERO).await.expect("cached token still served");
+    let still = source
+        .get(Duration::ZERO)
+        .await
+        .expect("cached token still served");
     assert!(Arc::ptr_eq(&first, &still));
     assert!(source.status().last_error.unwrap().contains("503"));
     // Attempts are bounded by the backoff (1 s doubling to 8 s here): a few dozen at most.
-    assert!(h.idp.token_requests() < 100, "{} attempts", h.idp.token_requests());
+    assert!(
+        h.idp.token_requests() < 100,
+        "{} attempts",
+        h.idp.token_requests()
+    );
     tokio::time::sleep(Duration::from_secs(61)).await;
     assert!(!source.is_ready());
     let err = source.get(Duration::ZERO).await.unwrap_err();
@@ -366,17 +489,29 @@ async fn idp_down_keeps_the_cached_token_until_it_expires_then_reports_unavailab
 async fn retry_after_delays_the_next_attempt() {
     let clock = TestClock::new();
     let h = Harness::start_with(|o| o.clock = clock.clone()).await;
-    h.idp.fail_next(1, Fault::TooManyRequests { retry_after: Some(5), reset_in: None });
+    h.idp.fail_next(
+        1,
+        Fault::TooManyRequests {
+            retry_after: Some(5),
+            reset_in: None,
+        },
+    );
     let source = h.source(&[NO_CACHE], clock.clone());
     let stop = CancellationToken::new();
     let task = tokio::spawn({
         let (s, stop) = (source.clone(), stop.clone());
         async move { s.run(stop).await }
     });
-    eventually(Duration::from_secs(1), "first attempt", || h.idp.token_requests() == 1).await;
+    eventually(Duration::from_secs(1), "first attempt", || {
+        h.idp.token_requests() == 1
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(4800)).await;
     assert_eq!(h.idp.token_requests(), 1, "no retry before Retry-After");
-    assert!(source.get(Duration::ZERO).await.is_err(), "requests during the backoff do not grant");
+    assert!(
+        source.get(Duration::ZERO).await.is_err(),
+        "requests during the backoff do not grant"
+    );
     assert_eq!(h.idp.token_requests(), 1);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(h.idp.grants(), 1);
@@ -389,7 +524,11 @@ async fn a_configuration_error_is_reported_loudly_once_per_change() {
     let clock = TestClock::new();
     let h = Harness::start_with(|o| o.clock = clock.clone()).await;
     let marker = format!("marker-{}", crate::util::random(10));
-    h.idp.set_fault(Some(Fault::Oauth { status: 401, error: "invalid_client".into(), description: marker.clone() }));
+    h.idp.set_fault(Some(Fault::Oauth {
+        status: 401,
+        error: "invalid_client".into(),
+        description: marker.clone(),
+    }));
     let source = h.source(&[NO_CACHE], clock.clone());
     let stop = CancellationToken::new();
     let task = tokio::spawn({
@@ -399,7 +538,10 @@ async fn a_configuration_error_is_reported_loudly_once_per_change() {
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert!(h.idp.token_requests() >= 3, "still retried at the slow end");
     let logs = crate::util::logs();
-    let loud = logs.lines().filter(|l| l.contains(&marker) && l.contains("ERROR")).count();
+    let loud = logs
+        .lines()
+        .filter(|l| l.contains(&marker) && l.contains("ERROR"))
+        .count();
     assert_eq!(loud, 1, "reported loudly once");
     stop.cancel();
     task.await.unwrap();
@@ -417,7 +559,10 @@ async fn the_cache_file_is_written_with_mode_0600_and_reused_after_restart_witho
     assert_eq!(mode_of(&cache), 0o600);
     drop(source);
     let restarted = h.source(&[], clock::system());
-    let loaded = restarted.load_cache().await.expect("the cached token is loaded");
+    let loaded = restarted
+        .load_cache()
+        .await
+        .expect("the cached token is loaded");
     assert_eq!(loaded.secret().expose_secret(), t.secret().expose_secret());
     restarted.get(Duration::ZERO).await.unwrap();
     assert_eq!(h.idp.grants(), 1, "restart made no grant");
@@ -439,7 +584,10 @@ async fn a_tampered_cache_file_is_discarded_and_a_new_token_granted() {
     payload.push(if last == 'A' { 'B' } else { 'A' });
     std::fs::write(&cache, text.replace(&secret, &parts.join("."))).unwrap();
     let restarted = h.source(&[], clock::system());
-    assert!(restarted.load_cache().await.is_none(), "tampered token refused");
+    assert!(
+        restarted.load_cache().await.is_none(),
+        "tampered token refused"
+    );
     assert!(!cache.exists(), "and its file removed");
     restarted.get(Duration::ZERO).await.unwrap();
     assert_eq!(h.idp.grants(), 2);
@@ -448,8 +596,14 @@ async fn a_tampered_cache_file_is_discarded_and_a_new_token_granted() {
 #[tokio::test]
 async fn a_cache_written_for_another_audience_is_not_used() {
     let h = Harness::start().await;
-    h.source(&[], clock::system()).get(Duration::ZERO).await.unwrap();
-    let other = h.source(&[("BEHEST_AGENT__AUTH__SCOPE", "read:models")], clock::system());
+    h.source(&[], clock::system())
+        .get(Duration::ZERO)
+        .await
+        .unwrap();
+    let other = h.source(
+        &[("BEHEST_AGENT__AUTH__SCOPE", "read:models")],
+        clock::system(),
+    );
     assert!(other.load_cache().await.is_none());
 }
 
@@ -460,8 +614,14 @@ async fn a_failing_cache_write_still_serves_the_token_from_memory() {
     std::fs::create_dir(&ro).unwrap();
     crate::util::set_mode(&ro, 0o500);
     let cache = ro.join("token.json");
-    let source = h.source(&[("BEHEST_AGENT__TOKEN__CACHE_FILE", cache.to_str().unwrap())], clock::system());
+    let source = h.source(
+        &[("BEHEST_AGENT__TOKEN__CACHE_FILE", cache.to_str().unwrap())],
+        clock::system(),
+    );
     // Root ignores directory permissions; the point is that a failed write is not fatal either way.
-    source.get(Duration::ZERO).await.expect("served from memory");
+    source
+        .get(Duration::ZERO)
+        .await
+        .expect("served from memory");
     assert!(source.is_ready());
 }

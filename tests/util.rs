@@ -57,7 +57,10 @@ pub fn logs() -> String {
 /// Fails when any of `secrets` appears in `text`.
 pub fn assert_no_secret_in(text: &str, secrets: &[String], what: &str) {
     for s in secrets {
-        assert!(s.len() >= 8, "a secret to look for must be long enough to mean something");
+        assert!(
+            s.len() >= 8,
+            "a secret to look for must be long enough to mean something"
+        );
         assert!(
             !text.contains(s.as_str()),
             "{what} contains a secret (first chars {:?})",
@@ -69,7 +72,11 @@ pub fn assert_no_secret_in(text: &str, secrets: &[String], what: &str) {
 pub fn random(len: usize) -> String {
     let mut bytes = vec![0u8; len];
     aws_lc_rs::rand::fill(&mut bytes).unwrap();
-    bytes.iter().map(|b| format!("{:02x}", b)).collect::<String>()[..len].to_string()
+    bytes
+        .iter()
+        .map(|b| format!("{:02x}", b))
+        .collect::<String>()[..len]
+        .to_string()
 }
 
 /// An embedded IdP with one client, and a temporary directory for the agent's files.
@@ -146,6 +153,7 @@ impl Harness {
     pub fn settings(&self, extra: &[(&str, &str)]) -> Settings {
         config::load(&LoadOptions {
             path: None,
+            default_path: None,
             env: self.env(extra),
             overrides: vec![],
         })
@@ -182,7 +190,10 @@ pub fn mode_of(path: &std::path::Path) -> u32 {
 pub async fn eventually(deadline: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let end = tokio::time::Instant::now() + deadline;
     while !cond() {
-        assert!(tokio::time::Instant::now() < end, "timed out waiting for: {what}");
+        assert!(
+            tokio::time::Instant::now() < end,
+            "timed out waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

@@ -67,7 +67,8 @@ async fn discover(issuer: &Url, http: &reqwest::Client) -> Result<ResolvedEndpoi
             doc.issuer, issuer
         )));
     }
-    let token_url = parse_url(&doc.token_endpoint).map_err(|m| fail(format!("token_endpoint: {m}")))?;
+    let token_url =
+        parse_url(&doc.token_endpoint).map_err(|m| fail(format!("token_endpoint: {m}")))?;
     let jwks_url = doc
         .jwks_uri
         .map(|u| parse_url(&u).map_err(|m| fail(format!("jwks_uri: {m}"))))

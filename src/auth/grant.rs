@@ -103,7 +103,8 @@ impl Grant {
             request = request.add_extra_param("organization", o.clone());
         }
         if let Some(scope) = &s.scope {
-            request = request.add_scopes(scope.split_whitespace().map(|x| Scope::new(x.to_string())));
+            request =
+                request.add_scopes(scope.split_whitespace().map(|x| Scope::new(x.to_string())));
         }
         for (k, v) in &s.extra_params {
             request = request.add_extra_param(k.clone(), v.clone());
@@ -122,8 +123,10 @@ impl Grant {
             meta: Arc::new(Mutex::new(None)),
             now: self.clock.now(),
         };
-        let result: Result<BasicTokenResponse, RequestTokenError<TransportError, BasicErrorResponse>> =
-            request.request_async(&adapter).await;
+        let result: Result<
+            BasicTokenResponse,
+            RequestTokenError<TransportError, BasicErrorResponse>,
+        > = request.request_async(&adapter).await;
         let meta = adapter.meta.lock().expect("meta lock").clone();
         match result {
             Ok(token) => Ok(IssuedToken {
@@ -177,10 +180,13 @@ impl Grant {
     async fn read_secret(&self) -> Result<SecretString, GrantError> {
         match &self.settings.secret {
             SecretSource::File { path, .. } => {
-                let text = tokio::fs::read_to_string(path).await.map_err(|e| GrantError::Secret {
-                    from: self.settings.secret.describe(),
-                    message: e.to_string(),
-                })?;
+                let text =
+                    tokio::fs::read_to_string(path)
+                        .await
+                        .map_err(|e| GrantError::Secret {
+                            from: self.settings.secret.describe(),
+                            message: e.to_string(),
+                        })?;
                 let trimmed = text.trim_end_matches(['\r', '\n']);
                 if trimmed.is_empty() {
                     return Err(GrantError::Secret {

@@ -12,7 +12,10 @@ use http::HeaderMap;
 use crate::tls;
 
 /// Builds the reqwest client used for the token endpoint, discovery and JWKS.
-pub fn client(timeout: Duration, ca_file: Option<&std::path::Path>) -> Result<reqwest::Client, String> {
+pub fn client(
+    timeout: Duration,
+    ca_file: Option<&std::path::Path>,
+) -> Result<reqwest::Client, String> {
     let mut tls = tls::client_config(ca_file).map_err(|e| e.to_string())?;
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     reqwest::Client::builder()
@@ -118,7 +121,10 @@ pub fn describe_reqwest(e: &reqwest::Error) -> String {
 
 /// `Retry-After` (seconds or an HTTP date), else Auth0's `x-ratelimit-reset` (a Unix time) on 429.
 pub fn wait_hint(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    if let Some(v) = headers.get(http::header::RETRY_AFTER).and_then(|v| v.to_str().ok()) {
+    if let Some(v) = headers
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+    {
         let v = v.trim();
         if let Ok(secs) = v.parse::<u64>() {
             return Some(Duration::from_secs(secs));
@@ -164,7 +170,10 @@ mod tests {
         assert_eq!(wait_hint(&h, now), Some(Duration::from_secs(7)));
 
         let mut h = HeaderMap::new();
-        h.insert("retry-after", "Mon, 12 Jan 1970 13:46:50 GMT".parse().unwrap());
+        h.insert(
+            "retry-after",
+            "Mon, 12 Jan 1970 13:46:50 GMT".parse().unwrap(),
+        );
         assert_eq!(wait_hint(&h, now), Some(Duration::from_secs(10)));
 
         let mut h = HeaderMap::new();

@@ -1,12 +1,180 @@
-//! `behest-agent dev`: the embedded default (filled in once the embedded IdP lands).
+//! `behest-agent dev`: the embedded default. Starts an in-process Auth0-compatible IdP and an
+//! OpenAI-compatible echo upstream that verifies its tokens like Behest does, runs the agent against
+//! both, and prints what to try. No account, no config file; the machine's configuration and token
+//! cache are not touched.
 
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use tokio_util::sync::CancellationToken;
 
 use super::{CliResult, Global};
+use crate::app::App;
+use crate::config::{self, ListenAddr, LoadOptions};
+use crate::dev::idp::{Idp, IdpOptions};
+use crate::dev::upstream::{Upstream, UpstreamOptions};
+
+/// The API identifier the embedded IdP issues tokens for.
+pub const DEV_AUDIENCE: &str = "https://api.behest.dev";
+/// The embedded IdP's one client.
+pub const DEV_CLIENT_ID: &str = "dev-client";
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Where the proxy listens (127.0.0.1:0 picks a free port)
+    #[arg(long, default_value = "127.0.0.1:8711", value_name = "ADDR")]
+    pub listen: String,
+    /// Lifetime of the tokens the embedded IdP issues
+    #[arg(long, default_value = "1h", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub token_ttl: Duration,
+    /// Send one chat completion (plain and streamed) through the proxy, print it and exit
+    #[arg(long)]
+    pub check: bool,
+}
 
-pub async fn run(_g: &Global, _args: Args) -> CliResult {
+pub async fn run(g: &Global, args: Args) -> CliResult {
+    crate::telemetry::init(config::LogFormat::Text, &g.log_level("info"), false);
+    let secret = random_secret();
+    let mut idp_opts = IdpOptions::new(DEV_CLIENT_ID, secret.clone(), DEV_AUDIENCE);
+    idp_opts.token_ttl = args.token_ttl;
+    let (idp, _idp_guard) = Idp::start(idp_opts)
+        .await
+        .context("starting the embedded IdP")?;
+    let (upstream, _upstream_guard) = Upstream::start(UpstreamOptions::for_idp(&idp, DEV_AUDIENCE))
+        .await
+        .context("starting the echo upstream")?;
+
+    let runtime_dir = tempfile::Builder::new()
+        .prefix("behest-agent-dev")
+        .tempdir()
+        .context("creating a runtime directory")?;
+    let mut env: HashMap<String, String> = HashMap::new();
+    for (k, v) in [
+        ("BEHEST_AGENT__AUTH__DOMAIN", idp.base_url()),
+        ("BEHEST_AGENT__AUTH__AUDIENCE", DEV_AUDIENCE.to_string()),
+        ("BEHEST_AGENT__AUTH__CLIENT_ID", DEV_CLIENT_ID.to_string()),
+        ("BEHEST_AGENT_CLIENT_SECRET", secret),
+        ("BEHEST_AGENT__TOKEN__CACHE_FILE", String::new()),
+        ("BEHEST_AGENT__PROXY__LISTEN", args.listen.clone()),
+        ("BEHEST_AGENT__PROXY__UPSTREAM", upstream.base_url()),
+        (
+            "BEHEST_AGENT__PROXY__ALLOW_INSECURE_UPSTREAM",
+            "true".to_string(),
+        ),
+        (
+            "BEHEST_AGENT__CONTROL__SOCKET",
+            runtime_dir.path().join("agent.sock").display().to_string(),
+        ),
+    ] {
+        env.insert(k.to_string(), v);
+    }
+    let settings = config::load(&LoadOptions {
+        path: None,
+        default_path: None,
+        env,
+        overrides: g.set.clone(),
+    })?;
+    let socket: PathBuf = settings.control.socket.clone();
+    let app = App::build(settings, crate::clock::system()).await?;
+    let tokens = app.tokens();
+    let proxy_addr = app.proxy_addresses().into_iter().find_map(|a| match a {
+        ListenAddr::Tcp(sa) => Some(sa),
+        ListenAddr::Unix(_) => None,
+    });
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(app.run(shutdown.clone()));
+    tokens
+        .get(Duration::ZERO)
+        .await
+        .map_err(|e| anyhow!("the embedded IdP did not issue a token: {e}"))?;
+    let Some(proxy_addr) = proxy_addr else {
+        return Err(anyhow!("dev needs a TCP --listen address").into());
+    };
+    let base = format!("http://{proxy_addr}/v1");
+
+    if args.check {
+        let result = self_check(&base).await;
+        shutdown.cancel();
+        let _ = running.await;
+        return result.map(|()| ExitCode::SUCCESS).map_err(Into::into);
+    }
+
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "behest-agent".into());
+    println!(
+        "behest-agent dev: the agent, an embedded Auth0-compatible IdP and an echo upstream, all in this process.
+
+  IdP (Auth0-compatible)   {idp}/  client {DEV_CLIENT_ID}, audience {DEV_AUDIENCE}
+  Upstream (OpenAI echo)   {up}/v1  (checks the bearer's signature, uid, tid, pid like Behest)
+  Proxy                    {base}
+  Control socket           {sock}
+
+Try, in another terminal:
+
+  curl -s {base}/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{\"model\":\"echo-1\",\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}'
+  curl -sN {base}/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{\"model\":\"echo-1\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}'
+  OPENAI_BASE_URL={base} OPENAI_API_KEY=placeholder python3 your_script.py
+  BEHEST_AGENT__CONTROL__SOCKET={sock} {exe} status
+
+Ctrl-C stops it.",
+        idp = idp.base_url(),
+        up = upstream.base_url(),
+        sock = socket.display(),
+    );
+    super::run::wait_for_stop_signal().await;
+    shutdown.cancel();
+    let _ = running.await;
     Ok(ExitCode::SUCCESS)
+}
+
+fn random_secret() -> String {
+    let mut bytes = [0u8; 24];
+    aws_lc_rs::rand::fill(&mut bytes).expect("the system RNG works");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// One plain and one streamed chat completion through the proxy, as a client would send them.
+async fn self_check(base: &str) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .context("building the check client")?;
+    let body = serde_json::json!({"model": "echo-1", "messages": [{"role": "user", "content": "hello from behest-agent dev"}]});
+    let resp = client
+        .post(format!("{base}/chat/completions"))
+        .bearer_auth("placeholder")
+        .json(&body)
+        .send()
+        .await
+        .context("sending a chat completion through the proxy")?;
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    if !status.is_success() {
+        return Err(anyhow!("the proxy answered {status}: {text}"));
+    }
+    println!("POST {base}/chat/completions -> {status}\n{text}");
+    let mut streamed = body.clone();
+    streamed["stream"] = serde_json::Value::Bool(true);
+    let resp = client
+        .post(format!("{base}/chat/completions"))
+        .json(&streamed)
+        .send()
+        .await
+        .context("sending a streamed chat completion through the proxy")?;
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    if !status.is_success() || !text.contains("data: [DONE]") {
+        return Err(anyhow!("the streamed completion failed ({status}): {text}"));
+    }
+    println!(
+        "POST {base}/chat/completions (stream) -> {status}, {} events",
+        text.matches("data: ").count()
+    );
+    Ok(())
 }

@@ -30,7 +30,8 @@ pub async fn run(g: &Global, _args: Args) -> CliResult {
         }
         None => {
             let settings = settings?;
-            let source = TokenSource::new(&settings, crate::clock::system()).map_err(|e| anyhow!(e))?;
+            let source =
+                TokenSource::new(&settings, crate::clock::system()).map_err(|e| anyhow!(e))?;
             let t = source
                 .refresh_now()
                 .await

@@ -1,20 +1,22 @@
-//! `behest-agent run`: the daemon in the foreground. Logs to stderr; SIGTERM or SIGINT stop it
-//! cleanly (exit 0).
+//! `behest-agent run`: the daemon in the foreground. Logs to stderr. SIGHUP reloads the
+//! configuration (a broken one is logged and the old one kept); SIGTERM or SIGINT stop accepting,
+//! let in-flight requests and streams finish (bounded by `proxy.shutdown_grace`), then exit 0.
 
 use std::process::ExitCode;
 
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{CliResult, Global};
-use crate::app::App;
+use crate::app::{App, Reload};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {}
 
 pub async fn run(g: &Global, _args: Args) -> CliResult {
     let settings = g.load()?;
-    crate::telemetry::init(
+    let log = crate::telemetry::init(
         settings.telemetry.log_format,
         &g.log_level(&settings.telemetry.log_level),
         std::env::var_os("JOURNAL_STREAM").is_some(),
@@ -22,15 +24,38 @@ pub async fn run(g: &Global, _args: Args) -> CliResult {
     for w in &settings.warnings {
         tracing::warn!("{w}");
     }
-    let app = App::build(settings, crate::clock::system()).await?;
+    let app = App::build(settings, crate::clock::system())
+        .await?
+        .with_log_handle(log);
     let shutdown = CancellationToken::new();
-    spawn_signal_handler(shutdown.clone())?;
-    app.run(shutdown).await;
+    let (reload_tx, reload_rx) = mpsc::channel(4);
+    spawn_signal_handler(g.clone(), shutdown.clone(), reload_tx)?;
+    app.run_with_reloads(shutdown, reload_rx).await;
     Ok(ExitCode::SUCCESS)
 }
 
-/// Cancels `shutdown` on SIGTERM or SIGINT.
-fn spawn_signal_handler(shutdown: CancellationToken) -> std::io::Result<()> {
+/// Returns on the first SIGTERM or SIGINT.
+pub async fn wait_for_stop_signal() {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// SIGTERM/SIGINT cancel `shutdown`; SIGHUP loads the configuration again and sends it to the app,
+/// or logs why it cannot be used.
+fn spawn_signal_handler(
+    g: Global,
+    shutdown: CancellationToken,
+    reloads: mpsc::Sender<Reload>,
+) -> std::io::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -40,7 +65,16 @@ fn spawn_signal_handler(shutdown: CancellationToken) -> std::io::Result<()> {
                 _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
                 _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
                 _ = hup.recv() => {
-                    tracing::warn!("SIGHUP: configuration reload is not implemented yet; restart the service to apply changes");
+                    tracing::info!("SIGHUP: reloading the configuration");
+                    match g.load() {
+                        Ok(settings) => {
+                            for w in &settings.warnings {
+                                tracing::warn!("{w}");
+                            }
+                            let _ = reloads.send(Reload { settings }).await;
+                        }
+                        Err(e) => tracing::error!("reload refused, the previous configuration keeps running: {e}"),
+                    }
                 }
             }
         }

@@ -25,7 +25,8 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
         Some(client) => client.call(Method::GET, "/v1/status").await?.1,
         None => {
             let settings = settings?;
-            let source = TokenSource::new(&settings, crate::clock::system()).map_err(|e| anyhow!(e))?;
+            let source =
+                TokenSource::new(&settings, crate::clock::system()).map_err(|e| anyhow!(e))?;
             source.load_cache().await;
             json!({
                 "token": source.status(),
@@ -34,21 +35,36 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
             })
         }
     };
-    let ready = doc.pointer("/token/ready").and_then(Value::as_bool).unwrap_or(false);
+    let ready = doc
+        .pointer("/token/ready")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     if args.json {
         println!("{doc}");
     } else {
         print!("{}", human(&doc));
     }
-    Ok(if ready { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if ready {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn human(doc: &Value) -> String {
-    let s = |p: &str| doc.pointer(p).and_then(Value::as_str).unwrap_or("-").to_string();
+    let s = |p: &str| {
+        doc.pointer(p)
+            .and_then(Value::as_str)
+            .unwrap_or("-")
+            .to_string()
+    };
     let mut out = String::new();
     let t = "/token";
     let state = s(&format!("{t}/state"));
-    match doc.pointer(&format!("{t}/expires_in")).and_then(Value::as_i64) {
+    match doc
+        .pointer(&format!("{t}/expires_in"))
+        .and_then(Value::as_i64)
+    {
         Some(secs) => out.push_str(&format!(
             "token:        {state}, expires {} ({})\n",
             expires_words(secs),
@@ -57,25 +73,41 @@ fn human(doc: &Value) -> String {
         None => out.push_str(&format!("token:        {state}\n")),
     }
     for claim in ["uid", "tid", "pid", "tier"] {
-        out.push_str(&format!("  {claim}:{:width$}{}\n", "", s(&format!("{t}/claims/{claim}")), width = 11 - claim.len()));
+        out.push_str(&format!(
+            "  {claim}:{:width$}{}\n",
+            "",
+            s(&format!("{t}/claims/{claim}")),
+            width = 11 - claim.len()
+        ));
     }
     out.push_str(&format!("client_id:    {}\n", s(&format!("{t}/client_id"))));
     out.push_str(&format!("issuer:       {}\n", s(&format!("{t}/issuer"))));
-    out.push_str(&format!("last refresh: {}\n", s(&format!("{t}/last_refresh"))));
-    out.push_str(&format!("next refresh: {}\n", s(&format!("{t}/next_refresh"))));
+    out.push_str(&format!(
+        "last refresh: {}\n",
+        s(&format!("{t}/last_refresh"))
+    ));
+    out.push_str(&format!(
+        "next refresh: {}\n",
+        s(&format!("{t}/next_refresh"))
+    ));
     out.push_str(&format!(
         "last error:   {}\n",
         doc.pointer(&format!("{t}/last_error"))
             .and_then(Value::as_str)
             .unwrap_or("none")
     ));
-    if let Some(w) = doc.pointer(&format!("{t}/warnings")).and_then(Value::as_array) {
+    if let Some(w) = doc
+        .pointer(&format!("{t}/warnings"))
+        .and_then(Value::as_array)
+    {
         for w in w.iter().filter_map(Value::as_str) {
             out.push_str(&format!("warning:      {w}\n"));
         }
     }
     match doc.get("daemon") {
-        Some(Value::Null) | None => out.push_str("daemon:       not running (state read from the disk cache)\n"),
+        Some(Value::Null) | None => {
+            out.push_str("daemon:       not running (state read from the disk cache)\n")
+        }
         Some(d) => {
             out.push_str(&format!(
                 "daemon:       pid {}, version {}, up since {}\n",

@@ -42,7 +42,8 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
         }
         None => {
             let settings = settings?;
-            let source = TokenSource::new(&settings, crate::clock::system()).map_err(|e| anyhow!(e))?;
+            let source =
+                TokenSource::new(&settings, crate::clock::system()).map_err(|e| anyhow!(e))?;
             let t = source.get(min_ttl).await?;
             let now = source.clock().now();
             json!({

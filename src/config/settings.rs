@@ -68,7 +68,10 @@ pub enum SecretSource {
     /// A file (config `client_secret_file` or the systemd credential); `key` says which.
     File { path: PathBuf, key: &'static str },
     /// An environment variable, captured at start-up.
-    Env { var: &'static str, value: SecretString },
+    Env {
+        var: &'static str,
+        value: SecretString,
+    },
     /// No secret (private_key_jwt).
     None,
 }
@@ -366,7 +369,11 @@ pub(super) fn validate(
                     format!(
                         "{} is not a PEM {} private key",
                         key_path.display(),
-                        if alg == Algorithm::ES256 { "EC P-256" } else { "RSA" }
+                        if alg == Algorithm::ES256 {
+                            "EC P-256"
+                        } else {
+                            "RSA"
+                        }
                     ),
                 )
             })?;
@@ -413,7 +420,11 @@ pub(super) fn validate(
     for (k, _) in &extra_params {
         if matches!(
             k.as_str(),
-            "grant_type" | "client_id" | "client_secret" | "client_assertion" | "client_assertion_type"
+            "grant_type"
+                | "client_id"
+                | "client_secret"
+                | "client_assertion"
+                | "client_assertion_type"
         ) {
             return Err(err(
                 "auth.extra_params",
@@ -587,13 +598,19 @@ pub(super) fn validate(
     if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
         return Err(err(
             "telemetry.log_level",
-            format!("`{log_level}` is not a level or filter (try \"info\" or \"behest_agent=debug\")"),
+            format!(
+                "`{log_level}` is not a level or filter (try \"info\" or \"behest_agent=debug\")"
+            ),
         ));
     }
     let metrics_listen = nonempty(tl.metrics_listen)
         .map(|s| {
-            s.parse::<SocketAddr>()
-                .map_err(|_| err("telemetry.metrics_listen", format!("`{s}` is not an IP:port")))
+            s.parse::<SocketAddr>().map_err(|_| {
+                err(
+                    "telemetry.metrics_listen",
+                    format!("`{s}` is not an IP:port"),
+                )
+            })
         })
         .transpose()?;
     if let Some(m) = metrics_listen
@@ -602,7 +619,9 @@ pub(super) fn validate(
     {
         return Err(err(
             "telemetry.metrics_listen",
-            format!("{m} is not a loopback address; set proxy.allow_remote = true to expose metrics"),
+            format!(
+                "{m} is not a loopback address; set proxy.allow_remote = true to expose metrics"
+            ),
         ));
     }
     let telemetry = TelemetrySettings {
@@ -686,7 +705,8 @@ fn base_url(domain: &str) -> Result<Url, String> {
 }
 
 fn join(base: &Url, rel: &str) -> Url {
-    base.join(rel).expect("a relative path joins onto a base URL")
+    base.join(rel)
+        .expect("a relative path joins onto a base URL")
 }
 
 /// An absolute http(s) URL; plain http only to a loopback host.
@@ -719,8 +739,13 @@ fn parse_listen(s: &str) -> Result<ListenAddr, String> {
         return Ok(ListenAddr::Unix(PathBuf::from(p)));
     }
     if let Some(port) = s.strip_prefix("localhost:") {
-        let port = port.parse::<u16>().map_err(|_| format!("`{s}` has no valid port"))?;
-        return Ok(ListenAddr::Tcp(SocketAddr::new(IpAddr::from([127, 0, 0, 1]), port)));
+        let port = port
+            .parse::<u16>()
+            .map_err(|_| format!("`{s}` has no valid port"))?;
+        return Ok(ListenAddr::Tcp(SocketAddr::new(
+            IpAddr::from([127, 0, 0, 1]),
+            port,
+        )));
     }
     s.parse::<SocketAddr>()
         .map(ListenAddr::Tcp)
@@ -732,7 +757,9 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: usize = num.parse().map_err(|_| format!("`{s}` is not a size like \"1MiB\""))?;
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like \"1MiB\""))?;
     let mult: usize = match unit.trim() {
         "" | "B" => 1,
         "KiB" | "K" | "k" => 1 << 10,
@@ -741,9 +768,14 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         "MB" => 1_000_000,
         "GiB" | "G" => 1 << 30,
         "GB" => 1_000_000_000,
-        other => return Err(format!("`{other}` is not a size unit (use B, KiB, MiB, GiB)")),
+        other => {
+            return Err(format!(
+                "`{other}` is not a size unit (use B, KiB, MiB, GiB)"
+            ));
+        }
     };
-    n.checked_mul(mult).ok_or_else(|| format!("`{s}` is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` is too large"))
 }
 
 fn default_cache_file(env: &HashMap<String, String>) -> Option<PathBuf> {

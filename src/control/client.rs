@@ -25,7 +25,12 @@ impl ControlClient {
     /// `Some` when a daemon answers on `path`; `None` when there is no daemon (no socket, or a
     /// stale one nobody listens on).
     pub async fn connect(path: &Path) -> Option<ControlClient> {
-        match tokio::time::timeout(Duration::from_secs(2), tokio::net::UnixStream::connect(path)).await {
+        match tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::UnixStream::connect(path),
+        )
+        .await
+        {
             Ok(Ok(_)) => Some(ControlClient {
                 path: path.to_path_buf(),
             }),
@@ -38,7 +43,11 @@ impl ControlClient {
     }
 
     /// Sends one request; returns the status and the JSON body.
-    pub async fn call(&self, method: Method, uri: &str) -> Result<(StatusCode, Value), ControlError> {
+    pub async fn call(
+        &self,
+        method: Method,
+        uri: &str,
+    ) -> Result<(StatusCode, Value), ControlError> {
         let io_err = |message: String| ControlError::Io {
             path: self.path.display().to_string(),
             message,
@@ -56,7 +65,10 @@ impl ControlClient {
             .header(http::header::HOST, "behest-agent")
             .body(Full::new(Bytes::new()))
             .expect("a control request builds");
-        let resp = sender.send_request(req).await.map_err(|e| io_err(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| io_err(e.to_string()))?;
         let status = resp.status();
         let body = resp
             .into_body()

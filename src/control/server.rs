@@ -19,12 +19,13 @@ use tokio_util::task::TaskTracker;
 
 use crate::token::{TokenError, TokenSource, rfc3339};
 
-/// What the control API serves from.
+/// What the control API serves from. Closures, so a reload's new token source is picked up.
 #[derive(Clone)]
 pub struct ControlState {
-    pub tokens: TokenSource,
+    /// The current token source.
+    pub tokens: Arc<dyn Fn() -> TokenSource + Send + Sync>,
     /// Facts about the daemon (pid, version, proxy addresses) merged into `/v1/status`.
-    pub daemon: Value,
+    pub daemon: Arc<dyn Fn() -> Value + Send + Sync>,
     /// Live figures (proxy counters) merged into `/v1/status` under `proxy`.
     pub live: Option<Arc<dyn Fn() -> Value + Send + Sync>>,
 }
@@ -36,7 +37,10 @@ pub async fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
         && !dir.as_os_str().is_empty()
         && !dir.exists()
     {
-        std::fs::DirBuilder::new().recursive(true).mode(0o750).create(dir)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(dir)?;
     }
     if path.exists() {
         if tokio::net::UnixStream::connect(path).await.is_ok() {
@@ -103,7 +107,10 @@ fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
 }
 
 fn error_response(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
-    json_response(status, &json!({"error": {"code": code, "message": message}}))
+    json_response(
+        status,
+        &json!({"error": {"code": code, "message": message}}),
+    )
 }
 
 fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
@@ -124,7 +131,7 @@ pub fn parse_ttl(s: &str) -> Option<Duration> {
 
 /// The full status document.
 pub fn status_json(state: &ControlState) -> Value {
-    let mut v = json!({ "token": state.tokens.status(), "daemon": state.daemon });
+    let mut v = json!({ "token": (state.tokens)().status(), "daemon": (state.daemon)() });
     if let Some(live) = &state.live {
         v["proxy"] = live();
     }
@@ -133,6 +140,7 @@ pub fn status_json(state: &ControlState) -> Value {
 
 async fn handle(state: &ControlState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
+    let tokens = (state.tokens)();
     match (req.method(), path) {
         (&Method::GET, "/v1/token") => {
             let min_ttl = match query_param(req.uri().query(), "min_ttl") {
@@ -148,9 +156,9 @@ async fn handle(state: &ControlState, req: Request<Incoming>) -> Response<Full<B
                     }
                 },
             };
-            match state.tokens.get(min_ttl).await {
+            match tokens.get(min_ttl).await {
                 Ok(t) => {
-                    let now = state.tokens.clock().now();
+                    let now = tokens.clock().now();
                     json_response(
                         StatusCode::OK,
                         &json!({
@@ -162,33 +170,45 @@ async fn handle(state: &ControlState, req: Request<Incoming>) -> Response<Full<B
                         }),
                     )
                 }
-                Err(e @ TokenError::TooShort { .. }) => {
-                    error_response(StatusCode::UNPROCESSABLE_ENTITY, "ttl_unavailable", &e.to_string())
-                }
-                Err(e) => error_response(StatusCode::SERVICE_UNAVAILABLE, "token_unavailable", &e.to_string()),
+                Err(e @ TokenError::TooShort { .. }) => error_response(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "ttl_unavailable",
+                    &e.to_string(),
+                ),
+                Err(e) => error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "token_unavailable",
+                    &e.to_string(),
+                ),
             }
         }
-        (&Method::POST, "/v1/refresh") => match state.tokens.refresh_now().await {
+        (&Method::POST, "/v1/refresh") => match tokens.refresh_now().await {
             Ok(_) => json_response(StatusCode::OK, &status_json(state)),
             Err(e) => error_response(StatusCode::BAD_GATEWAY, &e.code(), &e.to_string()),
         },
         (&Method::GET, "/v1/status") => json_response(StatusCode::OK, &status_json(state)),
         (&Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({"status": "ok"})),
         (&Method::GET, "/readyz") => {
-            if state.tokens.is_ready() {
+            if tokens.is_ready() {
                 json_response(StatusCode::OK, &json!({"status": "ready"}))
             } else {
-                let s = state.tokens.status();
+                let s = tokens.status();
                 json_response(
                     StatusCode::SERVICE_UNAVAILABLE,
                     &json!({"status": "not ready", "token": s.state, "last_error": s.last_error}),
                 )
             }
         }
-        (_, "/v1/token" | "/v1/refresh" | "/v1/status" | "/healthz" | "/readyz") => {
-            error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "wrong method")
-        }
-        _ => error_response(StatusCode::NOT_FOUND, "not_found", "no such control endpoint"),
+        (_, "/v1/token" | "/v1/refresh" | "/v1/status" | "/healthz" | "/readyz") => error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "wrong method",
+        ),
+        _ => error_response(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such control endpoint",
+        ),
     }
 }
 

@@ -68,7 +68,11 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("behest_agent");
         let grants = Family::<GrantLabels, Counter>::default();
-        registry.register("grants", "Token grants by result and error code", grants.clone());
+        registry.register(
+            "grants",
+            "Token grants by result and error code",
+            grants.clone(),
+        );
         let token_expiry_timestamp = Gauge::default();
         registry.register(
             "token_expiry_timestamp_seconds",
@@ -93,9 +97,9 @@ impl Metrics {
             "Proxied requests by status class",
             proxy_requests.clone(),
         );
-        let request_duration = Histogram::new(
-            [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0].into_iter(),
-        );
+        let request_duration = Histogram::new([
+            0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0,
+        ]);
         registry.register(
             "proxy_request_duration_seconds",
             "Time from request to the end of the response body",
@@ -247,7 +251,11 @@ fn route(metrics: &Metrics, health: &dyn Health, path: &str) -> Response<Full<By
                 format!("not ready: {why}\n"),
             ),
         },
-        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_string(),
+        ),
     };
     Response::builder()
         .status(status)

@@ -95,7 +95,10 @@ impl DiskCache {
         let body = serde_json::to_vec(&file).map_err(std::io::Error::other)?;
         let tmp = dir.join(format!(
             ".{}.{}.{}.tmp",
-            self.path.file_name().and_then(|n| n.to_str()).unwrap_or("token.json"),
+            self.path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("token.json"),
             std::process::id(),
             fastrand::u64(..)
         ));

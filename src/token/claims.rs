@@ -30,7 +30,9 @@ pub enum CheckError {
     Opaque,
     #[error("the access token is not a well-formed JWT: {0}")]
     Malformed(String),
-    #[error("the token is signed with {0}, which the agent refuses (only RS*, PS* and ES* can be checked against the issuer's public keys)")]
+    #[error(
+        "the token is signed with {0}, which the agent refuses (only RS*, PS* and ES* can be checked against the issuer's public keys)"
+    )]
     Algorithm(String),
     #[error("the token's signature does not verify against the issuer's JWKS: {0}")]
     Signature(String),
@@ -94,7 +96,10 @@ impl Claims {
     pub fn audiences(&self) -> Vec<String> {
         match self.raw.get("aud") {
             Some(Value::String(s)) => vec![s.clone()],
-            Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect(),
             _ => Vec::new(),
         }
     }
@@ -193,7 +198,8 @@ impl Verifier {
         if let Some(jwks) = &self.jwks {
             let url = endpoints.jwks_url.as_ref().ok_or_else(|| {
                 CheckError::Jwks(
-                    "no JWKS URL is known; set auth.jwks_url, or token.verify_signature = false".into(),
+                    "no JWKS URL is known; set auth.jwks_url, or token.verify_signature = false"
+                        .into(),
                 )
             })?;
             let key = jwks.key(url, header.kid.as_deref(), header.alg).await?;

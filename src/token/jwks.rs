@@ -57,16 +57,17 @@ impl Jwks {
             (None, Some(c)) => c.clone(),
             _ => self.fetch(url).await?,
         };
-        pick(&set, kid, alg)?.ok_or_else(|| CheckError::UnknownKid(kid.unwrap_or("(none)").to_string()))
+        pick(&set, kid, alg)?
+            .ok_or_else(|| CheckError::UnknownKid(kid.unwrap_or("(none)").to_string()))
     }
 
     async fn fetch(&self, url: &Url) -> Result<Arc<JwkSet>, CheckError> {
-        let response = self
-            .http
-            .get(url.clone())
-            .send()
-            .await
-            .map_err(|e| CheckError::Jwks(format!("{url}: {}", crate::auth::http::describe_reqwest(&e))))?;
+        let response = self.http.get(url.clone()).send().await.map_err(|e| {
+            CheckError::Jwks(format!(
+                "{url}: {}",
+                crate::auth::http::describe_reqwest(&e)
+            ))
+        })?;
         if !response.status().is_success() {
             return Err(CheckError::Jwks(format!(
                 "{url} answered HTTP {}",
@@ -84,7 +85,11 @@ impl Jwks {
 }
 
 /// Finds the key by `kid` (or the only key when the token names none).
-fn pick(set: &JwkSet, kid: Option<&str>, alg: Algorithm) -> Result<Option<DecodingKey>, CheckError> {
+fn pick(
+    set: &JwkSet,
+    kid: Option<&str>,
+    alg: Algorithm,
+) -> Result<Option<DecodingKey>, CheckError> {
     let jwk = match kid {
         Some(kid) => set.find(kid),
         None if set.keys.len() == 1 => set.keys.first(),

@@ -1,0 +1,223 @@
+//! The errors the proxy answers itself, each mapped to a status and an OpenAI-shaped body
+//! (`{"error":{"message","type":"behest_agent_error","code"}}`) so an SDK shows them like any API
+//! error; and [`SetupError`], why a proxy cannot be built. A message never holds a secret: token
+//! errors come from `TokenError`'s `Display`, which never formats one.
+
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, CONNECTION, CONTENT_TYPE, HeaderValue};
+use http::{Response, StatusCode};
+use http_body_util::Full;
+
+/// An answer the agent makes itself instead of forwarding.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// No valid token (the IdP is down and the cached token expired, or the grant is refused).
+    #[error("{0}")]
+    TokenUnavailable(String),
+    /// The upstream could not be connected to, or the exchange with it failed.
+    #[error("cannot reach the upstream {authority}: {reason}")]
+    UpstreamUnreachable { authority: String, reason: String },
+    /// The upstream sent no response head within `proxy.upstream_timeout`.
+    #[error("the upstream {authority} sent no response within {after} (proxy.upstream_timeout)")]
+    UpstreamTimeout { authority: String, after: String },
+    /// `Host` (or an absolute-form target) names a host this proxy does not serve.
+    #[error("{0}")]
+    ForbiddenHost(String),
+    /// A browser `Origin` that is not in `proxy.allowed_origins`.
+    #[error(
+        "requests from origin `{0}` are refused; add it to proxy.allowed_origins if it is trusted"
+    )]
+    ForbiddenOrigin(String),
+    /// A malformed request: a path leaving the upstream's base path, a bad session id, …
+    #[error("{0}")]
+    BadRequest(String),
+    /// `Content-Length` together with `Transfer-Encoding` (RFC 9112 §6.1): the connection closes.
+    #[error("the request has both Content-Length and Transfer-Encoding; send one of them")]
+    ConflictingFraming,
+    /// `CONNECT`: this is not a forward proxy.
+    #[error(
+        "CONNECT is not supported: this is a reverse proxy to the configured upstream, not a forward proxy"
+    )]
+    ConnectRefused,
+    /// The client's request body broke off or went silent past `idle_timeout` while it was being
+    /// sent upstream.
+    #[error("the request body could not be read: {reason}")]
+    RequestBody { timed_out: bool, reason: String },
+    /// A request head over the limits (h2 requests with more than 100 fields).
+    #[error("{0}")]
+    HeadersTooLarge(String),
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::TokenUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::ForbiddenHost(_) | ProxyError::ForbiddenOrigin(_) => StatusCode::FORBIDDEN,
+            ProxyError::BadRequest(_) | ProxyError::ConflictingFraming => StatusCode::BAD_REQUEST,
+            ProxyError::ConnectRefused => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::RequestBody {
+                timed_out: true, ..
+            } => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::RequestBody {
+                timed_out: false, ..
+            } => StatusCode::BAD_REQUEST,
+            ProxyError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        }
+    }
+
+    /// The OpenAI error `code`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::TokenUnavailable(_) => "token_unavailable",
+            ProxyError::UpstreamUnreachable { .. } => "upstream_unreachable",
+            ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
+            ProxyError::ForbiddenHost(_) => "forbidden_host",
+            ProxyError::ForbiddenOrigin(_) => "forbidden_origin",
+            ProxyError::BadRequest(_) | ProxyError::ConflictingFraming => "bad_request",
+            ProxyError::ConnectRefused => "method_not_allowed",
+            ProxyError::RequestBody {
+                timed_out: true, ..
+            } => "request_timeout",
+            ProxyError::RequestBody {
+                timed_out: false, ..
+            } => "bad_request",
+            ProxyError::HeadersTooLarge(_) => "request_header_fields_too_large",
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> Bytes {
+        let v = serde_json::json!({
+            "error": {
+                "message": self.to_string(),
+                "type": "behest_agent_error",
+                "code": self.code(),
+            }
+        });
+        Bytes::from(v.to_string())
+    }
+
+    /// The whole answer. Conflicting framing also closes the connection (hyper closes after a
+    /// response that says `Connection: close`).
+    pub fn response(&self) -> Response<Full<Bytes>> {
+        self.response_with(Full::new)
+    }
+
+    /// The whole answer, with the JSON body wrapped by `body`.
+    pub fn response_with<B>(&self, body: impl FnOnce(Bytes) -> B) -> Response<B> {
+        let mut r = Response::new(body(self.body()));
+        *r.status_mut() = self.status();
+        let h = r.headers_mut();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if matches!(self, ProxyError::ConflictingFraming) {
+            h.insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        if matches!(self, ProxyError::ConnectRefused) {
+            h.insert(
+                http::header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+            );
+        }
+        r
+    }
+}
+
+/// Why a [`super::Proxy`] cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(
+        "`proxy.upstream` is not set: set it to the Behest base URL (or BEHEST_BASE_URL) to run the proxy"
+    )]
+    NoUpstream,
+    #[error("`proxy.upstream`: {0}")]
+    Upstream(String),
+    #[error(
+        "`proxy.session_id`: `{0}` cannot be sent as X-Session-Id (visible ASCII, at most 128 characters)"
+    )]
+    SessionId(String),
+    #[error("`proxy.ca_file`: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_use_the_openai_shape_with_json_content_type() {
+        let e = ProxyError::TokenUnavailable("no valid token is available: the IdP said no".into());
+        let r = e.response();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[CONTENT_TYPE], "application/json");
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(v["error"]["type"], "behest_agent_error");
+        assert_eq!(v["error"]["code"], "token_unavailable");
+        assert_eq!(
+            v["error"]["message"],
+            "no valid token is available: the IdP said no"
+        );
+    }
+
+    #[test]
+    fn each_error_maps_to_its_status_and_code() {
+        let cases = [
+            (
+                ProxyError::UpstreamUnreachable {
+                    authority: "h".into(),
+                    reason: "r".into(),
+                },
+                502,
+                "upstream_unreachable",
+            ),
+            (
+                ProxyError::UpstreamTimeout {
+                    authority: "h".into(),
+                    after: "1s".into(),
+                },
+                504,
+                "upstream_timeout",
+            ),
+            (ProxyError::ForbiddenHost("x".into()), 403, "forbidden_host"),
+            (
+                ProxyError::ForbiddenOrigin("x".into()),
+                403,
+                "forbidden_origin",
+            ),
+            (ProxyError::BadRequest("x".into()), 400, "bad_request"),
+            (ProxyError::ConflictingFraming, 400, "bad_request"),
+            (ProxyError::ConnectRefused, 405, "method_not_allowed"),
+            (
+                ProxyError::RequestBody {
+                    timed_out: true,
+                    reason: "r".into(),
+                },
+                408,
+                "request_timeout",
+            ),
+            (
+                ProxyError::RequestBody {
+                    timed_out: false,
+                    reason: "r".into(),
+                },
+                400,
+                "bad_request",
+            ),
+            (
+                ProxyError::HeadersTooLarge("x".into()),
+                431,
+                "request_header_fields_too_large",
+            ),
+        ];
+        for (e, status, code) in cases {
+            assert_eq!(e.status().as_u16(), status, "{e:?}");
+            assert_eq!(e.code(), code, "{e:?}");
+        }
+        assert_eq!(
+            ProxyError::ConflictingFraming.response().headers()[CONNECTION],
+            "close"
+        );
+    }
+}

@@ -1,0 +1,558 @@
+//! One request, from the client to the upstream and back: the guards, the upstream URI built from
+//! the configured scheme and authority (never from the request), the header rewrite (hop-by-hop
+//! headers and the client's credentials out, the agent's bearer token in), the 401 replay, the
+//! timeouts, and the agent's own OpenAI-shaped errors. Bodies stream both ways.
+//!
+//! The hot path takes the token with a read-mostly load, holds no lock across an await, copies no
+//! body byte and never buffers a response.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{
+    AUTHORIZATION, CONNECTION, HOST, HeaderName, HeaderValue, PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use tokio::time::Instant;
+use url::Url;
+
+use super::Stats;
+use super::body::{ResponseBody, UpstreamBody};
+use super::error::{ProxyError, SetupError};
+use super::framing::Framing;
+use super::{guard, path};
+use crate::telemetry::metrics::Metrics;
+use crate::token::TokenSource;
+
+/// `X-Session-Id`: per-job cost attribution at Behest.
+pub const X_SESSION_ID: HeaderName = HeaderName::from_static("x-session-id");
+/// `X-Request-Id`: added when the client sent none, to correlate logs on both sides.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// More fields than this in a request head get 431 (hyper enforces it on HTTP/1; this on h2).
+pub const MAX_HEADERS: usize = 100;
+
+/// Headers that describe one hop, never forwarded either way (RFC 9110 §7.6.1), besides those the
+/// `Connection` header names.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
+    UPGRADE,
+    PROXY_AUTHORIZATION,
+    PROXY_AUTHENTICATE,
+];
+
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
+
+/// The configured upstream, parsed once.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// Lower-case host as in a URI (`[::1]` for IPv6), for absolute-form checks.
+    pub host: String,
+    /// The port, explicit or the scheme's default.
+    pub port: u16,
+    /// The base path without a trailing `/` (`""` for the root).
+    pub base: String,
+    /// For messages.
+    pub url: String,
+}
+
+impl Upstream {
+    pub fn from_url(url: &Url) -> Result<Upstream, SetupError> {
+        let bad = |m: &str| SetupError::Upstream(format!("`{url}`: {m}"));
+        let scheme = match url.scheme() {
+            "https" => Scheme::HTTPS,
+            "http" => Scheme::HTTP,
+            _ => {
+                return Err(bad(
+                    "the scheme must be https (or http for a local test server)",
+                ));
+            }
+        };
+        let host = url
+            .host_str()
+            .ok_or_else(|| bad("no host"))?
+            .to_ascii_lowercase();
+        let port = url.port_or_known_default().ok_or_else(|| bad("no port"))?;
+        let authority = match url.port() {
+            Some(p) => format!("{host}:{p}"),
+            None => host.clone(),
+        };
+        let authority = Authority::try_from(authority).map_err(|e| bad(&e.to_string()))?;
+        if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
+            return Err(bad(
+                "must be a base URL without query, fragment or credentials",
+            ));
+        }
+        Ok(Upstream {
+            scheme,
+            authority,
+            host,
+            port,
+            base: url.path().trim_end_matches('/').to_string(),
+            url: url.to_string(),
+        })
+    }
+
+    /// `scheme://authority` from the configuration, then the base path, `path` and `query`.
+    pub fn uri(&self, path: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
+        let mut pq =
+            String::with_capacity(self.base.len() + path.len() + query.map_or(0, |q| q.len() + 1));
+        pq.push_str(&self.base);
+        pq.push_str(path);
+        if let Some(q) = query {
+            pq.push('?');
+            pq.push_str(q);
+        }
+        let pq = PathAndQuery::from_maybe_shared(Bytes::from(pq)).map_err(|_| {
+            ProxyError::BadRequest("the request path is not a valid URI path".to_string())
+        })?;
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(pq);
+        Uri::from_parts(parts).map_err(|_| {
+            ProxyError::BadRequest("the request path is not a valid URI path".to_string())
+        })
+    }
+}
+
+/// What a connection knows about itself, shared by its requests.
+pub struct ConnInfo {
+    /// The TCP address it was accepted on; `None` on a Unix socket.
+    pub local: Option<SocketAddr>,
+    /// What the framing watcher saw in the raw HTTP/1 bytes.
+    pub framing: Arc<Framing>,
+    /// Requests seen so far on this connection, to match them with the watcher's heads.
+    pub requests: AtomicU64,
+}
+
+/// Everything a request needs, shared by all connections.
+pub struct Forwarder {
+    pub tokens: TokenSource,
+    pub client: UpstreamClient,
+    pub upstream: Upstream,
+    /// `proxy.session_id`, sent when the client sent no session.
+    pub session_id: Option<HeaderValue>,
+    pub allowed_origins: Vec<String>,
+    pub max_replay_body: usize,
+    pub upstream_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub stats: Stats,
+    /// Prometheus metrics, when the daemon exports them.
+    pub metrics: OnceLock<Arc<Metrics>>,
+}
+
+/// nginx's "client closed request": the client went away before a response was chosen.
+const CLIENT_CLOSED: u16 = 499;
+
+/// One request's line in the log and its place in the counters; logged when the response body
+/// ends or is dropped (the client went away), so `bytes` and `duration` cover the whole stream.
+pub struct RequestRecord {
+    fwd: Arc<Forwarder>,
+    method: Method,
+    /// The client's target: only its path is logged, never the query.
+    target: Uri,
+    session: Option<HeaderValue>,
+    /// [`CLIENT_CLOSED`] until a response is chosen.
+    status: u16,
+    /// A `text/event-stream` response (counted in the streams gauge).
+    stream: bool,
+    pub bytes: u64,
+    pub completed: bool,
+    start: Instant,
+}
+
+impl RequestRecord {
+    /// The upstream's body failed mid-stream (`kind`: `reset`, `idle_timeout`).
+    pub fn upstream_error(&self, kind: &str) {
+        self.fwd
+            .stats
+            .upstream_errors
+            .fetch_add(1, Ordering::Relaxed);
+        if let Some(m) = self.fwd.metrics.get() {
+            m.upstream_error(kind);
+        }
+    }
+}
+
+impl Drop for RequestRecord {
+    fn drop(&mut self) {
+        self.fwd.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(m) = self.fwd.metrics.get() {
+            m.proxy_response(self.status, self.start.elapsed());
+            m.in_flight_requests.dec();
+            if self.stream {
+                m.in_flight_streams.dec();
+            }
+        }
+        tracing::debug!(
+            method = %self.method,
+            path = self.target.path(),
+            status = self.status,
+            bytes = self.bytes,
+            duration_ms = self.start.elapsed().as_secs_f64() * 1000.0,
+            session = self.session.as_ref().and_then(|s| s.to_str().ok()).unwrap_or("-"),
+            completed = self.completed,
+            "proxied request"
+        );
+    }
+}
+
+/// Where the replayable copy of a request body is.
+enum Replay {
+    /// Not replayable: the body is larger than `max_replay_body`.
+    No,
+    /// No body at all.
+    Empty,
+    /// The tee hands over the chunks once the whole body went through and fitted.
+    Kept(super::body::Kept),
+}
+
+impl Forwarder {
+    /// Answers one request. Never fails: errors become OpenAI-shaped answers.
+    pub async fn handle(
+        self: Arc<Self>,
+        conn: Arc<ConnInfo>,
+        req: Request<Incoming>,
+    ) -> Response<ResponseBody> {
+        let n = conn.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        if let Some(m) = self.metrics.get() {
+            m.in_flight_requests.inc();
+        }
+        let mut record = RequestRecord {
+            fwd: self.clone(),
+            method: req.method().clone(),
+            target: req.uri().clone(),
+            session: None,
+            status: CLIENT_CLOSED,
+            stream: false,
+            bytes: 0,
+            completed: false,
+            start: Instant::now(),
+        };
+        let result = if conn.framing.conflict_at(n) {
+            Err(ProxyError::ConflictingFraming)
+        } else {
+            self.forward(&conn, req, &mut record).await
+        };
+        match result {
+            Ok(resp) => {
+                let (parts, body) = resp.into_parts();
+                record.status = parts.status.as_u16();
+                self.stats.count_status(parts.status);
+                if let Some(m) = self.metrics.get()
+                    && parts
+                        .headers
+                        .get(http::header::CONTENT_TYPE)
+                        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
+                {
+                    record.stream = true;
+                    m.in_flight_streams.inc();
+                }
+                Response::from_parts(parts, ResponseBody::stream(body, self.idle_timeout, record))
+            }
+            Err(e) => {
+                let kind = match e {
+                    ProxyError::UpstreamUnreachable { .. } => Some("unreachable"),
+                    ProxyError::UpstreamTimeout { .. } => Some("timeout"),
+                    _ => None,
+                };
+                if let Some(kind) = kind {
+                    record.upstream_error(kind);
+                    tracing::warn!(error = %e, "upstream request failed");
+                }
+                let status = e.status();
+                record.status = status.as_u16();
+                self.stats.count_status(status);
+                e.response_with(|b| ResponseBody::full(b, record))
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        conn: &ConnInfo,
+        req: Request<Incoming>,
+        record: &mut RequestRecord,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        guard::check_method(req.method())?;
+        if req.headers().len() > MAX_HEADERS {
+            return Err(ProxyError::HeadersTooLarge(format!(
+                "the request has more than {MAX_HEADERS} header fields"
+            )));
+        }
+        let rel = guard::target(&req, conn.local, &self.upstream)?;
+        guard::check_origin(req.headers(), &self.allowed_origins)?;
+        let path::Resolved { session, path } = path::resolve(rel)?;
+        let uri = self.upstream.uri(&path, req.uri().query())?;
+
+        let (parts, body) = req.into_parts();
+        let method = parts.method;
+        let mut headers = parts.headers;
+        strip_hop_by_hop(&mut headers);
+        headers.remove(AUTHORIZATION);
+        // The client's Host names this proxy; the client library sets the upstream's.
+        headers.remove(HOST);
+        if let Some(session) = session {
+            headers.insert(X_SESSION_ID, session);
+        } else if let Some(session) = &self.session_id
+            && !headers.contains_key(X_SESSION_ID)
+        {
+            headers.insert(X_SESSION_ID, session.clone());
+        }
+        record.session = headers.get(X_SESSION_ID).cloned();
+        if !headers.contains_key(X_REQUEST_ID) {
+            headers.insert(X_REQUEST_ID, request_id());
+        }
+
+        let token = self
+            .tokens
+            .get(Duration::ZERO)
+            .await
+            .map_err(|e| ProxyError::TokenUnavailable(e.to_string()))?;
+        headers.insert(AUTHORIZATION, token.bearer().clone());
+
+        let (body, replay) = if body.is_end_stream() {
+            (UpstreamBody::Empty, Replay::Empty)
+        } else {
+            let fits = body
+                .size_hint()
+                .upper()
+                .is_none_or(|n| n <= self.max_replay_body as u64);
+            let keep = (fits && self.max_replay_body > 0).then_some(self.max_replay_body);
+            let (b, kept) = UpstreamBody::stream(body, self.idle_timeout, keep);
+            (b, kept.map_or(Replay::No, Replay::Kept))
+        };
+        // The head is kept for a replay only when the body can be replayed.
+        let again = match replay {
+            Replay::No => None,
+            _ => Some((method.clone(), uri.clone(), headers.clone())),
+        };
+        let resp = self.send(build(method, uri, headers, body)).await?;
+        if resp.status() != StatusCode::UNAUTHORIZED {
+            return Ok(resp);
+        }
+
+        // 401: the upstream refused the token. Replace it (one grant shared by every request that
+        // saw it, rate-limited by the token source) so the next request works, and replay this
+        // one once if its whole body was kept. A second 401 goes back as is.
+        let chunks = match replay {
+            Replay::No => None,
+            Replay::Empty => Some(None),
+            Replay::Kept(mut rx) => rx.try_recv().ok().map(Some),
+        };
+        let Some(new) = self.tokens.refresh_rejected(&token).await else {
+            return Ok(resp);
+        };
+        let (Some(chunks), Some((method, uri, mut headers))) = (chunks, again) else {
+            return Ok(resp);
+        };
+        drop(resp);
+        self.stats.replays.fetch_add(1, Ordering::Relaxed);
+        if let Some(m) = self.metrics.get() {
+            m.replays.inc();
+        }
+        tracing::debug!("replaying a request the upstream answered 401 with a new token");
+        headers.insert(AUTHORIZATION, new.bearer().clone());
+        let body = match chunks {
+            None => UpstreamBody::Empty,
+            Some(c) => UpstreamBody::replay(c),
+        };
+        self.send(build(method, uri, headers, body)).await
+    }
+
+    /// Sends upstream, bounded by `upstream_timeout` until the response head.
+    async fn send(&self, req: Request<UpstreamBody>) -> Result<Response<Incoming>, ProxyError> {
+        match tokio::time::timeout(self.upstream_timeout, self.client.request(req)).await {
+            Err(_) => Err(ProxyError::UpstreamTimeout {
+                authority: self.upstream.authority.to_string(),
+                after: humantime::format_duration(self.upstream_timeout).to_string(),
+            }),
+            Ok(Err(e)) => Err(match client_body_failed(&e) {
+                Some(timed_out) => ProxyError::RequestBody {
+                    timed_out,
+                    reason: chain(&e),
+                },
+                None => ProxyError::UpstreamUnreachable {
+                    authority: self.upstream.authority.to_string(),
+                    reason: chain(&e),
+                },
+            }),
+            Ok(Ok(resp)) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                parts.version = Version::HTTP_11;
+                parts.extensions = http::Extensions::new();
+                Ok(Response::from_parts(parts, body))
+            }
+        }
+    }
+}
+
+fn build(
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: UpstreamBody,
+) -> Request<UpstreamBody> {
+    let mut req = Request::new(body);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    req
+}
+
+/// Removes the hop-by-hop headers and those `Connection` names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let mut named = headers.get_all(CONNECTION).iter();
+    match (named.next(), named.next()) {
+        (None, _) => {}
+        (Some(_), None) => {
+            if let Some(v) = headers.remove(CONNECTION) {
+                remove_named(headers, &v);
+            }
+        }
+        (Some(_), Some(_)) => {
+            let values: Vec<HeaderValue> = headers.get_all(CONNECTION).iter().cloned().collect();
+            for v in &values {
+                remove_named(headers, v);
+            }
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+fn remove_named(headers: &mut HeaderMap, connection: &HeaderValue) {
+    let Ok(list) = connection.to_str() else {
+        return;
+    };
+    for token in list.split(',') {
+        let token = token.trim();
+        if token.is_empty() {
+            continue;
+        }
+        if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+            headers.remove(name);
+        }
+    }
+}
+
+/// 128 random bits in hex.
+fn request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = fastrand::u128(..);
+    let mut buf = [0u8; 32];
+    for b in buf.iter_mut().rev() {
+        *b = HEX[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    HeaderValue::from_bytes(&buf).expect("hex digits are a valid header value")
+}
+
+/// `Some(timed_out)` when the upstream request failed because the client's body did (it broke
+/// off, or went silent past `idle_timeout`): the client's fault, not the upstream's.
+fn client_body_failed(e: &(dyn std::error::Error + 'static)) -> Option<bool> {
+    let mut user = false;
+    let mut timed_out = false;
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            user |= h.is_user();
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            timed_out |= io.kind() == std::io::ErrorKind::TimedOut;
+        }
+        next = err.source();
+    }
+    user.then_some(timed_out)
+}
+
+/// An error and its sources, `: `-joined (hyper's errors say little at the top level).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        let text = inner.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        source = inner.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_removed() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "keep-alive, x-private"),
+            ("connection", "x-other"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("trailer", "x-checksum"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "Basic eA=="),
+            ("proxy-authenticate", "Basic"),
+            ("x-private", "1"),
+            ("x-other", "1"),
+            ("accept", "text/event-stream"),
+            ("openai-beta", "assistants=v2"),
+        ] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["accept", "openai-beta"]);
+    }
+
+    #[test]
+    fn upstream_uri_keeps_the_base_path_and_the_configured_host() {
+        let up = Upstream::from_url(&Url::parse("https://api.behest.test/base/").unwrap()).unwrap();
+        assert_eq!(up.base, "/base");
+        assert_eq!(up.port, 443);
+        let uri = up.uri("/v1/x", Some("q=1")).unwrap();
+        assert_eq!(uri.to_string(), "https://api.behest.test/base/v1/x?q=1");
+        let uri = up.uri("//evil.example/x", None).unwrap();
+        assert_eq!(uri.host(), Some("api.behest.test"));
+        assert_eq!(uri.path(), "/base//evil.example/x");
+        let root = Upstream::from_url(&Url::parse("http://127.0.0.1:9/").unwrap()).unwrap();
+        assert_eq!(root.base, "");
+        let uri = root.uri("//evil.example/x", None).unwrap();
+        assert_eq!(uri.authority().unwrap().as_str(), "127.0.0.1:9");
+    }
+
+    #[test]
+    fn request_ids_are_random_hex() {
+        let a = request_id();
+        let b = request_id();
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+    }
+}

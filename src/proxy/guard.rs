@@ -1,0 +1,235 @@
+//! The checks that keep the proxy from being an open proxy or a target for a web page: `CONNECT`
+//! refused; absolute-form requests only for the configured upstream; `Host` (`:authority` on h2)
+//! a loopback name or the address the connection came in on (DNS-rebinding defence); a browser
+//! `Origin` only when configured. They only read the request; they never choose where it goes.
+
+use std::net::{IpAddr, SocketAddr};
+
+use http::header::{HOST, ORIGIN};
+use http::{HeaderMap, Method, Request, Version};
+
+use super::error::ProxyError;
+use super::forward::Upstream;
+
+/// `CONNECT` asks for a tunnel: refused, this is a reverse proxy.
+pub fn check_method(method: &Method) -> Result<(), ProxyError> {
+    if method == Method::CONNECT {
+        return Err(ProxyError::ConnectRefused);
+    }
+    Ok(())
+}
+
+/// Checks where the request says it is going and returns its path relative to the upstream's base
+/// path (still percent-encoded, without the query). `local` is the TCP address the connection was
+/// accepted on, `None` on a Unix socket (which no browser can reach, so any `Host` is accepted).
+pub fn target<'a, B>(
+    req: &'a Request<B>,
+    local: Option<SocketAddr>,
+    upstream: &Upstream,
+) -> Result<&'a str, ProxyError> {
+    let uri = req.uri();
+    let path = uri.path();
+    if req.version() == Version::HTTP_2 {
+        // h2 always carries `:authority` (hyper puts it in the URI); it plays the part of `Host`.
+        let authority = uri
+            .authority()
+            .map(|a| a.as_str().as_bytes())
+            .or_else(|| req.headers().get(HOST).map(|h| h.as_bytes()));
+        if let Some(a) = authority {
+            check_host(a, local)?;
+        }
+        return Ok(path);
+    }
+    if let Some(authority) = uri.authority() {
+        // Absolute-form (`GET http://host/… HTTP/1.1`): RFC 9112 §3.2.2 says the target's authority
+        // wins over `Host`. Only the configured upstream is served; its base path must be there.
+        let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
+            Some("https") => 443,
+            _ => 80,
+        });
+        let host = authority.host();
+        if !host.eq_ignore_ascii_case(&upstream.host) || port != upstream.port {
+            return Err(ProxyError::ForbiddenHost(format!(
+                "absolute-form request for `{}` refused: this proxy only forwards to {}",
+                truncate(authority.as_str()),
+                upstream.url
+            )));
+        }
+        let base = upstream.base.as_str();
+        return match path.strip_prefix(base) {
+            Some("") => Ok("/"),
+            Some(rest) if rest.starts_with('/') => Ok(rest),
+            _ => Err(ProxyError::BadRequest(format!(
+                "absolute-form path `{}` is not under the upstream's base path `{base}`",
+                truncate(path)
+            ))),
+        };
+    }
+    match req.headers().get(HOST) {
+        Some(h) => check_host(h.as_bytes(), local)?,
+        None if req.version() == Version::HTTP_11 => {
+            return Err(ProxyError::BadRequest(
+                "an HTTP/1.1 request needs a Host header".to_string(),
+            ));
+        }
+        None => {}
+    }
+    Ok(path)
+}
+
+/// `Host` must name this machine's loopback (`localhost`, `*.localhost`, `127.x.y.z`, `[::1]`,
+/// any port) or the exact address the connection was accepted on.
+pub fn check_host(value: &[u8], local: Option<SocketAddr>) -> Result<(), ProxyError> {
+    let Some(local) = local else {
+        return Ok(());
+    };
+    if host_allowed(value, local) {
+        return Ok(());
+    }
+    Err(ProxyError::ForbiddenHost(format!(
+        "Host `{}` is not this proxy: use 127.0.0.1, localhost or {local} (requests for other names are refused to defeat DNS rebinding)",
+        truncate(&String::from_utf8_lossy(value))
+    )))
+}
+
+fn host_allowed(value: &[u8], local: SocketAddr) -> bool {
+    let Ok(value) = std::str::from_utf8(value) else {
+        return false;
+    };
+    let (host, port) = if let Some(rest) = value.strip_prefix('[') {
+        let Some((ip, after)) = rest.split_once(']') else {
+            return false;
+        };
+        let port = match after {
+            "" => None,
+            p => match p.strip_prefix(':') {
+                Some(p) => Some(p),
+                None => return false,
+            },
+        };
+        (ip, port)
+    } else {
+        match value.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (value, None),
+        }
+    };
+    // RFC 3986 allows an empty port (`host:`); anything else must be digits.
+    let port = match port {
+        None | Some("") => None,
+        Some(p) if p.bytes().all(|b| b.is_ascii_digit()) => match p.parse::<u16>() {
+            Ok(p) => Some(p),
+            Err(_) => return false,
+        },
+        Some(_) => return false,
+    };
+    const SUFFIX: &[u8] = b".localhost";
+    let h = host.as_bytes();
+    // RFC 6761: `localhost` and its subdomains always resolve to loopback.
+    if host.eq_ignore_ascii_case("localhost")
+        || (h.len() > SUFFIX.len() && h[h.len() - SUFFIX.len()..].eq_ignore_ascii_case(SUFFIX))
+    {
+        return true;
+    }
+    match host.parse::<IpAddr>() {
+        Ok(ip) if ip.is_loopback() => true,
+        Ok(ip) => ip == local.ip() && port.is_none_or(|p| p == local.port()),
+        Err(_) => false,
+    }
+}
+
+/// A request with an `Origin` comes from a web page: refused unless that origin is configured.
+pub fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), ProxyError> {
+    for origin in headers.get_all(ORIGIN) {
+        if !allowed.iter().any(|a| a.as_bytes() == origin.as_bytes()) {
+            return Err(ProxyError::ForbiddenOrigin(truncate(
+                &String::from_utf8_lossy(origin.as_bytes()),
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Keeps what a client sent short in an error message.
+fn truncate(s: &str) -> String {
+    match s.char_indices().nth(100) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local() -> SocketAddr {
+        "127.0.0.1:8711".parse().unwrap()
+    }
+
+    #[test]
+    fn loopback_names_and_the_listen_address_are_accepted() {
+        for h in [
+            "localhost",
+            "LOCALHOST:8711",
+            "api.localhost:1",
+            "127.0.0.1",
+            "127.0.0.1:8711",
+            "127.1.2.3:9",
+            "[::1]",
+            "[::1]:8711",
+        ] {
+            assert!(check_host(h.as_bytes(), Some(local())).is_ok(), "{h}");
+        }
+        let remote: SocketAddr = "10.1.2.3:8711".parse().unwrap();
+        assert!(check_host(b"10.1.2.3:8711", Some(remote)).is_ok());
+        assert!(check_host(b"10.1.2.3", Some(remote)).is_ok());
+    }
+
+    #[test]
+    fn other_hosts_are_refused() {
+        for h in [
+            "evil.example",
+            "evil.example:8711",
+            "localhost.evil.example",
+            "10.1.2.3:8711",
+            "[::2]:8711",
+            "127.0.0.1:notaport",
+            "[::1",
+            "",
+        ] {
+            let e = check_host(h.as_bytes(), Some(local())).unwrap_err();
+            assert_eq!(e.code(), "forbidden_host", "{h}");
+        }
+        let remote: SocketAddr = "10.1.2.3:8711".parse().unwrap();
+        assert!(check_host(b"10.1.2.3:8712", Some(remote)).is_err());
+    }
+
+    #[test]
+    fn unix_socket_connections_accept_any_host() {
+        assert!(check_host(b"evil.example", None).is_ok());
+    }
+
+    #[test]
+    fn origin_must_be_configured_exactly() {
+        let mut h = HeaderMap::new();
+        assert!(check_origin(&h, &[]).is_ok());
+        h.insert(ORIGIN, "https://app.example".parse().unwrap());
+        assert_eq!(
+            check_origin(&h, &[]).unwrap_err().code(),
+            "forbidden_origin"
+        );
+        assert!(check_origin(&h, &["https://app.example".to_string()]).is_ok());
+        assert!(check_origin(&h, &["https://app.example/".to_string()]).is_err());
+        h.insert(ORIGIN, "null".parse().unwrap());
+        assert!(check_origin(&h, &["https://app.example".to_string()]).is_err());
+    }
+
+    #[test]
+    fn connect_is_refused() {
+        assert_eq!(
+            check_method(&Method::CONNECT).unwrap_err().code(),
+            "method_not_allowed"
+        );
+        assert!(check_method(&Method::POST).is_ok());
+    }
+}

@@ -1,0 +1,320 @@
+//! The proxy's sockets and connections: binding TCP and Unix listeners, the accept loop bounded by
+//! `max_connections`, HTTP/1.1 keep-alive and h2c (prior knowledge) with hyper-util's auto builder,
+//! the request-head limits, and graceful shutdown. It never looks inside a request: each one goes
+//! to [`Forwarder::handle`].
+//!
+//! Limits, and who enforces them:
+//! - Connections: a semaphore permit is taken *before* `accept`, so connections beyond
+//!   `max_connections` wait in the kernel's backlog (and time out there on the client's side if it
+//!   stays full); none is accepted only to be dropped.
+//! - HTTP/1 request heads: hyper's read buffer is capped at [`MAX_HEAD`] and its header count at
+//!   [`MAX_HEADERS`]; over either, hyper itself answers `431` and closes (it can while no response is
+//!   being written on the connection; a pipelined head arriving mid-response only closes it).
+//!   A head not complete within `header_read_timeout` closes the connection without an answer.
+//! - h2 request heads: `SETTINGS_MAX_HEADER_LIST_SIZE` is [`MAX_HEAD`]; the h2 crate answers `431`
+//!   to a larger header block; more than [`MAX_HEADERS`] fields get `431` from the handler.
+//! - Framing conflicts: see [`super::framing`].
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::Shared;
+use super::forward::{ConnInfo, MAX_HEADERS};
+use super::framing::{Framing, Watched};
+use crate::config::ListenAddr;
+
+/// The largest request head accepted (request line and all fields).
+pub const MAX_HEAD: usize = 32 * 1024;
+/// Mode of a Unix listening socket: the owner and its group may connect.
+pub const UNIX_SOCKET_MODE: u32 = 0o660;
+
+/// What the server needs besides the forwarder.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub shutdown_grace: Duration,
+}
+
+/// A bound listening socket.
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener),
+    /// Removes its socket file when dropped.
+    Unix(UnixSocket),
+}
+
+#[derive(Debug)]
+pub struct UnixSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl Drop for UnixSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Listener {
+    /// Where it listens (the real port when bound to port 0).
+    pub fn local_addr(&self) -> io::Result<ListenAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().map(ListenAddr::Tcp),
+            Listener::Unix(u) => Ok(ListenAddr::Unix(u.path.clone())),
+        }
+    }
+
+    fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<(Stream, Option<SocketAddr>)>> {
+        match self {
+            Listener::Tcp(l) => l.poll_accept(cx).map_ok(|(s, _peer)| {
+                let local = s.local_addr().ok();
+                let _ = s.set_nodelay(true);
+                (Stream::Tcp(s), local)
+            }),
+            Listener::Unix(u) => u
+                .listener
+                .poll_accept(cx)
+                .map_ok(|(s, _)| (Stream::Unix(s), None)),
+        }
+    }
+}
+
+/// Binds every address; a Unix socket gets mode 0660, and a stale socket file left by a dead
+/// process is replaced (a live one is an error).
+pub async fn bind(listen: &[ListenAddr]) -> io::Result<Vec<Listener>> {
+    let mut out = Vec::with_capacity(listen.len());
+    for addr in listen {
+        let l = bind_one(addr)
+            .await
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+        out.push(l);
+    }
+    Ok(out)
+}
+
+async fn bind_one(addr: &ListenAddr) -> io::Result<Listener> {
+    match addr {
+        ListenAddr::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a).await?)),
+        ListenAddr::Unix(path) => {
+            if path.exists() {
+                if UnixStream::connect(path).await.is_ok() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        "another process answers on this socket",
+                    ));
+                }
+                std::fs::remove_file(path)?;
+            }
+            let listener = UnixListener::bind(path)?;
+            let socket = UnixSocket {
+                listener,
+                path: path.clone(),
+            };
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(UNIX_SOCKET_MODE))?;
+            Ok(Listener::Unix(socket))
+        }
+    }
+}
+
+/// An accepted connection.
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Tcp(s) => s.is_write_vectored(),
+            Stream::Unix(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    let header_read_timeout = Some(limits.header_read_timeout).filter(|d| !d.is_zero());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .max_buf_size(MAX_HEAD)
+        .max_headers(MAX_HEADERS)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEAD as u32);
+    b
+}
+
+/// Accepts on every listener until `shutdown`, then lets open connections finish their requests
+/// and streams for up to `shutdown_grace`, cuts what is left, and returns.
+pub async fn serve(shared: Arc<Shared>, listeners: Vec<Listener>, shutdown: CancellationToken) {
+    let limits = shared.limits;
+    let builder = Arc::new(builder(&limits));
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let graceful = GracefulShutdown::new();
+    let tracker = TaskTracker::new();
+    let hard_stop = CancellationToken::new();
+    let mut next = 0usize;
+
+    loop {
+        let permit = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            p = permits.clone().acquire_owned() => p.expect("the connection semaphore is never closed"),
+        };
+        let accepted = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            a = std::future::poll_fn(|cx| accept_any(&listeners, &mut next, cx)) => a,
+        };
+        let (stream, local) = match accepted {
+            Ok(a) => a,
+            Err(error) => {
+                // Out of file descriptors and the like: back off rather than spin.
+                tracing::warn!(%error, "the proxy failed to accept a connection");
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(Duration::from_millis(50)) => continue,
+                }
+            }
+        };
+        let watcher = graceful.watcher();
+        let shared = shared.clone();
+        let builder = builder.clone();
+        let hard_stop = hard_stop.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            // Counted on the forwarder current at accept time, and uncounted on the same one.
+            let counted = shared.forwarder();
+            counted.stats.connections.fetch_add(1, Ordering::Relaxed);
+            let framing = Arc::new(Framing::default());
+            let info = Arc::new(ConnInfo {
+                local,
+                framing: framing.clone(),
+                requests: AtomicU64::new(0),
+            });
+            let service = {
+                let shared = shared.clone();
+                service_fn(move |req| {
+                    // The forwarder current when the request arrives (a reload may swap it).
+                    let fwd = shared.forwarder();
+                    let info = info.clone();
+                    async move { Ok::<_, Infallible>(fwd.handle(info, req).await) }
+                })
+            };
+            let io = TokioIo::new(Watched::new(stream, framing));
+            let conn = watcher.watch(builder.serve_connection(io, service));
+            tokio::select! {
+                r = conn => if let Err(error) = r {
+                    tracing::debug!(%error, "proxy connection ended with an error");
+                },
+                () = hard_stop.cancelled() => {
+                    tracing::debug!("proxy connection cut at the end of the shutdown grace");
+                }
+            }
+            counted.stats.connections.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+
+    // Stop accepting (and remove Unix socket files) before waiting.
+    drop(listeners);
+    tracker.close();
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(limits.shutdown_grace) => {
+            tracing::info!(
+                grace = %humantime::format_duration(limits.shutdown_grace),
+                "shutdown grace over; cutting the proxy connections still open"
+            );
+            hard_stop.cancel();
+        }
+    }
+    tracker.wait().await;
+}
+
+/// The next connection on any listener, starting the scan one further each time so a busy
+/// listener cannot starve the others.
+fn accept_any(
+    listeners: &[Listener],
+    next: &mut usize,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<(Stream, Option<SocketAddr>)>> {
+    let n = listeners.len();
+    for i in 0..n {
+        let idx = (*next + i) % n;
+        if let Poll::Ready(r) = listeners[idx].poll_accept(cx) {
+            *next = (idx + 1) % n;
+            return Poll::Ready(r);
+        }
+    }
+    Poll::Pending
+}

@@ -1,0 +1,1479 @@
+//! The proxy end to end on loopback: a real client (hyper, or raw bytes on a `TcpStream`), the
+//! proxy, a tiny hyper upstream started per test, and the embedded IdP behind a real
+//! [`TokenSource`]. Every socket is bound to port 0; waits are on channels, never on sleeps (the
+//! timeouts below only turn a hang into a failure).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body::{Body, Frame};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use super::*;
+use crate::config::{LoadOptions, ProxySettings};
+use crate::dev::idp::{Fault, Idp, IdpOptions};
+
+const CLIENT_ID: &str = "proxy-test-client";
+const SECRET: &str = "proxy-test-secret-do-not-log";
+const AUDIENCE: &str = "https://api.behest.test";
+/// Turns a hang into a failure; never a timing assertion.
+const HANG: Duration = Duration::from_secs(20);
+
+type TestBody = BoxBody<Bytes, Infallible>;
+
+async fn within<F: Future>(f: F) -> F::Output {
+    tokio::time::timeout(HANG, f).await.expect("the test hung")
+}
+
+// ---------------------------------------------------------------------------------------------
+// The upstream
+
+/// A body fed through a channel, one frame per message.
+struct ChanBody(mpsc::Receiver<Bytes>);
+
+impl Body for ChanBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<TestBody> {
+    let mut r = Response::new(Full::new(body.into()).boxed());
+    *r.status_mut() = status;
+    r
+}
+
+/// FNV-1a, to compare large bodies without keeping two copies around.
+fn fnv(state: u64, bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(state, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+}
+const FNV0: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// Answers 200 with what it received: method, path, query, headers (name → values), body
+/// length and checksum.
+async fn echo(req: Request<Incoming>) -> Response<TestBody> {
+    let (parts, mut body) = req.into_parts();
+    let (mut len, mut sum) = (0u64, FNV0);
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return full(StatusCode::BAD_REQUEST, "the request body broke off");
+        };
+        if let Ok(d) = frame.into_data() {
+            len += d.len() as u64;
+            sum = fnv(sum, &d);
+        }
+    }
+    let mut headers = serde_json::Map::new();
+    for name in parts.headers.keys() {
+        let values: Vec<Value> = parts
+            .headers
+            .get_all(name)
+            .iter()
+            .map(|v| json!(String::from_utf8_lossy(v.as_bytes())))
+            .collect();
+        headers.insert(name.as_str().to_string(), Value::Array(values));
+    }
+    let v = json!({
+        "method": parts.method.as_str(),
+        "path": parts.uri.path(),
+        "query": parts.uri.query(),
+        "headers": headers,
+        "body_len": len,
+        "body_sum": format!("{sum:016x}"),
+    });
+    let mut r = full(StatusCode::OK, v.to_string());
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    r.headers_mut().insert("x-upstream", "yes".parse().unwrap());
+    r
+}
+
+type Handler = Arc<
+    dyn Fn(Request<Incoming>) -> Pin<Box<dyn Future<Output = Response<TestBody>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// A hyper server on 127.0.0.1:0 that counts requests and answers with `handler`.
+struct Upstream {
+    addr: SocketAddr,
+    hits: Arc<AtomicU64>,
+    _stop: DropGuard,
+}
+
+impl Upstream {
+    async fn start<F, Fut>(handler: F) -> Upstream
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<TestBody>> + Send + 'static,
+    {
+        let handler: Handler = Arc::new(move |r| Box::pin(handler(r)));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicU64::new(0));
+        let stop = CancellationToken::new();
+        let (h, s) = (hits.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let stream = tokio::select! {
+                    () = s.cancelled() => return,
+                    a = listener.accept() => a.unwrap().0,
+                };
+                let (handler, hits, s) = (handler.clone(), h.clone(), s.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        hits.fetch_add(1, Ordering::SeqCst);
+                        let f = handler(req);
+                        async move { Ok::<_, Infallible>(f.await) }
+                    });
+                    let mut builder = auto::Builder::new(TokioExecutor::new());
+                    // Room for what the proxy adds to a client's 100 fields.
+                    builder.http1().max_headers(200);
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    tokio::select! {
+                        _ = conn => {}
+                        () = s.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Upstream {
+            addr,
+            hits,
+            _stop: stop.drop_guard(),
+        }
+    }
+
+    async fn echo() -> Upstream {
+        Upstream::start(echo).await
+    }
+
+    fn hits(&self) -> u64 {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/base", self.addr)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The agent side
+
+/// The IdP, a token source against it, and proxy settings pointing at `upstream_url`.
+struct Agent {
+    idp: Idp,
+    _idp: DropGuard,
+    tokens: TokenSource,
+    settings: ProxySettings,
+}
+
+impl Agent {
+    async fn new(upstream_url: &str) -> Agent {
+        let (idp, guard) = Idp::start(IdpOptions::new(CLIENT_ID, SECRET, AUDIENCE))
+            .await
+            .unwrap();
+        let env: HashMap<String, String> = [
+            ("BEHEST_AGENT__AUTH__DOMAIN", idp.base_url()),
+            ("BEHEST_AGENT__AUTH__AUDIENCE", AUDIENCE.to_string()),
+            ("BEHEST_AGENT__AUTH__CLIENT_ID", CLIENT_ID.to_string()),
+            ("AUTH0_CLIENT_SECRET", SECRET.to_string()),
+            ("BEHEST_AGENT__TOKEN__CACHE_FILE", String::new()),
+            ("BEHEST_AGENT__PROXY__UPSTREAM", upstream_url.to_string()),
+            (
+                "BEHEST_AGENT__PROXY__ALLOW_INSECURE_UPSTREAM",
+                "true".to_string(),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let settings = crate::config::load(&LoadOptions {
+            env,
+            ..LoadOptions::default()
+        })
+        .expect("test settings load");
+        assert!(settings.token.cache_file.is_none());
+        let tokens = TokenSource::new(&settings, crate::clock::system()).unwrap();
+        Agent {
+            idp,
+            _idp: guard,
+            tokens,
+            settings: settings.proxy,
+        }
+    }
+
+    /// The bearer header the proxy should send now.
+    fn bearer(&self) -> String {
+        self.tokens
+            .current()
+            .expect("a token")
+            .bearer()
+            .to_str()
+            .unwrap()
+            .to_string()
+    }
+}
+
+/// A proxy serving on 127.0.0.1:0 until dropped.
+struct Running {
+    proxy: Proxy,
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    served: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl Running {
+    async fn start(agent: &Agent) -> Running {
+        Running::start_with(agent, |_| {}).await
+    }
+
+    async fn start_with(agent: &Agent, tweak: impl FnOnce(&mut ProxySettings)) -> Running {
+        let mut settings = agent.settings.clone();
+        tweak(&mut settings);
+        let proxy = Proxy::new(&settings, agent.tokens.clone()).unwrap();
+        let listeners = Proxy::bind(&[ListenAddr::Tcp("127.0.0.1:0".parse().unwrap())])
+            .await
+            .unwrap();
+        let ListenAddr::Tcp(addr) = listeners[0].local_addr().unwrap() else {
+            unreachable!()
+        };
+        let shutdown = CancellationToken::new();
+        let (p, s) = (proxy.clone(), shutdown.clone());
+        let served = tokio::spawn(async move { p.serve(listeners, s).await });
+        Running {
+            proxy,
+            addr,
+            shutdown,
+            served: Some(served),
+        }
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.addr.port())
+    }
+
+    fn stat(&self, path: &[&str]) -> u64 {
+        let mut v = self.proxy.stats();
+        for p in path {
+            v = v[*p].clone();
+        }
+        v.as_u64()
+            .unwrap_or_else(|| panic!("stat {path:?} in {}", self.proxy.stats()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients
+
+/// Sends one request on a new HTTP/1.1 connection to `addr`.
+async fn send_on<S, B>(io: S, req: Request<B>) -> Response<Incoming>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    within(sender.send_request(req))
+        .await
+        .expect("the proxy answers")
+}
+
+async fn send<B>(addr: SocketAddr, req: Request<B>) -> Response<Incoming>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    send_on(TcpStream::connect(addr).await.unwrap(), req).await
+}
+
+fn req(p: &Running, method: &str, path: &str) -> http::request::Builder {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", p.host())
+}
+
+async fn get(p: &Running, path: &str) -> Response<Incoming> {
+    send(
+        p.addr,
+        req(p, "GET", path).body(Empty::<Bytes>::new()).unwrap(),
+    )
+    .await
+}
+
+/// Status, headers and the body as JSON.
+async fn json_of(resp: Response<Incoming>) -> (StatusCode, HeaderMap, Value) {
+    let (parts, body) = resp.into_parts();
+    let bytes = within(body.collect()).await.unwrap().to_bytes();
+    let v = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| panic!("JSON body, got {:?}", String::from_utf8_lossy(&bytes)));
+    (parts.status, parts.headers, v)
+}
+
+/// Asserts an agent-made OpenAI-shaped error with `status` and `code`.
+async fn assert_agent_error(resp: Response<Incoming>, status: u16, code: &str) -> Value {
+    let (s, h, v) = json_of(resp).await;
+    assert_eq!(s.as_u16(), status, "{v}");
+    assert_eq!(h["content-type"], "application/json");
+    assert_eq!(v["error"]["type"], "behest_agent_error", "{v}");
+    assert_eq!(v["error"]["code"], code, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty())
+    );
+    v
+}
+
+fn header<'a>(echo: &'a Value, name: &str) -> Option<&'a str> {
+    echo["headers"][name][0].as_str()
+}
+
+/// Writes raw bytes and reads one response: until the connection closes or a head plus its
+/// `Content-Length` body arrived. Returns the text and the stream.
+async fn raw(addr: SocketAddr, bytes: &[u8]) -> (String, TcpStream) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let _ = s.write_all(bytes).await;
+    let text = within(read_response(&mut s)).await;
+    (text, s)
+}
+
+async fn read_response(s: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&out[..end]).to_ascii_lowercase();
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if out.len() >= end + 4 + len {
+                break;
+            }
+        }
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// True when the peer closed the connection (EOF or reset) rather than keeping it open.
+async fn closed(s: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(within(s.read(&mut buf)).await, Ok(0) | Err(_))
+}
+
+fn status_line(text: &str) -> &str {
+    text.lines().next().unwrap_or("")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forwarding and headers
+
+#[tokio::test]
+async fn forwards_under_the_base_path_with_the_agent_bearer_instead_of_client_credentials() {
+    let up = Upstream::echo().await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start(&agent).await;
+    let request = req(&p, "POST", "/v1/chat/completions?stream=true&x=%20")
+        .header("authorization", "Bearer sk-client-key")
+        .header("proxy-authorization", "Basic cHJveHk6c2VjcmV0")
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "1")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-connection", "keep-alive")
+        .header("te", "trailers")
+        .header("accept", "text/event-stream")
+        .header("openai-beta", "assistants=v2")
+        .header("openai-organization", "org-1")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(b"{\"model\":\"m\"}")))
+        .unwrap();
+    let (status, headers, echo) = json_of(send(p.addr, request).await).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-upstream"], "yes");
+    assert_eq!(echo["method"], "POST");
+    assert_eq!(echo["path"], "/base/v1/chat/completions");
+    assert_eq!(echo["query"], "stream=true&x=%20");
+    assert_eq!(echo["body_len"], 13);
+    let bearer = agent.bearer();
+    assert!(bearer.starts_with("Bearer ey"));
+    assert_eq!(echo["headers"]["authorization"], json!([bearer]));
+    for gone in [
+        "proxy-authorization",
+        "connection",
+        "x-hop",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+    ] {
+        assert!(
+            echo["headers"].get(gone).is_none(),
+            "{gone} was forwarded: {echo}"
+        );
+    }
+    assert_eq!(header(&echo, "host"), Some(up.addr.to_string().as_str()));
+    assert_eq!(header(&echo, "accept"), Some("text/event-stream"));
+    assert_eq!(header(&echo, "openai-beta"), Some("assistants=v2"));
+    assert_eq!(header(&echo, "openai-organization"), Some("org-1"));
+    assert_eq!(header(&echo, "content-type"), Some("application/json"));
+    let id = header(&echo, "x-request-id").expect("a request id is added");
+    assert_eq!(id.len(), 32);
+    assert!(echo["headers"].get("x-session-id").is_none());
+}
+
+#[tokio::test]
+async fn client_request_id_and_session_header_are_kept() {
+    let up = Upstream::echo().await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start(&agent).await;
+    let request = req(&p, "GET", "/v1/models")
+        .header("x-request-id", "client-chosen")
+        .header("x-session-id", "from-header")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let (_, _, echo) = json_of(send(p.addr, request).await).await;
+    assert_eq!(echo["headers"]["x-request-id"], json!(["client-chosen"]));
+    assert_eq!(echo["headers"]["x-session-id"], json!(["from-header"]));
+}
+
+#[tokio::test]
+async fn session_path_prefix_sets_x_session_id_and_is_stripped() {
+    let up = Upstream::echo().await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start_with(&agent, |s| s.session_id = Some("configured".into())).await;
+    let (status, _, echo) = json_of(get(&p, "/s/run%2D42/v1/models?limit=1").await).await;
+    assert_eq!(status, 200);
+    assert_eq!(echo["path"], "/base/v1/models");
+    assert_eq!(echo["query"], "limit=1");
+    assert_eq!(echo["headers"]["x-session-id"], json!(["run-42"]));
+}
+
+#[tokio::test]
+async fn configured_session_id_is_sent_only_when_the_client_sent_none() {
+    let up = Upstream::echo().await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start_with(&agent, |s| s.session_id = Some("ci-job-7".into())).await;
+    let (_, _, echo) = json_of(get(&p, "/v1/models").await).await;
+    assert_eq!(echo["headers"]["x-session-id"], json!(["ci-job-7"]));
+    let request = req(&p, "GET", "/v1/models")
+        .header("x-session-id", "mine")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let (_, _, echo) = json_of(send(p.addr, request).await).await;
+    assert_eq!(echo["headers"]["x-session-id"], json!(["mine"]));
+}
+
+#[tokio::test]
+async fn bad_session_ids_are_refused_and_never_forwarded() {
+    let up = Upstream::echo().await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start(&agent).await;
+    let long = format!("/s/{}/v1/models", "x".repeat(129));
+    for path in ["/s/a%20b/v1/models", "/s/%00/v1/models", long.as_str()] {
+        assert_agent_error(get(&p, path).await, 400, "bad_request").await;
+    }
+    assert_eq!(up.hits(), 0);
+}
+
+#[tokio::test]
+async fn paths_escaping_the_base_are_refused_and_never_forwarded() {
+    let up = Upstream::echo().await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start(&agent).await;
+    for path in [
+        "/../secret",
+        "/v1/../../secret",
+        "/%2e%2e/secret",
+        "/v1/%2E%2e/%2e%2e/secret",
+        "/v1/a%2Fb",
+        "/v1/a%2f..%2f..%2fsecret",
+        "/s/job/../../secret",
+        "/v1/..;/secret",
+    ] {
+        let line = format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", p.host());
+        let (text, _) = raw(p.addr, line.as_bytes()).await;
+        assert!(
+            status_line(&text).starts_with("HTTP/1.1 400"),
+            "{path}: {text}"
+        );
+        assert!(text.contains("\"code\":\"bad_request\""), "{path}: {text}");
+    }
+    assert_eq!(up.hits(), 0);
+}
+
+#[tokio::test]
+async fn dot_segments_that_stay_under_the_base_are_resolved() {
+    let up = Upstream::echo().await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start(&agent).await;
+    let (status, _, echo) = json_of(get(&p, "/v1/files/../models/./x").await).await;
+    assert_eq!(status, 200);
+    assert_eq!(echo["path"], "/base/v1/models/x");
+}
+
+#[tokio::test]
+async fn double_slash_and_userinfo_never_change_the_upstream_host() {
+    let up = Upstream::echo().await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start(&agent).await;
+    let (status, _, echo) = json_of(get(&p, "//evil.example/v1/models").await).await;
+    assert_eq!(status, 200);
+    assert_eq!(echo["path"], "/base//evil.example/v1/models");
+    assert_eq!(header(&echo, "host"), Some(up.addr.to_string().as_str()));
+    // Userinfo that looks like the upstream, with another host behind it.
+    let line = format!(
+        "GET http://{}@evil.example/base/v1/models HTTP/1.1\r\nHost: evil.example\r\n\r\n",
+        up.addr
+    );
+    let (text, _) = raw(p.addr, line.as_bytes()).await;
+    assert!(status_line(&text).starts_with("HTTP/1.1 403"), "{text}");
+    assert!(text.contains("forbidden_host"), "{text}");
+    assert_eq!(up.hits(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Guards
+
+#[tokio::test]
+async fn connect_is_refused_and_never_forwarded() {
+    let up = Upstream::echo().await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start(&agent).await;
+    let (text, _) = raw(
+        p.addr,
+        format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", up.addr).as_bytes(),
+    )
+    .await;
+    assert!(status_line(&text).starts_with("HTTP/1.1 405"), "{text}");
+    assert!(text.contains("behest_agent_error"), "{text}");
+    assert_eq!(up.hits(), 0);
+}
+
+#[tokio::test]
+async fn absolute_form_to_another_host_is_refused_and_never_forwarded() {
+    let up = Upstream::echo().await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start(&agent).await;
+    for target in [
+        "http://evil.example/v1/models".to_string(),
+        format!("http://127.0.0.1:{}/v1/models", up.addr.port() ^ 1),
+        format!("https://evil.example:{}/base/v1/models", up.addr.port()),
+    ] {
+        let line = format!("GET {target} HTTP/1.1\r\nHost: {}\r\n\r\n", p.host());
+        let (text, _) = raw(p.addr, line.as_bytes()).await;
+        assert!(
+            status_line(&text).starts_with("HTTP/1.1 403"),
+            "{target}: {text}"
+        );
+        assert!(
+            text.contains("\"code\":\"forbidden_host\""),
+            "{target}: {text}"
+        );
+    }
+    assert_eq!(up.hits(), 0);
+}
+
+#[tokio::test]
+async fn absolute_form_to_the_upstream_itself_is_forwarded_under_its_base() {
+    let up = Upstream::echo().await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start(&agent).await;
+    let line = format!(
+        "GET http://{0}/base/v1/models?a=1 HTTP/1.1\r\nHost: {0}\r\nConnection: close\r\n\r\n",
+        up.addr
+    );
+    let (text, _) = raw(p.addr, line.as_bytes()).await;
+    assert!(status_line(&text).starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("\"path\":\"/base/v1/models\""), "{text}");
+    // Outside the base path: refused.
+    let line = format!(
+        "GET http://{0}/other HTTP/1.1\r\nHost: {0}\r\n\r\n",
+        up.addr
+    );
+    let (text, _) = raw(p.addr, line.as_bytes()).await;
+    assert!(status_line(&text).starts_with("HTTP/1.1 400"), "{text}");
+    assert_eq!(up.hits(), 1);
+}
+
+#[tokio::test]
+async fn foreign_host_header_is_refused_and_loopback_names_are_served() {
+    let up = Upstream::echo().await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start(&agent).await;
+    for host in ["evil.example", "evil.example:8711", "192.0.2.1"] {
+        let mut r = req(&p, "GET", "/v1/models")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        r.headers_mut().insert("host", host.parse().unwrap());
+        assert_agent_error(send(p.addr, r).await, 403, "forbidden_host").await;
+    }
+    assert_eq!(up.hits(), 0);
+    for host in [
+        "localhost",
+        &format!("localhost:{}", p.addr.port()),
+        "127.0.0.1",
+        "[::1]:8711",
+    ] {
+        let mut r = req(&p, "GET", "/v1/models")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        r.headers_mut().insert("host", host.parse().unwrap());
+        let (status, _, _) = json_of(send(p.addr, r).await).await;
+        assert_eq!(status, 200, "{host}");
+    }
+}
+
+#[tokio::test]
+async fn browser_origin_is_refused_unless_configured() {
+    let up = Upstream::echo().await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start_with(&agent, |s| {
+        s.allowed_origins = vec!["https://tools.example".to_string()];
+    })
+    .await;
+    let r = req(&p, "POST", "/v1/chat/completions")
+        .header("origin", "https://evil.example")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    assert_agent_error(send(p.addr, r).await, 403, "forbidden_origin").await;
+    assert_eq!(up.hits(), 0);
+    let r = req(&p, "POST", "/v1/chat/completions")
+        .header("origin", "https://tools.example")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    let (status, _, echo) = json_of(send(p.addr, r).await).await;
+    assert_eq!(status, 200);
+    assert_eq!(header(&echo, "origin"), Some("https://tools.example"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request-head limits and framing
+
+#[tokio::test]
+async fn request_head_over_32_kib_gets_431() {
+    let up = Upstream::echo().await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start(&agent).await;
+    // Exactly 32 KiB of a head that is still not complete: hyper has read every byte sent when it
+    // gives up, so its 431 is not lost to a reset.
+    let mut head = format!("GET /v1/models HTTP/1.1\r\nHost: {}\r\nX-Big: ", p.host()).into_bytes();
+    head.resize(listener::MAX_HEAD, b'a');
+    let (text, mut s) = raw(p.addr, &head).await;
+    assert!(status_line(&text).starts_with("HTTP/1.1 431"), "{text}");
+    assert!(closed(&mut s).await);
+    assert_eq!(up.hits(), 0);
+}
+
+#[tokio::test]
+async fn more_than_100_headers_get_431() {
+    let up = Upstream::echo().await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start(&agent).await;
+    let mut head = format!("GET /v1/models HTTP/1.1\r\nHost: {}\r\n", p.host());
+    for i in 0..100 {
+        head.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    head.push_str("\r\n");
+    let (text, _) = raw(p.addr, head.as_bytes()).await;
+    assert!(status_line(&text).starts_with("HTTP/1.1 431"), "{text}");
+    // 100 in all is fine.
+    let mut head = format!(
+        "GET /v1/models HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
+        p.host()
+    );
+    for i in 0..98 {
+        head.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    head.push_str("\r\n");
+    let (text, _) = raw(p.addr, head.as_bytes()).await;
+    assert!(status_line(&text).starts_with("HTTP/1.1 200"), "{text}");
+    assert_eq!(up.hits(), 1);
+}
+
+#[tokio::test]
+async fn content_length_with_transfer_encoding_gets_400_and_close() {
+    let up = Upstream::echo().await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start(&agent).await;
+    for fields in [
+        "Content-Length: 5\r\nTransfer-Encoding: chunked",
+        "Transfer-Encoding: chunked\r\nContent-Length: 5",
+    ] {
+        let line = format!(
+            "POST /v1/x HTTP/1.1\r\nHost: {}\r\n{fields}\r\n\r\n0\r\n\r\n",
+            p.host()
+        );
+        let (text, mut s) = raw(p.addr, line.as_bytes()).await;
+        assert!(status_line(&text).starts_with("HTTP/1.1 400"), "{text}");
+        assert!(
+            text.to_ascii_lowercase().contains("connection: close"),
+            "{text}"
+        );
+        assert!(text.contains("bad_request"), "{text}");
+        assert!(closed(&mut s).await);
+    }
+    assert_eq!(up.hits(), 0);
+}
+
+#[tokio::test]
+async fn conflicting_framing_on_a_later_keep_alive_request_is_refused() {
+    let up = Upstream::echo().await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start(&agent).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    let first = format!(
+        "POST /v1/a HTTP/1.1\r\nHost: {}\r\nContent-Length: 3\r\n\r\nabc",
+        p.host()
+    );
+    s.write_all(first.as_bytes()).await.unwrap();
+    let text = within(read_response(&mut s)).await;
+    assert!(status_line(&text).starts_with("HTTP/1.1 200"), "{text}");
+    let second = format!(
+        "POST /v1/b HTTP/1.1\r\nHost: {}\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        p.host()
+    );
+    s.write_all(second.as_bytes()).await.unwrap();
+    let text = within(read_response(&mut s)).await;
+    assert!(status_line(&text).starts_with("HTTP/1.1 400"), "{text}");
+    assert!(closed(&mut s).await);
+    assert_eq!(up.hits(), 1);
+}
+
+#[tokio::test]
+async fn differing_content_lengths_and_space_before_colon_get_400_and_close() {
+    let up = Upstream::echo().await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start(&agent).await;
+    for fields in [
+        "Content-Length: 3\r\nContent-Length: 4",
+        "Content-Length : 3",
+    ] {
+        let line = format!(
+            "POST /v1/x HTTP/1.1\r\nHost: {}\r\n{fields}\r\n\r\nabc",
+            p.host()
+        );
+        let (text, mut s) = raw(p.addr, line.as_bytes()).await;
+        assert!(
+            status_line(&text).starts_with("HTTP/1.1 400"),
+            "{fields}: {text}"
+        );
+        assert!(closed(&mut s).await);
+    }
+    assert_eq!(up.hits(), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streaming
+
+/// An upstream that streams `data: 1`, waits for the test's go, then streams `data: 2` and ends.
+async fn sse_upstream(go: oneshot::Receiver<()>) -> Upstream {
+    let go = Arc::new(Mutex::new(Some(go)));
+    Upstream::start(move |_req| {
+        let go = go.lock().unwrap().take();
+        async move {
+            let (tx, rx) = mpsc::channel(1);
+            tokio::spawn(async move {
+                tx.send(Bytes::from_static(b"data: 1\n\n")).await.unwrap();
+                if let Some(go) = go {
+                    let _ = go.await;
+                }
+                let _ = tx.send(Bytes::from_static(b"data: 2\n\n")).await;
+            });
+            let mut r = Response::new(ChanBody(rx).boxed());
+            r.headers_mut()
+                .insert("content-type", "text/event-stream".parse().unwrap());
+            r
+        }
+    })
+    .await
+}
+
+/// Reads frames until `want` is in what was read; returns all of it.
+async fn read_until(body: &mut Incoming, seen: &mut Vec<u8>, want: &[u8]) {
+    while !seen.windows(want.len()).any(|w| w == want) {
+        let frame = within(body.frame())
+            .await
+            .expect("more body")
+            .expect("a good frame");
+        if let Ok(d) = frame.into_data() {
+            seen.extend_from_slice(&d);
+        }
+    }
+}
+
+#[tokio::test]
+async fn sse_events_reach_the_client_one_by_one() {
+    let (go, wait) = oneshot::channel();
+    let up = sse_upstream(wait).await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start(&agent).await;
+    let resp = get(&p, "/v1/chat/completions").await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.into_body();
+    let mut seen = Vec::new();
+    // Event 2 is not produced before this returns: event 1 came through alone.
+    read_until(&mut body, &mut seen, b"data: 1\n\n").await;
+    assert_eq!(seen, b"data: 1\n\n");
+    go.send(()).unwrap();
+    read_until(&mut body, &mut seen, b"data: 2\n\n").await;
+    assert!(within(body.frame()).await.is_none());
+    assert_eq!(seen, b"data: 1\n\ndata: 2\n\n");
+}
+
+/// A request body sent through a channel (chunked, size unknown).
+fn chunked_pattern(total: usize, chunk: usize) -> (ChanBody, u64) {
+    let (tx, rx) = mpsc::channel(4);
+    let mut sum = FNV0;
+    let data: Vec<u8> = (0..total).map(|i| (i % 251) as u8).collect();
+    sum = fnv(sum, &data);
+    tokio::spawn(async move {
+        for piece in data.chunks(chunk) {
+            if tx.send(Bytes::copy_from_slice(piece)).await.is_err() {
+                return;
+            }
+        }
+    });
+    (ChanBody(rx), sum)
+}
+
+#[tokio::test]
+async fn multi_mib_request_bodies_stream_through_intact() {
+    let up = Upstream::echo().await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start(&agent).await;
+    // Chunked, of unknown size: teed for a replay until it outgrows the limit.
+    let total = 6 * 1024 * 1024 + 7;
+    let (body, sum) = chunked_pattern(total, 64 * 1024);
+    let r = req(&p, "POST", "/v1/files").body(body).unwrap();
+    let (status, _, echo) = json_of(send(p.addr, r).await).await;
+    assert_eq!(status, 200);
+    assert_eq!(echo["body_len"], total as u64);
+    assert_eq!(echo["body_sum"], format!("{sum:016x}"));
+    // With a Content-Length over the replay limit: never teed.
+    let data: Vec<u8> = (0..3 * 1024 * 1024).map(|i| (i % 13) as u8).collect();
+    let sum = fnv(FNV0, &data);
+    let r = req(&p, "POST", "/v1/files")
+        .body(Full::new(Bytes::from(data)))
+        .unwrap();
+    let (status, _, echo) = json_of(send(p.addr, r).await).await;
+    assert_eq!(status, 200);
+    assert_eq!(echo["body_len"], 3 * 1024 * 1024);
+    assert_eq!(echo["body_sum"], format!("{sum:016x}"));
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge_clients_are_served() {
+    let up = Upstream::echo().await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start(&agent).await;
+    let io = TokioIo::new(TcpStream::connect(p.addr).await.unwrap());
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let r = Request::builder()
+        .uri(format!("http://{}/s/h2job/v1/models", p.host()))
+        .header("authorization", "Bearer sk-client")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = within(sender.send_request(r)).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let (status, _, echo) = json_of(resp).await;
+    assert_eq!(status, 200);
+    assert_eq!(echo["path"], "/base/v1/models");
+    assert_eq!(echo["headers"]["x-session-id"], json!(["h2job"]));
+    assert_eq!(echo["headers"]["authorization"], json!([agent.bearer()]));
+    // `:authority` is the Host of h2: a foreign one is refused.
+    let r = Request::builder()
+        .uri("http://evil.example/v1/models")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = within(sender.send_request(r)).await.unwrap();
+    assert_agent_error(resp, 403, "forbidden_host").await;
+    // h2 has no header-count limit of its own: over 100 fields get 431 from the proxy.
+    let mut r = Request::builder().uri(format!("http://{}/v1/models", p.host()));
+    for i in 0..101 {
+        r = r.header(format!("x-h{i}"), "v");
+    }
+    let resp = within(sender.send_request(r.body(Empty::<Bytes>::new()).unwrap()))
+        .await
+        .unwrap();
+    assert_agent_error(resp, 431, "request_header_fields_too_large").await;
+    assert_eq!(up.hits(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Token and 401 replay
+
+/// An upstream answering 401 to the first `rejections` requests, then echoing.
+async fn rejecting_upstream(rejections: u64) -> (Upstream, Arc<Mutex<Vec<String>>>) {
+    let count = Arc::new(AtomicU64::new(0));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let up = Upstream::start(move |req| {
+        let n = count.fetch_add(1, Ordering::SeqCst);
+        let auth = req
+            .headers()
+            .get("authorization")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        s.lock().unwrap().push(auth);
+        async move {
+            if n < rejections {
+                // Read the body first, as a real server would before answering.
+                let _ = req.into_body().collect().await;
+                let mut r = full(
+                    StatusCode::UNAUTHORIZED,
+                    r#"{"error":{"message":"bad token"}}"#,
+                );
+                r.headers_mut()
+                    .insert("www-authenticate", "Bearer".parse().unwrap());
+                r
+            } else {
+                echo(req).await
+            }
+        }
+    })
+    .await;
+    (up, seen)
+}
+
+#[tokio::test]
+async fn upstream_401_refreshes_the_token_and_replays_the_request_once() {
+    let (up, seen) = rejecting_upstream(1).await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start(&agent).await;
+    let r = req(&p, "POST", "/v1/chat/completions")
+        .body(Full::new(Bytes::from_static(
+            b"{\"model\":\"m\",\"messages\":[]}",
+        )))
+        .unwrap();
+    let (status, _, echo) = json_of(send(p.addr, r).await).await;
+    assert_eq!(status, 200);
+    assert_eq!(echo["body_len"], 27);
+    assert_eq!(up.hits(), 2);
+    assert_eq!(
+        agent.idp.grants(),
+        2,
+        "one grant for the first token, one to replace it"
+    );
+    assert_eq!(p.stat(&["replays"]), 1);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen[1], agent.bearer(), "the replay carries the new token");
+}
+
+#[tokio::test]
+async fn chunked_body_that_fits_is_replayed_after_401() {
+    let (up, _) = rejecting_upstream(1).await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start(&agent).await;
+    let (body, sum) = chunked_pattern(100_000, 10_000);
+    let r = req(&p, "POST", "/v1/files").body(body).unwrap();
+    let (status, _, echo) = json_of(send(p.addr, r).await).await;
+    assert_eq!(status, 200);
+    assert_eq!(echo["body_len"], 100_000);
+    assert_eq!(echo["body_sum"], format!("{sum:016x}"));
+    assert_eq!(up.hits(), 2);
+    assert_eq!(p.stat(&["replays"]), 1);
+}
+
+#[tokio::test]
+async fn a_second_401_goes_back_to_the_client_as_is() {
+    let (up, _) = rejecting_upstream(u64::MAX).await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start(&agent).await;
+    let resp = get(&p, "/v1/models").await;
+    assert_eq!(resp.status(), 401);
+    assert_eq!(resp.headers()["www-authenticate"], "Bearer");
+    let body = within(resp.into_body().collect()).await.unwrap().to_bytes();
+    assert_eq!(&body[..], br#"{"error":{"message":"bad token"}}"#);
+    assert_eq!(up.hits(), 2, "one replay, no more");
+    assert_eq!(p.stat(&["replays"]), 1);
+    assert_eq!(p.stat(&["responses", "4xx"]), 1);
+}
+
+#[tokio::test]
+async fn a_401_on_a_body_too_big_to_keep_is_returned_without_replay() {
+    let (up, _) = rejecting_upstream(2).await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start_with(&agent, |s| s.max_replay_body = 1024).await;
+    // Its Content-Length says it is too big: never kept.
+    let r = req(&p, "POST", "/v1/files")
+        .body(Full::new(Bytes::from(vec![b'x'; 4096])))
+        .unwrap();
+    let resp = send(p.addr, r).await;
+    assert_eq!(resp.status(), 401);
+    assert_eq!(up.hits(), 1);
+    // Chunked, outgrowing the limit on the way: the copy is dropped, no replay either.
+    let (body, _) = chunked_pattern(8 * 1024, 1024);
+    let r = req(&p, "POST", "/v1/files").body(body).unwrap();
+    let resp = send(p.addr, r).await;
+    assert_eq!(resp.status(), 401);
+    assert_eq!(up.hits(), 2);
+    assert_eq!(p.stat(&["replays"]), 0);
+}
+
+#[tokio::test]
+async fn no_token_answers_503_token_unavailable_without_secrets() {
+    let up = Upstream::echo().await;
+    let agent = Agent::new(&up.url()).await;
+    agent.idp.set_fault(Some(Fault::Status(503)));
+    let p = Running::start(&agent).await;
+    let v = assert_agent_error(get(&p, "/v1/models").await, 503, "token_unavailable").await;
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(!message.contains(SECRET), "{message}");
+    assert_eq!(up.hits(), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upstream failures, timeouts, cancellation
+
+#[tokio::test]
+async fn unreachable_upstream_answers_502_in_the_openai_shape() {
+    let closed_port = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    };
+    let agent = Agent::new(&format!("http://{closed_port}/base")).await;
+    let p = Running::start(&agent).await;
+    let v = assert_agent_error(get(&p, "/v1/models").await, 502, "upstream_unreachable").await;
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&closed_port.to_string()),
+        "{v}"
+    );
+    assert_eq!(p.stat(&["upstream_errors"]), 1);
+    assert_eq!(p.stat(&["responses", "5xx"]), 1);
+}
+
+#[tokio::test]
+async fn upstream_silent_past_upstream_timeout_answers_504() {
+    let up = Upstream::start(|_req| std::future::pending::<Response<TestBody>>()).await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start_with(&agent, |s| s.upstream_timeout = Duration::from_millis(50)).await;
+    assert_agent_error(get(&p, "/v1/models").await, 504, "upstream_timeout").await;
+    assert_eq!(p.stat(&["upstream_errors"]), 1);
+}
+
+#[tokio::test]
+async fn a_stream_silent_past_idle_timeout_is_cut() {
+    let up = Upstream::start(|_req| async {
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(async move {
+            tx.send(Bytes::from_static(b"data: 1\n\n")).await.unwrap();
+            // Never another byte, never the end.
+            std::future::pending::<()>().await;
+        });
+        Response::new(ChanBody(rx).boxed())
+    })
+    .await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start_with(&agent, |s| s.idle_timeout = Duration::from_millis(50)).await;
+    let resp = get(&p, "/v1/chat/completions").await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut seen = Vec::new();
+    read_until(&mut body, &mut seen, b"data: 1\n\n").await;
+    let end = within(body.frame()).await;
+    assert!(
+        matches!(end, Some(Err(_))),
+        "the stream is cut, not ended cleanly: {end:?}"
+    );
+}
+
+/// Signals when dropped.
+struct DropSignal(Option<oneshot::Sender<()>>);
+
+impl Drop for DropSignal {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+#[tokio::test]
+async fn client_disconnect_cancels_the_upstream_request() {
+    let (arrived_tx, mut arrived) = mpsc::channel::<()>(1);
+    let (dropped_tx, dropped) = oneshot::channel();
+    let dropped_tx = Arc::new(Mutex::new(Some(dropped_tx)));
+    let up = Upstream::start(move |_req| {
+        let signal = DropSignal(dropped_tx.lock().unwrap().take());
+        let arrived = arrived_tx.clone();
+        async move {
+            let _signal = signal;
+            arrived.send(()).await.unwrap();
+            std::future::pending::<Response<TestBody>>().await
+        }
+    })
+    .await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start(&agent).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(
+        format!(
+            "GET /v1/chat/completions HTTP/1.1\r\nHost: {}\r\n\r\n",
+            p.host()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    within(arrived.recv()).await.unwrap();
+    assert_eq!(p.stat(&["in_flight"]), 1);
+    drop(s);
+    within(dropped)
+        .await
+        .expect("the upstream saw the request cancelled");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Listeners, shutdown, counters
+
+#[tokio::test]
+async fn unix_socket_listener_has_mode_0660_and_serves() {
+    let up = Upstream::echo().await;
+    let agent = Agent::new(&up.url()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.sock");
+    let proxy = Proxy::new(&agent.settings, agent.tokens.clone()).unwrap();
+    let listeners = Proxy::bind(&[ListenAddr::Unix(path.clone())])
+        .await
+        .unwrap();
+    assert_eq!(
+        listeners[0].local_addr().unwrap(),
+        ListenAddr::Unix(path.clone())
+    );
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+    // A socket something answers on is not taken over.
+    let e = Proxy::bind(&[ListenAddr::Unix(path.clone())])
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse);
+    let shutdown = CancellationToken::new();
+    let served = tokio::spawn({
+        let (p, s) = (proxy.clone(), shutdown.clone());
+        async move { p.serve(listeners, s).await }
+    });
+    let r = Request::get("/v1/models")
+        .header("host", "localhost")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let (status, _, echo) =
+        json_of(send_on(UnixStream::connect(&path).await.unwrap(), r).await).await;
+    assert_eq!(status, 200);
+    assert_eq!(echo["path"], "/base/v1/models");
+    shutdown.cancel();
+    within(served).await.unwrap();
+    assert!(!path.exists(), "the socket file is removed at shutdown");
+}
+
+#[tokio::test]
+async fn shutdown_stops_accepting_and_lets_open_streams_finish() {
+    let (go, wait) = oneshot::channel();
+    let up = sse_upstream(wait).await;
+    let agent = Agent::new(&up.url()).await;
+    let mut p = Running::start(&agent).await;
+    let resp = get(&p, "/v1/chat/completions").await;
+    let mut body = resp.into_body();
+    let mut seen = Vec::new();
+    read_until(&mut body, &mut seen, b"data: 1\n\n").await;
+    p.shutdown.cancel();
+    // Once the listener is closed, new connections are refused.
+    let addr = p.addr;
+    within(async {
+        while TcpStream::connect(addr).await.is_ok() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let served = p.served.take().unwrap();
+    assert!(!served.is_finished(), "serve waits for the open stream");
+    go.send(()).unwrap();
+    read_until(&mut body, &mut seen, b"data: 2\n\n").await;
+    assert!(
+        within(body.frame()).await.is_none(),
+        "the stream ended cleanly"
+    );
+    within(served).await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_cuts_streams_still_open_after_the_grace() {
+    let (_go, wait) = oneshot::channel();
+    let up = sse_upstream(wait).await;
+    let agent = Agent::new(&up.url()).await;
+    let mut p = Running::start_with(&agent, |s| s.shutdown_grace = Duration::from_millis(50)).await;
+    let resp = get(&p, "/v1/chat/completions").await;
+    let mut body = resp.into_body();
+    let mut seen = Vec::new();
+    read_until(&mut body, &mut seen, b"data: 1\n\n").await;
+    p.shutdown.cancel();
+    within(p.served.take().unwrap()).await.unwrap();
+    let end = within(body.frame()).await;
+    assert!(matches!(end, Some(Err(_)) | None), "{end:?}");
+    assert!(!seen.windows(7).any(|w| w == b"data: 2"));
+}
+
+#[tokio::test]
+async fn stats_count_requests_by_status_class() {
+    let up = Upstream::echo().await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start(&agent).await;
+    let _ = json_of(get(&p, "/v1/models").await).await;
+    let _ = json_of(get(&p, "/../x").await).await;
+    let r = req(&p, "GET", "/v1/models")
+        .header("origin", "https://evil.example")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let _ = json_of(send(p.addr, r).await).await;
+    let stats = p.proxy.stats();
+    assert_eq!(stats["requests_total"], 3, "{stats}");
+    assert_eq!(stats["responses"]["2xx"], 1, "{stats}");
+    assert_eq!(stats["responses"]["4xx"], 2, "{stats}");
+    assert_eq!(stats["in_flight"], 0, "{stats}");
+    assert_eq!(stats["replays"], 0, "{stats}");
+    assert_eq!(stats["upstream_errors"], 0, "{stats}");
+    assert_eq!(
+        stats["upstream"],
+        format!("{}", url::Url::parse(&up.url()).unwrap())
+    );
+    assert!(!stats.to_string().contains("Bearer"));
+}
+
+#[tokio::test]
+async fn proxy_without_upstream_is_a_setup_error() {
+    let up = Upstream::echo().await;
+    let agent = Agent::new(&up.url()).await;
+    let mut settings = agent.settings.clone();
+    settings.upstream = None;
+    let e = Proxy::new(&settings, agent.tokens.clone()).unwrap_err();
+    assert!(matches!(e, SetupError::NoUpstream));
+    assert!(e.to_string().contains("proxy.upstream"));
+    settings.upstream = Some(url::Url::parse(&up.url()).unwrap());
+    settings.session_id = Some("has space".into());
+    assert!(matches!(
+        Proxy::new(&settings, agent.tokens.clone()).unwrap_err(),
+        SetupError::SessionId(_)
+    ));
+}
+
+#[tokio::test]
+async fn replace_with_sends_new_requests_to_the_new_upstream_and_keeps_the_totals() {
+    let old_up = Upstream::echo().await;
+    let new_up = Upstream::echo().await;
+    let agent = Agent::new(&old_up.url()).await;
+    let p = Running::start(&agent).await;
+    let (status, _, _) = json_of(get(&p, "/v1/models").await).await;
+    assert_eq!(status, 200);
+    let mut settings = agent.settings.clone();
+    settings.upstream = Some(url::Url::parse(&format!("http://{}/other", new_up.addr)).unwrap());
+    let next = Proxy::new(&settings, agent.tokens.clone()).unwrap();
+    p.proxy.replace_with(&next);
+    let (status, _, echo) = json_of(get(&p, "/v1/models").await).await;
+    assert_eq!(status, 200);
+    assert_eq!(echo["path"], "/other/v1/models");
+    assert_eq!((old_up.hits(), new_up.hits()), (1, 1));
+    assert_eq!(next.stats()["requests_total"], 2, "{}", next.stats());
+}
+
+#[tokio::test]
+async fn attached_metrics_count_responses_upstream_errors_and_replays() {
+    let (up, _) = rejecting_upstream(1).await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start(&agent).await;
+    let metrics = Arc::new(crate::telemetry::metrics::Metrics::new());
+    p.proxy.attach_metrics(metrics.clone());
+    let (status, _, _) = json_of(get(&p, "/v1/models").await).await;
+    assert_eq!(status, 200);
+    let _ = json_of(get(&p, "/../x").await).await;
+    let text = metrics.encode();
+    assert!(
+        text.contains("behest_agent_proxy_requests_total{code=\"2xx\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("behest_agent_proxy_requests_total{code=\"4xx\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("behest_agent_replays_total 1"), "{text}");
+    assert!(text.contains("behest_agent_in_flight_requests 0"), "{text}");
+    assert!(!text.contains("Bearer"), "{text}");
+}
+
+#[tokio::test]
+async fn one_debug_line_per_request_without_credentials_or_query() {
+    let logs = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let writer = {
+        let logs = logs.clone();
+        move || Capture(logs.clone())
+    };
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_writer(writer)
+        .with_ansi(false)
+        .finish();
+    // The test runtime has one thread: the proxy's tasks log through this subscriber too.
+    // With a single registered dispatcher, tracing-core computes callsite interest from the
+    // default of whichever thread hits a callsite first (another test's: none), disabling it for
+    // everyone. A second live dispatcher makes it consult every registered one.
+    let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let up = Upstream::echo().await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start(&agent).await;
+    let r = req(
+        &p,
+        "POST",
+        "/s/job-9/v1/chat/completions?api_key=query-secret",
+    )
+    .header("authorization", "Bearer sk-client-secret")
+    .body(Full::new(Bytes::from_static(b"{}")))
+    .unwrap();
+    let (status, _, _) = json_of(send(p.addr, r).await).await;
+    assert_eq!(status, 200);
+    let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("proxied request"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    for field in [
+        "method=POST",
+        "path=\"/s/job-9/v1/chat/completions\"",
+        "status=200",
+        "session=\"job-9\"",
+        "bytes=",
+    ] {
+        assert!(lines[0].contains(field), "{field} missing: {}", lines[0]);
+    }
+    let token = agent.bearer();
+    let token = token.trim_start_matches("Bearer ");
+    for secret in ["sk-client-secret", "query-secret", token, SECRET] {
+        assert!(!text.contains(secret), "a secret reached the log: {text}");
+    }
+}
+
+/// A `MakeWriter` target collecting log output.
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_request_head_not_sent_within_header_read_timeout_closes_the_connection() {
+    let up = Upstream::echo().await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start_with(&agent, |s| {
+        s.header_read_timeout = Duration::from_millis(50)
+    })
+    .await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(format!("GET /v1/models HTTP/1.1\r\nHost: {}\r\n", p.host()).as_bytes())
+        .await
+        .unwrap();
+    // The rest of the head never comes.
+    assert!(closed(&mut s).await);
+    assert_eq!(up.hits(), 0);
+}
+
+#[tokio::test]
+async fn connections_beyond_max_connections_wait_for_a_free_slot() {
+    let up = Upstream::echo().await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start_with(&agent, |s| s.max_connections = 1).await;
+    let get_on = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", p.host());
+    let mut a = TcpStream::connect(p.addr).await.unwrap();
+    a.write_all(get_on("/v1/a").as_bytes()).await.unwrap();
+    assert!(status_line(&within(read_response(&mut a)).await).starts_with("HTTP/1.1 200"));
+    // B's connect completes in the kernel's backlog, but the proxy does not take it while A
+    // holds the only slot, so its request is not forwarded...
+    let mut b = TcpStream::connect(p.addr).await.unwrap();
+    b.write_all(get_on("/v1/b").as_bytes()).await.unwrap();
+    // ...even while A is served again.
+    a.write_all(get_on("/v1/a").as_bytes()).await.unwrap();
+    assert!(status_line(&within(read_response(&mut a)).await).starts_with("HTTP/1.1 200"));
+    assert_eq!(up.hits(), 2);
+    assert_eq!(p.stat(&["connections"]), 1);
+    // A goes away: B is taken and served.
+    drop(a);
+    let text = within(read_response(&mut b)).await;
+    assert!(status_line(&text).starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("/base/v1/b"), "{text}");
+    assert_eq!(up.hits(), 3);
+}
+
+#[tokio::test]
+async fn a_request_body_silent_past_idle_timeout_is_answered_408() {
+    let up = Upstream::echo().await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start_with(&agent, |s| s.idle_timeout = Duration::from_millis(50)).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/files HTTP/1.1\r\nHost: {}\r\nContent-Length: 10\r\n\r\nabc",
+        p.host()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    // The other 7 bytes never come.
+    let text = within(read_response(&mut s)).await;
+    assert!(status_line(&text).starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("\"code\":\"request_timeout\""), "{text}");
+    assert_eq!(p.stat(&["upstream_errors"]), 0);
+}

@@ -1,0 +1,535 @@
+//! The proxy end to end: the real OpenAI SDK (npm `openai`) through the agent to the echo upstream
+//! that verifies tokens like Behest, with the embedded IdP or the real `oidc-provider`; streaming
+//! without buffering, a 20 MiB upload, 401 replay, single-flight under 1,000 requests, cancellation,
+//! `exec`, `env`, and a graceful SIGTERM during a stream.
+
+use std::process::Stdio;
+use std::time::{Duration, UNIX_EPOCH};
+
+use behest_agent::app::App;
+use behest_agent::clock;
+use behest_agent::config::{self, ListenAddr, LoadOptions};
+use behest_agent::dev::upstream::{BearerKind, Upstream, UpstreamFault, UpstreamOptions};
+use serde_json::{Value, json};
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::node::{OidcProvider, openai_client};
+use crate::util::{AUDIENCE, Harness, assert_no_secret_in, eventually};
+
+/// IdP + echo upstream + the agent, in this process.
+struct Stack {
+    h: Harness,
+    upstream: Upstream,
+    _upstream_stop: DropGuard,
+    base: String,
+    stop: CancellationToken,
+    app: tokio::task::JoinHandle<()>,
+}
+
+async fn stack_with(edit: impl FnOnce(&mut UpstreamOptions), extra: &[(&str, &str)]) -> Stack {
+    let h = Harness::start().await;
+    let mut opts = UpstreamOptions::for_idp(&h.idp, AUDIENCE);
+    edit(&mut opts);
+    let (upstream, upstream_stop) = Upstream::start(opts).await.unwrap();
+    let up = upstream.base_url();
+    let mut env = vec![
+        ("BEHEST_AGENT__PROXY__LISTEN", "127.0.0.1:0"),
+        ("BEHEST_AGENT__PROXY__UPSTREAM", up.as_str()),
+        ("BEHEST_AGENT__PROXY__ALLOW_INSECURE_UPSTREAM", "true"),
+    ];
+    env.extend_from_slice(extra);
+    // The binary tests start their own daemon on the harness's default socket.
+    let socket = h.path("stack/agent.sock").display().to_string();
+    env.push(("BEHEST_AGENT__CONTROL__SOCKET", socket.as_str()));
+    let app = App::build(h.settings(&env), clock::system())
+        .await
+        .expect("the agent starts");
+    let addr = match app.proxy_addresses()[0] {
+        ListenAddr::Tcp(a) => a,
+        _ => unreachable!(),
+    };
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(app.run(stop.clone()));
+    Stack {
+        h,
+        upstream,
+        _upstream_stop: upstream_stop,
+        base: format!("http://{addr}/v1"),
+        stop,
+        app: task,
+    }
+}
+
+async fn stack() -> Stack {
+    stack_with(|_| {}, &[]).await
+}
+
+impl Stack {
+    async fn finish(self) {
+        self.stop.cancel();
+        self.app.await.unwrap();
+        self.h.assert_no_secrets_logged();
+    }
+
+    /// Every request the upstream saw carried a verified JWT for this client, never the placeholder.
+    fn assert_upstream_saw_only_the_agents_token(&self) {
+        let reqs = self.upstream.requests();
+        assert!(!reqs.is_empty());
+        for r in reqs {
+            assert_eq!(r.bearer, BearerKind::Jwt, "{} {}", r.method, r.path);
+            let claims = r.claims.expect("the upstream verified the bearer");
+            assert_eq!(claims["uid"], self.h.client_id.as_str());
+        }
+    }
+}
+
+fn http() -> reqwest::Client {
+    behest_agent::tls::install_default_provider();
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+#[tokio::test]
+async fn the_openai_sdk_works_unchanged_through_the_proxy() {
+    let s = stack().await;
+    let chat = openai_client(&s.base, "chat", &[]).await;
+    assert_eq!(chat["ok"], true, "{chat}");
+    assert_eq!(chat["content"], "hello");
+    let stream = openai_client(&s.base, "stream", &[]).await;
+    assert_eq!(stream["ok"], true, "{stream}");
+    assert_eq!(stream["finish_reason"], "stop");
+    let emb = openai_client(&s.base, "embeddings", &[]).await;
+    assert_eq!(emb["ok"], true, "{emb}");
+    let models = openai_client(&s.base, "models", &[]).await;
+    assert_eq!(models["ok"], true, "{models}");
+    let up = openai_client(&s.base, "upload", &[]).await;
+    assert_eq!(up["ok"], true, "{up}");
+    s.assert_upstream_saw_only_the_agents_token();
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn streamed_events_reach_the_client_before_the_upstream_sends_the_next() {
+    let s = stack_with(|o| o.sse_interval = Duration::from_millis(200), &[]).await;
+    let out = openai_client(&s.base, "stream", &[]).await;
+    assert_eq!(out["ok"], true, "{out}");
+    let received: Vec<u64> = out["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["t"].as_u64().unwrap())
+        .collect();
+    let reqs = s.upstream.requests();
+    let sent: Vec<u64> = reqs
+        .iter()
+        .find(|r| !r.sse_sent_at.is_empty())
+        .expect("a streamed request")
+        .sse_sent_at
+        .iter()
+        .map(|t| t.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64)
+        .collect();
+    assert!(
+        received.len() >= 3 && sent.len() > received.len() - 1,
+        "{received:?} {sent:?}"
+    );
+    for k in 0..received.len() - 1 {
+        assert!(
+            received[k] < sent[k + 1],
+            "event {k} reached the client at {} but the upstream sent event {} at {}: buffered",
+            received[k],
+            k + 1,
+            sent[k + 1]
+        );
+    }
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn a_20_mib_upload_arrives_intact() {
+    let s = stack().await;
+    let bytes = (20 << 20).to_string();
+    let out = openai_client(&s.base, "upload", &[("UPLOAD_BYTES", bytes.as_str())]).await;
+    assert_eq!(out["ok"], true, "{out}");
+    let upload = s
+        .upstream
+        .requests()
+        .into_iter()
+        .find_map(|r| r.upload)
+        .expect("an upload");
+    assert_eq!(upload.bytes, 20 << 20);
+    assert_eq!(out["sha256"].as_str().unwrap(), upload.sha256);
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn a_401_once_upstream_gives_the_client_a_200_with_two_grants_in_all() {
+    let s = stack().await;
+    s.upstream.fail_next(1, UpstreamFault::Unauthorized);
+    let resp = http()
+        .post(format!("{}/chat/completions", s.base))
+        .json(&json!({"model": "echo-1", "messages": [{"role": "user", "content": "again"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(
+        body["choices"][0]["message"]["content"], "again",
+        "the replay carried the body"
+    );
+    assert_eq!(s.h.idp.grants(), 2);
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn an_upstream_that_always_answers_401_gets_one_refresh_and_no_replay_loop() {
+    let s = stack().await;
+    s.upstream.set_fault(Some(UpstreamFault::Unauthorized));
+    for _ in 0..5 {
+        let resp = http()
+            .get(format!("{}/models", s.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401, "the 401 goes back to the client");
+    }
+    assert_eq!(s.h.idp.grants(), 2, "one refresh, not one per request");
+    assert!(
+        s.upstream.request_count() <= 6,
+        "{} upstream requests",
+        s.upstream.request_count()
+    );
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn thousand_concurrent_proxied_requests_on_an_empty_cache_make_one_grant() {
+    let s = stack().await;
+    let client = http();
+    let mut tasks = Vec::new();
+    for i in 0..1000 {
+        let (c, url) = (client.clone(), format!("{}/models?i={i}", s.base));
+        tasks.push(tokio::spawn(async move {
+            c.get(url).send().await.map(|r| r.status().as_u16())
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().expect("request completes"), 200);
+    }
+    assert_eq!(s.h.idp.grants(), 1);
+    assert_eq!(s.upstream.request_count(), 1000);
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_cancels_the_upstream_request() {
+    let s = stack().await;
+    s.upstream.set_fault(Some(UpstreamFault::Hold));
+    let url = format!("{}/chat/completions", s.base);
+    let req = tokio::spawn(async move {
+        let _ = http()
+            .post(url)
+            .json(&json!({"model": "echo-1", "messages": []}))
+            .send()
+            .await;
+    });
+    s.upstream.wait_for(|u| u.in_flight() == 1).await;
+    req.abort();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        s.upstream.wait_for(|u| u.cancelled() == 1),
+    )
+    .await
+    .expect("the upstream saw the request cancelled");
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn no_token_gives_an_openai_shaped_503_with_the_grants_error() {
+    let s = stack().await;
+    s.h.idp
+        .set_fault(Some(behest_agent::dev::idp::Fault::Status(503)));
+    let resp = http()
+        .get(format!("{}/models", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "behest_agent_error");
+    assert_eq!(body["error"]["code"], "token_unavailable");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("503"),
+        "{body}"
+    );
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn the_openai_sdk_works_with_the_real_oidc_provider_as_idp() {
+    crate::util::capture_logs();
+    let secret = format!("op-{}", crate::util::random(30));
+    let resource = "https://behest.test/api";
+    let op = OidcProvider::start(json!({
+        "audience": resource, "ttl": 300,
+        "clients": [{"client_id": "ci-proxy", "client_secret": secret, "auth": "client_secret_basic"}],
+    }))
+    .await;
+    let (upstream, _guard) = Upstream::start(UpstreamOptions {
+        jwks_url: Some(op.jwks_uri.parse().unwrap()),
+        issuer: Some(op.issuer.clone()),
+        ..UpstreamOptions::new(resource)
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("secret"), &secret).unwrap();
+    let secret_file = dir.path().join("secret").display().to_string();
+    let socket = dir.path().join("agent.sock").display().to_string();
+    let up = upstream.base_url();
+    let env = [
+        ("BEHEST_AGENT__AUTH__ISSUER", op.issuer.as_str()),
+        ("BEHEST_AGENT__AUTH__CLIENT_ID", "ci-proxy"),
+        ("BEHEST_AGENT__AUTH__CLIENT_AUTH", "client_secret_basic"),
+        ("BEHEST_AGENT__AUTH__RESOURCE", resource),
+        (
+            "BEHEST_AGENT__AUTH__CLIENT_SECRET_FILE",
+            secret_file.as_str(),
+        ),
+        ("BEHEST_AGENT__TOKEN__CACHE_FILE", ""),
+        ("BEHEST_AGENT__CONTROL__SOCKET", socket.as_str()),
+        ("BEHEST_AGENT__PROXY__LISTEN", "127.0.0.1:0"),
+        ("BEHEST_AGENT__PROXY__UPSTREAM", up.as_str()),
+        ("BEHEST_AGENT__PROXY__ALLOW_INSECURE_UPSTREAM", "true"),
+    ];
+    let mut env: std::collections::HashMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    env.insert("BEHEST_AGENT__AUTH__PROVIDER".into(), "oidc".into());
+    let settings = config::load(&LoadOptions {
+        path: None,
+        default_path: None,
+        env,
+        overrides: vec![],
+    })
+    .unwrap();
+    let app = App::build(settings, clock::system()).await.unwrap();
+    let ListenAddr::Tcp(addr) = app.proxy_addresses()[0] else {
+        unreachable!()
+    };
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(app.run(stop.clone()));
+    let base = format!("http://{addr}/v1");
+    let out = openai_client(&base, "chat", &[]).await;
+    assert_eq!(out["ok"], true, "{out}");
+    let out = openai_client(&base, "stream", &[]).await;
+    assert_eq!(out["ok"], true, "{out}");
+    for r in upstream.requests() {
+        assert_eq!(r.bearer, BearerKind::Jwt);
+        assert_eq!(r.claims.unwrap()["uid"], "ci-proxy");
+    }
+    stop.cancel();
+    task.await.unwrap();
+    assert_no_secret_in(&crate::util::logs(), &[secret], "the agent's logs");
+}
+
+// ---- the binary: exec, env, SIGTERM during a stream
+
+fn bin(s: &Stack, args: &[&str], extra: &[(&str, &str)]) -> tokio::process::Command {
+    let up = s.upstream.base_url();
+    let mut env = vec![
+        ("BEHEST_AGENT__PROXY__UPSTREAM", up.as_str()),
+        ("BEHEST_AGENT__PROXY__ALLOW_INSECURE_UPSTREAM", "true"),
+    ];
+    env.extend_from_slice(extra);
+    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_behest-agent"));
+    c.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", s.h.dir.path())
+        .envs(s.h.env(&env))
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    c
+}
+
+fn openai_script() -> String {
+    crate::node::ensure_npm_installed();
+    crate::node::interop_dir()
+        .join("openai-client.mjs")
+        .display()
+        .to_string()
+}
+
+#[tokio::test]
+async fn exec_without_a_daemon_serves_its_own_proxy_and_passes_the_exit_status() {
+    let s = stack().await;
+    let script = format!(
+        "node {} \"$OPENAI_BASE_URL\" chat && exit 7",
+        openai_script()
+    );
+    let out = bin(&s, &["exec", "--", "sh", "-c", &script], &[])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("\"ok\":true"), "{stdout}");
+    assert_no_secret_in(
+        &String::from_utf8_lossy(&out.stderr),
+        std::slice::from_ref(&s.h.secret),
+        "exec's stderr",
+    );
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn exec_and_env_use_the_running_daemon_with_a_session() {
+    let s = stack().await;
+    let mut daemon = bin(
+        &s,
+        &["run"],
+        &[("BEHEST_AGENT__PROXY__LISTEN", "127.0.0.1:0")],
+    )
+    .spawn()
+    .unwrap();
+    let socket = s.h.path("run/agent.sock");
+    eventually(Duration::from_secs(30), "the daemon's socket", || {
+        socket.exists()
+    })
+    .await;
+    let out = bin(
+        &s,
+        &["env", "--format", "dotenv", "--session", "job-9"],
+        &[],
+    )
+    .output()
+    .await
+    .unwrap();
+    let env_out = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        env_out.contains("/s/job-9/v1") && env_out.contains("OPENAI_API_KEY=placeholder"),
+        "{env_out}"
+    );
+    let base = env_out
+        .lines()
+        .next()
+        .unwrap()
+        .trim_start_matches("OPENAI_BASE_URL=")
+        .to_string();
+    assert!(!base.contains(":0/"), "the daemon's real port: {base}");
+    let script = format!(
+        "node {} \"$OPENAI_BASE_URL\" models; echo \"$OPENAI_BASE_URL\"; exit 3",
+        openai_script()
+    );
+    let out = bin(
+        &s,
+        &["exec", "--session", "job-9", "--", "sh", "-c", &script],
+        &[],
+    )
+    .output()
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{stdout}");
+    assert!(
+        stdout.contains("\"ok\":true") && stdout.contains(&base),
+        "{stdout}"
+    );
+    let session = s
+        .upstream
+        .requests()
+        .into_iter()
+        .rev()
+        .find_map(|r| r.session_id);
+    assert_eq!(session.as_deref(), Some("job-9"));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(daemon.wait().await.unwrap().code(), Some(0));
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn sigterm_during_a_stream_lets_it_finish_then_exits_0() {
+    let s = stack_with(|o| o.sse_interval = Duration::from_millis(150), &[]).await;
+    let mut daemon = bin(
+        &s,
+        &["run"],
+        &[("BEHEST_AGENT__PROXY__LISTEN", "127.0.0.1:0")],
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let socket = s.h.path("run/agent.sock");
+    eventually(Duration::from_secs(30), "the daemon's socket", || {
+        socket.exists()
+    })
+    .await;
+    let out = bin(&s, &["env", "--format", "dotenv"], &[])
+        .output()
+        .await
+        .unwrap();
+    let base = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap()
+        .trim_start_matches("OPENAI_BASE_URL=")
+        .to_string();
+    let mut resp = http()
+        .post(format!("{base}/chat/completions"))
+        .header("x-echo-events", "10")
+        .json(&json!({"model": "echo-1", "stream": true, "messages": [{"role": "user", "content": "long"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let first = resp.chunk().await.unwrap().expect("a first event");
+    assert!(String::from_utf8_lossy(&first).starts_with("data: "));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let mut rest = Vec::new();
+    while let Some(c) = resp.chunk().await.expect("the stream is not cut") {
+        rest.extend_from_slice(&c);
+    }
+    assert!(
+        String::from_utf8_lossy(&rest).contains("data: [DONE]"),
+        "the stream finished"
+    );
+    let status = tokio::time::timeout(Duration::from_secs(30), daemon.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn run_refuses_a_non_loopback_listen_address_without_allow_remote() {
+    let s = stack().await;
+    let out = bin(
+        &s,
+        &["run"],
+        &[("BEHEST_AGENT__PROXY__LISTEN", "0.0.0.0:0")],
+    )
+    .output()
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("proxy.listen") && err.contains("allow_remote"),
+        "{err}"
+    );
+    s.finish().await;
+}
