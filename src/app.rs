@@ -127,7 +127,13 @@ impl App {
             Some(_) => {
                 let proxy = Proxy::new(&settings.proxy, tokens.clone())?;
                 proxy.attach_metrics(metrics.clone());
-                let listeners = bind_all(&settings.proxy.listen).await?;
+                let listeners = match inherited_listeners().map_err(|source| StartError::Listen {
+                    addr: "systemd socket activation (LISTEN_FDS)".to_string(),
+                    source,
+                })? {
+                    Some(l) => l,
+                    None => bind_all(&settings.proxy.listen).await?,
+                };
                 (Some(proxy), listeners)
             }
             None => {
@@ -319,6 +325,24 @@ impl App {
         let _ = std::fs::remove_file(socket);
         tracing::info!("behest-agent stopped");
     }
+}
+
+/// TCP sockets passed by systemd socket activation (`behest-agent.socket`), when there are any; they
+/// replace `proxy.listen`.
+fn inherited_listeners() -> std::io::Result<Option<Vec<Listener>>> {
+    let mut fds = listenfd::ListenFd::from_env();
+    if fds.len() == 0 {
+        return Ok(None);
+    }
+    let mut out = Vec::new();
+    for i in 0..fds.len() {
+        if let Some(l) = fds.take_tcp_listener(i)? {
+            l.set_nonblocking(true)?;
+            out.push(Listener::Tcp(TcpListener::from_std(l)?));
+        }
+    }
+    tracing::info!(count = out.len(), "using sockets from systemd socket activation instead of proxy.listen");
+    Ok(Some(out))
 }
 
 async fn bind_all(listen: &[ListenAddr]) -> Result<Vec<Listener>, StartError> {
