@@ -24,6 +24,7 @@ struct Stack {
     base: String,
     stop: CancellationToken,
     app: tokio::task::JoinHandle<()>,
+    tokens: behest_agent::token::TokenSource,
 }
 
 async fn stack_with(edit: impl FnOnce(&mut UpstreamOptions), extra: &[(&str, &str)]) -> Stack {
@@ -48,6 +49,7 @@ async fn stack_with(edit: impl FnOnce(&mut UpstreamOptions), extra: &[(&str, &st
         ListenAddr::Tcp(a) => a,
         _ => unreachable!(),
     };
+    let tokens = app.tokens();
     let stop = CancellationToken::new();
     let task = tokio::spawn(app.run(stop.clone()));
     Stack {
@@ -57,6 +59,7 @@ async fn stack_with(edit: impl FnOnce(&mut UpstreamOptions), extra: &[(&str, &st
         base: format!("http://{addr}/v1"),
         stop,
         app: task,
+        tokens,
     }
 }
 
@@ -68,6 +71,10 @@ impl Stack {
     async fn finish(self) {
         self.stop.cancel();
         self.app.await.unwrap();
+        if let Some(t) = self.tokens.current() {
+            use secrecy::ExposeSecret;
+            self.h.remember(t.secret().expose_secret());
+        }
         self.h.assert_no_secrets_logged();
     }
 

@@ -99,6 +99,55 @@ async fn private_key_jwt_grant_signs_a_fresh_assertion_each_time() {
 }
 
 #[tokio::test]
+async fn private_key_jwt_with_an_es256_key() {
+    use aws_lc_rs::encoding::AsDer;
+    use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+    let pair = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).unwrap();
+    let private = pem("PRIVATE KEY", pair.to_pkcs8v1().unwrap().as_ref());
+    let public = pem("PUBLIC KEY", pair.public_key().as_der().unwrap().as_ref());
+    let key = ClientKey::from_pem(&public).expect("a P-256 public key");
+    let h = Harness::start_with(|o| o.client_public_key = Some(key)).await;
+    let key_file = h.path("client-key.pem");
+    std::fs::write(&key_file, &private).unwrap();
+    crate::util::set_mode(&key_file, 0o600);
+    let source = h.source(
+        &[
+            NO_CACHE,
+            ("BEHEST_AGENT__AUTH__CLIENT_AUTH", "private_key_jwt"),
+            ("BEHEST_AGENT__AUTH__SIGNING_ALG", "ES256"),
+            ("BEHEST_AGENT__AUTH__KEY_ID", "cred-es256"),
+            (
+                "BEHEST_AGENT__AUTH__PRIVATE_KEY_FILE",
+                key_file.to_str().unwrap(),
+            ),
+        ],
+        clock::system(),
+    );
+    source
+        .get(Duration::ZERO)
+        .await
+        .expect("an ES256 assertion is accepted");
+    assert_eq!(
+        h.idp.last_grant().unwrap().auth_method,
+        AuthMethod::PrivateKeyJwt
+    );
+}
+
+fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let body: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+        body.join("\n")
+    )
+}
+
+#[tokio::test]
 async fn thousand_concurrent_gets_on_an_empty_cache_make_one_grant() {
     let h = Harness::start_with(|o| o.token_ttl = Duration::from_secs(3600)).await;
     let source = h.source(&[], clock::system());
