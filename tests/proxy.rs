@@ -17,17 +17,18 @@ use crate::node::{OidcProvider, openai_client};
 use crate::util::{AUDIENCE, Harness, assert_no_secret_in, eventually};
 
 /// IdP + echo upstream + the agent, in this process.
-struct Stack {
-    h: Harness,
-    upstream: Upstream,
+pub struct Stack {
+    pub h: Harness,
+    pub upstream: Upstream,
     _upstream_stop: DropGuard,
-    base: String,
+    pub base: String,
     stop: CancellationToken,
     app: tokio::task::JoinHandle<()>,
-    tokens: behest_agent::token::TokenSource,
+    pub tokens: behest_agent::token::TokenSource,
+    pub metrics: std::sync::Arc<behest_agent::telemetry::Metrics>,
 }
 
-async fn stack_with(edit: impl FnOnce(&mut UpstreamOptions), extra: &[(&str, &str)]) -> Stack {
+pub async fn stack_with(edit: impl FnOnce(&mut UpstreamOptions), extra: &[(&str, &str)]) -> Stack {
     let h = Harness::start().await;
     let mut opts = UpstreamOptions::for_idp(&h.idp, AUDIENCE);
     edit(&mut opts);
@@ -50,9 +51,11 @@ async fn stack_with(edit: impl FnOnce(&mut UpstreamOptions), extra: &[(&str, &st
         _ => unreachable!(),
     };
     let tokens = app.tokens();
+    let metrics = app.metrics();
     let stop = CancellationToken::new();
     let task = tokio::spawn(app.run(stop.clone()));
     Stack {
+        metrics,
         h,
         upstream,
         _upstream_stop: upstream_stop,
@@ -63,12 +66,12 @@ async fn stack_with(edit: impl FnOnce(&mut UpstreamOptions), extra: &[(&str, &st
     }
 }
 
-async fn stack() -> Stack {
+pub async fn stack() -> Stack {
     stack_with(|_| {}, &[]).await
 }
 
 impl Stack {
-    async fn finish(self) {
+    pub async fn finish(self) {
         self.stop.cancel();
         self.app.await.unwrap();
         if let Some(t) = self.tokens.current() {
@@ -90,7 +93,7 @@ impl Stack {
     }
 }
 
-fn http() -> reqwest::Client {
+pub fn http() -> reqwest::Client {
     behest_agent::tls::install_default_provider();
     reqwest::Client::builder().no_proxy().build().unwrap()
 }

@@ -674,3 +674,30 @@ async fn a_failing_cache_write_still_serves_the_token_from_memory() {
         .expect("served from memory");
     assert!(source.is_ready());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_clock_jumping_forward_a_day_gets_a_new_token_instead_of_serving_an_expired_one() {
+    let clock = TestClock::new();
+    let h = Harness::start_with(|o| {
+        o.token_ttl = Duration::from_secs(3600);
+        o.clock = clock.clone();
+    })
+    .await;
+    let source = h.source(&[NO_CACHE], clock.clone());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (s, stop) = (source.clone(), stop.clone());
+        async move { s.run(stop).await }
+    });
+    let first = source.get(Duration::ZERO).await.unwrap();
+    clock.jump(Duration::from_secs(24 * 3600));
+    assert!(
+        source.valid(Duration::ZERO).is_none(),
+        "the old token is expired now"
+    );
+    let second = source.get(Duration::ZERO).await.expect("a new token");
+    assert!(!Arc::ptr_eq(&first, &second));
+    assert!(second.remaining(clock::Clock::now(clock.as_ref())) > Duration::from_secs(3000));
+    stop.cancel();
+    task.await.unwrap();
+}

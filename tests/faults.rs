@@ -1,0 +1,309 @@
+//! Under faults: the IdP failing in every way we know (what the proxy answers, what `status` and
+//! readiness say, recovery without restart), the upstream failing mid-stream, and the process under
+//! SIGTERM with many open streams, SIGHUP storms, a cache file removed at run time, and a clock that
+//! jumps a day.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use behest_agent::dev::idp::Fault;
+use behest_agent::dev::upstream::UpstreamFault;
+use serde_json::{Value, json};
+use tokio::process::{Child, Command};
+
+use crate::proxy::{Stack, http, stack, stack_with};
+use crate::util::eventually;
+
+const FAST_BACKOFF: [(&str, &str); 2] = [
+    ("BEHEST_AGENT__TOKEN__MIN_BACKOFF", "50ms"),
+    ("BEHEST_AGENT__TOKEN__MAX_BACKOFF", "200ms"),
+];
+
+async fn models(s: &Stack) -> (u16, Value) {
+    let r = http()
+        .get(format!("{}/models", s.base))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Before any token: each IdP fault gives a 503 `token_unavailable` naming the problem, readiness
+/// is false, `status` has the error code; once the IdP recovers, the agent does too.
+#[tokio::test]
+async fn each_idp_fault_gives_token_unavailable_then_recovers_without_restart() {
+    let cases: Vec<(Fault, &str)> = vec![
+        (Fault::Status(500), "http_500"),
+        (Fault::Status(502), "http_502"),
+        (Fault::Status(503), "http_503"),
+        (
+            Fault::TooManyRequests {
+                retry_after: Some(1),
+                reset_in: None,
+            },
+            "too_many_requests",
+        ),
+        (
+            Fault::TooManyRequests {
+                retry_after: None,
+                reset_in: Some(1),
+            },
+            "too_many_requests",
+        ),
+        (
+            Fault::Unavailable {
+                retry_after: Some(1),
+            },
+            "temporarily_unavailable",
+        ),
+        (Fault::Malformed, "malformed_response"),
+        (Fault::Empty, "malformed_response"),
+        (Fault::OpaqueToken, "opaque_token"),
+        (Fault::BadSignature, "bad_signature"),
+        (Fault::JwksDown, "jwks_unavailable"),
+        (Fault::Delay(Duration::from_secs(5)), "unreachable"),
+    ];
+    for (fault, code) in cases {
+        let mut extra = FAST_BACKOFF.to_vec();
+        extra.push(("BEHEST_AGENT__AUTH__TIMEOUT", "1s"));
+        let s = stack_with(|_| {}, &extra).await;
+        s.h.idp.set_fault(Some(fault.clone()));
+        eventually(Duration::from_secs(30), "a failed grant", || {
+            s.tokens.status().last_error.is_some()
+        })
+        .await;
+        let (status, body) = models(&s).await;
+        assert_eq!(status, 503, "{fault:?}: {body}");
+        assert_eq!(body["error"]["code"], "token_unavailable", "{fault:?}");
+        assert!(!s.tokens.is_ready(), "{fault:?}: not ready");
+        assert_eq!(
+            s.tokens.status().last_error_code.as_deref(),
+            Some(code),
+            "{fault:?}"
+        );
+        assert_eq!(
+            s.upstream.request_count(),
+            0,
+            "nothing forwarded without a token"
+        );
+        s.h.idp.set_fault(None);
+        eventually(Duration::from_secs(30), "recovery", || s.tokens.is_ready()).await;
+        assert_eq!(models(&s).await.0, 200, "{fault:?}: recovered");
+        s.finish().await;
+    }
+}
+
+#[tokio::test]
+async fn an_idp_that_refuses_connections_gives_token_unavailable_with_the_reason() {
+    let s = stack_with(
+        |_| {},
+        &[
+            ("BEHEST_AGENT__AUTH__DOMAIN", "http://127.0.0.1:9"),
+            FAST_BACKOFF[0],
+            FAST_BACKOFF[1],
+        ],
+    )
+    .await;
+    let (status, body) = models(&s).await;
+    assert_eq!(status, 503);
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("cannot reach the IdP"), "{msg}");
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn credentials_revoked_while_a_token_is_cached_keep_the_cached_token_in_service() {
+    let s = stack().await;
+    assert_eq!(models(&s).await.0, 200);
+    s.h.idp.set_fault(Some(Fault::Oauth {
+        status: 401,
+        error: "invalid_client".into(),
+        description: "Client credentials revoked".into(),
+    }));
+    let err = s.tokens.refresh_now().await.unwrap_err();
+    assert!(err.is_config_error());
+    assert_eq!(models(&s).await.0, 200, "the cached token is still served");
+    assert!(s.tokens.is_ready());
+    let st = s.tokens.status();
+    assert_eq!(st.last_error_code.as_deref(), Some("invalid_client"));
+    assert!(st.last_error.unwrap().contains("revoked"));
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn an_upstream_reset_mid_stream_reaches_the_client_and_in_flight_returns_to_zero() {
+    let s = stack().await;
+    s.upstream
+        .fail_next(1, UpstreamFault::DropStream { after_events: 2 });
+    let mut resp = http()
+        .post(format!("{}/chat/completions", s.base))
+        .json(&json!({"model": "echo-1", "stream": true, "messages": [{"role": "user", "content": "x"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut got = Vec::new();
+    let ended_with_error = loop {
+        match resp.chunk().await {
+            Ok(Some(c)) => got.extend_from_slice(&c),
+            Ok(None) => break false,
+            Err(_) => break true,
+        }
+    };
+    assert!(
+        ended_with_error,
+        "a cut upstream stream is a cut client stream, not a clean end"
+    );
+    assert!(!String::from_utf8_lossy(&got).contains("[DONE]"));
+    eventually(Duration::from_secs(10), "in-flight back to zero", || {
+        s.upstream.in_flight() == 0 && s.metrics.in_flight_requests.get() == 0
+    })
+    .await;
+    assert_eq!(models(&s).await.0, 200, "the proxy still serves");
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn upstream_errors_pass_through_unchanged() {
+    let s = stack().await;
+    s.upstream.fail_next(1, UpstreamFault::Status(503));
+    let (status, body) = models(&s).await;
+    assert_eq!(status, 503);
+    assert_ne!(
+        body["error"]["type"], "behest_agent_error",
+        "the upstream's own answer: {body}"
+    );
+    s.finish().await;
+}
+
+// ---- the process
+
+fn daemon(s: &Stack, extra: &[(&str, &str)]) -> Command {
+    let up = s.upstream.base_url();
+    let mut env = vec![
+        ("BEHEST_AGENT__PROXY__UPSTREAM", up.as_str()),
+        ("BEHEST_AGENT__PROXY__ALLOW_INSECURE_UPSTREAM", "true"),
+        ("BEHEST_AGENT__PROXY__LISTEN", "127.0.0.1:0"),
+    ];
+    env.extend_from_slice(extra);
+    let mut c = Command::new(env!("CARGO_BIN_EXE_behest-agent"));
+    c.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", s.h.dir.path())
+        .envs(s.h.env(&env))
+        .arg("run")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    c
+}
+
+/// The daemon's proxy base URL, from `behest-agent env`.
+async fn daemon_base(s: &Stack) -> String {
+    let socket = s.h.path("run/agent.sock");
+    eventually(Duration::from_secs(30), "the daemon's socket", || {
+        socket.exists()
+    })
+    .await;
+    let mut c = Command::new(env!("CARGO_BIN_EXE_behest-agent"));
+    c.env_clear()
+        .envs(s.h.env(&[]))
+        .args(["env", "--format", "dotenv"]);
+    let out = c.output().await.unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap()
+        .trim_start_matches("OPENAI_BASE_URL=")
+        .to_string()
+}
+
+fn signal(child: &Child, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id().unwrap() as i32), sig).unwrap();
+}
+
+#[tokio::test]
+async fn sigterm_with_100_open_streams_lets_them_all_finish_then_exits_0() {
+    let s = stack_with(|o| o.sse_interval = Duration::from_millis(100), &[]).await;
+    let mut child = daemon(&s, &[]).spawn().unwrap();
+    let base = daemon_base(&s).await;
+    let client = http();
+    let mut streams = Vec::new();
+    for i in 0..100 {
+        let resp = client
+            .post(format!("{base}/chat/completions"))
+            .header("x-echo-events", "10")
+            .json(&json!({"model": "echo-1", "stream": true, "messages": [{"role": "user", "content": format!("s{i}")}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        streams.push(resp);
+    }
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    let mut done = 0;
+    for mut r in streams {
+        let mut body = Vec::new();
+        while let Some(c) = r.chunk().await.expect("not cut within the grace") {
+            body.extend_from_slice(&c);
+        }
+        if String::from_utf8_lossy(&body).contains("data: [DONE]") {
+            done += 1;
+        }
+    }
+    assert_eq!(done, 100);
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn a_sighup_storm_keeps_serving_and_makes_no_extra_grant() {
+    let s = stack().await;
+    let mut child = daemon(&s, &[]).spawn().unwrap();
+    let base = daemon_base(&s).await;
+    let client = http();
+    let grants_before = s.h.idp.grants();
+    for _ in 0..20 {
+        signal(&child, nix::sys::signal::Signal::SIGHUP);
+        let r = client.get(format!("{base}/models")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert!(
+        s.h.idp.grants() <= grants_before + 1,
+        "reloads with the same identity make no grant"
+    );
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn a_cache_file_removed_or_replaced_at_run_time_is_rewritten_and_the_token_kept_in_memory() {
+    let s = stack().await;
+    assert_eq!(models(&s).await.0, 200);
+    let cache = s.h.path("state/token.json");
+    assert!(cache.exists());
+    std::fs::remove_file(&cache).unwrap();
+    s.tokens.refresh_now().await.expect("refresh");
+    assert!(cache.exists(), "written again at the next grant");
+    assert_eq!(crate::util::mode_of(&cache), 0o600);
+    // A directory where the file should be: the write fails, the token is still served.
+    std::fs::remove_file(&cache).unwrap();
+    std::fs::create_dir(&cache).unwrap();
+    s.tokens
+        .refresh_now()
+        .await
+        .expect("the grant succeeds even though the cache cannot be written");
+    assert_eq!(models(&s).await.0, 200);
+    s.finish().await;
+}
