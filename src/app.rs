@@ -127,13 +127,14 @@ impl App {
             Some(_) => {
                 let proxy = Proxy::new(&settings.proxy, tokens.clone())?;
                 proxy.attach_metrics(metrics.clone());
-                let listeners = match inherited_listeners().map_err(|source| StartError::Listen {
-                    addr: "systemd socket activation (LISTEN_FDS)".to_string(),
-                    source,
-                })? {
-                    Some(l) => l,
-                    None => bind_all(&settings.proxy.listen).await?,
-                };
+                let listeners =
+                    match inherited_listeners().map_err(|source| StartError::Listen {
+                        addr: "systemd socket activation (LISTEN_FDS)".to_string(),
+                        source,
+                    })? {
+                        Some(l) => l,
+                        None => bind_all(&settings.proxy.listen).await?,
+                    };
                 (Some(proxy), listeners)
             }
             None => {
@@ -341,7 +342,10 @@ fn inherited_listeners() -> std::io::Result<Option<Vec<Listener>>> {
             out.push(Listener::Tcp(TcpListener::from_std(l)?));
         }
     }
-    tracing::info!(count = out.len(), "using sockets from systemd socket activation instead of proxy.listen");
+    tracing::info!(
+        count = out.len(),
+        "using sockets from systemd socket activation instead of proxy.listen"
+    );
     Ok(Some(out))
 }
 

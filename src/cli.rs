@@ -3,6 +3,7 @@
 //! printing the whole cause chain.
 
 pub mod dev;
+pub mod doctor;
 pub mod env;
 pub mod exec;
 pub mod refresh;
@@ -65,6 +66,8 @@ pub enum Command {
     Exec(exec::Args),
     /// Run everything on an embedded IdP, with no accounts needed
     Dev(dev::Args),
+    /// Check the configuration, the IdP, the token's claims and the upstream, with the fix for each problem
+    Doctor(doctor::Args),
     /// Print shell completions
     Completions {
         /// bash, zsh, fish, elvish or powershell
@@ -80,14 +83,23 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
 }
 
 impl Global {
-    /// Loads the settings from the file, the process environment and `--set`.
-    pub fn load(&self) -> Result<Settings, ConfigError> {
-        config::load(&config::LoadOptions {
+    fn load_options(&self) -> config::LoadOptions {
+        config::LoadOptions {
             path: self.config.clone(),
             default_path: Some(PathBuf::from(config::DEFAULT_PATH)),
             env: process_env(),
             overrides: self.set.clone(),
-        })
+        }
+    }
+
+    /// Loads the settings from the file, the process environment and `--set`.
+    pub fn load(&self) -> Result<Settings, ConfigError> {
+        config::load(&self.load_options())
+    }
+
+    /// The control socket to look for a daemon on, even when the settings do not validate.
+    pub fn control_socket(&self) -> PathBuf {
+        config::control_socket(&self.load_options())
     }
 
     /// The log filter for a command whose default is `default`.
@@ -165,6 +177,7 @@ async fn dispatch(cli: Cli) -> CliResult {
         Command::Env(a) => env::run(&g, a).await,
         Command::Exec(a) => exec::run(&g, a).await,
         Command::Dev(a) => dev::run(&g, a).await,
+        Command::Doctor(a) => doctor::run(&g, a).await,
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "behest-agent", &mut std::io::stdout());
@@ -178,12 +191,17 @@ pub fn init_cli_logging(g: &Global) {
     crate::telemetry::init(config::LogFormat::Text, &g.log_level("warn"), false);
 }
 
-/// Finds a running daemon: the configured control socket, or the default one when the
-/// configuration cannot be loaded.
+/// Finds a running daemon on the control socket of `settings`.
 pub async fn find_daemon(settings: Option<&Settings>) -> Option<crate::control::ControlClient> {
     let path = match settings {
         Some(s) => s.control.socket.clone(),
         None => config::default_socket(&process_env()),
     };
     crate::control::ControlClient::connect(&path).await
+}
+
+/// Finds a running daemon on the control socket the file, the environment or `--set` name, even
+/// when the rest of the configuration does not validate (a client needs only the socket).
+pub async fn daemon_for(g: &Global) -> Option<crate::control::ControlClient> {
+    crate::control::ControlClient::connect(&g.control_socket()).await
 }

@@ -21,6 +21,12 @@ pub trait Clock: Send + Sync + std::fmt::Debug + 'static {
 
 pub type SharedClock = Arc<dyn Clock>;
 
+/// `secs` after the Unix epoch, or `None` when that is past what the platform's time can hold (a
+/// hostile `exp` or `x-ratelimit-reset` must be refused, not overflow).
+pub fn from_unix(secs: u64) -> Option<SystemTime> {
+    UNIX_EPOCH.checked_add(Duration::from_secs(secs))
+}
+
 /// The real wall clock.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SystemClock;

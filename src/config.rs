@@ -77,8 +77,25 @@ pub struct LoadOptions {
     pub overrides: Vec<(String, String)>,
 }
 
+/// The control socket the configuration names, even when the rest of it does not validate (so the
+/// CLI can still reach a running daemon); the default location when nothing names one.
+pub fn control_socket(opts: &LoadOptions) -> std::path::PathBuf {
+    merged(opts)
+        .ok()
+        .and_then(|(_, model)| model.control.socket)
+        .filter(|s| !s.trim().is_empty())
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| settings::default_socket(&opts.env))
+}
+
 /// Loads and validates the configuration.
 pub fn load(opts: &LoadOptions) -> Result<Settings, ConfigError> {
+    let (path, model) = merged(opts)?;
+    settings::validate(model, &opts.env, path.as_deref())
+}
+
+/// The file, the environment and the overrides merged into the file model.
+fn merged(opts: &LoadOptions) -> Result<(Option<PathBuf>, file::FileConfig), ConfigError> {
     let path: Option<PathBuf> = match &opts.path {
         Some(p) => {
             if let Err(source) = std::fs::metadata(p) {
@@ -136,7 +153,7 @@ pub fn load(opts: &LoadOptions) -> Result<Settings, ConfigError> {
         file: label.clone(),
         message: describe_parse_error(&e.to_string()),
     })?;
-    settings::validate(model, &opts.env, path.as_deref())
+    Ok((path, model))
 }
 
 /// The `config` crate reports unknown keys as serde does; add the fix.

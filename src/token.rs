@@ -53,7 +53,8 @@ impl Token {
                 CheckError::Malformed("the token has characters not allowed in a header".into())
             })?;
         bearer.set_sensitive(true);
-        let expires_at = SystemTime::UNIX_EPOCH + Duration::from_secs(claims.exp);
+        let expires_at = crate::clock::from_unix(claims.exp)
+            .ok_or_else(|| CheckError::Malformed("the `exp` claim is out of range".into()))?;
         let lifetime = expires_at.duration_since(obtained_at).unwrap_or_default();
         // Refresh when the remaining lifetime falls below max(margin, 10% of lifetime), minus up to a
         // quarter of that window of jitter so a fleet does not refresh in lockstep.

@@ -173,6 +173,14 @@ async fn the_daemon_serves_token_status_and_refresh_over_its_socket_and_stops_on
     assert!(v["token"]["expires_in"].as_i64().unwrap() > 0);
     assert!(v["token"]["last_refresh"].as_str().is_some());
 
+    // A client needs only the socket: no other configuration.
+    let mut bare = bin();
+    bare.env("BEHEST_AGENT__CONTROL__SOCKET", &socket)
+        .args(["status", "--json"]);
+    let o = output(bare).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.contains(&h.client_id));
+
     let o = output(h.cmd(&["status"], &[])).await;
     assert!(
         o.stdout.contains("valid") && o.stdout.contains(&h.client_id),

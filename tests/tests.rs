@@ -2,8 +2,11 @@
 
 mod cli;
 mod config;
+mod doctor;
+mod faults;
 mod interop;
 mod node;
 mod proxy;
+mod service;
 mod token;
 mod util;

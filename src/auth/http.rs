@@ -137,7 +137,8 @@ pub fn wait_hint(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
         .get("x-ratelimit-reset")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())?;
-    let at = SystemTime::UNIX_EPOCH + Duration::from_secs(reset);
+    // A reset beyond what time can hold is no hint at all.
+    let at = crate::clock::from_unix(reset)?;
     Some(at.duration_since(now).unwrap_or_default())
 }
 

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use http::Method;
 use serde_json::Value;
 
-use super::{CliResult, Global, find_daemon, init_cli_logging};
+use super::{CliResult, Global, daemon_for, init_cli_logging};
 use crate::config::ListenAddr;
 
 /// The `OPENAI_API_KEY` value: SDKs insist on one; the proxy drops it and injects the real token.
@@ -45,7 +45,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
 /// The proxy's address: the daemon's first TCP listener, else the configuration's.
 pub async fn proxy_address(g: &Global) -> anyhow::Result<String> {
     let settings = g.load();
-    if let Some(client) = find_daemon(settings.as_ref().ok()).await
+    if let Some(client) = daemon_for(g).await
         && let Ok((_, status)) = client.call(Method::GET, "/v1/status").await
         && let Some(addr) = status
             .pointer("/daemon/listen")

@@ -14,7 +14,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use super::env::{base_url, variables};
-use super::{CliResult, Global, find_daemon, init_cli_logging, process_env};
+use super::{CliResult, Global, daemon_for, init_cli_logging, process_env};
 use crate::app::App;
 use crate::config::{self, ListenAddr, LoadOptions};
 
@@ -35,13 +35,12 @@ pub struct Args {
 
 pub async fn run(g: &Global, args: Args) -> CliResult {
     init_cli_logging(g);
-    let settings = g.load();
     let mut env: Vec<(String, String)> = Vec::new();
     let shutdown = CancellationToken::new();
     let mut own_agent = None;
     let mut _runtime_dir = None;
 
-    let addr = if find_daemon(settings.as_ref().ok()).await.is_some() {
+    let addr = if daemon_for(g).await.is_some() {
         super::env::proxy_address(g).await?
     } else {
         // No daemon: our own agent for the command's lifetime, on an ephemeral port.

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::anyhow;
 use http::{Method, StatusCode};
 
-use super::{CliResult, Global, find_daemon, init_cli_logging};
+use super::{CliResult, Global, daemon_for, init_cli_logging};
 use crate::control::client::error_message;
 use crate::token::{TokenSource, rfc3339};
 
@@ -16,7 +16,7 @@ pub struct Args {}
 pub async fn run(g: &Global, _args: Args) -> CliResult {
     init_cli_logging(g);
     let settings = g.load();
-    match find_daemon(settings.as_ref().ok()).await {
+    match daemon_for(g).await {
         Some(client) => {
             let (status, body) = client.call(Method::POST, "/v1/refresh").await?;
             if status != StatusCode::OK {

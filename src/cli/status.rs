@@ -7,7 +7,7 @@ use anyhow::anyhow;
 use http::Method;
 use serde_json::{Value, json};
 
-use super::{CliResult, Global, find_daemon, init_cli_logging};
+use super::{CliResult, Global, daemon_for, init_cli_logging};
 use crate::control::server::expires_words;
 use crate::token::TokenSource;
 
@@ -21,7 +21,7 @@ pub struct Args {
 pub async fn run(g: &Global, args: Args) -> CliResult {
     init_cli_logging(g);
     let settings = g.load();
-    let doc = match find_daemon(settings.as_ref().ok()).await {
+    let doc = match daemon_for(g).await {
         Some(client) => client.call(Method::GET, "/v1/status").await?.1,
         None => {
             let settings = settings?;

@@ -10,7 +10,7 @@ use http::{Method, StatusCode};
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 
-use super::{CliResult, Global, find_daemon, init_cli_logging};
+use super::{CliResult, Global, daemon_for, init_cli_logging};
 use crate::control::client::error_message;
 use crate::token::{TokenSource, rfc3339};
 
@@ -31,7 +31,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     init_cli_logging(g);
     let min_ttl = args.min_ttl.unwrap_or_default();
     let settings = g.load();
-    let doc = match find_daemon(settings.as_ref().ok()).await {
+    let doc = match daemon_for(g).await {
         Some(client) => {
             let uri = format!("/v1/token?min_ttl={}", min_ttl.as_secs());
             let (status, body) = client.call(Method::GET, &uri).await?;

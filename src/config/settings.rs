@@ -678,9 +678,11 @@ fn secret_source(file: Option<String>, env: &HashMap<String, String>) -> Option<
 fn permission_warning(path: &Path, what: &str) -> Option<String> {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(path).ok()?.permissions().mode();
+    // A secret should be readable by its owner only; a config file by its group too.
+    let fix = if what == "config file" { "o-r" } else { "600" };
     (mode & 0o004 != 0).then(|| {
         format!(
-            "{what} {} is readable by every user (mode {:04o}); run `chmod o-r {}`",
+            "{what} {} is readable by every user (mode {:04o}); run `chmod {fix} {}`",
             path.display(),
             mode & 0o7777,
             path.display()

@@ -7,7 +7,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
@@ -75,7 +75,7 @@ impl DiskCache {
         }
         Some(Cached {
             access_token: SecretString::from(file.access_token),
-            obtained_at: SystemTime::UNIX_EPOCH + Duration::from_secs(file.obtained_at),
+            obtained_at: crate::clock::from_unix(file.obtained_at)?,
         })
     }
 

@@ -3,7 +3,6 @@
 //! is its own [`CheckError`] whose message says how to fix it.
 
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use base64::Engine;
 use jsonwebtoken::{Algorithm, Validation};
@@ -215,7 +214,8 @@ impl Verifier {
             .get("exp")
             .and_then(Value::as_u64)
             .ok_or_else(|| CheckError::Malformed("no numeric `exp` claim".into()))?;
-        let exp_time = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(exp);
+        let exp_time = crate::clock::from_unix(exp)
+            .ok_or_else(|| CheckError::Malformed("the `exp` claim is out of range".into()))?;
         if exp_time <= self.clock.now() {
             return Err(CheckError::Expired(super::rfc3339(exp_time)));
         }

@@ -1,0 +1,312 @@
+//! `behest-agent doctor`, the real binary against the embedded IdP and echo upstream: one line per
+//! check in order, a `fix:` under every ✗, exit 0 only when every check passes (2 when the
+//! configuration does not load), no grant when a valid token is at hand, and never a secret or a
+//! token in its output.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use behest_agent::dev::idp::Fault;
+use behest_agent::dev::upstream::{Upstream, UpstreamFault, UpstreamOptions};
+use tokio::process::Command;
+
+use crate::util::{AUDIENCE, Harness, assert_no_secret_in, eventually, random, set_mode};
+
+fn agent(h: &Harness, args: &[&str], extra: &[(&str, &str)]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_behest-agent"));
+    c.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(h.env(extra))
+        .env("HOME", h.dir.path())
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    c
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Out {
+    async fn of(mut c: Command) -> Out {
+        let o = c.output().await.expect("the binary runs");
+        Out {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+
+    /// The first line that starts with `prefix`, and its index.
+    fn line(&self, prefix: &str) -> (usize, &str) {
+        self.stdout
+            .lines()
+            .enumerate()
+            .find(|(_, l)| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line starting with {prefix:?} in:\n{}", self.stdout))
+    }
+
+    /// The lines that follow the first one starting with `prefix`, up to the next check.
+    fn fix_after(&self, prefix: &str) -> String {
+        let (i, _) = self.line(prefix);
+        let rest: Vec<&str> = self
+            .stdout
+            .lines()
+            .skip(i + 1)
+            .take_while(|l| l.starts_with("  "))
+            .collect();
+        assert!(
+            rest.first().is_some_and(|l| l.starts_with("  fix: ")),
+            "no fix under {prefix:?} in:\n{}",
+            self.stdout
+        );
+        rest.join("\n")
+    }
+
+    /// Neither the given secrets nor any JWT (they all start `eyJ`) on stdout or stderr.
+    fn assert_no_secrets(&self, secrets: &[String]) {
+        for (text, what) in [
+            (&self.stdout, "doctor's stdout"),
+            (&self.stderr, "doctor's stderr"),
+        ] {
+            assert_no_secret_in(text, secrets, what);
+            assert!(!text.contains("eyJ"), "{what} shows a token:\n{text}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn doctor_passes_every_check_in_order_against_a_healthy_idp_and_upstream_and_exits_0() {
+    let h = Harness::start().await;
+    let (upstream, _stop) = Upstream::start(UpstreamOptions::for_idp(&h.idp, AUDIENCE))
+        .await
+        .expect("the upstream starts");
+    let base = upstream.base_url();
+    let o = Out::of(agent(
+        &h,
+        &["doctor"],
+        &[
+            ("BEHEST_AGENT__PROXY__UPSTREAM", &base),
+            ("BEHEST_AGENT__PROXY__ALLOW_INSECURE_UPSTREAM", "true"),
+        ],
+    ))
+    .await;
+    assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
+    assert!(!o.stdout.contains('✗'), "{}", o.stdout);
+    let order = [
+        "✓ config: environment only".to_string(),
+        "✓ client secret: ".to_string(),
+        "✓ client secret file permissions: mode 0600".to_string(),
+        "✓ token endpoint: ".to_string(),
+        "✓ JWKS: ".to_string(),
+        "✓ grant: ".to_string(),
+        "✓ signature: verified".to_string(),
+        "✓ exp: expires in ".to_string(),
+        format!("✓ aud: includes {AUDIENCE}"),
+        format!("✓ iss: {}", h.idp.issuer()),
+        format!("✓ uid: {} (the client id)", h.client_id),
+        "✓ tid: dev-tenant".to_string(),
+        "✓ pid: dev-project".to_string(),
+        "✓ tier: dev".to_string(),
+        "· daemon: not running".to_string(),
+        format!("✓ upstream: GET {base}/v1/models → 200 OK"),
+    ];
+    let at: Vec<usize> = order.iter().map(|p| o.line(p).0).collect();
+    assert!(
+        at.windows(2).all(|w| w[0] < w[1]),
+        "out of order:\n{}",
+        o.stdout
+    );
+    assert_eq!(h.idp.grants(), 1, "one grant, for lack of a cached token");
+    assert!(
+        !h.path("state/token.json").exists(),
+        "doctor never writes the disk cache"
+    );
+    assert_eq!(upstream.request_count(), 1);
+    o.assert_no_secrets(std::slice::from_ref(&h.secret));
+}
+
+#[tokio::test]
+async fn a_token_without_uid_fails_the_uid_check_with_the_auth0_action_as_fix_and_exits_1() {
+    let h = Harness::start().await;
+    h.idp.set_fault(Some(Fault::MissingUid));
+    let o = Out::of(agent(&h, &["doctor"], &[])).await;
+    assert_eq!(o.code, 1, "{}\n{}", o.stdout, o.stderr);
+    o.line("✓ signature: verified");
+    let (_, uid) = o.line("✗ uid: ");
+    assert!(uid.contains("no `uid` claim"), "{uid}");
+    let fix = o.fix_after("✗ uid: ");
+    assert!(
+        fix.contains("exports.onExecuteCredentialsExchange")
+            && fix.contains(r#"api.accessToken.setCustomClaim("uid", event.client.client_id);"#),
+        "{fix}"
+    );
+    // The other claims are still reported, and the refused token is never sent upstream.
+    o.line("✓ tid: dev-tenant");
+    o.line("✓ exp: ");
+    o.assert_no_secrets(std::slice::from_ref(&h.secret));
+}
+
+#[tokio::test]
+async fn missing_tid_and_pid_fail_with_set_custom_claim_as_the_fix() {
+    let h = Harness::start().await;
+    h.idp.set_fault(Some(Fault::MissingTidPid));
+    let o = Out::of(agent(&h, &["doctor"], &[])).await;
+    assert_eq!(o.code, 1, "{}\n{}", o.stdout, o.stderr);
+    for claim in ["tid", "pid"] {
+        let fix = o.fix_after(&format!("✗ {claim}: "));
+        assert!(
+            fix.contains(&format!("api.accessToken.setCustomClaim(\"{claim}\"")),
+            "{fix}"
+        );
+    }
+    o.line("✓ tier: dev");
+    o.line(&format!("✓ uid: {}", h.client_id));
+    o.assert_no_secrets(std::slice::from_ref(&h.secret));
+}
+
+#[tokio::test]
+async fn an_upstream_refusing_the_token_fails_with_401_and_a_fix_naming_the_audience() {
+    let h = Harness::start().await;
+    let (upstream, _stop) = Upstream::start(UpstreamOptions::for_idp(&h.idp, AUDIENCE))
+        .await
+        .expect("the upstream starts");
+    upstream.set_fault(Some(UpstreamFault::Unauthorized));
+    let base = upstream.base_url();
+    let o = Out::of(agent(
+        &h,
+        &["doctor"],
+        &[
+            ("BEHEST_AGENT__PROXY__UPSTREAM", &base),
+            ("BEHEST_AGENT__PROXY__ALLOW_INSECURE_UPSTREAM", "true"),
+        ],
+    ))
+    .await;
+    assert_eq!(o.code, 1, "{}\n{}", o.stdout, o.stderr);
+    let prefix = format!("✗ upstream GET {base}/v1/models: HTTP 401");
+    o.line(&prefix);
+    assert!(
+        o.fix_after(&prefix).contains("auth.audience"),
+        "{}",
+        o.stdout
+    );
+    o.assert_no_secrets(std::slice::from_ref(&h.secret));
+}
+
+#[tokio::test]
+async fn a_wrong_client_secret_fails_the_grant_with_invalid_client_and_its_fix() {
+    let h = Harness::start().await;
+    let wrong = format!("wrong-{}", random(24));
+    std::fs::write(h.path("client-secret"), format!("{wrong}\n")).unwrap();
+    let o = Out::of(agent(&h, &["doctor"], &[])).await;
+    assert_eq!(o.code, 1, "{}\n{}", o.stdout, o.stderr);
+    let (_, grant) = o.line("✗ grant: ");
+    assert!(grant.contains("invalid_client"), "{grant}");
+    let fix = o.fix_after("✗ grant: ");
+    assert!(
+        fix.contains("auth.client_id") && fix.contains(&h.client_id),
+        "{fix}"
+    );
+    o.assert_no_secrets(&[h.secret.clone(), wrong]);
+}
+
+#[tokio::test]
+async fn a_secret_file_readable_by_others_fails_the_permission_check_with_chmod_600() {
+    let h = Harness::start().await;
+    let secret_file = h.path("client-secret");
+    set_mode(&secret_file, 0o644);
+    let o = Out::of(agent(&h, &["doctor"], &[])).await;
+    assert_eq!(o.code, 1, "{}\n{}", o.stdout, o.stderr);
+    let (_, line) = o.line("✗ client secret file permissions: ");
+    assert!(line.contains("0644"), "{line}");
+    assert_eq!(
+        o.fix_after("✗ client secret file permissions: "),
+        format!("  fix: chmod 600 {}", secret_file.display())
+    );
+    assert_eq!(
+        o.stdout.matches('✗').count(),
+        1,
+        "only the permissions fail:\n{}",
+        o.stdout
+    );
+    o.assert_no_secrets(std::slice::from_ref(&h.secret));
+}
+
+#[tokio::test]
+async fn a_configuration_that_does_not_load_prints_its_error_as_the_first_line_and_exits_2() {
+    let h = Harness::start().await;
+    let cfg = h.path("config.toml");
+    std::fs::write(&cfg, "[auth]\nclient_idd = \"x\"\n").unwrap();
+    let o = Out::of(agent(
+        &h,
+        &["doctor", "--config", cfg.to_str().unwrap()],
+        &[],
+    ))
+    .await;
+    assert_eq!(o.code, 2, "{}\n{}", o.stdout, o.stderr);
+    let first = o.stdout.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("✗ config: ")
+            && first.contains("client_idd")
+            && first.contains(cfg.to_str().unwrap()),
+        "{}",
+        o.stdout
+    );
+    o.fix_after("✗ config: ");
+    assert_eq!(h.idp.token_requests(), 0);
+    o.assert_no_secrets(std::slice::from_ref(&h.secret));
+}
+
+#[tokio::test]
+async fn a_valid_cached_token_is_checked_without_a_grant() {
+    let h = Harness::start().await;
+    let o = Out::of(agent(&h, &["token"], &[])).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let token = o.stdout.trim().to_string();
+    assert_eq!(h.idp.grants(), 1);
+
+    let o = Out::of(agent(&h, &["doctor"], &[])).await;
+    assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
+    o.line("✓ token: a valid one from the disk cache");
+    o.line(&format!("✓ uid: {}", h.client_id));
+    assert!(!o.stdout.contains("grant:"), "{}", o.stdout);
+    assert_eq!(h.idp.grants(), 1, "doctor spent no grant");
+    assert_eq!(h.idp.token_requests(), 1);
+    o.assert_no_secrets(&[h.secret.clone(), token]);
+}
+
+#[tokio::test]
+async fn a_running_daemon_is_reported_with_its_pid_and_socket_mode_and_lends_its_token() {
+    let h = Harness::start().await;
+    // No disk cache: the token can only come from the daemon or a grant.
+    let no_cache = [("BEHEST_AGENT__TOKEN__CACHE_FILE", "")];
+    let mut daemon = agent(&h, &["run"], &no_cache);
+    daemon.stdout(Stdio::null()).stderr(Stdio::null());
+    let mut child = daemon.spawn().unwrap();
+    let socket = h.path("run/agent.sock");
+    eventually(Duration::from_secs(30), "the daemon's token", || {
+        socket.exists() && h.idp.grants() == 1
+    })
+    .await;
+    let ready = Out::of(agent(&h, &["status"], &no_cache)).await;
+    assert_eq!(ready.code, 0, "{}", ready.stdout);
+
+    let o = Out::of(agent(&h, &["doctor"], &no_cache)).await;
+    assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
+    o.line("✓ token: the running daemon's (no grant made)");
+    let (_, line) = o.line("✓ daemon: pid ");
+    assert!(line.contains(&child.id().unwrap().to_string()), "{line}");
+    o.line(&format!("✓ control socket: {} mode 0660", socket.display()));
+    assert_eq!(h.idp.grants(), 1, "doctor used the daemon's token");
+    o.assert_no_secrets(std::slice::from_ref(&h.secret));
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+}
