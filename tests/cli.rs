@@ -18,16 +18,6 @@ fn bin() -> Command {
     c
 }
 
-impl Harness {
-    fn cmd(&self, args: &[&str], extra: &[(&str, &str)]) -> Command {
-        let mut c = bin();
-        c.envs(self.env(extra))
-            .env("HOME", self.dir.path())
-            .args(args);
-        c
-    }
-}
-
 struct Out {
     code: i32,
     stdout: String,
@@ -48,7 +38,7 @@ async fn parallel_one_shot_token_calls_without_a_daemon_make_one_grant() {
     let h = Harness::start().await;
     let mut runs = Vec::new();
     for _ in 0..8 {
-        runs.push(tokio::spawn(output(h.cmd(&["token"], &[]))));
+        runs.push(tokio::spawn(output(h.agent(&["token"], &[]))));
     }
     let mut tokens = Vec::new();
     for r in runs {
@@ -69,13 +59,13 @@ async fn parallel_one_shot_token_calls_without_a_daemon_make_one_grant() {
 #[tokio::test]
 async fn token_json_and_header_formats() {
     let h = Harness::start().await;
-    let o = output(h.cmd(&["token", "--json"], &[])).await;
+    let o = output(h.agent(&["token", "--json"], &[])).await;
     assert_eq!(o.code, 0, "{}", o.stderr);
     let v: Value = serde_json::from_str(&o.stdout).unwrap();
     assert_eq!(v["claims"]["uid"], h.client_id.as_str());
     assert!(v["expires_at"].as_str().unwrap().ends_with('Z'));
     let token = v["access_token"].as_str().unwrap().to_string();
-    let o = output(h.cmd(&["token", "--header"], &[])).await;
+    let o = output(h.agent(&["token", "--header"], &[])).await;
     assert_eq!(o.stdout.trim(), format!("Authorization: Bearer {token}"));
     assert_eq!(h.idp.grants(), 1, "the second call used the disk cache");
 }
@@ -83,7 +73,7 @@ async fn token_json_and_header_formats() {
 #[tokio::test]
 async fn token_min_ttl_beyond_what_the_idp_issues_exits_1_with_nothing_on_stdout() {
     let h = Harness::start_with(|o| o.token_ttl = Duration::from_secs(120)).await;
-    let o = output(h.cmd(&["token", "--min-ttl", "10m"], &[])).await;
+    let o = output(h.agent(&["token", "--min-ttl", "10m"], &[])).await;
     assert_eq!(o.code, 1);
     assert!(o.stdout.is_empty());
     assert!(o.stderr.contains("less than"), "{}", o.stderr);
@@ -94,17 +84,17 @@ async fn configuration_errors_exit_2_and_name_the_key_and_the_file() {
     let h = Harness::start().await;
     let cfg = h.path("config.toml");
     std::fs::write(&cfg, "[auth]\nclient_idd = \"x\"\n").unwrap();
-    let o = output(h.cmd(&["token", "--config", cfg.to_str().unwrap()], &[])).await;
+    let o = output(h.agent(&["token", "--config", cfg.to_str().unwrap()], &[])).await;
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert!(
         o.stderr.contains("client_idd") && o.stderr.contains(cfg.to_str().unwrap()),
         "{}",
         o.stderr
     );
-    let o = output(h.cmd(&["token"], &[("BEHEST_AGENT__AUTH__CLIENT_ID", "")])).await;
+    let o = output(h.agent(&["token"], &[("BEHEST_AGENT__AUTH__CLIENT_ID", "")])).await;
     assert_eq!(o.code, 2);
     assert!(o.stderr.contains("auth.client_id"), "{}", o.stderr);
-    let o = output(h.cmd(&["token", "--min-ttl", "soon"], &[])).await;
+    let o = output(h.agent(&["token", "--min-ttl", "soon"], &[])).await;
     assert_eq!(o.code, 2, "usage errors exit 2");
 }
 
@@ -112,7 +102,7 @@ async fn configuration_errors_exit_2_and_name_the_key_and_the_file() {
 async fn refresh_without_a_daemon_exits_1_with_the_idps_error() {
     let h = Harness::start().await;
     std::fs::write(h.path("client-secret"), "wrong-secret-xyz\n").unwrap();
-    let o = output(h.cmd(&["refresh"], &[])).await;
+    let o = output(h.agent(&["refresh"], &[])).await;
     assert_eq!(o.code, 1);
     assert!(o.stderr.contains("invalid_client"), "{}", o.stderr);
 }
@@ -139,7 +129,7 @@ async fn completions_and_version() {
 #[tokio::test]
 async fn the_daemon_serves_token_status_and_refresh_over_its_socket_and_stops_on_sigterm() {
     let h = Harness::start().await;
-    let mut daemon = h.cmd(&["run", "--log-level", "debug"], &[]);
+    let mut daemon = h.agent(&["run", "--log-level", "debug"], &[]);
     daemon.stderr(Stdio::piped());
     let mut child = daemon.spawn().unwrap();
     let socket = h.path("run/agent.sock");
@@ -150,7 +140,7 @@ async fn the_daemon_serves_token_status_and_refresh_over_its_socket_and_stops_on
     assert_eq!(mode_of(&socket), 0o660);
     assert_eq!(mode_of(&h.path("run")) & 0o777, 0o750);
 
-    let o = output(h.cmd(&["token"], &[])).await;
+    let o = output(h.agent(&["token"], &[])).await;
     assert_eq!(o.code, 0, "{}", o.stderr);
     let token = o.stdout.trim().to_string();
     eventually(Duration::from_secs(10), "the daemon's grant", || {
@@ -163,7 +153,7 @@ async fn the_daemon_serves_token_status_and_refresh_over_its_socket_and_stops_on
         "the CLI asked the daemon, it did not grant itself"
     );
 
-    let o = output(h.cmd(&["status", "--json"], &[])).await;
+    let o = output(h.agent(&["status", "--json"], &[])).await;
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert!(!o.stdout.contains(&token), "status never shows the token");
     let v: Value = serde_json::from_str(&o.stdout).unwrap();
@@ -181,17 +171,17 @@ async fn the_daemon_serves_token_status_and_refresh_over_its_socket_and_stops_on
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert!(o.stdout.contains(&h.client_id));
 
-    let o = output(h.cmd(&["status"], &[])).await;
+    let o = output(h.agent(&["status"], &[])).await;
     assert!(
         o.stdout.contains("valid") && o.stdout.contains(&h.client_id),
         "{}",
         o.stdout
     );
 
-    let o = output(h.cmd(&["refresh"], &[])).await;
+    let o = output(h.agent(&["refresh"], &[])).await;
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert_eq!(h.idp.grants(), 2);
-    let o = output(h.cmd(&["token"], &[])).await;
+    let o = output(h.agent(&["token"], &[])).await;
     assert_eq!(o.code, 0, "{}", o.stderr);
     let token2 = o.stdout.trim().to_string();
 

@@ -12,18 +12,6 @@ use tokio::process::Command;
 
 use crate::util::{AUDIENCE, Harness, assert_no_secret_in, eventually, random, set_mode};
 
-fn agent(h: &Harness, args: &[&str], extra: &[(&str, &str)]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_behest-agent"));
-    c.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(h.env(extra))
-        .env("HOME", h.dir.path())
-        .args(args)
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    c
-}
-
 struct Out {
     code: i32,
     stdout: String,
@@ -85,8 +73,7 @@ async fn doctor_passes_every_check_in_order_against_a_healthy_idp_and_upstream_a
         .await
         .expect("the upstream starts");
     let base = upstream.base_url();
-    let o = Out::of(agent(
-        &h,
+    let o = Out::of(h.agent(
         &["doctor"],
         &[
             ("BEHEST_AGENT__PROXY__UPSTREAM", &base),
@@ -133,7 +120,7 @@ async fn doctor_passes_every_check_in_order_against_a_healthy_idp_and_upstream_a
 async fn a_token_without_uid_fails_the_uid_check_with_the_auth0_action_as_fix_and_exits_1() {
     let h = Harness::start().await;
     h.idp.set_fault(Some(Fault::MissingUid));
-    let o = Out::of(agent(&h, &["doctor"], &[])).await;
+    let o = Out::of(h.agent(&["doctor"], &[])).await;
     assert_eq!(o.code, 1, "{}\n{}", o.stdout, o.stderr);
     o.line("✓ signature: verified");
     let (_, uid) = o.line("✗ uid: ");
@@ -154,7 +141,7 @@ async fn a_token_without_uid_fails_the_uid_check_with_the_auth0_action_as_fix_an
 async fn missing_tid_and_pid_fail_with_set_custom_claim_as_the_fix() {
     let h = Harness::start().await;
     h.idp.set_fault(Some(Fault::MissingTidPid));
-    let o = Out::of(agent(&h, &["doctor"], &[])).await;
+    let o = Out::of(h.agent(&["doctor"], &[])).await;
     assert_eq!(o.code, 1, "{}\n{}", o.stdout, o.stderr);
     for claim in ["tid", "pid"] {
         let fix = o.fix_after(&format!("✗ {claim}: "));
@@ -176,8 +163,7 @@ async fn an_upstream_refusing_the_token_fails_with_401_and_a_fix_naming_the_audi
         .expect("the upstream starts");
     upstream.set_fault(Some(UpstreamFault::Unauthorized));
     let base = upstream.base_url();
-    let o = Out::of(agent(
-        &h,
+    let o = Out::of(h.agent(
         &["doctor"],
         &[
             ("BEHEST_AGENT__PROXY__UPSTREAM", &base),
@@ -201,7 +187,7 @@ async fn a_wrong_client_secret_fails_the_grant_with_invalid_client_and_its_fix()
     let h = Harness::start().await;
     let wrong = format!("wrong-{}", random(24));
     std::fs::write(h.path("client-secret"), format!("{wrong}\n")).unwrap();
-    let o = Out::of(agent(&h, &["doctor"], &[])).await;
+    let o = Out::of(h.agent(&["doctor"], &[])).await;
     assert_eq!(o.code, 1, "{}\n{}", o.stdout, o.stderr);
     let (_, grant) = o.line("✗ grant: ");
     assert!(grant.contains("invalid_client"), "{grant}");
@@ -218,7 +204,7 @@ async fn a_secret_file_readable_by_others_fails_the_permission_check_with_chmod_
     let h = Harness::start().await;
     let secret_file = h.path("client-secret");
     set_mode(&secret_file, 0o644);
-    let o = Out::of(agent(&h, &["doctor"], &[])).await;
+    let o = Out::of(h.agent(&["doctor"], &[])).await;
     assert_eq!(o.code, 1, "{}\n{}", o.stdout, o.stderr);
     let (_, line) = o.line("✗ client secret file permissions: ");
     assert!(line.contains("0644"), "{line}");
@@ -240,12 +226,7 @@ async fn a_configuration_that_does_not_load_prints_its_error_as_the_first_line_a
     let h = Harness::start().await;
     let cfg = h.path("config.toml");
     std::fs::write(&cfg, "[auth]\nclient_idd = \"x\"\n").unwrap();
-    let o = Out::of(agent(
-        &h,
-        &["doctor", "--config", cfg.to_str().unwrap()],
-        &[],
-    ))
-    .await;
+    let o = Out::of(h.agent(&["doctor", "--config", cfg.to_str().unwrap()], &[])).await;
     assert_eq!(o.code, 2, "{}\n{}", o.stdout, o.stderr);
     let first = o.stdout.lines().next().unwrap_or_default();
     assert!(
@@ -263,12 +244,12 @@ async fn a_configuration_that_does_not_load_prints_its_error_as_the_first_line_a
 #[tokio::test]
 async fn a_valid_cached_token_is_checked_without_a_grant() {
     let h = Harness::start().await;
-    let o = Out::of(agent(&h, &["token"], &[])).await;
+    let o = Out::of(h.agent(&["token"], &[])).await;
     assert_eq!(o.code, 0, "{}", o.stderr);
     let token = o.stdout.trim().to_string();
     assert_eq!(h.idp.grants(), 1);
 
-    let o = Out::of(agent(&h, &["doctor"], &[])).await;
+    let o = Out::of(h.agent(&["doctor"], &[])).await;
     assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
     o.line("✓ token: a valid one from the disk cache");
     o.line(&format!("✓ uid: {}", h.client_id));
@@ -283,7 +264,7 @@ async fn a_running_daemon_is_reported_with_its_pid_and_socket_mode_and_lends_its
     let h = Harness::start().await;
     // No disk cache: the token can only come from the daemon or a grant.
     let no_cache = [("BEHEST_AGENT__TOKEN__CACHE_FILE", "")];
-    let mut daemon = agent(&h, &["run"], &no_cache);
+    let mut daemon = h.agent(&["run"], &no_cache);
     daemon.stdout(Stdio::null()).stderr(Stdio::null());
     let mut child = daemon.spawn().unwrap();
     let socket = h.path("run/agent.sock");
@@ -291,10 +272,10 @@ async fn a_running_daemon_is_reported_with_its_pid_and_socket_mode_and_lends_its
         socket.exists() && h.idp.grants() == 1
     })
     .await;
-    let ready = Out::of(agent(&h, &["status"], &no_cache)).await;
+    let ready = Out::of(h.agent(&["status"], &no_cache)).await;
     assert_eq!(ready.code, 0, "{}", ready.stdout);
 
-    let o = Out::of(agent(&h, &["doctor"], &no_cache)).await;
+    let o = Out::of(h.agent(&["doctor"], &no_cache)).await;
     assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
     o.line("✓ token: the running daemon's (no grant made)");
     let (_, line) = o.line("✓ daemon: pid ");

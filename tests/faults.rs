@@ -179,24 +179,13 @@ async fn upstream_errors_pass_through_unchanged() {
 
 // ---- the process
 
-fn daemon(s: &Stack, extra: &[(&str, &str)]) -> Command {
-    let up = s.upstream.base_url();
-    let mut env = vec![
-        ("BEHEST_AGENT__PROXY__UPSTREAM", up.as_str()),
-        ("BEHEST_AGENT__PROXY__ALLOW_INSECURE_UPSTREAM", "true"),
-        ("BEHEST_AGENT__PROXY__LISTEN", "127.0.0.1:0"),
-    ];
-    env.extend_from_slice(extra);
-    let mut c = Command::new(env!("CARGO_BIN_EXE_behest-agent"));
-    c.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", s.h.dir.path())
-        .envs(s.h.env(&env))
-        .arg("run")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true);
+fn daemon(s: &Stack) -> Command {
+    let mut c = s.h.agent_with_upstream(
+        &s.upstream.base_url(),
+        &["run"],
+        &[("BEHEST_AGENT__PROXY__LISTEN", "127.0.0.1:0")],
+    );
+    c.stdout(Stdio::null()).stderr(Stdio::null());
     c
 }
 
@@ -207,11 +196,11 @@ async fn daemon_base(s: &Stack) -> String {
         socket.exists()
     })
     .await;
-    let mut c = Command::new(env!("CARGO_BIN_EXE_behest-agent"));
-    c.env_clear()
-        .envs(s.h.env(&[]))
-        .args(["env", "--format", "dotenv"]);
-    let out = c.output().await.unwrap();
+    let out =
+        s.h.agent(&["env", "--format", "dotenv"], &[])
+            .output()
+            .await
+            .unwrap();
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .next()
@@ -227,7 +216,7 @@ fn signal(child: &Child, sig: nix::sys::signal::Signal) {
 #[tokio::test]
 async fn sigterm_with_100_open_streams_lets_them_all_finish_then_exits_0() {
     let s = stack_with(|o| o.sse_interval = Duration::from_millis(100), &[]).await;
-    let mut child = daemon(&s, &[]).spawn().unwrap();
+    let mut child = daemon(&s).spawn().unwrap();
     let base = daemon_base(&s).await;
     let client = http();
     let mut streams = Vec::new();
@@ -265,7 +254,7 @@ async fn sigterm_with_100_open_streams_lets_them_all_finish_then_exits_0() {
 #[tokio::test]
 async fn a_sighup_storm_keeps_serving_and_makes_no_extra_grant() {
     let s = stack().await;
-    let mut child = daemon(&s, &[]).spawn().unwrap();
+    let mut child = daemon(&s).spawn().unwrap();
     let base = daemon_base(&s).await;
     let client = http();
     let grants_before = s.h.idp.grants();

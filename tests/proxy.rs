@@ -345,24 +345,6 @@ async fn the_openai_sdk_works_with_the_real_oidc_provider_as_idp() {
 
 // ---- the binary: exec, env, SIGTERM during a stream
 
-fn bin(s: &Stack, args: &[&str], extra: &[(&str, &str)]) -> tokio::process::Command {
-    let up = s.upstream.base_url();
-    let mut env = vec![
-        ("BEHEST_AGENT__PROXY__UPSTREAM", up.as_str()),
-        ("BEHEST_AGENT__PROXY__ALLOW_INSECURE_UPSTREAM", "true"),
-    ];
-    env.extend_from_slice(extra);
-    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_behest-agent"));
-    c.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", s.h.dir.path())
-        .envs(s.h.env(&env))
-        .args(args)
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    c
-}
-
 fn openai_script() -> String {
     crate::node::ensure_npm_installed();
     crate::node::interop_dir()
@@ -378,7 +360,12 @@ async fn exec_without_a_daemon_serves_its_own_proxy_and_passes_the_exit_status()
         "node {} \"$OPENAI_BASE_URL\" chat && exit 7",
         openai_script()
     );
-    let out = bin(&s, &["exec", "--", "sh", "-c", &script], &[])
+    let out =
+        s.h.agent_with_upstream(
+            &s.upstream.base_url(),
+            &["exec", "--", "sh", "-c", &script],
+            &[],
+        )
         .output()
         .await
         .unwrap();
@@ -401,26 +388,28 @@ async fn exec_without_a_daemon_serves_its_own_proxy_and_passes_the_exit_status()
 #[tokio::test]
 async fn exec_and_env_use_the_running_daemon_with_a_session() {
     let s = stack().await;
-    let mut daemon = bin(
-        &s,
-        &["run"],
-        &[("BEHEST_AGENT__PROXY__LISTEN", "127.0.0.1:0")],
-    )
-    .spawn()
-    .unwrap();
+    let mut daemon =
+        s.h.agent_with_upstream(
+            &s.upstream.base_url(),
+            &["run"],
+            &[("BEHEST_AGENT__PROXY__LISTEN", "127.0.0.1:0")],
+        )
+        .spawn()
+        .unwrap();
     let socket = s.h.path("run/agent.sock");
     eventually(Duration::from_secs(30), "the daemon's socket", || {
         socket.exists()
     })
     .await;
-    let out = bin(
-        &s,
-        &["env", "--format", "dotenv", "--session", "job-9"],
-        &[],
-    )
-    .output()
-    .await
-    .unwrap();
+    let out =
+        s.h.agent_with_upstream(
+            &s.upstream.base_url(),
+            &["env", "--format", "dotenv", "--session", "job-9"],
+            &[],
+        )
+        .output()
+        .await
+        .unwrap();
     let env_out = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         env_out.contains("/s/job-9/v1") && env_out.contains("OPENAI_API_KEY=placeholder"),
@@ -437,14 +426,15 @@ async fn exec_and_env_use_the_running_daemon_with_a_session() {
         "node {} \"$OPENAI_BASE_URL\" models; echo \"$OPENAI_BASE_URL\"; exit 3",
         openai_script()
     );
-    let out = bin(
-        &s,
-        &["exec", "--session", "job-9", "--", "sh", "-c", &script],
-        &[],
-    )
-    .output()
-    .await
-    .unwrap();
+    let out =
+        s.h.agent_with_upstream(
+            &s.upstream.base_url(),
+            &["exec", "--session", "job-9", "--", "sh", "-c", &script],
+            &[],
+        )
+        .output()
+        .await
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(3), "{stdout}");
     assert!(
@@ -470,23 +460,25 @@ async fn exec_and_env_use_the_running_daemon_with_a_session() {
 #[tokio::test]
 async fn sigterm_during_a_stream_lets_it_finish_then_exits_0() {
     let s = stack_with(|o| o.sse_interval = Duration::from_millis(150), &[]).await;
-    let mut daemon = bin(
-        &s,
-        &["run"],
-        &[("BEHEST_AGENT__PROXY__LISTEN", "127.0.0.1:0")],
-    )
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    let mut daemon =
+        s.h.agent_with_upstream(
+            &s.upstream.base_url(),
+            &["run"],
+            &[("BEHEST_AGENT__PROXY__LISTEN", "127.0.0.1:0")],
+        )
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let socket = s.h.path("run/agent.sock");
     eventually(Duration::from_secs(30), "the daemon's socket", || {
         socket.exists()
     })
     .await;
-    let out = bin(&s, &["env", "--format", "dotenv"], &[])
-        .output()
-        .await
-        .unwrap();
+    let out =
+        s.h.agent_with_upstream(&s.upstream.base_url(), &["env", "--format", "dotenv"], &[])
+            .output()
+            .await
+            .unwrap();
     let base = String::from_utf8_lossy(&out.stdout)
         .lines()
         .next()
@@ -527,14 +519,15 @@ async fn sigterm_during_a_stream_lets_it_finish_then_exits_0() {
 #[tokio::test]
 async fn run_refuses_a_non_loopback_listen_address_without_allow_remote() {
     let s = stack().await;
-    let out = bin(
-        &s,
-        &["run"],
-        &[("BEHEST_AGENT__PROXY__LISTEN", "0.0.0.0:0")],
-    )
-    .output()
-    .await
-    .unwrap();
+    let out =
+        s.h.agent_with_upstream(
+            &s.upstream.base_url(),
+            &["run"],
+            &[("BEHEST_AGENT__PROXY__LISTEN", "0.0.0.0:0")],
+        )
+        .output()
+        .await
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -17,26 +17,8 @@ use tokio::process::{Child, Command};
 use crate::util::{AUDIENCE, Harness, assert_no_secret_in, eventually};
 
 fn daemon(h: &Harness, upstream: &Upstream, extra: &[(&str, &str)]) -> Command {
-    let up = upstream.base_url();
-    let mut env = vec![
-        ("BEHEST_AGENT__PROXY__UPSTREAM", up.as_str()),
-        ("BEHEST_AGENT__PROXY__ALLOW_INSECURE_UPSTREAM", "true"),
-    ];
-    env.extend_from_slice(extra);
-    let mut c = Command::new(env!("CARGO_BIN_EXE_behest-agent"));
-    c.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", h.dir.path())
-        .envs(h.env(&env))
-        .arg("run")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(if std::env::var_os("DEBUG_DAEMON").is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::piped()
-        })
-        .kill_on_drop(true);
+    let mut c = h.agent_with_upstream(&upstream.base_url(), &["run"], extra);
+    c.stdout(Stdio::null()).stderr(Stdio::piped());
     c
 }
 
@@ -116,14 +98,8 @@ async fn sd_notify_ready_after_token_and_listeners_then_status_watchdog_reloadin
 
     // The IdP goes down and a refresh fails: STATUS says so.
     h.idp.set_fault(Some(Fault::Status(503)));
-    let mut refresh = Command::new(env!("CARGO_BIN_EXE_behest-agent"));
-    refresh
-        .env_clear()
-        .envs(h.env(&[]))
-        .arg("refresh")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    assert_eq!(refresh.status().await.unwrap().code(), Some(1));
+    let refresh = h.agent(&["refresh"], &[]).output().await.unwrap();
+    assert_eq!(refresh.status.code(), Some(1));
     let status = expect_notify(&sock, "STATUS about the IdP", |m| {
         m.contains("STATUS=") && m.contains("IdP failing")
     })
@@ -408,21 +384,9 @@ async fn no_secret_reaches_the_logs_in_any_format_through_grants_proxying_and_fa
         assert_eq!(via_proxy(&h, "/v1/models?x=1").await, 200);
         // A failing grant (wrong secret) logs its error.
         std::fs::write(h.path("client-secret"), "wrong-secret-value-123\n").unwrap();
-        let mut refresh = Command::new(env!("CARGO_BIN_EXE_behest-agent"));
-        refresh
-            .env_clear()
-            .envs(h.env(&[]))
-            .arg("refresh")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        assert_eq!(refresh.status().await.unwrap().code(), Some(1));
-        let token = Command::new(env!("CARGO_BIN_EXE_behest-agent"))
-            .env_clear()
-            .envs(h.env(&[]))
-            .arg("token")
-            .output()
-            .await
-            .unwrap();
+        let refresh = h.agent(&["refresh"], &[]).output().await.unwrap();
+        assert_eq!(refresh.status.code(), Some(1));
+        let token = h.agent(&["token"], &[]).output().await.unwrap();
         let token = String::from_utf8_lossy(&token.stdout).trim().to_string();
         assert!(token.split('.').count() == 3, "a token is still served");
         let err = stop(child).await;

@@ -164,6 +164,35 @@ impl Harness {
         TokenSource::new(&self.settings(extra), clock).expect("the token source builds")
     }
 
+    /// The real binary with this harness's environment (and nothing of the test process's but
+    /// `PATH`), killed when dropped.
+    pub fn agent(&self, args: &[&str], extra: &[(&str, &str)]) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_behest-agent"));
+        c.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", self.dir.path())
+            .envs(self.env(extra))
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        c
+    }
+
+    /// [`Harness::agent`] with its proxy pointed at a plain-http echo upstream.
+    pub fn agent_with_upstream(
+        &self,
+        upstream: &str,
+        args: &[&str],
+        extra: &[(&str, &str)],
+    ) -> tokio::process::Command {
+        let mut env = vec![
+            ("BEHEST_AGENT__PROXY__UPSTREAM", upstream),
+            ("BEHEST_AGENT__PROXY__ALLOW_INSECURE_UPSTREAM", "true"),
+        ];
+        env.extend_from_slice(extra);
+        self.agent(args, &env)
+    }
+
     /// Remembers a secret to look for in the logs.
     pub fn remember(&self, secret: &str) {
         self.secrets.lock().unwrap().push(secret.to_string());
