@@ -116,6 +116,20 @@ fn merged(opts: &LoadOptions) -> Result<(Option<PathBuf>, file::FileConfig), Con
             file: label.clone(),
             source,
         })?;
+        // The `config` crate reads a key like `a[N]` as element N and grows an array to it; only
+        // plain section names are valid at the top level anyway.
+        let table =
+            config::Source::collect(&config::File::from_str(&text, config::FileFormat::Toml))
+                .map_err(|e| ConfigError::Parse {
+                    file: label.clone(),
+                    message: e.to_string(),
+                })?;
+        if let Some(bad) = table.keys().find(|k| !plain_key(k)) {
+            return Err(ConfigError::Parse {
+                file: label.clone(),
+                message: format!("`{bad}` is not a section name (remove or correct it)"),
+            });
+        }
         builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
     }
     // Only `BEHEST_AGENT__…` variables: `BEHEST_AGENT_CONFIG` and `BEHEST_AGENT_CLIENT_SECRET` have a
@@ -126,6 +140,27 @@ fn merged(opts: &LoadOptions) -> Result<(Option<PathBuf>, file::FileConfig), Con
         .filter(|(k, _)| k.starts_with("BEHEST_AGENT__"))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    if let Some(bad) = env
+        .keys()
+        .find(|k| !k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+    {
+        return Err(ConfigError::Parse {
+            file: label.clone(),
+            message: format!(
+                "environment variable `{bad}` is not a config key (BEHEST_AGENT__SECTION__KEY, letters, digits and _ only)"
+            ),
+        });
+    }
+    if let Some((bad, _)) = opts
+        .overrides
+        .iter()
+        .find(|(k, _)| !k.split('.').all(plain_key))
+    {
+        return Err(ConfigError::Parse {
+            file: label.clone(),
+            message: format!("--set `{bad}` is not a key like section.key"),
+        });
+    }
     builder = builder.add_source(
         config::Environment::with_prefix("BEHEST_AGENT")
             .prefix_separator("__")
@@ -154,6 +189,13 @@ fn merged(opts: &LoadOptions) -> Result<(Option<PathBuf>, file::FileConfig), Con
         message: describe_parse_error(&e.to_string()),
     })?;
     Ok((path, model))
+}
+
+/// `[a-z0-9_]+`: a section or key name with nothing the `config` crate would read as a path.
+fn plain_key(k: &str) -> bool {
+    !k.is_empty()
+        && k.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 /// The `config` crate reports unknown keys as serde does; add the fix.

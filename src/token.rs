@@ -93,7 +93,11 @@ impl Token {
     }
 }
 
-/// RFC 3339 in UTC, seconds precision.
+/// The last instant RFC 3339 (and humantime) can write: 9999-12-31T23:59:59Z.
+pub const MAX_RFC3339_UNIX: u64 = 253_402_300_799;
+
+/// RFC 3339 in UTC, seconds precision; clamped to years 1970..=9999, which is all it can write.
 pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+    let max = SystemTime::UNIX_EPOCH + Duration::from_secs(MAX_RFC3339_UNIX);
+    humantime::format_rfc3339_seconds(t.clamp(SystemTime::UNIX_EPOCH, max)).to_string()
 }

@@ -190,6 +190,15 @@ impl Body for UpstreamBody {
                     }
                     Poll::Ready(Some(Ok(frame))) => {
                         idle.touch();
+                        // Client trailers never carry credentials upstream (HTTP/2 forwards them).
+                        let frame = match frame.into_trailers() {
+                            Ok(mut trailers) => {
+                                trailers.remove(http::header::AUTHORIZATION);
+                                trailers.remove(http::header::PROXY_AUTHORIZATION);
+                                Frame::trailers(trailers)
+                            }
+                            Err(frame) => frame,
+                        };
                         if let Some(slot) = tee {
                             let t = &mut slot.0;
                             match frame.data_ref() {

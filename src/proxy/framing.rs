@@ -61,6 +61,10 @@ struct Head {
     /// The request line has been read.
     started: bool,
     content_length: Option<u64>,
+    /// A `Content-Length` field was present (parseable or not).
+    content_length_seen: bool,
+    /// A `Content-Length` was unparseable or disagreed with another.
+    content_length_bad: bool,
     transfer_encoding: bool,
     chunked: bool,
 }
@@ -190,6 +194,18 @@ impl Scanner {
         // End of the head: where does its body end?
         self.heads += 1;
         let head = std::mem::take(&mut self.head);
+        // hyper ignores every Content-Length after a Transfer-Encoding without parsing it, so
+        // any length beside a transfer coding is a conflict, whatever its value.
+        if head.transfer_encoding && head.content_length_seen {
+            self.found.conflict.store(self.heads, Ordering::Release);
+            self.state = State::Off;
+            return;
+        }
+        if head.content_length_bad {
+            // hyper answers 400 and closes.
+            self.state = State::Off;
+            return;
+        }
         self.state = match (head.content_length, head.transfer_encoding) {
             (Some(_), true) => {
                 self.found.conflict.store(self.heads, Ordering::Release);
@@ -209,14 +225,15 @@ impl Scanner {
         };
         let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
         if name.eq_ignore_ascii_case(b"content-length") {
+            self.head.content_length_seen = true;
             let n = std::str::from_utf8(value)
                 .ok()
                 .and_then(|s| s.parse::<u64>().ok());
             match (n, self.head.content_length) {
                 (Some(n), None) => self.head.content_length = Some(n),
                 (Some(n), Some(m)) if n == m => {}
-                // Unparseable or different: hyper answers 400 and closes.
-                _ => self.state = State::Off,
+                // Unparseable or different: decided at the end of the head.
+                _ => self.head.content_length_bad = true,
             }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             self.head.transfer_encoding = true;

@@ -65,6 +65,13 @@ pub fn target<'a, B>(
             ))),
         };
     }
+    let mut hosts = req.headers().get_all(HOST).iter();
+    if let (Some(_), Some(_)) = (hosts.next(), hosts.next()) {
+        // RFC 9112 §3.2: a request with more than one Host is refused.
+        return Err(ProxyError::BadRequest(
+            "the request has more than one Host header".to_string(),
+        ));
+    }
     match req.headers().get(HOST) {
         Some(h) => check_host(h.as_bytes(), local)?,
         None if req.version() == Version::HTTP_11 => {
@@ -126,8 +133,13 @@ fn host_allowed(value: &[u8], local: SocketAddr) -> bool {
     const SUFFIX: &[u8] = b".localhost";
     let h = host.as_bytes();
     // RFC 6761: `localhost` and its subdomains always resolve to loopback.
+    let hostname_chars = h
+        .iter()
+        .all(|b| b.is_ascii_alphanumeric() || *b == b'.' || *b == b'-');
     if host.eq_ignore_ascii_case("localhost")
-        || (h.len() > SUFFIX.len() && h[h.len() - SUFFIX.len()..].eq_ignore_ascii_case(SUFFIX))
+        || (hostname_chars
+            && h.len() > SUFFIX.len()
+            && h[h.len() - SUFFIX.len()..].eq_ignore_ascii_case(SUFFIX))
     {
         return true;
     }

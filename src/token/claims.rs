@@ -214,6 +214,11 @@ impl Verifier {
             .get("exp")
             .and_then(Value::as_u64)
             .ok_or_else(|| CheckError::Malformed("no numeric `exp` claim".into()))?;
+        if exp > super::MAX_RFC3339_UNIX {
+            return Err(CheckError::Malformed(
+                "the `exp` claim is after year 9999".into(),
+            ));
+        }
         let exp_time = crate::clock::from_unix(exp)
             .ok_or_else(|| CheckError::Malformed("the `exp` claim is out of range".into()))?;
         if exp_time <= self.clock.now() {
