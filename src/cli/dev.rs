@@ -78,7 +78,14 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
         overrides: g.set.clone(),
     })?;
     let socket: PathBuf = settings.control.socket.clone();
-    let app = App::build(settings, crate::clock::system()).await?;
+    let app = App::build(settings, crate::clock::system())
+        .await
+        .map_err(|e| match e {
+            crate::app::StartError::Listen { .. } => anyhow!(
+                "{e}\n(is another agent or `dev` running? pick a free port with --listen 127.0.0.1:0)"
+            ),
+            e => e.into(),
+        })?;
     let tokens = app.tokens();
     let proxy_addr = app.proxy_addresses().into_iter().find_map(|a| match a {
         ListenAddr::Tcp(sa) => Some(sa),
