@@ -207,3 +207,28 @@ async fn the_daemon_serves_token_status_and_refresh_over_its_socket_and_stops_on
     );
     assert!(!socket.exists(), "the socket is removed on exit");
 }
+
+#[tokio::test]
+async fn dev_runs_the_whole_path_on_the_embedded_idp_and_upstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let mut c = bin();
+    c.env("HOME", dir.path()).args([
+        "dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--check",
+        "--set",
+        &format!("control.socket={}", socket.display()),
+    ]);
+    let o = output(c).await;
+    assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
+    assert!(o.stdout.contains("-> 200 OK"), "{}", o.stdout);
+    assert!(o.stdout.contains("(stream) -> 200 OK"), "{}", o.stdout);
+    assert!(
+        o.stdout.contains("hello from behest-agent dev"),
+        "{}",
+        o.stdout
+    );
+    assert!(!o.stderr.contains("eyJ"), "no token in the logs");
+}
