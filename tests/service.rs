@@ -415,3 +415,59 @@ async fn no_secret_reaches_the_logs_in_any_format_through_grants_proxying_and_fa
         }
     }
 }
+
+#[tokio::test]
+async fn socket_activation_serves_the_socket_systemd_passes_instead_of_proxy_listen() {
+    let h = Harness::start().await;
+    let (upstream, _g) = Upstream::start(UpstreamOptions::for_idp(&h.idp, AUDIENCE))
+        .await
+        .unwrap();
+    // systemd-socket-activate binds the port and passes it as fd 3 (LISTEN_FDS=1, LISTEN_PID).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let unused = h.path("unused.sock");
+    let listen = format!("unix:{}", unused.display());
+    let up = upstream.base_url();
+    let mut env = h.env(&[
+        ("BEHEST_AGENT__PROXY__UPSTREAM", up.as_str()),
+        ("BEHEST_AGENT__PROXY__ALLOW_INSECURE_UPSTREAM", "true"),
+        ("BEHEST_AGENT__PROXY__LISTEN", listen.as_str()),
+    ]);
+    env.insert("HOME".into(), h.dir.path().display().to_string());
+    let mut c = Command::new("systemd-socket-activate");
+    c.arg("-l").arg(format!("127.0.0.1:{port}"));
+    for (k, v) in &env {
+        c.arg(format!("--setenv={k}={v}"));
+    }
+    c.arg(env!("CARGO_BIN_EXE_behest-agent"))
+        .arg("run")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    let mut child = c
+        .spawn()
+        .expect("systemd-socket-activate (from the systemd package) runs");
+    let url = format!("http://127.0.0.1:{port}/v1/models");
+    let mut status = 0;
+    for _ in 0..300 {
+        behest_agent::tls::install_default_provider();
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(20))
+            .build()
+            .unwrap();
+        if let Ok(r) = client.get(&url).send().await {
+            status = r.status().as_u16();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, 200, "served on the passed socket");
+    assert_eq!(upstream.request_count(), 1);
+    assert!(!unused.exists(), "proxy.listen was not bound");
+    let _ = child.kill().await;
+}
