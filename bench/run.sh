@@ -1,0 +1,477 @@
+#!/usr/bin/env bash
+# behest-agent's benchmark: the agent beside a direct connection and beside nginx configured as the
+# same header-injecting reverse proxy, all against the same loopback upstreams, in one run,
+# interleaved, repeated. Writes BENCHMARKS.md (and the raw figures to bench/results/).
+# Not part of CI. Run from anywhere, as root or with sudo rights for apt-get:
+#
+#   bench/run.sh
+#
+# Knobs (environment): ROUNDS (5), DURATION (seconds per wrk run, 4), STREAMS (10 streams per
+# path per round), HOLD_STREAMS (1000), BURST (1000), BASE_PORT (18700), OUT (BENCHMARKS.md),
+# NGINX_KEEPALIVE (256: nginx's upstream pool), FOREIGN_MAX (0.05), RETRIES (2), QUIET_BUDGET (300 s),
+# CARGO_TARGET_DIR (target), SKIP_BUILD=1 (use the binary already built).
+#
+# What runs (all on 127.0.0.1):
+#   bench/idp.js          stub Auth0-compatible IdP: RS256 JWTs, JWKS, a grant counter, grant hold
+#   nginx (upstream)      the fast upstream: an OpenAI-style JSON body from memory, 401 without a bearer
+#   bench/sse.js          the streaming upstream: N events M ms apart, each stamped with its send time
+#   behest-agent run      the agent under test (a second one for streams, a third for the burst)
+#   nginx (proxy)         the comparison: proxy_pass + keepalive pool + proxy_set_header Authorization
+#   wrk, bench/stream_client.js, bench/burst.js, hyperfine   the load
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+ROUNDS=${ROUNDS:-5}
+DURATION=${DURATION:-4}
+STREAMS=${STREAMS:-10}
+STREAM_EVENTS=${STREAM_EVENTS:-20}
+STREAM_MS=${STREAM_MS:-20}
+HOLD_STREAMS=${HOLD_STREAMS:-1000}
+BURST=${BURST:-1000}
+BASE_PORT=${BASE_PORT:-18700}
+NGINX_KEEPALIVE=${NGINX_KEEPALIVE:-256}
+OUT=${OUT:-BENCHMARKS.md}
+TARGET_DIR=${CARGO_TARGET_DIR:-target}
+RESULTS=$ROOT/bench/results
+STARTED=$(date +%s)
+
+log() { printf '[bench %4ds] %s\n' "$(($(date +%s) - STARTED))" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# ---------------------------------------------------------------- 1. tools and the build
+need=()
+for t in nginx:nginx wrk:wrk h2load:nghttp2-client hyperfine:hyperfine curl:curl taskset:util-linux; do
+    command -v "${t%%:*}" >/dev/null 2>&1 || need+=("${t#*:}")
+done
+command -v node >/dev/null 2>&1 || need+=(nodejs)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+if ((${#need[@]})); then
+    log "installing from Debian's packages: ${need[*]}"
+    SUDO=; [[ $(id -u) -eq 0 ]] || SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+
+if [[ ${SKIP_BUILD:-0} != 1 ]]; then
+    log "building the agent (release, target dir $TARGET_DIR)"
+    CARGO_TARGET_DIR=$TARGET_DIR cargo build --release --quiet
+fi
+BIN=$(cd "$TARGET_DIR" && pwd)/release/behest-agent
+[[ -x $BIN ]] || die "no binary at $BIN"
+
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+(( $(ulimit -n) >= 4 * HOLD_STREAMS )) || die "open-file limit $(ulimit -n) is too low for $HOLD_STREAMS streams"
+
+# ---------------------------------------------------------------- 2. cores
+NCPU=$(nproc)
+if ((NCPU >= 3)); then
+    LOAD_CPUS=0; PROXY_CPUS=1; UP_CPUS=2
+    PINNING="load generator on CPU 0, proxy under test on CPU 1, upstreams on CPU 2"
+elif ((NCPU == 2)); then
+    LOAD_CPUS=0; PROXY_CPUS=1; UP_CPUS=1
+    PINNING="load generator (and the stub IdP) on CPU 0; the proxy under test and the upstream share CPU 1"
+else
+    LOAD_CPUS=0; PROXY_CPUS=0; UP_CPUS=0
+    PINNING="one CPU: everything shares it (no pinning possible)"
+fi
+on() { local cpus=$1; shift; taskset -c "$cpus" "$@"; }
+# spawn CPUS LOG CMD...: starts CMD in the background, pinned, output to LOG; SPAWNED is its pid
+# (taskset execs CMD, so the pid is CMD's own, and cleanup can end it).
+spawn() {
+    local cpus=$1 logf=$2
+    shift 2
+    taskset -c "$cpus" "$@" >"$logf" 2>&1 </dev/null &
+    SPAWNED=$!
+    PIDS+=("$SPAWNED")
+}
+
+# ---------------------------------------------------------------- 3. processes
+TMP=$(mktemp -d /tmp/behest-bench.XXXXXX)
+PIDS=()
+cleanup() {
+    local p
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    sleep 0.3
+    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+IDP_PORT=$BASE_PORT
+UP_PORT=$((BASE_PORT + 1))
+SSE_PORT=$((BASE_PORT + 2))
+NGX_PORT=$((BASE_PORT + 3))
+NGX_SSE_PORT=$((BASE_PORT + 4))
+AGENT_PORT=$((BASE_PORT + 5))
+AGENT_SSE_PORT=$((BASE_PORT + 6))
+AGENT_BURST_PORT=$((BASE_PORT + 7))
+SINK_PORT=$((BASE_PORT + 8))
+for p in $(seq "$BASE_PORT" $((BASE_PORT + 8))); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then die "port $p is taken (set BASE_PORT)"; fi
+done
+
+wait_port() { # port [seconds]
+    local i
+    for ((i = 0; i < ${2:-10} * 20; i++)); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.05
+    done
+    die "nothing listens on port $1"
+}
+
+CLIENT_ID=bench-client
+SECRET=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
+AUDIENCE=https://api.behest.bench
+IDP=http://127.0.0.1:$IDP_PORT
+
+spawn "$LOAD_CPUS" "$TMP/idp.log" node bench/idp.js --port "$IDP_PORT" --client-id "$CLIENT_ID" \
+    --secret "$SECRET" --audience "$AUDIENCE"
+spawn "$UP_CPUS" "$TMP/sse.log" node bench/sse.js --port "$SSE_PORT"
+wait_port "$IDP_PORT"
+wait_port "$SSE_PORT"
+
+# The token nginx injects: a real one from the same IdP, so both proxies send the same bytes.
+TOKEN=$(curl -sf -X POST "$IDP/admin/issue" | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+DIRECT_AUTH="Bearer $TOKEN"
+
+fill() { # template out
+    sed -e "s|@TMP@|$TMP|g" -e "s|@UPSTREAM_PORT@|$UP_PORT|g" -e "s|@SSE_PORT@|$SSE_PORT|g" \
+        -e "s|@NGINX_PORT@|$NGX_PORT|g" -e "s|@NGINX_SSE_PORT@|$NGX_SSE_PORT|g" \
+        -e "s|@SINK_PORT@|$SINK_PORT|g" -e "s|@KEEPALIVE@|$NGINX_KEEPALIVE|g" -e "s|@TOKEN@|$TOKEN|g" "$1" >"$2"
+}
+fill bench/nginx-upstream.conf.in "$TMP/nginx-upstream.conf"
+fill bench/nginx-proxy.conf.in "$TMP/nginx-proxy.conf"
+spawn "$UP_CPUS" "$TMP/nginx-upstream.out" "$NGINX" -p "$TMP" -e "$TMP/nginx-upstream.err" \
+    -c "$TMP/nginx-upstream.conf"
+NGX_UP_MASTER=$SPAWNED
+spawn "$PROXY_CPUS" "$TMP/nginx-proxy.out" "$NGINX" -p "$TMP" -e "$TMP/nginx-proxy.err" \
+    -c "$TMP/nginx-proxy.conf"
+NGX_MASTER=$SPAWNED
+wait_port "$UP_PORT"
+wait_port "$NGX_PORT"
+
+agent_env() { # name port upstream_port
+    printf '%s\n' \
+        "BEHEST_AGENT__AUTH__DOMAIN=$IDP" \
+        "BEHEST_AGENT__AUTH__AUDIENCE=$AUDIENCE" \
+        "BEHEST_AGENT__AUTH__CLIENT_ID=$CLIENT_ID" \
+        "BEHEST_AGENT_CLIENT_SECRET=$SECRET" \
+        "BEHEST_AGENT__TOKEN__CACHE_FILE=" \
+        "BEHEST_AGENT__CONTROL__SOCKET=$TMP/agent-$1.sock" \
+        "BEHEST_AGENT__PROXY__LISTEN=127.0.0.1:$2" \
+        "BEHEST_AGENT__PROXY__UPSTREAM=http://127.0.0.1:$3" \
+        "BEHEST_AGENT__PROXY__ALLOW_INSECURE_UPSTREAM=true" \
+        "BEHEST_AGENT_CONFIG=$TMP/none.toml"
+}
+: >"$TMP/none.toml"
+start_agent() { # name port upstream_port -> sets AGENT_PID
+    local -a envs
+    mapfile -t envs < <(agent_env "$1" "$2" "$3")
+    spawn "$PROXY_CPUS" "$TMP/agent-$1.log" env "${envs[@]}" "$BIN" --log-level warn run
+    AGENT_PID=$SPAWNED
+    wait_port "$2"
+}
+agent_ready() { # name
+    local i
+    for ((i = 0; i < 200; i++)); do
+        curl -sf --unix-socket "$TMP/agent-$1.sock" http://agent/readyz >/dev/null 2>&1 && return 0
+        sleep 0.05
+    done
+    cat "$TMP/agent-$1.log" >&2
+    die "agent $1 never became ready"
+}
+rss_kib() { # pid... -> summed VmRSS in KiB
+    local sum=0 p v
+    for p in "$@"; do
+        v=$(awk '/^VmRSS:/{print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
+        sum=$((sum + ${v:-0}))
+    done
+    echo "$sum"
+}
+cpu_ticks() { # pid... -> summed utime+stime (clock ticks)
+    local sum=0 p
+    for p in "$@"; do
+        sum=$((sum + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
+    done
+    echo "$sum"
+}
+nginx_pids() { echo "$NGX_MASTER" $(pgrep -P "$NGX_MASTER" | tr '\n' ' '); }
+
+# Other people's work on this machine (a compiler, a test suite) would skew every figure, and the
+# benchmark cannot stop it; it measures it instead. "Foreign" CPU = the machine's busy ticks
+# (/proc/stat) minus those of the benchmark's own processes (its servers, and through this shell's
+# cutime every child it reaped: wrk, node clients, curl). A run with more than FOREIGN_MAX of the
+# machine busy elsewhere is repeated (at most RETRIES times) after waiting for a quiet moment.
+FOREIGN_MAX=${FOREIGN_MAX:-0.05}
+RETRIES=${RETRIES:-2}
+machine_ticks() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8, $9}' /proc/stat; }
+our_ticks() {
+    local sum p
+    sum=$(awk '{print $14 + $15 + $16 + $17}' "/proc/$$/stat")
+    for p in "${PIDS[@]}" $(pgrep -P "$NGX_MASTER") $(pgrep -P "$NGX_UP_MASTER"); do
+        [[ -r /proc/$p/stat ]] && sum=$((sum + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
+    done
+    echo "$sum"
+}
+# probe_start; ...; probe_end SECONDS -> sets FOREIGN (share of the machine, 0..1) and STEAL (same)
+probe_start() { read -r P_BUSY P_STEAL < <(machine_ticks); P_OURS=$(our_ticks); P_T0=$(date +%s%N); }
+probe_end() {
+    local busy steal ours secs
+    read -r busy steal < <(machine_ticks)
+    ours=$(our_ticks)
+    secs=$(( $(date +%s%N) - P_T0 ))
+    FOREIGN=$(awk -v f=$(( (busy - P_BUSY) - (ours - P_OURS) )) -v ns="$secs" -v n="$NCPU" -v hz="$HZ" \
+        'BEGIN { v = f / (ns / 1e9 * hz * n); if (v < 0) v = 0; printf "%.3f", v }')
+    STEAL=$(awk -v f=$(( steal - P_STEAL )) -v ns="$secs" -v n="$NCPU" -v hz="$HZ" \
+        'BEGIN { printf "%.3f", f / (ns / 1e9 * hz * n) }')
+}
+quiet() { awk -v f="$FOREIGN" -v m="$FOREIGN_MAX" 'BEGIN { exit !(f <= m) }'; }
+# Waits (at most $1 seconds) for a second with little foreign CPU.
+QUIET_BUDGET=${QUIET_BUDGET:-300}
+QUIET_SPENT=0
+wait_quiet() {
+    local i
+    for ((i = 0; i < $1; i++)); do
+        if ((QUIET_SPENT >= QUIET_BUDGET)); then
+            ((QUIET_SPENT++ == QUIET_BUDGET)) && log "spent the ${QUIET_BUDGET} s allowed waiting for quiet; no more waiting or repeats"
+            return 0
+        fi
+        QUIET_SPENT=$((QUIET_SPENT + 1))
+        probe_start; sleep 1; probe_end
+        quiet && return 0
+        ((i % 10 == 0)) && log "waiting for the machine to quieten (foreign CPU $FOREIGN of the machine)"
+    done
+    log "the machine stayed busy (foreign CPU $FOREIGN); going on, the figures will say so"
+    return 0
+}
+HZ=$(getconf CLK_TCK)
+
+start_agent main "$AGENT_PORT" "$UP_PORT"
+AGENT=$AGENT_PID
+agent_ready main
+start_agent sse "$AGENT_SSE_PORT" "$SSE_PORT"
+AGENT_SSE=$AGENT_PID
+agent_ready sse
+sleep 1
+AGENT_IDLE_KIB=$(rss_kib "$AGENT")
+AGENT_SSE_IDLE_KIB=$(rss_kib "$AGENT_SSE")
+NGINX_IDLE_KIB=$(rss_kib $(nginx_pids))
+AGENT_THREADS=$(awk '/^Threads:/{print $2}' "/proc/$AGENT/status")
+NGINX_WORKERS=$(pgrep -c -P "$NGX_MASTER")
+log "agent idle RSS ${AGENT_IDLE_KIB} KiB (${AGENT_THREADS} threads); nginx proxy idle RSS ${NGINX_IDLE_KIB} KiB (master + ${NGINX_WORKERS} worker)"
+
+# ---------------------------------------------------------------- 4. sanity
+DIRECT=http://127.0.0.1:$UP_PORT
+VIA_AGENT=http://127.0.0.1:$AGENT_PORT
+VIA_NGINX=http://127.0.0.1:$NGX_PORT
+code() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
+[[ $(code "$DIRECT/v1/models") == 401 ]] || die "the upstream does not refuse a request without a bearer"
+[[ $(code -H "Authorization: $DIRECT_AUTH" "$DIRECT/v1/models") == 200 ]] || die "direct: no 200"
+[[ $(code "$VIA_AGENT/v1/models") == 200 ]] || die "agent: no 200 (see $TMP/agent-main.log)"
+[[ $(code "$VIA_NGINX/v1/models") == 200 ]] || die "nginx proxy: no 200"
+[[ $(code -X POST --data-binary "@/dev/null" -H 'Content-Type: application/json' "$VIA_AGENT/v1/chat/completions") == 200 ]] \
+    || die "agent: POST failed"
+[[ $(curl -sf -X POST --data-binary @<(head -c 1048576 /dev/zero) "$VIA_AGENT/v1/files") == *file-bench* ]] \
+    || die "agent: upload failed"
+[[ $(curl -sf -X POST --data-binary @<(head -c 1048576 /dev/zero) "$VIA_NGINX/v1/files") == *file-bench* ]] \
+    || die "nginx: upload failed"
+curl -sfN -X POST -d '{}' "http://127.0.0.1:$AGENT_SSE_PORT/v1/chat/completions?n=2&ms=1" | grep -q '\[DONE\]' \
+    || die "agent: no stream"
+curl -sfN -X POST -d '{}' "http://127.0.0.1:$NGX_SSE_PORT/v1/chat/completions?n=2&ms=1" | grep -q '\[DONE\]' \
+    || die "nginx: no stream"
+log "sanity checks passed"
+
+mkdir -p "$RESULTS"
+RAW=$RESULTS/raw.jsonl
+: >"$RAW"
+
+# ---------------------------------------------------------------- 5. throughput and latency (wrk)
+PATHS=(direct agent nginx)
+url_of() { case $1 in direct) echo "$DIRECT" ;; agent) echo "$VIA_AGENT" ;; nginx) echo "$VIA_NGINX" ;; esac; }
+auth_of() { [[ $1 == direct ]] && echo "$DIRECT_AUTH" || echo "Bearer placeholder"; }
+pids_of() { case $1 in direct) echo "" ;; agent) echo "$AGENT" ;; nginx) nginx_pids ;; esac; }
+
+# name method body concurrency path
+SCENARIOS=(
+    "get_c1 GET none 1 /v1/models"
+    "get_c16 GET none 16 /v1/models"
+    "get_c128 GET none 128 /v1/models"
+    "post_c1 POST small 1 /v1/chat/completions"
+    "post_c16 POST small 16 /v1/chat/completions"
+    "post_c128 POST small 128 /v1/chat/completions"
+    "upload_c1 POST 1MiB 1 /v1/files"
+    "upload_c16 POST 1MiB 16 /v1/files"
+)
+WRK_THREADS=$(taskset -c "$LOAD_CPUS" nproc)
+
+run_wrk() { # scenario-line path round duration
+    local name method body conc upath
+    read -r name method body conc upath <<<"$1"
+    local path=$2 round=$3 dur=$4
+    local threads=$((conc < WRK_THREADS ? conc : WRK_THREADS))
+    local pids; pids=$(pids_of "$path")
+    local attempt out json ticks t0
+    for ((attempt = 0; attempt <= RETRIES; attempt++)); do
+        ((attempt > 0)) && wait_quiet 60
+        t0=0; [[ -n $pids ]] && t0=$(cpu_ticks $pids)
+        probe_start
+        out=$(BENCH_METHOD=$method BENCH_BODY=$body BENCH_AUTH=$(auth_of "$path") \
+            taskset -c "$LOAD_CPUS" wrk -t"$threads" -c"$conc" -d"${dur}s" --timeout 10s --latency \
+            -s bench/wrk_report.lua "$(url_of "$path")$upath" 2>&1) || true
+        probe_end
+        ticks=null; [[ -n $pids ]] && ticks=$(($(cpu_ticks $pids) - t0))
+        ((round == 0)) && break
+        quiet && break
+        ((QUIET_SPENT >= QUIET_BUDGET)) && break
+        log "$name via $path: foreign CPU $FOREIGN of the machine during the run; repeating it"
+    done
+    json=$(grep '^WRKJSON ' <<<"$out" | head -1 | cut -d' ' -f2-)
+    [[ -n $json ]] || { log "wrk failed: $out"; json='null'; }
+    if ((round > 0)); then
+        printf '{"kind":"wrk","test":"%s","path":"%s","round":%d,"concurrency":%d,"proxy_cpu_ticks":%s,"foreign":%s,"steal":%s,"attempts":%d,"wrk":%s}\n' \
+            "$name" "$path" "$round" "$conc" "$ticks" "$FOREIGN" "$STEAL" "$((attempt > RETRIES ? RETRIES + 1 : attempt + 1))" "$json" >>"$RAW"
+    fi
+}
+
+wait_quiet "${QUIET_WAIT:-120}"
+log "warm-up: 1 s per scenario and path"
+for s in "${SCENARIOS[@]}"; do for p in "${PATHS[@]}"; do run_wrk "$s" "$p" 0 1; done; done
+for ((r = 1; r <= ROUNDS; r++)); do
+    log "round $r/$ROUNDS: ${#SCENARIOS[@]} scenarios x 3 paths x ${DURATION}s"
+    for s in "${SCENARIOS[@]}"; do
+        # Rotate the order every round so no path always runs first (or after a particular one).
+        for ((k = 0; k < 3; k++)); do run_wrk "$s" "${PATHS[$(((k + r) % 3))]}" "$r" "$DURATION"; done
+    done
+done
+AGENT_AFTER_LOAD_KIB=$(rss_kib "$AGENT")
+AGENT_AFTER_LOAD_HWM_KIB=$(awk '/^VmHWM:/{print $2}' "/proc/$AGENT/status")
+
+# ---------------------------------------------------------------- 6. streaming: TTFB and event delay
+sse_url_of() {
+    case $1 in
+        direct) echo "http://127.0.0.1:$SSE_PORT/v1/chat/completions" ;;
+        agent) echo "http://127.0.0.1:$AGENT_SSE_PORT/v1/chat/completions" ;;
+        nginx) echo "http://127.0.0.1:$NGX_SSE_PORT/v1/chat/completions" ;;
+    esac
+}
+log "streaming: $ROUNDS rounds x 3 paths x $STREAMS streams of $STREAM_EVENTS events ${STREAM_MS} ms apart"
+for ((r = 1; r <= ROUNDS; r++)); do
+    for ((k = 0; k < 3; k++)); do
+        p=${PATHS[$(((k + r) % 3))]}
+        for ((attempt = 0; attempt <= RETRIES; attempt++)); do
+            ((attempt > 0)) && wait_quiet 60
+            probe_start
+            out=$(on "$LOAD_CPUS" node bench/stream_client.js measure --url "$(sse_url_of "$p")" \
+                --auth "$(auth_of "$p")" --streams "$STREAMS" --events "$STREAM_EVENTS" --ms "$STREAM_MS") \
+                || die "stream client failed on $p"
+            probe_end
+            quiet && break
+            ((QUIET_SPENT >= QUIET_BUDGET)) && break
+            log "streams via $p: foreign CPU $FOREIGN of the machine during the run; repeating it"
+        done
+        printf '{"kind":"stream","path":"%s","round":%d,"foreign":%s,"steal":%s,"data":%s}\n' \
+            "$p" "$r" "$FOREIGN" "$STEAL" "$out" >>"$RAW"
+    done
+done
+
+# ---------------------------------------------------------------- 7. memory with open streams
+hold_streams() { # path pids...
+    local path=$1; shift
+    local before; before=$(rss_kib "$@")
+    spawn "$LOAD_CPUS" "$TMP/hold-$path.out" node bench/stream_client.js hold --url "$(sse_url_of "$path")" \
+        --auth "$(auth_of "$path")" --streams "$HOLD_STREAMS" --hold-s 4
+    local client=$SPAWNED
+    local i
+    for ((i = 0; i < 700; i++)); do grep -q READY "$TMP/hold-$path.out" && break; sleep 0.05; done
+    sleep 1.5
+    local rss; rss=$(rss_kib "$@")
+    local line; line=$(grep READY "$TMP/hold-$path.out" || echo "READY open=0 failed=? no-answer")
+    wait "$client" || true
+    sleep 1
+    local after; after=$(rss_kib "$@")
+    printf '{"kind":"hold","path":"%s","streams":%d,"rss_before_kib":%d,"rss_kib":%d,"rss_after_kib":%d,"client":"%s"}\n' \
+        "$path" "$HOLD_STREAMS" "$before" "$rss" "$after" "$line" >>"$RAW"
+    log "$HOLD_STREAMS streams via $path: RSS $rss KiB ($line)"
+}
+hold_streams agent "$AGENT_SSE"
+AGENT_SSE_HWM_KIB=$(awk '/^VmHWM:/{print $2}' "/proc/$AGENT_SSE/status")
+hold_streams nginx $(nginx_pids)
+
+# ---------------------------------------------------------------- 8. `behest-agent token` with hyperfine
+log "behest-agent token (daemon running) vs cat, hyperfine"
+mapfile -t MAIN_ENV < <(agent_env main "$AGENT_PORT" "$UP_PORT")
+env "${MAIN_ENV[@]}" "$BIN" token >"$TMP/token.txt" || die "behest-agent token failed"
+[[ -s $TMP/token.txt ]] || die "behest-agent token printed nothing"
+wait_quiet 60
+probe_start
+env "${MAIN_ENV[@]}" taskset -c "$LOAD_CPUS" hyperfine -N --warmup 20 --runs 300 --style none \
+    --export-json "$TMP/hyperfine.json" "$BIN token" "cat $TMP/token.txt" >"$TMP/hyperfine.out" 2>&1 \
+    || die "hyperfine failed: $(cat "$TMP/hyperfine.out")"
+probe_end
+python3 - "$TMP/hyperfine.json" "$FOREIGN" >>"$RAW" <<'EOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+for r in d["results"]:
+    print(json.dumps({"kind": "hyperfine", "foreign": float(sys.argv[2]), "command": r["command"].split()[0].split("/")[-1],
+                      "mean_s": r["mean"], "stddev_s": r["stddev"], "median_s": r["median"],
+                      "min_s": r["min"], "max_s": r["max"], "runs": len(r["times"]),
+                      "user_s": r["user"], "system_s": r["system"]}))
+EOF
+
+# ---------------------------------------------------------------- 9. 1,000 requests, empty cache
+log "burst: $BURST concurrent requests on a fresh agent whose first grant is held"
+curl -sf -X POST "$IDP/admin/hold" >/dev/null
+G0=$(curl -sf "$IDP/stats")
+start_agent burst "$AGENT_BURST_PORT" "$UP_PORT"
+AGENT_BURST=$AGENT_PID
+for ((i = 0; i < 100; i++)); do
+    [[ $(curl -sf "$IDP/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["held"])') -ge 1 ]] && break
+    sleep 0.05
+done
+BURST_OUT=$(on "$LOAD_CPUS" node bench/burst.js --url "http://127.0.0.1:$AGENT_BURST_PORT/v1/chat/completions" \
+    --idp "$IDP" --requests "$BURST" 2>&1 | tail -1)
+G1=$(curl -sf "$IDP/stats")
+BURST_STATUS=$(curl -sf --unix-socket "$TMP/agent-burst.sock" http://agent/v1/status || echo null)
+python3 - "$G0" "$G1" "$BURST_OUT" "$BURST_STATUS" >>"$RAW" <<'EOF'
+import json, sys
+g0, g1, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
+try:
+    st = json.loads(sys.argv[4])
+    grants_ok = st.get("token", {}).get("grants_ok")
+except Exception:
+    grants_ok = None
+print(json.dumps({"kind": "burst", "grants": g1["grants"] - g0["grants"],
+                  "token_requests": g1["token_requests"] - g0["token_requests"],
+                  "agent_grants_ok": grants_ok, **out}))
+EOF
+kill "$AGENT_BURST" 2>/dev/null || true
+
+# ---------------------------------------------------------------- 10. BENCHMARKS.md
+AGENT_VERSION=$("$BIN" --version)
+GIT_REV=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+git diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || GIT_REV="$GIT_REV+uncommitted changes"
+python3 - >"$RESULTS/meta.json" <<EOF
+import json, platform
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+mem = next((l.split(":", 1)[1].strip() for l in open("/proc/meminfo") if l.startswith("MemTotal")), "?")
+print(json.dumps({
+  "nproc": $NCPU, "cpu": cpu, "kernel": platform.release(), "mem": mem,
+  "pinning": "$PINNING", "load_cpus": "$LOAD_CPUS", "proxy_cpus": "$PROXY_CPUS", "upstream_cpus": "$UP_CPUS",
+  "rounds": $ROUNDS, "foreign_max": $FOREIGN_MAX, "nginx_keepalive": $NGINX_KEEPALIVE, "quiet_spent_s": $QUIET_SPENT, "duration_s": $DURATION, "streams": $STREAMS, "stream_events": $STREAM_EVENTS,
+  "stream_ms": $STREAM_MS, "hold_streams": $HOLD_STREAMS, "burst": $BURST,
+  "agent_version": "$AGENT_VERSION", "git": "$GIT_REV",
+  "nginx": "$("$NGINX" -v 2>&1 | sed 's/.*nginx\///')", "wrk": "$(wrk --version 2>&1 | head -1 | awk '{print $2}')",
+  "node": "$(node --version)", "hyperfine": "$(hyperfine --version | awk '{print $2}')",
+  "agent_idle_kib": $AGENT_IDLE_KIB, "agent_sse_idle_kib": $AGENT_SSE_IDLE_KIB,
+  "agent_after_load_kib": $AGENT_AFTER_LOAD_KIB, "agent_after_load_hwm_kib": $AGENT_AFTER_LOAD_HWM_KIB,
+  "agent_sse_hwm_kib": $AGENT_SSE_HWM_KIB, "nginx_idle_kib": $NGINX_IDLE_KIB,
+  "agent_threads": $AGENT_THREADS, "nginx_workers": $NGINX_WORKERS,
+  "clk_tck": $(getconf CLK_TCK), "elapsed_s": $(($(date +%s) - STARTED)),
+  "date": "$(date -u +%Y-%m-%dT%H:%MZ)",
+}))
+EOF
+python3 bench/summarize.py "$RAW" "$RESULTS/meta.json" bench/reading.md >"$OUT"
+log "wrote $OUT (raw figures in ${RESULTS#$ROOT/})"
