@@ -296,3 +296,80 @@ async fn a_cache_file_removed_or_replaced_at_run_time_is_rewritten_and_the_token
     assert_eq!(models(&s).await.0, 200);
     s.finish().await;
 }
+
+#[tokio::test]
+async fn a_client_that_disconnects_mid_upload_cancels_the_upstream_request() {
+    use tokio::io::AsyncWriteExt;
+    let s = stack().await;
+    let addr = s
+        .base
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1")
+        .to_string();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /v1/files HTTP/1.1\r\nHost: {addr}\r\nContent-Type: multipart/form-data; boundary=x\r\nContent-Length: {}\r\n\r\n",
+        10 << 20
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(&vec![b'a'; 1 << 20]).await.unwrap();
+    s.upstream.wait_for(|u| u.in_flight() == 1).await;
+    assert_eq!(s.metrics.in_flight_requests.get(), 1);
+    drop(conn);
+    eventually(
+        Duration::from_secs(10),
+        "the upload cancelled on both sides",
+        || s.upstream.in_flight() == 0 && s.metrics.in_flight_requests.get() == 0,
+    )
+    .await;
+    assert_eq!(models(&s).await.0, 200, "the proxy still serves");
+    s.finish().await;
+}
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_large_streamed_response_passes_through_without_growing_the_agents_memory() {
+    let s = stack_with(|o| o.sse_interval = Duration::ZERO, &[]).await;
+    let child = daemon(&s).spawn().unwrap();
+    let pid = child.id().unwrap();
+    let base = daemon_base(&s).await;
+    let client = http();
+    assert_eq!(
+        client
+            .get(format!("{base}/models"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let before = rss_kib(pid, "VmRSS:");
+    let mut resp = client
+        .post(format!("{base}/chat/completions"))
+        .header("x-echo-events", "300000")
+        .json(&json!({"model": "echo-1", "stream": true, "messages": [{"role": "user", "content": "a long answer"}]}))
+        .send()
+        .await
+        .unwrap();
+    let mut bytes = 0usize;
+    while let Some(c) = resp.chunk().await.unwrap() {
+        bytes += c.len();
+    }
+    let peak = rss_kib(pid, "VmHWM:");
+    assert!(bytes > 40 << 20, "a large response: {bytes} bytes");
+    assert!(
+        peak < before + 24 * 1024,
+        "the agent's peak RSS grew from {before} KiB to {peak} KiB for a {bytes}-byte stream: buffered"
+    );
+    drop(child);
+    s.finish().await;
+}
