@@ -474,4 +474,8 @@ print(json.dumps({
 }))
 EOF
 python3 bench/summarize.py "$RAW" "$RESULTS/meta.json" bench/reading.md >"$OUT"
-log "wrote $OUT (raw figures in ${RESULTS#$ROOT/})"
+# Keep every run's figures (bench/results/ is not committed); BENCHMARKS.md can be regenerated
+# from them after bench/reading.md changes: python3 bench/summarize.py RAW META bench/reading.md
+KEEP=$RESULTS/$(date -u +%Y%m%dT%H%MZ)
+mkdir -p "$KEEP" && cp "$RAW" "$RESULTS/meta.json" "$KEEP/"
+log "wrote $OUT (raw figures in ${KEEP#$ROOT/})"

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# A/B harness for hot-path experiments (not part of bench/run.sh, not part of CI): several agent
+# builds or settings, and nginx as the reference, against one nginx upstream, interleaved, with the
+# proxies' user and system CPU per request from /proc. Same pinning as bench/run.sh on 2 cores:
+# wrk on CPU 0; the proxies and the upstream on CPU 1.
+#
+#   bench/experiments/ab.sh ROUNDS CONCURRENCY "LABEL=BINARY[;ENV=VALUE...]" ...
+#
+# e.g. (with a second build of the agent carrying hotpath-switches.patch in /tmp/exp-target):
+#   bench/experiments/ab.sh 6 128 "base=target/release/behest-agent" \
+#       "current_thread=/tmp/exp-target/release/behest-agent;EXP=ct"
+set -euo pipefail
+B=$(cd "$(dirname "$0")/.." && pwd)
+ROUNDS=$1 CONC=$2
+shift 2
+DUR=${DUR:-3}
+BASE_PORT=${BASE_PORT:-19800}
+T=$(mktemp -d /tmp/behest-ab.XXXXXX)
+PIDS=()
+cleanup() { local p; for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$T"; }
+trap cleanup EXIT
+spawn() { local cpus=$1 logf=$2; shift 2; taskset -c "$cpus" "$@" >"$logf" 2>&1 </dev/null & SPAWNED=$!; PIDS+=("$SPAWNED"); }
+wait_port() { local i; for ((i = 0; i < 200; i++)); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "no listener on $1" >&2; exit 1; }
+
+IDP=$BASE_PORT UP=$((BASE_PORT + 1)) NGX=$((BASE_PORT + 3)) SINK=$((BASE_PORT + 8))
+spawn 0 "$T/idp.log" node "$B/idp.js" --port "$IDP" --client-id c --secret s --audience aud
+wait_port "$IDP"
+TOKEN=$(curl -sf -X POST "http://127.0.0.1:$IDP/admin/issue" | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+fill() { sed -e "s|@TMP@|$T|g" -e "s|@UPSTREAM_PORT@|$UP|g" -e "s|@SINK_PORT@|$SINK|g" -e "s|@SSE_PORT@|$((BASE_PORT + 2))|g" \
+    -e "s|@NGINX_PORT@|$NGX|g" -e "s|@NGINX_SSE_PORT@|$((BASE_PORT + 4))|g" -e "s|@KEEPALIVE@|256|g" -e "s|@TOKEN@|$TOKEN|g" "$1" >"$2"; }
+fill "$B/nginx-upstream.conf.in" "$T/up.conf"
+fill "$B/nginx-proxy.conf.in" "$T/px.conf"
+spawn 1 "$T/up.out" nginx -p "$T" -e "$T/up.err" -c "$T/up.conf"
+spawn 1 "$T/px.out" nginx -p "$T" -e "$T/px.err" -c "$T/px.conf"
+NM=$SPAWNED
+wait_port "$UP"
+wait_port "$NGX"
+
+labels=() ports=() pids=()
+port=$((BASE_PORT + 30))
+for spec in "$@"; do
+    label=${spec%%=*}
+    IFS=';' read -ra parts <<<"${spec#*=}"
+    bin=${parts[0]}
+    spawn 1 "$T/agent-$port.log" env "${parts[@]:1}" \
+        BEHEST_AGENT__AUTH__DOMAIN="http://127.0.0.1:$IDP" BEHEST_AGENT__AUTH__AUDIENCE=aud \
+        BEHEST_AGENT__AUTH__CLIENT_ID=c BEHEST_AGENT_CLIENT_SECRET=s BEHEST_AGENT__TOKEN__CACHE_FILE= \
+        BEHEST_AGENT__CONTROL__SOCKET="$T/agent-$port.sock" BEHEST_AGENT__PROXY__LISTEN="127.0.0.1:$port" \
+        BEHEST_AGENT__PROXY__UPSTREAM="http://127.0.0.1:$UP" BEHEST_AGENT__PROXY__ALLOW_INSECURE_UPSTREAM=true \
+        BEHEST_AGENT_CONFIG=/dev/null "$bin" --log-level warn run
+    labels+=("$label") ports+=("$port") pids+=("$SPAWNED")
+    wait_port "$port"
+    port=$((port + 1))
+done
+sleep 1
+labels+=(nginx) ports+=("$NGX") pids+=("$NM $(pgrep -P "$NM" | tr '\n' ' ')")
+for p in "${ports[@]}"; do
+    [[ $(curl -s -o /dev/null -w '%{http_code}' -X POST -d '{}' "http://127.0.0.1:$p/v1/chat/completions") == 200 ]] \
+        || { echo "port $p does not answer 200" >&2; exit 1; }
+done
+ticks() { local u=0 s=0 p a b; for p in "$@"; do read -r a b < <(awk '{print $14, $15}' "/proc/$p/stat"); u=$((u + a)); s=$((s + b)); done; echo "$u $s"; }
+: >"$T/ab.jsonl"
+n=${#labels[@]}
+for ((r = 0; r < ROUNDS; r++)); do
+    for ((k = 0; k < n; k++)); do
+        i=$(((k + r) % n))
+        read -r u0 s0 < <(ticks ${pids[$i]})
+        out=$(BENCH_METHOD=POST BENCH_BODY=small BENCH_AUTH="Bearer placeholder" taskset -c 0 wrk -t1 -c"$CONC" -d"${DUR}s" \
+            -s "$B/wrk_report.lua" "http://127.0.0.1:${ports[$i]}/v1/chat/completions" | grep '^WRKJSON ' | cut -d' ' -f2-)
+        read -r u1 s1 < <(ticks ${pids[$i]})
+        echo "{\"label\":\"${labels[$i]}\",\"u\":$((u1 - u0)),\"s\":$((s1 - s0)),\"wrk\":$out}" >>"$T/ab.jsonl"
+    done
+done
+python3 - "$T/ab.jsonl" "$(getconf CLK_TCK)" <<'EOF'
+import collections, json, statistics as st, sys
+us = 1e6 / int(sys.argv[2])
+d = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    r = json.loads(line); w = r["wrk"]; n = w["requests"]
+    d[r["label"]].append((n / w["duration_us"] * 1e6, r["u"] * us / n, r["s"] * us / n, w["p99_us"] / 1e3))
+print(f"{'label':<16} {'req/s median (min-max)':>26} {'user':>6} {'sys':>6} µs/req {'p99 ms':>7}")
+for k, v in d.items():
+    print(f"{k:<16} {st.median(x[0] for x in v):>9.0f} ({min(x[0] for x in v):>6.0f}-{max(x[0] for x in v):>6.0f})"
+          f" {st.median(x[1] for x in v):>6.1f} {st.median(x[2] for x in v):>6.1f}        {st.median(x[3] for x in v):>7.2f}")
+EOF
