@@ -26,22 +26,9 @@ fn signal(child: &Child, sig: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id().unwrap() as i32), sig).unwrap();
 }
 
-async fn stop(mut child: Child) -> String {
+async fn stop(child: Child) -> String {
     signal(&child, nix::sys::signal::Signal::SIGTERM);
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .await
-        .unwrap();
-    err
+    stop_wait(child).await
 }
 
 /// Receives notify datagrams until one satisfies `pred`.

@@ -431,6 +431,15 @@ fn backoff_grows_exponentially_within_bounds_and_honours_retry_after() {
 
 // ---- timing, with tokio's clock paused and a wall clock that follows it
 
+/// Runs `source`'s refresher until the returned token is cancelled.
+fn spawn_refresher(
+    source: &behest_agent::token::TokenSource,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let stop = CancellationToken::new();
+    let (s, c) = (source.clone(), stop.clone());
+    (stop, tokio::spawn(async move { s.run(c).await }))
+}
+
 #[tokio::test(start_paused = true)]
 async fn refresh_happens_before_expiry_and_not_earlier_than_the_margin() {
     let clock = TestClock::new();
@@ -444,11 +453,7 @@ async fn refresh_happens_before_expiry_and_not_earlier_than_the_margin() {
         &[NO_CACHE, ("BEHEST_AGENT__TOKEN__REFRESH_MARGIN", "5m")],
         clock.clone(),
     );
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let (s, stop) = (source.clone(), stop.clone());
-        async move { s.run(stop).await }
-    });
+    let (stop, task) = spawn_refresher(&source);
     eventually(Duration::from_secs(60), "first grant", || {
         h.idp.grants() == 1
     })
@@ -471,11 +476,7 @@ async fn refresh_happens_on_wake_after_the_wall_clock_jumped_past_the_deadline()
     })
     .await;
     let source = h.source(&[NO_CACHE], clock.clone());
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let (s, stop) = (source.clone(), stop.clone());
-        async move { s.run(stop).await }
-    });
+    let (stop, task) = spawn_refresher(&source);
     eventually(Duration::from_secs(60), "first grant", || {
         h.idp.grants() == 1
     })
@@ -501,11 +502,7 @@ async fn idp_down_keeps_the_cached_token_until_it_expires_then_reports_unavailab
     })
     .await;
     let source = h.source(&[NO_CACHE], clock.clone());
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let (s, stop) = (source.clone(), stop.clone());
-        async move { s.run(stop).await }
-    });
+    let (stop, task) = spawn_refresher(&source);
     let first = source.get(Duration::ZERO).await.unwrap();
     h.idp.set_fault(Some(Fault::Status(503)));
     // Refresh is due ~4.5 min before expiry; the IdP fails; the old token is still served.
@@ -546,11 +543,7 @@ async fn retry_after_delays_the_next_attempt() {
         },
     );
     let source = h.source(&[NO_CACHE], clock.clone());
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let (s, stop) = (source.clone(), stop.clone());
-        async move { s.run(stop).await }
-    });
+    let (stop, task) = spawn_refresher(&source);
     eventually(Duration::from_secs(1), "first attempt", || {
         h.idp.token_requests() == 1
     })
@@ -579,11 +572,7 @@ async fn a_configuration_error_is_reported_loudly_once_per_change() {
         description: marker.clone(),
     }));
     let source = h.source(&[NO_CACHE], clock.clone());
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let (s, stop) = (source.clone(), stop.clone());
-        async move { s.run(stop).await }
-    });
+    let (stop, task) = spawn_refresher(&source);
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert!(h.idp.token_requests() >= 3, "still retried at the slow end");
     let logs = crate::util::logs();
@@ -684,11 +673,7 @@ async fn a_clock_jumping_forward_a_day_gets_a_new_token_instead_of_serving_an_ex
     })
     .await;
     let source = h.source(&[NO_CACHE], clock.clone());
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let (s, stop) = (source.clone(), stop.clone());
-        async move { s.run(stop).await }
-    });
+    let (stop, task) = spawn_refresher(&source);
     let first = source.get(Duration::ZERO).await.unwrap();
     clock.jump(Duration::from_secs(24 * 3600));
     assert!(
