@@ -114,6 +114,16 @@ impl Scanner {
                             self.push_line(bytes);
                             return;
                         }
+                        Some(i) if self.line.is_empty() => {
+                            // The whole line is in this read: looked at where it is, not copied.
+                            let line = &bytes[..i];
+                            bytes = &bytes[i + 1..];
+                            if line.len() > MAX_LINE {
+                                self.state = State::Off;
+                                return;
+                            }
+                            self.on_line(line.strip_suffix(b"\r").unwrap_or(line));
+                        }
                         Some(i) => {
                             self.push_line(&bytes[..i]);
                             bytes = &bytes[i + 1..];

@@ -15,21 +15,24 @@
 //!   to a larger header block; more than [`MAX_HEADERS`] fields get `431` from the handler.
 //! - Framing conflicts: see [`super::framing`].
 
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
+
+use futures_util::task::AtomicWaker;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::Semaphore;
@@ -220,9 +223,8 @@ pub async fn serve(shared: Arc<Shared>, listeners: Vec<Listener>, shutdown: Canc
     let limits = shared.limits;
     let builder = Arc::new(builder(&limits));
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    let graceful = GracefulShutdown::new();
+    let stop = Arc::new(Stop::default());
     let tracker = TaskTracker::new();
-    let hard_stop = CancellationToken::new();
     let mut next = 0usize;
 
     loop {
@@ -247,10 +249,9 @@ pub async fn serve(shared: Arc<Shared>, listeners: Vec<Listener>, shutdown: Canc
                 }
             }
         };
-        let watcher = graceful.watcher();
         let shared = shared.clone();
         let builder = builder.clone();
-        let hard_stop = hard_stop.clone();
+        let stop = stop.clone();
         tracker.spawn(async move {
             let _permit = permit;
             // Counted on the forwarder current at accept time, and uncounted on the same one.
@@ -272,14 +273,11 @@ pub async fn serve(shared: Arc<Shared>, listeners: Vec<Listener>, shutdown: Canc
                 })
             };
             let io = TokioIo::new(Watched::new(stream, framing));
-            let conn = watcher.watch(builder.serve_connection(io, service));
-            tokio::select! {
-                r = conn => if let Err(error) = r {
-                    tracing::debug!(%error, "proxy connection ended with an error");
-                },
-                () = hard_stop.cancelled() => {
-                    tracing::debug!("proxy connection cut at the end of the shutdown grace");
-                }
+            let conn = std::pin::pin!(builder.serve_connection(io, service));
+            match Stoppable::new(&stop, conn, |c| c.graceful_shutdown()).await {
+                Some(Err(error)) => tracing::debug!(%error, "proxy connection ended with an error"),
+                Some(Ok(())) => {}
+                None => tracing::debug!("proxy connection cut at the end of the shutdown grace"),
             }
             counted.stats.connections.fetch_sub(1, Ordering::Relaxed);
         });
@@ -288,17 +286,94 @@ pub async fn serve(shared: Arc<Shared>, listeners: Vec<Listener>, shutdown: Canc
     // Stop accepting (and remove Unix socket files) before waiting.
     drop(listeners);
     tracker.close();
-    tokio::select! {
-        () = graceful.shutdown() => {}
-        () = tokio::time::sleep(limits.shutdown_grace) => {
-            tracing::info!(
-                grace = %humantime::format_duration(limits.shutdown_grace),
-                "shutdown grace over; cutting the proxy connections still open"
-            );
-            hard_stop.cancel();
-        }
+    stop.set(Stop::GRACEFUL);
+    if tokio::time::timeout(limits.shutdown_grace, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::info!(
+            grace = %humantime::format_duration(limits.shutdown_grace),
+            "shutdown grace over; cutting the proxy connections still open"
+        );
+        stop.set(Stop::CUT);
     }
     tracker.wait().await;
+}
+
+/// Tells the open connections to finish (no new request on a kept-alive connection, the current
+/// ones run to their end) and later to stop at once. It costs a connection one atomic load and one
+/// waker check per poll; hyper-util's graceful watcher and a `select!` on a cancellation token cost
+/// two mutex round trips per poll instead.
+#[derive(Default)]
+struct Stop {
+    phase: AtomicU8,
+    /// The wakers of the open connections, so a phase change is seen at once.
+    open: Mutex<HashMap<u64, Arc<AtomicWaker>>>,
+    next: AtomicU64,
+}
+
+impl Stop {
+    const GRACEFUL: u8 = 1;
+    const CUT: u8 = 2;
+
+    fn set(&self, phase: u8) {
+        self.phase.store(phase, Ordering::SeqCst);
+        for w in self.open.lock().expect("stop lock").values() {
+            w.wake();
+        }
+    }
+}
+
+/// A connection under a [`Stop`], with how to tell it to finish: `None` when it was cut.
+struct Stoppable<'a, C, G> {
+    stop: &'a Stop,
+    id: u64,
+    waker: Arc<AtomicWaker>,
+    conn: Pin<&'a mut C>,
+    graceful: Option<G>,
+}
+
+impl<'a, C, G: FnOnce(Pin<&mut C>) + Unpin> Stoppable<'a, C, G> {
+    fn new(stop: &'a Stop, conn: Pin<&'a mut C>, graceful: G) -> Self {
+        let id = stop.next.fetch_add(1, Ordering::Relaxed);
+        let waker = Arc::new(AtomicWaker::new());
+        stop.open
+            .lock()
+            .expect("stop lock")
+            .insert(id, waker.clone());
+        Stoppable {
+            stop,
+            id,
+            waker,
+            conn,
+            graceful: Some(graceful),
+        }
+    }
+}
+
+impl<C, G> Drop for Stoppable<'_, C, G> {
+    fn drop(&mut self) {
+        self.stop.open.lock().expect("stop lock").remove(&self.id);
+    }
+}
+
+impl<C: Future, G: FnOnce(Pin<&mut C>) + Unpin> Future for Stoppable<'_, C, G> {
+    type Output = Option<C::Output>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // Registered before the phase is read, so a change made after the read wakes this task.
+        self.waker.register(cx.waker());
+        match self.stop.phase.load(Ordering::SeqCst) {
+            Stop::CUT => return Poll::Ready(None),
+            Stop::GRACEFUL => {
+                if let Some(graceful) = self.graceful.take() {
+                    graceful(self.conn.as_mut());
+                }
+            }
+            _ => {}
+        }
+        self.conn.as_mut().poll(cx).map(Some)
+    }
 }
 
 /// The next connection on any listener, starting the scan one further each time so a busy

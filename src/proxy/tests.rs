@@ -1248,6 +1248,36 @@ async fn shutdown_stops_accepting_and_lets_open_streams_finish() {
 }
 
 #[tokio::test]
+async fn shutdown_closes_idle_kept_alive_connections_without_waiting_for_the_grace() {
+    let up = Upstream::echo().await;
+    let agent = Agent::new(&up.url()).await;
+    // A grace far beyond the test's deadline: only a prompt close lets `serve` return in time.
+    let mut p = Running::start_with(&agent, |s| s.shutdown_grace = Duration::from_secs(3600)).await;
+    let mut stream = TcpStream::connect(p.addr).await.unwrap();
+    stream
+        .write_all(b"GET /v1/models HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = within(stream.read(&mut buf)).await.unwrap();
+        assert!(n > 0, "the proxy closed before answering");
+        head.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    // The connection is now idle and kept alive.
+    p.shutdown.cancel();
+    within(p.served.take().unwrap()).await.unwrap();
+    let mut rest = Vec::new();
+    within(stream.read_to_end(&mut rest)).await.unwrap();
+}
+
+#[tokio::test]
 async fn shutdown_cuts_streams_still_open_after_the_grace() {
     let (_go, wait) = oneshot::channel();
     let up = sse_upstream(wait).await;

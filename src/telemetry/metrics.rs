@@ -51,6 +51,9 @@ pub struct Metrics {
     pub token_seconds_remaining: Gauge<f64, AtomicU64>,
     pub token_ready: Gauge,
     pub proxy_requests: Family<CodeLabels, Counter>,
+    /// `proxy_requests` per class, resolved once: the hot path then skips the family's lock,
+    /// hash and label allocation.
+    by_class: [std::sync::OnceLock<Counter>; 5],
     pub request_duration: Histogram,
     pub in_flight_requests: Gauge,
     pub in_flight_streams: Gauge,
@@ -136,6 +139,7 @@ impl Metrics {
             token_seconds_remaining,
             token_ready,
             proxy_requests,
+            by_class: Default::default(),
             request_duration,
             in_flight_requests,
             in_flight_streams,
@@ -154,16 +158,15 @@ impl Metrics {
     }
 
     pub fn proxy_response(&self, status: u16, duration: Duration) {
-        let class = match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        };
-        self.proxy_requests
-            .get_or_create(&CodeLabels {
-                code: class.to_string(),
+        const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+        let i = (status / 100).clamp(1, 5) as usize - 1;
+        self.by_class[i]
+            .get_or_init(|| {
+                self.proxy_requests
+                    .get_or_create(&CodeLabels {
+                        code: CLASSES[i].to_string(),
+                    })
+                    .clone()
             })
             .inc();
         self.request_duration.observe(duration.as_secs_f64());

@@ -123,6 +123,19 @@ impl DiskCache {
         result
     }
 
+    /// [`DiskCache::store`] on the blocking pool: the `fsync`s must not stall the event loop that
+    /// serves the proxy.
+    pub async fn store_async(
+        &self,
+        token: &SecretString,
+        obtained_at: SystemTime,
+    ) -> std::io::Result<()> {
+        let (this, token) = (self.clone(), token.clone());
+        tokio::task::spawn_blocking(move || this.store(&token, obtained_at))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
     /// Removes the cached token (it failed its checks).
     pub fn discard(&self) {
         let _ = std::fs::remove_file(&self.path);

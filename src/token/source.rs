@@ -397,7 +397,7 @@ impl TokenSource {
         match result {
             Ok(t) => {
                 if let Some(c) = &self.inner.cache
-                    && let Err(e) = c.store(t.secret(), t.obtained_at)
+                    && let Err(e) = c.store_async(t.secret(), t.obtained_at).await
                 {
                     tracing::warn!(path = %c.path().display(), error = %e, "cannot write the token cache; the token is still served from memory");
                 }
