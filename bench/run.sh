@@ -348,6 +348,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
 done
 AGENT_AFTER_LOAD_KIB=$(rss_kib "$AGENT")
 AGENT_AFTER_LOAD_HWM_KIB=$(awk '/^VmHWM:/{print $2}' "/proc/$AGENT/status")
+LOAD_ENDED=$(date +%s)
 
 # ---------------------------------------------------------------- 6. streaming: TTFB and event delay
 sse_url_of() {
@@ -449,6 +450,17 @@ print(json.dumps({"kind": "burst", "grants": g1["grants"] - g0["grants"],
 EOF
 kill "$AGENT_BURST" 2>/dev/null || true
 
+# ---------------------------------------------------------------- 9b. idle again
+# The main agent has served nothing since the wrk rounds. Its idle upstream connections close
+# after the pool's idle timeout (30 s; hyper-util evicts within twice that) and jemalloc's
+# background thread returns freed pages about 10 s later: measured SETTLE seconds after the load.
+SETTLE=${SETTLE:-75}
+left=$((LOAD_ENDED + SETTLE - $(date +%s)))
+((left > 0)) && { log "waiting ${left} s for the main agent to settle"; sleep "$left"; }
+AGENT_SETTLED_KIB=$(rss_kib "$AGENT")
+SETTLED_AFTER=$(($(date +%s) - LOAD_ENDED))
+log "main agent RSS ${AGENT_SETTLED_KIB} KiB, ${SETTLED_AFTER} s after its load"
+
 # ---------------------------------------------------------------- 10. BENCHMARKS.md
 AGENT_VERSION=$("$BIN" --version)
 GIT_REV=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
@@ -467,6 +479,7 @@ print(json.dumps({
   "node": "$(node --version)", "hyperfine": "$(hyperfine --version | awk '{print $2}')",
   "agent_idle_kib": $AGENT_IDLE_KIB, "agent_sse_idle_kib": $AGENT_SSE_IDLE_KIB,
   "agent_after_load_kib": $AGENT_AFTER_LOAD_KIB, "agent_after_load_hwm_kib": $AGENT_AFTER_LOAD_HWM_KIB,
+  "agent_settled_kib": $AGENT_SETTLED_KIB, "settled_after_s": $SETTLED_AFTER,
   "agent_sse_hwm_kib": $AGENT_SSE_HWM_KIB, "nginx_idle_kib": $NGINX_IDLE_KIB,
   "agent_threads": $AGENT_THREADS, "nginx_workers": $NGINX_WORKERS,
   "clk_tck": $(getconf CLK_TCK), "elapsed_s": $(($(date +%s) - STARTED)),

@@ -190,6 +190,15 @@ async fn dispatch(cli: Cli) -> CliResult {
     }
 }
 
+/// For the long-running commands: lets jemalloc (the binary's allocator) purge freed memory from
+/// its background thread, so the daemon's RSS falls back within seconds after a burst even when it
+/// then sits idle; without the thread it purges only while it allocates. Short commands skip it.
+pub fn release_freed_memory_in_the_background() {
+    if let Err(error) = tikv_jemalloc_ctl::background_thread::write(true) {
+        tracing::debug!(%error, "jemalloc's background thread is not available");
+    }
+}
+
 /// Sets up logging for a short CLI command (warnings only unless asked).
 pub fn init_cli_logging(g: &Global) {
     crate::telemetry::init(config::LogFormat::Text, &g.log_level("warn"), false);

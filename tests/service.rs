@@ -458,3 +458,44 @@ async fn socket_activation_serves_the_socket_systemd_passes_instead_of_proxy_lis
     assert!(!unused.exists(), "proxy.listen was not bound");
     let _ = child.kill().await;
 }
+
+/// Names of the daemon's threads (`/proc/PID/task/*/comm`).
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .map(|n| n.trim().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn the_daemon_returns_freed_memory_from_a_background_thread() {
+    let h = Harness::start().await;
+    let (upstream, _g) = Upstream::start(UpstreamOptions::for_idp(&h.idp, AUDIENCE))
+        .await
+        .unwrap();
+    let mut child = daemon(&h, &upstream, &[]).spawn().unwrap();
+    let pid = child.id().unwrap();
+    let log = collect(child.stderr.take().unwrap());
+    // jemalloc's purging thread, which gives memory freed after a burst back to the system
+    // while the daemon sits idle (glibc's malloc would keep it resident).
+    eventually(
+        Duration::from_secs(20),
+        "jemalloc's background thread",
+        || thread_names(pid).iter().any(|n| n == "jemalloc_bg_thd"),
+    )
+    .await;
+    // Stopped once it runs (its signal handlers are in place by then).
+    eventually(Duration::from_secs(20), "the daemon running", || {
+        log.lock().unwrap().contains("behest-agent running")
+    })
+    .await;
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}

@@ -37,6 +37,7 @@ pub struct Args {
 
 pub async fn run(g: &Global, args: Args) -> CliResult {
     crate::telemetry::init(config::LogFormat::Text, &g.log_level("info"), false);
+    super::release_freed_memory_in_the_background();
     let secret = random_secret();
     let mut idp_opts = IdpOptions::new(DEV_CLIENT_ID, secret.clone(), DEV_AUDIENCE);
     idp_opts.token_ttl = args.token_ttl;

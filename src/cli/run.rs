@@ -21,6 +21,7 @@ pub async fn run(g: &Global, _args: Args) -> CliResult {
         &g.log_level(&settings.telemetry.log_level),
         std::env::var_os("JOURNAL_STREAM").is_some(),
     );
+    super::release_freed_memory_in_the_background();
     for w in &settings.warnings {
         tracing::warn!("{w}");
     }

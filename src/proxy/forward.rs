@@ -32,7 +32,7 @@ use super::error::{ProxyError, SetupError};
 use super::framing::Framing;
 use super::{guard, path};
 use crate::telemetry::metrics::Metrics;
-use crate::token::TokenSource;
+use crate::token::{Token, TokenSource};
 
 /// `X-Session-Id`: per-job cost attribution at Behest.
 pub const X_SESSION_ID: HeaderName = HeaderName::from_static("x-session-id");
@@ -323,11 +323,14 @@ impl Forwarder {
             headers.insert(X_REQUEST_ID, request_id());
         }
 
-        let token = self
-            .tokens
-            .get(Duration::ZERO)
-            .await
-            .map_err(|e| ProxyError::TokenUnavailable(e.to_string()))?;
+        // The held token is a read-mostly load; only without one does the request wait on a
+        // grant, whose (large) future is boxed so it does not weigh on every request's.
+        let token = match self.tokens.valid(Duration::ZERO) {
+            Some(t) => t,
+            None => Box::pin(self.tokens.get(Duration::ZERO))
+                .await
+                .map_err(|e| ProxyError::TokenUnavailable(e.to_string()))?,
+        };
         headers.insert(AUTHORIZATION, token.bearer().clone());
 
         let (body, replay) = if body.is_end_stream() {
@@ -350,16 +353,26 @@ impl Forwarder {
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok(resp);
         }
+        // Rare, and kept out of the common path's future.
+        Box::pin(self.replay(resp, &token, replay, again)).await
+    }
 
-        // 401: the upstream refused the token. Replace it (one grant shared by every request that
-        // saw it, rate-limited by the token source) so the next request works, and replay this
-        // one once if its whole body was kept. A second 401 goes back as is.
+    /// After a 401: the upstream refused the token. Replaces it (one grant shared by every
+    /// request that saw it, rate-limited by the token source) so the next request works, and
+    /// replays this one once if its whole body was kept. A second 401 goes back as is.
+    async fn replay(
+        &self,
+        resp: Response<Incoming>,
+        token: &Arc<Token>,
+        replay: Replay,
+        again: Option<(Method, Uri, HeaderMap)>,
+    ) -> Result<Response<Incoming>, ProxyError> {
         let chunks = match replay {
             Replay::No => None,
             Replay::Empty => Some(None),
             Replay::Kept(mut rx) => rx.try_recv().ok().map(Some),
         };
-        let Some(new) = self.tokens.refresh_rejected(&token).await else {
+        let Some(new) = self.tokens.refresh_rejected(token).await else {
             return Ok(resp);
         };
         let (Some(chunks), Some((method, uri, mut headers))) = (chunks, again) else {
