@@ -195,8 +195,8 @@ w("")
 w(f"- CPU: {meta['cpu']}, **{meta['nproc']} cores** (`nproc`); kernel {meta['kernel']}; memory {meta['mem']}.")
 w(f"- Pinning with `taskset`: {meta['pinning']}. With two cores the proxy under test and the upstream "
   "compete for one core, so every proxied figure includes that contention; the direct path has the "
-  "upstream alone on it. The agent, pinned to one core, runs one tokio worker thread "
-  f"({meta['agent_threads']} threads in all); nginx runs `worker_processes 1` ({meta['nginx_workers']} worker), "
+  "upstream alone on it. The agent runs one event-loop thread (a current-thread tokio runtime; "
+  f"{meta['agent_threads']} threads in all with jemalloc's background purge thread); nginx runs `worker_processes 1` ({meta['nginx_workers']} worker), "
   "so both proxies use one core.")
 w(f"- Versions: {meta['agent_version']}, nginx {meta['nginx']}, wrk {meta['wrk']}, node {meta['node']}, "
   f"hyperfine {meta['hyperfine']}.")
@@ -288,7 +288,7 @@ w(f"| nginx (master + worker) | {kib_mib(meta['nginx_idle_kib'])} | – | – | 
   + (f"{kib_mib(hn['rss_kib'])} ({hn['client'].replace('READY ', '')}) | {kib_mib(hn['rss_after_kib'])} |" if hn else "– | – |"))
 w("")
 w("The idle agent is measured right after it got its first token; \"after the request runs\" is the agent that "
-  "served every wrk scenario (its peak is VmHWM). The streams are held by a second agent (idle: "
+  "served every wrk scenario (its peak is VmHWM), measured again once it had sat idle. The streams are held by a second agent (idle: "
   f"{kib_mib(meta['agent_sse_idle_kib'])}) and by the nginx proxy, each in turn.")
 w("")
 if hyper:
