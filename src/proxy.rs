@@ -23,6 +23,7 @@ mod framing;
 mod guard;
 mod listener;
 mod path;
+mod upstream;
 
 #[cfg(test)]
 mod tests;
@@ -33,9 +34,7 @@ use std::time::Duration;
 
 use http::{HeaderValue, StatusCode};
 use hyper_rustls::HttpsConnectorBuilder;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -154,12 +153,15 @@ impl Proxy {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_max_idle_per_host(POOL_MAX_IDLE)
-            .build(https);
+        let target = http::Uri::builder()
+            .scheme(upstream.scheme.clone())
+            .authority(upstream.authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| SetupError::Upstream(e.to_string()))?;
+        let host = HeaderValue::from_str(upstream.authority.as_str())
+            .map_err(|e| SetupError::Upstream(e.to_string()))?;
+        let pool = upstream::Pool::new(https, target, host, POOL_IDLE_TIMEOUT, POOL_MAX_IDLE);
 
         // Zero: no limit (tokio clamps the far deadline).
         let upstream_timeout = if settings.upstream_timeout.is_zero() {
@@ -169,7 +171,7 @@ impl Proxy {
         };
         let fwd = Forwarder {
             tokens,
-            client,
+            pool,
             upstream,
             session_id,
             allowed_origins: settings.allowed_origins.clone(),

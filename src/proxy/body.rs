@@ -260,7 +260,11 @@ impl ResponseBody {
         }
     }
 
-    pub fn stream(inner: Incoming, idle: Duration, record: RequestRecord) -> Self {
+    pub fn stream(inner: Incoming, idle: Duration, mut record: RequestRecord) -> Self {
+        // An empty body may never be polled: it is complete already (its connection can go back).
+        if inner.is_end_stream() {
+            record.completed = true;
+        }
         ResponseBody {
             kind: Kind::Stream {
                 inner,

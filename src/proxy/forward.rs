@@ -20,9 +20,6 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use tokio::time::Instant;
 use url::Url;
 
@@ -30,6 +27,7 @@ use super::Stats;
 use super::body::{ResponseBody, UpstreamBody};
 use super::error::{ProxyError, SetupError};
 use super::framing::Framing;
+use super::upstream::{Lease, Pool, Sent};
 use super::{guard, path};
 use crate::telemetry::metrics::Metrics;
 use crate::token::{Token, TokenSource};
@@ -54,8 +52,6 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     PROXY_AUTHORIZATION,
     PROXY_AUTHENTICATE,
 ];
-
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 
 /// The configured upstream, parsed once.
 #[derive(Debug, Clone)]
@@ -145,7 +141,7 @@ pub struct ConnInfo {
 /// Everything a request needs, shared by all connections.
 pub struct Forwarder {
     pub tokens: TokenSource,
-    pub client: UpstreamClient,
+    pub pool: Arc<Pool>,
     pub upstream: Upstream,
     /// `proxy.session_id`, sent when the client sent no session.
     pub session_id: Option<HeaderValue>,
@@ -176,6 +172,9 @@ pub struct RequestRecord {
     pub bytes: u64,
     pub completed: bool,
     start: Instant,
+    /// The HTTP/1.1 upstream connection the response comes on, released to the pool when the
+    /// response body was read to its end.
+    lease: Option<Lease>,
 }
 
 impl RequestRecord {
@@ -193,6 +192,11 @@ impl RequestRecord {
 
 impl Drop for RequestRecord {
     fn drop(&mut self) {
+        if let Some(lease) = self.lease.take()
+            && self.completed
+        {
+            lease.release();
+        }
         self.fwd.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         if let Some(m) = self.fwd.metrics.get() {
             m.proxy_response(self.status, self.start.elapsed());
@@ -247,6 +251,7 @@ impl Forwarder {
             bytes: 0,
             completed: false,
             start: Instant::now(),
+            lease: None,
         };
         let result = if conn.framing.conflict_at(n) {
             Err(ProxyError::ConflictingFraming)
@@ -254,7 +259,8 @@ impl Forwarder {
             self.forward(&conn, req, &mut record).await
         };
         match result {
-            Ok(resp) => {
+            Ok((resp, lease)) => {
+                record.lease = lease;
                 let (parts, body) = resp.into_parts();
                 record.status = parts.status.as_u16();
                 self.stats.count_status(parts.status);
@@ -292,7 +298,7 @@ impl Forwarder {
         conn: &ConnInfo,
         req: Request<Incoming>,
         record: &mut RequestRecord,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Sent, ProxyError> {
         guard::check_method(req.method())?;
         if req.headers().len() > MAX_HEADERS {
             return Err(ProxyError::HeadersTooLarge(format!(
@@ -349,12 +355,12 @@ impl Forwarder {
             Replay::No => None,
             _ => Some((method.clone(), uri.clone(), headers.clone())),
         };
-        let resp = self.send(build(method, uri, headers, body)).await?;
-        if resp.status() != StatusCode::UNAUTHORIZED {
-            return Ok(resp);
+        let sent = self.send(build(method, uri, headers, body)).await?;
+        if sent.0.status() != StatusCode::UNAUTHORIZED {
+            return Ok(sent);
         }
         // Rare, and kept out of the common path's future.
-        Box::pin(self.replay(resp, &token, replay, again)).await
+        Box::pin(self.replay(sent, &token, replay, again)).await
     }
 
     /// After a 401: the upstream refused the token. Replaces it (one grant shared by every
@@ -362,23 +368,24 @@ impl Forwarder {
     /// replays this one once if its whole body was kept. A second 401 goes back as is.
     async fn replay(
         &self,
-        resp: Response<Incoming>,
+        sent: Sent,
         token: &Arc<Token>,
         replay: Replay,
         again: Option<(Method, Uri, HeaderMap)>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Sent, ProxyError> {
         let chunks = match replay {
             Replay::No => None,
             Replay::Empty => Some(None),
             Replay::Kept(mut rx) => rx.try_recv().ok().map(Some),
         };
         let Some(new) = self.tokens.refresh_rejected(token).await else {
-            return Ok(resp);
+            return Ok(sent);
         };
         let (Some(chunks), Some((method, uri, mut headers))) = (chunks, again) else {
-            return Ok(resp);
+            return Ok(sent);
         };
-        drop(resp);
+        // The 401's body is not read: its connection closes rather than going back.
+        drop(sent);
         self.stats.replays.fetch_add(1, Ordering::Relaxed);
         if let Some(m) = self.metrics.get() {
             m.replays.inc();
@@ -393,28 +400,28 @@ impl Forwarder {
     }
 
     /// Sends upstream, bounded by `upstream_timeout` until the response head.
-    async fn send(&self, req: Request<UpstreamBody>) -> Result<Response<Incoming>, ProxyError> {
-        match tokio::time::timeout(self.upstream_timeout, self.client.request(req)).await {
+    async fn send(&self, req: Request<UpstreamBody>) -> Result<Sent, ProxyError> {
+        match tokio::time::timeout(self.upstream_timeout, self.pool.send(req)).await {
             Err(_) => Err(ProxyError::UpstreamTimeout {
                 authority: self.upstream.authority.to_string(),
                 after: humantime::format_duration(self.upstream_timeout).to_string(),
             }),
-            Ok(Err(e)) => Err(match client_body_failed(&e) {
+            Ok(Err(e)) => Err(match client_body_failed(&*e) {
                 Some(timed_out) => ProxyError::RequestBody {
                     timed_out,
-                    reason: chain(&e),
+                    reason: chain(&*e),
                 },
                 None => ProxyError::UpstreamUnreachable {
                     authority: self.upstream.authority.to_string(),
-                    reason: chain(&e),
+                    reason: chain(&*e),
                 },
             }),
-            Ok(Ok(resp)) => {
+            Ok(Ok((resp, lease))) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 parts.version = Version::HTTP_11;
                 parts.extensions = http::Extensions::new();
-                Ok(Response::from_parts(parts, body))
+                Ok((Response::from_parts(parts, body), lease))
             }
         }
     }

@@ -126,6 +126,8 @@ type Handler = Arc<
 struct Upstream {
     addr: SocketAddr,
     hits: Arc<AtomicU64>,
+    /// Connections accepted.
+    accepted: Arc<AtomicU64>,
     _stop: DropGuard,
 }
 
@@ -139,14 +141,16 @@ impl Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicU64::new(0));
+        let accepted = Arc::new(AtomicU64::new(0));
         let stop = CancellationToken::new();
-        let (h, s) = (hits.clone(), stop.clone());
+        let (h, s, n) = (hits.clone(), stop.clone(), accepted.clone());
         tokio::spawn(async move {
             loop {
                 let stream = tokio::select! {
                     () = s.cancelled() => return,
                     a = listener.accept() => a.unwrap().0,
                 };
+                n.fetch_add(1, Ordering::SeqCst);
                 let (handler, hits, s) = (handler.clone(), h.clone(), s.clone());
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
@@ -168,6 +172,7 @@ impl Upstream {
         Upstream {
             addr,
             hits,
+            accepted,
             _stop: stop.drop_guard(),
         }
     }
@@ -178,6 +183,10 @@ impl Upstream {
 
     fn hits(&self) -> u64 {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
     }
 
     fn url(&self) -> String {
@@ -1245,6 +1254,84 @@ async fn shutdown_stops_accepting_and_lets_open_streams_finish() {
         "the stream ended cleanly"
     );
     within(served).await.unwrap();
+}
+
+#[tokio::test]
+async fn upstream_connections_are_reused_once_a_response_was_read_to_its_end() {
+    let up = Upstream::echo().await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start(&agent).await;
+    // Each request on a client connection of its own, one after the other.
+    for i in 0..10 {
+        let (status, _, echo) = json_of(get(&p, "/v1/models").await).await;
+        assert_eq!(status, 200, "request {i}");
+        assert_eq!(echo["path"], "/base/v1/models");
+        assert_eq!(echo["headers"]["host"][0], up.addr.to_string());
+    }
+    assert_eq!(up.hits(), 10);
+    assert_eq!(up.accepted(), 1, "one upstream connection served them all");
+}
+
+#[tokio::test]
+async fn a_response_cut_short_closes_its_upstream_connection_instead_of_reusing_it() {
+    let (_go, wait) = oneshot::channel();
+    let up = sse_upstream(wait).await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start(&agent).await;
+    let resp = get(&p, "/v1/chat/completions").await;
+    let mut body = resp.into_body();
+    let mut seen = Vec::new();
+    read_until(&mut body, &mut seen, b"data: 1\n\n").await;
+    drop(body);
+    // The next request cannot get the connection still carrying the first stream.
+    let resp = get(&p, "/v1/chat/completions").await;
+    let mut body = resp.into_body();
+    let mut seen = Vec::new();
+    read_until(&mut body, &mut seen, b"data: 1\n\n").await;
+    assert_eq!(up.accepted(), 2);
+}
+
+#[tokio::test]
+async fn an_upstream_that_closes_idle_connections_costs_no_failed_request() {
+    // One request per connection, closed after the answer without `Connection: close`, as a
+    // server does when its keep-alive timeout fires just after a response.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let n = accepted.clone();
+    let server = tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            n.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+                    .await;
+            });
+        }
+    });
+    let agent = Agent::new(&format!("http://{addr}")).await;
+    let p = Running::start(&agent).await;
+    for i in 0..20 {
+        let resp = get(&p, "/v1/models").await;
+        assert_eq!(resp.status(), 200, "request {i}");
+        let body = within(resp.into_body().collect()).await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"{}");
+        if i % 2 == 0 {
+            // Give the closed connection's task a turn sometimes, and sometimes not.
+            tokio::task::yield_now().await;
+        }
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 20);
+    server.abort();
 }
 
 #[tokio::test]

@@ -1,0 +1,349 @@
+//! Connections to the one configured upstream. There is a single authority, so no keyed pool:
+//! idle HTTP/1.1 connections wait on a stack (the most recently used first, so the warm ones are
+//! reused and the cold ones age out), and an HTTP/2 connection, when ALPN picks h2, is shared by
+//! every request. A request on HTTP/1.1 leases its connection until its response body has been
+//! read to the end; only then does the connection go back (a response cut short closes it).
+//!
+//! hyper-util's general client did the same for any number of authorities, at a measured cost on
+//! every request: a hashed pool look-up, a large future moved several times, and a task spawned
+//! per HTTP/1 request to put the connection back.
+
+use std::future::poll_fn;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::Poll;
+use std::time::Duration;
+
+use http::header::HOST;
+use http::uri::PathAndQuery;
+use http::{HeaderValue, Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::{Connection, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::time::Instant;
+use tower_service::Service;
+
+use super::body::UpstreamBody;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The upstream's connections.
+pub struct Pool {
+    connector: HttpsConnector<HttpConnector>,
+    /// `scheme://authority/`, what the connector dials.
+    target: Uri,
+    /// The `Host` of HTTP/1.1 requests.
+    host: HeaderValue,
+    idle_timeout: Duration,
+    max_idle: usize,
+    idle: Mutex<Idle>,
+    h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
+}
+
+#[derive(Default)]
+struct Idle {
+    /// Oldest first; taken from the end.
+    conns: Vec<(http1::SendRequest<UpstreamBody>, Instant)>,
+    /// A task closes the connections idle past `idle_timeout` while there are any.
+    reaper: bool,
+}
+
+/// An HTTP/1.1 connection lent to one request; [`Lease::release`] gives it back.
+pub struct Lease {
+    pool: Weak<Pool>,
+    tx: http1::SendRequest<UpstreamBody>,
+}
+
+impl Lease {
+    /// The response body was read to its end: the connection can serve another request. Dropping
+    /// a lease instead lets the connection close once hyper is done with it.
+    pub fn release(self) {
+        if let Some(pool) = self.pool.upgrade() {
+            pool.put(self.tx);
+        }
+    }
+}
+
+/// How a request went out: on HTTP/1.1 with the connection it holds, or on the shared h2 one.
+pub type Sent = (Response<Incoming>, Option<Lease>);
+
+impl Pool {
+    pub fn new(
+        connector: HttpsConnector<HttpConnector>,
+        target: Uri,
+        host: HeaderValue,
+        idle_timeout: Duration,
+        max_idle: usize,
+    ) -> Arc<Pool> {
+        Arc::new(Pool {
+            connector,
+            target,
+            host,
+            idle_timeout,
+            max_idle,
+            idle: Mutex::new(Idle::default()),
+            h2: Mutex::new(None),
+        })
+    }
+
+    /// Sends `req` (absolute-form URI) on a pooled connection or a new one. A request that could
+    /// not be written because its pooled connection had closed meanwhile is sent again on
+    /// another; any other failure is returned.
+    pub async fn send(self: &Arc<Self>, mut req: Request<UpstreamBody>) -> Result<Sent, BoxError> {
+        loop {
+            if let Some(mut tx) = self.shared_h2() {
+                poll_fn(|cx| tx.poll_ready(cx)).await?;
+                return Ok((tx.send_request(req).await?, None));
+            }
+            let Some(mut tx) = self.take_idle() else {
+                break;
+            };
+            let origin = origin_form(&mut req, &self.host);
+            match tx.try_send_request(req).await {
+                Ok(resp) => return Ok((resp, Some(self.lease(tx)))),
+                Err(mut e) => match e.take_message() {
+                    // Never written: the connection was closing. Another one gets it.
+                    Some(mut back) => {
+                        *back.uri_mut() = origin;
+                        req = back;
+                    }
+                    None => return Err(e.into_error().into()),
+                },
+            }
+        }
+        self.send_on_new(req).await
+    }
+
+    async fn send_on_new(
+        self: &Arc<Self>,
+        mut req: Request<UpstreamBody>,
+    ) -> Result<Sent, BoxError> {
+        let mut connector = self.connector.clone();
+        poll_fn(|cx| connector.poll_ready(cx)).await?;
+        let io = connector.call(self.target.clone()).await?;
+        if io.connected().is_negotiated_h2() {
+            let (mut tx, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await?;
+            tokio::spawn(async move {
+                if let Err(error) = conn.await {
+                    tracing::debug!(%error, "upstream h2 connection ended with an error");
+                }
+            });
+            *self.h2.lock().expect("pool lock") = Some(tx.clone());
+            poll_fn(|cx| tx.poll_ready(cx)).await?;
+            return Ok((tx.send_request(req).await?, None));
+        }
+        let (mut tx, conn) = http1::handshake(io).await?;
+        tokio::spawn(async move {
+            if let Err(error) = conn.await {
+                tracing::debug!(%error, "upstream connection ended with an error");
+            }
+        });
+        origin_form(&mut req, &self.host);
+        poll_fn(|cx| tx.poll_ready(cx)).await?;
+        let resp = tx.send_request(req).await?;
+        Ok((resp, Some(self.lease(tx))))
+    }
+
+    fn lease(self: &Arc<Self>, tx: http1::SendRequest<UpstreamBody>) -> Lease {
+        Lease {
+            pool: Arc::downgrade(self),
+            tx,
+        }
+    }
+
+    /// The shared h2 connection while it is open.
+    fn shared_h2(&self) -> Option<http2::SendRequest<UpstreamBody>> {
+        let mut h2 = self.h2.lock().expect("pool lock");
+        match &*h2 {
+            Some(tx) if !tx.is_closed() => Some(tx.clone()),
+            Some(_) => {
+                *h2 = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// The most recently used idle connection that can take a request now. Those idle too long,
+    /// closed, or not ready (still finishing an exchange) are dropped on the way.
+    fn take_idle(&self) -> Option<http1::SendRequest<UpstreamBody>> {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().expect("pool lock");
+        while let Some((mut tx, since)) = idle.conns.pop() {
+            if now.duration_since(since) >= self.idle_timeout {
+                // The rest are older still.
+                idle.conns.clear();
+                return None;
+            }
+            let waker = std::task::Waker::noop();
+            let mut cx = std::task::Context::from_waker(waker);
+            if let Poll::Ready(Ok(())) = tx.poll_ready(&mut cx) {
+                return Some(tx);
+            }
+        }
+        None
+    }
+
+    fn put(self: &Arc<Self>, tx: http1::SendRequest<UpstreamBody>) {
+        if tx.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().expect("pool lock");
+        if idle.conns.len() >= self.max_idle {
+            return;
+        }
+        idle.conns.push((tx, Instant::now()));
+        if !std::mem::replace(&mut idle.reaper, true) {
+            let pool = Arc::downgrade(self);
+            let every = self.idle_timeout;
+            tokio::spawn(reap(pool, every));
+        }
+    }
+}
+
+/// Closes the connections idle past the timeout, every `every`, until none is left (the next
+/// [`Pool::put`] starts it again) or the pool is gone.
+async fn reap(pool: Weak<Pool>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(pool) = pool.upgrade() else { return };
+        let mut idle = pool.idle.lock().expect("pool lock");
+        let now = Instant::now();
+        idle.conns
+            .retain(|(tx, since)| now.duration_since(*since) < every && !tx.is_closed());
+        if idle.conns.is_empty() {
+            idle.reaper = false;
+            return;
+        }
+    }
+}
+
+/// HTTP/1.1 wants the origin form (`/path?query`) and a `Host`; returns the absolute URI it had.
+fn origin_form(req: &mut Request<UpstreamBody>, host: &HeaderValue) -> Uri {
+    let absolute = req.uri().clone();
+    let pq = absolute
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    *req.uri_mut() = Uri::from(pq);
+    req.headers_mut().insert(HOST, host.clone());
+    absolute
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt as _;
+    use hyper_rustls::HttpsConnectorBuilder;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use tokio::sync::{Notify, oneshot};
+
+    fn pool_for(addr: std::net::SocketAddr) -> Arc<Pool> {
+        crate::tls::install_default_provider();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        let https = HttpsConnectorBuilder::new()
+            .with_tls_config(crate::tls::client_config(None).unwrap())
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let target: Uri = format!("http://{addr}/").parse().unwrap();
+        let host = HeaderValue::from_str(&addr.to_string()).unwrap();
+        Pool::new(https, target, host, Duration::from_secs(30), 8)
+    }
+
+    fn get(addr: std::net::SocketAddr) -> Request<UpstreamBody> {
+        Request::get(format!("http://{addr}/v1/models"))
+            .body(UpstreamBody::Empty)
+            .unwrap()
+    }
+
+    /// Reads one request head and answers `{}`.
+    async fn answer(s: &mut tokio::net::TcpStream) -> bool {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        assert!(
+            head.starts_with(b"GET /v1/models HTTP/1.1\r\n"),
+            "origin form"
+        );
+        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn a_request_on_a_pooled_connection_closed_meanwhile_goes_out_on_a_new_one() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let close_first = Arc::new(Notify::new());
+        let (closed_tx, closed_rx) = oneshot::channel();
+        let (n, close) = (accepted.clone(), close_first.clone());
+        tokio::spawn(async move {
+            let (mut first, _) = listener.accept().await.unwrap();
+            n.fetch_add(1, Ordering::SeqCst);
+            assert!(answer(&mut first).await);
+            close.notified().await;
+            drop(first);
+            closed_tx.send(()).unwrap();
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                n.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move { while answer(&mut s).await {} });
+            }
+        });
+        let pool = pool_for(addr);
+
+        let (resp, lease) = pool.send(get(addr)).await.unwrap();
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "{}");
+        lease.expect("HTTP/1.1 leases its connection").release();
+        // The server closes the idle connection; the request that follows runs before the
+        // connection's task has seen the end of the stream, so it is queued on it, handed back
+        // unsent, and sent again on a new connection.
+        close_first.notify_one();
+        closed_rx.await.unwrap();
+        let (resp, _) = pool.send(get(addr)).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "{}");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_connections_are_closed_after_the_idle_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (eof_tx, mut eof_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let eof = eof_tx.clone();
+                tokio::spawn(async move {
+                    while answer(&mut s).await {}
+                    let _ = eof.send(());
+                });
+            }
+        });
+        let pool = pool_for(addr);
+        let (resp, lease) = pool.send(get(addr)).await.unwrap();
+        resp.into_body().collect().await.unwrap();
+        lease.unwrap().release();
+        assert_eq!(pool.idle.lock().unwrap().conns.len(), 1);
+        // The reaper closes it within twice the timeout; the server sees the end of the stream.
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        assert!(pool.idle.lock().unwrap().conns.is_empty());
+        eof_rx.recv().await.unwrap();
+    }
+}
