@@ -1594,3 +1594,110 @@ async fn a_request_body_silent_past_idle_timeout_is_answered_408() {
     assert!(text.contains("\"code\":\"request_timeout\""), "{text}");
     assert_eq!(p.stat(&["upstream_errors"]), 0);
 }
+
+// ---------------------------------------------------------------------------------------------
+// A TLS upstream, HTTP/2 or HTTP/1.1 by ALPN
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+
+/// An HTTPS upstream on 127.0.0.1:0 (certificate for 127.0.0.1 from the test CA in
+/// `tests/fixtures`) offering `alpn`, answering with the HTTP version it saw, the path and the
+/// bearer; it counts TLS connections.
+async fn tls_upstream(alpn: &[&[u8]]) -> (SocketAddr, Arc<AtomicU64>, DropGuard) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    crate::tls::install_default_provider();
+    let certs = CertificateDer::pem_file_iter(format!("{FIXTURES}/upstream-cert.pem")).unwrap();
+    let key = PrivateKeyDer::from_pem_file(format!("{FIXTURES}/upstream-key.pem")).unwrap();
+    let mut config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs.map(Result::unwrap).collect(), key)
+        .unwrap();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let stop = CancellationToken::new();
+    let (n, s) = (accepted.clone(), stop.clone());
+    tokio::spawn(async move {
+        loop {
+            let tcp = tokio::select! {
+                () = s.cancelled() => return,
+                a = listener.accept() => a.unwrap().0,
+            };
+            n.fetch_add(1, Ordering::SeqCst);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = service_fn(|req: Request<Incoming>| async move {
+                    let v = json!({
+                        "version": format!("{:?}", req.version()),
+                        "path": req.uri().path(),
+                        "authority": req.uri().authority().map(|a| a.to_string())
+                            .or_else(|| req.headers().get("host").map(|h| h.to_str().unwrap().to_string())),
+                        "authorization": req.headers().get("authorization").map(|h| h.to_str().unwrap().to_string()),
+                    });
+                    Ok::<_, Infallible>(full(StatusCode::OK, v.to_string()))
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (addr, accepted, stop.drop_guard())
+}
+
+#[tokio::test]
+async fn a_tls_upstream_is_spoken_to_in_http2_or_http1_as_alpn_decides_over_one_connection() {
+    for (alpn, version) in [
+        (&[b"h2".as_slice(), b"http/1.1"][..], "HTTP/2.0"),
+        (&[b"http/1.1".as_slice()][..], "HTTP/1.1"),
+    ] {
+        let (addr, accepted, _stop) = tls_upstream(alpn).await;
+        let mut agent = Agent::new(&format!("https://127.0.0.1:{}/base", addr.port())).await;
+        agent.settings.ca_file = Some(format!("{FIXTURES}/upstream-ca.pem").into());
+        let p = Running::start(&agent).await;
+        // Sequential requests, then concurrent ones.
+        for _ in 0..3 {
+            let (status, _, v) = json_of(get(&p, "/v1/models").await).await;
+            assert_eq!(status, 200, "{version}: {v}");
+            assert_eq!(v["version"], version);
+            assert_eq!(v["path"], "/base/v1/models");
+            assert_eq!(v["authority"], format!("127.0.0.1:{}", addr.port()));
+            assert_eq!(v["authorization"], agent.bearer());
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "{version}: one connection"
+        );
+        let answers = futures_util::future::join_all((0..8).map(|_| get(&p, "/v1/models"))).await;
+        for r in answers {
+            assert_eq!(r.status(), 200, "{version}");
+            let _ = json_of(r).await;
+        }
+        if version == "HTTP/2.0" {
+            assert_eq!(
+                accepted.load(Ordering::SeqCst),
+                1,
+                "h2 multiplexes on one connection"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_tls_upstream_with_a_certificate_the_agent_does_not_trust_is_a_502() {
+    let (addr, _accepted, _stop) = tls_upstream(&[b"h2", b"http/1.1"]).await;
+    // No `ca_file`: the test CA is not among the system's roots.
+    let agent = Agent::new(&format!("https://127.0.0.1:{}/base", addr.port())).await;
+    let p = Running::start(&agent).await;
+    let (status, _, v) = json_of(get(&p, "/v1/models").await).await;
+    assert_eq!(status, 502, "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("certificate"), "{message}");
+}
