@@ -13,6 +13,7 @@
 //! - [`guard`]: `CONNECT`, absolute-form, `Host` and `Origin` checks.
 //! - [`path`]: the `/s/SESSION/` prefix and dot-segment removal under the base path.
 //! - [`forward`]: one request upstream and back: headers, token, 401 replay, timeouts.
+//! - [`upstream`]: the upstream's connections (pooled HTTP/1.1, shared h2).
 //! - [`body`]: the streamed bodies (tee for replays, idle timeout).
 //! - [`error`]: the agent's own answers, OpenAI-shaped.
 
@@ -51,7 +52,7 @@ use listener::Limits;
 /// How long an idle pooled upstream connection is kept: under the 60 s idle timeout of common load
 /// balancers (so the agent closes first rather than reusing a connection being closed), and short
 /// enough that the memory a burst's connections hold (about 40 KiB each) is released soon after.
-/// hyper-util evicts them within twice this.
+/// The pool's reaper closes them within twice this.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// At most this many idle upstream connections are kept; more are closed when their response
 /// ends. A cap below the client concurrency makes the pool churn (measured: a cap of 32 under 128
