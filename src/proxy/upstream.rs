@@ -106,6 +106,7 @@ impl Pool {
                     // Never written: the connection was closing. Another one gets it.
                     Some(mut back) => {
                         *back.uri_mut() = origin;
+                        back.headers_mut().remove(HOST);
                         req = back;
                     }
                     None => return Err(e.into_error().into()),
