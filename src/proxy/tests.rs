@@ -1303,19 +1303,7 @@ async fn an_upstream_that_closes_idle_connections_costs_no_failed_request() {
         loop {
             let (mut s, _) = listener.accept().await.unwrap();
             n.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
-                    .await;
-            });
+            tokio::spawn(async move { super::upstream::tests::answer(&mut s).await });
         }
     });
     let agent = Agent::new(&format!("http://{addr}")).await;
@@ -1340,28 +1328,16 @@ async fn shutdown_closes_idle_kept_alive_connections_without_waiting_for_the_gra
     let agent = Agent::new(&up.url()).await;
     // A grace far beyond the test's deadline: only a prompt close lets `serve` return in time.
     let mut p = Running::start_with(&agent, |s| s.shutdown_grace = Duration::from_secs(3600)).await;
-    let mut stream = TcpStream::connect(p.addr).await.unwrap();
-    stream
-        .write_all(b"GET /v1/models HTTP/1.1\r\nhost: localhost\r\n\r\n")
-        .await
-        .unwrap();
-    let mut head = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = within(stream.read(&mut buf)).await.unwrap();
-        assert!(n > 0, "the proxy closed before answering");
-        head.extend_from_slice(&buf[..n]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
+    let (text, mut stream) = raw(
+        p.addr,
+        b"GET /v1/models HTTP/1.1\r\nhost: localhost\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_line(&text), "HTTP/1.1 200 OK", "{text}");
     // The connection is now idle and kept alive.
     p.shutdown.cancel();
     within(p.served.take().unwrap()).await.unwrap();
-    let mut rest = Vec::new();
-    within(stream.read_to_end(&mut rest)).await.unwrap();
+    assert!(closed(&mut stream).await);
 }
 
 #[tokio::test]

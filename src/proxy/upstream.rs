@@ -239,7 +239,7 @@ fn origin_form(req: &mut Request<UpstreamBody>, host: &HeaderValue) -> Uri {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use http_body_util::BodyExt as _;
     use hyper_rustls::HttpsConnectorBuilder;
@@ -270,7 +270,7 @@ mod tests {
     }
 
     /// Reads one request head and answers `{}`.
-    async fn answer(s: &mut tokio::net::TcpStream) -> bool {
+    pub(in crate::proxy) async fn answer(s: &mut tokio::net::TcpStream) -> bool {
         let mut head = Vec::new();
         let mut buf = [0u8; 4096];
         while !head.windows(4).any(|w| w == b"\r\n\r\n") {
