@@ -65,8 +65,8 @@ for ((r = 0; r < ROUNDS; r++)); do
     for ((k = 0; k < n; k++)); do
         i=$(((k + r) % n))
         read -r u0 s0 < <(ticks ${pids[$i]})
-        out=$(BENCH_METHOD=POST BENCH_BODY=small BENCH_AUTH="Bearer placeholder" taskset -c 0 wrk -t1 -c"$CONC" -d"${DUR}s" \
-            -s "$B/wrk_report.lua" "http://127.0.0.1:${ports[$i]}/v1/chat/completions" | grep '^WRKJSON ' | cut -d' ' -f2-)
+        out=$(BENCH_METHOD=POST BENCH_BODY=${BODY:-small} BENCH_AUTH="Bearer placeholder" taskset -c 0 wrk -t1 -c"$CONC" -d"${DUR}s" \
+            -s "$B/wrk_report.lua" "http://127.0.0.1:${ports[$i]}${URLPATH:-/v1/chat/completions}" | grep '^WRKJSON ' | cut -d' ' -f2-)
         read -r u1 s1 < <(ticks ${pids[$i]})
         echo "{\"label\":\"${labels[$i]}\",\"u\":$((u1 - u0)),\"s\":$((s1 - s0)),\"wrk\":$out}" >>"$T/ab.jsonl"
     done

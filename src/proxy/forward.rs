@@ -3,8 +3,9 @@
 //! headers and the client's credentials out, the agent's bearer token in), the 401 replay, the
 //! timeouts, and the agent's own OpenAI-shaped errors. Bodies stream both ways.
 //!
-//! The hot path takes the token with a read-mostly load, holds no lock across an await, copies no
-//! body byte and never buffers a response.
+//! The hot path takes the token with a read-mostly load, holds no lock across an await, and never
+//! buffers a response: each frame is passed on as it comes (hyper copies it into the connection's
+//! write buffer, which for small frames costs less than a vectored write).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -473,7 +474,12 @@ fn remove_named(headers: &mut HeaderMap, connection: &HeaderValue) {
     };
     for token in list.split(',') {
         let token = token.trim();
-        if token.is_empty() {
+        // The usual values: `keep-alive` is removed anyway, `close` is no header. Skipping them
+        // spares building a header name (an allocation) for each response of an HTTP/1.1 server.
+        if token.is_empty()
+            || token.eq_ignore_ascii_case("keep-alive")
+            || token.eq_ignore_ascii_case("close")
+        {
             continue;
         }
         if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {

@@ -140,7 +140,8 @@ impl Pool {
             poll_fn(|cx| tx.poll_ready(cx)).await?;
             return Ok((tx.send_request(req).await?, None));
         }
-        let (mut tx, conn) = http1::handshake(io).await?;
+        // One buffer per write, not a vectored write: see the proxy listener's builder.
+        let (mut tx, conn) = http1::Builder::new().writev(false).handshake(io).await?;
         tokio::spawn(async move {
             if let Err(error) = conn.await {
                 tracing::debug!(%error, "upstream connection ended with an error");
