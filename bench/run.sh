@@ -60,6 +60,9 @@ if [[ ${SKIP_BUILD:-0} != 1 ]]; then
 fi
 BIN=$(cd "$TARGET_DIR" && pwd)/release/behest-agent
 [[ -x $BIN ]] || die "no binary at $BIN"
+# The source the binary was built from, read now: the tree may change while the benchmark runs.
+GIT_REV=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+git diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || GIT_REV="$GIT_REV+uncommitted changes"
 
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 (( $(ulimit -n) >= 4 * HOLD_STREAMS )) || die "open-file limit $(ulimit -n) is too low for $HOLD_STREAMS streams"
@@ -463,8 +466,6 @@ log "main agent RSS ${AGENT_SETTLED_KIB} KiB, ${SETTLED_AFTER} s after its load"
 
 # ---------------------------------------------------------------- 10. BENCHMARKS.md
 AGENT_VERSION=$("$BIN" --version)
-GIT_REV=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-git diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || GIT_REV="$GIT_REV+uncommitted changes"
 python3 - >"$RESULTS/meta.json" <<EOF
 import json, platform
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")

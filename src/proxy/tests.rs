@@ -1677,3 +1677,74 @@ async fn a_tls_upstream_with_a_certificate_the_agent_does_not_trust_is_a_502() {
     let message = v["error"]["message"].as_str().unwrap();
     assert!(message.contains("certificate"), "{message}");
 }
+
+#[tokio::test]
+async fn a_burst_of_first_requests_to_an_h2_upstream_opens_one_connection() {
+    let (addr, accepted, _stop) = tls_upstream(&[b"h2", b"http/1.1"]).await;
+    let mut agent = Agent::new(&format!("https://127.0.0.1:{}/base", addr.port())).await;
+    agent.settings.ca_file = Some(format!("{FIXTURES}/upstream-ca.pem").into());
+    let p = Running::start(&agent).await;
+    let answers = futures_util::future::join_all((0..8).map(|_| get(&p, "/v1/models"))).await;
+    for r in answers {
+        let (status, _, v) = json_of(r).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["version"], "HTTP/2.0");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "one TLS connection");
+}
+
+#[tokio::test]
+async fn a_burst_of_first_requests_to_an_http1_tls_upstream_connects_in_parallel_after_the_first() {
+    let (addr, accepted, _stop) = tls_upstream(&[b"http/1.1"]).await;
+    let mut agent = Agent::new(&format!("https://127.0.0.1:{}/base", addr.port())).await;
+    agent.settings.ca_file = Some(format!("{FIXTURES}/upstream-ca.pem").into());
+    let p = Running::start(&agent).await;
+    let answers = futures_util::future::join_all((0..8).map(|_| get(&p, "/v1/models"))).await;
+    for r in answers {
+        let (status, _, v) = json_of(r).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["version"], "HTTP/1.1");
+    }
+    // All eight were waiting for a connection: HTTP/1.1 has one request per connection.
+    assert_eq!(accepted.load(Ordering::SeqCst), 8);
+}
+
+/// While the first connect's protocol is unknown the others wait for it; when it fails, they
+/// must not wait out each other's connects in turn, but connect at once.
+#[tokio::test]
+async fn after_a_failed_first_connect_the_waiting_requests_connect_together() {
+    // An "https" upstream that closes its first connection at once (the TLS handshake fails)
+    // and holds the next ones open without a word, counting how many are open together.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let open = Arc::new(AtomicU64::new(0));
+    let most = Arc::new(AtomicU64::new(0));
+    let (o, m) = (open.clone(), most.clone());
+    tokio::spawn(async move {
+        drop(listener.accept().await.unwrap());
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let (o, m) = (o.clone(), m.clone());
+            tokio::spawn(async move {
+                let now = o.fetch_add(1, Ordering::SeqCst) + 1;
+                m.fetch_max(now, Ordering::SeqCst);
+                // Until the agent gives up on it.
+                let mut buf = [0u8; 1024];
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+                o.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    let agent = Agent::new(&format!("https://127.0.0.1:{}/", addr.port())).await;
+    let p = Running::start_with(&agent, |s| s.upstream_timeout = Duration::from_secs(3)).await;
+    let answers = futures_util::future::join_all((0..8).map(|_| get(&p, "/v1/models"))).await;
+    let mut statuses: Vec<u16> = answers.iter().map(|r| r.status().as_u16()).collect();
+    statuses.sort_unstable();
+    // The first fails its handshake (502); the seven after it time out together (504).
+    assert_eq!(statuses, [502, 504, 504, 504, 504, 504, 504, 504]);
+    assert_eq!(
+        most.load(Ordering::SeqCst),
+        7,
+        "the seven connected together"
+    );
+}

@@ -3,12 +3,15 @@
 //! reused and the cold ones age out), and an HTTP/2 connection, when ALPN picks h2, is shared by
 //! every request. A request on HTTP/1.1 leases its connection until its response body has been
 //! read to the end; only then does the connection go back (a response cut short closes it).
+//! Until ALPN has once picked HTTP/1.1, new connections are opened one at a time, so that a burst
+//! of first requests to an h2 upstream shares one connection (and one TLS handshake).
 //!
 //! hyper-util's general client did the same for any number of authorities, at a measured cost on
 //! every request: a hashed pool look-up, a large future moved several times, and a task spawned
 //! per HTTP/1 request to put the connection back.
 
 use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::Poll;
 use std::time::Duration;
@@ -39,6 +42,19 @@ pub struct Pool {
     max_idle: usize,
     idle: Mutex<Idle>,
     h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
+    /// Taken by a connect whose protocol is not known yet, so that requests needing a
+    /// connection meanwhile wait for it: a burst of first requests to an h2 upstream then opens
+    /// one connection, not one each (a TLS handshake each, on a real upstream).
+    connect_turn: tokio::sync::Mutex<()>,
+    /// ALPN picked HTTP/1.1, or the upstream is plain http: connects need not take turns.
+    h1_known: AtomicBool,
+    /// The last connect failed.
+    connect_failed: AtomicBool,
+}
+
+enum Connected {
+    H1(http1::SendRequest<UpstreamBody>),
+    H2(http2::SendRequest<UpstreamBody>),
 }
 
 #[derive(Default)]
@@ -78,12 +94,16 @@ impl Pool {
     ) -> Arc<Pool> {
         Arc::new(Pool {
             connector,
-            target,
             host,
             idle_timeout,
             max_idle,
             idle: Mutex::new(Idle::default()),
             h2: Mutex::new(None),
+            connect_turn: tokio::sync::Mutex::new(()),
+            // Plain http has no ALPN: always HTTP/1.1 (h2c upstreams are not spoken to).
+            h1_known: AtomicBool::new(target.scheme() == Some(&http::uri::Scheme::HTTP)),
+            connect_failed: AtomicBool::new(false),
+            target,
         })
     }
 
@@ -92,9 +112,8 @@ impl Pool {
     /// another; any other failure is returned.
     pub async fn send(self: &Arc<Self>, mut req: Request<UpstreamBody>) -> Result<Sent, BoxError> {
         loop {
-            if let Some(mut tx) = self.shared_h2() {
-                poll_fn(|cx| tx.poll_ready(cx)).await?;
-                return Ok((tx.send_request(req).await?, None));
+            if let Some(tx) = self.shared_h2() {
+                return send_h2(tx, req).await;
             }
             let Some(mut tx) = self.take_idle() else {
                 break;
@@ -123,11 +142,49 @@ impl Pool {
         self: &Arc<Self>,
         mut req: Request<UpstreamBody>,
     ) -> Result<Sent, BoxError> {
+        // Until ALPN has picked HTTP/1.1 once, connects take turns: the one before may have
+        // brought an h2 connection to share. After a failed connect they don't (each request
+        // would otherwise wait out the failures of all those before it).
+        let mut turn = None;
+        if !self.h1_known.load(Ordering::Relaxed) {
+            let t = self.connect_turn.lock().await;
+            if let Some(tx) = self.shared_h2() {
+                drop(t);
+                return send_h2(tx, req).await;
+            }
+            if !self.connect_failed.load(Ordering::Relaxed)
+                && !self.h1_known.load(Ordering::Relaxed)
+            {
+                turn = Some(t);
+            }
+        }
+        let connected = self.connect().await;
+        self.connect_failed
+            .store(connected.is_err(), Ordering::Relaxed);
+        match connected? {
+            Connected::H2(tx) => {
+                *self.h2.lock().expect("pool lock") = Some(tx.clone());
+                drop(turn);
+                send_h2(tx, req).await
+            }
+            Connected::H1(mut tx) => {
+                self.h1_known.store(true, Ordering::Relaxed);
+                drop(turn);
+                origin_form(&mut req, &self.host);
+                poll_fn(|cx| tx.poll_ready(cx)).await?;
+                let resp = tx.send_request(req).await?;
+                Ok((resp, Some(self.lease(tx))))
+            }
+        }
+    }
+
+    /// A new connection, in the protocol ALPN picked; its task is spawned.
+    async fn connect(&self) -> Result<Connected, BoxError> {
         let mut connector = self.connector.clone();
         poll_fn(|cx| connector.poll_ready(cx)).await?;
         let io = connector.call(self.target.clone()).await?;
         if io.connected().is_negotiated_h2() {
-            let (mut tx, conn) = http2::Builder::new(TokioExecutor::new())
+            let (tx, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .handshake(io)
                 .await?;
@@ -136,21 +193,16 @@ impl Pool {
                     tracing::debug!(%error, "upstream h2 connection ended with an error");
                 }
             });
-            *self.h2.lock().expect("pool lock") = Some(tx.clone());
-            poll_fn(|cx| tx.poll_ready(cx)).await?;
-            return Ok((tx.send_request(req).await?, None));
+            return Ok(Connected::H2(tx));
         }
         // One buffer per write, not a vectored write: see the proxy listener's builder.
-        let (mut tx, conn) = http1::Builder::new().writev(false).handshake(io).await?;
+        let (tx, conn) = http1::Builder::new().writev(false).handshake(io).await?;
         tokio::spawn(async move {
             if let Err(error) = conn.await {
                 tracing::debug!(%error, "upstream connection ended with an error");
             }
         });
-        origin_form(&mut req, &self.host);
-        poll_fn(|cx| tx.poll_ready(cx)).await?;
-        let resp = tx.send_request(req).await?;
-        Ok((resp, Some(self.lease(tx))))
+        Ok(Connected::H1(tx))
     }
 
     fn lease(self: &Arc<Self>, tx: http1::SendRequest<UpstreamBody>) -> Lease {
@@ -208,6 +260,15 @@ impl Pool {
             tokio::spawn(reap(pool, every));
         }
     }
+}
+
+/// Sends `req` on the shared h2 connection.
+async fn send_h2(
+    mut tx: http2::SendRequest<UpstreamBody>,
+    req: Request<UpstreamBody>,
+) -> Result<Sent, BoxError> {
+    poll_fn(|cx| tx.poll_ready(cx)).await?;
+    Ok((tx.send_request(req).await?, None))
 }
 
 /// Closes the connections idle past the timeout, every `every`, until none is left (the next
