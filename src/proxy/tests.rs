@@ -1580,6 +1580,15 @@ const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
 /// `tests/fixtures`) offering `alpn`, answering with the HTTP version it saw, the path and the
 /// bearer; it counts TLS connections.
 async fn tls_upstream(alpn: &[&[u8]]) -> (SocketAddr, Arc<AtomicU64>, DropGuard) {
+    tls_upstream_gated(alpn, 0).await
+}
+
+/// [`tls_upstream`], except that with `gate` > 0 it completes no TLS handshake after the first
+/// connection's until `gate` of those connections are waiting for one together.
+async fn tls_upstream_gated(
+    alpn: &[&[u8]],
+    gate: usize,
+) -> (SocketAddr, Arc<AtomicU64>, DropGuard) {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     crate::tls::install_default_provider();
@@ -1596,15 +1605,20 @@ async fn tls_upstream(alpn: &[&[u8]]) -> (SocketAddr, Arc<AtomicU64>, DropGuard)
     let accepted = Arc::new(AtomicU64::new(0));
     let stop = CancellationToken::new();
     let (n, s) = (accepted.clone(), stop.clone());
+    let barrier = Arc::new(tokio::sync::Barrier::new(gate.max(1)));
     tokio::spawn(async move {
         loop {
             let tcp = tokio::select! {
                 () = s.cancelled() => return,
                 a = listener.accept() => a.unwrap().0,
             };
-            n.fetch_add(1, Ordering::SeqCst);
+            let k = n.fetch_add(1, Ordering::SeqCst) + 1;
             let acceptor = acceptor.clone();
+            let barrier = barrier.clone();
             tokio::spawn(async move {
+                if gate > 0 && k >= 2 {
+                    barrier.wait().await;
+                }
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
@@ -1693,20 +1707,24 @@ async fn a_burst_of_first_requests_to_an_h2_upstream_opens_one_connection() {
     assert_eq!(accepted.load(Ordering::SeqCst), 1, "one TLS connection");
 }
 
+/// Once ALPN has picked HTTP/1.1, connects no longer take turns.
 #[tokio::test]
-async fn a_burst_of_first_requests_to_an_http1_tls_upstream_connects_in_parallel_after_the_first() {
-    let (addr, accepted, _stop) = tls_upstream(&[b"http/1.1"]).await;
+async fn after_alpn_picked_http1_new_upstream_connections_open_in_parallel() {
+    let (addr, accepted, _stop) = tls_upstream_gated(&[b"http/1.1"], 2).await;
     let mut agent = Agent::new(&format!("https://127.0.0.1:{}/base", addr.port())).await;
     agent.settings.ca_file = Some(format!("{FIXTURES}/upstream-ca.pem").into());
-    let p = Running::start(&agent).await;
-    let answers = futures_util::future::join_all((0..8).map(|_| get(&p, "/v1/models"))).await;
+    let p = Running::start_with(&agent, |s| s.upstream_timeout = Duration::from_secs(5)).await;
+    let (status, _, v) = json_of(get(&p, "/v1/models").await).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["version"], "HTTP/1.1");
+    // Three at once: one takes the pooled connection, two need new ones, and the upstream
+    // completes neither handshake until both have connected (taking turns, they would time out).
+    let answers = futures_util::future::join_all((0..3).map(|_| get(&p, "/v1/models"))).await;
     for r in answers {
         let (status, _, v) = json_of(r).await;
         assert_eq!(status, 200, "{v}");
-        assert_eq!(v["version"], "HTTP/1.1");
     }
-    // All eight were waiting for a connection: HTTP/1.1 has one request per connection.
-    assert_eq!(accepted.load(Ordering::SeqCst), 8);
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
 }
 
 /// While the first connect's protocol is unknown the others wait for it; when it fails, they
