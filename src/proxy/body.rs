@@ -19,11 +19,14 @@ use super::forward::RequestRecord;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// No frame for `after` while waiting on the other side: the body fails, so hyper aborts the
-/// stream (the client connection, or the upstream request). The timer is armed lazily and only
-/// re-armed when it fires early, so a chunk costs a clock read, not a timer-wheel update.
+/// stream (the client connection, or the upstream request). The deadline is set when the body
+/// first waits after a frame, and the timer armed lazily and only re-armed when it fires early: a
+/// frame costs no clock read, a wait one, and a body that never waits (a small one, whole in a
+/// frame) none.
 pub struct Idle {
     after: Duration,
-    deadline: Instant,
+    /// `None` until the body waits; reset by each frame.
+    deadline: Option<Instant>,
     sleep: Option<Pin<Box<Sleep>>>,
 }
 
@@ -32,15 +35,13 @@ impl Idle {
     pub fn new(after: Duration) -> Self {
         Idle {
             after,
-            deadline: later(after),
+            deadline: None,
             sleep: None,
         }
     }
 
     fn touch(&mut self) {
-        if !self.after.is_zero() {
-            self.deadline = later(self.after);
-        }
+        self.deadline = None;
     }
 
     /// Call only when the wrapped body is pending: true once the gap exceeded the limit.
@@ -48,7 +49,7 @@ impl Idle {
         if self.after.is_zero() {
             return false;
         }
-        let deadline = self.deadline;
+        let deadline = *self.deadline.get_or_insert_with(|| later(self.after));
         let sleep = self
             .sleep
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
@@ -56,10 +57,10 @@ impl Idle {
             if sleep.as_mut().poll(cx).is_pending() {
                 return false;
             }
-            if Instant::now() >= self.deadline {
+            if Instant::now() >= deadline {
                 return true;
             }
-            sleep.as_mut().reset(self.deadline);
+            sleep.as_mut().reset(deadline);
         }
     }
 
@@ -368,11 +369,28 @@ mod tests {
         let mut cx = Context::from_waker(std::task::Waker::noop());
         assert!(!idle.poll_expired(&mut cx));
         tokio::time::advance(Duration::from_secs(6)).await;
+        // A frame, and the body waits again (as hyper polls it): the gap starts now.
         idle.touch();
+        assert!(!idle.poll_expired(&mut cx));
         tokio::time::advance(Duration::from_secs(6)).await;
         // The first deadline passed, but a chunk came since: re-armed, not expired.
         assert!(!idle.poll_expired(&mut cx));
-        tokio::time::advance(Duration::from_secs(5)).await;
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert!(!idle.poll_expired(&mut cx));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(idle.poll_expired(&mut cx));
+    }
+
+    /// A client that reads slowly keeps hyper from polling the response body; the time it spends
+    /// so is not the upstream's silence.
+    #[tokio::test(start_paused = true)]
+    async fn the_gap_starts_when_the_body_waits_not_at_the_last_frame() {
+        let mut idle = Idle::new(Duration::from_secs(10));
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        idle.touch();
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(!idle.poll_expired(&mut cx));
+        tokio::time::advance(Duration::from_secs(10)).await;
         assert!(idle.poll_expired(&mut cx));
     }
 
