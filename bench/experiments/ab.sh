@@ -6,6 +6,9 @@
 #
 #   bench/experiments/ab.sh ROUNDS CONCURRENCY "LABEL=BINARY[;ENV=VALUE...]" ...
 #
+# Knobs (environment): DUR (seconds per wrk run, 3), BODY (small | 1MiB | none, small), URLPATH
+# (/v1/chat/completions; /v1/files for uploads the upstream reads whole), BASE_PORT (19800).
+#
 # e.g. (with a second build of the agent carrying hotpath-switches.patch in /tmp/exp-target):
 #   bench/experiments/ab.sh 6 128 "base=target/release/behest-agent" \
 #       "current_thread=/tmp/exp-target/release/behest-agent;EXP=ct"
