@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::process::Command;
 
-use crate::util::{Harness, assert_no_secret_in, eventually, mode_of};
+use crate::util::{Harness, assert_no_secret_in, eventually, exits_cleanly, mode_of, signal};
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_behest-agent"));
@@ -185,16 +185,8 @@ async fn the_daemon_serves_token_status_and_refresh_over_its_socket_and_stops_on
     assert_eq!(o.code, 0, "{}", o.stderr);
     let token2 = o.stdout.trim().to_string();
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id().unwrap() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    exits_cleanly(&mut child).await;
     let mut stderr = String::new();
     tokio::io::AsyncReadExt::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr)
         .await

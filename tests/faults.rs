@@ -9,10 +9,10 @@ use std::time::Duration;
 use behest_agent::dev::idp::Fault;
 use behest_agent::dev::upstream::UpstreamFault;
 use serde_json::{Value, json};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 use crate::proxy::{Stack, http, stack, stack_with};
-use crate::util::eventually;
+use crate::util::{eventually, exits_cleanly, signal};
 
 const FAST_BACKOFF: [(&str, &str); 2] = [
     ("BEHEST_AGENT__TOKEN__MIN_BACKOFF", "50ms"),
@@ -209,10 +209,6 @@ async fn daemon_base(s: &Stack) -> String {
         .to_string()
 }
 
-fn signal(child: &Child, sig: nix::sys::signal::Signal) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id().unwrap() as i32), sig).unwrap();
-}
-
 #[tokio::test]
 async fn sigterm_with_100_open_streams_lets_them_all_finish_then_exits_0() {
     let s = stack_with(|o| o.sse_interval = Duration::from_millis(100), &[]).await;
@@ -243,11 +239,7 @@ async fn sigterm_with_100_open_streams_lets_them_all_finish_then_exits_0() {
         }
     }
     assert_eq!(done, 100);
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    exits_cleanly(&mut child).await;
     s.finish().await;
 }
 
@@ -268,11 +260,7 @@ async fn a_sighup_storm_keeps_serving_and_makes_no_extra_grant() {
         "reloads with the same identity make no grant"
     );
     signal(&child, nix::sys::signal::Signal::SIGTERM);
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    exits_cleanly(&mut child).await;
     s.finish().await;
 }
 

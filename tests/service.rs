@@ -14,16 +14,12 @@ use tokio::io::AsyncReadExt;
 use tokio::net::UnixDatagram;
 use tokio::process::{Child, Command};
 
-use crate::util::{AUDIENCE, Harness, assert_no_secret_in, eventually};
+use crate::util::{AUDIENCE, Harness, assert_no_secret_in, eventually, exits_cleanly, signal};
 
 fn daemon(h: &Harness, upstream: &Upstream, extra: &[(&str, &str)]) -> Command {
     let mut c = h.agent_with_upstream(&upstream.base_url(), &["run"], extra);
     c.stdout(Stdio::null()).stderr(Stdio::piped());
     c
-}
-
-fn signal(child: &Child, sig: nix::sys::signal::Signal) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id().unwrap() as i32), sig).unwrap();
 }
 
 async fn stop(child: Child) -> String {
@@ -105,11 +101,7 @@ async fn sd_notify_ready_after_token_and_listeners_then_status_watchdog_reloadin
 }
 
 async fn stop_wait(mut child: Child) -> String {
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    exits_cleanly(&mut child).await;
     let mut err = String::new();
     child
         .stderr
@@ -226,11 +218,7 @@ async fn sighup_applies_a_good_config_and_keeps_the_old_one_when_the_new_is_brok
         Some("read:models")
     );
     signal(&child, nix::sys::signal::Signal::SIGTERM);
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    exits_cleanly(&mut child).await;
     let text = log.lock().unwrap().clone();
     assert!(text.contains("configuration reloaded"), "{text}");
 }
@@ -493,9 +481,5 @@ async fn the_daemon_returns_freed_memory_from_a_background_thread() {
     })
     .await;
     signal(&child, nix::sys::signal::Signal::SIGTERM);
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    exits_cleanly(&mut child).await;
 }

@@ -250,3 +250,17 @@ pub fn rsa_client_key() -> (String, serde_json::Value) {
     });
     (pem, jwk)
 }
+
+/// Sends `sig` to a spawned agent.
+pub fn signal(child: &tokio::process::Child, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id().unwrap() as i32), sig).unwrap();
+}
+
+/// The agent must exit with status 0 within 30 s.
+pub async fn exits_cleanly(child: &mut tokio::process::Child) {
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the agent exits within 30 s")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
