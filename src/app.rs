@@ -27,20 +27,15 @@ use crate::token::{TokenSource, rfc3339};
 pub enum StartError {
     #[error("cannot set up the IdP client: {0}")]
     Client(String),
-    #[error("cannot bind the control socket {path}: {source}")]
-    Control {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot bind the control socket {path}: {error}")]
+    Control { path: String, error: std::io::Error },
     #[error("cannot set up the proxy: {0}")]
-    Proxy(#[from] crate::proxy::SetupError),
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: String,
-        #[source]
-        source: std::io::Error,
-    },
+    Proxy(crate::proxy::SetupError),
+    #[error("cannot listen on {addr}: {error}")]
+    Listen { addr: String, error: std::io::Error },
+    /// A `proxy.listen` address could not be bound; the error names the address.
+    #[error(transparent)]
+    Bind(std::io::Error),
 }
 
 /// A request to apply new settings (already loaded and validated).
@@ -119,22 +114,22 @@ impl App {
         tokens.attach_metrics(metrics.clone());
         let control = control::bind(&settings.control.socket, settings.control.socket_mode)
             .await
-            .map_err(|source| StartError::Control {
+            .map_err(|error| StartError::Control {
                 path: settings.control.socket.display().to_string(),
-                source,
+                error,
             })?;
         let (proxy, proxy_listeners) = match &settings.proxy.upstream {
             Some(_) => {
-                let proxy = Proxy::new(&settings.proxy, tokens.clone())?;
+                let proxy =
+                    Proxy::new(&settings.proxy, tokens.clone()).map_err(StartError::Proxy)?;
                 proxy.attach_metrics(metrics.clone());
-                let listeners =
-                    match inherited_listeners().map_err(|source| StartError::Listen {
-                        addr: "systemd socket activation (LISTEN_FDS)".to_string(),
-                        source,
-                    })? {
-                        Some(l) => l,
-                        None => bind_all(&settings.proxy.listen).await?,
-                    };
+                let listeners = match inherited_listeners().map_err(|error| StartError::Listen {
+                    addr: "systemd socket activation (LISTEN_FDS)".to_string(),
+                    error,
+                })? {
+                    Some(l) => l,
+                    None => bind_all(&settings.proxy.listen).await?,
+                };
                 (Some(proxy), listeners)
             }
             None => {
@@ -149,9 +144,9 @@ impl App {
                 Some(
                     TcpListener::bind(addr)
                         .await
-                        .map_err(|source| StartError::Listen {
+                        .map_err(|error| StartError::Listen {
                             addr: addr.to_string(),
-                            source,
+                            error,
                         })?,
                 )
             }
@@ -350,16 +345,7 @@ fn inherited_listeners() -> std::io::Result<Option<Vec<Listener>>> {
 }
 
 async fn bind_all(listen: &[ListenAddr]) -> Result<Vec<Listener>, StartError> {
-    Proxy::bind(listen)
-        .await
-        .map_err(|source| StartError::Listen {
-            addr: listen
-                .iter()
-                .map(|l| l.to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-            source,
-        })
+    Proxy::bind(listen).await.map_err(StartError::Bind)
 }
 
 /// The refresher of one token source.
@@ -492,9 +478,7 @@ async fn rebind(state: &State, addrs: &[ListenAddr]) -> Vec<Listener> {
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    tracing::error!(
-        "cannot listen on the new proxy.listen: {last}; the proxy is not serving until the next reload"
-    );
+    tracing::error!("reload: {last}; the proxy is not serving until the next reload");
     state.addresses.write().expect("addresses lock").clear();
     Vec::new()
 }

@@ -45,7 +45,7 @@ pub enum GrantError {
     Assertion(String),
     /// The IdP issued a token that failed the agent's checks; it is never served.
     #[error("the IdP issued a token the agent refuses: {0}")]
-    Rejected(#[from] CheckError),
+    Rejected(CheckError),
 }
 
 fn describe(d: &Option<String>) -> String {

@@ -16,12 +16,8 @@ pub const DEFAULT_PATH: &str = "/etc/behest-agent/config.toml";
 /// A configuration problem: always names the key (or the file) and says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{file}: cannot read the config file: {source}")]
-    Read {
-        file: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{file}: cannot read the config file: {error}")]
+    Read { file: String, error: std::io::Error },
     #[error("{file}: {message}")]
     Parse { file: String, message: String },
     #[error("{file}: `{key}` is missing: {hint}")]
@@ -98,10 +94,10 @@ pub fn load(opts: &LoadOptions) -> Result<Settings, ConfigError> {
 fn merged(opts: &LoadOptions) -> Result<(Option<PathBuf>, file::FileConfig), ConfigError> {
     let path: Option<PathBuf> = match &opts.path {
         Some(p) => {
-            if let Err(source) = std::fs::metadata(p) {
+            if let Err(error) = std::fs::metadata(p) {
                 return Err(ConfigError::Read {
                     file: p.display().to_string(),
-                    source,
+                    error,
                 });
             }
             Some(p.clone())
@@ -112,9 +108,9 @@ fn merged(opts: &LoadOptions) -> Result<(Option<PathBuf>, file::FileConfig), Con
 
     let mut builder = config::Config::builder();
     if let Some(p) = &path {
-        let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(p).map_err(|error| ConfigError::Read {
             file: label.clone(),
-            source,
+            error,
         })?;
         // The `config` crate reads a key like `a[N]` as element N and grows an array to it; only
         // plain section names are valid at the top level anyway.

@@ -147,7 +147,8 @@ impl Proxy {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(settings.connect_timeout).filter(|d| !d.is_zero()));
-        let tls = crate::tls::client_config(settings.ca_file.as_deref())?;
+        let tls =
+            crate::tls::client_config(settings.ca_file.as_deref()).map_err(SetupError::Tls)?;
         let https = HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()

@@ -4,6 +4,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
+use behest_agent::dev::idp::Fault;
 use serde_json::Value;
 use tokio::process::Command;
 
@@ -223,4 +224,56 @@ async fn dev_runs_the_whole_path_on_the_embedded_idp_and_upstream() {
         o.stdout
     );
     assert!(!o.stderr.contains("eyJ"), "no token in the logs");
+}
+
+#[tokio::test]
+async fn start_errors_name_the_address_and_the_cause_once() {
+    let h = Harness::start().await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    // The upstream is never contacted: the start fails first.
+    let o = output(h.agent_with_upstream(
+        "http://127.0.0.1:9/",
+        &["run"],
+        &[("BEHEST_AGENT__PROXY__LISTEN", &addr)],
+    ))
+    .await;
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    let named = format!("cannot listen on {addr}");
+    assert_eq!(o.stderr.matches(&named).count(), 1, "{}", o.stderr);
+    assert!(o.stderr.contains("in use"), "{}", o.stderr);
+
+    let file = h.path("a-file");
+    std::fs::write(&file, "").unwrap();
+    let socket = file.join("agent.sock");
+    let o = output(h.agent(
+        &["run"],
+        &[("BEHEST_AGENT__CONTROL__SOCKET", socket.to_str().unwrap())],
+    ))
+    .await;
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("cannot bind the control socket"),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(
+        o.stderr.matches("Not a directory").count(),
+        1,
+        "{}",
+        o.stderr
+    );
+}
+
+#[tokio::test]
+async fn a_refused_token_exits_1_with_nothing_on_stdout_and_the_reason_once() {
+    let h = Harness::start().await;
+    h.idp
+        .set_fault(Some(Fault::WrongUid("someone-else".into())));
+    let o = output(h.agent(&["token"], &[])).await;
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(o.stdout.is_empty(), "{}", o.stdout);
+    assert!(o.stderr.contains("refuses"), "{}", o.stderr);
+    let last = o.stderr.lines().find(|l| l.starts_with("error: ")).unwrap();
+    assert_eq!(last.matches("someone-else").count(), 1, "{}", o.stderr);
 }

@@ -82,7 +82,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     let app = App::build(settings, crate::clock::system())
         .await
         .map_err(|e| match e {
-            crate::app::StartError::Listen { .. } => anyhow!(
+            crate::app::StartError::Listen { .. } | crate::app::StartError::Bind(_) => anyhow!(
                 "{e}\n(is another agent or `dev` running? pick a free port with --listen 127.0.0.1:0)"
             ),
             e => e.into(),

@@ -139,7 +139,7 @@ pub enum SetupError {
     )]
     SessionId(String),
     #[error("`proxy.ca_file`: {0}")]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(crate::tls::TlsError),
 }
 
 #[cfg(test)]

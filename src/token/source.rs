@@ -419,14 +419,16 @@ impl TokenSource {
             .inner
             .verifier
             .check(&issued.access_token, endpoints)
-            .await?;
+            .await
+            .map_err(GrantError::Rejected)?;
         let token = Token::new(
             issued.access_token,
             claims,
             obtained_at,
             self.inner.verifier.settings().refresh_margin,
             warnings,
-        )?;
+        )
+        .map_err(GrantError::Rejected)?;
         Ok(Arc::new(token))
     }
 
