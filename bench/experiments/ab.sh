@@ -9,6 +9,9 @@
 # Knobs (environment): DUR (seconds per wrk run, 3), BODY (small | 1MiB | none, small), URLPATH
 # (/v1/chat/completions; /v1/files for uploads the upstream reads whole), BASE_PORT (19800).
 #
+# A BINARY written `raw:PATH` is another proxy, started as `PATH LISTEN UPSTREAM BEARER` (host:port
+# pairs and the bearer token), e.g. bench/experiments/bare-proxy.rs built as its header says.
+#
 # e.g. (with a second build of the agent carrying hotpath-switches.patch in /tmp/exp-target):
 #   bench/experiments/ab.sh 6 128 "base=target/release/behest-agent" \
 #       "current_thread=/tmp/exp-target/release/behest-agent;EXP=ct"
@@ -45,6 +48,13 @@ for spec in "$@"; do
     label=${spec%%=*}
     IFS=';' read -ra parts <<<"${spec#*=}"
     bin=${parts[0]}
+    if [[ $bin == raw:* ]]; then # another proxy: ARGS are its listen address, upstream, bearer
+        spawn 1 "$T/agent-$port.log" env "${parts[@]:1}" "${bin#raw:}" "127.0.0.1:$port" "127.0.0.1:$UP" "$TOKEN"
+        labels+=("$label") ports+=("$port") pids+=("$SPAWNED")
+        wait_port "$port"
+        port=$((port + 1))
+        continue
+    fi
     spawn 1 "$T/agent-$port.log" env "${parts[@]:1}" \
         BEHEST_AGENT__AUTH__DOMAIN="http://127.0.0.1:$IDP" BEHEST_AGENT__AUTH__AUDIENCE=aud \
         BEHEST_AGENT__AUTH__CLIENT_ID=c BEHEST_AGENT_CLIENT_SECRET=s BEHEST_AGENT__TOKEN__CACHE_FILE= \

@@ -162,10 +162,10 @@ const CLIENT_CLOSED: u16 = 499;
 /// ends or is dropped (the client went away), so `bytes` and `duration` cover the whole stream.
 pub struct RequestRecord {
     fwd: Arc<Forwarder>,
-    method: Method,
-    /// The client's target: only its path is logged, never the query.
-    target: Uri,
-    session: Option<HeaderValue>,
+    /// What the debug line names, kept only when that line is written: the client's target and
+    /// session header share the memory of the connection's read buffer, and holding them for the
+    /// whole response would make hyper allocate a new 8 KiB buffer for its next read.
+    logged: Option<Box<Logged>>,
     /// [`CLIENT_CLOSED`] until a response is chosen.
     status: u16,
     /// A `text/event-stream` response (counted in the streams gauge).
@@ -176,6 +176,13 @@ pub struct RequestRecord {
     /// The HTTP/1.1 upstream connection the response comes on, released to the pool when the
     /// response body was read to its end.
     lease: Option<Lease>,
+}
+
+struct Logged {
+    method: Method,
+    /// Only its path is logged, never the query.
+    target: Uri,
+    session: Option<HeaderValue>,
 }
 
 impl RequestRecord {
@@ -206,16 +213,18 @@ impl Drop for RequestRecord {
                 m.in_flight_streams.dec();
             }
         }
-        tracing::debug!(
-            method = %self.method,
-            path = self.target.path(),
-            status = self.status,
-            bytes = self.bytes,
-            duration_ms = self.start.elapsed().as_secs_f64() * 1000.0,
-            session = self.session.as_ref().and_then(|s| s.to_str().ok()).unwrap_or("-"),
-            completed = self.completed,
-            "proxied request"
-        );
+        if let Some(l) = &self.logged {
+            tracing::debug!(
+                method = %l.method,
+                path = l.target.path(),
+                status = self.status,
+                bytes = self.bytes,
+                duration_ms = self.start.elapsed().as_secs_f64() * 1000.0,
+                session = l.session.as_ref().and_then(|s| s.to_str().ok()).unwrap_or("-"),
+                completed = self.completed,
+                "proxied request"
+            );
+        }
     }
 }
 
@@ -244,9 +253,13 @@ impl Forwarder {
         }
         let mut record = RequestRecord {
             fwd: self.clone(),
-            method: req.method().clone(),
-            target: req.uri().clone(),
-            session: None,
+            logged: tracing::enabled!(tracing::Level::DEBUG).then(|| {
+                Box::new(Logged {
+                    method: req.method().clone(),
+                    target: req.uri().clone(),
+                    session: None,
+                })
+            }),
             status: CLIENT_CLOSED,
             stream: false,
             bytes: 0,
@@ -314,6 +327,9 @@ impl Forwarder {
         let (parts, body) = req.into_parts();
         let method = parts.method;
         let mut headers = parts.headers;
+        // The client's URI shares the connection's read buffer: let it go now, not when the
+        // response head arrives (see `RequestRecord::logged`).
+        drop(parts.uri);
         strip_hop_by_hop(&mut headers);
         headers.remove(AUTHORIZATION);
         // The client's Host names this proxy; the client library sets the upstream's.
@@ -325,7 +341,9 @@ impl Forwarder {
         {
             headers.insert(X_SESSION_ID, session.clone());
         }
-        record.session = headers.get(X_SESSION_ID).cloned();
+        if let Some(l) = &mut record.logged {
+            l.session = headers.get(X_SESSION_ID).cloned();
+        }
         if !headers.contains_key(X_REQUEST_ID) {
             headers.insert(X_REQUEST_ID, request_id());
         }
@@ -443,11 +461,30 @@ fn build(
 
 /// Removes the hop-by-hop headers and those `Connection` names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Usually there is none: one pass over the names (cheap comparisons of well-known names)
-    // spares nine hashed look-ups. `Connection` is among them, so what it names is covered too.
-    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+    // One pass over the names (cheap comparisons of well-known names) notes which of the nine are
+    // there; usually none is, and only those present cost a hashed removal.
+    let mut present = 0u16;
+    for k in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
+    // `HOP_BY_HOP[0]` is `Connection`: what it names goes too.
+    if present & 1 != 0 {
+        remove_connection(headers);
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate().skip(1) {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Removes `Connection` and the fields it names.
+fn remove_connection(headers: &mut HeaderMap) {
     let mut named = headers.get_all(CONNECTION).iter();
     match (named.next(), named.next()) {
         (None, _) => {}
@@ -458,13 +495,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         }
         (Some(_), Some(_)) => {
             let values: Vec<HeaderValue> = headers.get_all(CONNECTION).iter().cloned().collect();
+            headers.remove(CONNECTION);
             for v in &values {
                 remove_named(headers, v);
             }
         }
-    }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
     }
 }
 
@@ -559,8 +594,21 @@ mod tests {
             h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
         }
         strip_hop_by_hop(&mut h);
-        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
         assert_eq!(left, ["accept", "openai-beta"]);
+    }
+
+    #[test]
+    fn each_hop_by_hop_header_alone_is_removed() {
+        for name in &HOP_BY_HOP {
+            let mut h = HeaderMap::new();
+            h.insert(name.clone(), HeaderValue::from_static("x"));
+            h.insert(http::header::ACCEPT, HeaderValue::from_static("*/*"));
+            strip_hop_by_hop(&mut h);
+            assert!(!h.contains_key(name), "{name} was kept");
+            assert_eq!(h.len(), 1, "{name}: {h:?}");
+        }
     }
 
     #[test]

@@ -109,7 +109,7 @@ impl Scanner {
                     };
                 }
                 State::Head | State::ChunkSize | State::ChunkEnd | State::Trailers => {
-                    match bytes.iter().position(|&b| b == b'\n') {
+                    match memchr::memchr(b'\n', bytes) {
                         None => {
                             self.push_line(bytes);
                             return;
@@ -230,7 +230,7 @@ impl Scanner {
     }
 
     fn on_field(&mut self, line: &[u8]) {
-        let Some(colon) = line.iter().position(|&b| b == b':') else {
+        let Some(colon) = memchr::memchr(b':', line) else {
             return;
         };
         let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
