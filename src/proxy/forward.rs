@@ -42,7 +42,7 @@ pub const MAX_HEADERS: usize = 100;
 
 /// Headers that describe one hop, never forwarded either way (RFC 9110 §7.6.1), besides those the
 /// `Connection` header names.
-const HOP_BY_HOP: [HeaderName; 9] = [
+static HOP_BY_HOP: [HeaderName; 9] = [
     CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
