@@ -6,6 +6,7 @@
 #   bench/experiments/callgrind.sh NAME BINARY            # the agent (`run`), as in ab.sh
 #   bench/experiments/callgrind.sh NAME raw:BINARY        # another proxy: BINARY LISTEN UPSTREAM BEARER
 #   CONC=128 VGX="--separate-callers4=_rjem_je_tcache_alloc_small_hard" bench/experiments/callgrind.sh ...
+#   AGENT_ENV="BEHEST_AGENT__PROXY__MAX_REPLAY_BODY=0" bench/experiments/callgrind.sh ...  # agent settings
 #
 # Starts the bench IdP and nginx upstream, the proxy under valgrind, warms it up with wrk, zeroes
 # the counters, runs wrk for 10 s (CONC connections, 16 by default), dumps, and prints the
@@ -35,7 +36,7 @@ VG=(valgrind --tool=callgrind "--callgrind-out-file=$OUT" --dump-instr=no ${VGX:
 if [[ $BIN == raw:* ]]; then
     "${VG[@]}" "${BIN#raw:}" "127.0.0.1:$AG" "127.0.0.1:$UP" "$TOKEN" >"$T/proxy.log" 2>&1 &
 else
-    env BEHEST_AGENT__AUTH__DOMAIN="http://127.0.0.1:$IDP" BEHEST_AGENT__AUTH__AUDIENCE=aud \
+    env ${AGENT_ENV:-} BEHEST_AGENT__AUTH__DOMAIN="http://127.0.0.1:$IDP" BEHEST_AGENT__AUTH__AUDIENCE=aud \
         BEHEST_AGENT__AUTH__CLIENT_ID=c BEHEST_AGENT_CLIENT_SECRET=s BEHEST_AGENT__TOKEN__CACHE_FILE= \
         BEHEST_AGENT__CONTROL__SOCKET="$T/agent.sock" BEHEST_AGENT__PROXY__LISTEN="127.0.0.1:$AG" \
         BEHEST_AGENT__PROXY__UPSTREAM="http://127.0.0.1:$UP" BEHEST_AGENT__PROXY__ALLOW_INSECURE_UPSTREAM=true \
