@@ -7,15 +7,14 @@
 //! buffers a response: each frame is passed on as it comes (hyper copies it into the connection's
 //! write buffer, which for small frames costs less than a vectored write).
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{
-    AUTHORIZATION, CONNECTION, HOST, HeaderName, HeaderValue, PROXY_AUTHENTICATE,
-    PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+    AUTHORIZATION, CONNECTION, HeaderName, HeaderValue, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION,
+    TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
@@ -106,8 +105,18 @@ impl Upstream {
         })
     }
 
-    /// `scheme://authority` from the configuration, then the base path, `path` and `query`.
-    pub fn uri(&self, path: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
+    /// The origin-form target sent upstream (`/base/path?query`, the client's query as it came);
+    /// the scheme and authority are the connection pool's, from the configuration. When `path` is
+    /// the client's own path under an empty base (the usual case), the client's path and query are
+    /// reused: hyper has checked them, and a reference count costs less than a copy and a check.
+    pub fn target(&self, client: &Uri, path: &str) -> Result<Uri, ProxyError> {
+        if self.base.is_empty()
+            && path == client.path()
+            && let Some(pq) = client.path_and_query()
+        {
+            return Ok(Uri::from(pq.clone()));
+        }
+        let query = client.query();
         let mut pq =
             String::with_capacity(self.base.len() + path.len() + query.map_or(0, |q| q.len() + 1));
         pq.push_str(&self.base);
@@ -116,23 +125,18 @@ impl Upstream {
             pq.push('?');
             pq.push_str(q);
         }
-        let pq = PathAndQuery::from_maybe_shared(Bytes::from(pq)).map_err(|_| {
-            ProxyError::BadRequest("the request path is not a valid URI path".to_string())
-        })?;
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(self.authority.clone());
-        parts.path_and_query = Some(pq);
-        Uri::from_parts(parts).map_err(|_| {
-            ProxyError::BadRequest("the request path is not a valid URI path".to_string())
-        })
+        PathAndQuery::from_maybe_shared(Bytes::from(pq))
+            .map(Uri::from)
+            .map_err(|_| {
+                ProxyError::BadRequest("the request path is not a valid URI path".to_string())
+            })
     }
 }
 
 /// What a connection knows about itself, shared by its requests.
 pub struct ConnInfo {
     /// The TCP address it was accepted on; `None` on a Unix socket.
-    pub local: Option<SocketAddr>,
+    pub local: Option<guard::Local>,
     /// What the framing watcher saw in the raw HTTP/1 bytes.
     pub framing: Arc<Framing>,
     /// Requests seen so far on this connection, to match them with the watcher's heads.
@@ -319,10 +323,10 @@ impl Forwarder {
                 "the request has more than {MAX_HEADERS} header fields"
             )));
         }
-        let rel = guard::target(&req, conn.local, &self.upstream)?;
+        let rel = guard::target(&req, conn.local.as_ref(), &self.upstream)?;
         guard::check_origin(req.headers(), &self.allowed_origins)?;
         let path::Resolved { session, path } = path::resolve(rel)?;
-        let uri = self.upstream.uri(&path, req.uri().query())?;
+        let uri = self.upstream.target(req.uri(), &path)?;
 
         let (parts, body) = req.into_parts();
         let method = parts.method;
@@ -332,8 +336,8 @@ impl Forwarder {
         drop(parts.uri);
         strip_hop_by_hop(&mut headers);
         headers.remove(AUTHORIZATION);
-        // The client's Host names this proxy; the client library sets the upstream's.
-        headers.remove(HOST);
+        // The client's `Host` names this proxy: the pool replaces it with the upstream's on
+        // HTTP/1.1 and removes it on h2 (where `:authority` says it).
         if let Some(session) = session {
             headers.insert(X_SESSION_ID, session);
         } else if let Some(session) = &self.session_id
@@ -461,11 +465,11 @@ fn build(
 
 /// Removes the hop-by-hop headers and those `Connection` names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names (cheap comparisons of well-known names) notes which of the nine are
-    // there; usually none is, and only those present cost a hashed removal.
+    // One pass over the names notes which of the nine are there; usually none is, and only those
+    // present cost a hashed removal.
     let mut present = 0u16;
     for k in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
+        if let Some(i) = hop_by_hop_index(k) {
             present |= 1 << i;
         }
     }
@@ -481,6 +485,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
+}
+
+/// The place of `name` in [`HOP_BY_HOP`]. A string match (length first, then the bytes) costs a
+/// few instructions per name; comparing with each of the nine names in turn cost ~100.
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    Some(match name.as_str() {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-connection" => 2,
+        "te" => 3,
+        "trailer" => 4,
+        "transfer-encoding" => 5,
+        "upgrade" => 6,
+        "proxy-authorization" => 7,
+        "proxy-authenticate" => 8,
+        _ => return None,
+    })
 }
 
 /// Removes `Connection` and the fields it names.
@@ -504,6 +525,11 @@ fn remove_connection(headers: &mut HeaderMap) {
 }
 
 fn remove_named(headers: &mut HeaderMap, connection: &HeaderValue) {
+    // What an HTTP/1.1 server sends on nearly every response names nothing to remove.
+    let whole = connection.as_bytes();
+    if whole.eq_ignore_ascii_case(b"keep-alive") || whole.eq_ignore_ascii_case(b"close") {
+        return;
+    }
     let Ok(list) = connection.to_str() else {
         return;
     };
@@ -571,6 +597,7 @@ fn chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::HOST;
 
     #[test]
     fn hop_by_hop_headers_and_those_connection_names_are_removed() {
@@ -600,6 +627,21 @@ mod tests {
     }
 
     #[test]
+    fn the_hop_by_hop_index_matches_the_table() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(name), Some(i), "{name}");
+        }
+        for name in [
+            HOST,
+            AUTHORIZATION,
+            X_SESSION_ID,
+            HeaderName::from_static("tea"),
+        ] {
+            assert_eq!(hop_by_hop_index(&name), None, "{name}");
+        }
+    }
+
+    #[test]
     fn each_hop_by_hop_header_alone_is_removed() {
         for name in &HOP_BY_HOP {
             let mut h = HeaderMap::new();
@@ -612,19 +654,46 @@ mod tests {
     }
 
     #[test]
-    fn upstream_uri_keeps_the_base_path_and_the_configured_host() {
+    fn the_upstream_target_is_the_base_path_then_the_path_and_the_clients_query() {
         let up = Upstream::from_url(&Url::parse("https://api.behest.test/base/").unwrap()).unwrap();
         assert_eq!(up.base, "/base");
         assert_eq!(up.port, 443);
-        let uri = up.uri("/v1/x", Some("q=1")).unwrap();
-        assert_eq!(uri.to_string(), "https://api.behest.test/base/v1/x?q=1");
-        let uri = up.uri("//evil.example/x", None).unwrap();
-        assert_eq!(uri.host(), Some("api.behest.test"));
-        assert_eq!(uri.path(), "/base//evil.example/x");
+        let client: Uri = "/s/job/v1/x?q=1".parse().unwrap();
+        let uri = up.target(&client, "/v1/x").unwrap();
+        assert_eq!(uri.to_string(), "/base/v1/x?q=1");
+        // Origin form only: the authority is the pool's, whatever the path looks like.
+        let client: Uri = "http://api.behest.test/base//evil.example/x"
+            .parse()
+            .unwrap();
+        let uri = up.target(&client, "//evil.example/x").unwrap();
+        assert_eq!(
+            (uri.authority(), uri.path()),
+            (None, "/base//evil.example/x")
+        );
+
         let root = Upstream::from_url(&Url::parse("http://127.0.0.1:9/").unwrap()).unwrap();
         assert_eq!(root.base, "");
-        let uri = root.uri("//evil.example/x", None).unwrap();
-        assert_eq!(uri.authority().unwrap().as_str(), "127.0.0.1:9");
+        for (client, path, want) in [
+            // The client's own path and query, reused.
+            ("/v1/models?limit=2", "/v1/models", "/v1/models?limit=2"),
+            ("/v1/models?", "/v1/models", "/v1/models?"),
+            (
+                "http://127.0.0.1:9//evil.example/x",
+                "//evil.example/x",
+                "//evil.example/x",
+            ),
+            // A path the agent changed is built.
+            (
+                "/s/job/v1/models?limit=2",
+                "/v1/models",
+                "/v1/models?limit=2",
+            ),
+            ("/v1/a/../models", "/v1/models", "/v1/models"),
+        ] {
+            let uri = root.target(&client.parse().unwrap(), path).unwrap();
+            assert_eq!(uri.authority(), None, "{client}");
+            assert_eq!(uri.to_string(), want, "{client}");
+        }
     }
 
     #[test]

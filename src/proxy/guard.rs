@@ -19,12 +19,29 @@ pub fn check_method(method: &Method) -> Result<(), ProxyError> {
     Ok(())
 }
 
+/// The TCP address a connection was accepted on.
+pub struct Local {
+    pub addr: SocketAddr,
+    /// `addr` as a `Host` names it (`127.0.0.1:8711`, `[::1]:8711`): what most clients send,
+    /// accepted with one comparison instead of a parse.
+    host: Box<[u8]>,
+}
+
+impl Local {
+    pub fn new(addr: SocketAddr) -> Local {
+        Local {
+            addr,
+            host: addr.to_string().into_bytes().into_boxed_slice(),
+        }
+    }
+}
+
 /// Checks where the request says it is going and returns its path relative to the upstream's base
 /// path (still percent-encoded, without the query). `local` is the TCP address the connection was
 /// accepted on, `None` on a Unix socket (which no browser can reach, so any `Host` is accepted).
 pub fn target<'a, B>(
     req: &'a Request<B>,
-    local: Option<SocketAddr>,
+    local: Option<&Local>,
     upstream: &Upstream,
 ) -> Result<&'a str, ProxyError> {
     let uri = req.uri();
@@ -86,16 +103,17 @@ pub fn target<'a, B>(
 
 /// `Host` must name this machine's loopback (`localhost`, `*.localhost`, `127.x.y.z`, `[::1]`,
 /// any port) or the exact address the connection was accepted on.
-pub fn check_host(value: &[u8], local: Option<SocketAddr>) -> Result<(), ProxyError> {
+pub fn check_host(value: &[u8], local: Option<&Local>) -> Result<(), ProxyError> {
     let Some(local) = local else {
         return Ok(());
     };
-    if host_allowed(value, local) {
+    if value == &*local.host || host_allowed(value, local.addr) {
         return Ok(());
     }
     Err(ProxyError::ForbiddenHost(format!(
-        "Host `{}` is not this proxy: use 127.0.0.1, localhost or {local} (requests for other names are refused to defeat DNS rebinding)",
-        truncate(&String::from_utf8_lossy(value))
+        "Host `{}` is not this proxy: use 127.0.0.1, localhost or {} (requests for other names are refused to defeat DNS rebinding)",
+        truncate(&String::from_utf8_lossy(value)),
+        local.addr
     )))
 }
 
@@ -174,8 +192,13 @@ fn truncate(s: &str) -> String {
 mod tests {
     use super::*;
 
-    fn local() -> SocketAddr {
-        "127.0.0.1:8711".parse().unwrap()
+    fn local() -> Option<&'static Local> {
+        static LOCAL: std::sync::OnceLock<Local> = std::sync::OnceLock::new();
+        Some(LOCAL.get_or_init(|| Local::new("127.0.0.1:8711".parse().unwrap())))
+    }
+
+    fn remote() -> Local {
+        Local::new("10.1.2.3:8711".parse().unwrap())
     }
 
     #[test]
@@ -190,11 +213,14 @@ mod tests {
             "[::1]",
             "[::1]:8711",
         ] {
-            assert!(check_host(h.as_bytes(), Some(local())).is_ok(), "{h}");
+            assert!(check_host(h.as_bytes(), local()).is_ok(), "{h}");
         }
-        let remote: SocketAddr = "10.1.2.3:8711".parse().unwrap();
-        assert!(check_host(b"10.1.2.3:8711", Some(remote)).is_ok());
-        assert!(check_host(b"10.1.2.3", Some(remote)).is_ok());
+        assert!(check_host(b"10.1.2.3:8711", Some(&remote())).is_ok());
+        assert!(check_host(b"10.1.2.3", Some(&remote())).is_ok());
+        assert!(check_host(b"10.1.2.3:", Some(&remote())).is_ok());
+        let v6 = Local::new("[fe80::1]:8711".parse().unwrap());
+        assert!(check_host(b"[fe80::1]:8711", Some(&v6)).is_ok());
+        assert!(check_host(b"[FE80::1]:8711", Some(&v6)).is_ok());
     }
 
     #[test]
@@ -209,11 +235,17 @@ mod tests {
             "[::1",
             "",
         ] {
-            let e = check_host(h.as_bytes(), Some(local())).unwrap_err();
+            let e = check_host(h.as_bytes(), local()).unwrap_err();
             assert_eq!(e.code(), "forbidden_host", "{h}");
         }
-        let remote: SocketAddr = "10.1.2.3:8711".parse().unwrap();
-        assert!(check_host(b"10.1.2.3:8712", Some(remote)).is_err());
+        for h in [
+            "10.1.2.3:8712",
+            "10.1.2.3:8711x",
+            "10.1.2.3:87",
+            "10.1.2.4:8711",
+        ] {
+            assert!(check_host(h.as_bytes(), Some(&remote())).is_err(), "{h}");
+        }
     }
 
     #[test]

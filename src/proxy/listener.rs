@@ -263,7 +263,7 @@ pub async fn serve(shared: Arc<Shared>, listeners: Vec<Listener>, shutdown: Canc
             counted.stats.connections.fetch_add(1, Ordering::Relaxed);
             let framing = Arc::new(Framing::default());
             let info = Arc::new(ConnInfo {
-                local,
+                local: local.map(super::guard::Local::new),
                 framing: framing.clone(),
                 requests: AtomicU64::new(0),
             });

@@ -1629,6 +1629,7 @@ async fn tls_upstream_gated(
                         "authority": req.uri().authority().map(|a| a.to_string())
                             .or_else(|| req.headers().get("host").map(|h| h.to_str().unwrap().to_string())),
                         "authorization": req.headers().get("authorization").map(|h| h.to_str().unwrap().to_string()),
+                        "host": req.headers().get("host").map(|h| h.to_str().unwrap().to_string()),
                     });
                     Ok::<_, Infallible>(full(StatusCode::OK, v.to_string()))
                 });
@@ -1659,6 +1660,9 @@ async fn a_tls_upstream_is_spoken_to_in_http2_or_http1_as_alpn_decides_over_one_
             assert_eq!(v["path"], "/base/v1/models");
             assert_eq!(v["authority"], format!("127.0.0.1:{}", addr.port()));
             assert_eq!(v["authorization"], agent.bearer());
+            // h2 says it in `:authority` only; HTTP/1.1 in `Host` (never the client's).
+            let host = (version == "HTTP/1.1").then(|| format!("127.0.0.1:{}", addr.port()));
+            assert_eq!(v["host"], json!(host), "{version}");
         }
         assert_eq!(
             accepted.load(Ordering::SeqCst),

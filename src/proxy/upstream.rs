@@ -17,7 +17,6 @@ use std::task::Poll;
 use std::time::Duration;
 
 use http::header::HOST;
-use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -107,27 +106,23 @@ impl Pool {
         })
     }
 
-    /// Sends `req` (absolute-form URI) on a pooled connection or a new one. A request that could
-    /// not be written because its pooled connection had closed meanwhile is sent again on
-    /// another; any other failure is returned.
+    /// Sends `req` (an origin-form URI: the path and query) on a pooled connection or a new one.
+    /// A request that could not be written because its pooled connection had closed meanwhile is
+    /// sent again on another; any other failure is returned.
     pub async fn send(self: &Arc<Self>, mut req: Request<UpstreamBody>) -> Result<Sent, BoxError> {
         loop {
             if let Some(tx) = self.shared_h2() {
-                return send_h2(tx, req).await;
+                return self.send_h2(tx, req).await;
             }
             let Some(mut tx) = self.take_idle() else {
                 break;
             };
-            let origin = origin_form(&mut req, &self.host);
+            req.headers_mut().insert(HOST, self.host.clone());
             match tx.try_send_request(req).await {
                 Ok(resp) => return Ok((resp, Some(self.lease(tx)))),
                 Err(mut e) => match e.take_message() {
                     // Never written: the connection was closing. Another one gets it.
-                    Some(mut back) => {
-                        *back.uri_mut() = origin;
-                        back.headers_mut().remove(HOST);
-                        req = back;
-                    }
+                    Some(back) => req = back,
                     None => return Err(e.into_error().into()),
                 },
             }
@@ -150,7 +145,7 @@ impl Pool {
             let t = self.connect_turn.lock().await;
             if let Some(tx) = self.shared_h2() {
                 drop(t);
-                return send_h2(tx, req).await;
+                return self.send_h2(tx, req).await;
             }
             if !self.connect_failed.load(Ordering::Relaxed)
                 && !self.h1_known.load(Ordering::Relaxed)
@@ -165,12 +160,12 @@ impl Pool {
             Connected::H2(tx) => {
                 *self.h2.lock().expect("pool lock") = Some(tx.clone());
                 drop(turn);
-                send_h2(tx, req).await
+                self.send_h2(tx, req).await
             }
             Connected::H1(mut tx) => {
                 self.h1_known.store(true, Ordering::Relaxed);
                 drop(turn);
-                origin_form(&mut req, &self.host);
+                req.headers_mut().insert(HOST, self.host.clone());
                 poll_fn(|cx| tx.poll_ready(cx)).await?;
                 let resp = tx.send_request(req).await?;
                 Ok((resp, Some(self.lease(tx))))
@@ -203,6 +198,22 @@ impl Pool {
             }
         });
         Ok(Connected::H1(tx))
+    }
+
+    /// Sends `req` on the shared h2 connection: `:scheme` and `:authority` from the
+    /// configuration, no `Host` (the client's named this proxy).
+    async fn send_h2(
+        &self,
+        mut tx: http2::SendRequest<UpstreamBody>,
+        mut req: Request<UpstreamBody>,
+    ) -> Result<Sent, BoxError> {
+        let mut parts = std::mem::take(req.uri_mut()).into_parts();
+        parts.scheme = self.target.scheme().cloned();
+        parts.authority = self.target.authority().cloned();
+        *req.uri_mut() = Uri::from_parts(parts)?;
+        req.headers_mut().remove(HOST);
+        poll_fn(|cx| tx.poll_ready(cx)).await?;
+        Ok((tx.send_request(req).await?, None))
     }
 
     fn lease(self: &Arc<Self>, tx: http1::SendRequest<UpstreamBody>) -> Lease {
@@ -262,15 +273,6 @@ impl Pool {
     }
 }
 
-/// Sends `req` on the shared h2 connection.
-async fn send_h2(
-    mut tx: http2::SendRequest<UpstreamBody>,
-    req: Request<UpstreamBody>,
-) -> Result<Sent, BoxError> {
-    poll_fn(|cx| tx.poll_ready(cx)).await?;
-    Ok((tx.send_request(req).await?, None))
-}
-
 /// Closes the connections idle past the timeout, every `every`, until none is left (the next
 /// [`Pool::put`] starts it again) or the pool is gone.
 async fn reap(pool: Weak<Pool>, every: Duration) {
@@ -286,18 +288,6 @@ async fn reap(pool: Weak<Pool>, every: Duration) {
             return;
         }
     }
-}
-
-/// HTTP/1.1 wants the origin form (`/path?query`) and a `Host`; returns the absolute URI it had.
-fn origin_form(req: &mut Request<UpstreamBody>, host: &HeaderValue) -> Uri {
-    let absolute = req.uri().clone();
-    let pq = absolute
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    *req.uri_mut() = Uri::from(pq);
-    req.headers_mut().insert(HOST, host.clone());
-    absolute
 }
 
 #[cfg(test)]
@@ -325,8 +315,8 @@ pub(super) mod tests {
         Pool::new(https, target, host, Duration::from_secs(30), 8)
     }
 
-    fn get(addr: std::net::SocketAddr) -> Request<UpstreamBody> {
-        Request::get(format!("http://{addr}/v1/models"))
+    fn get() -> Request<UpstreamBody> {
+        Request::get("/v1/models")
             .body(UpstreamBody::Empty)
             .unwrap()
     }
@@ -373,7 +363,7 @@ pub(super) mod tests {
         });
         let pool = pool_for(addr);
 
-        let (resp, lease) = pool.send(get(addr)).await.unwrap();
+        let (resp, lease) = pool.send(get()).await.unwrap();
         assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "{}");
         lease.expect("HTTP/1.1 leases its connection").release();
         // The server closes the idle connection; the request that follows runs before the
@@ -381,7 +371,7 @@ pub(super) mod tests {
         // unsent, and sent again on a new connection.
         close_first.notify_one();
         closed_rx.await.unwrap();
-        let (resp, _) = pool.send(get(addr)).await.unwrap();
+        let (resp, _) = pool.send(get()).await.unwrap();
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "{}");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
@@ -403,7 +393,7 @@ pub(super) mod tests {
             }
         });
         let pool = pool_for(addr);
-        let (resp, lease) = pool.send(get(addr)).await.unwrap();
+        let (resp, lease) = pool.send(get()).await.unwrap();
         resp.into_body().collect().await.unwrap();
         lease.unwrap().release();
         assert_eq!(pool.idle.lock().unwrap().conns.len(), 1);
