@@ -1,6 +1,7 @@
 //! The bodies the proxy moves, frame by frame, never collected: the request body sent upstream
 //! (streamed, with a tee keeping the chunks — reference-counted, not copied — of a small body so a
-//! 401 can be replayed), the response body sent back (streamed, or one of the agent's own JSON
+//! 401 can be replayed; or, when the body was whole in the first frame read, that frame alone),
+//! the response body sent back (streamed, or one of the agent's own JSON
 //! errors), and the idle timer both wrap. Nothing here buffers a response or copies a byte.
 
 use std::future::Future as _;
@@ -95,8 +96,14 @@ struct Tee {
 pub enum UpstreamBody {
     /// No body (`GET`, `Content-Length: 0`).
     Empty,
+    /// A body that was whole at hand: sent as one frame (and kept for a replay by a reference
+    /// count, with no tee).
+    Full(Option<Bytes>),
     /// The client's body, streamed as it arrives.
     Stream {
+        /// A frame taken from `inner` before streaming began, sent first (boxed: it is rare, and
+        /// a frame is as large as a header map; the body is moved several times per request).
+        first: Option<Box<Frame<Bytes>>>,
         inner: Incoming,
         idle: Idle,
         tee: Option<Box<TeeSlot>>,
@@ -115,8 +122,10 @@ pub struct TeeSlot(Tee);
 pub type Kept = oneshot::Receiver<Vec<Bytes>>;
 
 impl UpstreamBody {
-    /// Streams `inner`; with `keep_up_to`, also keeps its chunks for a replay while they fit.
+    /// Streams `first` (a frame already taken from `inner`), then `inner`; with `keep_up_to`,
+    /// also keeps their chunks for a replay while they fit.
     pub fn stream(
+        first: Option<Frame<Bytes>>,
         inner: Incoming,
         idle: Duration,
         keep_up_to: Option<usize>,
@@ -135,6 +144,7 @@ impl UpstreamBody {
             None => (None, None),
         };
         let body = UpstreamBody::Stream {
+            first: first.map(Box::new),
             inner,
             idle: Idle::new(idle),
             tee,
@@ -168,12 +178,22 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             UpstreamBody::Empty => Poll::Ready(None),
+            UpstreamBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             UpstreamBody::Replay { chunks, left } => Poll::Ready(chunks.next().map(|c| {
                 *left -= c.len() as u64;
                 Ok(Frame::data(c))
             })),
-            UpstreamBody::Stream { inner, idle, tee } => {
-                match Pin::new(&mut *inner).poll_frame(cx) {
+            UpstreamBody::Stream {
+                first,
+                inner,
+                idle,
+                tee,
+            } => {
+                let polled = match first.take() {
+                    Some(frame) => Poll::Ready(Some(Ok(*frame))),
+                    None => Pin::new(&mut *inner).poll_frame(cx),
+                };
+                match polled {
                     Poll::Pending => {
                         if idle.poll_expired(cx) {
                             *tee = None;
@@ -225,16 +245,35 @@ impl Body for UpstreamBody {
     fn is_end_stream(&self) -> bool {
         match self {
             UpstreamBody::Empty => true,
+            UpstreamBody::Full(data) => data.is_none(),
             UpstreamBody::Replay { left, chunks } => *left == 0 && chunks.len() == 0,
-            UpstreamBody::Stream { inner, .. } => inner.is_end_stream(),
+            UpstreamBody::Stream { first, inner, .. } => first.is_none() && inner.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             UpstreamBody::Empty => SizeHint::with_exact(0),
+            UpstreamBody::Full(data) => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
             UpstreamBody::Replay { left, .. } => SizeHint::with_exact(*left),
-            UpstreamBody::Stream { inner, .. } => inner.size_hint(),
+            UpstreamBody::Stream { first, inner, .. } => {
+                // The length still to come includes the frame taken first.
+                let mut hint = inner.size_hint();
+                if let Some(n) = first
+                    .as_ref()
+                    .and_then(|f| f.data_ref())
+                    .map(|d| d.len() as u64)
+                {
+                    // Upper first: `set_lower` checks it stays below.
+                    if let Some(upper) = hint.upper() {
+                        hint.set_upper(upper.saturating_add(n));
+                    }
+                    hint.set_lower(hint.lower().saturating_add(n));
+                }
+                hint
+            }
         }
     }
 }

@@ -7,8 +7,11 @@
 //! buffers a response: each frame is passed on as it comes (hyper copies it into the connection's
 //! write buffer, which for small frames costs less than a vectored write).
 
+use std::future::poll_fn;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -238,6 +241,8 @@ enum Replay {
     No,
     /// No body at all.
     Empty,
+    /// The whole body, taken at once.
+    Whole(Bytes),
     /// The tee hands over the chunks once the whole body went through and fitted.
     Kept(super::body::Kept),
 }
@@ -362,17 +367,7 @@ impl Forwarder {
         };
         headers.insert(AUTHORIZATION, token.bearer().clone());
 
-        let (body, replay) = if body.is_end_stream() {
-            (UpstreamBody::Empty, Replay::Empty)
-        } else {
-            let fits = body
-                .size_hint()
-                .upper()
-                .is_none_or(|n| n <= self.max_replay_body as u64);
-            let keep = (fits && self.max_replay_body > 0).then_some(self.max_replay_body);
-            let (b, kept) = UpstreamBody::stream(body, self.idle_timeout, keep);
-            (b, kept.map_or(Replay::No, Replay::Kept))
-        };
+        let (body, replay) = self.request_body(body).await?;
         // The head is kept for a replay only when the body can be replayed.
         let again = match replay {
             Replay::No => None,
@@ -386,6 +381,43 @@ impl Forwarder {
         Box::pin(self.replay(sent, &token, replay, again)).await
     }
 
+    /// The body to send upstream, and where its copy for a replay is. A body that fits the replay
+    /// limit usually came in with its head: when it is whole in the first frame, it goes out as
+    /// that frame and is kept by a reference count, with no tee.
+    async fn request_body(&self, mut body: Incoming) -> Result<(UpstreamBody, Replay), ProxyError> {
+        if body.is_end_stream() {
+            return Ok((UpstreamBody::Empty, Replay::Empty));
+        }
+        let limit = self.max_replay_body;
+        let fits = body.size_hint().upper().is_none_or(|n| n <= limit as u64);
+        if !fits || limit == 0 {
+            let (b, _) = UpstreamBody::stream(None, body, self.idle_timeout, None);
+            return Ok((b, Replay::No));
+        }
+        let first = match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
+            Poll::Pending => None,
+            Poll::Ready(None) => return Ok((UpstreamBody::Empty, Replay::Empty)),
+            Poll::Ready(Some(Err(e))) => {
+                return Err(ProxyError::RequestBody {
+                    timed_out: false,
+                    reason: chain(&e),
+                });
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                if body.is_end_stream() && frame.data_ref().is_some_and(|d| d.len() <= limit) {
+                    let whole = frame.into_data().expect("a data frame");
+                    return Ok((
+                        UpstreamBody::Full(Some(whole.clone())),
+                        Replay::Whole(whole),
+                    ));
+                }
+                Some(frame)
+            }
+        };
+        let (b, kept) = UpstreamBody::stream(first, body, self.idle_timeout, Some(limit));
+        Ok((b, kept.map_or(Replay::No, Replay::Kept)))
+    }
+
     /// After a 401: the upstream refused the token. Replaces it (one grant shared by every
     /// request that saw it, rate-limited by the token source) so the next request works, and
     /// replays this one once if its whole body was kept. A second 401 goes back as is.
@@ -396,15 +428,16 @@ impl Forwarder {
         replay: Replay,
         again: Option<(Method, Uri, HeaderMap)>,
     ) -> Result<Sent, ProxyError> {
-        let chunks = match replay {
+        let body = match replay {
             Replay::No => None,
-            Replay::Empty => Some(None),
-            Replay::Kept(mut rx) => rx.try_recv().ok().map(Some),
+            Replay::Empty => Some(UpstreamBody::Empty),
+            Replay::Whole(b) => Some(UpstreamBody::Full(Some(b))),
+            Replay::Kept(mut rx) => rx.try_recv().ok().map(UpstreamBody::replay),
         };
         let Some(new) = self.tokens.refresh_rejected(token).await else {
             return Ok(sent);
         };
-        let (Some(chunks), Some((method, uri, mut headers))) = (chunks, again) else {
+        let (Some(body), Some((method, uri, mut headers))) = (body, again) else {
             return Ok(sent);
         };
         // The 401's body is not read: its connection closes rather than going back.
@@ -415,10 +448,6 @@ impl Forwarder {
         }
         tracing::debug!("replaying a request the upstream answered 401 with a new token");
         headers.insert(AUTHORIZATION, new.bearer().clone());
-        let body = match chunks {
-            None => UpstreamBody::Empty,
-            Some(c) => UpstreamBody::replay(c),
-        };
         self.send(build(method, uri, headers, body)).await
     }
 

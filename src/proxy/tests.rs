@@ -1033,6 +1033,46 @@ async fn chunked_body_that_fits_is_replayed_after_401() {
 }
 
 #[tokio::test]
+async fn a_body_that_comes_in_two_parts_goes_out_whole_and_is_replayed_whole() {
+    // First to an upstream that echoes, then to one that refuses the first token: the first part
+    // is read with the head, the second only once the upstream has the request.
+    for rejections in [0, 1] {
+        let (up, _) = rejecting_upstream(rejections).await;
+        let agent = Agent::new(&up.url()).await;
+        let p = Running::start(&agent).await;
+        let mut s = TcpStream::connect(p.addr).await.unwrap();
+        let head = format!(
+            "POST /v1/files HTTP/1.1\r\nHost: {}\r\nContent-Length: 10\r\nConnection: close\r\n\r\nabcd",
+            p.host()
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        within(async {
+            while up.hits() == 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        s.write_all(b"efghij").await.unwrap();
+        let text = within(read_response(&mut s)).await;
+        assert!(status_line(&text).starts_with("HTTP/1.1 200"), "{text}");
+        let echo: Value =
+            serde_json::from_str(&text[text.find("\r\n\r\n").unwrap() + 4..]).unwrap();
+        assert_eq!(
+            echo["headers"]["content-length"],
+            json!(["10"]),
+            "{rejections}"
+        );
+        assert_eq!(echo["body_len"], 10, "{rejections}");
+        assert_eq!(
+            echo["body_sum"],
+            format!("{:016x}", fnv(FNV0, b"abcdefghij"))
+        );
+        assert_eq!(up.hits(), 1 + rejections);
+        assert_eq!(p.stat(&["replays"]), rejections);
+    }
+}
+
+#[tokio::test]
 async fn a_second_401_goes_back_to_the_client_as_is() {
     let (up, _) = rejecting_upstream(u64::MAX).await;
     let agent = Agent::new(&up.url()).await;
