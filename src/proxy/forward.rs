@@ -340,22 +340,21 @@ impl Forwarder {
         // response head arrives (see `RequestRecord::logged`).
         drop(parts.uri);
         strip_hop_by_hop(&mut headers);
-        headers.remove(AUTHORIZATION);
-        // The client's `Host` names this proxy: the pool replaces it with the upstream's on
-        // HTTP/1.1 and removes it on h2 (where `:authority` says it).
+        // The client's `Authorization` is replaced below (`insert` drops every value it had);
+        // nothing reads the headers before. The client's `Host` names this proxy: the pool
+        // replaces it with the upstream's on HTTP/1.1 and removes it on h2 (where `:authority`
+        // says it).
         if let Some(session) = session {
             headers.insert(X_SESSION_ID, session);
-        } else if let Some(session) = &self.session_id
-            && !headers.contains_key(X_SESSION_ID)
-        {
-            headers.insert(X_SESSION_ID, session.clone());
+        } else if let Some(session) = &self.session_id {
+            headers
+                .entry(X_SESSION_ID)
+                .or_insert_with(|| session.clone());
         }
         if let Some(l) = &mut record.logged {
             l.session = headers.get(X_SESSION_ID).cloned();
         }
-        if !headers.contains_key(X_REQUEST_ID) {
-            headers.insert(X_REQUEST_ID, request_id());
-        }
+        headers.entry(X_REQUEST_ID).or_insert_with(request_id);
 
         // The held token is a read-mostly load; only without one does the request wait on a
         // grant, whose (large) future is boxed so it does not weigh on every request's.
@@ -468,12 +467,12 @@ impl Forwarder {
                     reason: chain(&*e),
                 },
             }),
-            Ok(Ok((resp, lease))) => {
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                parts.version = Version::HTTP_11;
-                parts.extensions = http::Extensions::new();
-                Ok((Response::from_parts(parts, body), lease))
+            Ok(Ok((mut resp, lease))) => {
+                // Edited in place: a response is moved often enough on its way as it is.
+                strip_hop_by_hop(resp.headers_mut());
+                *resp.version_mut() = Version::HTTP_11;
+                resp.extensions_mut().clear();
+                Ok((resp, lease))
             }
         }
     }

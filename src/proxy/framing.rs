@@ -230,11 +230,19 @@ impl Scanner {
     }
 
     fn on_field(&mut self, line: &[u8]) {
-        let Some(colon) = memchr::memchr(b':', line) else {
+        // Only two names matter, and hyper refuses a space before the colon: the colon is at
+        // one of two places, and most lines are passed over without a search.
+        const CL: &[u8] = b"content-length";
+        const TE: &[u8] = b"transfer-encoding";
+        let colon = if line.get(CL.len()) == Some(&b':') {
+            CL.len()
+        } else if line.get(TE.len()) == Some(&b':') {
+            TE.len()
+        } else {
             return;
         };
         let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
-        if name.eq_ignore_ascii_case(b"content-length") {
+        if name.eq_ignore_ascii_case(CL) {
             self.head.content_length_seen = true;
             let n = std::str::from_utf8(value)
                 .ok()
@@ -245,7 +253,7 @@ impl Scanner {
                 // Unparseable or different: decided at the end of the head.
                 _ => self.head.content_length_bad = true,
             }
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+        } else if name.eq_ignore_ascii_case(TE) {
             self.head.transfer_encoding = true;
             // As hyper: the last line decides, and chunked must be the final coding.
             let last = value.rsplit(|&b| b == b',').next().map(trim).unwrap_or(&[]);
@@ -353,8 +361,13 @@ mod tests {
     fn content_length_with_transfer_encoding_is_found_in_any_order() {
         let a = b"POST /v1/x HTTP/1.1\r\nHost: l\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
         let b = b"POST /v1/x HTTP/1.1\r\nHost: l\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n0\r\n\r\n";
+        let c = b"POST /v1/x HTTP/1.1\r\nX-Content-Length: 5\r\nCONTENT-LENGTH:5\r\nTRANSFER-ENCODING:chunked\r\n\r\n0\r\n\r\n";
         assert!(every_split(a).iter().all(|&n| n == 1));
         assert!(every_split(b).iter().all(|&n| n == 1));
+        assert!(every_split(c).iter().all(|&n| n == 1));
+        // Names that only look alike are not the framing fields.
+        let d = b"POST /v1/x HTTP/1.1\r\nX-Content-Length: 5\r\ntransfer-encodings: chunked\r\nContent-Lengths: 5\r\n\r\n";
+        assert!(every_split(d).iter().all(|&n| n == 0));
     }
 
     #[test]

@@ -430,6 +430,7 @@ async fn forwards_under_the_base_path_with_the_agent_bearer_instead_of_client_cr
     let p = Running::start(&agent).await;
     let request = req(&p, "POST", "/v1/chat/completions?stream=true&x=%20")
         .header("authorization", "Bearer sk-client-key")
+        .header("authorization", "Basic c2Vjb25kOmtleQ==")
         .header("proxy-authorization", "Basic cHJveHk6c2VjcmV0")
         .header("connection", "keep-alive, x-hop")
         .header("x-hop", "1")
