@@ -76,9 +76,9 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, ProxyError> {
     // One pass (a substring search for `/.` costs more than the whole path's bytes).
     let mut prev = 0u8;
     let plain = path.bytes().all(|b| {
-        let ok = !matches!(b, b'%' | b'\\' | 0) && !(b == b'.' && prev == b'/');
+        let special = matches!(b, b'%' | b'\\' | 0) || (b == b'.' && prev == b'/');
         prev = b;
-        ok
+        !special
     });
     if plain {
         return Ok(Cow::Borrowed(path));
