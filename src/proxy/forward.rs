@@ -7,7 +7,7 @@
 //! buffers a response: each frame is passed on as it comes (hyper copies it into the connection's
 //! write buffer, which for small frames costs less than a vectored write).
 
-use std::future::poll_fn;
+use std::future::{Future as _, poll_fn};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -452,8 +452,17 @@ impl Forwarder {
 
     /// Sends upstream, bounded by `upstream_timeout` until the response head.
     async fn send(&self, req: Request<UpstreamBody>) -> Result<Sent, ProxyError> {
-        match tokio::time::timeout(self.upstream_timeout, self.pool.send(req)).await {
-            Err(_) => Err(ProxyError::UpstreamTimeout {
+        // The two futures are pinned where they are made: `tokio::time::timeout` would move the
+        // pool's (large) future into its own, and that into this one.
+        let mut sent = std::pin::pin!(self.pool.send(req));
+        let mut sleep = std::pin::pin!(tokio::time::sleep(self.upstream_timeout));
+        let outcome = poll_fn(|cx| match sent.as_mut().poll(cx) {
+            Poll::Ready(r) => Poll::Ready(Ok(r)),
+            Poll::Pending => sleep.as_mut().poll(cx).map(Err),
+        })
+        .await;
+        match outcome {
+            Err(()) => Err(ProxyError::UpstreamTimeout {
                 authority: self.upstream.authority.to_string(),
                 after: humantime::format_duration(self.upstream_timeout).to_string(),
             }),

@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::FutureExt as _;
 use futures_util::task::AtomicWaker;
 
 use hyper::service::service_fn;
@@ -271,9 +272,12 @@ pub async fn serve(shared: Arc<Shared>, listeners: Vec<Listener>, shutdown: Canc
                 let shared = shared.clone();
                 service_fn(move |req| {
                     // The forwarder current when the request arrives (a reload may swap it).
-                    let fwd = shared.forwarder();
-                    let info = info.clone();
-                    async move { Ok::<_, Infallible>(fwd.handle(info, req).await) }
+                    // The handler's future itself, mapped: an `async` block around it would be
+                    // one more (large) future to build and move per request.
+                    shared
+                        .forwarder()
+                        .handle(info.clone(), req)
+                        .map(Ok::<_, Infallible>)
                 })
             };
             let io = TokioIo::new(Watched::new(stream, framing));

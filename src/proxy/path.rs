@@ -73,13 +73,10 @@ fn escape() -> ProxyError {
 pub fn normalize(path: &str) -> Result<Cow<'_, str>, ProxyError> {
     debug_assert!(path.starts_with('/'));
     // The common case, `/v1/chat/completions`: nothing to decode, no dot segment.
-    // One pass (a substring search for `/.` costs more than the whole path's bytes).
-    let mut prev = 0u8;
-    let plain = path.bytes().all(|b| {
-        let special = matches!(b, b'%' | b'\\' | 0) || (b == b'.' && prev == b'/');
-        prev = b;
-        !special
-    });
+    // Two vector scans: no byte that needs decoding or refusing, and no `.` after a `/`.
+    let bytes = path.as_bytes();
+    let plain = memchr::memchr3(b'%', b'\\', 0, bytes).is_none()
+        && memchr::memchr_iter(b'.', bytes).all(|i| i == 0 || bytes[i - 1] != b'/');
     if plain {
         return Ok(Cow::Borrowed(path));
     }
