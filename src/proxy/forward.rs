@@ -10,7 +10,7 @@
 use std::future::{Future as _, poll_fn};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use url::Url;
 
 use super::Stats;
-use super::body::{ResponseBody, UpstreamBody};
+use super::body::{Lazy, ResponseBody, UpstreamBody, after_from};
 use super::error::{ProxyError, SetupError};
 use super::framing::Framing;
 use super::upstream::{Lease, Pool, Sent};
@@ -144,6 +144,9 @@ pub struct ConnInfo {
     pub framing: Arc<Framing>,
     /// Requests seen so far on this connection, to match them with the watcher's heads.
     pub requests: AtomicU64,
+    /// The `upstream_timeout` timer of the HTTP/1 requests, which come one at a time: kept
+    /// across them (h2 streams, concurrent, each have their own).
+    pub upstream_timer: Mutex<Lazy>,
 }
 
 /// Everything a request needs, shared by all connections.
@@ -221,17 +224,26 @@ impl Drop for RequestRecord {
             }
         }
         if let Some(l) = &self.logged {
-            tracing::debug!(
-                method = %l.method,
-                path = l.target.path(),
-                status = self.status,
-                bytes = self.bytes,
-                duration_ms = self.start.elapsed().as_secs_f64() * 1000.0,
-                session = l.session.as_ref().and_then(|s| s.to_str().ok()).unwrap_or("-"),
-                completed = self.completed,
-                "proxied request"
-            );
+            self.log(l);
         }
+    }
+}
+
+impl RequestRecord {
+    #[cold]
+    #[inline(never)]
+    /// The debug line (only written when `logged` was kept).
+    fn log(&self, l: &Logged) {
+        tracing::debug!(
+            method = %l.method,
+            path = l.target.path(),
+            status = self.status,
+            bytes = self.bytes,
+            duration_ms = self.start.elapsed().as_secs_f64() * 1000.0,
+            session = l.session.as_ref().and_then(|s| s.to_str().ok()).unwrap_or("-"),
+            completed = self.completed,
+            "proxied request"
+        );
     }
 }
 
@@ -298,22 +310,28 @@ impl Forwarder {
                 }
                 Response::from_parts(parts, ResponseBody::stream(body, self.idle_timeout, record))
             }
-            Err(e) => {
-                let kind = match e {
-                    ProxyError::UpstreamUnreachable { .. } => Some("unreachable"),
-                    ProxyError::UpstreamTimeout { .. } => Some("timeout"),
-                    _ => None,
-                };
-                if let Some(kind) = kind {
-                    record.upstream_error(kind);
-                    tracing::warn!(error = %e, "upstream request failed");
-                }
-                let status = e.status();
-                record.status = status.as_u16();
-                self.stats.count_status(status);
-                e.response_with(|b| ResponseBody::full(b, record))
-            }
+            Err(e) => self.failed(e, record),
         }
+    }
+
+    /// The answer to a request that failed before a response came. Out of line, like every rare
+    /// path on the way of a request, so that the common one is packed in fewer cache lines.
+    #[cold]
+    #[inline(never)]
+    fn failed(&self, e: ProxyError, mut record: RequestRecord) -> Response<ResponseBody> {
+        let kind = match e {
+            ProxyError::UpstreamUnreachable { .. } => Some("unreachable"),
+            ProxyError::UpstreamTimeout { .. } => Some("timeout"),
+            _ => None,
+        };
+        if let Some(kind) = kind {
+            record.upstream_error(kind);
+            tracing::warn!(error = %e, "upstream request failed");
+        }
+        let status = e.status();
+        record.status = status.as_u16();
+        self.stats.count_status(status);
+        e.response_with(|b| ResponseBody::full(b, record))
     }
 
     async fn forward(
@@ -324,9 +342,7 @@ impl Forwarder {
     ) -> Result<Sent, ProxyError> {
         guard::check_method(req.method())?;
         if req.headers().len() > MAX_HEADERS {
-            return Err(ProxyError::HeadersTooLarge(format!(
-                "the request has more than {MAX_HEADERS} header fields"
-            )));
+            return Err(too_many_headers());
         }
         let rel = guard::target(&req, conn.local.as_ref(), &self.upstream)?;
         guard::check_origin(req.headers(), &self.allowed_origins)?;
@@ -335,6 +351,7 @@ impl Forwarder {
 
         let (parts, body) = req.into_parts();
         let method = parts.method;
+        let version = parts.version;
         let mut headers = parts.headers;
         // The client's URI shares the connection's read buffer: let it go now, not when the
         // response head arrives (see `RequestRecord::logged`).
@@ -362,7 +379,7 @@ impl Forwarder {
             Some(t) => t,
             None => Box::pin(self.tokens.get(Duration::ZERO))
                 .await
-                .map_err(|e| ProxyError::TokenUnavailable(e.to_string()))?,
+                .map_err(token_unavailable)?,
         };
         headers.insert(AUTHORIZATION, token.bearer().clone());
 
@@ -372,12 +389,17 @@ impl Forwarder {
             Replay::No => None,
             _ => Some((method.clone(), uri.clone(), headers.clone())),
         };
-        let sent = self.send(build(method, uri, headers, body)).await?;
+        // HTTP/1 requests on a connection come one at a time and share its timer.
+        let timer = (version != Version::HTTP_2).then_some(&conn.upstream_timer);
+        let deadline = after_from(record.start, self.upstream_timeout);
+        let sent = self
+            .send(build(method, uri, headers, body), deadline, timer)
+            .await?;
         if sent.0.status() != StatusCode::UNAUTHORIZED {
             return Ok(sent);
         }
         // Rare, and kept out of the common path's future.
-        Box::pin(self.replay(sent, &token, replay, again)).await
+        Box::pin(self.replay(sent, &token, replay, again, timer)).await
     }
 
     /// The body to send upstream, and where its copy for a replay is. A body that fits the replay
@@ -396,12 +418,7 @@ impl Forwarder {
         let first = match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
             Poll::Pending => None,
             Poll::Ready(None) => return Ok((UpstreamBody::Empty, Replay::Empty)),
-            Poll::Ready(Some(Err(e))) => {
-                return Err(ProxyError::RequestBody {
-                    timed_out: false,
-                    reason: chain(&e),
-                });
-            }
+            Poll::Ready(Some(Err(e))) => return Err(body_failed(&e)),
             Poll::Ready(Some(Ok(frame))) => {
                 if body.is_end_stream() && frame.data_ref().is_some_and(|d| d.len() <= limit) {
                     let whole = frame.into_data().expect("a data frame");
@@ -426,6 +443,7 @@ impl Forwarder {
         token: &Arc<Token>,
         replay: Replay,
         again: Option<(Method, Uri, HeaderMap)>,
+        timer: Option<&Mutex<Lazy>>,
     ) -> Result<Sent, ProxyError> {
         let body = match replay {
             Replay::No => None,
@@ -447,35 +465,35 @@ impl Forwarder {
         }
         tracing::debug!("replaying a request the upstream answered 401 with a new token");
         headers.insert(AUTHORIZATION, new.bearer().clone());
-        self.send(build(method, uri, headers, body)).await
+        let deadline = after_from(Instant::now(), self.upstream_timeout);
+        self.send(build(method, uri, headers, body), deadline, timer)
+            .await
     }
 
-    /// Sends upstream, bounded by `upstream_timeout` until the response head.
-    async fn send(&self, req: Request<UpstreamBody>) -> Result<Sent, ProxyError> {
-        // The two futures are pinned where they are made: `tokio::time::timeout` would move the
-        // pool's (large) future into its own, and that into this one.
+    /// Sends upstream, bounded until the response head by `deadline`, on the connection's timer
+    /// when one is given (HTTP/1 clients), else on one of its own.
+    async fn send(
+        &self,
+        req: Request<UpstreamBody>,
+        deadline: Instant,
+        timer: Option<&Mutex<Lazy>>,
+    ) -> Result<Sent, ProxyError> {
+        // Pinned where it is made: `tokio::time::timeout` would move the pool's (large) future
+        // into its own, and that into this one.
         let mut sent = std::pin::pin!(self.pool.send(req));
-        let mut sleep = std::pin::pin!(tokio::time::sleep(self.upstream_timeout));
+        let mut own = Lazy::default();
         let outcome = poll_fn(|cx| match sent.as_mut().poll(cx) {
             Poll::Ready(r) => Poll::Ready(Ok(r)),
-            Poll::Pending => sleep.as_mut().poll(cx).map(Err),
+            Poll::Pending => match timer {
+                Some(t) => t.lock().expect("timer lock").poll_until(deadline, cx),
+                None => own.poll_until(deadline, cx),
+            }
+            .map(Err),
         })
         .await;
         match outcome {
-            Err(()) => Err(ProxyError::UpstreamTimeout {
-                authority: self.upstream.authority.to_string(),
-                after: humantime::format_duration(self.upstream_timeout).to_string(),
-            }),
-            Ok(Err(e)) => Err(match client_body_failed(&*e) {
-                Some(timed_out) => ProxyError::RequestBody {
-                    timed_out,
-                    reason: chain(&*e),
-                },
-                None => ProxyError::UpstreamUnreachable {
-                    authority: self.upstream.authority.to_string(),
-                    reason: chain(&*e),
-                },
-            }),
+            Err(()) => Err(self.timed_out()),
+            Ok(Err(e)) => Err(self.send_failed(&*e)),
             Ok(Ok((mut resp, lease))) => {
                 // Edited in place: a response is moved often enough on its way as it is.
                 strip_hop_by_hop(resp.headers_mut());
@@ -484,6 +502,55 @@ impl Forwarder {
                 Ok((resp, lease))
             }
         }
+    }
+}
+
+impl Forwarder {
+    #[cold]
+    #[inline(never)]
+    fn timed_out(&self) -> ProxyError {
+        ProxyError::UpstreamTimeout {
+            authority: self.upstream.authority.to_string(),
+            after: humantime::format_duration(self.upstream_timeout).to_string(),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn send_failed(&self, e: &(dyn std::error::Error + 'static)) -> ProxyError {
+        match client_body_failed(e) {
+            Some(timed_out) => ProxyError::RequestBody {
+                timed_out,
+                reason: chain(e),
+            },
+            None => ProxyError::UpstreamUnreachable {
+                authority: self.upstream.authority.to_string(),
+                reason: chain(e),
+            },
+        }
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn too_many_headers() -> ProxyError {
+    ProxyError::HeadersTooLarge(format!(
+        "the request has more than {MAX_HEADERS} header fields"
+    ))
+}
+
+#[cold]
+#[inline(never)]
+fn token_unavailable(e: impl std::fmt::Display) -> ProxyError {
+    ProxyError::TokenUnavailable(e.to_string())
+}
+
+#[cold]
+#[inline(never)]
+fn body_failed(e: &hyper::Error) -> ProxyError {
+    ProxyError::RequestBody {
+        timed_out: false,
+        reason: chain(e),
     }
 }
 

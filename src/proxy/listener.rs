@@ -267,6 +267,7 @@ pub async fn serve(shared: Arc<Shared>, listeners: Vec<Listener>, shutdown: Canc
                 local: local.map(super::guard::Local::new),
                 framing: framing.clone(),
                 requests: AtomicU64::new(0),
+                upstream_timer: Default::default(),
             });
             let service = {
                 let shared = shared.clone();

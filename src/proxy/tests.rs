@@ -1188,6 +1188,66 @@ async fn upstream_silent_past_upstream_timeout_answers_504() {
     assert_eq!(p.stat(&["upstream_errors"]), 1);
 }
 
+/// The HTTP/1 requests of a connection share one upstream timer: each is still bounded by its
+/// own deadline (not the one before's), and a timeout does not spill into the next request.
+#[tokio::test]
+async fn each_request_on_a_kept_alive_connection_has_its_own_upstream_timeout() {
+    let up = Upstream::start(|req| async move {
+        if req.uri().path().ends_with("/slow") {
+            std::future::pending::<()>().await;
+        }
+        full(StatusCode::OK, "{}")
+    })
+    .await;
+    let agent = Agent::new(&up.url()).await;
+    let timeout = Duration::from_millis(300);
+    let p = Running::start_with(&agent, |s| s.upstream_timeout = timeout).await;
+    let io = TokioIo::new(TcpStream::connect(p.addr).await.unwrap());
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    for path in [
+        "/v1/fast", "/v1/slow", "/v1/fast", "/v1/slow", "/v1/slow", "/v1/fast",
+    ] {
+        let started = std::time::Instant::now();
+        let request = req(&p, "GET", path).body(Empty::<Bytes>::new()).unwrap();
+        let resp = within(sender.send_request(request)).await.unwrap();
+        if path.ends_with("/slow") {
+            assert_agent_error(resp, 504, "upstream_timeout").await;
+            // Not before its own deadline (a correctness bound, not a speed one).
+            assert!(started.elapsed() >= timeout, "{path} timed out early");
+        } else {
+            assert_eq!(resp.status(), 200, "{path}");
+            resp.into_body().collect().await.unwrap();
+        }
+    }
+    assert_eq!(p.stat(&["upstream_errors"]), 3);
+}
+
+/// h2 streams run together: each has an upstream timer of its own, and all of them time out.
+#[tokio::test]
+async fn concurrent_h2_streams_each_time_out() {
+    let up = Upstream::start(|_req| std::future::pending::<Response<TestBody>>()).await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start_with(&agent, |s| s.upstream_timeout = Duration::from_millis(200)).await;
+    let io = TokioIo::new(TcpStream::connect(p.addr).await.unwrap());
+    let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let answers = futures_util::future::join_all((0..3).map(|_| {
+        let mut sender = sender.clone();
+        let r = Request::builder()
+            .uri(format!("http://{}/v1/models", p.host()))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        async move { within(sender.send_request(r)).await.unwrap() }
+    }))
+    .await;
+    for resp in answers {
+        assert_agent_error(resp, 504, "upstream_timeout").await;
+    }
+}
+
 #[tokio::test]
 async fn a_stream_silent_past_idle_timeout_is_cut() {
     let up = Upstream::start(|_req| async {
