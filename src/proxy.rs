@@ -24,6 +24,7 @@ mod framing;
 mod guard;
 mod listener;
 mod path;
+mod timer;
 mod upstream;
 
 #[cfg(test)]

@@ -4,7 +4,6 @@
 //! the response body sent back (streamed, or one of the agent's own JSON
 //! errors), and the idle timer both wrap. Nothing here buffers a response or copies a byte.
 
-use std::future::Future as _;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -13,42 +12,13 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
+
+use super::timer::Lazy;
 
 use super::forward::RequestRecord;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// A timer for deadlines that mostly move later (the next frame's, the next request's): armed
-/// on the first wait, it stays registered at its deadline while later ones are asked for, and is
-/// re-armed only when it fires before the deadline asked for then. A wait then costs a waker
-/// registration, not a timer registered and removed again (which tokio's timer wheel charges
-/// for, per request, about as much as the whole header rewrite).
-#[derive(Default)]
-pub struct Lazy {
-    sleep: Option<Pin<Box<Sleep>>>,
-}
-
-impl Lazy {
-    /// Ready once `deadline` has passed; wakes the task polling last.
-    pub fn poll_until(&mut self, deadline: Instant, cx: &mut Context<'_>) -> Poll<()> {
-        let sleep = self
-            .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if sleep.deadline() > deadline {
-            sleep.as_mut().reset(deadline);
-        }
-        loop {
-            if sleep.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
-            }
-            if Instant::now() >= deadline {
-                return Poll::Ready(());
-            }
-            sleep.as_mut().reset(deadline);
-        }
-    }
-}
 
 /// No frame for `after` while waiting on the other side: the body fails, so hyper aborts the
 /// stream (the client connection, or the upstream request). The deadline is set when the body
@@ -454,31 +424,6 @@ mod tests {
         assert!(!idle.poll_expired(&mut cx));
         tokio::time::advance(Duration::from_secs(10)).await;
         assert!(idle.poll_expired(&mut cx));
-    }
-
-    /// Kept across requests, the timer is asked for later deadlines, and now and then for an
-    /// earlier one (a reload shortened the timeout): each is kept, to the millisecond.
-    #[tokio::test(start_paused = true)]
-    async fn a_lazy_timer_keeps_each_deadline_asked_for_earlier_or_later() {
-        let mut timer = Lazy::default();
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        let (t0, s, ms) = (Instant::now(), Duration::from_secs, Duration::from_millis);
-        assert!(timer.poll_until(t0 + s(10), &mut cx).is_pending());
-        // A later deadline: the timer stays at 10 s, fires early and is re-armed.
-        assert!(timer.poll_until(t0 + s(15), &mut cx).is_pending());
-        tokio::time::advance(s(11)).await;
-        assert!(timer.poll_until(t0 + s(15), &mut cx).is_pending());
-        tokio::time::advance(s(4) - ms(2)).await;
-        assert!(timer.poll_until(t0 + s(15), &mut cx).is_pending());
-        tokio::time::advance(ms(3)).await;
-        assert!(timer.poll_until(t0 + s(15), &mut cx).is_ready());
-        // Fired; a later deadline again, then an earlier one than that.
-        assert!(timer.poll_until(t0 + s(60), &mut cx).is_pending());
-        assert!(timer.poll_until(t0 + s(20), &mut cx).is_pending());
-        tokio::time::advance(s(5) - ms(2)).await;
-        assert!(timer.poll_until(t0 + s(20), &mut cx).is_pending());
-        tokio::time::advance(ms(3)).await;
-        assert!(timer.poll_until(t0 + s(20), &mut cx).is_ready());
     }
 
     #[tokio::test(start_paused = true)]

@@ -27,9 +27,10 @@ use tokio::time::Instant;
 use url::Url;
 
 use super::Stats;
-use super::body::{Lazy, ResponseBody, UpstreamBody, after_from};
+use super::body::{ResponseBody, UpstreamBody, after_from};
 use super::error::{ProxyError, SetupError};
 use super::framing::Framing;
+use super::timer::{ConnTimer, Lazy};
 use super::upstream::{Lease, Pool, Sent};
 use super::{guard, path};
 use crate::telemetry::metrics::Metrics;
@@ -144,9 +145,9 @@ pub struct ConnInfo {
     pub framing: Arc<Framing>,
     /// Requests seen so far on this connection, to match them with the watcher's heads.
     pub requests: AtomicU64,
-    /// The `upstream_timeout` timer of the HTTP/1 requests, which come one at a time: kept
-    /// across them (h2 streams, concurrent, each have their own).
-    pub upstream_timer: Mutex<Lazy>,
+    /// The timer of its HTTP/1 requests, which come one at a time: their head-read and upstream
+    /// timeouts take turns on it (h2 streams, concurrent, have timers of their own).
+    pub timer: ConnTimer,
 }
 
 /// Everything a request needs, shared by all connections.
@@ -390,7 +391,7 @@ impl Forwarder {
             _ => Some((method.clone(), uri.clone(), headers.clone())),
         };
         // HTTP/1 requests on a connection come one at a time and share its timer.
-        let timer = (version != Version::HTTP_2).then_some(&conn.upstream_timer);
+        let timer = (version != Version::HTTP_2).then_some(&*conn.timer.0);
         let deadline = after_from(record.start, self.upstream_timeout);
         let sent = self
             .send(build(method, uri, headers, body), deadline, timer)

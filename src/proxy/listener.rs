@@ -43,6 +43,7 @@ use tokio_util::task::TaskTracker;
 use super::Shared;
 use super::forward::{ConnInfo, MAX_HEADERS};
 use super::framing::{Framing, Watched};
+use super::timer::ConnTimer;
 use crate::config::ListenAddr;
 
 /// The largest request head accepted (request line and all fields).
@@ -206,8 +207,8 @@ impl AsyncWrite for Stream {
 fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     let header_read_timeout = Some(limits.header_read_timeout).filter(|d| !d.is_zero());
+    // The HTTP/1 side's timer is the connection's own, set at accept (see `ConnTimer`).
     b.http1()
-        .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout)
         .max_buf_size(MAX_HEAD)
         .max_headers(MAX_HEADERS)
@@ -263,11 +264,12 @@ pub async fn serve(shared: Arc<Shared>, listeners: Vec<Listener>, shutdown: Canc
             let counted = shared.forwarder();
             counted.stats.connections.fetch_add(1, Ordering::Relaxed);
             let framing = Arc::new(Framing::default());
+            let timer = ConnTimer::default();
             let info = Arc::new(ConnInfo {
                 local: local.map(super::guard::Local::new),
                 framing: framing.clone(),
                 requests: AtomicU64::new(0),
-                upstream_timer: Default::default(),
+                timer: timer.clone(),
             });
             let service = {
                 let shared = shared.clone();
@@ -282,6 +284,9 @@ pub async fn serve(shared: Arc<Shared>, listeners: Vec<Listener>, shutdown: Canc
                 })
             };
             let io = TokioIo::new(Watched::new(stream, framing));
+            // hyper's HTTP/1 side times each head on the connection's timer (see `ConnTimer`).
+            let mut builder = (*builder).clone();
+            builder.http1().timer(timer);
             let conn = std::pin::pin!(builder.serve_connection(io, service));
             match Stoppable::new(&stop, conn, |c| c.graceful_shutdown()).await {
                 Some(Err(error)) => tracing::debug!(%error, "proxy connection ended with an error"),

@@ -1663,6 +1663,33 @@ async fn a_request_head_not_sent_within_header_read_timeout_closes_the_connectio
     assert_eq!(up.hits(), 0);
 }
 
+/// The connection's timer serves the head-read and the upstream timeouts in turn: after a
+/// request that waited on its upstream past the head-read timeout (the timer then moved to the
+/// 10-minute upstream deadline), the next head is still timed by the head-read timeout.
+#[tokio::test]
+async fn the_next_head_on_a_kept_alive_connection_is_timed_after_a_slow_upstream() {
+    let up = Upstream::start(|_req| async {
+        // A slow upstream (its behaviour under test, not a wait for the test's sake).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        full(StatusCode::OK, "{}")
+    })
+    .await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start_with(&agent, |s| {
+        s.header_read_timeout = Duration::from_millis(100)
+    })
+    .await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    let head = format!("GET /v1/models HTTP/1.1\r\nHost: {}\r\n", p.host());
+    s.write_all(format!("{head}\r\n").as_bytes()).await.unwrap();
+    let text = within(read_response(&mut s)).await;
+    assert!(status_line(&text).starts_with("HTTP/1.1 200"), "{text}");
+    // Half a head, and never the rest.
+    s.write_all(head.as_bytes()).await.unwrap();
+    assert!(closed(&mut s).await);
+    assert_eq!(up.hits(), 1);
+}
+
 #[tokio::test]
 async fn connections_beyond_max_connections_wait_for_a_free_slot() {
     let up = Upstream::echo().await;
