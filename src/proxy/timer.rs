@@ -1,8 +1,8 @@
 //! Timers that cost a request no registration in tokio's timer wheel. A client's HTTP/1
 //! connection has one [`Lazy`] timer, shared by the two deadlines of its requests, which come one
 //! at a time: hyper's head-read timeout (through [`ConnTimer`]) and the upstream timeout. Each
-//! would otherwise register a timer and remove it again for every request, which costs about as
-//! much as the whole header rewrite.
+//! would otherwise register a timer in tokio's wheel and remove it again for every request: about
+//! 400 instructions of the 38,500 a request cost (callgrind, bench/experiments).
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -13,9 +13,8 @@ use tokio::time::{Instant, Sleep};
 
 /// A timer for deadlines that mostly move later (the next frame's, the next request's): armed
 /// on the first wait, it stays registered at its deadline while later ones are asked for, and is
-/// re-armed only when it fires before the deadline asked for then. A wait then costs a waker
-/// registration, not a timer registered and removed again (which tokio's timer wheel charges
-/// for, per request, about as much as the whole header rewrite).
+/// re-armed only when it fires before the deadline asked for then. A wait then costs a look at
+/// the timer, not a timer registered and removed again.
 #[derive(Default)]
 pub struct Lazy {
     sleep: Option<Pin<Box<Sleep>>>,
