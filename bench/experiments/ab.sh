@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # A/B harness for hot-path experiments (not part of bench/run.sh, not part of CI): several agent
 # builds or settings, and nginx as the reference, against one nginx upstream, interleaved, with the
-# proxies' user and system CPU per request from /proc. Same pinning as bench/run.sh on 2 cores:
+# proxies' user and system CPU per request from /proc, and their context switches per 1,000
+# requests (voluntary: the proxy had nothing to do and slept in epoll_wait; involuntary: it was
+# preempted, mostly by the upstream it shares a core with). Same pinning as bench/run.sh on 2 cores:
 # wrk on CPU 0; the proxies and the upstream on CPU 1.
 #
 #   bench/experiments/ab.sh ROUNDS CONCURRENCY "LABEL=BINARY[;ENV=VALUE...]" ...
@@ -72,16 +74,19 @@ for p in "${ports[@]}"; do
         || { echo "port $p does not answer 200" >&2; exit 1; }
 done
 ticks() { local u=0 s=0 p a b; for p in "$@"; do read -r a b < <(awk '{print $14, $15}' "/proc/$p/stat"); u=$((u + a)); s=$((s + b)); done; echo "$u $s"; }
+switches() { local v=0 n=0 p a b; for p in "$@"; do read -r a b < <(awk '/^voluntary_ctxt/ {a=$2} /^nonvoluntary_ctxt/ {b=$2} END {print a, b}' "/proc/$p/status"); v=$((v + a)); n=$((n + b)); done; echo "$v $n"; }
 : >"$T/ab.jsonl"
 n=${#labels[@]}
 for ((r = 0; r < ROUNDS; r++)); do
     for ((k = 0; k < n; k++)); do
         i=$(((k + r) % n))
         read -r u0 s0 < <(ticks ${pids[$i]})
+        read -r v0 n0 < <(switches ${pids[$i]})
         out=$(BENCH_METHOD=POST BENCH_BODY=${BODY:-small} BENCH_AUTH="Bearer placeholder" taskset -c 0 wrk -t1 -c"$CONC" -d"${DUR}s" \
             -s "$B/wrk_report.lua" "http://127.0.0.1:${ports[$i]}${URLPATH:-/v1/chat/completions}" | grep '^WRKJSON ' | cut -d' ' -f2-)
         read -r u1 s1 < <(ticks ${pids[$i]})
-        echo "{\"label\":\"${labels[$i]}\",\"u\":$((u1 - u0)),\"s\":$((s1 - s0)),\"wrk\":$out}" >>"$T/ab.jsonl"
+        read -r v1 n1 < <(switches ${pids[$i]})
+        echo "{\"label\":\"${labels[$i]}\",\"u\":$((u1 - u0)),\"s\":$((s1 - s0)),\"v\":$((v1 - v0)),\"n\":$((n1 - n0)),\"wrk\":$out}" >>"$T/ab.jsonl"
     done
 done
 python3 - "$T/ab.jsonl" "$(getconf CLK_TCK)" <<'EOF'
@@ -90,9 +95,10 @@ us = 1e6 / int(sys.argv[2])
 d = collections.defaultdict(list)
 for line in open(sys.argv[1]):
     r = json.loads(line); w = r["wrk"]; n = w["requests"]
-    d[r["label"]].append((n / w["duration_us"] * 1e6, r["u"] * us / n, r["s"] * us / n, w["p99_us"] / 1e3))
-print(f"{'label':<16} {'req/s median (min-max)':>26} {'user':>6} {'sys':>6} µs/req {'p99 ms':>7}")
+    d[r["label"]].append((n / w["duration_us"] * 1e6, r["u"] * us / n, r["s"] * us / n, w["p99_us"] / 1e3, r["v"] * 1000 / n, r["n"] * 1000 / n))
+print(f"{'label':<16} {'req/s median (min-max)':>26} {'user':>6} {'sys':>6} µs/req {'p99 ms':>7}  switches/1k req (vol, invol)")
 for k, v in d.items():
     print(f"{k:<16} {st.median(x[0] for x in v):>9.0f} ({min(x[0] for x in v):>6.0f}-{max(x[0] for x in v):>6.0f})"
-          f" {st.median(x[1] for x in v):>6.1f} {st.median(x[2] for x in v):>6.1f}        {st.median(x[3] for x in v):>7.2f}")
+          f" {st.median(x[1] for x in v):>6.1f} {st.median(x[2] for x in v):>6.1f}        {st.median(x[3] for x in v):>7.2f}"
+          f"  {st.median(x[4] for x in v):>6.1f} {st.median(x[5] for x in v):>6.1f}")
 EOF
