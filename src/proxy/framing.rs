@@ -19,6 +19,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+use super::timer::ConnTimer;
 
 /// A head line longer than this is over hyper's head limit anyway; stop watching.
 const MAX_LINE: usize = 64 * 1024;
@@ -274,18 +277,56 @@ fn trim(b: &[u8]) -> &[u8] {
     &b[start..end]
 }
 
-/// A client stream with a [`Scanner`] watching what is read from it.
+/// A client stream with a [`Scanner`] watching what is read from it, and a deadline for its
+/// first bytes.
 pub struct Watched<S> {
     io: S,
     scanner: Scanner,
+    /// Until the first bytes tell HTTP/1 from an h2 preface.
+    first: Option<First>,
 }
 
+/// The first bytes of a connection are read by hyper-util to tell HTTP/1 from h2 prior knowledge
+/// (a mismatch with the h2 preface, or the whole of it), and hyper's head-read timeout starts only
+/// after that: until then, this deadline stands in for it, so that a client that sends nothing (or
+/// half a preface) does not hold a connection slot for good.
+struct First {
+    /// Bytes of the preface matched so far.
+    matched: usize,
+    deadline: Instant,
+    timer: ConnTimer,
+}
+
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 impl<S> Watched<S> {
-    pub fn new(io: S, found: Arc<Framing>) -> Self {
+    /// `first`: the deadline for the first bytes and the connection's timer; `None`: no limit.
+    pub fn new(io: S, found: Arc<Framing>, first: Option<(Instant, ConnTimer)>) -> Self {
         Watched {
             io,
             scanner: Scanner::new(found),
+            first: first.map(|(deadline, timer)| First {
+                matched: 0,
+                deadline,
+                timer,
+            }),
         }
+    }
+}
+
+impl First {
+    /// Follows the bytes read: true once they tell the protocol.
+    fn told(&mut self, bytes: &[u8]) -> bool {
+        for &b in bytes {
+            if b != H2_PREFACE[self.matched] {
+                return true;
+            }
+            self.matched += 1;
+            if self.matched == H2_PREFACE.len() {
+                return true;
+            }
+        }
+        false
     }
 }
 
@@ -298,6 +339,26 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if let Some(first) = &mut this.first {
+            match polled {
+                Poll::Ready(Ok(())) if first.told(&buf.filled()[before..]) => this.first = None,
+                Poll::Pending
+                    if first
+                        .timer
+                        .0
+                        .lock()
+                        .expect("timer lock")
+                        .poll_until(first.deadline, cx)
+                        .is_ready() =>
+                {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no request within proxy.header_read_timeout",
+                    )));
+                }
+                _ => {}
+            }
+        }
         if let Poll::Ready(Ok(())) = polled
             && this.scanner.state != State::Off
         {
@@ -398,6 +459,26 @@ mod tests {
     fn ordinary_requests_are_not_flagged() {
         let input = b"GET / HTTP/1.1\r\nHost: l\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc";
         assert!(every_split(input).iter().all(|&n| n == 0));
+    }
+
+    #[test]
+    fn the_first_bytes_tell_the_protocol_at_the_first_mismatch_or_a_whole_preface() {
+        let first = || First {
+            matched: 0,
+            deadline: Instant::now(),
+            timer: ConnTimer::default(),
+        };
+        let mut f = first();
+        assert!(f.told(b"G"));
+        let mut f = first();
+        assert!(!f.told(b""));
+        assert!(!f.told(b"PRI * HTTP/2.0\r\n"));
+        assert!(f.told(b"\r\nPOST"), "a mismatch after a partial preface");
+        let mut f = first();
+        for piece in H2_PREFACE.chunks(5) {
+            let last = piece.as_ptr_range().end == H2_PREFACE.as_ptr_range().end;
+            assert_eq!(f.told(piece), last);
+        }
     }
 
     #[test]

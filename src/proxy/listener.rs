@@ -37,10 +37,12 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::Shared;
+use super::body::after_from;
 use super::forward::{ConnInfo, MAX_HEADERS};
 use super::framing::{Framing, Watched};
 use super::timer::ConnTimer;
@@ -283,7 +285,14 @@ pub async fn serve(shared: Arc<Shared>, listeners: Vec<Listener>, shutdown: Canc
                         .map(Ok::<_, Infallible>)
                 })
             };
-            let io = TokioIo::new(Watched::new(stream, framing));
+            // Accepted now: the first bytes are due within the head-read timeout.
+            let first = (!limits.header_read_timeout.is_zero()).then(|| {
+                (
+                    after_from(Instant::now(), limits.header_read_timeout),
+                    timer.clone(),
+                )
+            });
+            let io = TokioIo::new(Watched::new(stream, framing, first));
             // hyper's HTTP/1 side times each head on the connection's timer (see `ConnTimer`).
             let mut builder = (*builder).clone();
             builder.http1().timer(timer);

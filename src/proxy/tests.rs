@@ -1663,6 +1663,33 @@ async fn a_request_head_not_sent_within_header_read_timeout_closes_the_connectio
     assert_eq!(up.hits(), 0);
 }
 
+/// Before hyper's own head-read timeout can start, the first bytes must tell HTTP/1 from h2
+/// prior knowledge: a client that sends nothing, or the start of an h2 preface and no more, is
+/// closed after `header_read_timeout` too, and does not hold a connection slot for good.
+#[tokio::test]
+async fn a_connection_that_sends_nothing_or_half_a_preface_is_closed_after_header_read_timeout() {
+    let up = Upstream::echo().await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start_with(&agent, |s| {
+        s.header_read_timeout = Duration::from_millis(100)
+    })
+    .await;
+    for sent in [&b""[..], b"PRI * HTTP/2.0\r\n"] {
+        let mut s = TcpStream::connect(p.addr).await.unwrap();
+        s.write_all(sent).await.unwrap();
+        assert!(closed(&mut s).await, "{:?}", String::from_utf8_lossy(sent));
+    }
+    // A whole preface is h2: hyper's from there (its SETTINGS come back at once).
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 9];
+    within(s.read_exact(&mut buf)).await.unwrap();
+    assert_eq!(buf[3], 0x4, "a SETTINGS frame");
+    assert_eq!(up.hits(), 0);
+}
+
 /// The connection's timer serves the head-read and the upstream timeouts in turn: after a
 /// request that waited on its upstream past the head-read timeout (the timer then moved to the
 /// 10-minute upstream deadline), the next head is still timed by the head-read timeout.
