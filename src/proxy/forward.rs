@@ -231,9 +231,9 @@ impl Drop for RequestRecord {
 }
 
 impl RequestRecord {
+    /// The debug line (only written when `logged` was kept).
     #[cold]
     #[inline(never)]
-    /// The debug line (only written when `logged` was kept).
     fn log(&self, l: &Logged) {
         tracing::debug!(
             method = %l.method,
@@ -506,6 +506,7 @@ impl Forwarder {
     }
 }
 
+/// The errors of the send, out of line (see [`Forwarder::failed`]).
 impl Forwarder {
     #[cold]
     #[inline(never)]
