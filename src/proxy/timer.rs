@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
+use super::body::after_from;
+
 /// A timer for deadlines that mostly move later (the next frame's, the next request's): armed
 /// on the first wait, it stays registered at its deadline while later ones are asked for, and is
 /// re-armed only when it fires before the deadline asked for then. A wait then costs a look at
@@ -63,7 +65,7 @@ pub struct ConnTimer(pub Arc<Mutex<Lazy>>);
 
 impl hyper::rt::Timer for ConnTimer {
     fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        self.sleep_until(self.now() + duration)
+        self.sleep_until(after_from(Instant::now(), duration).into_std())
     }
 
     fn sleep_until(&self, deadline: std::time::Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
@@ -109,6 +111,14 @@ mod tests {
         fn wake(self: Arc<Self>) {
             self.0.store(true, Ordering::SeqCst);
         }
+    }
+
+    /// hyper may ask for any duration; one past the clock's range is far away, not a panic.
+    #[tokio::test(start_paused = true)]
+    async fn a_conn_timer_sleep_of_any_length_is_made() {
+        let mut sleep = hyper::rt::Timer::sleep(&ConnTimer::default(), Duration::MAX);
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(sleep.as_mut().poll(&mut cx).is_pending());
     }
 
     /// A poll from another task than the one before moves the wake-up to it.
