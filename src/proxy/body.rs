@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::timer::Lazy;
+use super::timer::{Lazy, after_from};
 
 use super::forward::RequestRecord;
 
@@ -65,15 +65,9 @@ impl Idle {
     }
 }
 
-/// `now + after`, capped for absurd configured durations instead of overflowing.
+/// `now + after`, capped (see [`after_from`]).
 fn later(after: Duration) -> Instant {
     after_from(Instant::now(), after)
-}
-
-/// `from + after`, capped likewise.
-pub fn after_from(from: Instant, after: Duration) -> Instant {
-    from.checked_add(after)
-        .unwrap_or_else(|| from + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 /// Hands the kept chunks of a request body to the handler once the whole body went through and

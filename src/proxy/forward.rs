@@ -10,7 +10,7 @@
 use std::future::{Future as _, poll_fn};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -27,10 +27,10 @@ use tokio::time::Instant;
 use url::Url;
 
 use super::Stats;
-use super::body::{ResponseBody, UpstreamBody, after_from};
+use super::body::{ResponseBody, UpstreamBody};
 use super::error::{ProxyError, SetupError};
 use super::framing::Framing;
-use super::timer::{ConnTimer, Lazy};
+use super::timer::{ConnTimer, Lazy, after_from};
 use super::upstream::{Lease, Pool, Sent};
 use super::{guard, path};
 use crate::telemetry::metrics::Metrics;
@@ -391,7 +391,7 @@ impl Forwarder {
             _ => Some((method.clone(), uri.clone(), headers.clone())),
         };
         // HTTP/1 requests on a connection come one at a time and share its timer.
-        let timer = (version != Version::HTTP_2).then_some(&*conn.timer.0);
+        let timer = (version != Version::HTTP_2).then_some(&conn.timer);
         let deadline = after_from(record.start, self.upstream_timeout);
         let sent = self
             .send(build(method, uri, headers, body), deadline, timer)
@@ -444,7 +444,7 @@ impl Forwarder {
         token: &Arc<Token>,
         replay: Replay,
         again: Option<(Method, Uri, HeaderMap)>,
-        timer: Option<&Mutex<Lazy>>,
+        timer: Option<&ConnTimer>,
     ) -> Result<Sent, ProxyError> {
         let body = match replay {
             Replay::No => None,
@@ -477,7 +477,7 @@ impl Forwarder {
         &self,
         req: Request<UpstreamBody>,
         deadline: Instant,
-        timer: Option<&Mutex<Lazy>>,
+        timer: Option<&ConnTimer>,
     ) -> Result<Sent, ProxyError> {
         // Pinned where it is made: `tokio::time::timeout` would move the pool's (large) future
         // into its own, and that into this one.
@@ -486,7 +486,7 @@ impl Forwarder {
         let outcome = poll_fn(|cx| match sent.as_mut().poll(cx) {
             Poll::Ready(r) => Poll::Ready(Ok(r)),
             Poll::Pending => match timer {
-                Some(t) => t.lock().expect("timer lock").poll_until(deadline, cx),
+                Some(t) => t.poll_until(deadline, cx),
                 None => own.poll_until(deadline, cx),
             }
             .map(Err),

@@ -342,15 +342,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         if let Some(first) = &mut this.first {
             match polled {
                 Poll::Ready(Ok(())) if first.told(&buf.filled()[before..]) => this.first = None,
-                Poll::Pending
-                    if first
-                        .timer
-                        .0
-                        .lock()
-                        .expect("timer lock")
-                        .poll_until(first.deadline, cx)
-                        .is_ready() =>
-                {
+                Poll::Pending if first.timer.poll_until(first.deadline, cx).is_ready() => {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,
                         "no request within proxy.header_read_timeout",

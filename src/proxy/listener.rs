@@ -42,10 +42,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::Shared;
-use super::body::after_from;
 use super::forward::{ConnInfo, MAX_HEADERS};
 use super::framing::{Framing, Watched};
-use super::timer::ConnTimer;
+use super::timer::{ConnTimer, after_from};
 use crate::config::ListenAddr;
 
 /// The largest request head accepted (request line and all fields).

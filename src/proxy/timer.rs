@@ -11,8 +11,6 @@ use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
-use super::body::after_from;
-
 /// A timer for deadlines that mostly move later (the next frame's, the next request's): armed
 /// on the first wait, it stays registered at its deadline while later ones are asked for, and is
 /// re-armed only when it fires before the deadline asked for then. A wait then costs a look at
@@ -57,11 +55,24 @@ impl Lazy {
     }
 }
 
+/// `from + after`, capped for absurd configured durations instead of overflowing.
+pub fn after_from(from: Instant, after: Duration) -> Instant {
+    from.checked_add(after)
+        .unwrap_or_else(|| from + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
 /// The timer hyper's HTTP/1 server side is given for one connection: its sleeps wait on the
 /// connection's [`Lazy`] timer. hyper makes one for each request head it waits for (the
 /// head-read timeout), polls it from the connection's task only, and drops it once the head is in.
 #[derive(Clone, Default)]
-pub struct ConnTimer(pub Arc<Mutex<Lazy>>);
+pub struct ConnTimer(Arc<Mutex<Lazy>>);
+
+impl ConnTimer {
+    /// [`Lazy::poll_until`] on the connection's timer.
+    pub fn poll_until(&self, deadline: Instant, cx: &mut Context<'_>) -> Poll<()> {
+        self.0.lock().expect("timer lock").poll_until(deadline, cx)
+    }
+}
 
 impl hyper::rt::Timer for ConnTimer {
     fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
@@ -71,7 +82,7 @@ impl hyper::rt::Timer for ConnTimer {
     fn sleep_until(&self, deadline: std::time::Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
         Box::pin(ConnSleep {
             deadline: deadline.into(),
-            timer: self.0.clone(),
+            timer: self.clone(),
         })
     }
 
@@ -83,17 +94,14 @@ impl hyper::rt::Timer for ConnTimer {
 
 struct ConnSleep {
     deadline: Instant,
-    timer: Arc<Mutex<Lazy>>,
+    timer: ConnTimer,
 }
 
 impl Future for ConnSleep {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        self.timer
-            .lock()
-            .expect("timer lock")
-            .poll_until(self.deadline, cx)
+        self.timer.poll_until(self.deadline, cx)
     }
 }
 
