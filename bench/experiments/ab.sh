@@ -89,16 +89,22 @@ for ((r = 0; r < ROUNDS; r++)); do
         echo "{\"label\":\"${labels[$i]}\",\"u\":$((u1 - u0)),\"s\":$((s1 - s0)),\"v\":$((v1 - v0)),\"n\":$((n1 - n0)),\"wrk\":$out}" >>"$T/ab.jsonl"
     done
 done
-python3 - "$T/ab.jsonl" "$(getconf CLK_TCK)" <<'EOF'
+rss=()
+for ((i = 0; i < n; i++)); do
+    kb=0; for p in ${pids[$i]}; do kb=$((kb + $(awk '/^VmRSS/ {print $2}' "/proc/$p/status"))); done
+    rss+=("${labels[$i]}=$kb")
+done
+python3 - "$T/ab.jsonl" "$(getconf CLK_TCK)" "${rss[@]}" <<'EOF'
 import collections, json, statistics as st, sys
 us = 1e6 / int(sys.argv[2])
 d = collections.defaultdict(list)
 for line in open(sys.argv[1]):
     r = json.loads(line); w = r["wrk"]; n = w["requests"]
     d[r["label"]].append((n / w["duration_us"] * 1e6, r["u"] * us / n, r["s"] * us / n, w["p99_us"] / 1e3, r["v"] * 1000 / n, r["n"] * 1000 / n))
-print(f"{'label':<16} {'req/s median (min-max)':>26} {'user':>6} {'sys':>6} µs/req {'p99 ms':>7}  switches/1k req (vol, invol)")
+rss = dict(a.split("=") for a in sys.argv[3:])
+print(f"{'label':<16} {'req/s median (min-max)':>26} {'user':>6} {'sys':>6} µs/req {'p99 ms':>7}  switches/1k req (vol, invol)  RSS MiB at the end")
 for k, v in d.items():
     print(f"{k:<16} {st.median(x[0] for x in v):>9.0f} ({min(x[0] for x in v):>6.0f}-{max(x[0] for x in v):>6.0f})"
           f" {st.median(x[1] for x in v):>6.1f} {st.median(x[2] for x in v):>6.1f}        {st.median(x[3] for x in v):>7.2f}"
-          f"  {st.median(x[4] for x in v):>6.1f} {st.median(x[5] for x in v):>6.1f}")
+          f"  {st.median(x[4] for x in v):>6.1f} {st.median(x[5] for x in v):>6.1f}  {int(rss[k]) / 1024:>8.1f}")
 EOF

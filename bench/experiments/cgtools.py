@@ -7,14 +7,21 @@
       who calls FUNCTION (a substring of its name, e.g. __memcpy_avx_unaligned_erms), with the
       instructions (inclusive) and calls per request
 
-REQUESTS is the count callgrind.sh printed for that profile.
+REQUESTS is the count callgrind.sh printed for that profile. EVENT=DLmw (or any event the profile
+recorded, e.g. with VGX="--cache-sim=yes --LL=1048576,16,64": D1mw, DLmr, ...) counts that event
+instead of instructions.
 """
+import os
 import re
 import subprocess
 import sys
 
+EVENT = os.environ.get("EVENT")
+
 
 def annotate(path, *args):
+    if EVENT:
+        args = (f"--show={EVENT}", f"--sort={EVENT}", *args)
     return subprocess.run(["callgrind_annotate", *args, path], capture_output=True, text=True,
                           check=True).stdout
 
@@ -38,7 +45,7 @@ def diff(a, na, b, nb, rows=40):
     x, y = self_costs(a, int(na)), self_costs(b, int(nb))
     names = sorted(set(x) | set(y), key=lambda k: -abs(y.get(k, 0) - x.get(k, 0)))
     for k in names[:int(rows)]:
-        print(f"{x.get(k, 0):8.0f} {y.get(k, 0):8.0f} {y.get(k, 0) - x.get(k, 0):+7.0f}  {k[:120]}")
+        print(f"{x.get(k, 0):8.1f} {y.get(k, 0):8.1f} {y.get(k, 0) - x.get(k, 0):+7.1f}  {k[:120]}")
 
 
 def callers(path, requests, function):
@@ -51,12 +58,12 @@ def callers(path, requests, function):
         if re.search(r"\*\s+\S*" + re.escape(function), line):
             rows = []
             for b in block:
-                m = re.match(r"\s*([\d,]+) \([^)]*\)\s+<\s+(\S+)\s+\(([\d,]+)x\)", b)
+                m = re.match(r"\s*([\d,]+) \([^)]*\)\s+<\s+(.+?)\s+\(([\d,]+)x\)", b)
                 if m:
                     rows.append((int(m.group(1).replace(",", "")) / n,
                                  int(m.group(3).replace(",", "")) / n, m.group(2)))
             for cost, calls, name in sorted(rows, reverse=True):
-                print(f"{cost:7.0f} {calls:5.1f}x  {name[:110]}")
+                print(f"{cost:7.1f} {calls:5.1f}x  {name[:110]}")
             return
         block.append(line)
 
