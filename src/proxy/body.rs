@@ -79,22 +79,16 @@ struct Tee {
     done: oneshot::Sender<Vec<Bytes>>,
 }
 
-/// The request body as sent upstream.
+/// The request body as sent upstream. Small (48 bytes): the request that carries it is moved
+/// through several futures and hyper's dispatch channel on every request.
 pub enum UpstreamBody {
     /// No body (`GET`, `Content-Length: 0`).
     Empty,
     /// A body that was whole at hand: sent as one frame (and kept for a replay by a reference
     /// count, with no tee).
     Full(Option<Bytes>),
-    /// The client's body, streamed as it arrives.
-    Stream {
-        /// A frame taken from `inner` before streaming began, sent first (boxed: it is rare, and
-        /// a frame is as large as a header map; the body is moved several times per request).
-        first: Option<Box<Frame<Bytes>>>,
-        inner: Incoming,
-        idle: Idle,
-        tee: Option<Box<TeeSlot>>,
-    },
+    /// The client's body, streamed as it arrives (boxed: the common small body is whole at hand).
+    Stream(Box<Streamed>),
     /// A kept body sent again after a 401.
     Replay {
         chunks: std::vec::IntoIter<Bytes>,
@@ -102,8 +96,13 @@ pub enum UpstreamBody {
     },
 }
 
-/// Boxed so the common case (no tee) keeps the enum small.
-pub struct TeeSlot(Tee);
+pub struct Streamed {
+    /// A frame taken from `inner` before streaming began, sent first.
+    first: Option<Frame<Bytes>>,
+    inner: Incoming,
+    idle: Idle,
+    tee: Option<Tee>,
+}
 
 /// What the handler holds to learn whether the body can be replayed.
 pub type Kept = oneshot::Receiver<Vec<Bytes>>;
@@ -126,16 +125,16 @@ impl UpstreamBody {
                     limit,
                     done,
                 };
-                (Some(Box::new(TeeSlot(tee))), Some(kept))
+                (Some(tee), Some(kept))
             }
             None => (None, None),
         };
-        let body = UpstreamBody::Stream {
-            first: first.map(Box::new),
+        let body = UpstreamBody::Stream(Box::new(Streamed {
+            first,
             inner,
             idle: Idle::new(idle),
             tee,
-        };
+        }));
         (body, kept)
     }
 
@@ -148,9 +147,8 @@ impl UpstreamBody {
     }
 }
 
-fn finish(tee: &mut Option<Box<TeeSlot>>) {
-    if let Some(slot) = tee.take() {
-        let TeeSlot(t) = *slot;
+fn finish(tee: &mut Option<Tee>) {
+    if let Some(t) = tee.take() {
         let _ = t.done.send(t.kept);
     }
 }
@@ -170,14 +168,15 @@ impl Body for UpstreamBody {
                 *left -= c.len() as u64;
                 Ok(Frame::data(c))
             })),
-            UpstreamBody::Stream {
-                first,
-                inner,
-                idle,
-                tee,
-            } => {
+            UpstreamBody::Stream(streamed) => {
+                let Streamed {
+                    first,
+                    inner,
+                    idle,
+                    tee,
+                } = &mut **streamed;
                 let polled = match first.take() {
-                    Some(frame) => Poll::Ready(Some(Ok(*frame))),
+                    Some(frame) => Poll::Ready(Some(Ok(frame))),
                     None => Pin::new(&mut *inner).poll_frame(cx),
                 };
                 match polled {
@@ -207,8 +206,7 @@ impl Body for UpstreamBody {
                             }
                             Err(frame) => frame,
                         };
-                        if let Some(slot) = tee {
-                            let t = &mut slot.0;
+                        if let Some(t) = tee {
                             match frame.data_ref() {
                                 Some(data) if t.size + data.len() <= t.limit => {
                                     t.size += data.len();
@@ -234,7 +232,7 @@ impl Body for UpstreamBody {
             UpstreamBody::Empty => true,
             UpstreamBody::Full(data) => data.is_none(),
             UpstreamBody::Replay { left, chunks } => *left == 0 && chunks.len() == 0,
-            UpstreamBody::Stream { first, inner, .. } => first.is_none() && inner.is_end_stream(),
+            UpstreamBody::Stream(s) => s.first.is_none() && s.inner.is_end_stream(),
         }
     }
 
@@ -245,10 +243,11 @@ impl Body for UpstreamBody {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
             UpstreamBody::Replay { left, .. } => SizeHint::with_exact(*left),
-            UpstreamBody::Stream { first, inner, .. } => {
+            UpstreamBody::Stream(s) => {
                 // The length still to come includes the frame taken first.
-                let mut hint = inner.size_hint();
-                if let Some(n) = first
+                let mut hint = s.inner.size_hint();
+                if let Some(n) = s
+                    .first
                     .as_ref()
                     .and_then(|f| f.data_ref())
                     .map(|d| d.len() as u64)

@@ -7,11 +7,11 @@
 //! buffers a response: each frame is passed on as it comes (hyper copies it into the connection's
 //! write buffer, which for small frames costs less than a vectored write).
 
-use std::future::{Future as _, poll_fn};
+use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -249,6 +249,20 @@ impl RequestRecord {
 }
 
 /// Where the replayable copy of a request body is.
+/// The first frame of a request body, as polled once.
+type First = Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>>;
+
+/// The head of a request kept for a replay (boxed: it is made on the stack, and the future that
+/// keeps it lives in the client connection's memory).
+type Again = (Method, Uri, HeaderMap);
+
+/// A request ready to go upstream, and what a replay needs.
+struct Prepared {
+    req: Request<UpstreamBody>,
+    replay: Replay,
+    again: Option<Box<Again>>,
+}
+
 enum Replay {
     /// Not replayable: the body is larger than `max_replay_body`.
     No,
@@ -262,56 +276,68 @@ enum Replay {
 
 impl Forwarder {
     /// Answers one request. Never fails: errors become OpenAI-shaped answers.
-    pub async fn handle(
+    ///
+    /// This and the other functions on the request path return an `async` block rather than
+    /// being `async fn`s: an `async fn` moves each argument it takes by value into a second slot
+    /// of its future when first polled, so the request was copied twice at each layer. The
+    /// futures live in each client connection's own memory, which with many connections is not
+    /// in the cache when the next request comes: every byte written there costs.
+    #[expect(clippy::manual_async_fn, reason = "no second copy of the request")]
+    pub fn handle(
         self: Arc<Self>,
         conn: Arc<ConnInfo>,
         req: Request<Incoming>,
-    ) -> Response<ResponseBody> {
-        let n = conn.requests.fetch_add(1, Ordering::Relaxed) + 1;
-        self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
-        if let Some(m) = self.metrics.get() {
-            m.in_flight_requests.inc();
-        }
-        let mut record = RequestRecord {
-            fwd: self.clone(),
-            logged: tracing::enabled!(tracing::Level::DEBUG).then(|| {
-                Box::new(Logged {
-                    method: req.method().clone(),
-                    target: req.uri().clone(),
-                    session: None,
-                })
-            }),
-            status: CLIENT_CLOSED,
-            stream: false,
-            bytes: 0,
-            completed: false,
-            start: Instant::now(),
-            lease: None,
-        };
-        let result = if conn.framing.conflict_at(n) {
-            Err(ProxyError::ConflictingFraming)
-        } else {
-            self.forward(&conn, req, &mut record).await
-        };
-        match result {
-            Ok((resp, lease)) => {
-                record.lease = lease;
-                let (parts, body) = resp.into_parts();
-                record.status = parts.status.as_u16();
-                self.stats.count_status(parts.status);
-                if let Some(m) = self.metrics.get()
-                    && parts
-                        .headers
-                        .get(http::header::CONTENT_TYPE)
-                        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
-                {
-                    record.stream = true;
-                    m.in_flight_streams.inc();
-                }
-                Response::from_parts(parts, ResponseBody::stream(body, self.idle_timeout, record))
+    ) -> impl Future<Output = Response<ResponseBody>> {
+        async move {
+            let n = conn.requests.fetch_add(1, Ordering::Relaxed) + 1;
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+            if let Some(m) = self.metrics.get() {
+                m.in_flight_requests.inc();
             }
-            Err(e) => self.failed(e, record),
+            let mut record = RequestRecord {
+                fwd: self.clone(),
+                logged: tracing::enabled!(tracing::Level::DEBUG).then(|| {
+                    Box::new(Logged {
+                        method: req.method().clone(),
+                        target: req.uri().clone(),
+                        session: None,
+                    })
+                }),
+                status: CLIENT_CLOSED,
+                stream: false,
+                bytes: 0,
+                completed: false,
+                start: Instant::now(),
+                lease: None,
+            };
+            let result = if conn.framing.conflict_at(n) {
+                Err(ProxyError::ConflictingFraming)
+            } else {
+                self.forward(&conn, req, &mut record).await
+            };
+            match result {
+                Ok((resp, lease)) => {
+                    record.lease = lease;
+                    let (parts, body) = resp.into_parts();
+                    record.status = parts.status.as_u16();
+                    self.stats.count_status(parts.status);
+                    if let Some(m) = self.metrics.get()
+                        && parts
+                            .headers
+                            .get(http::header::CONTENT_TYPE)
+                            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
+                    {
+                        record.stream = true;
+                        m.in_flight_streams.inc();
+                    }
+                    Response::from_parts(
+                        parts,
+                        ResponseBody::stream(body, self.idle_timeout, record),
+                    )
+                }
+                Err(e) => self.failed(e, record),
+            }
         }
     }
 
@@ -335,12 +361,71 @@ impl Forwarder {
         e.response_with(|b| ResponseBody::full(b, record))
     }
 
-    async fn forward(
+    #[expect(clippy::manual_async_fn, reason = "no second copy of the request")]
+    fn forward(
+        &self,
+        conn: &ConnInfo,
+        mut req: Request<Incoming>,
+        record: &mut RequestRecord,
+    ) -> impl Future<Output = Result<Sent, ProxyError>> {
+        async move {
+            // The held token is a read-mostly load; only without one does the request wait on a
+            // grant (checked first: a bad request never waits for one), whose (large) future is
+            // boxed so it does not weigh on every request's.
+            let token = match self.tokens.valid(Duration::ZERO) {
+                Some(t) => t,
+                None => {
+                    self.check(conn, &req)?;
+                    Box::pin(self.tokens.get(Duration::ZERO))
+                        .await
+                        .map_err(token_unavailable)?
+                }
+            };
+            // A body that may be replayed: its first frame, usually in with the head (polled
+            // once; nothing waits here).
+            let first = match self.keeps(req.body()) {
+                true => {
+                    Some(poll_fn(|cx| Poll::Ready(Pin::new(req.body_mut()).poll_frame(cx))).await)
+                }
+                false => None,
+            };
+            // HTTP/1 requests on a connection come one at a time and share its timer.
+            let timer = (req.version() != Version::HTTP_2).then_some(&conn.timer);
+            // Nothing waits from here to the send, so the head is edited on the stack: only what
+            // outlives the send is kept in this future.
+            let Prepared { req, replay, again } = self.prepare(conn, req, record, &token, first)?;
+            let deadline = after_from(record.start, self.upstream_timeout);
+            let sent = self.send(req, deadline, timer).await?;
+            if sent.0.status() != StatusCode::UNAUTHORIZED {
+                return Ok(sent);
+            }
+            // Rare, and kept out of the common path's future.
+            Box::pin(self.replay(sent, &token, replay, again, timer)).await
+        }
+    }
+
+    /// The guards of [`Forwarder::prepare`], alone: for a request that would wait for a grant.
+    fn check(&self, conn: &ConnInfo, req: &Request<Incoming>) -> Result<(), ProxyError> {
+        guard::check_method(req.method())?;
+        if req.headers().len() > MAX_HEADERS {
+            return Err(too_many_headers());
+        }
+        let rel = guard::target(req, conn.local.as_ref(), &self.upstream)?;
+        guard::check_origin(req.headers(), &self.allowed_origins)?;
+        path::resolve(rel)?;
+        Ok(())
+    }
+
+    /// The guards, then the request as sent upstream: the URI built from the configured upstream,
+    /// the head rewritten, the token in, and the body with its copy for a replay.
+    fn prepare(
         &self,
         conn: &ConnInfo,
         req: Request<Incoming>,
         record: &mut RequestRecord,
-    ) -> Result<Sent, ProxyError> {
+        token: &Token,
+        first: Option<First>,
+    ) -> Result<Prepared, ProxyError> {
         guard::check_method(req.method())?;
         if req.headers().len() > MAX_HEADERS {
             return Err(too_many_headers());
@@ -352,7 +437,6 @@ impl Forwarder {
 
         let (parts, body) = req.into_parts();
         let method = parts.method;
-        let version = parts.version;
         let mut headers = parts.headers;
         // The client's URI shares the connection's read buffer: let it go now, not when the
         // response head arrives (see `RequestRecord::logged`).
@@ -373,54 +457,50 @@ impl Forwarder {
             l.session = headers.get(X_SESSION_ID).cloned();
         }
         headers.entry(X_REQUEST_ID).or_insert_with(request_id);
-
-        // The held token is a read-mostly load; only without one does the request wait on a
-        // grant, whose (large) future is boxed so it does not weigh on every request's.
-        let token = match self.tokens.valid(Duration::ZERO) {
-            Some(t) => t,
-            None => Box::pin(self.tokens.get(Duration::ZERO))
-                .await
-                .map_err(token_unavailable)?,
-        };
         headers.insert(AUTHORIZATION, token.bearer().clone());
 
-        let (body, replay) = self.request_body(body).await?;
+        let (body, replay) = self.request_body(body, first)?;
         // The head is kept for a replay only when the body can be replayed.
         let again = match replay {
             Replay::No => None,
-            _ => Some((method.clone(), uri.clone(), headers.clone())),
+            _ => Some(Box::new((method.clone(), uri.clone(), headers.clone()))),
         };
-        // HTTP/1 requests on a connection come one at a time and share its timer.
-        let timer = (version != Version::HTTP_2).then_some(&conn.timer);
-        let deadline = after_from(record.start, self.upstream_timeout);
-        let sent = self
-            .send(build(method, uri, headers, body), deadline, timer)
-            .await?;
-        if sent.0.status() != StatusCode::UNAUTHORIZED {
-            return Ok(sent);
-        }
-        // Rare, and kept out of the common path's future.
-        Box::pin(self.replay(sent, &token, replay, again, timer)).await
+        Ok(Prepared {
+            req: build(method, uri, headers, body),
+            replay,
+            again,
+        })
     }
 
-    /// The body to send upstream, and where its copy for a replay is. A body that fits the replay
-    /// limit usually came in with its head: when it is whole in the first frame, it goes out as
-    /// that frame and is kept by a reference count, with no tee.
-    async fn request_body(&self, mut body: Incoming) -> Result<(UpstreamBody, Replay), ProxyError> {
-        if body.is_end_stream() {
-            return Ok((UpstreamBody::Empty, Replay::Empty));
-        }
+    /// Whether the body may be replayed, so its first frame is worth a look: there is one, a
+    /// replay is allowed, and its announced length (if any) fits the limit.
+    fn keeps(&self, body: &Incoming) -> bool {
         let limit = self.max_replay_body;
-        let fits = body.size_hint().upper().is_none_or(|n| n <= limit as u64);
-        if !fits || limit == 0 {
-            let (b, _) = UpstreamBody::stream(None, body, self.idle_timeout, None);
-            return Ok((b, Replay::No));
-        }
-        let first = match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
-            Poll::Pending => None,
-            Poll::Ready(None) => return Ok((UpstreamBody::Empty, Replay::Empty)),
-            Poll::Ready(Some(Err(e))) => return Err(body_failed(&e)),
-            Poll::Ready(Some(Ok(frame))) => {
+        !body.is_end_stream()
+            && limit != 0
+            && body.size_hint().upper().is_none_or(|n| n <= limit as u64)
+    }
+
+    /// The body to send upstream, and where its copy for a replay is. `first` is the first frame
+    /// of a body that [`Forwarder::keeps`]. A body that fits the replay limit usually came in with
+    /// its head: when it is whole in the first frame, it goes out as that frame and is kept by a
+    /// reference count, with no tee.
+    fn request_body(
+        &self,
+        body: Incoming,
+        first: Option<First>,
+    ) -> Result<(UpstreamBody, Replay), ProxyError> {
+        let limit = self.max_replay_body;
+        let first = match first {
+            None if body.is_end_stream() => return Ok((UpstreamBody::Empty, Replay::Empty)),
+            None => {
+                let (b, _) = UpstreamBody::stream(None, body, self.idle_timeout, None);
+                return Ok((b, Replay::No));
+            }
+            Some(Poll::Pending) => None,
+            Some(Poll::Ready(None)) => return Ok((UpstreamBody::Empty, Replay::Empty)),
+            Some(Poll::Ready(Some(Err(e)))) => return Err(body_failed(&e)),
+            Some(Poll::Ready(Some(Ok(frame)))) => {
                 if body.is_end_stream() && frame.data_ref().is_some_and(|d| d.len() <= limit) {
                     let whole = frame.into_data().expect("a data frame");
                     return Ok((
@@ -443,7 +523,7 @@ impl Forwarder {
         sent: Sent,
         token: &Arc<Token>,
         replay: Replay,
-        again: Option<(Method, Uri, HeaderMap)>,
+        again: Option<Box<Again>>,
         timer: Option<&ConnTimer>,
     ) -> Result<Sent, ProxyError> {
         let body = match replay {
@@ -455,9 +535,10 @@ impl Forwarder {
         let Some(new) = self.tokens.refresh_rejected(token).await else {
             return Ok(sent);
         };
-        let (Some(body), Some((method, uri, mut headers))) = (body, again) else {
+        let (Some(body), Some(again)) = (body, again) else {
             return Ok(sent);
         };
+        let (method, uri, mut headers) = *again;
         // The 401's body is not read: its connection closes rather than going back.
         drop(sent);
         self.stats.replays.fetch_add(1, Ordering::Relaxed);
@@ -473,36 +554,63 @@ impl Forwarder {
 
     /// Sends upstream, bounded until the response head by `deadline`, on the connection's timer
     /// when one is given (HTTP/1 clients), else on one of its own.
-    async fn send(
-        &self,
+    fn send<'a>(
+        &'a self,
         req: Request<UpstreamBody>,
         deadline: Instant,
-        timer: Option<&ConnTimer>,
-    ) -> Result<Sent, ProxyError> {
-        // Pinned where it is made: `tokio::time::timeout` would move the pool's (large) future
-        // into its own, and that into this one.
-        let mut sent = std::pin::pin!(self.pool.send(req));
-        let mut own = Lazy::default();
-        let outcome = poll_fn(|cx| match sent.as_mut().poll(cx) {
-            Poll::Ready(r) => Poll::Ready(Ok(r)),
-            Poll::Pending => match timer {
-                Some(t) => t.poll_until(deadline, cx),
-                None => own.poll_until(deadline, cx),
+        timer: Option<&'a ConnTimer>,
+    ) -> impl Future<Output = Result<Sent, ProxyError>> + 'a {
+        Exchange {
+            fwd: self,
+            sent: self.pool.send(req),
+            deadline,
+            timer,
+            own: Lazy::default(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`Forwarder::send`]'s future: the pool's, polled in place (an `async` block would move it
+    /// into a pinned slot of its own first; see [`Pool::send`]).
+    struct Exchange<'a, S> {
+        fwd: &'a Forwarder,
+        #[pin]
+        sent: S,
+        deadline: Instant,
+        timer: Option<&'a ConnTimer>,
+        own: Lazy,
+    }
+}
+
+impl<S> Future for Exchange<'_, S>
+where
+    S: Future<Output = Result<Sent, super::upstream::BoxError>>,
+{
+    type Output = Result<Sent, ProxyError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let outcome = match this.sent.poll(cx) {
+            Poll::Ready(r) => r,
+            Poll::Pending => {
+                let expired = match this.timer {
+                    Some(t) => t.poll_until(*this.deadline, cx),
+                    None => this.own.poll_until(*this.deadline, cx),
+                };
+                return expired.map(|()| Err(this.fwd.timed_out()));
             }
-            .map(Err),
-        })
-        .await;
-        match outcome {
-            Err(()) => Err(self.timed_out()),
-            Ok(Err(e)) => Err(self.send_failed(&*e)),
-            Ok(Ok((mut resp, lease))) => {
+        };
+        Poll::Ready(match outcome {
+            Err(e) => Err(this.fwd.send_failed(&*e)),
+            Ok((mut resp, lease)) => {
                 // Edited in place: a response is moved often enough on its way as it is.
                 strip_hop_by_hop(resp.headers_mut());
                 *resp.version_mut() = Version::HTTP_11;
                 resp.extensions_mut().clear();
                 Ok((resp, lease))
             }
-        }
+        })
     }
 }
 

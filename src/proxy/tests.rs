@@ -1156,6 +1156,25 @@ async fn no_token_answers_503_token_unavailable_without_secrets() {
     assert_eq!(up.hits(), 0);
 }
 
+/// With no token held, a request the guards refuse is answered at once: it never waits for (or
+/// spends) a grant, and never reaches the upstream. A good one then gets the first grant.
+#[tokio::test]
+async fn a_refused_request_with_no_token_held_spends_no_grant() {
+    let up = Upstream::echo().await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start(&agent).await;
+    assert_agent_error(get(&p, "/s/a%20b/v1/models").await, 400, "bad_request").await;
+    let r = req(&p, "POST", "/v1/chat/completions")
+        .header("origin", "https://evil.example")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    assert_agent_error(send(p.addr, r).await, 403, "forbidden_origin").await;
+    assert_eq!(agent.idp.token_requests(), 0);
+    assert_eq!(up.hits(), 0);
+    assert_eq!(get(&p, "/v1/models").await.status(), 200);
+    assert_eq!(agent.idp.grants(), 1);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Upstream failures, timeouts, cancellation
 

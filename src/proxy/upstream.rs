@@ -10,16 +10,18 @@
 //! every request: a hashed pool look-up, a large future moved several times, and a task spawned
 //! per HTTP/1 request to put the connection back.
 
+use std::future::Future;
 use std::future::poll_fn;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::task::Poll;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use http::header::HOST;
 use http::{HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::{TrySendError, http1, http2};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -83,6 +85,74 @@ impl Lease {
 /// How a request went out: on HTTP/1.1 with the connection it holds, or on the shared h2 one.
 pub type Sent = (Response<Incoming>, Option<Lease>);
 
+/// What hyper answers a request on an HTTP/1 connection with: the response, or the request back
+/// when the connection closed before writing it.
+pub type Answer = Result<Response<Incoming>, TrySendError<Request<UpstreamBody>>>;
+
+pin_project_lite::pin_project! {
+    /// [`Pool::send`]'s future.
+    #[project = SendingProj]
+    pub enum Sending<'a, A, H> {
+        /// Written to a kept-alive HTTP/1 connection; waiting for the answer.
+        H1 {
+            pool: &'a Arc<Pool>,
+            tx: Option<http1::SendRequest<UpstreamBody>>,
+            #[pin]
+            answer: A,
+        },
+        /// On the shared h2 connection.
+        H2 {
+            #[pin]
+            answer: H,
+        },
+        /// The request could not be made (its h2 URI).
+        Failed {
+            error: Option<BoxError>,
+        },
+        /// Connecting (TCP, TLS, the HTTP handshake) makes a large future. Boxed, it does not
+        /// weigh on every request's future, which hyper keeps allocated for as long as the client
+        /// connection lives (measured with 1,000 open streams: 4 MiB less).
+        Other {
+            sent: Pin<Box<dyn Future<Output = Result<Sent, BoxError>> + Send + 'a>>,
+        },
+    }
+}
+
+impl<A, H> Future for Sending<'_, A, H>
+where
+    A: Future<Output = Answer>,
+    H: Future<Output = hyper::Result<Response<Incoming>>>,
+{
+    type Output = Result<Sent, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let again = match self.as_mut().project() {
+            SendingProj::H2 { answer } => {
+                return answer.poll(cx).map(|r| Ok((r?, None)));
+            }
+            SendingProj::Failed { error } => {
+                return Poll::Ready(Err(error.take().expect("Sending polled after it finished")));
+            }
+            SendingProj::Other { sent } => return sent.as_mut().poll(cx),
+            SendingProj::H1 { pool, tx, answer } => match ready!(answer.poll(cx)) {
+                Ok(resp) => {
+                    let tx = tx.take().expect("Sending polled after it finished");
+                    return Poll::Ready(Ok((resp, Some(pool.lease(tx)))));
+                }
+                Err(mut e) => match e.take_message() {
+                    // Never written: the connection was closing. Another one gets it.
+                    Some(back) => pool.send_again(back),
+                    None => return Poll::Ready(Err(e.into_error().into())),
+                },
+            },
+        };
+        self.set(Sending::Other {
+            sent: Box::pin(again),
+        });
+        self.poll(cx)
+    }
+}
+
 impl Pool {
     pub fn new(
         connector: HttpsConnector<HttpConnector>,
@@ -109,10 +179,50 @@ impl Pool {
     /// Sends `req` (an origin-form URI: the path and query) on a pooled connection or a new one.
     /// A request that could not be written because its pooled connection had closed meanwhile is
     /// sent again on another; any other failure is returned.
-    pub async fn send(self: &Arc<Self>, mut req: Request<UpstreamBody>) -> Result<Sent, BoxError> {
+    ///
+    /// The common case, a kept-alive connection, takes the request here, before the future is
+    /// made: the future holds hyper's receiver of the answer, not the request on its way. (It
+    /// lives in the client connection's memory, which with many connections open is not in the
+    /// cache: every byte written there costs; see `Forwarder::handle`.)
+    pub fn send(
+        self: &Arc<Self>,
+        mut req: Request<UpstreamBody>,
+    ) -> Sending<
+        '_,
+        impl Future<Output = Answer>,
+        impl Future<Output = hyper::Result<Response<Incoming>>>,
+    > {
+        if let Some(tx) = self.shared_h2() {
+            return match self.send_h2(tx, req) {
+                Ok(answer) => Sending::H2 { answer },
+                Err(e) => Sending::Failed { error: Some(e) },
+            };
+        }
+        match self.take_idle() {
+            Some(mut tx) => {
+                req.headers_mut().insert(HOST, self.host.clone());
+                let answer = tx.try_send_request(req);
+                Sending::H1 {
+                    pool: self,
+                    tx: Some(tx),
+                    answer,
+                }
+            }
+            None => Sending::Other {
+                sent: Box::pin(self.send_again(req)),
+            },
+        }
+    }
+
+    /// [`Pool::send`], waiting for what it must: a request that came back from a closing
+    /// connection, or one with no idle connection to take it.
+    async fn send_again(
+        self: &Arc<Self>,
+        mut req: Request<UpstreamBody>,
+    ) -> Result<Sent, BoxError> {
         loop {
             if let Some(tx) = self.shared_h2() {
-                return self.send_h2(tx, req).await;
+                return Ok((self.send_h2(tx, req)?.await?, None));
             }
             let Some(mut tx) = self.take_idle() else {
                 break;
@@ -127,10 +237,7 @@ impl Pool {
                 },
             }
         }
-        // Connecting (TCP, TLS, the HTTP handshake) makes a large future. Boxed, it does not
-        // weigh on every request's future, which hyper keeps allocated for as long as the client
-        // connection lives (measured with 1,000 open streams: 4 MiB less).
-        Box::pin(self.send_on_new(req)).await
+        self.send_on_new(req).await
     }
 
     async fn send_on_new(
@@ -145,7 +252,7 @@ impl Pool {
             let t = self.connect_turn.lock().await;
             if let Some(tx) = self.shared_h2() {
                 drop(t);
-                return self.send_h2(tx, req).await;
+                return Ok((self.send_h2(tx, req)?.await?, None));
             }
             if !self.connect_failed.load(Ordering::Relaxed)
                 && !self.h1_known.load(Ordering::Relaxed)
@@ -160,7 +267,7 @@ impl Pool {
             Connected::H2(tx) => {
                 *self.h2.lock().expect("pool lock") = Some(tx.clone());
                 drop(turn);
-                self.send_h2(tx, req).await
+                Ok((self.send_h2(tx, req)?.await?, None))
             }
             Connected::H1(mut tx) => {
                 self.h1_known.store(true, Ordering::Relaxed);
@@ -201,19 +308,19 @@ impl Pool {
     }
 
     /// Sends `req` on the shared h2 connection: `:scheme` and `:authority` from the
-    /// configuration, no `Host` (the client's named this proxy).
-    async fn send_h2(
+    /// configuration, no `Host` (the client's named this proxy). The request goes to hyper now
+    /// (an h2 connection takes any number; the h2 layer queues streams past the peer's limit).
+    fn send_h2(
         &self,
         mut tx: http2::SendRequest<UpstreamBody>,
         mut req: Request<UpstreamBody>,
-    ) -> Result<Sent, BoxError> {
+    ) -> Result<impl Future<Output = hyper::Result<Response<Incoming>>> + use<>, BoxError> {
         let mut parts = std::mem::take(req.uri_mut()).into_parts();
         parts.scheme = self.target.scheme().cloned();
         parts.authority = self.target.authority().cloned();
         *req.uri_mut() = Uri::from_parts(parts)?;
         req.headers_mut().remove(HOST);
-        poll_fn(|cx| tx.poll_ready(cx)).await?;
-        Ok((tx.send_request(req).await?, None))
+        Ok(tx.send_request(req))
     }
 
     fn lease(self: &Arc<Self>, tx: http1::SendRequest<UpstreamBody>) -> Lease {
