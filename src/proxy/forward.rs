@@ -248,13 +248,8 @@ impl RequestRecord {
     }
 }
 
-/// Where the replayable copy of a request body is.
 /// The first frame of a request body, as polled once.
 type First = Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>>;
-
-/// The head of a request kept for a replay (boxed: it is made on the stack, and the future that
-/// keeps it lives in the client connection's memory).
-type Again = (Method, Uri, HeaderMap);
 
 /// A request ready to go upstream, and what a replay needs.
 struct Prepared {
@@ -263,6 +258,71 @@ struct Prepared {
     again: Option<Box<Again>>,
 }
 
+/// The head of a request kept for a replay: the method, the URI, and the header fields packed in
+/// one buffer (the `Authorization` left out: a replay carries a new token). Boxed, as the future
+/// that keeps it lives in the client connection's memory. Packed, it is one allocation to make
+/// and one to free, with nothing to read back when it is dropped (a `HeaderMap` clone is three,
+/// and its drop walks every field): it is dropped when the response head arrives, by which time
+/// the requests of other connections have pushed it out of the cache.
+struct Again {
+    method: Method,
+    uri: Uri,
+    /// For each field: its name's length (`u32`, native order), the name, its value's length (the
+    /// top bit set for a sensitive value), the value.
+    fields: Vec<u8>,
+}
+
+/// In [`Again::fields`], the flag of a sensitive value's length (a head is at most 32 KiB).
+const SENSITIVE: u32 = 1 << 31;
+
+impl Again {
+    fn new(method: &Method, uri: &Uri, headers: &HeaderMap) -> Box<Again> {
+        let size = headers
+            .iter()
+            .map(|(n, v)| 8 + n.as_str().len() + v.len())
+            .sum();
+        let mut fields = Vec::with_capacity(size);
+        for (name, value) in headers {
+            if name == AUTHORIZATION {
+                continue;
+            }
+            let sensitive = if value.is_sensitive() { SENSITIVE } else { 0 };
+            for (part, flag) in [(name.as_str().as_bytes(), 0), (value.as_bytes(), sensitive)] {
+                fields.extend_from_slice(&(part.len() as u32 | flag).to_ne_bytes());
+                fields.extend_from_slice(part);
+            }
+        }
+        Box::new(Again {
+            method: method.clone(),
+            uri: uri.clone(),
+            fields,
+        })
+    }
+
+    /// The header fields as they were (`None` if one no longer parses, which a field that came
+    /// from a `HeaderMap` always does).
+    fn headers(&self) -> Option<HeaderMap> {
+        fn take(b: &[u8]) -> Option<(&[u8], bool, &[u8])> {
+            let (len, rest) = b.split_first_chunk::<4>()?;
+            let len = u32::from_ne_bytes(*len);
+            let n = (len & !SENSITIVE) as usize;
+            (n <= rest.len()).then(|| (&rest[..n], len & SENSITIVE != 0, &rest[n..]))
+        }
+        let mut headers = HeaderMap::new();
+        let mut rest = &self.fields[..];
+        while !rest.is_empty() {
+            let (name, _, r) = take(rest)?;
+            let (value, sensitive, r) = take(r)?;
+            rest = r;
+            let mut value = HeaderValue::from_bytes(value).ok()?;
+            value.set_sensitive(sensitive);
+            headers.append(HeaderName::from_bytes(name).ok()?, value);
+        }
+        Some(headers)
+    }
+}
+
+/// Where the replayable copy of a request body is.
 enum Replay {
     /// Not replayable: the body is larger than `max_replay_body`.
     No,
@@ -463,7 +523,7 @@ impl Forwarder {
         // The head is kept for a replay only when the body can be replayed.
         let again = match replay {
             Replay::No => None,
-            _ => Some(Box::new((method.clone(), uri.clone(), headers.clone()))),
+            _ => Some(Again::new(&method, &uri, &headers)),
         };
         Ok(Prepared {
             req: build(method, uri, headers, body),
@@ -538,7 +598,10 @@ impl Forwarder {
         let (Some(body), Some(again)) = (body, again) else {
             return Ok(sent);
         };
-        let (method, uri, mut headers) = *again;
+        let Some(mut headers) = again.headers() else {
+            return Ok(sent);
+        };
+        let Again { method, uri, .. } = *again;
         // The 401's body is not read: its connection closes rather than going back.
         drop(sent);
         self.stats.replays.fetch_add(1, Ordering::Relaxed);
@@ -812,6 +875,41 @@ fn chain(e: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
     use http::header::HOST;
+
+    #[test]
+    fn the_head_kept_for_a_replay_comes_back_field_for_field_but_the_token() {
+        let mut h = HeaderMap::new();
+        let mut secret = HeaderValue::from_static("a=1");
+        secret.set_sensitive(true);
+        for (k, v) in [
+            ("accept", HeaderValue::from_static("application/json")),
+            ("x-stainless-lang", HeaderValue::from_static("js")),
+            ("cookie", secret),
+            ("x-multi", HeaderValue::from_static("one")),
+            ("authorization", HeaderValue::from_static("Bearer old")),
+            ("x-multi", HeaderValue::from_static("two, three")),
+            ("x-obs", HeaderValue::from_bytes(b"caf\xe9\t!").unwrap()),
+            ("x-empty", HeaderValue::from_static("")),
+        ] {
+            h.append(HeaderName::from_static(k), v);
+        }
+        let uri: Uri = "/base/v1/chat/completions?x=1".parse().unwrap();
+        let again = Again::new(&Method::POST, &uri, &h);
+        let back = again.headers().expect("the fields parse");
+        h.remove(AUTHORIZATION);
+        assert_eq!(back, h);
+        let flags = |m: &HeaderMap| m.iter().map(|(_, v)| v.is_sensitive()).collect::<Vec<_>>();
+        assert_eq!(flags(&back), flags(&h));
+        assert!(back.get("cookie").unwrap().is_sensitive());
+        assert_eq!((&again.method, &again.uri), (&Method::POST, &uri));
+        assert_eq!(
+            Again::new(&Method::GET, &uri, &HeaderMap::new()).headers(),
+            Some(HeaderMap::new())
+        );
+        let mut broken = Again::new(&Method::GET, &uri, &h);
+        broken.fields.truncate(broken.fields.len() - 1);
+        assert_eq!(broken.headers(), None, "a cut buffer is no head");
+    }
 
     #[test]
     fn hop_by_hop_headers_and_those_connection_names_are_removed() {

@@ -1018,6 +1018,44 @@ async fn upstream_401_refreshes_the_token_and_replays_the_request_once() {
     assert_eq!(seen[1], agent.bearer(), "the replay carries the new token");
 }
 
+/// The replay after a 401 sends the head the client sent (every field, repeated ones in order),
+/// with only the token new.
+#[tokio::test]
+async fn a_replay_carries_the_clients_head_as_the_first_try_did() {
+    let mut heads = Vec::new();
+    for rejections in [0, 1] {
+        let (up, seen) = rejecting_upstream(rejections).await;
+        let agent = Agent::new(&up.url()).await;
+        let p = Running::start(&agent).await;
+        let r = req(&p, "GET", "/s/job-7/v1/models?limit=2")
+            .header("x-request-id", "r-1")
+            .header("x-stainless-lang", "js")
+            .header("x-multi", "one")
+            .header("accept", "application/json")
+            .header("x-multi", "two, three")
+            .header("authorization", "Bearer placeholder")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let (status, _, mut echo) = json_of(send(p.addr, r).await).await;
+        assert_eq!(status, 200);
+        assert_eq!(up.hits(), 1 + rejections);
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.last().unwrap(), &agent.bearer(), "the current token");
+        let fields = echo["headers"].as_object_mut().unwrap();
+        fields.remove("authorization");
+        let host = fields.remove("host").unwrap();
+        assert!(
+            up.url()
+                .contains(&format!("//{}/", host[0].as_str().unwrap())),
+            "{host}"
+        );
+        heads.push(echo);
+    }
+    assert_eq!(heads[0]["headers"]["x-multi"], json!(["one", "two, three"]));
+    assert_eq!(heads[0]["headers"]["x-session-id"], json!(["job-7"]));
+    assert_eq!(heads[1], heads[0]);
+}
+
 #[tokio::test]
 async fn chunked_body_that_fits_is_replayed_after_401() {
     let (up, _) = rejecting_upstream(1).await;
