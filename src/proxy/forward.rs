@@ -277,15 +277,10 @@ const SENSITIVE: u32 = 1 << 31;
 
 impl Again {
     fn new(method: &Method, uri: &Uri, headers: &HeaderMap) -> Box<Again> {
-        let size = headers
-            .iter()
-            .map(|(n, v)| 8 + n.as_str().len() + v.len())
-            .sum();
+        let kept = || headers.iter().filter(|(name, _)| *name != AUTHORIZATION);
+        let size = kept().map(|(n, v)| 8 + n.as_str().len() + v.len()).sum();
         let mut fields = Vec::with_capacity(size);
-        for (name, value) in headers {
-            if name == AUTHORIZATION {
-                continue;
-            }
+        for (name, value) in kept() {
             let sensitive = if value.is_sensitive() { SENSITIVE } else { 0 };
             for (part, flag) in [(name.as_str().as_bytes(), 0), (value.as_bytes(), sensitive)] {
                 fields.extend_from_slice(&(part.len() as u32 | flag).to_ne_bytes());
@@ -895,6 +890,11 @@ mod tests {
         }
         let uri: Uri = "/base/v1/chat/completions?x=1".parse().unwrap();
         let again = Again::new(&Method::POST, &uri, &h);
+        assert_eq!(
+            again.fields.capacity(),
+            again.fields.len(),
+            "sized to what it keeps"
+        );
         let back = again.headers().expect("the fields parse");
         h.remove(AUTHORIZATION);
         assert_eq!(back, h);
