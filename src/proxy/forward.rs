@@ -459,16 +459,20 @@ impl Forwarder {
         }
     }
 
-    /// The guards of [`Forwarder::prepare`], alone: for a request that would wait for a grant.
-    fn check(&self, conn: &ConnInfo, req: &Request<Incoming>) -> Result<(), ProxyError> {
+    /// The guards: the request's path (relative to the upstream's base) and session, or why it is
+    /// refused. Run first by [`Forwarder::prepare`], and on their own before a wait for a grant.
+    fn check<'r>(
+        &self,
+        conn: &ConnInfo,
+        req: &'r Request<Incoming>,
+    ) -> Result<path::Resolved<'r>, ProxyError> {
         guard::check_method(req.method())?;
         if req.headers().len() > MAX_HEADERS {
             return Err(too_many_headers());
         }
         let rel = guard::target(req, conn.local.as_ref(), &self.upstream)?;
         guard::check_origin(req.headers(), &self.allowed_origins)?;
-        path::resolve(rel)?;
-        Ok(())
+        path::resolve(rel)
     }
 
     /// The guards, then the request as sent upstream: the URI built from the configured upstream,
@@ -481,13 +485,7 @@ impl Forwarder {
         token: &Token,
         first: Option<First>,
     ) -> Result<Prepared, ProxyError> {
-        guard::check_method(req.method())?;
-        if req.headers().len() > MAX_HEADERS {
-            return Err(too_many_headers());
-        }
-        let rel = guard::target(&req, conn.local.as_ref(), &self.upstream)?;
-        guard::check_origin(req.headers(), &self.allowed_origins)?;
-        let path::Resolved { session, path } = path::resolve(rel)?;
+        let path::Resolved { session, path } = self.check(conn, &req)?;
         let uri = self.upstream.target(req.uri(), &path)?;
 
         let (parts, body) = req.into_parts();
