@@ -2,8 +2,9 @@
 //! `Content-Length` and `Transfer-Encoding` (RFC 9112 §6.1), which hyper accepts (it drops the
 //! length, reads the body as chunked and closes the connection afterwards) but which this proxy
 //! answers with 400 and a close, as a smuggling defence. It only reads what passes; it never
-//! changes, holds back or buffers a byte, and it never decides anything itself: the request
-//! handler asks [`Framing::conflict_at`].
+//! changes or holds back a byte, and it never decides anything itself: the request handler asks
+//! [`Framing::conflict_at`]. The stream it watches also tells HTTP/1 from an h2 preface
+//! ([`Watched::poll_protocol`]), and hands the bytes it read for that out again first.
 //!
 //! To find each head it follows HTTP/1 framing the way hyper does (a `Content-Length` body, a
 //! chunked body, or none), skipping body bytes without looking at them. It stops watching on an
@@ -19,9 +20,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Instant;
-
-use super::timer::ConnTimer;
 
 /// A head line longer than this is over hyper's head limit anyway; stop watching.
 const MAX_LINE: usize = 64 * 1024;
@@ -277,56 +275,63 @@ fn trim(b: &[u8]) -> &[u8] {
     &b[start..end]
 }
 
-/// A client stream with a [`Scanner`] watching what is read from it, and a deadline for its
-/// first bytes.
+/// A client stream with a [`Scanner`] watching what is read from it. Its first bytes are read
+/// by [`Watched::poll_protocol`] to tell HTTP/1 from h2 prior knowledge, and handed out again
+/// (to hyper, and to the scanner) before anything else is read.
 pub struct Watched<S> {
     io: S,
     scanner: Scanner,
-    /// Until the first bytes tell HTTP/1 from an h2 preface.
-    first: Option<First>,
+    /// The bytes read to tell the protocol: `pre[at..len]` are still to be handed out.
+    pre: [u8; H2_PREFACE.len()],
+    at: u8,
+    len: u8,
 }
 
-/// The first bytes of a connection are read by hyper-util to tell HTTP/1 from h2 prior knowledge
-/// (a mismatch with the h2 preface, or the whole of it), and hyper's head-read timeout starts only
-/// after that: until then, this deadline stands in for it, so that a client that sends nothing (or
-/// half a preface) does not hold a connection slot for good.
-struct First {
-    /// Bytes of the preface matched so far.
-    matched: usize,
-    deadline: Instant,
-    timer: ConnTimer,
+/// What a connection's first bytes say it speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c): the whole preface came.
+    H2,
+    /// The client closed the connection before its first bytes told.
+    Closed,
 }
 
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 impl<S> Watched<S> {
-    /// `first`: the deadline for the first bytes and the connection's timer; `None`: no limit.
-    pub fn new(io: S, found: Arc<Framing>, first: Option<(Instant, ConnTimer)>) -> Self {
+    pub fn new(io: S, found: Arc<Framing>) -> Self {
         Watched {
             io,
             scanner: Scanner::new(found),
-            first: first.map(|(deadline, timer)| First {
-                matched: 0,
-                deadline,
-                timer,
-            }),
+            pre: [0; H2_PREFACE.len()],
+            at: 0,
+            len: 0,
         }
     }
 }
 
-impl First {
-    /// Follows the bytes read: true once they tell the protocol.
-    fn told(&mut self, bytes: &[u8]) -> bool {
-        for &b in bytes {
-            if b != H2_PREFACE[self.matched] {
-                return true;
+impl<S: AsyncRead + Unpin> Watched<S> {
+    /// Reads until the first bytes tell the protocol: at the first byte that differs from the
+    /// h2 preface, or once the whole preface came. Never reads past the preface's length.
+    pub fn poll_protocol(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Protocol>> {
+        loop {
+            let from = usize::from(self.len);
+            let mut buf = ReadBuf::new(&mut self.pre[from..]);
+            std::task::ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
+            let read = buf.filled().len();
+            if read == 0 {
+                return Poll::Ready(Ok(Protocol::Closed));
             }
-            self.matched += 1;
-            if self.matched == H2_PREFACE.len() {
-                return true;
+            let to = from + read;
+            self.len = to as u8;
+            if self.pre[from..to] != H2_PREFACE[from..to] {
+                return Poll::Ready(Ok(Protocol::Http1));
+            }
+            if to == H2_PREFACE.len() {
+                return Poll::Ready(Ok(Protocol::H2));
             }
         }
-        false
     }
 }
 
@@ -338,19 +343,16 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
-        if let Some(first) = &mut this.first {
-            match polled {
-                Poll::Ready(Ok(())) if first.told(&buf.filled()[before..]) => this.first = None,
-                Poll::Pending if first.timer.poll_until(first.deadline, cx).is_ready() => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "no request within proxy.header_read_timeout",
-                    )));
-                }
-                _ => {}
-            }
-        }
+        let polled = if this.at < this.len {
+            // The bytes read to tell the protocol, first.
+            let pre = &this.pre[usize::from(this.at)..usize::from(this.len)];
+            let n = pre.len().min(buf.remaining());
+            buf.put_slice(&pre[..n]);
+            this.at += n as u8;
+            Poll::Ready(Ok(()))
+        } else {
+            Pin::new(&mut this.io).poll_read(cx, buf)
+        };
         if let Poll::Ready(Ok(())) = polled
             && this.scanner.state != State::Off
         {
@@ -453,24 +455,103 @@ mod tests {
         assert!(every_split(input).iter().all(|&n| n == 0));
     }
 
-    #[test]
-    fn the_first_bytes_tell_the_protocol_at_the_first_mismatch_or_a_whole_preface() {
-        let first = || First {
-            matched: 0,
-            deadline: Instant::now(),
-            timer: ConnTimer::default(),
-        };
-        let mut f = first();
-        assert!(f.told(b"G"));
-        let mut f = first();
-        assert!(!f.told(b""));
-        assert!(!f.told(b"PRI * HTTP/2.0\r\n"));
-        assert!(f.told(b"\r\nPOST"), "a mismatch after a partial preface");
-        let mut f = first();
-        for piece in H2_PREFACE.chunks(5) {
-            let last = piece.as_ptr_range().end == H2_PREFACE.as_ptr_range().end;
-            assert_eq!(f.told(piece), last);
+    /// A client that sends `input` in pieces of `step` bytes, one per read, then closes.
+    struct Pieces {
+        input: Vec<u8>,
+        at: usize,
+        step: usize,
+    }
+
+    impl AsyncRead for Pieces {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let n = self
+                .step
+                .min(buf.remaining())
+                .min(self.input.len() - self.at);
+            buf.put_slice(&self.input[self.at..self.at + n]);
+            self.at += n;
+            Poll::Ready(Ok(()))
         }
+    }
+
+    /// The protocol told by `input` sent in pieces of `step` bytes, what was left unread then,
+    /// and what the connection then reads (in reads of at most 7 bytes), with what the watcher
+    /// found.
+    fn told(input: &[u8], step: usize) -> (Protocol, usize, Vec<u8>, u64) {
+        let found = Arc::new(Framing::default());
+        let pieces = Pieces {
+            input: input.to_vec(),
+            at: 0,
+            step,
+        };
+        let mut w = Watched::new(pieces, found.clone());
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let Poll::Ready(Ok(protocol)) = w.poll_protocol(&mut cx) else {
+            panic!("a client that always has bytes tells at once");
+        };
+        let unread = input.len() - w.io.at;
+        let mut read = Vec::new();
+        loop {
+            let mut space = [0u8; 7];
+            let mut buf = ReadBuf::new(&mut space);
+            assert!(Pin::new(&mut w).poll_read(&mut cx, &mut buf).is_ready());
+            if buf.filled().is_empty() {
+                break;
+            }
+            read.extend_from_slice(buf.filled());
+        }
+        (
+            protocol,
+            unread,
+            read,
+            found.conflict.load(Ordering::Acquire),
+        )
+    }
+
+    #[test]
+    fn the_first_bytes_tell_the_protocol_and_are_then_read_again_and_watched() {
+        let conflicting = b"POST /v1/x HTTP/1.1\r\nHost: l\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        let mut h2 = H2_PREFACE.to_vec();
+        h2.extend_from_slice(b"\0\0\0\x04\0\0\0\0\0");
+        let mut almost = H2_PREFACE[..16].to_vec();
+        almost.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+        for step in 1..=30 {
+            let (p, unread, read, conflict) = told(conflicting, step);
+            assert_eq!(p, Protocol::Http1, "step {step}");
+            assert_eq!(read, conflicting, "every byte once, in order (step {step})");
+            assert_eq!(
+                conflict, 1,
+                "the watcher saw the bytes read first (step {step})"
+            );
+            // `POST` differs from the preface at its second byte.
+            let reads = conflicting.len() - step.clamp(2, 24);
+            assert_eq!(unread, reads, "read up to the difference (step {step})");
+
+            let (p, unread, read, conflict) = told(&h2, step);
+            assert_eq!(p, Protocol::H2, "step {step}");
+            assert_eq!(
+                unread,
+                h2.len() - 24,
+                "nothing past the preface (step {step})"
+            );
+            assert_eq!((read, conflict), (h2.clone(), 0), "step {step}");
+
+            let (p, _, read, _) = told(&almost, step);
+            assert_eq!(
+                p,
+                Protocol::Http1,
+                "a mismatch after part of a preface (step {step})"
+            );
+            assert_eq!(read, almost, "step {step}");
+
+            let (p, _, read, _) = told(&H2_PREFACE[..20], step);
+            assert_eq!((p, read.len()), (Protocol::Closed, 20), "step {step}");
+        }
+        assert_eq!(told(b"", 1).0, Protocol::Closed);
     }
 
     #[test]

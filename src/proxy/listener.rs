@@ -1,5 +1,5 @@
 //! The proxy's sockets and connections: binding TCP and Unix listeners, the accept loop bounded by
-//! `max_connections`, HTTP/1.1 keep-alive and h2c (prior knowledge) with hyper-util's auto builder,
+//! `max_connections`, HTTP/1.1 keep-alive and h2c (prior knowledge, told by the first bytes),
 //! the request-head limits, and graceful shutdown. It never looks inside a request: each one goes
 //! to [`Forwarder::handle`].
 //!
@@ -31,9 +31,9 @@ use std::time::Duration;
 use futures_util::FutureExt as _;
 use futures_util::task::AtomicWaker;
 
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::Semaphore;
@@ -43,7 +43,7 @@ use tokio_util::task::TaskTracker;
 
 use super::Shared;
 use super::forward::{ConnInfo, MAX_HEADERS};
-use super::framing::{Framing, Watched};
+use super::framing::{Framing, Protocol, Watched};
 use super::timer::{ConnTimer, after_from};
 use crate::config::ListenAddr;
 
@@ -205,11 +205,17 @@ impl AsyncWrite for Stream {
     }
 }
 
-fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
+/// hyper's HTTP/1 and h2 server settings, shared by the connections.
+struct Builders {
+    http1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+}
+
+fn builders(limits: &Limits) -> Builders {
+    let mut http1 = http1::Builder::new();
     let header_read_timeout = Some(limits.header_read_timeout).filter(|d| !d.is_zero());
-    // The HTTP/1 side's timer is the connection's own, set at accept (see `ConnTimer`).
-    b.http1()
+    // Its timer is the connection's own, set at accept (see `ConnTimer`).
+    http1
         .header_read_timeout(header_read_timeout)
         .max_buf_size(MAX_HEAD)
         .max_headers(MAX_HEADERS)
@@ -218,17 +224,17 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         // of LLM calls, the copy costs less than a vectored write (measured: see
         // bench/experiments/README.md).
         .writev(false);
-    b.http2()
-        .timer(TokioTimer::new())
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
         .max_header_list_size(MAX_HEAD as u32);
-    b
+    Builders { http1, h2 }
 }
 
 /// Accepts on every listener until `shutdown`, then lets open connections finish their requests
 /// and streams for up to `shutdown_grace`, cuts what is left, and returns.
 pub async fn serve(shared: Arc<Shared>, listeners: Vec<Listener>, shutdown: CancellationToken) {
     let limits = shared.limits;
-    let builder = Arc::new(builder(&limits));
+    let builders = Arc::new(builders(&limits));
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let stop = Arc::new(Stop::default());
     let tracker = TaskTracker::new();
@@ -257,7 +263,7 @@ pub async fn serve(shared: Arc<Shared>, listeners: Vec<Listener>, shutdown: Canc
             }
         };
         let shared = shared.clone();
-        let builder = builder.clone();
+        let builders = builders.clone();
         let stop = stop.clone();
         tracker.spawn(async move {
             let _permit = permit;
@@ -284,19 +290,41 @@ pub async fn serve(shared: Arc<Shared>, listeners: Vec<Listener>, shutdown: Canc
                         .map(Ok::<_, Infallible>)
                 })
             };
-            // Accepted now: the first bytes are due within the head-read timeout.
-            let first = (!limits.header_read_timeout.is_zero()).then(|| {
-                (
-                    after_from(Instant::now(), limits.header_read_timeout),
-                    timer.clone(),
-                )
-            });
-            let io = TokioIo::new(Watched::new(stream, framing, first));
-            // hyper's HTTP/1 side times each head on the connection's timer (see `ConnTimer`).
-            let mut builder = (*builder).clone();
-            builder.http1().timer(timer);
-            let conn = std::pin::pin!(builder.serve_connection(io, service));
-            match Stoppable::new(&stop, conn, |c| c.graceful_shutdown()).await {
+            // Accepted now: the first bytes are due within the head-read timeout (hyper's takes
+            // over for HTTP/1 heads once they told the protocol).
+            let mut io = Watched::new(stream, framing);
+            let told = Told {
+                io: &mut io,
+                deadline: (!limits.header_read_timeout.is_zero())
+                    .then(|| after_from(Instant::now(), limits.header_read_timeout)),
+                timer: &timer,
+                stopped: false,
+            };
+            // HTTP/1 and h2c are served by hyper's own connections, not hyper-util's `auto` one,
+            // whose state and replay layer every poll went through (measured: see
+            // bench/experiments/README.md).
+            let ended = match Stoppable::new(&stop, std::pin::pin!(told), Told::stop).await {
+                Some(Ok(Protocol::Http1)) => {
+                    // hyper times each head on the connection's timer (see `ConnTimer`).
+                    let mut http1 = builders.http1.clone();
+                    http1.timer(timer);
+                    let conn = std::pin::pin!(http1.serve_connection(TokioIo::new(io), service));
+                    Stoppable::new(&stop, conn, |c| c.graceful_shutdown())
+                        .await
+                        .map(|r| r.map_err(|e| e.to_string()))
+                }
+                Some(Ok(Protocol::H2)) => {
+                    let conn =
+                        std::pin::pin!(builders.h2.serve_connection(TokioIo::new(io), service));
+                    Stoppable::new(&stop, conn, |c| c.graceful_shutdown())
+                        .await
+                        .map(|r| r.map_err(|e| e.to_string()))
+                }
+                Some(Ok(Protocol::Closed)) => Some(Ok(())),
+                Some(Err(e)) => Some(Err(e.to_string())),
+                None => None,
+            };
+            match ended {
                 Some(Err(error)) => tracing::debug!(%error, "proxy connection ended with an error"),
                 Some(Ok(())) => {}
                 None => tracing::debug!("proxy connection cut at the end of the shutdown grace"),
@@ -395,6 +423,43 @@ impl<C: Future, G: FnOnce(Pin<&mut C>) + Unpin> Future for Stoppable<'_, C, G> {
             _ => {}
         }
         self.conn.as_mut().poll(cx).map(Some)
+    }
+}
+
+/// A connection's first bytes, read to tell its protocol, due by `deadline`. Told to finish (a
+/// graceful shutdown) before they came, it ends as closed.
+struct Told<'a, S> {
+    io: &'a mut Watched<S>,
+    deadline: Option<Instant>,
+    timer: &'a ConnTimer,
+    stopped: bool,
+}
+
+impl<S> Told<'_, S> {
+    fn stop(mut self: Pin<&mut Self>) {
+        self.stopped = true;
+    }
+}
+
+impl<S: AsyncRead + Unpin> Future for Told<'_, S> {
+    type Output = io::Result<Protocol>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if self.stopped {
+            return Poll::Ready(Ok(Protocol::Closed));
+        }
+        if let Poll::Ready(told) = self.io.poll_protocol(cx) {
+            return Poll::Ready(told);
+        }
+        match self.deadline {
+            Some(deadline) if self.timer.poll_until(deadline, cx).is_ready() => {
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no request within proxy.header_read_timeout",
+                )))
+            }
+            _ => Poll::Pending,
+        }
     }
 }
 

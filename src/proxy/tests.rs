@@ -1534,6 +1534,31 @@ async fn shutdown_closes_idle_kept_alive_connections_without_waiting_for_the_gra
 }
 
 #[tokio::test]
+async fn shutdown_closes_connections_that_sent_nothing_yet_without_waiting_for_the_grace() {
+    let up = Upstream::echo().await;
+    let agent = Agent::new(&up.url()).await;
+    // Neither the grace nor the head-read timeout ends these connections within the test.
+    let mut p = Running::start_with(&agent, |s| {
+        s.shutdown_grace = Duration::from_secs(3600);
+        s.header_read_timeout = Duration::from_secs(3600);
+    })
+    .await;
+    let mut silent = TcpStream::connect(p.addr).await.unwrap();
+    let mut half = TcpStream::connect(p.addr).await.unwrap();
+    half.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    within(async {
+        while p.stat(&["connections"]) < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    p.shutdown.cancel();
+    within(p.served.take().unwrap()).await.unwrap();
+    assert!(closed(&mut silent).await);
+    assert!(closed(&mut half).await);
+}
+
+#[tokio::test]
 async fn shutdown_cuts_streams_still_open_after_the_grace() {
     let (_go, wait) = oneshot::channel();
     let up = sse_upstream(wait).await;
