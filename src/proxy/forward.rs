@@ -488,13 +488,16 @@ impl Forwarder {
         let path::Resolved { session, path } = self.check(conn, &req)?;
         let uri = self.upstream.target(req.uri(), &path)?;
 
-        let (parts, body) = req.into_parts();
-        let method = parts.method;
-        let mut headers = parts.headers;
+        // The client's head is edited in place: its method and header map are the upstream
+        // request's.
+        let (mut parts, body) = req.into_parts();
         // The client's URI shares the connection's read buffer: let it go now, not when the
         // response head arrives (see `RequestRecord::logged`).
-        drop(parts.uri);
-        strip_hop_by_hop(&mut headers);
+        drop(std::mem::replace(&mut parts.uri, uri));
+        parts.version = Version::HTTP_11;
+        parts.extensions.clear();
+        let headers = &mut parts.headers;
+        strip_hop_by_hop(headers);
         // The client's `Authorization` is replaced below (`insert` drops every value it had);
         // nothing reads the headers before. The client's `Host` names this proxy: the pool
         // replaces it with the upstream's on HTTP/1.1 and removes it on h2 (where `:authority`
@@ -516,10 +519,10 @@ impl Forwarder {
         // The head is kept for a replay only when the body can be replayed.
         let again = match replay {
             Replay::No => None,
-            _ => Some(Again::new(&method, &uri, &headers)),
+            _ => Some(Again::new(&parts.method, &parts.uri, &parts.headers)),
         };
         Ok(Prepared {
-            req: build(method, uri, headers, body),
+            req: Request::from_parts(parts, body),
             replay,
             again,
         })
@@ -738,16 +741,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the names notes which of the nine are there; usually none is, and only those
     // present cost a hashed removal.
     let mut present = 0u16;
-    for k in headers.keys() {
+    // `Connection` lines: an HTTP/1.1 upstream sends one on nearly every response.
+    let mut connections = 0u32;
+    for (k, _) in headers.iter() {
         if let Some(i) = hop_by_hop_index(k) {
             present |= 1 << i;
+            connections += u32::from(i == 0);
         }
     }
     if present == 0 {
         return;
     }
     // `HOP_BY_HOP[0]` is `Connection`: what it names goes too.
-    if present & 1 != 0 {
+    if connections == 1 {
+        if let Some(v) = headers.remove(CONNECTION) {
+            remove_named(headers, &v);
+        }
+    } else if connections > 1 {
         remove_connection(headers);
     }
     for (i, name) in HOP_BY_HOP.iter().enumerate().skip(1) {
@@ -774,30 +784,24 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
     })
 }
 
-/// Removes `Connection` and the fields it names.
+/// Removes the `Connection` lines, more than one, and the fields they name.
+#[cold]
+#[inline(never)]
 fn remove_connection(headers: &mut HeaderMap) {
-    let mut named = headers.get_all(CONNECTION).iter();
-    match (named.next(), named.next()) {
-        (None, _) => {}
-        (Some(_), None) => {
-            if let Some(v) = headers.remove(CONNECTION) {
-                remove_named(headers, &v);
-            }
-        }
-        (Some(_), Some(_)) => {
-            let values: Vec<HeaderValue> = headers.get_all(CONNECTION).iter().cloned().collect();
-            headers.remove(CONNECTION);
-            for v in &values {
-                remove_named(headers, v);
-            }
-        }
+    let values: Vec<HeaderValue> = headers.get_all(CONNECTION).iter().cloned().collect();
+    headers.remove(CONNECTION);
+    for v in &values {
+        remove_named(headers, v);
     }
 }
 
 fn remove_named(headers: &mut HeaderMap, connection: &HeaderValue) {
     // What an HTTP/1.1 server sends on nearly every response names nothing to remove.
     let whole = connection.as_bytes();
-    if whole.eq_ignore_ascii_case(b"keep-alive") || whole.eq_ignore_ascii_case(b"close") {
+    if whole == b"keep-alive"
+        || whole.eq_ignore_ascii_case(b"keep-alive")
+        || whole.eq_ignore_ascii_case(b"close")
+    {
         return;
     }
     let Ok(list) = connection.to_str() else {
@@ -819,14 +823,26 @@ fn remove_named(headers: &mut HeaderMap, connection: &HeaderValue) {
     }
 }
 
+/// Each byte's two hex digits.
+static HEX_PAIRS: [[u8; 2]; 256] = {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut t = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = [HEX[i >> 4], HEX[i & 0xf]];
+        i += 1;
+    }
+    t
+};
+
 /// 128 random bits in hex.
 fn request_id() -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut n = fastrand::u128(..);
     let mut buf = [0u8; 32];
-    for b in buf.iter_mut().rev() {
-        *b = HEX[(n & 0xf) as usize];
-        n >>= 4;
+    for (pair, byte) in buf
+        .chunks_exact_mut(2)
+        .zip(fastrand::u128(..).to_ne_bytes())
+    {
+        pair.copy_from_slice(&HEX_PAIRS[usize::from(byte)]);
     }
     HeaderValue::from_bytes(&buf).expect("hex digits are a valid header value")
 }
@@ -937,6 +953,29 @@ mod tests {
     }
 
     #[test]
+    fn one_connection_line_goes_with_the_fields_it_names() {
+        for value in ["Keep-Alive, X-Private", "x-private", "keep-alive"] {
+            let mut h = HeaderMap::new();
+            for (k, v) in [
+                ("x-private", "1"),
+                ("connection", value),
+                ("content-type", "application/json"),
+            ] {
+                h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+            }
+            strip_hop_by_hop(&mut h);
+            let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+            let kept = value == "keep-alive";
+            let want: &[&str] = if kept {
+                &["x-private", "content-type"]
+            } else {
+                &["content-type"]
+            };
+            assert_eq!(left, want, "{value}");
+        }
+    }
+
+    #[test]
     fn the_hop_by_hop_index_matches_the_table() {
         for (i, name) in HOP_BY_HOP.iter().enumerate() {
             assert_eq!(hop_by_hop_index(name), Some(i), "{name}");
@@ -1011,6 +1050,15 @@ mod tests {
         let a = request_id();
         let b = request_id();
         assert_eq!(a.len(), 32);
+        assert!(
+            a.as_bytes()
+                .iter()
+                .all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+        );
         assert_ne!(a, b);
+        assert_eq!(
+            (HEX_PAIRS[0x00], HEX_PAIRS[0x9f], HEX_PAIRS[0xa0]),
+            (*b"00", *b"9f", *b"a0")
+        );
     }
 }

@@ -83,13 +83,14 @@ pub fn target<'a, B>(
         };
     }
     let mut hosts = req.headers().get_all(HOST).iter();
-    if let (Some(_), Some(_)) = (hosts.next(), hosts.next()) {
+    let host = hosts.next();
+    if host.is_some() && hosts.next().is_some() {
         // RFC 9112 §3.2: a request with more than one Host is refused.
         return Err(ProxyError::BadRequest(
             "the request has more than one Host header".to_string(),
         ));
     }
-    match req.headers().get(HOST) {
+    match host {
         Some(h) => check_host(h.as_bytes(), local)?,
         None if req.version() == Version::HTTP_11 => {
             return Err(ProxyError::BadRequest(
