@@ -211,14 +211,16 @@ impl RequestRecord {
 
 impl Drop for RequestRecord {
     fn drop(&mut self) {
+        // One look at the clock for the pool and the metrics.
+        let now = Instant::now();
         if let Some(lease) = self.lease.take()
             && self.completed
         {
-            lease.release();
+            lease.release(now);
         }
         self.fwd.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         if let Some(m) = self.fwd.metrics.get() {
-            m.proxy_response(self.status, self.start.elapsed());
+            m.proxy_response(self.status, now.saturating_duration_since(self.start));
             m.in_flight_requests.dec();
             if self.stream {
                 m.in_flight_streams.dec();
@@ -449,8 +451,7 @@ impl Forwarder {
             // Nothing waits from here to the send, so the head is edited on the stack: only what
             // outlives the send is kept in this future.
             let Prepared { req, replay, again } = self.prepare(conn, req, record, &token, first)?;
-            let deadline = after_from(record.start, self.upstream_timeout);
-            let sent = self.send(req, deadline, timer).await?;
+            let sent = self.send(req, record.start, timer).await?;
             if sent.0.status() != StatusCode::UNAUTHORIZED {
                 return Ok(sent);
             }
@@ -606,23 +607,22 @@ impl Forwarder {
         }
         tracing::debug!("replaying a request the upstream answered 401 with a new token");
         headers.insert(AUTHORIZATION, new.bearer().clone());
-        let deadline = after_from(Instant::now(), self.upstream_timeout);
-        self.send(build(method, uri, headers, body), deadline, timer)
+        self.send(build(method, uri, headers, body), Instant::now(), timer)
             .await
     }
 
-    /// Sends upstream, bounded until the response head by `deadline`, on the connection's timer
-    /// when one is given (HTTP/1 clients), else on one of its own.
+    /// Sends upstream, bounded until the response head by the upstream timeout from `start`, on
+    /// the connection's timer when one is given (HTTP/1 clients), else on one of its own.
     fn send<'a>(
         &'a self,
         req: Request<UpstreamBody>,
-        deadline: Instant,
+        start: Instant,
         timer: Option<&'a ConnTimer>,
     ) -> impl Future<Output = Result<Sent, ProxyError>> + 'a {
         Exchange {
             fwd: self,
-            sent: self.pool.send(req),
-            deadline,
+            sent: self.pool.send(req, start),
+            deadline: after_from(start, self.upstream_timeout),
             timer,
             own: Lazy::default(),
         }

@@ -245,10 +245,7 @@ impl Scanner {
         let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
         if name.eq_ignore_ascii_case(CL) {
             self.head.content_length_seen = true;
-            let n = std::str::from_utf8(value)
-                .ok()
-                .and_then(|s| s.parse::<u64>().ok());
-            match (n, self.head.content_length) {
+            match (digits(value), self.head.content_length) {
                 (Some(n), None) => self.head.content_length = Some(n),
                 (Some(n), Some(m)) if n == m => {}
                 // Unparseable or different: decided at the end of the head.
@@ -261,6 +258,17 @@ impl Scanner {
             self.head.chunked = last.eq_ignore_ascii_case(b"chunked");
         }
     }
+}
+
+/// A `Content-Length` value as hyper reads it: decimal digits only (no sign), no overflow.
+fn digits(value: &[u8]) -> Option<u64> {
+    if value.is_empty() {
+        return None;
+    }
+    value.iter().try_fold(0u64, |n, &b| match b {
+        b'0'..=b'9' => n.checked_mul(10)?.checked_add(u64::from(b - b'0')),
+        _ => None,
+    })
 }
 
 fn trim(b: &[u8]) -> &[u8] {
@@ -447,6 +455,24 @@ mod tests {
             "{:?}",
             every_split(&input)
         );
+    }
+
+    #[test]
+    fn content_length_values_are_read_as_hyper_reads_them() {
+        assert_eq!(digits(b"0"), Some(0));
+        assert_eq!(digits(b"1048576"), Some(1_048_576));
+        assert_eq!(digits(b"18446744073709551615"), Some(u64::MAX));
+        for bad in [
+            &b""[..],
+            b"+5",
+            b"-1",
+            b"5 ",
+            b"0x10",
+            b"18446744073709551616",
+            b"1,1",
+        ] {
+            assert_eq!(digits(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
     }
 
     #[test]

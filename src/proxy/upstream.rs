@@ -29,6 +29,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::body::UpstreamBody;
+use super::timer::after_from;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -43,6 +44,8 @@ pub struct Pool {
     max_idle: usize,
     idle: Mutex<Idle>,
     h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
+    /// An h2 connection was ever shared: until then, requests do not look at `h2` (a lock).
+    h2_seen: AtomicBool,
     /// Taken by a connect whose protocol is not known yet, so that requests needing a
     /// connection meanwhile wait for it: a burst of first requests to an h2 upstream then opens
     /// one connection, not one each (a TLS handshake each, on a real upstream).
@@ -60,7 +63,7 @@ enum Connected {
 
 #[derive(Default)]
 struct Idle {
-    /// Oldest first; taken from the end.
+    /// Oldest first; taken from the end. Each with when its idle time is over.
     conns: Vec<(http1::SendRequest<UpstreamBody>, Instant)>,
     /// A task closes the connections idle past `idle_timeout` while there are any.
     reaper: bool,
@@ -73,11 +76,11 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// The response body was read to its end: the connection can serve another request. Dropping
-    /// a lease instead lets the connection close once hyper is done with it.
-    pub fn release(self) {
+    /// The response body was read to its end (`now`): the connection can serve another request.
+    /// Dropping a lease instead lets the connection close once hyper is done with it.
+    pub fn release(self, now: Instant) {
         if let Some(pool) = self.pool.upgrade() {
-            pool.put(self.tx);
+            pool.put(self.tx, now);
         }
     }
 }
@@ -168,6 +171,7 @@ impl Pool {
             max_idle,
             idle: Mutex::new(Idle::default()),
             h2: Mutex::new(None),
+            h2_seen: AtomicBool::new(false),
             connect_turn: tokio::sync::Mutex::new(()),
             // Plain http has no ALPN: always HTTP/1.1 (h2c upstreams are not spoken to).
             h1_known: AtomicBool::new(target.scheme() == Some(&http::uri::Scheme::HTTP)),
@@ -187,6 +191,7 @@ impl Pool {
     pub fn send(
         self: &Arc<Self>,
         mut req: Request<UpstreamBody>,
+        now: Instant,
     ) -> Sending<
         '_,
         impl Future<Output = Answer>,
@@ -198,7 +203,7 @@ impl Pool {
                 Err(e) => Sending::Failed { error: Some(e) },
             };
         }
-        match self.take_idle() {
+        match self.take_idle(now) {
             Some(mut tx) => {
                 req.headers_mut().insert(HOST, self.host.clone());
                 let answer = tx.try_send_request(req);
@@ -224,7 +229,7 @@ impl Pool {
             if let Some(tx) = self.shared_h2() {
                 return Ok((self.send_h2(tx, req)?.await?, None));
             }
-            let Some(mut tx) = self.take_idle() else {
+            let Some(mut tx) = self.take_idle(Instant::now()) else {
                 break;
             };
             req.headers_mut().insert(HOST, self.host.clone());
@@ -266,6 +271,7 @@ impl Pool {
         match connected? {
             Connected::H2(tx) => {
                 *self.h2.lock().expect("pool lock") = Some(tx.clone());
+                self.h2_seen.store(true, Ordering::Release);
                 drop(turn);
                 Ok((self.send_h2(tx, req)?.await?, None))
             }
@@ -332,6 +338,9 @@ impl Pool {
 
     /// The shared h2 connection while it is open.
     fn shared_h2(&self) -> Option<http2::SendRequest<UpstreamBody>> {
+        if !self.h2_seen.load(Ordering::Acquire) {
+            return None;
+        }
         let mut h2 = self.h2.lock().expect("pool lock");
         match &*h2 {
             Some(tx) if !tx.is_closed() => Some(tx.clone()),
@@ -345,11 +354,10 @@ impl Pool {
 
     /// The most recently used idle connection that can take a request now. Those idle too long,
     /// closed, or not ready (still finishing an exchange) are dropped on the way.
-    fn take_idle(&self) -> Option<http1::SendRequest<UpstreamBody>> {
-        let now = Instant::now();
+    fn take_idle(&self, now: Instant) -> Option<http1::SendRequest<UpstreamBody>> {
         let mut idle = self.idle.lock().expect("pool lock");
-        while let Some((mut tx, since)) = idle.conns.pop() {
-            if now.duration_since(since) >= self.idle_timeout {
+        while let Some((mut tx, expires)) = idle.conns.pop() {
+            if expires <= now {
                 // The rest are older still.
                 idle.conns.clear();
                 return None;
@@ -363,7 +371,7 @@ impl Pool {
         None
     }
 
-    fn put(self: &Arc<Self>, tx: http1::SendRequest<UpstreamBody>) {
+    fn put(self: &Arc<Self>, tx: http1::SendRequest<UpstreamBody>, now: Instant) {
         if tx.is_closed() {
             return;
         }
@@ -371,7 +379,7 @@ impl Pool {
         if idle.conns.len() >= self.max_idle {
             return;
         }
-        idle.conns.push((tx, Instant::now()));
+        idle.conns.push((tx, after_from(now, self.idle_timeout)));
         if !std::mem::replace(&mut idle.reaper, true) {
             let pool = Arc::downgrade(self);
             let every = self.idle_timeout;
@@ -389,7 +397,7 @@ async fn reap(pool: Weak<Pool>, every: Duration) {
         let mut idle = pool.idle.lock().expect("pool lock");
         let now = Instant::now();
         idle.conns
-            .retain(|(tx, since)| now.duration_since(*since) < every && !tx.is_closed());
+            .retain(|(tx, expires)| *expires > now && !tx.is_closed());
         if idle.conns.is_empty() {
             idle.reaper = false;
             return;
@@ -470,15 +478,17 @@ pub(super) mod tests {
         });
         let pool = pool_for(addr);
 
-        let (resp, lease) = pool.send(get()).await.unwrap();
+        let (resp, lease) = pool.send(get(), Instant::now()).await.unwrap();
         assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "{}");
-        lease.expect("HTTP/1.1 leases its connection").release();
+        lease
+            .expect("HTTP/1.1 leases its connection")
+            .release(Instant::now());
         // The server closes the idle connection; the request that follows runs before the
         // connection's task has seen the end of the stream, so it is queued on it, handed back
         // unsent, and sent again on a new connection.
         close_first.notify_one();
         closed_rx.await.unwrap();
-        let (resp, _) = pool.send(get()).await.unwrap();
+        let (resp, _) = pool.send(get(), Instant::now()).await.unwrap();
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "{}");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
@@ -500,13 +510,35 @@ pub(super) mod tests {
             }
         });
         let pool = pool_for(addr);
-        let (resp, lease) = pool.send(get()).await.unwrap();
+        let (resp, lease) = pool.send(get(), Instant::now()).await.unwrap();
         resp.into_body().collect().await.unwrap();
-        lease.unwrap().release();
+        lease.unwrap().release(Instant::now());
         assert_eq!(pool.idle.lock().unwrap().conns.len(), 1);
         // The reaper closes it within twice the timeout; the server sees the end of the stream.
         tokio::time::sleep(Duration::from_secs(61)).await;
         assert!(pool.idle.lock().unwrap().conns.is_empty());
         eof_rx.recv().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_connection_idle_for_the_idle_timeout_is_not_taken_again() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move { while answer(&mut s).await {} });
+            }
+        });
+        let pool = pool_for(addr);
+        let released = Instant::now();
+        for (idle, taken) in [(29, true), (30, false)] {
+            let (resp, lease) = pool.send(get(), Instant::now()).await.unwrap();
+            resp.into_body().collect().await.unwrap();
+            lease.unwrap().release(released);
+            let later = released + Duration::from_secs(idle);
+            assert_eq!(pool.take_idle(later).is_some(), taken, "idle {idle} s");
+            assert!(pool.idle.lock().unwrap().conns.is_empty());
+        }
     }
 }

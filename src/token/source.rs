@@ -207,7 +207,7 @@ impl TokenSource {
     pub fn valid(&self, min_ttl: Duration) -> Option<Arc<Token>> {
         let now = self.inner.clock.now();
         self.current()
-            .filter(|t| t.expires_at > now && t.remaining(now) >= min_ttl)
+            .filter(|t| t.expires_at > now && (min_ttl.is_zero() || t.remaining(now) >= min_ttl))
     }
 
     /// Ready: holds a token that has not expired.
