@@ -376,14 +376,16 @@ impl Forwarder {
             match result {
                 Ok((resp, lease)) => {
                     record.lease = lease;
-                    let (parts, body) = resp.into_parts();
+                    // The upstream's head, edited in place for the client.
+                    let (mut parts, body) = resp.into_parts();
+                    let seen = Seen::scan(&parts.headers);
+                    seen.strip(&mut parts.headers);
+                    parts.version = Version::HTTP_11;
+                    parts.extensions.clear();
                     record.status = parts.status.as_u16();
                     self.stats.count_status(parts.status);
                     if let Some(m) = self.metrics.get()
-                        && parts
-                            .headers
-                            .get(http::header::CONTENT_TYPE)
-                            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
+                        && seen.event_stream
                     {
                         record.stream = true;
                         m.in_flight_streams.inc();
@@ -466,14 +468,17 @@ impl Forwarder {
         &self,
         conn: &ConnInfo,
         req: &'r Request<Incoming>,
-    ) -> Result<path::Resolved<'r>, ProxyError> {
+    ) -> Result<(path::Resolved<'r>, Seen), ProxyError> {
         guard::check_method(req.method())?;
         if req.headers().len() > MAX_HEADERS {
             return Err(too_many_headers());
         }
         let rel = guard::target(req, conn.local.as_ref(), &self.upstream)?;
-        guard::check_origin(req.headers(), &self.allowed_origins)?;
-        path::resolve(rel)
+        let seen = Seen::scan(req.headers());
+        if seen.origin {
+            guard::check_origin(req.headers(), &self.allowed_origins)?;
+        }
+        Ok((path::resolve(rel)?, seen))
     }
 
     /// The guards, then the request as sent upstream: the URI built from the configured upstream,
@@ -486,7 +491,7 @@ impl Forwarder {
         token: &Token,
         first: Option<First>,
     ) -> Result<Prepared, ProxyError> {
-        let path::Resolved { session, path } = self.check(conn, &req)?;
+        let (path::Resolved { session, path }, seen) = self.check(conn, &req)?;
         let uri = self.upstream.target(req.uri(), &path)?;
 
         // The client's head is edited in place: its method and header map are the upstream
@@ -498,7 +503,7 @@ impl Forwarder {
         parts.version = Version::HTTP_11;
         parts.extensions.clear();
         let headers = &mut parts.headers;
-        strip_hop_by_hop(headers);
+        seen.strip(headers);
         // The client's `Authorization` is replaced below (`insert` drops every value it had);
         // nothing reads the headers before. The client's `Host` names this proxy: the pool
         // replaces it with the upstream's on HTTP/1.1 and removes it on h2 (where `:authority`
@@ -513,7 +518,12 @@ impl Forwarder {
         if let Some(l) = &mut record.logged {
             l.session = headers.get(X_SESSION_ID).cloned();
         }
-        headers.entry(X_REQUEST_ID).or_insert_with(request_id);
+        if seen.request_id {
+            // Kept, unless `Connection` named it.
+            headers.entry(X_REQUEST_ID).or_insert_with(request_id);
+        } else {
+            headers.append(X_REQUEST_ID, request_id());
+        }
         headers.insert(AUTHORIZATION, token.bearer().clone());
 
         let (body, replay) = self.request_body(body, first)?;
@@ -660,16 +670,7 @@ where
                 return expired.map(|()| Err(this.fwd.timed_out()));
             }
         };
-        Poll::Ready(match outcome {
-            Err(e) => Err(this.fwd.send_failed(&*e)),
-            Ok((mut resp, lease)) => {
-                // Edited in place: a response is moved often enough on its way as it is.
-                strip_hop_by_hop(resp.headers_mut());
-                *resp.version_mut() = Version::HTTP_11;
-                resp.extensions_mut().clear();
-                Ok((resp, lease))
-            }
-        })
+        Poll::Ready(outcome.map_err(|e| this.fwd.send_failed(&*e)))
     }
 }
 
@@ -737,40 +738,74 @@ fn build(
 }
 
 /// Removes the hop-by-hop headers and those `Connection` names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names notes which of the nine are there; usually none is, and only those
-    // present cost a hashed removal.
-    let mut present = 0u16;
-    // `Connection` lines: an HTTP/1.1 upstream sends one on nearly every response.
-    let mut connections = 0u32;
-    for (k, _) in headers.iter() {
-        if let Some(i) = hop_by_hop_index(k) {
-            present |= 1 << i;
-            connections += u32::from(i == 0);
+#[cfg(test)]
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    Seen::scan(headers).strip(headers);
+}
+
+/// What one pass over a head's fields found: the hop-by-hop names, and the few others the
+/// request path asks about (each a hashed look-up otherwise).
+#[derive(Debug, Default, Clone, Copy)]
+struct Seen {
+    /// Which of [`HOP_BY_HOP`] are there (bit `i` for `HOP_BY_HOP[i]`).
+    hop: u16,
+    /// `Connection` lines: an HTTP/1.1 upstream sends one on nearly every response.
+    connections: u32,
+    origin: bool,
+    request_id: bool,
+    content_type: bool,
+    /// The (first) `Content-Type` is `text/event-stream`.
+    event_stream: bool,
+}
+
+impl Seen {
+    fn scan(headers: &HeaderMap) -> Seen {
+        let mut seen = Seen::default();
+        for (name, value) in headers.iter() {
+            match name.as_str() {
+                "origin" => seen.origin = true,
+                "x-request-id" => seen.request_id = true,
+                "content-type" if !seen.content_type => {
+                    seen.content_type = true;
+                    seen.event_stream = value.as_bytes().starts_with(b"text/event-stream");
+                }
+                name => {
+                    if let Some(i) = hop_by_hop_index(name) {
+                        seen.hop |= 1 << i;
+                        seen.connections += u32::from(i == 0);
+                    }
+                }
+            }
         }
+        seen
     }
-    if present == 0 {
-        return;
-    }
-    // `HOP_BY_HOP[0]` is `Connection`: what it names goes too.
-    if connections == 1 {
-        if let Some(v) = headers.remove(CONNECTION) {
-            remove_named(headers, &v);
+
+    /// Removes the hop-by-hop headers found and those `Connection` names: usually none is
+    /// there, and only those present cost a hashed removal.
+    fn strip(&self, headers: &mut HeaderMap) {
+        if self.hop == 0 {
+            return;
         }
-    } else if connections > 1 {
-        remove_connection(headers);
-    }
-    for (i, name) in HOP_BY_HOP.iter().enumerate().skip(1) {
-        if present & (1 << i) != 0 {
-            headers.remove(name);
+        // `HOP_BY_HOP[0]` is `Connection`: what it names goes too.
+        if self.connections == 1 {
+            if let Some(v) = headers.remove(CONNECTION) {
+                remove_named(headers, &v);
+            }
+        } else if self.connections > 1 {
+            remove_connection(headers);
+        }
+        for (i, name) in HOP_BY_HOP.iter().enumerate().skip(1) {
+            if self.hop & (1 << i) != 0 {
+                headers.remove(name);
+            }
         }
     }
 }
 
 /// The place of `name` in [`HOP_BY_HOP`]. A string match (length first, then the bytes) costs a
 /// few instructions per name; comparing with each of the nine names in turn cost ~100.
-fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
-    Some(match name.as_str() {
+fn hop_by_hop_index(name: &str) -> Option<usize> {
+    Some(match name {
         "connection" => 0,
         "keep-alive" => 1,
         "proxy-connection" => 2,
@@ -978,7 +1013,7 @@ mod tests {
     #[test]
     fn the_hop_by_hop_index_matches_the_table() {
         for (i, name) in HOP_BY_HOP.iter().enumerate() {
-            assert_eq!(hop_by_hop_index(name), Some(i), "{name}");
+            assert_eq!(hop_by_hop_index(name.as_str()), Some(i), "{name}");
         }
         for name in [
             HOST,
@@ -986,7 +1021,7 @@ mod tests {
             X_SESSION_ID,
             HeaderName::from_static("tea"),
         ] {
-            assert_eq!(hop_by_hop_index(&name), None, "{name}");
+            assert_eq!(hop_by_hop_index(name.as_str()), None, "{name}");
         }
     }
 

@@ -1662,6 +1662,26 @@ async fn attached_metrics_count_responses_upstream_errors_and_replays() {
 }
 
 #[tokio::test]
+async fn an_open_event_stream_is_counted_in_the_streams_gauge_until_it_ends() {
+    let (go, wait) = oneshot::channel();
+    let up = sse_upstream(wait).await;
+    let agent = Agent::new(&up.url()).await;
+    let p = Running::start(&agent).await;
+    let metrics = Arc::new(crate::telemetry::metrics::Metrics::new());
+    p.proxy.attach_metrics(metrics.clone());
+    let resp = get(&p, "/v1/chat/completions").await;
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.into_body();
+    let mut seen = Vec::new();
+    read_until(&mut body, &mut seen, b"data: 1\n\n").await;
+    assert_eq!(metrics.in_flight_streams.get(), 1);
+    go.send(()).unwrap();
+    read_until(&mut body, &mut seen, b"data: 2\n\n").await;
+    assert!(within(body.frame()).await.is_none());
+    assert_eq!(metrics.in_flight_streams.get(), 0);
+}
+
+#[tokio::test]
 async fn one_debug_line_per_request_without_credentials_or_query() {
     let logs = Arc::new(Mutex::new(Vec::<u8>::new()));
     let writer = {
