@@ -9,13 +9,17 @@
 # Knobs (environment): ROUNDS (5), DURATION (seconds per wrk run, 4), STREAMS (10 streams per
 # path per round), HOLD_STREAMS (1000), BURST (1000), BASE_PORT (18700), OUT (BENCHMARKS.md),
 # NGINX_KEEPALIVE (256: nginx's upstream pool), FOREIGN_MAX (0.05), RETRIES (2), QUIET_BUDGET (300 s),
-# CARGO_TARGET_DIR (target), SKIP_BUILD=1 (use the binary already built).
+# CARGO_TARGET_DIR (target), SKIP_BUILD=1 (use the binaries already built), PGO (1: the agent under
+# test is the profile-guided build of pgo/build.sh, the one to package, and the plain
+# `cargo build --release` binary runs the request scenarios too, as a fourth path; 0: the plain
+# build only).
 #
 # What runs (all on 127.0.0.1):
 #   bench/idp.js          stub Auth0-compatible IdP: RS256 JWTs, JWKS, a grant counter, grant hold
 #   nginx (upstream)      the fast upstream: an OpenAI-style JSON body from memory, 401 without a bearer
 #   bench/sse.js          the streaming upstream: N events M ms apart, each stamped with its send time
-#   behest-agent run      the agent under test (a second one for streams, a third for the burst)
+#   behest-agent run      the agent under test (a second one for streams, a third for the burst; with
+#                         PGO=1 a fourth, the plain build, for the request scenarios)
 #   nginx (proxy)         the comparison: proxy_pass + keepalive pool + proxy_set_header Authorization
 #   wrk, bench/stream_client.js, bench/burst.js, hyperfine   the load
 set -euo pipefail
@@ -58,8 +62,18 @@ if [[ ${SKIP_BUILD:-0} != 1 ]]; then
     log "building the agent (release, target dir $TARGET_DIR)"
     CARGO_TARGET_DIR=$TARGET_DIR cargo build --release --quiet
 fi
-BIN=$(cd "$TARGET_DIR" && pwd)/release/behest-agent
-[[ -x $BIN ]] || die "no binary at $BIN"
+PGO=${PGO:-1}
+if [[ $PGO == 1 && ${SKIP_BUILD:-0} != 1 ]]; then
+    log "building the agent with profile-guided optimisation (pgo/build.sh; two more release builds)"
+    CARGO_TARGET_DIR=$TARGET_DIR pgo/build.sh
+fi
+PLAIN_BIN=$(cd "$TARGET_DIR" && pwd)/release/behest-agent
+[[ -x $PLAIN_BIN ]] || die "no binary at $PLAIN_BIN"
+BIN=$PLAIN_BIN
+if [[ $PGO == 1 ]]; then
+    BIN=$(cd "$TARGET_DIR" && pwd)/pgo/behest-agent
+    [[ -x $BIN ]] || die "no binary at $BIN (pgo/build.sh)"
+fi
 # The source the binary was built from, read now: the tree may change while the benchmark runs.
 GIT_REV=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 git diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || GIT_REV="$GIT_REV+uncommitted changes"
@@ -112,7 +126,8 @@ AGENT_PORT=$((BASE_PORT + 5))
 AGENT_SSE_PORT=$((BASE_PORT + 6))
 AGENT_BURST_PORT=$((BASE_PORT + 7))
 SINK_PORT=$((BASE_PORT + 8))
-for p in $(seq "$BASE_PORT" $((BASE_PORT + 8))); do
+AGENT_PLAIN_PORT=$((BASE_PORT + 9))
+for p in $(seq "$BASE_PORT" $((BASE_PORT + 9))); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then die "port $p is taken (set BASE_PORT)"; fi
 done
 
@@ -170,10 +185,10 @@ agent_env() { # name port upstream_port
         "BEHEST_AGENT_CONFIG=$TMP/none.toml"
 }
 : >"$TMP/none.toml"
-start_agent() { # name port upstream_port -> sets AGENT_PID
+start_agent() { # name port upstream_port [binary] -> sets AGENT_PID
     local -a envs
     mapfile -t envs < <(agent_env "$1" "$2" "$3")
-    spawn "$PROXY_CPUS" "$TMP/agent-$1.log" env "${envs[@]}" "$BIN" --log-level warn run
+    spawn "$PROXY_CPUS" "$TMP/agent-$1.log" env "${envs[@]}" "${4:-$BIN}" --log-level warn run
     AGENT_PID=$SPAWNED
     wait_port "$2"
 }
@@ -258,6 +273,12 @@ agent_ready main
 start_agent sse "$AGENT_SSE_PORT" "$SSE_PORT"
 AGENT_SSE=$AGENT_PID
 agent_ready sse
+AGENT_PLAIN=
+if [[ $PGO == 1 ]]; then
+    start_agent plain "$AGENT_PLAIN_PORT" "$UP_PORT" "$PLAIN_BIN"
+    AGENT_PLAIN=$AGENT_PID
+    agent_ready plain
+fi
 sleep 1
 AGENT_IDLE_KIB=$(rss_kib "$AGENT")
 AGENT_SSE_IDLE_KIB=$(rss_kib "$AGENT_SSE")
@@ -270,11 +291,13 @@ log "agent idle RSS ${AGENT_IDLE_KIB} KiB (${AGENT_THREADS} threads); nginx prox
 DIRECT=http://127.0.0.1:$UP_PORT
 VIA_AGENT=http://127.0.0.1:$AGENT_PORT
 VIA_NGINX=http://127.0.0.1:$NGX_PORT
+VIA_PLAIN=http://127.0.0.1:$AGENT_PLAIN_PORT
 code() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
 [[ $(code "$DIRECT/v1/models") == 401 ]] || die "the upstream does not refuse a request without a bearer"
 [[ $(code -H "Authorization: $DIRECT_AUTH" "$DIRECT/v1/models") == 200 ]] || die "direct: no 200"
 [[ $(code "$VIA_AGENT/v1/models") == 200 ]] || die "agent: no 200 (see $TMP/agent-main.log)"
 [[ $(code "$VIA_NGINX/v1/models") == 200 ]] || die "nginx proxy: no 200"
+[[ $PGO != 1 || $(code "$VIA_PLAIN/v1/models") == 200 ]] || die "plain agent: no 200 (see $TMP/agent-plain.log)"
 [[ $(code -X POST --data-binary "@/dev/null" -H 'Content-Type: application/json' "$VIA_AGENT/v1/chat/completions") == 200 ]] \
     || die "agent: POST failed"
 [[ $(curl -sf -X POST --data-binary @<(head -c 1048576 /dev/zero) "$VIA_AGENT/v1/files") == *file-bench* ]] \
@@ -293,9 +316,11 @@ RAW=$RESULTS/raw.jsonl
 
 # ---------------------------------------------------------------- 5. throughput and latency (wrk)
 PATHS=(direct agent nginx)
-url_of() { case $1 in direct) echo "$DIRECT" ;; agent) echo "$VIA_AGENT" ;; nginx) echo "$VIA_NGINX" ;; esac; }
+WRK_PATHS=("${PATHS[@]}")
+[[ $PGO == 1 ]] && WRK_PATHS+=(plain)
+url_of() { case $1 in direct) echo "$DIRECT" ;; agent) echo "$VIA_AGENT" ;; nginx) echo "$VIA_NGINX" ;; plain) echo "$VIA_PLAIN" ;; esac; }
 auth_of() { [[ $1 == direct ]] && echo "$DIRECT_AUTH" || echo "Bearer placeholder"; }
-pids_of() { case $1 in direct) echo "" ;; agent) echo "$AGENT" ;; nginx) nginx_pids ;; esac; }
+pids_of() { case $1 in direct) echo "" ;; agent) echo "$AGENT" ;; nginx) nginx_pids ;; plain) echo "$AGENT_PLAIN" ;; esac; }
 
 # name method body concurrency path
 SCENARIOS=(
@@ -341,14 +366,16 @@ run_wrk() { # scenario-line path round duration
 
 wait_quiet "${QUIET_WAIT:-120}"
 log "warm-up: 1 s per scenario and path"
-for s in "${SCENARIOS[@]}"; do for p in "${PATHS[@]}"; do run_wrk "$s" "$p" 0 1; done; done
+for s in "${SCENARIOS[@]}"; do for p in "${WRK_PATHS[@]}"; do run_wrk "$s" "$p" 0 1; done; done
+NW=${#WRK_PATHS[@]}
 for ((r = 1; r <= ROUNDS; r++)); do
-    log "round $r/$ROUNDS: ${#SCENARIOS[@]} scenarios x 3 paths x ${DURATION}s"
+    log "round $r/$ROUNDS: ${#SCENARIOS[@]} scenarios x $NW paths x ${DURATION}s"
     for s in "${SCENARIOS[@]}"; do
         # Rotate the order every round so no path always runs first (or after a particular one).
-        for ((k = 0; k < 3; k++)); do run_wrk "$s" "${PATHS[$(((k + r) % 3))]}" "$r" "$DURATION"; done
+        for ((k = 0; k < NW; k++)); do run_wrk "$s" "${WRK_PATHS[$(((k + r) % NW))]}" "$r" "$DURATION"; done
     done
 done
+[[ -n $AGENT_PLAIN ]] && kill "$AGENT_PLAIN" 2>/dev/null
 AGENT_AFTER_LOAD_KIB=$(rss_kib "$AGENT")
 AGENT_AFTER_LOAD_HWM_KIB=$(awk '/^VmHWM:/{print $2}' "/proc/$AGENT/status")
 LOAD_ENDED=$(date +%s)
@@ -475,7 +502,7 @@ print(json.dumps({
   "pinning": "$PINNING", "load_cpus": "$LOAD_CPUS", "proxy_cpus": "$PROXY_CPUS", "upstream_cpus": "$UP_CPUS",
   "rounds": $ROUNDS, "foreign_max": $FOREIGN_MAX, "nginx_keepalive": $NGINX_KEEPALIVE, "quiet_spent_s": $QUIET_SPENT, "duration_s": $DURATION, "streams": $STREAMS, "stream_events": $STREAM_EVENTS,
   "stream_ms": $STREAM_MS, "hold_streams": $HOLD_STREAMS, "burst": $BURST,
-  "agent_version": "$AGENT_VERSION", "git": "$GIT_REV",
+  "agent_version": "$AGENT_VERSION", "git": "$GIT_REV", "pgo": $PGO,
   "nginx": "$("$NGINX" -v 2>&1 | sed 's/.*nginx\///')", "wrk": "$(wrk --version 2>&1 | head -1 | awk '{print $2}')",
   "node": "$(node --version)", "hyperfine": "$(hyperfine --version | awk '{print $2}')",
   "agent_idle_kib": $AGENT_IDLE_KIB, "agent_sse_idle_kib": $AGENT_SSE_IDLE_KIB,
