@@ -2,8 +2,8 @@
 # The release binary, built with profile-guided optimisation (PGO): an instrumented build serves a
 # training load (pgo/train.js: small requests, streams, uploads, h2c, `token`), and the release
 # build is made again with the profile it wrote. LLVM then lays the hot path out together and
-# inlines by what is hot: the proxy runs about a quarter fewer instructions per request and misses
-# the instruction cache about a third as often (bench/experiments/README.md, "Session 9").
+# inlines by what is hot: the proxy runs about 27% fewer instructions per request and misses the
+# instruction cache about a quarter as often (bench/experiments/README.md, "Session 9").
 # This is the binary bench/run.sh measures and the one to package; `cargo build --release` gives
 # the same program without the profile.
 #

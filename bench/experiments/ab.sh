@@ -86,14 +86,16 @@ for ((r = 0; r < ROUNDS; r++)); do
         read -r u0 s0 < <(ticks ${pids[$i]})
         read -r v0 n0 < <(switches ${pids[$i]})
         read -r uu0 us0 < <(ticks $UM $(pgrep -P "$UM"))
+        read -r uv0 un0 < <(switches $UM $(pgrep -P "$UM"))
         read -r i00 i10 < <(idle)
         out=$(BENCH_METHOD=POST BENCH_BODY=${BODY:-small} BENCH_AUTH="Bearer placeholder" taskset -c 0 wrk -t1 -c"$CONC" -d"${DUR}s" \
             -s "$B/wrk_report.lua" "http://127.0.0.1:${ports[$i]}${URLPATH:-/v1/chat/completions}" | grep '^WRKJSON ' | cut -d' ' -f2-)
         read -r u1 s1 < <(ticks ${pids[$i]})
         read -r v1 n1 < <(switches ${pids[$i]})
         read -r uu1 us1 < <(ticks $UM $(pgrep -P "$UM"))
+        read -r uv1 un1 < <(switches $UM $(pgrep -P "$UM"))
         read -r i01 i11 < <(idle)
-        echo "{\"label\":\"${labels[$i]}\",\"u\":$((u1 - u0)),\"s\":$((s1 - s0)),\"v\":$((v1 - v0)),\"n\":$((n1 - n0)),\"up\":$((uu1 + us1 - uu0 - us0)),\"idle0\":$((i01 - i00)),\"idle1\":$((i11 - i10)),\"wrk\":$out}" >>"$T/ab.jsonl"
+        echo "{\"label\":\"${labels[$i]}\",\"u\":$((u1 - u0)),\"s\":$((s1 - s0)),\"v\":$((v1 - v0)),\"n\":$((n1 - n0)),\"up\":$((uu1 + us1 - uu0 - us0)),\"upv\":$((uv1 - uv0)),\"upn\":$((un1 - un0)),\"idle0\":$((i01 - i00)),\"idle1\":$((i11 - i10)),\"wrk\":$out}" >>"$T/ab.jsonl"
     done
 done
 rss=()
@@ -108,13 +110,16 @@ d = collections.defaultdict(list)
 for line in open(sys.argv[1]):
     r = json.loads(line); w = r["wrk"]; n = w["requests"]
     d[r["label"]].append((n / w["duration_us"] * 1e6, r["u"] * us / n, r["s"] * us / n, w["p99_us"] / 1e3, r["v"] * 1000 / n, r["n"] * 1000 / n,
-                          r["up"] * us / n, r["idle0"] * us / w["duration_us"] * 100, r["idle1"] * us / w["duration_us"] * 100))
+                          r["up"] * us / n, r["idle0"] * us / w["duration_us"] * 100, r["idle1"] * us / w["duration_us"] * 100,
+                          w["p50_us"] / 1e3, w["p90_us"] / 1e3, r["upv"] * 1000 / n, r["upn"] * 1000 / n))
 rss = dict(a.split("=") for a in sys.argv[3:])
 print(f"{'label':<16} {'req/s median (min-max)':>26} {'user':>6} {'sys':>6} µs/req {'p99 ms':>7}  switches/1k req (vol, invol)  RSS MiB at the end"
-      "  upstream µs/req  idle % CPU 0, CPU 1")
+      "  upstream µs/req  idle % CPU 0, CPU 1  p50, p90 ms  upstream switches/1k (vol, invol)")
 for k, v in d.items():
     print(f"{k:<16} {st.median(x[0] for x in v):>9.0f} ({min(x[0] for x in v):>6.0f}-{max(x[0] for x in v):>6.0f})"
           f" {st.median(x[1] for x in v):>6.1f} {st.median(x[2] for x in v):>6.1f}        {st.median(x[3] for x in v):>7.2f}"
           f"  {st.median(x[4] for x in v):>6.1f} {st.median(x[5] for x in v):>6.1f}  {int(rss[k]) / 1024:>8.1f}"
-          f"  {st.median(x[6] for x in v):>15.1f}  {st.median(x[7] for x in v):>5.1f} {st.median(x[8] for x in v):>5.1f}")
+          f"  {st.median(x[6] for x in v):>15.1f}  {st.median(x[7] for x in v):>5.1f} {st.median(x[8] for x in v):>5.1f}"
+          f"  {st.median(x[9] for x in v):>5.2f} {st.median(x[10] for x in v):>5.2f}"
+          f"  {st.median(x[11] for x in v):>6.1f} {st.median(x[12] for x in v):>6.1f}")
 EOF
