@@ -3,7 +3,9 @@
 # builds or settings, and nginx as the reference, against one nginx upstream, interleaved, with the
 # proxies' user and system CPU per request from /proc, and their context switches per 1,000
 # requests (voluntary: the proxy had nothing to do and slept in epoll_wait; involuntary: it was
-# preempted, mostly by the upstream it shares a core with). Same pinning as bench/run.sh on 2 cores:
+# preempted, mostly by the upstream it shares a core with). Also the upstream nginx's CPU per
+# request and its switches behind each proxy (its voluntary switches are its wake-ups), each
+# core's idle share, and wrk's p50 and p90. Same pinning as bench/run.sh on 2 cores:
 # wrk on CPU 0; the proxies and the upstream on CPU 1.
 #
 #   bench/experiments/ab.sh ROUNDS CONCURRENCY "LABEL=BINARY[;ENV=VALUE...]" ...
