@@ -375,7 +375,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
         for ((k = 0; k < NW; k++)); do run_wrk "$s" "${WRK_PATHS[$(((k + r) % NW))]}" "$r" "$DURATION"; done
     done
 done
-[[ -n $AGENT_PLAIN ]] && kill "$AGENT_PLAIN" 2>/dev/null
+[[ -z $AGENT_PLAIN ]] || kill "$AGENT_PLAIN" 2>/dev/null || true
 AGENT_AFTER_LOAD_KIB=$(rss_kib "$AGENT")
 AGENT_AFTER_LOAD_HWM_KIB=$(awk '/^VmHWM:/{print $2}' "/proc/$AGENT/status")
 LOAD_ENDED=$(date +%s)
