@@ -14,6 +14,8 @@
 # it is missing. Takes about two release builds' time. Knobs (environment): CARGO_TARGET_DIR
 # (target), TRAIN_SECONDS (8).
 set -euo pipefail
+# OUT is taken relative to the directory the script is run from; the rest relative to the repository.
+[[ -z ${1:-} || $1 == /* ]] || set -- "$PWD/$1"
 cd "$(dirname "$0")/.."
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 OUT=${1:-$TARGET_DIR/pgo/behest-agent}
