@@ -5,13 +5,15 @@
 # requests (voluntary: the proxy had nothing to do and slept in epoll_wait; involuntary: it was
 # preempted, mostly by the upstream it shares a core with). Also the upstream nginx's CPU per
 # request and its switches behind each proxy (its voluntary switches are its wake-ups), each
-# core's idle share, and wrk's p50 and p90. Same pinning as bench/run.sh on 2 cores:
+# core's idle share, wrk's p50 and p90, and the proxies' minor page faults per 1,000 requests.
+# Same pinning as bench/run.sh on 2 cores:
 # wrk on CPU 0; the proxies and the upstream on CPU 1.
 #
 #   bench/experiments/ab.sh ROUNDS CONCURRENCY "LABEL=BINARY[;ENV=VALUE...]" ...
 #
 # Knobs (environment): DUR (seconds per wrk run, 3), BODY (small | 1MiB | none, small), URLPATH
-# (/v1/chat/completions; /v1/files for uploads the upstream reads whole), BASE_PORT (19800).
+# (/v1/chat/completions; /v1/files for uploads the upstream reads whole), BASE_PORT (19800),
+# UPCPU (the CPUs the upstream runs on, 1: with the proxies, as in bench/run.sh; 0 puts it beside wrk).
 #
 # A BINARY written `raw:PATH` is another proxy, started as `PATH LISTEN UPSTREAM BEARER` (host:port
 # pairs and the bearer token), e.g. bench/experiments/bare-proxy.rs built as its header says.
@@ -40,7 +42,7 @@ fill() { sed -e "s|@TMP@|$T|g" -e "s|@UPSTREAM_PORT@|$UP|g" -e "s|@SINK_PORT@|$S
     -e "s|@NGINX_PORT@|$NGX|g" -e "s|@NGINX_SSE_PORT@|$((BASE_PORT + 4))|g" -e "s|@KEEPALIVE@|256|g" -e "s|@TOKEN@|$TOKEN|g" "$1" >"$2"; }
 fill "$B/nginx-upstream.conf.in" "$T/up.conf"
 fill "$B/nginx-proxy.conf.in" "$T/px.conf"
-spawn 1 "$T/up.out" nginx -p "$T" -e "$T/up.err" -c "$T/up.conf"
+spawn "${UPCPU:-1}" "$T/up.out" nginx -p "$T" -e "$T/up.err" -c "$T/up.conf"
 UM=$SPAWNED
 spawn 1 "$T/px.out" nginx -p "$T" -e "$T/px.err" -c "$T/px.conf"
 NM=$SPAWNED
@@ -77,6 +79,8 @@ for p in "${ports[@]}"; do
         || { echo "port $p does not answer 200" >&2; exit 1; }
 done
 ticks() { local u=0 s=0 p a b; for p in "$@"; do read -r a b < <(awk '{print $14, $15}' "/proc/$p/stat"); u=$((u + a)); s=$((s + b)); done; echo "$u $s"; }
+# minor page faults (the kernel handing the process a page it had given back or never touched)
+faults() { local f=0 p a; for p in "$@"; do read -r a < <(awk '{print $10}' "/proc/$p/stat"); f=$((f + a)); done; echo "$f"; }
 # idle CPU 0 and CPU 1 (ticks, /proc/stat: idle + iowait)
 idle() { awk '/^cpu0 /{a=$5+$6} /^cpu1 /{b=$5+$6} END {print a, b}' /proc/stat; }
 switches() { local v=0 n=0 p a b; for p in "$@"; do read -r a b < <(awk '/^voluntary_ctxt/ {a=$2} /^nonvoluntary_ctxt/ {b=$2} END {print a, b}' "/proc/$p/status"); v=$((v + a)); n=$((n + b)); done; echo "$v $n"; }
@@ -87,6 +91,7 @@ for ((r = 0; r < ROUNDS; r++)); do
         i=$(((k + r) % n))
         read -r u0 s0 < <(ticks ${pids[$i]})
         read -r v0 n0 < <(switches ${pids[$i]})
+        read -r f0 < <(faults ${pids[$i]})
         read -r uu0 us0 < <(ticks $UM $(pgrep -P "$UM"))
         read -r uv0 un0 < <(switches $UM $(pgrep -P "$UM"))
         read -r i00 i10 < <(idle)
@@ -94,10 +99,11 @@ for ((r = 0; r < ROUNDS; r++)); do
             -s "$B/wrk_report.lua" "http://127.0.0.1:${ports[$i]}${URLPATH:-/v1/chat/completions}" | grep '^WRKJSON ' | cut -d' ' -f2-)
         read -r u1 s1 < <(ticks ${pids[$i]})
         read -r v1 n1 < <(switches ${pids[$i]})
+        read -r f1 < <(faults ${pids[$i]})
         read -r uu1 us1 < <(ticks $UM $(pgrep -P "$UM"))
         read -r uv1 un1 < <(switches $UM $(pgrep -P "$UM"))
         read -r i01 i11 < <(idle)
-        echo "{\"label\":\"${labels[$i]}\",\"u\":$((u1 - u0)),\"s\":$((s1 - s0)),\"v\":$((v1 - v0)),\"n\":$((n1 - n0)),\"up\":$((uu1 + us1 - uu0 - us0)),\"upv\":$((uv1 - uv0)),\"upn\":$((un1 - un0)),\"idle0\":$((i01 - i00)),\"idle1\":$((i11 - i10)),\"wrk\":$out}" >>"$T/ab.jsonl"
+        echo "{\"label\":\"${labels[$i]}\",\"u\":$((u1 - u0)),\"s\":$((s1 - s0)),\"v\":$((v1 - v0)),\"n\":$((n1 - n0)),\"up\":$((uu1 + us1 - uu0 - us0)),\"upv\":$((uv1 - uv0)),\"upn\":$((un1 - un0)),\"flt\":$((f1 - f0)),\"idle0\":$((i01 - i00)),\"idle1\":$((i11 - i10)),\"wrk\":$out}" >>"$T/ab.jsonl"
     done
 done
 rss=()
@@ -113,15 +119,15 @@ for line in open(sys.argv[1]):
     r = json.loads(line); w = r["wrk"]; n = w["requests"]
     d[r["label"]].append((n / w["duration_us"] * 1e6, r["u"] * us / n, r["s"] * us / n, w["p99_us"] / 1e3, r["v"] * 1000 / n, r["n"] * 1000 / n,
                           r["up"] * us / n, r["idle0"] * us / w["duration_us"] * 100, r["idle1"] * us / w["duration_us"] * 100,
-                          w["p50_us"] / 1e3, w["p90_us"] / 1e3, r["upv"] * 1000 / n, r["upn"] * 1000 / n))
+                          w["p50_us"] / 1e3, w["p90_us"] / 1e3, r["upv"] * 1000 / n, r["upn"] * 1000 / n, r["flt"] * 1000 / n))
 rss = dict(a.split("=") for a in sys.argv[3:])
 print(f"{'label':<16} {'req/s median (min-max)':>26} {'user':>6} {'sys':>6} µs/req {'p99 ms':>7}  switches/1k req (vol, invol)  RSS MiB at the end"
-      "  upstream µs/req  idle % CPU 0, CPU 1  p50, p90 ms  upstream switches/1k (vol, invol)")
+      "  upstream µs/req  idle % CPU 0, CPU 1  p50, p90 ms  upstream switches/1k (vol, invol)  faults/1k")
 for k, v in d.items():
     print(f"{k:<16} {st.median(x[0] for x in v):>9.0f} ({min(x[0] for x in v):>6.0f}-{max(x[0] for x in v):>6.0f})"
           f" {st.median(x[1] for x in v):>6.1f} {st.median(x[2] for x in v):>6.1f}        {st.median(x[3] for x in v):>7.2f}"
           f"  {st.median(x[4] for x in v):>6.1f} {st.median(x[5] for x in v):>6.1f}  {int(rss[k]) / 1024:>8.1f}"
           f"  {st.median(x[6] for x in v):>15.1f}  {st.median(x[7] for x in v):>5.1f} {st.median(x[8] for x in v):>5.1f}"
           f"  {st.median(x[9] for x in v):>5.2f} {st.median(x[10] for x in v):>5.2f}"
-          f"  {st.median(x[11] for x in v):>6.1f} {st.median(x[12] for x in v):>6.1f}")
+          f"  {st.median(x[11] for x in v):>6.1f} {st.median(x[12] for x in v):>6.1f}  {st.median(x[13] for x in v):>6.2f}")
 EOF
