@@ -125,7 +125,70 @@ fn human(doc: &Value) -> String {
         }
     }
     if let Some(p) = doc.get("proxy").filter(|p| !p.is_null()) {
-        out.push_str(&format!("proxy:        {p}\n"));
+        out.push_str(&format!("proxy:        {}\n", proxy_words(p)));
     }
     out
+}
+
+/// The daemon's proxy counters in a line, e.g. `12 requests (2xx 10, 4xx 2), 1 in flight, 3
+/// connections, 0 replays, 0 upstream errors`; classes with no response are left out.
+fn proxy_words(p: &Value) -> String {
+    let n = |k: &str| p.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let classes: Vec<String> = ["1xx", "2xx", "3xx", "4xx", "5xx"]
+        .into_iter()
+        .filter_map(|c| {
+            let v = p
+                .pointer(&format!("/responses/{c}"))
+                .and_then(Value::as_u64)?;
+            (v > 0).then(|| format!("{c} {v}"))
+        })
+        .collect();
+    let by_class = if classes.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", classes.join(", "))
+    };
+    format!(
+        "{} requests{by_class}, {} in flight, {} connections, {} replays, {} upstream errors",
+        n("requests_total"),
+        n("in_flight"),
+        n("connections"),
+        n("replays"),
+        n("upstream_errors"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_counters_read_as_words() {
+        let doc = json!({
+            "token": {"state": "valid"},
+            "proxy": {
+                "upstream": "https://api.behest.example/",
+                "requests_total": 12,
+                "responses": {"1xx": 0, "2xx": 10, "3xx": 0, "4xx": 2, "5xx": 0},
+                "in_flight": 1,
+                "connections": 3,
+                "replays": 0,
+                "upstream_errors": 4,
+            },
+        });
+        let text = human(&doc);
+        assert!(
+            text.contains(
+                "proxy:        12 requests (2xx 10, 4xx 2), 1 in flight, 3 connections, \
+                 0 replays, 4 upstream errors\n"
+            ),
+            "{text}"
+        );
+        let idle = json!({"proxy": {"requests_total": 0, "responses": {}}});
+        assert!(
+            human(&idle).contains("proxy:        0 requests, 0 in flight,"),
+            "{}",
+            human(&idle)
+        );
+    }
 }
