@@ -148,13 +148,17 @@ fn proxy_words(p: &Value) -> String {
     } else {
         format!(" ({})", classes.join(", "))
     };
+    let count = |k: &str, what: &str| {
+        let v = n(k);
+        format!("{v} {what}{}", if v == 1 { "" } else { "s" })
+    };
     format!(
-        "{} requests{by_class}, {} in flight, {} connections, {} replays, {} upstream errors",
-        n("requests_total"),
+        "{}{by_class}, {} in flight, {}, {}, {}",
+        count("requests_total", "request"),
         n("in_flight"),
-        n("connections"),
-        n("replays"),
-        n("upstream_errors"),
+        count("connections", "connection"),
+        count("replays", "replay"),
+        count("upstream_errors", "upstream error"),
     )
 }
 
@@ -189,6 +193,14 @@ mod tests {
             human(&idle).contains("proxy:        0 requests, 0 in flight,"),
             "{}",
             human(&idle)
+        );
+        let one = json!({"proxy": {"requests_total": 1, "responses": {"2xx": 1}, "connections": 1, "replays": 1, "upstream_errors": 1}});
+        assert!(
+            human(&one).contains(
+                "proxy:        1 request (2xx 1), 0 in flight, 1 connection, 1 replay, 1 upstream error\n"
+            ),
+            "{}",
+            human(&one)
         );
     }
 }
