@@ -25,7 +25,10 @@ import { createServer } from 'node:http';
 // oidc-provider prints notices with console.info, i.e. to stdout, which must carry only our one
 // JSON line. Send all of it to stderr; patch before the (dynamic) import, which already warns.
 console.log = console.info = console.debug = (...args) => console.error(...args);
+// Start-up stages on stderr, which the tests print when the endpoints line does not come.
+const stage = (what) => process.stderr.write(`idp.mjs: ${what} (${Math.round(performance.now())} ms)\n`);
 const { default: Provider, errors } = await import('oidc-provider');
+stage('oidc-provider loaded');
 
 const raw = process.argv[2] ?? process.env.IDP_OPTIONS;
 if (!raw) {
@@ -96,6 +99,7 @@ class MemoryAdapter {
 }
 
 const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
+stage('signing key made');
 const signingKey = { ...privateKey.export({ format: 'jwk' }), kid: randomUUID(), alg: 'RS256', use: 'sig' };
 
 const configuration = {
@@ -129,6 +133,7 @@ const configuration = {
 const server = createServer();
 await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
 const { port } = server.address();
+stage(`listening on ${port}`);
 const provider = new Provider(`http://127.0.0.1:${port}`, configuration);
 // Diagnostics for a failing test (the token endpoint's error bodies hide the reason).
 provider.on('server_error', (_ctx, err) => console.error('idp.mjs server_error:', err));
@@ -138,6 +143,7 @@ provider.on('grant.error', (_ctx, err) => {
 server.on('request', provider.callback());
 
 const discovery = await (await fetch(`${provider.issuer}/.well-known/openid-configuration`)).json();
+stage('discovery read');
 process.stdout.write(`${JSON.stringify({
   issuer: discovery.issuer,
   token_endpoint: discovery.token_endpoint,
