@@ -63,7 +63,8 @@ for r in rows:
     if r["proxy_cpu_ticks"] is not None and x["requests"]:
         cpu = r["proxy_cpu_ticks"] * TICK_US / x["requests"]
     wrk[r["test"]][r["path"]].append(
-        {"rps": x["requests"] / secs, "p50": x["p50_us"], "p99": x["p99_us"], "errors": errors, "cpu": cpu}
+        {"rps": x["requests"] / secs, "p50": x["p50_us"], "p99": x["p99_us"], "errors": errors, "cpu": cpu,
+         "round": r["round"]}
     )
 
 LABEL = {
@@ -276,6 +277,25 @@ for t in tests:
     more = f" {s['plain']['rps'] / n['rps']:.2f} | {ms(s['plain']['p99'] - d['p99'])} ms |" if plain else ""
     w(f"| {t} | {a['rps'] / d['rps']:.2f} | {a['rps'] / n['rps']:.2f} | {n['rps'] / d['rps']:.2f} | "
       f"{ms(a['p99'] - d['p99'])} ms | {ms(n['p99'] - d['p99'])} ms | {ms(a['p50'] - d['p50'])} ms | {ms(n['p50'] - d['p50'])} ms |" + more)
+w("")
+w(f"Paired by round: in each round a scenario runs on the {len(summary[tests[0]])} paths one after another, within "
+  f"{len(summary[tests[0]]) * meta['duration_s']} s, so comparing the agent with nginx round by round takes out the drift "
+  "between rounds that the medians above keep. *served more*: rounds where the agent "
+  "served more requests per second than nginx; *p99 lower*: rounds where its p99 was lower; the last "
+  "column is the median over the rounds of the agent's p99 minus nginx's in that round.")
+w("")
+w("| scenario | rounds the agent served more | rounds its p99 was lower | median per-round p99 difference |")
+w("|---|---:|---:|---:|")
+for t in tests:
+    by_round = {p: {r["round"]: r for r in wrk[t][p]} for p in ("agent", "nginx")}
+    both = sorted(set(by_round["agent"]) & set(by_round["nginx"]))
+    if not both:
+        continue
+    pairs = [(by_round["agent"][k], by_round["nginx"][k]) for k in both]
+    more = sum(1 for a, n in pairs if a["rps"] > n["rps"])
+    lower = sum(1 for a, n in pairs if a["p99"] < n["p99"])
+    diff = med([a["p99"] - n["p99"] for a, n in pairs])
+    w(f"| {t} | {more} of {len(pairs)} | {lower} of {len(pairs)} | {diff / 1000:+.2f} ms |")
 w("")
 w("*proxy CPU µs/req*: the proxy process's user+system CPU time during the run (from `/proc/PID/stat`, "
   f"{meta['clk_tck']} Hz ticks; nginx: master and worker) divided by the requests served.")
