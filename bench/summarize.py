@@ -302,8 +302,9 @@ for t in tests:
     w(f"| {t} | {a['rps'] / d['rps']:.2f} | {a['rps'] / n['rps']:.2f} | {n['rps'] / d['rps']:.2f} | "
       f"{ms(a['p99'] - d['p99'])} ms | {ms(n['p99'] - d['p99'])} ms | {ms(a['p50'] - d['p50'])} ms | {ms(n['p50'] - d['p50'])} ms |" + more)
 w("")
-w(f"Paired by round: in each round a scenario runs on the {len(summary[tests[0]])} paths one after another, within "
-  f"{len(summary[tests[0]]) * meta['duration_s']} s, so comparing the agent with nginx round by round takes out the drift "
+npaths = len(summary[tests[0]])
+w(f"Paired by round: in each round a scenario runs on the {npaths} paths one after another, within "
+  f"{npaths * meta['duration_s']} s, so comparing the agent with nginx round by round takes out the drift "
   "between rounds that the medians above keep. *served more*: rounds where the agent "
   "served more requests per second than nginx; *p99 lower*: rounds where its p99 was lower; the last "
   "column is the median over the rounds of the agent's p99 minus nginx's in that round.")
