@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use serde_json::{Value, json};
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -16,7 +16,8 @@ use tokio_util::task::TaskTracker;
 use crate::clock::SharedClock;
 use crate::config::{ListenAddr, Settings};
 use crate::control::{self, ControlState};
-use crate::proxy::{Listener, Proxy};
+use crate::proxy::Proxy;
+use crate::server::Listener;
 use crate::service;
 use crate::telemetry::LogHandle;
 use crate::telemetry::metrics::{self, Health, Metrics};
@@ -100,7 +101,7 @@ impl Health for State {
 /// A built daemon, listeners bound, not yet running.
 pub struct App {
     state: Arc<State>,
-    control: UnixListener,
+    control: Listener,
     proxy_listeners: Vec<Listener>,
     metrics_listener: Option<TcpListener>,
     log: Option<LogHandle>,

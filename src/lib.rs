@@ -29,6 +29,7 @@ pub mod config;
 pub mod control;
 pub mod dev;
 pub mod proxy;
+pub mod server;
 pub mod service;
 pub mod telemetry;
 pub mod tls;

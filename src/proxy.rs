@@ -8,56 +8,53 @@
 //! chunk by chunk, so server-sent events reach the client as they are produced.
 //!
 //! Layout:
-//! - [`listener`]: sockets, the accept loop, connection limits, head limits, graceful shutdown.
-//! - [`framing`]: the watcher that finds `Content-Length` + `Transfer-Encoding` conflicts.
 //! - [`guard`]: `CONNECT`, absolute-form, `Host` and `Origin` checks.
 //! - [`path`]: the `/s/SESSION/` prefix and dot-segment removal under the base path.
 //! - [`forward`]: one request upstream and back: headers, token, 401 replay, timeouts.
-//! - [`upstream`]: the upstream's connections (pooled HTTP/1.1, shared h2).
-//! - [`body`]: the streamed bodies (tee for replays, idle timeout).
+//! - [`body`]: the response body streamed to the client, and its request's record.
 //! - [`error`]: the agent's own answers, OpenAI-shaped.
+//!
+//! Sockets, connection limits and the graceful drain are [`crate::server`]'s.
 
 mod body;
 mod error;
 mod forward;
-mod framing;
 mod guard;
-mod listener;
 mod path;
-mod timer;
-mod upstream;
 
 #[cfg(test)]
 mod tests;
 
+use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
-use http::{HeaderValue, StatusCode};
+use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderValue, StatusCode, Uri};
+use hyper::service::service_fn;
 use hyper_rustls::HttpsConnectorBuilder;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
+use url::Url;
 
 use crate::config::{ListenAddr, ProxySettings};
+use crate::server::{self, Limits, Listener};
 use crate::telemetry::metrics::Metrics;
 use crate::token::TokenSource;
 
 pub use error::{ProxyError, SetupError};
-pub use listener::Listener;
+pub use forward::{X_REQUEST_ID, X_SESSION_ID};
 
-use forward::{Forwarder, Upstream};
-use listener::Limits;
+use forward::Forwarder;
 
 /// How long an idle pooled upstream connection is kept: under the 60 s idle timeout of common load
-/// balancers (so the agent closes first rather than reusing a connection being closed), and short
-/// enough that the memory a burst's connections hold (about 40 KiB each) is released soon after.
-/// The pool's reaper closes them within twice this.
+/// balancers, so the agent closes first rather than reusing a connection being closed.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// At most this many idle upstream connections are kept; more are closed when their response
-/// ends. A cap below the client concurrency makes the pool churn (measured: a cap of 32 under 128
-/// concurrent clients cut throughput by half), so it only bounds the extreme.
+/// At most this many idle upstream connections are kept.
 const POOL_MAX_IDLE: usize = 256;
 
 /// The proxy: built once from settings, served on listeners until a shutdown. Cheap to clone.
@@ -68,15 +65,27 @@ pub struct Proxy {
 
 /// What a serving proxy reads: the forwarder for new requests (swapped on reload by
 /// [`Proxy::replace_with`]) and the server limits.
-pub(crate) struct Shared {
+struct Shared {
     /// Read (and its `Arc` cloned) once per request; the lock is never held across an await.
     current: RwLock<Arc<Forwarder>>,
     limits: Limits,
+    /// Open client connections (not swapped on reload: connections outlive a forwarder).
+    connections: AtomicU64,
 }
 
-impl Shared {
-    pub(crate) fn forwarder(&self) -> Arc<Forwarder> {
-        self.current.read().expect("proxy forwarder lock").clone()
+/// Counts a client connection for as long as its service lives.
+struct Counted(Arc<Shared>);
+
+impl Counted {
+    fn new(shared: Arc<Shared>) -> Counted {
+        shared.connections.fetch_add(1, Ordering::Relaxed);
+        Counted(shared)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -97,8 +106,6 @@ pub(crate) struct Stats {
     pub by_class: [AtomicU64; 5],
     /// Requests whose response has not finished streaming.
     pub in_flight: AtomicU64,
-    /// Open client connections.
-    pub connections: AtomicU64,
     /// Requests replayed with a new token after a 401.
     pub replays: AtomicU64,
     /// Upstream failures: unreachable (502), no response head in time (504), or a response body
@@ -131,14 +138,14 @@ impl Proxy {
     /// `ca_file`, ALPN h2 and http/1.1). Fails when no upstream is configured.
     pub fn new(settings: &ProxySettings, tokens: TokenSource) -> Result<Proxy, SetupError> {
         let url = settings.upstream.as_ref().ok_or(SetupError::NoUpstream)?;
-        let upstream = Upstream::from_url(url)?;
+        let upstream = UpstreamBase::from_url(url)?;
         let session_id = settings
             .session_id
             .as_deref()
             .map(|s| {
                 HeaderValue::from_str(s)
                     .ok()
-                    .filter(|_| valid_session(s))
+                    .filter(|_| path::valid_session(s.as_bytes()))
                     .ok_or_else(|| SetupError::SessionId(s.to_string()))
             })
             .transpose()?;
@@ -156,31 +163,24 @@ impl Proxy {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let target = http::Uri::builder()
-            .scheme(upstream.scheme.clone())
-            .authority(upstream.authority.clone())
-            .path_and_query("/")
-            .build()
-            .map_err(|e| SetupError::Upstream(e.to_string()))?;
-        let host = HeaderValue::from_str(upstream.authority.as_str())
-            .map_err(|e| SetupError::Upstream(e.to_string()))?;
-        let pool = upstream::Pool::new(https, target, host, POOL_IDLE_TIMEOUT, POOL_MAX_IDLE);
+        let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(POOL_MAX_IDLE)
+            .build(https);
 
         // Zero: no limit (tokio clamps the far deadline).
-        let upstream_timeout = if settings.upstream_timeout.is_zero() {
-            Duration::MAX
-        } else {
-            settings.upstream_timeout
-        };
+        let unbounded = |d: Duration| if d.is_zero() { Duration::MAX } else { d };
         let fwd = Forwarder {
             tokens,
-            pool,
+            client,
             upstream,
             session_id,
             allowed_origins: settings.allowed_origins.clone(),
             max_replay_body: settings.max_replay_body,
-            upstream_timeout,
-            idle_timeout: settings.idle_timeout,
+            upstream_timeout: unbounded(settings.upstream_timeout),
+            idle_timeout: unbounded(settings.idle_timeout),
             stats: Stats::default(),
             metrics: OnceLock::new(),
         };
@@ -190,14 +190,20 @@ impl Proxy {
                 limits: Limits {
                     max_connections: settings.max_connections,
                     header_read_timeout: settings.header_read_timeout,
+                    idle_timeout: settings.idle_timeout,
                     shutdown_grace: settings.shutdown_grace,
                 },
+                connections: AtomicU64::new(0),
             }),
         })
     }
 
     fn forwarder(&self) -> Arc<Forwarder> {
-        self.shared.forwarder()
+        self.shared
+            .current
+            .read()
+            .expect("proxy forwarder lock")
+            .clone()
     }
 
     /// Records requests, durations, in-flight gauges, upstream errors and replays in `metrics`
@@ -225,13 +231,24 @@ impl Proxy {
 
     /// Binds every listen address: TCP, or `unix:/path` (socket mode 0660).
     pub async fn bind(listen: &[ListenAddr]) -> std::io::Result<Vec<Listener>> {
-        listener::bind(listen).await
+        server::bind(listen).await
     }
 
     /// Serves until `shutdown`; then stops accepting, lets in-flight requests and streams finish
     /// for up to `shutdown_grace`, cuts the rest, and returns.
     pub async fn serve(&self, listeners: Vec<Listener>, shutdown: CancellationToken) {
-        listener::serve(self.shared.clone(), listeners, shutdown).await
+        let proxy = self.clone();
+        let make = move |conn: server::Conn| {
+            let proxy = proxy.clone();
+            let counted = Counted::new(proxy.shared.clone());
+            service_fn(move |req| {
+                let _ = &counted;
+                // The forwarder current when the request arrives (a reload may swap it).
+                let fwd = proxy.forwarder();
+                async move { Ok::<_, Infallible>(fwd.handle(conn.local, req).await) }
+            })
+        };
+        server::serve(listeners, self.shared.limits, make, shutdown).await
     }
 
     /// The configured upstream base URL.
@@ -255,16 +272,105 @@ impl Proxy {
                 "5xx": get(&s.by_class[4]),
             },
             "in_flight": get(&s.in_flight),
-            "connections": get(&s.connections),
+            "connections": get(&self.shared.connections),
             "replays": get(&s.replays),
             "upstream_errors": get(&s.upstream_errors),
         })
     }
 }
 
-/// A configured session id: visible ASCII, 1 to 128 characters (sent as is, not percent-decoded).
-fn valid_session(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= path::MAX_SESSION_ID
-        && s.bytes().all(|b| (0x21..=0x7e).contains(&b))
+/// The configured upstream base URL, parsed once.
+#[derive(Debug, Clone)]
+pub struct UpstreamBase {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// Lower-case host as in a URI (`[::1]` for IPv6), for absolute-form checks.
+    pub host: String,
+    /// The port, explicit or the scheme's default.
+    pub port: u16,
+    /// The base path without a trailing `/` (`""` for the root).
+    pub base: String,
+    /// For messages.
+    pub url: String,
+}
+
+impl UpstreamBase {
+    pub fn from_url(url: &Url) -> Result<UpstreamBase, SetupError> {
+        let bad = |m: &str| SetupError::Upstream(format!("`{url}`: {m}"));
+        let scheme = match url.scheme() {
+            "https" => Scheme::HTTPS,
+            "http" => Scheme::HTTP,
+            _ => {
+                return Err(bad(
+                    "the scheme must be https (or http for a local test server)",
+                ));
+            }
+        };
+        let host = url
+            .host_str()
+            .ok_or_else(|| bad("no host"))?
+            .to_ascii_lowercase();
+        let port = url.port_or_known_default().ok_or_else(|| bad("no port"))?;
+        let authority = match url.port() {
+            Some(p) => format!("{host}:{p}"),
+            None => host.clone(),
+        };
+        let authority = Authority::try_from(authority).map_err(|e| bad(&e.to_string()))?;
+        if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
+            return Err(bad(
+                "must be a base URL without query, fragment or credentials",
+            ));
+        }
+        Ok(UpstreamBase {
+            scheme,
+            authority,
+            host,
+            port,
+            base: url.path().trim_end_matches('/').to_string(),
+            url: url.to_string(),
+        })
+    }
+
+    /// The upstream URI for a request: the configured scheme, authority and base path, then
+    /// `path` (resolved under the base) and the client's query as it came.
+    pub fn uri(&self, path: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
+        let mut pq = format!("{}{path}", self.base);
+        if let Some(q) = query {
+            pq.push('?');
+            pq.push_str(q);
+        }
+        let pq = PathAndQuery::from_maybe_shared(Bytes::from(pq)).map_err(|_| {
+            ProxyError::BadRequest("the request path is not a valid URI path".to_string())
+        })?;
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build()
+            .map_err(|e| ProxyError::BadRequest(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn the_upstream_uri_is_the_base_path_then_the_path_and_the_clients_query() {
+        let up =
+            UpstreamBase::from_url(&Url::parse("https://api.behest.test/base/").unwrap()).unwrap();
+        assert_eq!((up.base.as_str(), up.port), ("/base", 443));
+        let uri = up.uri("/v1/x", Some("q=1")).unwrap();
+        assert_eq!(uri.to_string(), "https://api.behest.test/base/v1/x?q=1");
+        // The authority is the configuration's, whatever the path looks like.
+        let uri = up.uri("//evil.example/x", None).unwrap();
+        assert_eq!(
+            (uri.authority().unwrap().as_str(), uri.path()),
+            ("api.behest.test", "/base//evil.example/x")
+        );
+        let root = UpstreamBase::from_url(&Url::parse("http://127.0.0.1:9/").unwrap()).unwrap();
+        let uri = root.uri("//evil.example/x", Some("")).unwrap();
+        assert_eq!(uri.authority().unwrap().as_str(), "127.0.0.1:9");
+        assert_eq!(uri.path_and_query().unwrap().as_str(), "//evil.example/x?");
+    }
 }

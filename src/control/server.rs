@@ -10,13 +10,12 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
+use crate::server::Listener;
 use crate::token::{TokenError, TokenSource, rfc3339};
 
 /// What the control API serves from. Closures, so a reload's new token source is picked up.
@@ -32,7 +31,7 @@ pub struct ControlState {
 
 /// Binds the control socket with `mode`, creating its directory (0750). A stale socket left by a
 /// dead daemon is replaced; a live one is an error.
-pub async fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
+pub async fn bind(path: &Path, mode: u32) -> std::io::Result<Listener> {
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
         && !dir.exists()
@@ -54,47 +53,21 @@ pub async fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
         }
         std::fs::remove_file(path)?;
     }
-    let listener = UnixListener::bind(path)?;
+    let listener = Listener::unix(UnixListener::bind(path)?, path.to_path_buf());
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     Ok(listener)
 }
 
 /// Serves the control API until `shutdown`.
-pub async fn serve(listener: UnixListener, state: ControlState, shutdown: CancellationToken) {
-    let tracker = TaskTracker::new();
-    loop {
-        let stream = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "control socket accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+pub async fn serve(listener: Listener, state: ControlState, shutdown: CancellationToken) {
+    let make = move |_| {
         let state = state.clone();
-        let shutdown = shutdown.clone();
-        tracker.spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, req).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
-                }
-            }
-        });
-    }
-    tracker.close();
-    tracker.wait().await;
+        hyper::service::service_fn(move |req| {
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(handle(&state, req).await) }
+        })
+    };
+    crate::server::serve(vec![listener], crate::server::Limits::LOCAL, make, shutdown).await
 }
 
 fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {

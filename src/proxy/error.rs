@@ -4,7 +4,7 @@
 //! errors come from `TokenError`'s `Display`, which never formats one.
 
 use bytes::Bytes;
-use http::header::{CACHE_CONTROL, CONNECTION, CONTENT_TYPE, HeaderValue};
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 
@@ -31,9 +31,6 @@ pub enum ProxyError {
     /// A malformed request: a path leaving the upstream's base path, a bad session id, …
     #[error("{0}")]
     BadRequest(String),
-    /// `Content-Length` together with `Transfer-Encoding` (RFC 9112 §6.1): the connection closes.
-    #[error("the request has both Content-Length and Transfer-Encoding; send one of them")]
-    ConflictingFraming,
     /// `CONNECT`: this is not a forward proxy.
     #[error(
         "CONNECT is not supported: this is a reverse proxy to the configured upstream, not a forward proxy"
@@ -55,7 +52,7 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::ForbiddenHost(_) | ProxyError::ForbiddenOrigin(_) => StatusCode::FORBIDDEN,
-            ProxyError::BadRequest(_) | ProxyError::ConflictingFraming => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::ConnectRefused => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::RequestBody {
                 timed_out: true, ..
@@ -75,7 +72,7 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
             ProxyError::ForbiddenHost(_) => "forbidden_host",
             ProxyError::ForbiddenOrigin(_) => "forbidden_origin",
-            ProxyError::BadRequest(_) | ProxyError::ConflictingFraming => "bad_request",
+            ProxyError::BadRequest(_) => "bad_request",
             ProxyError::ConnectRefused => "method_not_allowed",
             ProxyError::RequestBody {
                 timed_out: true, ..
@@ -99,8 +96,16 @@ impl ProxyError {
         Bytes::from(v.to_string())
     }
 
-    /// The whole answer. Conflicting framing also closes the connection (hyper closes after a
-    /// response that says `Connection: close`).
+    /// Which kind of upstream failure this is, for the metrics; `None` when it is not one.
+    pub fn upstream_failure(&self) -> Option<&'static str> {
+        match self {
+            ProxyError::UpstreamUnreachable { .. } => Some("unreachable"),
+            ProxyError::UpstreamTimeout { .. } => Some("timeout"),
+            _ => None,
+        }
+    }
+
+    /// The whole answer.
     pub fn response(&self) -> Response<Full<Bytes>> {
         self.response_with(Full::new)
     }
@@ -112,9 +117,6 @@ impl ProxyError {
         let h = r.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if matches!(self, ProxyError::ConflictingFraming) {
-            h.insert(CONNECTION, HeaderValue::from_static("close"));
-        }
         if matches!(self, ProxyError::ConnectRefused) {
             h.insert(
                 http::header::ALLOW,
@@ -187,7 +189,6 @@ mod tests {
                 "forbidden_origin",
             ),
             (ProxyError::BadRequest("x".into()), 400, "bad_request"),
-            (ProxyError::ConflictingFraming, 400, "bad_request"),
             (ProxyError::ConnectRefused, 405, "method_not_allowed"),
             (
                 ProxyError::RequestBody {
@@ -215,9 +216,5 @@ mod tests {
             assert_eq!(e.status().as_u16(), status, "{e:?}");
             assert_eq!(e.code(), code, "{e:?}");
         }
-        assert_eq!(
-            ProxyError::ConflictingFraming.response().headers()[CONNECTION],
-            "close"
-        );
     }
 }

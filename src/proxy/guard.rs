@@ -8,8 +8,8 @@ use std::net::{IpAddr, SocketAddr};
 use http::header::{HOST, ORIGIN};
 use http::{HeaderMap, Method, Request, Version};
 
+use super::UpstreamBase;
 use super::error::ProxyError;
-use super::forward::Upstream;
 
 /// `CONNECT` asks for a tunnel: refused, this is a reverse proxy.
 pub fn check_method(method: &Method) -> Result<(), ProxyError> {
@@ -19,30 +19,13 @@ pub fn check_method(method: &Method) -> Result<(), ProxyError> {
     Ok(())
 }
 
-/// The TCP address a connection was accepted on.
-pub struct Local {
-    pub addr: SocketAddr,
-    /// `addr` as a `Host` names it (`127.0.0.1:8711`, `[::1]:8711`): what most clients send,
-    /// accepted with one comparison instead of a parse.
-    host: Box<[u8]>,
-}
-
-impl Local {
-    pub fn new(addr: SocketAddr) -> Local {
-        Local {
-            addr,
-            host: addr.to_string().into_bytes().into_boxed_slice(),
-        }
-    }
-}
-
 /// Checks where the request says it is going and returns its path relative to the upstream's base
 /// path (still percent-encoded, without the query). `local` is the TCP address the connection was
 /// accepted on, `None` on a Unix socket (which no browser can reach, so any `Host` is accepted).
 pub fn target<'a, B>(
     req: &'a Request<B>,
-    local: Option<&Local>,
-    upstream: &Upstream,
+    local: Option<SocketAddr>,
+    upstream: &UpstreamBase,
 ) -> Result<&'a str, ProxyError> {
     let uri = req.uri();
     let path = uri.path();
@@ -104,17 +87,17 @@ pub fn target<'a, B>(
 
 /// `Host` must name this machine's loopback (`localhost`, `*.localhost`, `127.x.y.z`, `[::1]`,
 /// any port) or the exact address the connection was accepted on.
-pub fn check_host(value: &[u8], local: Option<&Local>) -> Result<(), ProxyError> {
+pub fn check_host(value: &[u8], local: Option<SocketAddr>) -> Result<(), ProxyError> {
     let Some(local) = local else {
         return Ok(());
     };
-    if value == &*local.host || host_allowed(value, local.addr) {
+    if host_allowed(value, local) {
         return Ok(());
     }
     Err(ProxyError::ForbiddenHost(format!(
         "Host `{}` is not this proxy: use 127.0.0.1, localhost or {} (requests for other names are refused to defeat DNS rebinding)",
         truncate(&String::from_utf8_lossy(value)),
-        local.addr
+        local
     )))
 }
 
@@ -193,13 +176,12 @@ fn truncate(s: &str) -> String {
 mod tests {
     use super::*;
 
-    fn local() -> Option<&'static Local> {
-        static LOCAL: std::sync::OnceLock<Local> = std::sync::OnceLock::new();
-        Some(LOCAL.get_or_init(|| Local::new("127.0.0.1:8711".parse().unwrap())))
+    fn local() -> Option<SocketAddr> {
+        Some("127.0.0.1:8711".parse().unwrap())
     }
 
-    fn remote() -> Local {
-        Local::new("10.1.2.3:8711".parse().unwrap())
+    fn remote() -> Option<SocketAddr> {
+        Some("10.1.2.3:8711".parse().unwrap())
     }
 
     #[test]
@@ -216,12 +198,12 @@ mod tests {
         ] {
             assert!(check_host(h.as_bytes(), local()).is_ok(), "{h}");
         }
-        assert!(check_host(b"10.1.2.3:8711", Some(&remote())).is_ok());
-        assert!(check_host(b"10.1.2.3", Some(&remote())).is_ok());
-        assert!(check_host(b"10.1.2.3:", Some(&remote())).is_ok());
-        let v6 = Local::new("[fe80::1]:8711".parse().unwrap());
-        assert!(check_host(b"[fe80::1]:8711", Some(&v6)).is_ok());
-        assert!(check_host(b"[FE80::1]:8711", Some(&v6)).is_ok());
+        assert!(check_host(b"10.1.2.3:8711", remote()).is_ok());
+        assert!(check_host(b"10.1.2.3", remote()).is_ok());
+        assert!(check_host(b"10.1.2.3:", remote()).is_ok());
+        let v6 = Some("[fe80::1]:8711".parse().unwrap());
+        assert!(check_host(b"[fe80::1]:8711", v6).is_ok());
+        assert!(check_host(b"[FE80::1]:8711", v6).is_ok());
     }
 
     #[test]
@@ -245,7 +227,7 @@ mod tests {
             "10.1.2.3:87",
             "10.1.2.4:8711",
         ] {
-            assert!(check_host(h.as_bytes(), Some(&remote())).is_err(), "{h}");
+            assert!(check_host(h.as_bytes(), remote()).is_err(), "{h}");
         }
     }
 

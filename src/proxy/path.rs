@@ -47,10 +47,7 @@ pub fn resolve(raw: &str) -> Result<Resolved<'_>, ProxyError> {
 /// Checks a session id (percent-decoded) and makes it a header value.
 pub fn session_id(raw: &str) -> Result<HeaderValue, ProxyError> {
     let decoded: Cow<'_, [u8]> = percent_decode(raw.as_bytes()).into();
-    if decoded.is_empty()
-        || decoded.len() > MAX_SESSION_ID
-        || !decoded.iter().all(|b| (0x21..=0x7e).contains(b))
-    {
+    if !valid_session(&decoded) {
         return Err(ProxyError::BadRequest(format!(
             "the session id in /s/ID/ must be 1 to {MAX_SESSION_ID} visible ASCII characters"
         )));
@@ -58,6 +55,12 @@ pub fn session_id(raw: &str) -> Result<HeaderValue, ProxyError> {
     HeaderValue::from_bytes(&decoded).map_err(|_| {
         ProxyError::BadRequest("the session id in /s/ID/ is not a valid header value".to_string())
     })
+}
+
+/// A session id as sent upstream: 1 to [`MAX_SESSION_ID`] visible ASCII characters. The one rule
+/// for `/s/ID/`, `X-Session-Id` and `proxy.session_id`.
+pub fn valid_session(id: &[u8]) -> bool {
+    !id.is_empty() && id.len() <= MAX_SESSION_ID && id.iter().all(|b| (0x21..=0x7e).contains(b))
 }
 
 fn escape() -> ProxyError {
@@ -73,10 +76,7 @@ fn escape() -> ProxyError {
 pub fn normalize(path: &str) -> Result<Cow<'_, str>, ProxyError> {
     debug_assert!(path.starts_with('/'));
     // The common case, `/v1/chat/completions`: nothing to decode, no dot segment.
-    // Two vector scans: no byte that needs decoding or refusing, and no `.` after a `/`.
-    let bytes = path.as_bytes();
-    let plain = memchr::memchr3(b'%', b'\\', 0, bytes).is_none()
-        && memchr::memchr_iter(b'.', bytes).all(|i| i == 0 || bytes[i - 1] != b'/');
+    let plain = !path.contains(['%', '\\']) && !path.contains("/.");
     if plain {
         return Ok(Cow::Borrowed(path));
     }

@@ -11,7 +11,6 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -20,7 +19,6 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GrantLabels {
@@ -204,35 +202,15 @@ pub async fn serve(
     health: Arc<dyn Health>,
     shutdown: CancellationToken,
 ) {
-    let tracker = TaskTracker::new();
-    loop {
-        let stream = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((s, _)) => s,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let (metrics, health, shutdown) = (metrics.clone(), health.clone(), shutdown.clone());
-        tracker.spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let (metrics, health) = (metrics.clone(), health.clone());
-                async move { Ok::<_, Infallible>(route(&metrics, health.as_ref(), req.uri().path())) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = shutdown.cancelled() => {}
-            }
-        });
-    }
-    tracker.close();
-    tracker.wait().await;
+    let make = move |_| {
+        let (metrics, health) = (metrics.clone(), health.clone());
+        hyper::service::service_fn(move |req: Request<Incoming>| {
+            let response = route(&metrics, health.as_ref(), req.uri().path());
+            async move { Ok::<_, Infallible>(response) }
+        })
+    };
+    let listeners = vec![crate::server::Listener::Tcp(listener)];
+    crate::server::serve(listeners, crate::server::Limits::LOCAL, make, shutdown).await
 }
 
 fn route(metrics: &Metrics, health: &dyn Health, path: &str) -> Response<Full<Bytes>> {

@@ -1,0 +1,464 @@
+//! The one accept loop: the proxy, the control socket, the metrics endpoint and `behest-agent dev`'s
+//! servers are all served by [`serve`], with the same limits. It owns listening sockets, the
+//! connection bound, the protocol limits (HTTP/1.1 keep-alive and h2c, told apart by hyper-util),
+//! the idle watchdog and the graceful drain. It never looks inside a request.
+//!
+//! Limits, and who enforces them:
+//! - Connections: a permit is taken *before* `accept`, so connections beyond `max_connections`
+//!   wait in the kernel's backlog; none is accepted only to be dropped.
+//! - HTTP/1 request heads: hyper caps its read buffer at [`MAX_HEAD`] and the field count at
+//!   [`MAX_HEADERS`] and answers 431 beyond them; a head not complete within
+//!   `header_read_timeout` closes the connection (hyper's timer, which also runs while a kept-alive
+//!   connection waits for its next request).
+//! - h2: `SETTINGS_MAX_HEADER_LIST_SIZE` is [`MAX_HEAD`], at most [`MAX_STREAMS`] concurrent streams.
+//! - Idle connections: when no byte has moved either way for `idle_timeout` and no request waits
+//!   for its response head, the connection is closed. That ends idle h2c connections and clients
+//!   that stopped reading a stream; a connection that has not sent a whole request within
+//!   `header_read_timeout` of its accept is closed too (before hyper knows its protocol).
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::{Body, Incoming};
+use hyper::service::{Service, service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::either::Either;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::ListenAddr;
+
+/// The largest request head accepted (request line and all fields).
+pub const MAX_HEAD: usize = 32 * 1024;
+/// More fields than this in a request head get 431.
+pub const MAX_HEADERS: usize = 100;
+/// Concurrent h2 streams per client connection.
+pub const MAX_STREAMS: u32 = 100;
+/// Mode of a Unix listening socket: the owner and its group may connect.
+pub const UNIX_SOCKET_MODE: u32 = 0o660;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How a server bounds its connections.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    /// No byte either way for this long, with no request waiting for its response: closed.
+    pub idle_timeout: Duration,
+    /// After shutdown, how long open connections may finish their requests.
+    pub shutdown_grace: Duration,
+}
+
+impl Limits {
+    /// The limits of a small local server (control socket, metrics, dev servers).
+    pub const LOCAL: Limits = Limits {
+        max_connections: 64,
+        header_read_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(60),
+        shutdown_grace: Duration::from_secs(5),
+    };
+}
+
+/// A bound listening socket.
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener),
+    /// Removes its socket file when dropped.
+    Unix(UnixSocket),
+}
+
+/// A listening Unix socket and its path.
+#[derive(Debug)]
+pub struct UnixSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl Drop for UnixSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// An accepted connection.
+pub type Stream = Either<TcpStream, UnixStream>;
+
+/// What a service knows of the connection it serves.
+#[derive(Debug, Clone, Copy)]
+pub struct Conn {
+    /// The TCP address it was accepted on; `None` on a Unix socket.
+    pub local: Option<SocketAddr>,
+}
+
+impl Listener {
+    /// Where it listens (the real port when bound to port 0).
+    pub fn local_addr(&self) -> io::Result<ListenAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().map(ListenAddr::Tcp),
+            Listener::Unix(u) => Ok(ListenAddr::Unix(u.path.clone())),
+        }
+    }
+
+    /// Wraps a bound Unix listener whose socket file is `path` (removed when dropped).
+    pub fn unix(listener: UnixListener, path: PathBuf) -> Listener {
+        Listener::Unix(UnixSocket { listener, path })
+    }
+
+    async fn accept(&self) -> io::Result<(Stream, Conn)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, _peer) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                let local = s.local_addr().ok();
+                Ok((Either::Left(s), Conn { local }))
+            }
+            Listener::Unix(u) => {
+                let (s, _peer) = u.listener.accept().await?;
+                Ok((Either::Right(s), Conn { local: None }))
+            }
+        }
+    }
+}
+
+/// Binds every address; a Unix socket gets mode 0660, and a stale socket file left by a dead
+/// process is replaced (a live one is an error).
+pub async fn bind(listen: &[ListenAddr]) -> io::Result<Vec<Listener>> {
+    let mut out = Vec::with_capacity(listen.len());
+    for addr in listen {
+        let l = bind_one(addr)
+            .await
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+        out.push(l);
+    }
+    Ok(out)
+}
+
+async fn bind_one(addr: &ListenAddr) -> io::Result<Listener> {
+    match addr {
+        ListenAddr::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a).await?)),
+        ListenAddr::Unix(path) => {
+            if path.exists() {
+                if UnixStream::connect(path).await.is_ok() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        "another process answers on this socket",
+                    ));
+                }
+                std::fs::remove_file(path)?;
+            }
+            let listener = Listener::unix(UnixListener::bind(path)?, path.clone());
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(UNIX_SOCKET_MODE))?;
+            Ok(listener)
+        }
+    }
+}
+
+/// hyper's HTTP/1 and h2 settings: the same for every server.
+fn builder() -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .max_buf_size(MAX_HEAD)
+        .max_headers(MAX_HEADERS)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEAD as u32)
+        .max_concurrent_streams(MAX_STREAMS);
+    b
+}
+
+/// Serves `listeners` until `shutdown`, answering each request with the service `make` builds
+/// for its connection. Then stops accepting (Unix socket files are removed), lets open
+/// connections finish their requests and streams for up to `shutdown_grace`, cuts the rest, and
+/// returns.
+pub async fn serve<M, S, B>(
+    listeners: Vec<Listener>,
+    limits: Limits,
+    make: M,
+    shutdown: CancellationToken,
+) where
+    M: Fn(Conn) -> S + Clone + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let mut builder = builder();
+    builder
+        .http1()
+        .header_read_timeout(Some(limits.header_read_timeout).filter(|d| !d.is_zero()));
+    let server = Arc::new(Server {
+        builder,
+        limits,
+        permits: Semaphore::new(limits.max_connections.max(1)),
+        cut: CancellationToken::new(),
+        connections: TaskTracker::new(),
+    });
+    let graceful = Arc::new(GracefulShutdown::new());
+    let loops = TaskTracker::new();
+    for listener in listeners {
+        let (server, graceful) = (server.clone(), graceful.clone());
+        loops.spawn(server.accept_loop(listener, graceful, make.clone(), shutdown.clone()));
+    }
+    loops.close();
+    loops.wait().await;
+
+    server.connections.close();
+    let graceful = Arc::into_inner(graceful).expect("the accept loops have ended");
+    if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::info!(
+            grace = %humantime::format_duration(limits.shutdown_grace),
+            "shutdown grace over; cutting the connections still open"
+        );
+    }
+    server.cut.cancel();
+    server.connections.wait().await;
+}
+
+/// What the accept loops of one [`serve`] share.
+struct Server {
+    builder: auto::Builder<TokioExecutor>,
+    limits: Limits,
+    /// One per open connection, taken before `accept`.
+    permits: Semaphore,
+    /// Cancelled when the grace is over: the connections still open are dropped.
+    cut: CancellationToken,
+    connections: TaskTracker,
+}
+
+impl Server {
+    async fn accept_loop<M, S, B>(
+        self: Arc<Self>,
+        listener: Listener,
+        graceful: Arc<GracefulShutdown>,
+        make: M,
+        shutdown: CancellationToken,
+    ) where
+        M: Fn(Conn) -> S,
+        S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                a = async {
+                    let permit = self.permits.acquire().await.expect("never closed");
+                    (permit, listener.accept().await)
+                } => a,
+            };
+            let (stream, conn) = match accepted {
+                (permit, Ok(a)) => {
+                    // Given back when the connection ends.
+                    permit.forget();
+                    a
+                }
+                (_, Err(error)) => {
+                    // Out of file descriptors and the like: back off rather than spin.
+                    tracing::warn!(%error, "failed to accept a connection");
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(Duration::from_millis(50)) => continue,
+                    }
+                }
+            };
+            let activity = Arc::new(Activity::new());
+            let service = {
+                let (service, activity) = (make(conn), activity.clone());
+                service_fn(move |req| {
+                    let waiting = Waiting::new(activity.clone());
+                    let response = service.call(req);
+                    async move {
+                        let r = response.await;
+                        drop(waiting);
+                        r
+                    }
+                })
+            };
+            let io = TokioIo::new(Watched {
+                io: stream,
+                activity: activity.clone(),
+            });
+            let watcher = graceful.watcher();
+            let server = self.clone();
+            self.connections.spawn(async move {
+                let conn = server.builder.serve_connection(io, service).into_owned();
+                tokio::select! {
+                    ended = watcher.watch(conn) => if let Err(error) = ended {
+                        tracing::debug!(%error, "connection ended with an error");
+                    },
+                    () = activity.stalled(server.limits) => tracing::debug!("closed an idle connection"),
+                    () = server.cut.cancelled() => {}
+                }
+                server.permits.add_permits(1);
+            });
+        }
+    }
+}
+
+/// What the idle watchdog reads: when a byte last moved, and how many requests wait.
+struct Activity {
+    start: Instant,
+    /// Milliseconds from `start` to the last read or write that moved a byte.
+    last: AtomicU64,
+    /// Requests whose response head is not out yet.
+    waiting: AtomicUsize,
+    /// Requests seen so far.
+    requests: AtomicU64,
+    /// Told when the first request comes: the limit changes.
+    first: tokio::sync::Notify,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            start: Instant::now(),
+            last: AtomicU64::new(0),
+            waiting: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
+            first: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last.store(ms, Ordering::Relaxed);
+    }
+
+    /// Returns when the connection has been idle past its limit: `header_read_timeout` from the
+    /// accept until a first request, then `idle_timeout` from the last byte moved while no
+    /// request waits for its response (that wait is bounded by the upstream timeout). Never when
+    /// the limit is zero.
+    async fn stalled(&self, limits: Limits) {
+        loop {
+            let first = self.first.notified();
+            let (limit, since) = match self.requests.load(Ordering::Relaxed) {
+                0 => (limits.header_read_timeout, 0),
+                _ => (limits.idle_timeout, self.last.load(Ordering::Relaxed)),
+            };
+            if limit.is_zero() {
+                return std::future::pending().await;
+            }
+            let deadline = self.start + Duration::from_millis(since) + limit;
+            if deadline > Instant::now() {
+                tokio::select! {
+                    () = tokio::time::sleep_until(deadline) => {}
+                    () = first => {}
+                }
+            } else if self.waiting.load(Ordering::Relaxed) == 0 {
+                return;
+            } else {
+                tokio::time::sleep(limit).await;
+            }
+        }
+    }
+}
+
+/// A request waiting for its response head (counted until dropped).
+struct Waiting(Arc<Activity>);
+
+impl Waiting {
+    fn new(activity: Arc<Activity>) -> Waiting {
+        if activity.requests.fetch_add(1, Ordering::Relaxed) == 0 {
+            activity.first.notify_waiters();
+        }
+        activity.waiting.fetch_add(1, Ordering::Relaxed);
+        Waiting(activity)
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A connection's stream, noting on its [`Activity`] each time a byte moves.
+struct Watched {
+    io: Stream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
