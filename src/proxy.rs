@@ -97,6 +97,14 @@ impl std::fmt::Debug for Proxy {
     }
 }
 
+/// What a forwarder counts: the figures of `status` and, when the daemon exports them, the
+/// Prometheus metrics.
+#[derive(Default)]
+struct Counters {
+    stats: Stats,
+    metrics: OnceLock<Arc<Metrics>>,
+}
+
 /// Counters for `status` ([`Proxy::stats`]).
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
@@ -181,8 +189,7 @@ impl Proxy {
             max_replay_body: settings.max_replay_body,
             upstream_timeout: unbounded(settings.upstream_timeout),
             idle_timeout: unbounded(settings.idle_timeout),
-            stats: Stats::default(),
-            metrics: OnceLock::new(),
+            counters: Arc::default(),
         };
         Ok(Proxy {
             shared: Arc::new(Shared {
@@ -209,7 +216,7 @@ impl Proxy {
     /// Records requests, durations, in-flight gauges, upstream errors and replays in `metrics`
     /// from now on (once; later calls are ignored).
     pub fn attach_metrics(&self, metrics: Arc<Metrics>) {
-        let _ = self.forwarder().metrics.set(metrics);
+        let _ = self.forwarder().counters.metrics.set(metrics);
     }
 
     /// On reload: requests arriving from now on, on the listeners `self` serves, go through
@@ -224,7 +231,7 @@ impl Proxy {
         let next = new.forwarder();
         let mut current = self.shared.current.write().expect("proxy forwarder lock");
         if !Arc::ptr_eq(&current, &next) {
-            next.stats.carry_over(&current.stats);
+            next.counters.stats.carry_over(&current.counters.stats);
             *current = next;
         }
     }
@@ -259,7 +266,7 @@ impl Proxy {
     /// Counters for `status` (never a header value or a token).
     pub fn stats(&self) -> Value {
         let fwd = self.forwarder();
-        let s = &fwd.stats;
+        let s = &fwd.counters.stats;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         json!({
             "upstream": fwd.upstream.url,

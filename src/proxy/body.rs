@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tokio::time::Sleep;
 
-use super::forward::Forwarder;
+use super::Counters;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -27,7 +27,7 @@ const CLIENT_CLOSED: u16 = 499;
 
 /// One request's place in the counters and its debug line, written when dropped.
 pub struct Record {
-    fwd: Arc<Forwarder>,
+    counters: Arc<Counters>,
     start: Instant,
     /// [`CLIENT_CLOSED`] until a response is chosen.
     status: u16,
@@ -41,17 +41,17 @@ pub struct Record {
 }
 
 impl Record {
-    pub fn new(fwd: Arc<Forwarder>, req: &Request<Incoming>) -> Record {
-        fwd.stats.requests.fetch_add(1, Ordering::Relaxed);
-        fwd.stats.in_flight.fetch_add(1, Ordering::Relaxed);
-        if let Some(m) = fwd.metrics.get() {
+    pub fn new(counters: Arc<Counters>, req: &Request<Incoming>) -> Record {
+        counters.stats.requests.fetch_add(1, Ordering::Relaxed);
+        counters.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        if let Some(m) = counters.metrics.get() {
             m.in_flight_requests.inc();
         }
         // Only the path is logged, never the query.
         let logged = tracing::enabled!(tracing::Level::DEBUG)
             .then(|| (req.method().clone(), req.uri().path().to_string()));
         Record {
-            fwd,
+            counters,
             start: Instant::now(),
             status: CLIENT_CLOSED,
             stream: false,
@@ -65,8 +65,8 @@ impl Record {
     /// The response head is chosen.
     pub fn responded(&mut self, status: StatusCode, stream: bool) {
         self.status = status.as_u16();
-        self.fwd.stats.count_status(status);
-        if stream && let Some(m) = self.fwd.metrics.get() {
+        self.counters.stats.count_status(status);
+        if stream && let Some(m) = self.counters.metrics.get() {
             self.stream = true;
             m.in_flight_streams.inc();
         }
@@ -74,9 +74,12 @@ impl Record {
 
     /// The upstream failed (`kind`: `unreachable`, `timeout`, `reset`, `idle_timeout`).
     pub fn upstream_error(&self, kind: &str) {
-        let fwd = &self.fwd;
-        fwd.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
-        if let Some(m) = fwd.metrics.get() {
+        let counters = &self.counters;
+        counters
+            .stats
+            .upstream_errors
+            .fetch_add(1, Ordering::Relaxed);
+        if let Some(m) = counters.metrics.get() {
             m.upstream_error(kind);
         }
     }
@@ -85,8 +88,11 @@ impl Record {
 impl Drop for Record {
     fn drop(&mut self) {
         let elapsed = self.start.elapsed();
-        self.fwd.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-        if let Some(m) = self.fwd.metrics.get() {
+        self.counters
+            .stats
+            .in_flight
+            .fetch_sub(1, Ordering::Relaxed);
+        if let Some(m) = self.counters.metrics.get() {
             m.proxy_response(self.status, elapsed);
             m.in_flight_requests.dec();
             if self.stream {

@@ -24,9 +24,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 
 use super::body::{Idle, IdleTimeout, Record, ResponseBody};
 use super::error::ProxyError;
-use super::{Stats, UpstreamBase, guard, path};
+use super::{Counters, UpstreamBase, guard, path};
 use crate::server::MAX_HEADERS;
-use crate::telemetry::metrics::Metrics;
 use crate::token::TokenSource;
 
 /// `X-Session-Id`: per-job cost attribution at Behest.
@@ -65,13 +64,11 @@ pub struct Forwarder {
     pub upstream_timeout: Duration,
     /// Between two frames of a body, either way (`Duration::MAX`: none).
     pub idle_timeout: Duration,
-    pub stats: Stats,
-    /// Prometheus metrics, when the daemon exports them.
-    pub metrics: std::sync::OnceLock<Arc<Metrics>>,
+    pub counters: Arc<Counters>,
 }
 
 /// What a replay needs: the head as sent (less the token) and the whole body.
-struct Kept {
+struct Replay {
     head: http::request::Parts,
     body: Bytes,
 }
@@ -83,7 +80,7 @@ impl Forwarder {
         local: Option<SocketAddr>,
         req: Request<Incoming>,
     ) -> Response<ResponseBody> {
-        let mut record = Record::new(self.clone(), &req);
+        let mut record = Record::new(self.counters.clone(), &req);
         match self.forward(local, req, &mut record).await {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
@@ -143,7 +140,7 @@ impl Forwarder {
         headers.insert(AUTHORIZATION, token.bearer().clone());
 
         let (body, kept) = self.request_body(body).await?;
-        let kept = kept.map(|body| Kept {
+        let replay = kept.map(|body| Replay {
             head: clone_head(&head),
             body,
         });
@@ -157,12 +154,12 @@ impl Forwarder {
         let Some(new) = self.tokens.refresh_rejected(&token).await else {
             return Ok(resp);
         };
-        let Some(Kept { mut head, body }) = kept else {
+        let Some(Replay { mut head, body }) = replay else {
             return Ok(resp);
         };
         drop(resp);
-        self.stats.replays.fetch_add(1, Ordering::Relaxed);
-        if let Some(m) = self.metrics.get() {
+        self.counters.stats.replays.fetch_add(1, Ordering::Relaxed);
+        if let Some(m) = self.counters.metrics.get() {
             m.replays.inc();
         }
         tracing::debug!("replaying a request the upstream answered 401 with a new token");
