@@ -54,6 +54,32 @@ pub const UNIX_SOCKET_MODE: u32 = 0o660;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A service [`serve`] can answer requests with.
+pub trait HttpService<B>:
+    Service<Request<Incoming>, Response = Response<B>, Error = Infallible, Future: Send + 'static>
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<T, B> HttpService<B> for T where
+    T: Service<
+            Request<Incoming>,
+            Response = Response<B>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Send
+        + Sync
+        + 'static
+{
+}
+
+/// A response body [`serve`] can send.
+pub trait HttpBody: Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
+
+impl<T: Body<Data: Send, Error: Into<BoxError>> + Send + 'static> HttpBody for T {}
+
 /// How a server bounds its connections.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -195,14 +221,8 @@ pub async fn serve<M, S, B>(
     shutdown: CancellationToken,
 ) where
     M: Fn(Conn) -> S + Clone + Send + 'static,
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: HttpService<B>,
+    B: HttpBody,
 {
     let mut builder = builder();
     builder
@@ -259,14 +279,8 @@ impl Server {
         shutdown: CancellationToken,
     ) where
         M: Fn(Conn) -> S,
-        S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send + 'static,
-        B: Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
+        S: HttpService<B>,
+        B: HttpBody,
     {
         loop {
             let accepted = tokio::select! {
