@@ -14,7 +14,7 @@ use http::HeaderValue;
 use secrecy::{ExposeSecret, SecretString};
 
 pub use claims::{CheckError, Claims, Verifier};
-pub use source::{Status, TokenError, TokenSource};
+pub use source::{RefreshError, Status, TokenError, TokenSource};
 
 /// A checked access token.
 pub struct Token {

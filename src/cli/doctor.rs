@@ -554,10 +554,6 @@ fn grant_problem(e: &GrantError, s: &Settings) -> (String, String) {
             format!("cannot sign the client assertion: {m}"),
             "check auth.private_key_file and auth.signing_alg match (an RSA key for RS*/PS*, an EC P-256 key for ES256)".into(),
         ),
-        GrantError::Rejected(c) => (
-            c.to_string(),
-            "see the claim checks".into(),
-        ),
     }
 }
 
