@@ -81,6 +81,46 @@ async fn token_min_ttl_beyond_what_the_idp_issues_exits_1_with_nothing_on_stdout
 }
 
 #[tokio::test]
+async fn token_min_ttl_longer_than_the_cached_token_makes_one_grant_once_the_idp_issues_longer_ones()
+ {
+    let h = Harness::start().await;
+    // The tenant issues 30 s tokens: one is cached.
+    h.idp.fail_next(1, Fault::Ttl(Duration::from_secs(30)));
+    let o = output(h.agent(&["token"], &[])).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(h.idp.grants(), 1);
+    // The tenant's token lifetime was raised (the IdP is back to 24 h): the cached token is too
+    // short for the caller, so exactly one new grant, whose token is long enough.
+    let o = output(h.agent(&["token", "--min-ttl", "60s", "--json"], &[])).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(h.idp.grants(), 2, "exactly one new grant");
+    let v: Value = serde_json::from_str(&o.stdout).unwrap();
+    assert!(v["expires_in"].as_u64().unwrap() >= 60, "{}", o.stdout);
+    // And it was cached: the next call needs no grant.
+    let o = output(h.agent(&["token", "--min-ttl", "60s"], &[])).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(h.idp.grants(), 2);
+}
+
+#[tokio::test]
+async fn token_min_ttl_longer_than_the_new_token_too_exits_1_after_exactly_one_grant() {
+    let h = Harness::start_with(|o| o.token_ttl = Duration::from_secs(30)).await;
+    let o = output(h.agent(&["token"], &[])).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(h.idp.grants(), 1);
+    let o = output(h.agent(&["token", "--min-ttl", "60s"], &[])).await;
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(o.stdout.is_empty(), "{}", o.stdout);
+    assert!(
+        o.stderr
+            .contains("valid for 30s, less than the 1m asked for"),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(h.idp.grants(), 2, "one new grant, and only one");
+}
+
+#[tokio::test]
 async fn configuration_errors_exit_2_and_name_the_key_and_the_file() {
     let h = Harness::start().await;
     let cfg = h.path("config.toml");

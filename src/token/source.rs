@@ -36,11 +36,17 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 pub enum TokenError {
     #[error("no valid token is available{}", last_error.as_ref().map(|e| format!(": {e}")).unwrap_or_default())]
     Unavailable { last_error: Option<RefreshError> },
-    #[error("the IdP issues tokens valid for {}, less than the {} asked for", humantime::format_duration(*.lifetime), humantime::format_duration(*.min_ttl))]
+    #[error("the IdP issues tokens valid for {}, less than the {} asked for", humantime::format_duration(whole_seconds(*.lifetime)), humantime::format_duration(*.min_ttl))]
     TooShort {
         lifetime: Duration,
         min_ttl: Duration,
     },
+}
+
+/// `d` rounded up to whole seconds: a lifetime is measured from just before the grant to an `exp`
+/// in whole seconds, so it falls a fraction short of what the IdP issues.
+fn whole_seconds(d: Duration) -> Duration {
+    Duration::from_secs(d.as_secs() + u64::from(d.subsec_nanos() > 0))
 }
 
 /// Why a refresh (one grant, then the checks of what it issued) gave no token to serve.
@@ -302,7 +308,7 @@ impl TokenSource {
             // instead of asking again.
             return Err(self.shortfall(min_ttl));
         }
-        match self.attempt(true).await {
+        match self.attempt(Some(min_ttl)).await {
             Ok(t) if t.remaining(self.inner.clock.now()) >= min_ttl => Ok(t),
             Ok(_) | Err(_) => Err(self.shortfall(min_ttl)),
         }
@@ -311,7 +317,7 @@ impl TokenSource {
     /// Forces a new grant now (the `refresh` command), whatever the backoff.
     pub async fn refresh_now(&self) -> Result<Arc<Token>, RefreshError> {
         let _guard = self.inner.grant_lock.lock().await;
-        self.attempt(false).await
+        self.attempt(None).await
     }
 
     /// The upstream refused `rejected`: replace it, once for all requests that saw it, and at most
@@ -334,7 +340,7 @@ impl TokenSource {
             st.last_rejection_refresh = Some(Instant::now());
         }
         tracing::info!("the upstream refused the token (401); asking the IdP for a new one");
-        self.attempt(false).await.ok()
+        self.attempt(None).await.ok()
     }
 
     /// Loads the disk cache at start-up: a valid cached token is served without a grant.
@@ -351,7 +357,7 @@ impl TokenSource {
             if self.due() {
                 let _guard = self.inner.grant_lock.lock().await;
                 if self.due() {
-                    let _ = self.attempt(true).await;
+                    let _ = self.attempt(Some(Duration::ZERO)).await;
                 }
                 continue;
             }
@@ -428,9 +434,11 @@ impl TokenSource {
             .clone()
     }
 
-    /// One grant (the grant lock is held). With `use_disk`, a fresh token another process cached
-    /// is taken instead of asking the IdP.
-    async fn attempt(&self, use_disk: bool) -> Result<Arc<Token>, RefreshError> {
+    /// One grant (the grant lock is held). With `from_disk: Some(min_ttl)`, a token another
+    /// process cached is taken instead of asking the IdP when it is not due for refresh and stays
+    /// valid at least `min_ttl`; a cached token too short for the caller never stands in for the
+    /// grant it asked for.
+    async fn attempt(&self, from_disk: Option<Duration>) -> Result<Arc<Token>, RefreshError> {
         let _file_lock = match &self.inner.cache {
             Some(c) => match c.lock().await {
                 Ok(l) => Some(l),
@@ -441,7 +449,9 @@ impl TokenSource {
             },
             None => None,
         };
-        if use_disk && let Some(t) = self.disk_token(Duration::ZERO).await {
+        if let Some(min_ttl) = from_disk
+            && let Some(t) = self.disk_token(min_ttl).await
+        {
             let now = self.inner.clock.now();
             if now < t.refresh_at {
                 tracing::debug!("using the token another process just cached");
