@@ -84,6 +84,23 @@ pub fn control_socket(opts: &LoadOptions) -> std::path::PathBuf {
         .unwrap_or_else(|| settings::default_socket(&opts.env))
 }
 
+/// The proxy's listen addresses (default `127.0.0.1:8711`), validated without the rest of the
+/// configuration: a client that only points a job at the proxy (`env`) needs no IdP settings. The
+/// file, the environment and the overrides are merged as for [`load`], so a broken file is still
+/// an error.
+pub fn proxy_listen(opts: &LoadOptions) -> Result<Vec<ListenAddr>, ConfigError> {
+    let (path, model) = merged(opts)?;
+    let origin = settings::Origin {
+        env: &opts.env,
+        path: path.as_deref(),
+    };
+    settings::listen(
+        model.proxy.listen,
+        model.proxy.allow_remote.unwrap_or(false),
+        origin,
+    )
+}
+
 /// Loads and validates the configuration.
 pub fn load(opts: &LoadOptions) -> Result<Settings, ConfigError> {
     let (path, model) = merged(opts)?;

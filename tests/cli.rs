@@ -140,6 +140,66 @@ async fn configuration_errors_exit_2_and_name_the_key_and_the_file() {
 }
 
 #[tokio::test]
+async fn env_works_with_no_configuration_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    // No config file, no AUTH0_* or BEHEST_AGENT__* variables; a runtime directory of its own so
+    // no daemon is found.
+    let mut c = bin();
+    c.env("HOME", dir.path())
+        .env("XDG_RUNTIME_DIR", dir.path())
+        .arg("env");
+    let o = output(c).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.stdout
+            .contains("export OPENAI_BASE_URL='http://127.0.0.1:8711/v1'\n"),
+        "{}",
+        o.stdout
+    );
+}
+
+#[tokio::test]
+async fn env_takes_proxy_listen_from_a_config_file_that_has_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(&cfg, "[proxy]\nlisten = \"127.0.0.1:9123\"\n").unwrap();
+    let run = |args: &[&str]| {
+        let mut c = bin();
+        c.env("HOME", dir.path())
+            .env("XDG_RUNTIME_DIR", dir.path())
+            .args([
+                "env",
+                "--format",
+                "dotenv",
+                "--config",
+                cfg.to_str().unwrap(),
+            ])
+            .args(args);
+        output(c)
+    };
+    let o = run(&[]).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.stdout
+            .contains("OPENAI_BASE_URL=http://127.0.0.1:9123/v1\n"),
+        "{}",
+        o.stdout
+    );
+    let o = run(&["--set", "proxy.listen=127.0.0.1:9124"]).await;
+    assert!(
+        o.stdout
+            .contains("OPENAI_BASE_URL=http://127.0.0.1:9124/v1\n"),
+        "{}",
+        o.stdout
+    );
+    // The file is still read as a whole: a typo is still an error.
+    std::fs::write(&cfg, "[proxy]\nlistenn = \"127.0.0.1:9123\"\n").unwrap();
+    let o = run(&[]).await;
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("listenn"), "{}", o.stderr);
+}
+
+#[tokio::test]
 async fn refresh_without_a_daemon_exits_1_with_the_idps_error() {
     let h = Harness::start().await;
     std::fs::write(h.path("client-secret"), "wrong-secret-xyz\n").unwrap();
