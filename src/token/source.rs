@@ -263,6 +263,11 @@ impl TokenSource {
         &self.inner.grant
     }
 
+    /// The checks every token passes (for `doctor`, which reports them one by one).
+    pub fn verifier(&self) -> &Verifier {
+        &self.inner.verifier
+    }
+
     pub fn clock(&self) -> &SharedClock {
         &self.inner.clock
     }
