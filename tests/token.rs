@@ -322,6 +322,25 @@ async fn min_ttl_longer_than_the_idp_issues_is_an_error_after_one_grant() {
 }
 
 #[tokio::test]
+async fn a_token_another_process_cached_too_short_for_min_ttl_is_replaced_by_one_grant() {
+    let h = Harness::start().await;
+    h.idp.fail_next(1, Fault::Ttl(Duration::from_secs(30)));
+    let other = h.source(&[], clock::system());
+    other
+        .get(Duration::ZERO)
+        .await
+        .expect("a 30 s token, cached");
+    assert_eq!(h.idp.grants(), 1);
+    let source = h.source(&[], clock::system());
+    let t = source
+        .get(Duration::from_secs(60))
+        .await
+        .expect("one grant gives a token valid long enough");
+    assert!(t.remaining(std::time::SystemTime::now()) >= Duration::from_secs(60));
+    assert_eq!(h.idp.grants(), 2);
+}
+
+#[tokio::test]
 async fn a_rotated_secret_file_is_used_at_the_next_grant_without_restart() {
     let h = Harness::start().await;
     std::fs::write(h.path("client-secret"), "wrong-secret-value\n").unwrap();
