@@ -1,6 +1,7 @@
 //! What makes a token servable: a JWT (not opaque), signed by the issuer (JWKS; HS* refused), not
-//! expired, for the configured audience and issuer, and carrying `uid` = the client id. Each failure
-//! is its own [`CheckError`] whose message says how to fix it.
+//! expired, for the configured audience and issuer, and carrying `uid` = the client id. Each rule is
+//! one [`Verifier`] method (`doctor` reports them one by one) and each failure its own
+//! [`CheckError`], whose message says how to fix it.
 
 use std::sync::Arc;
 

@@ -68,24 +68,6 @@ impl From<CheckError> for RefreshError {
 }
 
 impl RefreshError {
-    /// What went wrong, without the remedy.
-    pub fn problem(&self) -> String {
-        match self {
-            RefreshError::Grant(e) => e.problem(),
-            RefreshError::Check(e) => {
-                format!("the IdP issued a token the agent refuses: {}", e.problem())
-            }
-        }
-    }
-
-    /// What to do about it.
-    pub fn fix(&self) -> String {
-        match self {
-            RefreshError::Grant(e) => e.fix(),
-            RefreshError::Check(e) => e.fix(),
-        }
-    }
-
     /// Errors only a configuration change fixes: reported loudly, retried at the slow end. A
     /// refused token is one: the IdP will issue the same again.
     pub fn is_config_error(&self) -> bool {
