@@ -1,7 +1,8 @@
 //! Getting a token from the IdP: endpoints (fixed or discovered), client authentication (secret post,
 //! secret basic, private_key_jwt) and the client-credentials grant itself, run by the `oauth2` crate
-//! over the project's own reqwest client. This module never checks or caches the token (that is
-//! [`crate::token`]) and never formats a secret into an error.
+//! over the project's own reqwest client. It hands back the IdP's answer unchecked: checking and
+//! caching the token is the `token` module's, which builds on this one and never the other way
+//! round. It never formats a secret into an error.
 
 pub mod assertion;
 pub mod endpoints;
@@ -13,13 +14,12 @@ use std::time::Duration;
 pub use endpoints::ResolvedEndpoints;
 pub use grant::{Grant, IssuedToken};
 
-use crate::token::CheckError;
-
-/// Why a grant did not produce a usable token. Cloned to every request waiting on that grant.
+/// Why a grant did not produce a token. Cloned to every request waiting on that grant. The message
+/// is [`GrantError::problem`] followed by [`GrantError::fix`]; `doctor` prints them on two lines.
 #[derive(Debug, Clone, thiserror::Error)]
+#[error("{}; {}", self.problem(), self.fix())]
 pub enum GrantError {
     /// The IdP answered with an OAuth2 error (RFC 6749 §5.2).
-    #[error("the IdP refused the grant with `{error}`{} (HTTP {status}){}", describe(.description), hint(.error))]
     Refused {
         status: u16,
         error: String,
@@ -27,50 +27,100 @@ pub enum GrantError {
         retry_after: Option<Duration>,
     },
     /// The IdP answered with an error status that is not an OAuth2 error (a proxy's HTML page, …).
-    #[error("the IdP answered HTTP {status}: {snippet}")]
     Http {
         status: u16,
         snippet: String,
         retry_after: Option<Duration>,
     },
-    #[error("cannot reach the IdP at {url}: {message}")]
-    Transport { url: String, message: String },
-    #[error("the IdP's token response is malformed: {0}")]
+    Transport {
+        url: String,
+        message: String,
+    },
     Malformed(String),
-    #[error("OIDC discovery at {url} failed: {message}")]
-    Discovery { url: String, message: String },
-    #[error("cannot read the client secret from {from}: {message}")]
-    Secret { from: String, message: String },
-    #[error("cannot sign the client assertion: {0}")]
+    Discovery {
+        url: String,
+        message: String,
+    },
+    Secret {
+        from: String,
+        message: String,
+    },
     Assertion(String),
-    /// The IdP issued a token that failed the agent's checks; it is never served.
-    #[error("the IdP issued a token the agent refuses: {0}")]
-    Rejected(CheckError),
 }
 
-fn describe(d: &Option<String>) -> String {
-    d.as_ref().map(|d| format!(": {d}")).unwrap_or_default()
-}
-
-fn hint(error: &str) -> &'static str {
-    match error {
-        "invalid_client" => {
-            "; check auth.client_id and the client secret (or private key) — they do not match an application in the tenant"
-        }
-        "unauthorized_client" => {
-            "; the application is not allowed the client-credentials grant: enable it in the application's Advanced Settings > Grant Types"
-        }
-        "access_denied" => {
-            "; authorize the application for the API named by auth.audience (Auth0: Applications > APIs > Machine to Machine Applications), and check auth.audience is the API identifier"
-        }
-        "invalid_scope" => "; ask only for scopes the API grants this application (auth.scope)",
-        "invalid_target" => "; auth.resource is not a resource this IdP knows",
-        "too_many_requests" => "; the tenant's rate limit or M2M quota is exhausted",
-        _ => "",
-    }
-}
+/// The keys that say where the IdP is, for remedies that cannot know which one is in use.
+const IDP_KEYS: &str = "auth.domain (or auth.issuer / auth.token_url)";
 
 impl GrantError {
+    /// What went wrong, without the remedy.
+    pub fn problem(&self) -> String {
+        match self {
+            GrantError::Refused {
+                status,
+                error,
+                description,
+                ..
+            } => format!(
+                "the IdP refused the grant with `{error}`{} (HTTP {status})",
+                description
+                    .as_ref()
+                    .map(|d| format!(": {d}"))
+                    .unwrap_or_default()
+            ),
+            GrantError::Http {
+                status, snippet, ..
+            } => format!("the IdP answered HTTP {status}: {snippet}"),
+            GrantError::Transport { url, message } => {
+                format!("cannot reach the IdP at {url}: {message}")
+            }
+            GrantError::Malformed(m) => format!("the IdP's token response is malformed: {m}"),
+            GrantError::Discovery { url, message } => {
+                format!("OIDC discovery at {url} failed: {message}")
+            }
+            GrantError::Secret { from, message } => {
+                format!("cannot read the client secret from {from}: {message}")
+            }
+            GrantError::Assertion(m) => format!("cannot sign the client assertion: {m}"),
+        }
+    }
+
+    /// What to do about it: the one place each remedy is written.
+    pub fn fix(&self) -> String {
+        match self {
+            GrantError::Refused {
+                error, retry_after, ..
+            } => match error.as_str() {
+                "invalid_client" => "check auth.client_id and the client secret (or private key): they must be the machine-to-machine application's Client ID and Client Secret (Auth0: Applications > the application > Settings); for private_key_jwt, its public key must be registered with the application (Auth0: Applications > the application > Credentials) and auth.key_id must name it".into(),
+                "unauthorized_client" => "enable the client-credentials grant for the application (Auth0: Applications > the application > Advanced Settings > Grant Types > Client Credentials)".into(),
+                "access_denied" => "authorize the application for the API named by auth.audience (Auth0: Applications > APIs > the API > Machine to Machine Applications), and check auth.audience is that API's identifier".into(),
+                "invalid_scope" => "ask only for scopes the API grants this application (auth.scope), or remove auth.scope".into(),
+                "invalid_target" => "auth.resource is not a resource this IdP knows: correct it, or use auth.audience".into(),
+                "too_many_requests" => format!(
+                    "the tenant's rate limit or machine-to-machine quota is spent: wait{}, and keep the disk cache (token.cache_file) so restarts and CLI calls reuse the token",
+                    retry_after
+                        .map(|d| format!(" {}", humantime::format_duration(d)))
+                        .unwrap_or_default()
+                ),
+                "temporarily_unavailable" | "server_error" => {
+                    "the IdP is having trouble: try again later (the daemon retries by itself)".into()
+                }
+                _ => "check the application's settings in the tenant and what the agent asks for (auth.audience, auth.scope, auth.extra_params)".into(),
+            },
+            GrantError::Http { .. } => format!(
+                "check {IDP_KEYS} names the IdP itself, not a proxy or a web page; if the IdP is down, try again later"
+            ),
+            GrantError::Transport { .. } => format!(
+                "check {IDP_KEYS} and that this machine reaches the IdP (DNS, firewall; the agent connects directly, without HTTP(S)_PROXY); for an IdP behind a private CA, set proxy.ca_file"
+            ),
+            GrantError::Malformed(_) => {
+                format!("check {IDP_KEYS} names an OAuth2 token endpoint")
+            }
+            GrantError::Discovery { .. } => "check auth.issuer (the IdP's issuer URL, exactly as its discovery document names it) and that this machine reaches it; or set auth.token_url and auth.jwks_url to skip discovery".into(),
+            GrantError::Secret { .. } => "put the application's Client Secret there, readable by the user the agent runs as and no one else (mode 0600)".into(),
+            GrantError::Assertion(_) => "check auth.private_key_file and auth.signing_alg match (an RSA key for RS*/PS*, an EC P-256 key for ES256)".into(),
+        }
+    }
+
     /// Errors only a configuration change fixes: reported loudly, retried at the slow end.
     pub fn is_config_error(&self) -> bool {
         match self {
@@ -82,7 +132,7 @@ impl GrantError {
                     | "invalid_scope"
                     | "invalid_target"
             ),
-            GrantError::Secret { .. } | GrantError::Assertion(_) | GrantError::Rejected(_) => true,
+            GrantError::Secret { .. } | GrantError::Assertion(_) => true,
             _ => false,
         }
     }
@@ -107,7 +157,6 @@ impl GrantError {
             GrantError::Discovery { .. } => "discovery_failed".into(),
             GrantError::Secret { .. } => "secret_unreadable".into(),
             GrantError::Assertion(_) => "assertion_failed".into(),
-            GrantError::Rejected(e) => e.code().into(),
         }
     }
 }

@@ -97,6 +97,11 @@ impl Global {
         config::load(&self.load_options())
     }
 
+    /// The proxy's listen addresses, needing nothing else of the configuration.
+    pub fn proxy_listen(&self) -> Result<Vec<config::ListenAddr>, ConfigError> {
+        config::proxy_listen(&self.load_options())
+    }
+
     /// The control socket to look for a daemon on, even when the settings do not validate.
     pub fn control_socket(&self) -> PathBuf {
         config::control_socket(&self.load_options())

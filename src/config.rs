@@ -13,14 +13,19 @@ pub use settings::*;
 /// The default config file location.
 pub const DEFAULT_PATH: &str = "/etc/behest-agent/config.toml";
 
-/// A configuration problem: always names the key (or the file) and says what to do.
+/// A configuration problem: always names the key (or the file) and says what to do. The remedy is
+/// [`ConfigError::fix`]; where the message does not already carry one, it is the message's end.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{file}: cannot read the config file: {error}")]
+    #[error("{}; {}", self.problem(), self.fix())]
     Read { file: String, error: std::io::Error },
+    /// Not TOML, a value of the wrong type, a key that cannot be one, …
     #[error("{file}: {message}")]
     Parse { file: String, message: String },
-    #[error("{file}: `{key}` is missing: {hint}")]
+    /// A key the configuration does not have (a typo must not fall back to a default).
+    #[error("{} ({})", self.problem(), self.fix())]
+    UnknownKey { file: String, message: String },
+    #[error("{}: {}", self.problem(), self.fix())]
     Missing {
         file: String,
         key: String,
@@ -42,6 +47,36 @@ fn file_label(path: Option<&Path>) -> String {
 }
 
 impl ConfigError {
+    /// What is wrong, naming the file and the key, without the remedy.
+    pub fn problem(&self) -> String {
+        match self {
+            ConfigError::Read { file, error } => {
+                format!("{file}: cannot read the config file: {error}")
+            }
+            ConfigError::Parse { file, message } | ConfigError::UnknownKey { file, message } => {
+                format!("{file}: {message}")
+            }
+            ConfigError::Missing { file, key, .. } => format!("{file}: `{key}` is missing"),
+            ConfigError::Invalid { .. } => self.to_string(),
+        }
+    }
+
+    /// What to do about it: the one place each remedy is written.
+    pub fn fix(&self) -> String {
+        match self {
+            ConfigError::Read { .. } => "check the path given with --config or BEHEST_AGENT_CONFIG, and that this user may read it".into(),
+            ConfigError::Parse { .. } => "correct the TOML (or the --set / BEHEST_AGENT__… value) named above".into(),
+            ConfigError::UnknownKey { .. } => "remove or correct the key; config/behest-agent.toml lists every key".into(),
+            ConfigError::Missing { hint, .. } => hint.clone(),
+            ConfigError::Invalid { key, .. } if key.split('.').all(plain_key) => format!(
+                "correct `{key}` in the file, or its environment variable BEHEST_AGENT__{}",
+                key.replace('.', "__").to_uppercase()
+            ),
+            // Not a config key: the systemd credential `client-secret`.
+            ConfigError::Invalid { key, .. } => format!("correct the {key}"),
+        }
+    }
+
     pub fn missing(path: Option<&Path>, key: &str, hint: &str) -> Self {
         ConfigError::Missing {
             file: file_label(path),
@@ -82,6 +117,23 @@ pub fn control_socket(opts: &LoadOptions) -> std::path::PathBuf {
         .filter(|s| !s.trim().is_empty())
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| settings::default_socket(&opts.env))
+}
+
+/// The proxy's listen addresses (default `127.0.0.1:8711`), validated without the rest of the
+/// configuration: a client that only points a job at the proxy (`env`) needs no IdP settings. The
+/// file, the environment and the overrides are merged as for [`load`], so a broken file is still
+/// an error.
+pub fn proxy_listen(opts: &LoadOptions) -> Result<Vec<ListenAddr>, ConfigError> {
+    let (path, model) = merged(opts)?;
+    let origin = settings::Origin {
+        env: &opts.env,
+        path: path.as_deref(),
+    };
+    settings::listen(
+        model.proxy.listen,
+        model.proxy.allow_remote.unwrap_or(false),
+        origin,
+    )
 }
 
 /// Loads and validates the configuration.
@@ -180,9 +232,20 @@ fn merged(opts: &LoadOptions) -> Result<(Option<PathBuf>, file::FileConfig), Con
         file: label.clone(),
         message: e.to_string(),
     })?;
-    let model: file::FileConfig = merged.try_deserialize().map_err(|e| ConfigError::Parse {
-        file: label.clone(),
-        message: describe_parse_error(&e.to_string()),
+    let model: file::FileConfig = merged.try_deserialize().map_err(|e| {
+        let message = e.to_string();
+        // serde's words for a key the model does not have.
+        if message.contains("unknown field") {
+            ConfigError::UnknownKey {
+                file: label.clone(),
+                message,
+            }
+        } else {
+            ConfigError::Parse {
+                file: label.clone(),
+                message,
+            }
+        }
     })?;
     Ok((path, model))
 }
@@ -192,13 +255,4 @@ fn plain_key(k: &str) -> bool {
     !k.is_empty()
         && k.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-}
-
-/// The `config` crate reports unknown keys as serde does; add the fix.
-fn describe_parse_error(msg: &str) -> String {
-    if msg.contains("unknown field") {
-        format!("{msg} (remove or correct the key; config/behest-agent.toml lists every key)")
-    } else {
-        msg.to_string()
-    }
 }

@@ -1,7 +1,8 @@
 //! The machine's access token: the checks every token passes before it is served ([`claims`]), the
 //! issuer's keys ([`jwks`]), the disk cache ([`cache`]) and [`TokenSource`], the one handle the proxy,
-//! the control API and the CLI use. A token that failed a check is never served; its text never
-//! reaches a log line, an error, a metric or `status`.
+//! the control API and the CLI use. It builds on [`crate::auth`], which only asks the IdP: a grant's
+//! failure and a check's failure meet here, in [`RefreshError`]. A token that failed a check is
+//! never served; its text never reaches a log line, an error, a metric or `status`.
 
 pub mod cache;
 pub mod claims;
@@ -14,7 +15,7 @@ use http::HeaderValue;
 use secrecy::{ExposeSecret, SecretString};
 
 pub use claims::{CheckError, Claims, Verifier};
-pub use source::{Status, TokenError, TokenSource};
+pub use source::{RefreshError, Status, TokenError, TokenSource};
 
 /// A checked access token.
 pub struct Token {

@@ -81,6 +81,46 @@ async fn token_min_ttl_beyond_what_the_idp_issues_exits_1_with_nothing_on_stdout
 }
 
 #[tokio::test]
+async fn token_min_ttl_longer_than_the_cached_token_makes_one_grant_once_the_idp_issues_longer_ones()
+ {
+    let h = Harness::start().await;
+    // The tenant issues 30 s tokens: one is cached.
+    h.idp.fail_next(1, Fault::Ttl(Duration::from_secs(30)));
+    let o = output(h.agent(&["token"], &[])).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(h.idp.grants(), 1);
+    // The tenant's token lifetime was raised (the IdP is back to 24 h): the cached token is too
+    // short for the caller, so exactly one new grant, whose token is long enough.
+    let o = output(h.agent(&["token", "--min-ttl", "60s", "--json"], &[])).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(h.idp.grants(), 2, "exactly one new grant");
+    let v: Value = serde_json::from_str(&o.stdout).unwrap();
+    assert!(v["expires_in"].as_u64().unwrap() >= 60, "{}", o.stdout);
+    // And it was cached: the next call needs no grant.
+    let o = output(h.agent(&["token", "--min-ttl", "60s"], &[])).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(h.idp.grants(), 2);
+}
+
+#[tokio::test]
+async fn token_min_ttl_longer_than_the_new_token_too_exits_1_after_exactly_one_grant() {
+    let h = Harness::start_with(|o| o.token_ttl = Duration::from_secs(30)).await;
+    let o = output(h.agent(&["token"], &[])).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(h.idp.grants(), 1);
+    let o = output(h.agent(&["token", "--min-ttl", "60s"], &[])).await;
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(o.stdout.is_empty(), "{}", o.stdout);
+    assert!(
+        o.stderr
+            .contains("valid for 30s, less than the 1m asked for"),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(h.idp.grants(), 2, "one new grant, and only one");
+}
+
+#[tokio::test]
 async fn configuration_errors_exit_2_and_name_the_key_and_the_file() {
     let h = Harness::start().await;
     let cfg = h.path("config.toml");
@@ -97,6 +137,66 @@ async fn configuration_errors_exit_2_and_name_the_key_and_the_file() {
     assert!(o.stderr.contains("auth.client_id"), "{}", o.stderr);
     let o = output(h.agent(&["token", "--min-ttl", "soon"], &[])).await;
     assert_eq!(o.code, 2, "usage errors exit 2");
+}
+
+#[tokio::test]
+async fn env_works_with_no_configuration_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    // No config file, no AUTH0_* or BEHEST_AGENT__* variables; a runtime directory of its own so
+    // no daemon is found.
+    let mut c = bin();
+    c.env("HOME", dir.path())
+        .env("XDG_RUNTIME_DIR", dir.path())
+        .arg("env");
+    let o = output(c).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.stdout
+            .contains("export OPENAI_BASE_URL='http://127.0.0.1:8711/v1'\n"),
+        "{}",
+        o.stdout
+    );
+}
+
+#[tokio::test]
+async fn env_takes_proxy_listen_from_a_config_file_that_has_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(&cfg, "[proxy]\nlisten = \"127.0.0.1:9123\"\n").unwrap();
+    let run = |args: &[&str]| {
+        let mut c = bin();
+        c.env("HOME", dir.path())
+            .env("XDG_RUNTIME_DIR", dir.path())
+            .args([
+                "env",
+                "--format",
+                "dotenv",
+                "--config",
+                cfg.to_str().unwrap(),
+            ])
+            .args(args);
+        output(c)
+    };
+    let o = run(&[]).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.stdout
+            .contains("OPENAI_BASE_URL=http://127.0.0.1:9123/v1\n"),
+        "{}",
+        o.stdout
+    );
+    let o = run(&["--set", "proxy.listen=127.0.0.1:9124"]).await;
+    assert!(
+        o.stdout
+            .contains("OPENAI_BASE_URL=http://127.0.0.1:9124/v1\n"),
+        "{}",
+        o.stdout
+    );
+    // The file is still read as a whole: a typo is still an error.
+    std::fs::write(&cfg, "[proxy]\nlistenn = \"127.0.0.1:9123\"\n").unwrap();
+    let o = run(&[]).await;
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("listenn"), "{}", o.stderr);
 }
 
 #[tokio::test]

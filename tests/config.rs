@@ -199,6 +199,43 @@ fn a_non_loopback_listen_address_needs_allow_remote() {
 }
 
 #[test]
+fn proxy_listen_alone_needs_no_auth_section_and_keeps_the_loopback_rule() {
+    let listen = |toml: Option<&str>, pairs: &[(&str, &str)]| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = toml.map(|t| {
+            let p = dir.path().join("config.toml");
+            std::fs::write(&p, t).unwrap();
+            p
+        });
+        config::proxy_listen(&LoadOptions {
+            path,
+            default_path: None,
+            env: env(pairs),
+            overrides: vec![],
+        })
+    };
+    assert_eq!(
+        listen(None, &[]).unwrap(),
+        vec![ListenAddr::Tcp("127.0.0.1:8711".parse().unwrap())]
+    );
+    assert_eq!(
+        listen(
+            Some("[proxy]\nlisten = \"127.0.0.1:9000\"\n"),
+            &[("BEHEST_AGENT__PROXY__LISTEN", "127.0.0.1:9001")]
+        )
+        .unwrap(),
+        vec![ListenAddr::Tcp("127.0.0.1:9001".parse().unwrap())]
+    );
+    let msg = listen(Some("[proxy]\nlisten = \"0.0.0.0:8711\"\n"), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("proxy.listen") && msg.contains("allow_remote"),
+        "{msg}"
+    );
+}
+
+#[test]
 fn oidc_with_only_an_issuer_uses_discovery() {
     let s = config::load(&LoadOptions {
         path: None,

@@ -291,3 +291,26 @@ async fn a_running_daemon_is_reported_with_its_pid_and_socket_mode_and_lends_its
     .unwrap();
     let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
 }
+
+#[tokio::test]
+async fn doctor_prints_the_same_fix_for_a_refused_grant_as_the_cli_error_carries() {
+    let h = Harness::start().await;
+    h.idp.set_fault(Some(Fault::Oauth {
+        status: 403,
+        error: "unauthorized_client".into(),
+        description: "Grant type 'client_credentials' not allowed for the client.".into(),
+    }));
+    let o = Out::of(h.agent(&["doctor"], &[])).await;
+    assert_eq!(o.code, 1, "{}\n{}", o.stdout, o.stderr);
+    let fix = o.fix_after("✗ grant: ");
+    let fix = fix.strip_prefix("  fix: ").unwrap();
+    assert!(fix.contains("Grant Types > Client Credentials"), "{fix}");
+    let refresh = Out::of(h.agent(&["refresh"], &[])).await;
+    assert_eq!(refresh.code, 1, "{}", refresh.stderr);
+    assert!(
+        refresh.stderr.contains("unauthorized_client") && refresh.stderr.contains(fix),
+        "doctor's fix {fix:?} is not in the error:\n{}",
+        refresh.stderr
+    );
+    o.assert_no_secrets(std::slice::from_ref(&h.secret));
+}

@@ -8,7 +8,7 @@ use behest_agent::auth::GrantError;
 use behest_agent::clock::{self, TestClock};
 use behest_agent::dev::idp::{AuthMethod, ClientKey, Fault};
 use behest_agent::token::source::backoff;
-use behest_agent::token::{CheckError, TokenError};
+use behest_agent::token::{CheckError, RefreshError, TokenError};
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
@@ -19,7 +19,7 @@ const NO_CACHE: (&str, &str) = ("BEHEST_AGENT__TOKEN__CACHE_FILE", "");
 fn rejected(err: TokenError) -> CheckError {
     match err {
         TokenError::Unavailable {
-            last_error: Some(GrantError::Rejected(c)),
+            last_error: Some(RefreshError::Check(c)),
         } => c,
         other => panic!("expected a refused token, got: {other}"),
     }
@@ -322,6 +322,25 @@ async fn min_ttl_longer_than_the_idp_issues_is_an_error_after_one_grant() {
 }
 
 #[tokio::test]
+async fn a_token_another_process_cached_too_short_for_min_ttl_is_replaced_by_one_grant() {
+    let h = Harness::start().await;
+    h.idp.fail_next(1, Fault::Ttl(Duration::from_secs(30)));
+    let other = h.source(&[], clock::system());
+    other
+        .get(Duration::ZERO)
+        .await
+        .expect("a 30 s token, cached");
+    assert_eq!(h.idp.grants(), 1);
+    let source = h.source(&[], clock::system());
+    let t = source
+        .get(Duration::from_secs(60))
+        .await
+        .expect("one grant gives a token valid long enough");
+    assert!(t.remaining(std::time::SystemTime::now()) >= Duration::from_secs(60));
+    assert_eq!(h.idp.grants(), 2);
+}
+
+#[tokio::test]
 async fn a_rotated_secret_file_is_used_at_the_next_grant_without_restart() {
     let h = Harness::start().await;
     std::fs::write(h.path("client-secret"), "wrong-secret-value\n").unwrap();
@@ -349,12 +368,12 @@ async fn idp_errors_keep_code_status_description_and_retry_after() {
     );
     let err = source.refresh_now().await.unwrap_err();
     match &err {
-        GrantError::Refused {
+        RefreshError::Grant(GrantError::Refused {
             status,
             error,
             retry_after,
             ..
-        } => {
+        }) => {
             assert_eq!(*status, 429);
             assert_eq!(error, "too_many_requests");
             assert_eq!(*retry_after, Some(Duration::from_secs(17)));
@@ -364,18 +383,21 @@ async fn idp_errors_keep_code_status_description_and_retry_after() {
     h.idp.fail_next(1, Fault::Status(502));
     let err = source.refresh_now().await.unwrap_err();
     assert!(
-        matches!(err, GrantError::Http { status: 502, .. }),
+        matches!(
+            err,
+            RefreshError::Grant(GrantError::Http { status: 502, .. })
+        ),
         "{err:?}"
     );
     h.idp.fail_next(1, Fault::Malformed);
     assert!(matches!(
         source.refresh_now().await.unwrap_err(),
-        GrantError::Malformed(_)
+        RefreshError::Grant(GrantError::Malformed(_))
     ));
     h.idp.fail_next(1, Fault::Empty);
     assert!(matches!(
         source.refresh_now().await.unwrap_err(),
-        GrantError::Malformed(_)
+        RefreshError::Grant(GrantError::Malformed(_))
     ));
     h.idp.fail_next(
         1,
@@ -397,32 +419,32 @@ async fn idp_errors_keep_code_status_description_and_retry_after() {
 fn backoff_grows_exponentially_within_bounds_and_honours_retry_after() {
     let min = Duration::from_secs(1);
     let max = Duration::from_secs(60);
-    let transient = GrantError::Transport {
+    let transient = RefreshError::Grant(GrantError::Transport {
         url: "x".into(),
         message: "refused".into(),
-    };
+    });
     for failures in 1..40 {
         let d = backoff(min, max, failures, &transient);
         assert!(d >= min && d <= max, "failure {failures}: {d:?}");
     }
     // Exponential: the 7th failure waits at least half of 64 s capped at 60 s.
     assert!(backoff(min, max, 7, &transient) >= Duration::from_secs(30));
-    let config = GrantError::Refused {
+    let config = RefreshError::Grant(GrantError::Refused {
         status: 401,
         error: "invalid_client".into(),
         description: None,
         retry_after: None,
-    };
+    });
     assert!(
         backoff(min, max, 1, &config) >= Duration::from_secs(30),
         "config errors retry at the slow end"
     );
-    let limited = GrantError::Refused {
+    let limited = RefreshError::Grant(GrantError::Refused {
         status: 429,
         error: "too_many_requests".into(),
         description: None,
         retry_after: Some(Duration::from_secs(120)),
-    };
+    });
     assert!(
         backoff(min, max, 1, &limited) >= Duration::from_secs(120),
         "Retry-After is a floor"

@@ -3,6 +3,11 @@
 //! of the token, the daemon and its socket, the upstream — and prints one line per check: `✓ what`,
 //! `✗ what: problem` followed by an indented `fix:` line, or `·` for a fact that is neither.
 //!
+//! The problems and fixes of the agent's own errors are theirs ([`crate::config::ConfigError::fix`],
+//! [`GrantError::fix`], [`CheckError::fix`]) and the claim rules are the [`Verifier`]'s: doctor only
+//! adds the values from this configuration that a fix concerns, and the checks no error covers
+//! (file permissions, the daemon, the upstream).
+//!
 //! It spends at most one grant, and none when a valid token is cached on disk or held by the daemon;
 //! it never writes the disk cache; it never prints the token, the secret or an assertion. Exit 0 when
 //! every check passes, 1 when one fails, 2 when the configuration cannot be loaded at all.
@@ -13,23 +18,19 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use base64::Engine;
 use http::{Method, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::{CliResult, Global, find_daemon, init_cli_logging};
 use crate::auth::grant::sanitize;
 use crate::auth::http::describe_reqwest;
 use crate::auth::{GrantError, ResolvedEndpoints};
-use crate::clock::SharedClock;
-use crate::config::{
-    ClientAuth, ConfigError, Endpoints, Provider, SecretSource, Settings, UidCheck,
-};
+use crate::config::{AuthSettings, ClientAuth, Endpoints, SecretSource, Settings, UidCheck};
 use crate::control::ControlClient;
 use crate::control::server::expires_words;
-use crate::token::claims::UID_ACTION;
-use crate::token::{CheckError, Claims, TokenSource, Verifier, rfc3339};
+use crate::token::jwks::Jwks;
+use crate::token::{CheckError, TokenSource, Verifier, rfc3339};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {}
@@ -38,11 +39,10 @@ pub struct Args {}
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 /// Upper bound on an upstream answer doctor reads.
 const MAX_BODY: usize = 256 * 1024;
-/// What the config loader appends to an unknown-key error.
-const UNKNOWN_KEY_HINT: &str =
-    " (remove or correct the key; config/behest-agent.toml lists every key)";
 /// The Behest claims every token should carry, besides the uid claim.
 const BEHEST_CLAIMS: [&str; 3] = ["tid", "pid", "tier"];
+/// The fix when an HTTPS client cannot be built (the CA file is the only input that can fail).
+const CA_FILE_FIX: &str = "check proxy.ca_file: it must be a readable PEM file of CA certificates";
 
 pub async fn run(g: &Global, _args: Args) -> CliResult {
     init_cli_logging(g);
@@ -50,8 +50,7 @@ pub async fn run(g: &Global, _args: Args) -> CliResult {
     let settings = match g.load() {
         Ok(s) => s,
         Err(e) => {
-            let (problem, fix) = config_problem(&e);
-            r.fail("config", problem, fix);
+            r.fail("config", e.problem(), e.fix());
             return Ok(ExitCode::from(2));
         }
     };
@@ -71,15 +70,10 @@ pub async fn run(g: &Global, _args: Args) -> CliResult {
     }
     check_credentials(&mut r, &settings);
 
-    let clock = crate::clock::system();
-    let source = match TokenSource::new(&settings, clock.clone()) {
+    let source = match TokenSource::new(&settings, crate::clock::system()) {
         Ok(s) => s,
         Err(e) => {
-            r.fail(
-                "HTTPS client",
-                e,
-                "check proxy.ca_file: it must be a readable PEM file of CA certificates",
-            );
+            r.fail("HTTPS client", e, CA_FILE_FIX);
             return Ok(r.exit_code());
         }
     };
@@ -100,7 +94,7 @@ pub async fn run(g: &Global, _args: Args) -> CliResult {
         Some(idp) => {
             let daemon_ref = daemon.as_ref().zip(daemon_status.as_ref());
             if let Some(token) = obtain(&mut r, &settings, &source, daemon_ref, idp.jwks_ok).await
-                && check_token(&mut r, &settings, &source, &idp.endpoints, &token, &clock).await
+                && check_token(&mut r, &settings, source.verifier(), &idp.endpoints, &token).await
             {
                 servable = Some(token);
             }
@@ -144,6 +138,11 @@ impl Report {
         }
     }
 
+    /// A failed check of the token: the check's own problem and fix.
+    fn refused(&mut self, what: impl Display, e: &CheckError) {
+        self.fail(what, e.problem(), e.fix());
+    }
+
     fn exit_code(&self) -> ExitCode {
         if self.failed {
             ExitCode::from(1)
@@ -153,99 +152,47 @@ impl Report {
     }
 }
 
-/// The problem and its fix for a configuration that does not load.
-fn config_problem(e: &ConfigError) -> (String, String) {
-    match e {
-        ConfigError::Read { .. } => (
-            e.to_string(),
-            "check the path given with --config or BEHEST_AGENT_CONFIG, and that this user may read it".into(),
-        ),
-        ConfigError::Parse { file, message } if message.contains("unknown field") => (
-            // The loader appends this fix to the message; it goes on the fix line here.
-            format!("{file}: {}", message.strip_suffix(UNKNOWN_KEY_HINT).unwrap_or(message)),
-            "remove or correct that key (config/behest-agent.toml lists every key)".into(),
-        ),
-        ConfigError::Parse { .. } => (
-            e.to_string(),
-            "correct the TOML (or the --set / BEHEST_AGENT__… value) named above".into(),
-        ),
-        ConfigError::Missing { file, key, hint } => (format!("{file}: `{key}` is missing"), hint.clone()),
-        ConfigError::Invalid { key, .. } => (
-            e.to_string(),
-            format!(
-                "correct `{key}` in the file, or its environment variable {}",
-                env_var(key)
-            ),
-        ),
-    }
-}
-
-/// `auth.client_id` → `BEHEST_AGENT__AUTH__CLIENT_ID`.
-fn env_var(key: &str) -> String {
-    format!("BEHEST_AGENT__{}", key.replace('.', "__").to_uppercase())
-}
-
 /// The client secret (or private key): found, readable, and not readable by others.
 fn check_credentials(r: &mut Report, s: &Settings) {
-    match (&s.auth.client_auth, &s.auth.secret) {
+    let (what, path) = match (&s.auth.client_auth, &s.auth.secret) {
         (ClientAuth::PrivateKeyJwt(key), _) => {
-            let path = &key.path;
-            match std::fs::File::open(path) {
-                Ok(_) => r.pass(format!(
-                    "private key: {} ({:?}{})",
-                    path.display(),
-                    key.alg,
-                    key.key_id
-                        .as_ref()
-                        .map(|k| format!(", key id {k}"))
-                        .unwrap_or_default()
-                )),
-                Err(e) => r.fail(
-                    format!("private key {}", path.display()),
-                    format!("cannot read it: {e}"),
-                    format!(
-                        "make {} readable by the user the agent runs as (auth.private_key_file)",
-                        path.display()
-                    ),
-                ),
-            }
-            check_mode(r, "private key file", path);
+            let id = key.key_id.as_ref().map(|k| format!(", key id {k}"));
+            r.pass(format!(
+                "private key: {} ({:?}{})",
+                key.path.display(),
+                key.alg,
+                id.unwrap_or_default()
+            ));
+            ("private key file", &key.path)
         }
         (_, SecretSource::File { path, key }) => {
-            let opened = std::fs::File::open(path).and_then(|f| f.metadata());
-            match opened {
-                Ok(m) if m.len() == 0 => r.fail(
-                    format!("client secret {}", path.display()),
-                    "the file is empty",
-                    format!(
-                        "put the application's Client Secret in {} ({key})",
-                        path.display()
-                    ),
-                ),
-                Ok(_) => r.pass(format!("client secret: {} ({key})", path.display())),
-                Err(e) => r.fail(
-                    format!("client secret {}", path.display()),
-                    format!("cannot read it: {e}"),
-                    format!(
-                        "make {} readable by the user the agent runs as ({key})",
-                        path.display()
-                    ),
-                ),
+            // The loader read it; it may have changed since.
+            let unreadable = match std::fs::metadata(path) {
+                Ok(m) if m.len() == 0 => Some("the file is empty".to_string()),
+                Ok(_) => None,
+                Err(e) => Some(e.to_string()),
+            };
+            match unreadable {
+                None => r.pass(format!("client secret: {} ({key})", path.display())),
+                Some(message) => {
+                    let from = s.auth.secret.describe();
+                    let e = GrantError::Secret { from, message };
+                    r.fail("client secret", e.problem(), e.fix());
+                }
             }
-            check_mode(r, "client secret file", path);
+            ("client secret file", path)
         }
         (_, SecretSource::Env { var, .. }) => {
             r.pass(format!("client secret: environment variable {var}"));
             r.info(
                 "a secret in the environment can be read by every process of this user; a 0600 file (auth.client_secret_file) or the systemd credential `client-secret` keeps it narrower",
             );
+            return;
         }
-        (_, SecretSource::None) => r.fail(
-            "client secret",
-            "none is configured",
-            "set auth.client_secret_file (or the systemd credential `client-secret`, or BEHEST_AGENT_CLIENT_SECRET)",
-        ),
-    }
+        // Only with private_key_jwt, above: the loader requires a secret otherwise.
+        (_, SecretSource::None) => return,
+    };
+    check_mode(r, what, path);
 }
 
 /// ✗ when a file holding a secret can be read (or written) by every user.
@@ -291,37 +238,13 @@ struct IdpFacts {
     jwks_ok: bool,
 }
 
-/// The key that names where the IdP is, for fixes.
-fn idp_key(s: &Settings) -> &'static str {
-    match (&s.auth.provider, &s.auth.endpoints) {
-        (Provider::Auth0, _) => "auth.domain",
-        (_, Endpoints::Discover { .. }) => "auth.issuer",
-        (_, Endpoints::Fixed { .. }) => "auth.token_url",
-    }
-}
-
-fn reach_fix(s: &Settings) -> String {
-    format!(
-        "check {} and that this machine reaches the IdP (DNS, firewall; the agent connects directly, without HTTP(S)_PROXY); for an IdP behind a private CA, set proxy.ca_file",
-        idp_key(s)
-    )
-}
-
 /// Discovery (when configured), the token endpoint's reachability, and the JWKS.
 async fn check_idp(r: &mut Report, s: &Settings, source: &TokenSource) -> Option<IdpFacts> {
     let grant = source.grant();
     let endpoints = match grant.endpoints().await {
         Ok(e) => e.clone(),
         Err(e) => {
-            let problem = match &e {
-                GrantError::Discovery { url, message } => format!("{url}: {message}"),
-                other => other.to_string(),
-            };
-            r.fail(
-                "OIDC discovery",
-                problem,
-                "check auth.issuer (the IdP's issuer URL, exactly as its discovery document names it) and that this machine reaches it; or set auth.token_url and auth.jwks_url to skip discovery",
-            );
+            r.fail("OIDC discovery", e.problem(), e.fix());
             return None;
         }
     };
@@ -333,93 +256,48 @@ async fn check_idp(r: &mut Report, s: &Settings, source: &TokenSource) -> Option
     // Any HTTP answer proves the endpoint is there; grants are POSTs, this GET spends nothing.
     match grant.http().get(token_url.clone()).send().await {
         Ok(_) => r.pass(format!("token endpoint: {token_url} (reachable)")),
-        Err(e) => r.fail(
-            format!("token endpoint {token_url}"),
-            format!("unreachable: {}", describe_reqwest(&e)),
-            reach_fix(s),
-        ),
+        Err(e) => {
+            let e = GrantError::Transport {
+                url: token_url.to_string(),
+                message: describe_reqwest(&e),
+            };
+            r.fail("token endpoint", e.problem(), e.fix());
+        }
     }
 
     let jwks_ok = match &endpoints.jwks_url {
         None if s.token.verify_signature => {
-            r.fail(
-                "JWKS",
-                "no JWKS URL is known, so the token's signature cannot be checked",
-                "set auth.jwks_url (or auth.issuer, for discovery)",
-            );
+            r.refused("JWKS", &CheckError::NoJwksUrl);
             false
         }
         None => {
             r.info("JWKS: none (token.verify_signature = false)");
             true
         }
-        Some(url) => match fetch_jwks(grant.http(), url).await {
-            Ok(0) => {
+        Some(url) => match Jwks::new(grant.http().clone()).fetch(url).await {
+            Ok(set) if set.keys.is_empty() => {
                 r.fail(
                     format!("JWKS {url}"),
                     "it holds no keys",
-                    format!(
-                        "check {} names the IdP that signs the tokens",
-                        if s.auth.provider == Provider::Auth0 {
-                            "auth.domain"
-                        } else {
-                            "auth.jwks_url"
-                        }
-                    ),
+                    "check auth.jwks_url (or auth.domain / auth.issuer) names the IdP that signs the tokens",
                 );
                 false
             }
-            Ok(n) => {
+            Ok(set) => {
+                let n = set.keys.len();
                 r.pass(format!(
                     "JWKS: {url} ({n} key{})",
                     if n == 1 { "" } else { "s" }
                 ));
                 true
             }
-            Err(JwksProblem::Unreachable(m)) => {
-                r.fail(
-                    format!("JWKS {url}"),
-                    format!("unreachable: {m}"),
-                    reach_fix(s),
-                );
-                false
-            }
-            Err(JwksProblem::Answer(m)) => {
-                r.fail(
-                    format!("JWKS {url}"),
-                    m,
-                    "check auth.jwks_url (or auth.domain / auth.issuer) names the IdP's JWKS; if the IdP is having an outage, try again later",
-                );
+            Err(e) => {
+                r.refused("JWKS", &e);
                 false
             }
         },
     };
     Some(IdpFacts { endpoints, jwks_ok })
-}
-
-enum JwksProblem {
-    Unreachable(String),
-    Answer(String),
-}
-
-/// The number of keys the JWKS at `url` holds.
-async fn fetch_jwks(http: &reqwest::Client, url: &url::Url) -> Result<usize, JwksProblem> {
-    let response = http
-        .get(url.clone())
-        .send()
-        .await
-        .map_err(|e| JwksProblem::Unreachable(describe_reqwest(&e)))?;
-    let status = response.status();
-    if !status.is_success() {
-        return Err(JwksProblem::Answer(format!(
-            "the IdP answered HTTP {status}"
-        )));
-    }
-    let set: jsonwebtoken::jwk::JwkSet = response
-        .json()
-        .await
-        .map_err(|e| JwksProblem::Answer(format!("not a JWKS: {e}")))?;
-    Ok(set.keys.len())
 }
 
 /// A token to check: a valid cached one, else the daemon's, else one new grant (never cached).
@@ -465,337 +343,134 @@ async fn obtain(
             Some(issued.access_token)
         }
         Err(e) => {
-            let (problem, fix) = grant_problem(&e, s);
-            r.fail("grant", problem, fix);
+            r.fail("grant", e.problem(), grant_fix(&e, &s.auth));
             None
         }
     }
 }
 
-/// The problem and its fix for a failed grant, keeping the IdP's own error.
-fn grant_problem(e: &GrantError, s: &Settings) -> (String, String) {
-    let a = &s.auth;
-    match e {
-        GrantError::Refused {
-            status,
-            error,
-            description,
-            retry_after,
-        } => {
-            let problem = format!(
-                "the IdP refused it with `{error}`{} (HTTP {status})",
-                description
-                    .as_ref()
-                    .map(|d| format!(": {d}"))
-                    .unwrap_or_default()
-            );
-            let audience = a
-                .audience
-                .as_deref()
-                .or(a.resource.as_deref())
-                .unwrap_or("(auth.audience is not set)");
-            let fix = match error.as_str() {
-                "invalid_client" => match &a.client_auth {
-                    ClientAuth::PrivateKeyJwt(key) => format!(
-                        "check auth.client_id (`{}`) and the private key {}: its public key must be registered with the application (Auth0: Applications > the application > Credentials), and auth.key_id must name it",
-                        a.client_id,
-                        key.path.display()
-                    ),
-                    _ => format!(
-                        "check auth.client_id (`{}`) and the client secret in {}: they must be the machine-to-machine application's Client ID and Client Secret (Auth0: Applications > the application > Settings)",
-                        a.client_id,
-                        a.secret.describe()
-                    ),
-                },
-                "unauthorized_client" => "enable the client-credentials grant for the application (Auth0: Applications > the application > Advanced Settings > Grant Types > Client Credentials)".into(),
-                "access_denied" => format!(
-                    "authorize the application for the API `{audience}` (Auth0: Applications > APIs > the API > Machine to Machine Applications), and check auth.audience is that API's identifier"
-                ),
-                "invalid_scope" => "ask only for scopes the API grants this application (auth.scope), or remove auth.scope".into(),
-                "invalid_target" => "auth.resource is not a resource this IdP knows: correct it, or use auth.audience".into(),
-                "too_many_requests" => format!(
-                    "the tenant's rate limit or machine-to-machine quota is spent: wait{}, and keep the disk cache (token.cache_file) so restarts and CLI calls reuse the token",
-                    retry_after
-                        .map(|d| format!(" {}", humantime::format_duration(d)))
-                        .unwrap_or_default()
-                ),
-                "temporarily_unavailable" | "server_error" => {
-                    "the IdP is having trouble: try again later (the daemon retries by itself)".into()
+/// The grant error's fix, with the configured values it concerns.
+fn grant_fix(e: &GrantError, a: &AuthSettings) -> String {
+    let fix = e.fix();
+    let GrantError::Refused { error, .. } = e else {
+        return fix;
+    };
+    match error.as_str() {
+        "invalid_client" => {
+            let credential = match &a.client_auth {
+                ClientAuth::PrivateKeyJwt(key) => {
+                    format!("the private key is {}", key.path.display())
                 }
-                _ => "read the IdP's error above: it concerns the application's settings in the tenant or what the agent asks for (auth.audience, auth.scope, auth.extra_params)".into(),
+                _ => format!("the secret comes from {}", a.secret.describe()),
             };
-            (problem, fix)
+            format!("{fix} (auth.client_id is `{}`; {credential})", a.client_id)
         }
-        GrantError::Http {
-            status, snippet, ..
-        } => (
-            format!("the token endpoint answered HTTP {status}: {snippet}"),
-            format!(
-                "check {} names the IdP itself, not a proxy or a web page; if the IdP is down, try again later",
-                idp_key(s)
-            ),
-        ),
-        GrantError::Transport { url, message } => {
-            (format!("cannot reach {url}: {message}"), reach_fix(s))
-        }
-        GrantError::Malformed(m) => (
-            format!("the token response is malformed: {m}"),
-            format!("check {} names an OAuth2 token endpoint", idp_key(s)),
-        ),
-        GrantError::Discovery { url, message } => (
-            format!("OIDC discovery at {url} failed: {message}"),
-            "check auth.issuer, or set auth.token_url and auth.jwks_url".into(),
-        ),
-        GrantError::Secret { from, message } => (
-            format!("cannot read the client secret from {from}: {message}"),
-            format!("put the application's Client Secret in {from}, readable by this user only (mode 0600)"),
-        ),
-        GrantError::Assertion(m) => (
-            format!("cannot sign the client assertion: {m}"),
-            "check auth.private_key_file and auth.signing_alg match (an RSA key for RS*/PS*, an EC P-256 key for ES256)".into(),
-        ),
-        GrantError::Rejected(c) => (
-            c.to_string(),
-            "see the claim checks".into(),
-        ),
+        "access_denied" => match a.audience.as_deref().or(a.resource.as_deref()) {
+            Some(audience) => format!("{fix} (the API asked for is `{audience}`)"),
+            None => format!("{fix} (auth.audience is not set)"),
+        },
+        _ => fix,
     }
 }
 
-/// The format, the signature and every claim. True when the agent would serve the token.
+/// The format, the signature and every claim, by the agent's own rules. True when the agent
+/// would serve the token.
 async fn check_token(
     r: &mut Report,
     s: &Settings,
-    source: &TokenSource,
+    verifier: &Verifier,
     endpoints: &ResolvedEndpoints,
     token: &SecretString,
-    clock: &SharedClock,
 ) -> bool {
-    let audience = s.auth.audience.clone().or_else(|| s.auth.resource.clone());
-    let verifier = Verifier::new(
-        s.token.clone(),
-        audience.clone(),
-        source.grant().http().clone(),
-        clock.clone(),
-    );
-    let verdict = verifier.check(token, endpoints).await;
-    let claims = match &verdict {
-        Ok((claims, _)) => claims.clone(),
-        // The signature held; the claim checks below say which claim failed.
-        Err(e) if is_claim_error(e) => match decode_claims(token, &s.token.uid_claim) {
-            Some(c) => c,
-            None => {
-                r.fail(
-                    "token format",
-                    "the payload cannot be read",
-                    format!("check {} names the IdP", idp_key(s)),
-                );
-                return false;
-            }
-        },
+    let claims = match verifier.verify(token, endpoints).await {
+        Ok(claims) => claims,
+        // Its claims cannot be trusted, so none is shown.
         Err(e) => {
-            report_unverified(r, s, e);
+            let what = match e {
+                CheckError::Opaque | CheckError::Malformed(_) => "token format",
+                _ => "signature",
+            };
+            r.refused(what, &e);
             return false;
         }
     };
-
     if s.token.verify_signature {
         let how = jsonwebtoken::decode_header(token.expose_secret())
             .map(|h| {
-                format!(
-                    " ({:?}{})",
-                    h.alg,
-                    h.kid.map(|k| format!(", key id {k}")).unwrap_or_default()
-                )
+                let kid = h.kid.map(|k| format!(", key id {k}")).unwrap_or_default();
+                format!(" ({:?}{kid})", h.alg)
             })
             .unwrap_or_default();
         r.pass(format!("signature: verified against the JWKS{how}"));
     } else {
         r.info("signature: not checked (token.verify_signature = false)");
     }
-    let failed = verdict.as_ref().err();
-    check_claims(
-        r,
-        s,
-        &claims,
-        endpoints.issuer.as_deref(),
-        audience.as_deref(),
-        clock.now(),
-        failed,
-    );
-    verdict.is_ok()
-}
 
-/// A claim failed (so the format and the signature held).
-fn is_claim_error(e: &CheckError) -> bool {
-    matches!(
-        e,
-        CheckError::Expired(_)
-            | CheckError::Audience { .. }
-            | CheckError::Issuer { .. }
-            | CheckError::UidMissing { .. }
-            | CheckError::UidMismatch { .. }
-    )
-}
-
-/// A token whose format or signature failed: its claims cannot be trusted, so none is shown.
-fn report_unverified(r: &mut Report, s: &Settings, e: &CheckError) {
-    let same_issuer =
-        "make auth.domain (or auth.issuer / auth.jwks_url) name the IdP that issues the token";
-    match e {
-        CheckError::Opaque => r.fail(
-            "token format",
-            "the access token is opaque, not a JWT",
-            "set auth.audience to the Behest API identifier: Auth0 issues opaque tokens when no audience is asked for",
-        ),
-        CheckError::Malformed(m) => r.fail(
-            "token format",
-            format!("not a well-formed JWT: {m}"),
-            format!(
-                "check {} names the IdP, and that the API issues signed JWTs (Auth0: an API with signing algorithm RS256)",
-                idp_key(s)
-            ),
-        ),
-        CheckError::Algorithm(alg) => r.fail(
-            "signature",
-            format!("the token is signed with {alg}, which cannot be checked against public keys"),
-            "set the API's signing algorithm to RS256 (Auth0: Applications > APIs > the API > Settings)",
-        ),
-        CheckError::Jwks(m) => r.fail(
-            "signature",
-            format!("cannot get the issuer's JWKS: {m}"),
-            "fix the JWKS check above (auth.jwks_url, or the IdP's reachability)",
-        ),
-        CheckError::UnknownKid(kid) => r.fail(
-            "signature",
-            format!("the token's key id `{kid}` is not in the issuer's JWKS"),
-            format!("the token comes from another IdP or tenant: {same_issuer}"),
-        ),
-        CheckError::Signature(m) => r.fail(
-            "signature",
-            format!("it does not verify against the issuer's JWKS: {m}"),
-            format!("the token was not signed by this issuer: {same_issuer}"),
-        ),
-        other => r.fail("token", other.to_string(), "see the message"),
-    }
-}
-
-/// The payload, for display once the signature has been checked.
-fn decode_claims(token: &SecretString, uid_claim: &str) -> Option<Claims> {
-    let payload = token.expose_secret().split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload.trim_end_matches('='))
-        .ok()?;
-    let raw: Map<String, Value> = serde_json::from_slice(&bytes).ok()?;
-    let exp = raw.get("exp").and_then(Value::as_u64).unwrap_or(0);
-    let uid = raw.get(uid_claim).and_then(Value::as_str).map(String::from);
-    Some(Claims { exp, raw, uid })
-}
-
-/// One line per claim, with the same rules as [`Verifier::check`]; `failed` is its verdict, which
-/// wins when it names a claim.
-fn check_claims(
-    r: &mut Report,
-    s: &Settings,
-    claims: &Claims,
-    issuer: Option<&str>,
-    audience: Option<&str>,
-    now: SystemTime,
-    failed: Option<&CheckError>,
-) {
-    // exp
+    let mut servable = true;
     let exp_at = crate::clock::from_unix(claims.exp).unwrap_or(UNIX_EPOCH);
-    let left = match exp_at.duration_since(now) {
-        Ok(d) => d.as_secs() as i64,
-        Err(e) => -(e.duration().as_secs() as i64),
-    };
-    if exp_at > now && !matches!(failed, Some(CheckError::Expired(_))) {
-        r.pass(format!(
-            "exp: expires {} ({})",
-            expires_words(left),
-            rfc3339(exp_at)
-        ));
-    } else {
-        r.fail(
-            "exp",
-            format!("the token expired {} ({})", expires_words(left), rfc3339(exp_at)),
-            "check this machine's clock (`timedatectl status`); if it is right, the IdP issues tokens that are already expired: check the API's token lifetime",
-        );
+    match verifier.check_expiry(&claims) {
+        Ok(()) => {
+            let left = exp_at
+                .duration_since(SystemTime::now())
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or_default();
+            r.pass(format!(
+                "exp: expires {} ({})",
+                expires_words(left),
+                rfc3339(exp_at)
+            ));
+        }
+        Err(e) => {
+            servable = false;
+            r.refused("exp", &e);
+        }
     }
 
-    // aud
     let got = claims.audiences();
-    match audience {
-        Some(want)
-            if got.iter().any(|a| a == want)
-                && !matches!(failed, Some(CheckError::Audience { .. })) =>
-        {
-            r.pass(format!("aud: includes {want}"))
-        }
-        Some(want) => r.fail(
-            "aud",
-            format!("{got:?} does not include `{want}`"),
-            "set auth.audience to the Behest API identifier (Auth0: Applications > APIs > the API > Identifier), and authorize the application for that API",
-        ),
-        None => r.info(format!(
+    match (verifier.audience(), verifier.check_audience(&claims)) {
+        (None, _) => r.info(format!(
             "aud: {got:?} (not checked: auth.audience is not set)"
         )),
-    }
-
-    // iss
-    let got = claims.str("iss").unwrap_or_default();
-    match issuer {
-        Some(want)
-            if got.trim_end_matches('/') == want.trim_end_matches('/')
-                && !matches!(failed, Some(CheckError::Issuer { .. })) =>
-        {
-            r.pass(format!("iss: {got}"))
+        (Some(want), Ok(())) => r.pass(format!("aud: includes {want}")),
+        (Some(_), Err(e)) => {
+            servable = false;
+            r.refused("aud", &e);
         }
-        Some(want) => r.fail(
-            "iss",
-            format!("`{}` is not `{want}`", sanitize(got)),
-            "set auth.domain (Auth0) or auth.issuer (OIDC) to the IdP that issues the token",
-        ),
-        None => r.info(format!(
-            "iss: {} (not checked: no issuer is configured)",
-            sanitize(got)
-        )),
     }
 
-    // uid
+    let iss = sanitize(claims.str("iss").unwrap_or_default());
+    let issuer = endpoints.issuer.as_deref();
+    match (issuer, verifier.check_issuer(&claims, issuer)) {
+        (None, _) => r.info(format!("iss: {iss} (not checked: no issuer is configured)")),
+        (Some(_), Ok(())) => r.pass(format!("iss: {iss}")),
+        (Some(_), Err(e)) => {
+            servable = false;
+            r.refused("iss", &e);
+        }
+    }
+
     let t = &s.token;
     let name = &t.uid_claim;
-    let whose = if t.expected_uid == s.auth.client_id {
-        "the client id"
-    } else {
-        "token.expected_uid"
-    };
-    let served_anyway = if t.uid_check == UidCheck::Warn {
-        " (token.uid_check = \"warn\" serves such tokens anyway)"
-    } else {
-        ""
-    };
-    match &claims.uid {
-        Some(got) if *got == t.expected_uid => r.pass(format!("{name}: {got} ({whose})")),
-        Some(got) => r.fail(
-            name,
-            format!(
-                "`{}` is not {whose} `{}`{served_anyway}",
-                sanitize(got),
-                t.expected_uid
-            ),
-            format!(
-                "make the credentials-exchange Action set it to event.client.client_id (or set token.expected_uid if another value is intended):\n{UID_ACTION}"
-            ),
-        ),
-        None => r.fail(
-            name,
-            format!(
-                "the token has no `{name}` claim, and Behest identifies machines by it{served_anyway}"
-            ),
-            format!(
-                "add this Action to Auth0's Machine to Machine (credentials exchange) trigger and to that flow:\n{UID_ACTION}"
-            ),
-        ),
+    match verifier.check_uid(&claims) {
+        Ok(()) => {
+            let whose = if t.expected_uid == s.auth.client_id {
+                "the client id"
+            } else {
+                "token.expected_uid"
+            };
+            r.pass(format!("{name}: {} ({whose})", t.expected_uid));
+        }
+        Err(e) if t.uid_check == UidCheck::Warn => {
+            let problem = format!(
+                "{} (token.uid_check = \"warn\" serves such tokens anyway)",
+                e.problem()
+            );
+            r.fail(name, problem, e.fix());
+        }
+        Err(e) => {
+            servable = false;
+            r.refused(name, &e);
+        }
     }
 
     // tid, pid, tier, and any other required claim
@@ -807,22 +482,12 @@ fn check_claims(
     }
     for n in names.into_iter().filter(|n| *n != name.as_str()) {
         match claims.raw.get(n) {
-            Some(v) => {
-                let text = match v {
-                    Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                r.pass(format!("{n}: {}", sanitize(&text)));
-            }
-            None => r.fail(
-                n,
-                format!("the token has no `{n}` claim; Behest may refuse it"),
-                format!(
-                    "set it in the credentials-exchange Action with api.accessToken.setCustomClaim(\"{n}\", …) (README: Auth0 walkthrough, step 3)"
-                ),
-            ),
+            Some(Value::String(v)) => r.pass(format!("{n}: {}", sanitize(v))),
+            Some(v) => r.pass(format!("{n}: {}", sanitize(&v.to_string()))),
+            None => r.refused(n, &CheckError::ClaimMissing { claim: n.into() }),
         }
     }
+    servable
 }
 
 /// The daemon answering on the control socket, and the socket's mode.
@@ -914,11 +579,7 @@ async fn check_upstream(r: &mut Report, s: &Settings, token: Option<&SecretStrin
     let http = match crate::auth::http::client(UPSTREAM_TIMEOUT, s.proxy.ca_file.as_deref()) {
         Ok(c) => c,
         Err(e) => {
-            r.fail(
-                "upstream HTTPS client",
-                e,
-                "check proxy.ca_file: it must be a readable PEM file of CA certificates",
-            );
+            r.fail("upstream HTTPS client", e, CA_FILE_FIX);
             return;
         }
     };

@@ -1,6 +1,7 @@
 //! `behest-agent env`: prints what a job needs to use the proxy — `OPENAI_BASE_URL`, `OPENAI_API_KEY`
 //! (a placeholder the agent replaces) and the older `OPENAI_API_BASE` — in the shell's syntax. The
-//! address is the running daemon's, else the configured `proxy.listen`.
+//! address is the running daemon's, else the configured `proxy.listen`; nothing else of the
+//! configuration is read, so it works before the IdP is configured.
 
 use std::process::ExitCode;
 
@@ -42,9 +43,9 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The proxy's address: the daemon's first TCP listener, else the configuration's.
+/// The proxy's address: the daemon's first TCP listener, else the configuration's `proxy.listen`
+/// (nothing else of the configuration is needed, so this works with none at all).
 pub async fn proxy_address(g: &Global) -> anyhow::Result<String> {
-    let settings = g.load();
     if let Some(client) = daemon_for(g).await
         && let Ok((_, status)) = client.call(Method::GET, "/v1/status").await
         && let Some(addr) = status
@@ -58,10 +59,7 @@ pub async fn proxy_address(g: &Global) -> anyhow::Result<String> {
     {
         return Ok(addr.to_string());
     }
-    let settings = settings?;
-    settings
-        .proxy
-        .listen
+    g.proxy_listen()?
         .iter()
         .find_map(|l| match l {
             ListenAddr::Tcp(a) => Some(a.to_string()),

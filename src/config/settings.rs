@@ -3,7 +3,7 @@
 //! and never changed afterwards; a reload builds a new one. Every error names the key, the file and
 //! the fix. Nothing here reads a secret's value into an error or a log line.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,7 +14,9 @@ use secrecy::SecretString;
 use url::Url;
 
 use super::ConfigError;
-use super::file::FileConfig;
+use super::file::{
+    AuthFile, ControlFile, FileConfig, OneOrMany, ProxyFile, TelemetryFile, TokenFile,
+};
 
 /// Everything the agent needs, validated.
 #[derive(Debug, Clone)]
@@ -227,19 +229,67 @@ fn nonempty(v: Option<String>) -> Option<String> {
     v.map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
 }
 
-/// Builds settings from the merged file model. `env` is the process environment as a map.
+/// Where the values being validated came from: the file (for errors) and the environment (for the
+/// well-known fallbacks and default directories).
+#[derive(Clone, Copy)]
+pub(super) struct Origin<'a> {
+    pub env: &'a HashMap<String, String>,
+    pub path: Option<&'a Path>,
+}
+
+impl Origin<'_> {
+    fn invalid(&self, key: &str, message: String) -> ConfigError {
+        ConfigError::invalid(self.path, key, message)
+    }
+
+    fn missing(&self, key: &str, hint: &str) -> ConfigError {
+        ConfigError::missing(self.path, key, hint)
+    }
+
+    /// A well-known environment variable, when set to something.
+    fn var(&self, name: &str) -> Option<String> {
+        self.env.get(name).cloned().filter(|s| !s.trim().is_empty())
+    }
+}
+
+/// Builds settings from the merged file model, one section after the other (the first error wins,
+/// in this order). `env` is the process environment as a map.
 pub(super) fn validate(
     file: FileConfig,
     env: &HashMap<String, String>,
     path: Option<&Path>,
 ) -> Result<Settings, ConfigError> {
+    let origin = Origin { env, path };
     let mut warnings = Vec::new();
-    let err = |key: &str, message: String| ConfigError::invalid(path, key, message);
-    let envv = |k: &str| env.get(k).cloned().filter(|s| !s.trim().is_empty());
+    let auth = auth(file.auth, origin, &mut warnings)?;
+    let token = token(file.token, origin, &auth.client_id)?;
+    let proxy = proxy(file.proxy, origin)?;
+    let control = control(file.control, origin)?;
+    let telemetry = telemetry(file.telemetry, origin, proxy.allow_remote)?;
+    if let Some(p) = path
+        && let Some(w) = permission_warning(p, "config file")
+    {
+        warnings.push(w);
+    }
+    Ok(Settings {
+        path: path.map(Path::to_path_buf),
+        auth,
+        token,
+        proxy,
+        control,
+        telemetry,
+        warnings,
+    })
+}
 
-    // ---- [auth]
-    let a = file.auth;
-    let domain = nonempty(a.domain).or_else(|| envv("AUTH0_DOMAIN"));
+/// `[auth]`: where the IdP is, who the client is and how it authenticates, what it asks for.
+/// Unreadable or world-readable secret files are found here, once, at load.
+fn auth(
+    a: AuthFile,
+    origin: Origin<'_>,
+    warnings: &mut Vec<String>,
+) -> Result<AuthSettings, ConfigError> {
+    let domain = nonempty(a.domain).or_else(|| origin.var("AUTH0_DOMAIN"));
     let issuer = nonempty(a.issuer);
     let provider = match nonempty(a.provider).as_deref() {
         Some("auth0") => Provider::Auth0,
@@ -247,79 +297,36 @@ pub(super) fn validate(
         None if domain.is_none() && (issuer.is_some() || a.token_url.is_some()) => Provider::Oidc,
         None => Provider::Auth0,
         Some(other) => {
-            return Err(err(
+            return Err(origin.invalid(
                 "auth.provider",
                 format!("`{other}` is not a provider; use \"auth0\" or \"oidc\""),
             ));
         }
     };
     let endpoints = match provider {
-        Provider::Auth0 => {
-            let domain = domain.ok_or_else(|| {
-                ConfigError::missing(
-                    path,
-                    "auth.domain",
-                    "set it to your Auth0 tenant's domain (e.g. \"example.eu.auth0.com\"), or set AUTH0_DOMAIN",
-                )
-            })?;
-            let base = base_url(&domain).map_err(|m| err("auth.domain", m))?;
-            let base_str = base.as_str().trim_end_matches('/').to_string();
-            Endpoints::Fixed {
-                issuer: Some(format!("{base_str}/")),
-                token_url: join(&base, "oauth/token"),
-                jwks_url: Some(join(&base, ".well-known/jwks.json")),
-            }
-        }
-        Provider::Oidc => {
-            let token_url = nonempty(a.token_url)
-                .map(|u| parse_url(&u).map_err(|m| err("auth.token_url", m)))
-                .transpose()?;
-            let jwks_url = nonempty(a.jwks_url)
-                .map(|u| parse_url(&u).map_err(|m| err("auth.jwks_url", m)))
-                .transpose()?;
-            match (issuer, token_url) {
-                (Some(issuer), token_url) if token_url.is_none() || jwks_url.is_none() => {
-                    Endpoints::Discover {
-                        issuer: parse_url(&issuer).map_err(|m| err("auth.issuer", m))?,
-                    }
-                }
-                (issuer, Some(token_url)) => Endpoints::Fixed {
-                    issuer,
-                    token_url,
-                    jwks_url,
-                },
-                (_, None) => {
-                    return Err(ConfigError::missing(
-                        path,
-                        "auth.issuer",
-                        "provider \"oidc\" needs `issuer` (for discovery) or `token_url` and `jwks_url`",
-                    ));
-                }
-            }
-        }
+        Provider::Auth0 => auth0_endpoints(domain, origin)?,
+        Provider::Oidc => oidc_endpoints(issuer, a.token_url, a.jwks_url, origin)?,
     };
     let client_id = nonempty(a.client_id)
-        .or_else(|| envv("AUTH0_CLIENT_ID"))
+        .or_else(|| origin.var("AUTH0_CLIENT_ID"))
         .ok_or_else(|| {
-            ConfigError::missing(
-                path,
+            origin.missing(
                 "auth.client_id",
                 "set it to the machine-to-machine application's Client ID, or set AUTH0_CLIENT_ID",
             )
         })?;
-    let audience = nonempty(a.audience).or_else(|| envv("AUTH0_AUDIENCE"));
+    let audience = nonempty(a.audience).or_else(|| origin.var("AUTH0_AUDIENCE"));
     let resource = nonempty(a.resource);
     if let Some(r) = &resource {
         Url::parse(r).map_err(|_| {
-            err(
+            origin.invalid(
                 "auth.resource",
                 format!("`{r}` is not an absolute URI (RFC 8707)"),
             )
         })?;
     }
     if provider == Provider::Auth0 && audience.is_none() && resource.is_none() {
-        return Err(ConfigError::missing(
-            path,
+        return Err(origin.missing(
             "auth.audience",
             "Auth0 requires the API identifier (e.g. \"https://api.behest.app\"); set it, or AUTH0_AUDIENCE",
         ));
@@ -327,65 +334,15 @@ pub(super) fn validate(
     let client_auth = match nonempty(a.client_auth).as_deref() {
         None | Some("client_secret_post") => ClientAuth::ClientSecretPost,
         Some("client_secret_basic") => ClientAuth::ClientSecretBasic,
-        Some("private_key_jwt") => {
-            let key_path = nonempty(a.private_key_file).ok_or_else(|| {
-                ConfigError::missing(
-                    path,
-                    "auth.private_key_file",
-                    "client_auth = \"private_key_jwt\" needs the PEM private key registered with the IdP",
-                )
-            })?;
-            let alg_name = nonempty(a.signing_alg).unwrap_or_else(|| "RS256".to_string());
-            let alg = match alg_name.as_str() {
-                "RS256" => Algorithm::RS256,
-                "RS384" => Algorithm::RS384,
-                "PS256" => Algorithm::PS256,
-                "ES256" => Algorithm::ES256,
-                other => {
-                    return Err(err(
-                        "auth.signing_alg",
-                        format!("`{other}` is not supported; use RS256, RS384, PS256 or ES256"),
-                    ));
-                }
-            };
-            let key_path = PathBuf::from(key_path);
-            let pem = std::fs::read(&key_path).map_err(|e| {
-                err(
-                    "auth.private_key_file",
-                    format!("cannot read {}: {e}", key_path.display()),
-                )
-            })?;
-            if let Some(w) = permission_warning(&key_path, "auth.private_key_file") {
-                warnings.push(w);
-            }
-            let key = if alg == Algorithm::ES256 {
-                EncodingKey::from_ec_pem(&pem)
-            } else {
-                EncodingKey::from_rsa_pem(&pem)
-            }
-            .map_err(|_| {
-                err(
-                    "auth.private_key_file",
-                    format!(
-                        "{} is not a PEM {} private key",
-                        key_path.display(),
-                        if alg == Algorithm::ES256 {
-                            "EC P-256"
-                        } else {
-                            "RSA"
-                        }
-                    ),
-                )
-            })?;
-            ClientAuth::PrivateKeyJwt(Arc::new(AssertionKey {
-                key,
-                alg,
-                key_id: nonempty(a.key_id),
-                path: key_path,
-            }))
-        }
+        Some("private_key_jwt") => ClientAuth::PrivateKeyJwt(assertion_key(
+            a.private_key_file,
+            a.signing_alg,
+            a.key_id,
+            origin,
+            warnings,
+        )?),
         Some(other) => {
-            return Err(err(
+            return Err(origin.invalid(
                 "auth.client_auth",
                 format!(
                     "`{other}` is not supported; use client_secret_post, client_secret_basic or private_key_jwt"
@@ -395,28 +352,167 @@ pub(super) fn validate(
     };
     let secret = match client_auth {
         ClientAuth::PrivateKeyJwt(_) => SecretSource::None,
-        _ => {
-            let source = secret_source(nonempty(a.client_secret_file), env).ok_or_else(|| {
-                ConfigError::missing(
-                    path,
-                    "auth.client_secret_file",
-                    "give the client secret in a file (client_secret_file), as the systemd credential `client-secret`, or in BEHEST_AGENT_CLIENT_SECRET / AUTH0_CLIENT_SECRET",
-                )
-            })?;
-            if let SecretSource::File { path: p, key } = &source {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|e| err(key, format!("cannot read {}: {e}", p.display())))?;
-                if text.trim().is_empty() {
-                    return Err(err(key, format!("{} is empty", p.display())));
-                }
-                if let Some(w) = permission_warning(p, key) {
-                    warnings.push(w);
-                }
-            }
-            source
+        _ => client_secret(a.client_secret_file, origin, warnings)?,
+    };
+    Ok(AuthSettings {
+        provider,
+        endpoints,
+        client_id,
+        secret,
+        client_auth,
+        audience,
+        resource,
+        scope: nonempty(a.scope),
+        organization: nonempty(a.organization),
+        extra_params: extra_params(a.extra_params, origin)?,
+        timeout: a.timeout.unwrap_or(Duration::from_secs(30)),
+    })
+}
+
+/// Auth0: everything follows from the domain.
+fn auth0_endpoints(domain: Option<String>, origin: Origin<'_>) -> Result<Endpoints, ConfigError> {
+    let domain = domain.ok_or_else(|| {
+        origin.missing(
+            "auth.domain",
+            "set it to your Auth0 tenant's domain (e.g. \"example.eu.auth0.com\"), or set AUTH0_DOMAIN",
+        )
+    })?;
+    let base = base_url(&domain).map_err(|m| origin.invalid("auth.domain", m))?;
+    let base_str = base.as_str().trim_end_matches('/').to_string();
+    Ok(Endpoints::Fixed {
+        issuer: Some(format!("{base_str}/")),
+        token_url: join(&base, "oauth/token"),
+        jwks_url: Some(join(&base, ".well-known/jwks.json")),
+    })
+}
+
+/// OIDC: discovery from the issuer, unless both URLs are given.
+fn oidc_endpoints(
+    issuer: Option<String>,
+    token_url: Option<String>,
+    jwks_url: Option<String>,
+    origin: Origin<'_>,
+) -> Result<Endpoints, ConfigError> {
+    let token_url = nonempty(token_url)
+        .map(|u| parse_url(&u).map_err(|m| origin.invalid("auth.token_url", m)))
+        .transpose()?;
+    let jwks_url = nonempty(jwks_url)
+        .map(|u| parse_url(&u).map_err(|m| origin.invalid("auth.jwks_url", m)))
+        .transpose()?;
+    match (issuer, token_url) {
+        (Some(issuer), token_url) if token_url.is_none() || jwks_url.is_none() => {
+            Ok(Endpoints::Discover {
+                issuer: parse_url(&issuer).map_err(|m| origin.invalid("auth.issuer", m))?,
+            })
+        }
+        (issuer, Some(token_url)) => Ok(Endpoints::Fixed {
+            issuer,
+            token_url,
+            jwks_url,
+        }),
+        (_, None) => Err(origin.missing(
+            "auth.issuer",
+            "provider \"oidc\" needs `issuer` (for discovery) or `token_url` and `jwks_url`",
+        )),
+    }
+}
+
+/// private_key_jwt: the PEM key, read and parsed now so a bad one stops the start.
+fn assertion_key(
+    private_key_file: Option<String>,
+    signing_alg: Option<String>,
+    key_id: Option<String>,
+    origin: Origin<'_>,
+    warnings: &mut Vec<String>,
+) -> Result<Arc<AssertionKey>, ConfigError> {
+    let key_path = nonempty(private_key_file).ok_or_else(|| {
+        origin.missing(
+            "auth.private_key_file",
+            "client_auth = \"private_key_jwt\" needs the PEM private key registered with the IdP",
+        )
+    })?;
+    let alg_name = nonempty(signing_alg).unwrap_or_else(|| "RS256".to_string());
+    let alg = match alg_name.as_str() {
+        "RS256" => Algorithm::RS256,
+        "RS384" => Algorithm::RS384,
+        "PS256" => Algorithm::PS256,
+        "ES256" => Algorithm::ES256,
+        other => {
+            return Err(origin.invalid(
+                "auth.signing_alg",
+                format!("`{other}` is not supported; use RS256, RS384, PS256 or ES256"),
+            ));
         }
     };
-    let mut extra_params: Vec<(String, String)> = a.extra_params.into_iter().collect();
+    let key_path = PathBuf::from(key_path);
+    let pem = std::fs::read(&key_path).map_err(|e| {
+        origin.invalid(
+            "auth.private_key_file",
+            format!("cannot read {}: {e}", key_path.display()),
+        )
+    })?;
+    if let Some(w) = permission_warning(&key_path, "auth.private_key_file") {
+        warnings.push(w);
+    }
+    let key = if alg == Algorithm::ES256 {
+        EncodingKey::from_ec_pem(&pem)
+    } else {
+        EncodingKey::from_rsa_pem(&pem)
+    }
+    .map_err(|_| {
+        origin.invalid(
+            "auth.private_key_file",
+            format!(
+                "{} is not a PEM {} private key",
+                key_path.display(),
+                if alg == Algorithm::ES256 {
+                    "EC P-256"
+                } else {
+                    "RSA"
+                }
+            ),
+        )
+    })?;
+    Ok(Arc::new(AssertionKey {
+        key,
+        alg,
+        key_id: nonempty(key_id),
+        path: key_path,
+    }))
+}
+
+/// Where the client secret comes from; a file must be readable and not empty now (it is read
+/// again at each grant).
+fn client_secret(
+    client_secret_file: Option<String>,
+    origin: Origin<'_>,
+    warnings: &mut Vec<String>,
+) -> Result<SecretSource, ConfigError> {
+    let source = secret_source(nonempty(client_secret_file), origin.env).ok_or_else(|| {
+        origin.missing(
+            "auth.client_secret_file",
+            "give the client secret in a file (client_secret_file), as the systemd credential `client-secret`, or in BEHEST_AGENT_CLIENT_SECRET / AUTH0_CLIENT_SECRET",
+        )
+    })?;
+    if let SecretSource::File { path: p, key } = &source {
+        let text = std::fs::read_to_string(p)
+            .map_err(|e| origin.invalid(key, format!("cannot read {}: {e}", p.display())))?;
+        if text.trim().is_empty() {
+            return Err(origin.invalid(key, format!("{} is empty", p.display())));
+        }
+        if let Some(w) = permission_warning(p, key) {
+            warnings.push(w);
+        }
+    }
+    Ok(source)
+}
+
+/// Extra token-request parameters, sorted; never one the agent sets itself.
+fn extra_params(
+    params: BTreeMap<String, String>,
+    origin: Origin<'_>,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut extra_params: Vec<(String, String)> = params.into_iter().collect();
     for (k, _) in &extra_params {
         if matches!(
             k.as_str(),
@@ -426,34 +522,24 @@ pub(super) fn validate(
                 | "client_assertion"
                 | "client_assertion_type"
         ) {
-            return Err(err(
+            return Err(origin.invalid(
                 "auth.extra_params",
                 format!("`{k}` is set by the agent itself and cannot be overridden"),
             ));
         }
     }
     extra_params.sort();
-    let auth = AuthSettings {
-        provider,
-        endpoints,
-        client_id: client_id.clone(),
-        secret,
-        client_auth,
-        audience,
-        resource,
-        scope: nonempty(a.scope),
-        organization: nonempty(a.organization),
-        extra_params,
-        timeout: a.timeout.unwrap_or(Duration::from_secs(30)),
-    };
+    Ok(extra_params)
+}
 
-    // ---- [token]
-    let t = file.token;
+/// `[token]`: the checks, the refresh schedule and the disk cache. `client_id` is the default
+/// expected uid.
+fn token(t: TokenFile, origin: Origin<'_>, client_id: &str) -> Result<TokenSettings, ConfigError> {
     let uid_check = match nonempty(t.uid_check).as_deref() {
         None | Some("enforce") => UidCheck::Enforce,
         Some("warn") => UidCheck::Warn,
         Some(other) => {
-            return Err(err(
+            return Err(origin.invalid(
                 "token.uid_check",
                 format!("`{other}` is not a mode; use \"enforce\" or \"warn\""),
             ));
@@ -462,7 +548,7 @@ pub(super) fn validate(
     let min_backoff = t.min_backoff.unwrap_or(Duration::from_secs(1));
     let max_backoff = t.max_backoff.unwrap_or(Duration::from_secs(300));
     if min_backoff.is_zero() || max_backoff < min_backoff {
-        return Err(err(
+        return Err(origin.invalid(
             "token.max_backoff",
             "needs 0 < min_backoff <= max_backoff".to_string(),
         ));
@@ -470,11 +556,11 @@ pub(super) fn validate(
     let cache_file = match t.cache_file {
         Some(s) if s.trim().is_empty() => None,
         Some(s) => Some(PathBuf::from(s)),
-        None => default_cache_file(env),
+        None => default_cache_file(origin.env),
     };
-    let token = TokenSettings {
+    Ok(TokenSettings {
         uid_claim: nonempty(t.uid_claim).unwrap_or_else(|| "uid".to_string()),
-        expected_uid: nonempty(t.expected_uid).unwrap_or(client_id),
+        expected_uid: nonempty(t.expected_uid).unwrap_or_else(|| client_id.to_string()),
         uid_check,
         required_claims: t
             .required_claims
@@ -484,56 +570,21 @@ pub(super) fn validate(
         min_backoff,
         max_backoff,
         cache_file,
-    };
+    })
+}
 
-    // ---- [proxy]
-    let p = file.proxy;
+/// `[proxy]`: where it listens, where it forwards, and its limits.
+fn proxy(p: ProxyFile, origin: Origin<'_>) -> Result<ProxySettings, ConfigError> {
     let allow_remote = p.allow_remote.unwrap_or(false);
-    let listen_strs = p
-        .listen
-        .map(|l| l.into_vec())
-        .unwrap_or_else(|| vec!["127.0.0.1:8711".to_string()]);
-    let mut listen = Vec::new();
-    for s in listen_strs {
-        let addr = parse_listen(&s).map_err(|m| err("proxy.listen", m))?;
-        if let ListenAddr::Tcp(sa) = &addr
-            && !sa.ip().is_loopback()
-            && !allow_remote
-        {
-            return Err(err(
-                "proxy.listen",
-                format!(
-                    "{sa} is not a loopback address: the proxy injects this machine's credential, so anyone who can reach it can use it. Listen on 127.0.0.1, or set proxy.allow_remote = true if that is really intended"
-                ),
-            ));
-        }
-        listen.push(addr);
-    }
+    let listen = listen(p.listen, allow_remote, origin)?;
     let allow_insecure = p.allow_insecure_upstream.unwrap_or(false);
     let upstream = nonempty(p.upstream)
-        .or_else(|| envv("BEHEST_BASE_URL"))
-        .map(|u| {
-            let url = parse_url(&u).map_err(|m| err("proxy.upstream", m))?;
-            if url.scheme() != "https" && !allow_insecure {
-                return Err(err(
-                    "proxy.upstream",
-                    format!(
-                        "`{url}` is not https: the token would cross the network in clear. Use https, or set proxy.allow_insecure_upstream = true (for a local test server)"
-                    ),
-                ));
-            }
-            if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
-                return Err(err(
-                    "proxy.upstream",
-                    "must be a base URL without query, fragment or credentials".to_string(),
-                ));
-            }
-            Ok(url)
-        })
+        .or_else(|| origin.var("BEHEST_BASE_URL"))
+        .map(|u| upstream(&u, allow_insecure, origin))
         .transpose()?;
     let max_replay_body = match nonempty(p.max_replay_body) {
         None => 1 << 20,
-        Some(s) => parse_size(&s).map_err(|m| err("proxy.max_replay_body", m))?,
+        Some(s) => parse_size(&s).map_err(|m| origin.invalid("proxy.max_replay_body", m))?,
     };
     let proxy = ProxySettings {
         listen,
@@ -553,42 +604,97 @@ pub(super) fn validate(
     if let Some(ca) = &proxy.ca_file
         && !ca.is_file()
     {
-        return Err(err(
+        return Err(origin.invalid(
             "proxy.ca_file",
             format!("{} does not exist or is not a file", ca.display()),
         ));
     }
+    Ok(proxy)
+}
 
-    // ---- [control]
-    let c = file.control;
+/// `proxy.listen` (default `127.0.0.1:8711`): loopback only unless `allow_remote`.
+pub(super) fn listen(
+    listen: Option<OneOrMany>,
+    allow_remote: bool,
+    origin: Origin<'_>,
+) -> Result<Vec<ListenAddr>, ConfigError> {
+    let listen_strs = listen
+        .map(|l| l.into_vec())
+        .unwrap_or_else(|| vec!["127.0.0.1:8711".to_string()]);
+    let mut out = Vec::new();
+    for s in listen_strs {
+        let addr = parse_listen(&s).map_err(|m| origin.invalid("proxy.listen", m))?;
+        if let ListenAddr::Tcp(sa) = &addr
+            && !sa.ip().is_loopback()
+            && !allow_remote
+        {
+            return Err(origin.invalid(
+                "proxy.listen",
+                format!(
+                    "{sa} is not a loopback address: the proxy injects this machine's credential, so anyone who can reach it can use it. Listen on 127.0.0.1, or set proxy.allow_remote = true if that is really intended"
+                ),
+            ));
+        }
+        out.push(addr);
+    }
+    Ok(out)
+}
+
+/// `proxy.upstream`: an https base URL (http only when allowed), nothing after the path.
+fn upstream(u: &str, allow_insecure: bool, origin: Origin<'_>) -> Result<Url, ConfigError> {
+    let url = parse_url(u).map_err(|m| origin.invalid("proxy.upstream", m))?;
+    if url.scheme() != "https" && !allow_insecure {
+        return Err(origin.invalid(
+            "proxy.upstream",
+            format!(
+                "`{url}` is not https: the token would cross the network in clear. Use https, or set proxy.allow_insecure_upstream = true (for a local test server)"
+            ),
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
+        return Err(origin.invalid(
+            "proxy.upstream",
+            "must be a base URL without query, fragment or credentials".to_string(),
+        ));
+    }
+    Ok(url)
+}
+
+/// `[control]`: the control socket and its mode.
+fn control(c: ControlFile, origin: Origin<'_>) -> Result<ControlSettings, ConfigError> {
     let socket = nonempty(c.socket)
         .map(PathBuf::from)
-        .unwrap_or_else(|| default_socket(env));
+        .unwrap_or_else(|| default_socket(origin.env));
     let socket_mode = match nonempty(c.socket_mode) {
         None => 0o660,
         Some(s) => u32::from_str_radix(s.trim_start_matches("0o"), 8)
             .ok()
             .filter(|m| *m <= 0o777)
             .ok_or_else(|| {
-                err(
+                origin.invalid(
                     "control.socket_mode",
                     format!("`{s}` is not an octal mode like \"0660\""),
                 )
             })?,
     };
-    let control = ControlSettings {
+    Ok(ControlSettings {
         socket,
         socket_mode,
-    };
+    })
+}
 
-    // ---- [telemetry]
-    let tl = file.telemetry;
+/// `[telemetry]`: logs and metrics. A non-loopback metrics address needs `proxy.allow_remote`.
+fn telemetry(
+    tl: TelemetryFile,
+    origin: Origin<'_>,
+    allow_remote: bool,
+) -> Result<TelemetrySettings, ConfigError> {
     let log_format = match nonempty(tl.log_format).as_deref() {
         None | Some("auto") => LogFormat::Auto,
         Some("text") => LogFormat::Text,
         Some("json") => LogFormat::Json,
         Some(other) => {
-            return Err(err(
+            return Err(origin.invalid(
                 "telemetry.log_format",
                 format!("`{other}` is not a format; use auto, text or json"),
             ));
@@ -596,7 +702,7 @@ pub(super) fn validate(
     };
     let log_level = nonempty(tl.log_level).unwrap_or_else(|| "info".to_string());
     if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
-        return Err(err(
+        return Err(origin.invalid(
             "telemetry.log_level",
             format!(
                 "`{log_level}` is not a level or filter (try \"info\" or \"behest_agent=debug\")"
@@ -606,7 +712,7 @@ pub(super) fn validate(
     let metrics_listen = nonempty(tl.metrics_listen)
         .map(|s| {
             s.parse::<SocketAddr>().map_err(|_| {
-                err(
+                origin.invalid(
                     "telemetry.metrics_listen",
                     format!("`{s}` is not an IP:port"),
                 )
@@ -617,33 +723,17 @@ pub(super) fn validate(
         && !m.ip().is_loopback()
         && !allow_remote
     {
-        return Err(err(
+        return Err(origin.invalid(
             "telemetry.metrics_listen",
             format!(
                 "{m} is not a loopback address; set proxy.allow_remote = true to expose metrics"
             ),
         ));
     }
-    let telemetry = TelemetrySettings {
+    Ok(TelemetrySettings {
         log_format,
         log_level,
         metrics_listen,
-    };
-
-    if let Some(p) = path
-        && let Some(w) = permission_warning(p, "config file")
-    {
-        warnings.push(w);
-    }
-
-    Ok(Settings {
-        path: path.map(Path::to_path_buf),
-        auth,
-        token,
-        proxy,
-        control,
-        telemetry,
-        warnings,
     })
 }
 

@@ -1,6 +1,7 @@
 //! What makes a token servable: a JWT (not opaque), signed by the issuer (JWKS; HS* refused), not
-//! expired, for the configured audience and issuer, and carrying `uid` = the client id. Each failure
-//! is its own [`CheckError`] whose message says how to fix it.
+//! expired, for the configured audience and issuer, and carrying `uid` = the client id. Each rule is
+//! one [`Verifier`] method (`doctor` reports them one by one) and each failure its own
+//! [`CheckError`], whose message says how to fix it.
 
 use std::sync::Arc;
 
@@ -12,6 +13,7 @@ use serde_json::{Map, Value};
 
 use super::jwks::Jwks;
 use crate::auth::ResolvedEndpoints;
+use crate::auth::grant::sanitize;
 use crate::clock::SharedClock;
 use crate::config::{TokenSettings, UidCheck};
 
@@ -20,46 +22,115 @@ pub const UID_ACTION: &str = r#"exports.onExecuteCredentialsExchange = async (ev
   api.accessToken.setCustomClaim("uid", event.client.client_id);
 };"#;
 
-/// Why a token is refused.
+/// Why a token is refused (or, for [`CheckError::ClaimMissing`], what is worth a warning). The
+/// message is [`CheckError::problem`] followed by [`CheckError::fix`]; `doctor` prints them apart.
 #[derive(Debug, Clone, thiserror::Error)]
+#[error("{}; {}", self.problem(), self.fix())]
 pub enum CheckError {
-    #[error(
-        "the access token is opaque, not a JWT; Behest needs a JWT: set auth.audience to the Behest API identifier (Auth0 issues opaque tokens when no audience is asked for)"
-    )]
     Opaque,
-    #[error("the access token is not a well-formed JWT: {0}")]
     Malformed(String),
-    #[error(
-        "the token is signed with {0}, which the agent refuses (only RS*, PS* and ES* can be checked against the issuer's public keys)"
-    )]
     Algorithm(String),
-    #[error("the token's signature does not verify against the issuer's JWKS: {0}")]
     Signature(String),
-    #[error("the token's key id `{0}` is not in the issuer's JWKS, even after fetching it again")]
     UnknownKid(String),
-    #[error("cannot get the issuer's JWKS: {0}")]
+    /// Signatures are checked, but no JWKS URL is configured or discovered.
+    NoJwksUrl,
     Jwks(String),
-    #[error("the token expired at {0}")]
     Expired(String),
-    #[error("the token's audience {got:?} does not include `{expected}`; check auth.audience")]
-    Audience { expected: String, got: Vec<String> },
-    #[error("the token's issuer `{got}` is not `{expected}`; check auth.domain / auth.issuer")]
-    Issuer { expected: String, got: String },
-    #[error(
-        "the token has no `{claim}` claim, and Behest identifies machines by it. Add it with an Auth0 Action on the Machine to Machine (credentials exchange) trigger:\n{UID_ACTION}\n(or set token.uid_check = \"warn\" to serve such tokens anyway)"
-    )]
-    UidMissing { claim: String },
-    #[error(
-        "the token's `{claim}` claim is `{got}`, not the client id `{expected}`; the credentials-exchange Action must set it to event.client.client_id:\n{UID_ACTION}\n(or set token.expected_uid if another value is intended)"
-    )]
+    Audience {
+        expected: String,
+        got: Vec<String>,
+    },
+    Issuer {
+        expected: String,
+        got: String,
+    },
+    UidMissing {
+        claim: String,
+    },
     UidMismatch {
         claim: String,
         expected: String,
         got: String,
     },
+    /// A claim Behest reads is absent: a warning, never a refusal.
+    ClaimMissing {
+        claim: String,
+    },
 }
 
+/// The remedy for a token from another issuer than the configured one.
+const SAME_ISSUER: &str =
+    "make auth.domain (or auth.issuer / auth.jwks_url) name the IdP that issues the token";
+
 impl CheckError {
+    /// What is wrong with the token, without the remedy.
+    pub fn problem(&self) -> String {
+        match self {
+            CheckError::Opaque => "the access token is opaque, not the JWT Behest needs".into(),
+            CheckError::Malformed(m) => format!("the access token is not a well-formed JWT: {m}"),
+            CheckError::Algorithm(alg) => format!(
+                "the token is signed with {alg}, which the agent refuses (only RS*, PS* and ES* can be checked against the issuer's public keys)"
+            ),
+            CheckError::Signature(m) => {
+                format!("the token's signature does not verify against the issuer's JWKS: {m}")
+            }
+            CheckError::UnknownKid(kid) => format!(
+                "the token's key id `{}` is not in the issuer's JWKS, even after fetching it again",
+                sanitize(kid)
+            ),
+            CheckError::NoJwksUrl => {
+                "no JWKS URL is known, so the token's signature cannot be checked".into()
+            }
+            CheckError::Jwks(m) => format!("cannot get the issuer's JWKS: {m}"),
+            CheckError::Expired(at) => format!("the token expired at {at}"),
+            CheckError::Audience { expected, got } => {
+                format!("the token's audience {got:?} does not include `{expected}`")
+            }
+            CheckError::Issuer { expected, got } => {
+                format!("the token's issuer `{}` is not `{expected}`", sanitize(got))
+            }
+            CheckError::UidMissing { claim } => {
+                format!("the token has no `{claim}` claim, and Behest identifies machines by it")
+            }
+            CheckError::UidMismatch {
+                claim,
+                expected,
+                got,
+            } => format!(
+                "the token's `{claim}` claim is `{}`, not the expected `{expected}` (the client id, unless token.expected_uid says otherwise)",
+                sanitize(got)
+            ),
+            CheckError::ClaimMissing { claim } => {
+                format!("the token has no `{claim}` claim; Behest may refuse it")
+            }
+        }
+    }
+
+    /// What to do about it: the one place each remedy is written.
+    pub fn fix(&self) -> String {
+        match self {
+            CheckError::Opaque => "set auth.audience to the Behest API identifier: Auth0 issues opaque tokens when no audience is asked for".into(),
+            CheckError::Malformed(_) => "check auth.domain (or auth.issuer) names the IdP, and that the API issues signed JWTs (Auth0: an API with signing algorithm RS256)".into(),
+            CheckError::Algorithm(_) => "set the API's signing algorithm to RS256 (Auth0: Applications > APIs > the API > Settings)".into(),
+            CheckError::Signature(_) => format!("the token was not signed by this issuer: {SAME_ISSUER}"),
+            CheckError::UnknownKid(_) => format!("the token comes from another IdP or tenant: {SAME_ISSUER}"),
+            CheckError::NoJwksUrl => "set auth.jwks_url (or auth.issuer, for discovery), or token.verify_signature = false".into(),
+            CheckError::Jwks(_) => "check auth.jwks_url (or auth.domain / auth.issuer) names the IdP's JWKS and that this machine reaches it; if the IdP is having an outage, try again later".into(),
+            CheckError::Expired(_) => "check this machine's clock (`timedatectl status`); if it is right, the IdP issues tokens that are already expired: check the API's token lifetime".into(),
+            CheckError::Audience { .. } => "set auth.audience to the Behest API identifier (Auth0: Applications > APIs > the API > Identifier), and authorize the application for that API".into(),
+            CheckError::Issuer { .. } => "set auth.domain (Auth0) or auth.issuer (OIDC) to the IdP that issues the token".into(),
+            CheckError::UidMissing { .. } => format!(
+                "add this Action to Auth0's Machine to Machine (credentials exchange) trigger and to that flow:\n{UID_ACTION}\n(or set token.uid_check = \"warn\" to serve such tokens anyway)"
+            ),
+            CheckError::UidMismatch { .. } => format!(
+                "make the credentials-exchange Action set it to event.client.client_id (or set token.expected_uid if another value is intended):\n{UID_ACTION}"
+            ),
+            CheckError::ClaimMissing { claim } => format!(
+                "set it in the credentials-exchange Action with api.accessToken.setCustomClaim(\"{claim}\", …)"
+            ),
+        }
+    }
+
     pub fn code(&self) -> &'static str {
         match self {
             CheckError::Opaque => "opaque_token",
@@ -67,12 +138,13 @@ impl CheckError {
             CheckError::Algorithm(_) => "refused_algorithm",
             CheckError::Signature(_) => "bad_signature",
             CheckError::UnknownKid(_) => "unknown_kid",
-            CheckError::Jwks(_) => "jwks_unavailable",
+            CheckError::NoJwksUrl | CheckError::Jwks(_) => "jwks_unavailable",
             CheckError::Expired(_) => "expired",
             CheckError::Audience { .. } => "wrong_audience",
             CheckError::Issuer { .. } => "wrong_issuer",
             CheckError::UidMissing { .. } => "uid_missing",
             CheckError::UidMismatch { .. } => "uid_mismatch",
+            CheckError::ClaimMissing { .. } => "claim_missing",
         }
     }
 }
@@ -169,12 +241,46 @@ impl Verifier {
         &self.settings
     }
 
+    /// What `aud` must contain, when anything is required.
+    pub fn audience(&self) -> Option<&str> {
+        self.audience.as_deref()
+    }
+
     /// Checks `token`; on success returns its claims and any warnings.
     pub async fn check(
         &self,
         token: &SecretString,
         endpoints: &ResolvedEndpoints,
     ) -> Result<(Claims, Vec<String>), CheckError> {
+        let claims = self.verify(token, endpoints).await?;
+        self.check_expiry(&claims)?;
+        self.check_issuer(&claims, endpoints.issuer.as_deref())?;
+        self.check_audience(&claims)?;
+        let mut warnings = Vec::new();
+        if let Err(e) = self.check_uid(&claims) {
+            match self.settings.uid_check {
+                UidCheck::Enforce => return Err(e),
+                UidCheck::Warn => warnings.push(e.to_string()),
+            }
+        }
+        for name in &self.settings.required_claims {
+            if !claims.raw.contains_key(name) {
+                let missing = CheckError::ClaimMissing {
+                    claim: name.clone(),
+                };
+                warnings.push(missing.to_string());
+            }
+        }
+        Ok((claims, warnings))
+    }
+
+    /// The format, the algorithm and (unless turned off) the signature: on success the token's
+    /// claims, which can then be trusted to say what the issuer said, but are not checked yet.
+    pub async fn verify(
+        &self,
+        token: &SecretString,
+        endpoints: &ResolvedEndpoints,
+    ) -> Result<Claims, CheckError> {
         let text = token.expose_secret();
         let parts: Vec<&str> = text.split('.').collect();
         if parts.len() != 3 {
@@ -195,12 +301,7 @@ impl Verifier {
             _ => {}
         }
         if let Some(jwks) = &self.jwks {
-            let url = endpoints.jwks_url.as_ref().ok_or_else(|| {
-                CheckError::Jwks(
-                    "no JWKS URL is known; set auth.jwks_url, or token.verify_signature = false"
-                        .into(),
-                )
-            })?;
+            let url = endpoints.jwks_url.as_ref().ok_or(CheckError::NoJwksUrl)?;
             let key = jwks.key(url, header.kid.as_deref(), header.alg).await?;
             let mut validation = Validation::new(header.alg);
             validation.validate_exp = false;
@@ -219,61 +320,66 @@ impl Verifier {
                 "the `exp` claim is after year 9999".into(),
             ));
         }
-        let exp_time = crate::clock::from_unix(exp)
-            .ok_or_else(|| CheckError::Malformed("the `exp` claim is out of range".into()))?;
-        if exp_time <= self.clock.now() {
-            return Err(CheckError::Expired(super::rfc3339(exp_time)));
-        }
         let uid = raw
             .get(&self.settings.uid_claim)
             .and_then(Value::as_str)
             .map(String::from);
-        let claims = Claims { exp, raw, uid };
+        Ok(Claims { exp, raw, uid })
+    }
 
-        if let Some(expected) = &endpoints.issuer {
-            let got = claims.str("iss").unwrap_or_default();
-            if got.trim_end_matches('/') != expected.trim_end_matches('/') {
-                return Err(CheckError::Issuer {
-                    expected: expected.clone(),
-                    got: got.to_string(),
-                });
-            }
+    /// Not expired now.
+    pub fn check_expiry(&self, claims: &Claims) -> Result<(), CheckError> {
+        let exp_time = crate::clock::from_unix(claims.exp)
+            .ok_or_else(|| CheckError::Malformed("the `exp` claim is out of range".into()))?;
+        if exp_time <= self.clock.now() {
+            return Err(CheckError::Expired(super::rfc3339(exp_time)));
         }
-        if let Some(aud) = &self.audience {
-            let got = claims.audiences();
-            if !got.iter().any(|a| a == aud) {
-                return Err(CheckError::Audience {
-                    expected: aud.clone(),
-                    got,
-                });
-            }
-        }
+        Ok(())
+    }
 
-        let mut warnings = Vec::new();
-        let uid_error = match &claims.uid {
-            None => Some(CheckError::UidMissing {
-                claim: self.settings.uid_claim.clone(),
+    /// `iss` is `expected` (a trailing slash aside), when an issuer is known.
+    pub fn check_issuer(&self, claims: &Claims, expected: Option<&str>) -> Result<(), CheckError> {
+        let Some(expected) = expected else {
+            return Ok(());
+        };
+        let got = claims.str("iss").unwrap_or_default();
+        if got.trim_end_matches('/') != expected.trim_end_matches('/') {
+            return Err(CheckError::Issuer {
+                expected: expected.to_string(),
+                got: got.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// `aud` includes the configured audience, when one is configured.
+    pub fn check_audience(&self, claims: &Claims) -> Result<(), CheckError> {
+        let Some(aud) = &self.audience else {
+            return Ok(());
+        };
+        let got = claims.audiences();
+        if !got.iter().any(|a| a == aud) {
+            return Err(CheckError::Audience {
+                expected: aud.clone(),
+                got,
+            });
+        }
+        Ok(())
+    }
+
+    /// The uid claim is the expected uid (whether that refuses the token is `token.uid_check`'s).
+    pub fn check_uid(&self, claims: &Claims) -> Result<(), CheckError> {
+        let t = &self.settings;
+        match &claims.uid {
+            None => Err(CheckError::UidMissing {
+                claim: t.uid_claim.clone(),
             }),
-            Some(got) if *got != self.settings.expected_uid => Some(CheckError::UidMismatch {
-                claim: self.settings.uid_claim.clone(),
-                expected: self.settings.expected_uid.clone(),
+            Some(got) if *got != t.expected_uid => Err(CheckError::UidMismatch {
+                claim: t.uid_claim.clone(),
+                expected: t.expected_uid.clone(),
                 got: got.clone(),
             }),
-            Some(_) => None,
-        };
-        if let Some(e) = uid_error {
-            match self.settings.uid_check {
-                UidCheck::Enforce => return Err(e),
-                UidCheck::Warn => warnings.push(e.to_string()),
-            }
+            Some(_) => Ok(()),
         }
-        for name in &self.settings.required_claims {
-            if !claims.raw.contains_key(name) {
-                warnings.push(format!(
-                    "the token has no `{name}` claim; Behest may refuse it. Set it in the credentials-exchange Action (api.accessToken.setCustomClaim(\"{name}\", …))"
-                ));
-            }
-        }
-        Ok((claims, warnings))
     }
 }

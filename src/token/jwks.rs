@@ -61,7 +61,8 @@ impl Jwks {
             .ok_or_else(|| CheckError::UnknownKid(kid.unwrap_or("(none)").to_string()))
     }
 
-    async fn fetch(&self, url: &Url) -> Result<Arc<JwkSet>, CheckError> {
+    /// Fetches the set at `url` now, and keeps it.
+    pub async fn fetch(&self, url: &Url) -> Result<Arc<JwkSet>, CheckError> {
         let response = self.http.get(url.clone()).send().await.map_err(|e| {
             CheckError::Jwks(format!(
                 "{url}: {}",

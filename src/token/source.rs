@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::cache::{CacheKey, DiskCache};
 use super::claims::ClaimsView;
-use super::{Token, Verifier, rfc3339};
+use super::{CheckError, Token, Verifier, rfc3339};
 use crate::auth::{Grant, GrantError};
 use crate::clock::SharedClock;
 use crate::config::Settings;
@@ -35,12 +35,63 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TokenError {
     #[error("no valid token is available{}", last_error.as_ref().map(|e| format!(": {e}")).unwrap_or_default())]
-    Unavailable { last_error: Option<GrantError> },
-    #[error("the IdP issues tokens valid for {}, less than the {} asked for", humantime::format_duration(*.lifetime), humantime::format_duration(*.min_ttl))]
+    Unavailable { last_error: Option<RefreshError> },
+    #[error("the IdP issues tokens valid for {}, less than the {} asked for", humantime::format_duration(whole_seconds(*.lifetime)), humantime::format_duration(*.min_ttl))]
     TooShort {
         lifetime: Duration,
         min_ttl: Duration,
     },
+}
+
+/// `d` rounded up to whole seconds: a lifetime is measured from just before the grant to an `exp`
+/// in whole seconds, so it falls a fraction short of what the IdP issues.
+fn whole_seconds(d: Duration) -> Duration {
+    Duration::from_secs(d.as_secs() + u64::from(d.subsec_nanos() > 0))
+}
+
+/// Why a refresh (one grant, then the checks of what it issued) gave no token to serve.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RefreshError {
+    /// The grant failed: the IdP gave no token.
+    #[error(transparent)]
+    Grant(#[from] GrantError),
+    /// The IdP issued a token that failed the agent's checks; it is never served. The message
+    /// carries the check's, so it is not also a `source()` (an error chain would say it twice).
+    #[error("the IdP issued a token the agent refuses: {0}")]
+    Check(CheckError),
+}
+
+impl From<CheckError> for RefreshError {
+    fn from(e: CheckError) -> Self {
+        RefreshError::Check(e)
+    }
+}
+
+impl RefreshError {
+    /// Errors only a configuration change fixes: reported loudly, retried at the slow end. A
+    /// refused token is one: the IdP will issue the same again.
+    pub fn is_config_error(&self) -> bool {
+        match self {
+            RefreshError::Grant(e) => e.is_config_error(),
+            RefreshError::Check(_) => true,
+        }
+    }
+
+    /// The IdP asked us to wait this long.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            RefreshError::Grant(e) => e.retry_after(),
+            RefreshError::Check(_) => None,
+        }
+    }
+
+    /// A short machine-readable code for metrics and JSON.
+    pub fn code(&self) -> String {
+        match self {
+            RefreshError::Grant(e) => e.code(),
+            RefreshError::Check(e) => e.code().into(),
+        }
+    }
 }
 
 /// The token engine's state, for `status` (never the token itself).
@@ -68,7 +119,7 @@ pub struct Status {
 #[derive(Default)]
 struct State {
     last_refresh: Option<SystemTime>,
-    last_error: Option<GrantError>,
+    last_error: Option<RefreshError>,
     failures: u32,
     /// No grant before this (backoff), except a forced one.
     retry_at: Option<Instant>,
@@ -194,6 +245,11 @@ impl TokenSource {
         &self.inner.grant
     }
 
+    /// The checks every token passes (for `doctor`, which reports them one by one).
+    pub fn verifier(&self) -> &Verifier {
+        &self.inner.verifier
+    }
+
     pub fn clock(&self) -> &SharedClock {
         &self.inner.clock
     }
@@ -239,16 +295,16 @@ impl TokenSource {
             // instead of asking again.
             return Err(self.shortfall(min_ttl));
         }
-        match self.attempt(true).await {
+        match self.attempt(Some(min_ttl)).await {
             Ok(t) if t.remaining(self.inner.clock.now()) >= min_ttl => Ok(t),
             Ok(_) | Err(_) => Err(self.shortfall(min_ttl)),
         }
     }
 
     /// Forces a new grant now (the `refresh` command), whatever the backoff.
-    pub async fn refresh_now(&self) -> Result<Arc<Token>, GrantError> {
+    pub async fn refresh_now(&self) -> Result<Arc<Token>, RefreshError> {
         let _guard = self.inner.grant_lock.lock().await;
-        self.attempt(false).await
+        self.attempt(None).await
     }
 
     /// The upstream refused `rejected`: replace it, once for all requests that saw it, and at most
@@ -271,7 +327,7 @@ impl TokenSource {
             st.last_rejection_refresh = Some(Instant::now());
         }
         tracing::info!("the upstream refused the token (401); asking the IdP for a new one");
-        self.attempt(false).await.ok()
+        self.attempt(None).await.ok()
     }
 
     /// Loads the disk cache at start-up: a valid cached token is served without a grant.
@@ -288,7 +344,7 @@ impl TokenSource {
             if self.due() {
                 let _guard = self.inner.grant_lock.lock().await;
                 if self.due() {
-                    let _ = self.attempt(true).await;
+                    let _ = self.attempt(Some(Duration::ZERO)).await;
                 }
                 continue;
             }
@@ -356,7 +412,7 @@ impl TokenSource {
         }
     }
 
-    fn last_error(&self) -> Option<GrantError> {
+    fn last_error(&self) -> Option<RefreshError> {
         self.inner
             .state
             .lock()
@@ -365,9 +421,11 @@ impl TokenSource {
             .clone()
     }
 
-    /// One grant (the grant lock is held). With `use_disk`, a fresh token another process cached
-    /// is taken instead of asking the IdP.
-    async fn attempt(&self, use_disk: bool) -> Result<Arc<Token>, GrantError> {
+    /// One grant (the grant lock is held). With `from_disk: Some(min_ttl)`, a token another
+    /// process cached is taken instead of asking the IdP when it is not due for refresh and stays
+    /// valid at least `min_ttl`; a cached token too short for the caller never stands in for the
+    /// grant it asked for.
+    async fn attempt(&self, from_disk: Option<Duration>) -> Result<Arc<Token>, RefreshError> {
         let _file_lock = match &self.inner.cache {
             Some(c) => match c.lock().await {
                 Ok(l) => Some(l),
@@ -378,7 +436,9 @@ impl TokenSource {
             },
             None => None,
         };
-        if use_disk && let Some(t) = self.disk_token(Duration::ZERO).await {
+        if let Some(min_ttl) = from_disk
+            && let Some(t) = self.disk_token(min_ttl).await
+        {
             let now = self.inner.clock.now();
             if now < t.refresh_at {
                 tracing::debug!("using the token another process just cached");
@@ -411,7 +471,7 @@ impl TokenSource {
         }
     }
 
-    async fn grant_and_check(&self) -> Result<Arc<Token>, GrantError> {
+    async fn grant_and_check(&self) -> Result<Arc<Token>, RefreshError> {
         let obtained_at = self.inner.clock.now();
         let issued = self.inner.grant.request().await?;
         let endpoints = self.inner.grant.endpoints().await?;
@@ -419,16 +479,14 @@ impl TokenSource {
             .inner
             .verifier
             .check(&issued.access_token, endpoints)
-            .await
-            .map_err(GrantError::Rejected)?;
+            .await?;
         let token = Token::new(
             issued.access_token,
             claims,
             obtained_at,
             self.inner.verifier.settings().refresh_margin,
             warnings,
-        )
-        .map_err(GrantError::Rejected)?;
+        )?;
         Ok(Arc::new(token))
     }
 
@@ -465,12 +523,12 @@ impl TokenSource {
                 .ok()?;
                 (t.remaining(self.inner.clock.now()) >= min_ttl).then(|| Arc::new(t))
             }
-            Err(super::CheckError::Jwks(m)) => {
-                tracing::warn!(error = %m, "cannot check the cached token against the JWKS now; not using it");
+            Err(e @ (CheckError::Jwks(_) | CheckError::NoJwksUrl)) => {
+                tracing::warn!(error = %e.problem(), "cannot check the cached token against the JWKS now; not using it");
                 None
             }
             Err(e) => {
-                tracing::warn!(path = %cache.path().display(), reason = %e, "discarding the cached token: it fails the checks");
+                tracing::warn!(path = %cache.path().display(), reason = %e.problem(), "discarding the cached token: it fails the checks");
                 cache.discard();
                 None
             }
@@ -509,7 +567,7 @@ impl TokenSource {
         self.changed();
     }
 
-    fn record_failure(&self, error: &GrantError) {
+    fn record_failure(&self, error: &RefreshError) {
         let s = self.inner.verifier.settings();
         let mut st = self.inner.state.lock().expect("state lock");
         st.failures = st.failures.saturating_add(1);
@@ -592,7 +650,7 @@ impl TokenSource {
 
 /// The wait after the `failures`-th consecutive failure: exponential from `min`, capped at `max`,
 /// jittered into its upper half; configuration errors wait `max`; `Retry-After` is a floor.
-pub fn backoff(min: Duration, max: Duration, failures: u32, error: &GrantError) -> Duration {
+pub fn backoff(min: Duration, max: Duration, failures: u32, error: &RefreshError) -> Duration {
     let exp = if error.is_config_error() {
         max
     } else {
