@@ -250,9 +250,11 @@ impl Proxy {
             let counted = Counted::new(proxy.shared.clone());
             service_fn(move |req| {
                 let _ = &counted;
-                // The forwarder current when the request arrives (a reload may swap it).
+                // The forwarder current when the request arrives (a reload may swap it). Boxed:
+                // hyper keeps a slot of the service future's size for as long as the connection
+                // lives; a box there frees the request's state once its response head is out.
                 let fwd = proxy.forwarder();
-                async move { Ok::<_, Infallible>(fwd.handle(conn.local, req).await) }
+                Box::pin(async move { Ok::<_, Infallible>(fwd.handle(conn.local, req).await) })
             })
         };
         server::serve(listeners, self.shared.limits, make, shutdown).await

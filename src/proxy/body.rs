@@ -35,9 +35,16 @@ pub struct Record {
     stream: bool,
     bytes: u64,
     completed: bool,
-    /// What the debug line names, kept only when that line is written.
-    logged: Option<(Method, String)>,
-    pub session: Option<HeaderValue>,
+    /// What the debug line names, kept only when that line is written. Copied: a part of the
+    /// request kept for the whole response would keep the connection's read buffer too.
+    logged: Option<Logged>,
+}
+
+struct Logged {
+    method: Method,
+    /// Only the path is logged, never the query.
+    path: String,
+    session: String,
 }
 
 impl Record {
@@ -47,9 +54,11 @@ impl Record {
         if let Some(m) = counters.metrics.get() {
             m.in_flight_requests.inc();
         }
-        // Only the path is logged, never the query.
-        let logged = tracing::enabled!(tracing::Level::DEBUG)
-            .then(|| (req.method().clone(), req.uri().path().to_string()));
+        let logged = tracing::enabled!(tracing::Level::DEBUG).then(|| Logged {
+            method: req.method().clone(),
+            path: req.uri().path().to_string(),
+            session: "-".to_string(),
+        });
         Record {
             counters,
             start: Instant::now(),
@@ -58,7 +67,13 @@ impl Record {
             bytes: 0,
             completed: false,
             logged,
-            session: None,
+        }
+    }
+
+    /// The session the request goes upstream with, for the debug line.
+    pub fn session(&mut self, session: Option<&HeaderValue>) {
+        if let (Some(logged), Some(s)) = (&mut self.logged, session) {
+            logged.session = String::from_utf8_lossy(s.as_bytes()).into_owned();
         }
     }
 
@@ -99,14 +114,19 @@ impl Drop for Record {
                 m.in_flight_streams.dec();
             }
         }
-        if let Some((method, path)) = &self.logged {
+        if let Some(Logged {
+            method,
+            path,
+            session,
+        }) = &self.logged
+        {
             tracing::debug!(
                 %method,
                 path,
                 status = self.status,
                 bytes = self.bytes,
                 duration_ms = elapsed.as_secs_f64() * 1000.0,
-                session = self.session.as_ref().and_then(|s| s.to_str().ok()).unwrap_or("-"),
+                session,
                 completed = self.completed,
                 "proxied request"
             );

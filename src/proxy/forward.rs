@@ -133,7 +133,7 @@ impl Forwarder {
         } else if let Some(s) = &self.session_id {
             headers.entry(X_SESSION_ID).or_insert_with(|| s.clone());
         }
-        record.session = headers.get(X_SESSION_ID).cloned();
+        record.session(headers.get(X_SESSION_ID));
         headers.entry(X_REQUEST_ID).or_insert_with(|| {
             HeaderValue::from_str(&format!("{:032x}", fastrand::u128(..))).expect("hex")
         });
