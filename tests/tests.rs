@@ -11,4 +11,5 @@ mod proxy;
 mod service;
 mod smuggling;
 mod token;
+mod upstream;
 mod util;

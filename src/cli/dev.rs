@@ -1,7 +1,7 @@
-//! `behest-agent dev`: the embedded default. Starts an in-process Auth0-compatible IdP and an
-//! OpenAI-compatible echo upstream that verifies its tokens like Behest does, runs the agent against
-//! both, and prints what to try. No account, no config file; the machine's configuration and token
-//! cache are not touched.
+//! `behest-agent dev`: the embedded default. Starts an Auth0-compatible IdP and an OpenAI-compatible
+//! echo upstream that verifies its tokens like Behest does (both from the `devkit` crate, served by
+//! [`server::serve`]), runs the agent against both, and prints what to try. No account, no config
+//! file; the machine's configuration and token cache are not touched.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -9,18 +9,27 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
+use devkit::idp::{Idp, IdpOptions};
+use devkit::upstream::{Upstream, UpstreamOptions};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::{CliResult, Global};
 use crate::app::App;
 use crate::config::{self, ListenAddr, LoadOptions};
-use crate::dev::idp::{Idp, IdpOptions};
-use crate::dev::upstream::{Upstream, UpstreamOptions};
+use crate::server::{self, Limits, Listener};
 
 /// The API identifier the embedded IdP issues tokens for.
 pub const DEV_AUDIENCE: &str = "https://api.behest.dev";
 /// The embedded IdP's one client.
 pub const DEV_CLIENT_ID: &str = "dev-client";
+
+/// The limits of the IdP and the upstream: a local server's, with room for as many connections
+/// as the proxy in front of the upstream accepts by default.
+const DEV_LIMITS: Limits = Limits {
+    max_connections: 4096,
+    ..Limits::LOCAL
+};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -38,15 +47,34 @@ pub struct Args {
 pub async fn run(g: &Global, args: Args) -> CliResult {
     crate::telemetry::init(config::LogFormat::Text, &g.log_level("info"), false);
     super::release_freed_memory_in_the_background();
+    let servers = CancellationToken::new();
+    let _stop_servers = servers.clone().drop_guard();
     let secret = random_secret();
+
+    let listener = loopback().await.context("starting the embedded IdP")?;
     let mut idp_opts = IdpOptions::new(DEV_CLIENT_ID, secret.clone(), DEV_AUDIENCE);
     idp_opts.token_ttl = args.token_ttl;
-    let (idp, _idp_guard) = Idp::start(idp_opts)
-        .await
-        .context("starting the embedded IdP")?;
-    let (upstream, _upstream_guard) = Upstream::start(UpstreamOptions::for_idp(&idp, DEV_AUDIENCE))
-        .await
-        .context("starting the echo upstream")?;
+    let idp = Idp::new(listener.local_addr()?, idp_opts);
+    let service = idp.service();
+    tokio::spawn(server::serve(
+        vec![Listener::Tcp(listener)],
+        DEV_LIMITS,
+        move |_| service.clone(),
+        servers.clone(),
+    ));
+
+    let listener = loopback().await.context("starting the echo upstream")?;
+    let upstream = Upstream::new(
+        listener.local_addr()?,
+        UpstreamOptions::for_idp(&idp, DEV_AUDIENCE),
+    );
+    let service = upstream.service(servers.clone());
+    tokio::spawn(server::serve(
+        vec![Listener::Tcp(listener)],
+        DEV_LIMITS,
+        move |_| service.clone(),
+        servers.clone(),
+    ));
 
     let runtime_dir = tempfile::Builder::new()
         .prefix("behest-agent-dev")
@@ -139,6 +167,11 @@ Ctrl-C stops it.",
     shutdown.cancel();
     let _ = running.await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `127.0.0.1` on a free port.
+async fn loopback() -> std::io::Result<TcpListener> {
+    TcpListener::bind(("127.0.0.1", 0)).await
 }
 
 fn random_secret() -> String {
