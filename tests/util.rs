@@ -2,8 +2,6 @@
 //! with a random client, settings built from an environment map (never the process environment),
 //! and log capture for the secret-leak checks.
 
-#![allow(dead_code)]
-
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::{self, Write};
