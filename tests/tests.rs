@@ -2,6 +2,7 @@
 
 mod cli;
 mod config;
+mod dev;
 mod doctor;
 mod faults;
 mod interop;

@@ -2,9 +2,13 @@
 //! echo upstream that verifies its tokens like Behest does (both from the `devkit` crate, served by
 //! [`server::serve`]), runs the agent against both, and prints what to try. No account, no config
 //! file; the machine's configuration and token cache are not touched.
+//!
+//! The agent's control socket is where `status`, `token` and the other commands look for a daemon
+//! by default, so they find a dev agent with no flag or variable. When that socket cannot be used
+//! (another agent answers there), dev takes a private one and says how to reach it.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -15,8 +19,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::{CliResult, Global};
-use crate::app::App;
-use crate::config::{self, ListenAddr, LoadOptions};
+use crate::app::{App, StartError};
+use crate::config::{self, ListenAddr, LoadOptions, Settings};
 use crate::server::{self, Limits, Listener};
 
 /// The API identifier the embedded IdP issues tokens for.
@@ -80,6 +84,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
         .prefix("behest-agent-dev")
         .tempdir()
         .context("creating a runtime directory")?;
+    let default_socket = g.control_socket();
     let mut env: HashMap<String, String> = HashMap::new();
     for (k, v) in [
         ("BEHEST_AGENT__AUTH__DOMAIN", idp.base_url()),
@@ -95,7 +100,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
         ),
         (
             "BEHEST_AGENT__CONTROL__SOCKET",
-            runtime_dir.path().join("agent.sock").display().to_string(),
+            default_socket.display().to_string(),
         ),
     ] {
         env.insert(k.to_string(), v);
@@ -106,15 +111,8 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
         env,
         overrides: g.set.clone(),
     })?;
-    let socket: PathBuf = settings.control.socket.clone();
-    let app = App::build(settings, crate::clock::system())
-        .await
-        .map_err(|e| match e {
-            crate::app::StartError::Listen { .. } | crate::app::StartError::Bind(_) => anyhow!(
-                "{e}\n(is another agent or `dev` running? pick a free port with --listen 127.0.0.1:0)"
-            ),
-            e => e.into(),
-        })?;
+    let (app, socket, socket_note) =
+        build(settings, &runtime_dir.path().join("agent.sock")).await?;
     let tokens = app.tokens();
     let proxy_addr = app.proxy_addresses().into_iter().find_map(|a| match a {
         ListenAddr::Tcp(sa) => Some(sa),
@@ -141,13 +139,21 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "behest-agent".into());
+    // With the socket where the CLI looks by default, the commands need nothing more.
+    let cli = match &socket_note {
+        None => exe,
+        Some(_) => format!("BEHEST_AGENT__CONTROL__SOCKET={} {exe}", socket.display()),
+    };
+    let note = socket_note
+        .map(|n| format!("\n  ({n})"))
+        .unwrap_or_default();
     println!(
         "behest-agent dev: the agent, an embedded Auth0-compatible IdP and an echo upstream, all in this process.
 
   IdP (Auth0-compatible)   {idp}/  client {DEV_CLIENT_ID}, audience {DEV_AUDIENCE}
   Upstream (OpenAI echo)   {up}/v1  (checks the bearer's signature, uid, tid, pid like Behest)
   Proxy                    {base}
-  Control socket           {sock}
+  Control socket           {sock}{note}
 
 Try, in another terminal:
 
@@ -156,7 +162,8 @@ Try, in another terminal:
   curl -sN {base}/chat/completions -H 'Content-Type: application/json' \\
     -d '{{\"model\":\"echo-1\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}'
   OPENAI_BASE_URL={base} OPENAI_API_KEY=placeholder python3 your_script.py
-  BEHEST_AGENT__CONTROL__SOCKET={sock} {exe} status
+  {cli} status
+  {cli} token
 
 Ctrl-C stops it.",
         idp = idp.base_url(),
@@ -172,6 +179,43 @@ Ctrl-C stops it.",
 /// `127.0.0.1` on a free port.
 async fn loopback() -> std::io::Result<TcpListener> {
     TcpListener::bind(("127.0.0.1", 0)).await
+}
+
+/// Builds the agent with its control socket where `settings` put it (the CLI's default). When
+/// that fails (another agent answers there, or it cannot be created), builds it with `private`
+/// instead and adds a note saying why. Returns the socket used.
+async fn build(
+    settings: Settings,
+    private: &Path,
+) -> anyhow::Result<(App, PathBuf, Option<String>)> {
+    let wanted = settings.control.socket.clone();
+    let mut fallback = settings.clone();
+    let error = match App::build(settings, crate::clock::system()).await {
+        Err(StartError::Control { error, .. }) => error,
+        built => return Ok((built.map_err(start_error)?, wanted, None)),
+    };
+    fallback.control.socket = private.to_path_buf();
+    let app = App::build(fallback, crate::clock::system())
+        .await
+        .map_err(start_error)?;
+    let why = match error.kind() {
+        std::io::ErrorKind::AddrInUse => "another agent answers there".to_owned(),
+        _ => error.to_string(),
+    };
+    let note = format!(
+        "not the default {}: {why}; the commands below name this one",
+        wanted.display()
+    );
+    Ok((app, private.to_path_buf(), Some(note)))
+}
+
+fn start_error(e: StartError) -> anyhow::Error {
+    match e {
+        StartError::Listen { .. } | StartError::Bind(_) => anyhow!(
+            "{e}\n(is another agent or `dev` running? pick a free port with --listen 127.0.0.1:0)"
+        ),
+        e => e.into(),
+    }
 }
 
 fn random_secret() -> String {
