@@ -1,6 +1,7 @@
-//! Wall-clock time, injected. The token engine, the cache and the embedded IdP read the time through
-//! [`Clock`] so tests can pause tokio's timer and jump the wall clock (a machine waking from suspend)
-//! without sleeping. Never reads the time any other way.
+//! Wall-clock time, injected. The token engine and the cache read the time through [`Clock`] so
+//! tests can pause tokio's timer and jump the wall clock (a machine waking from suspend) without
+//! sleeping. Never reads the time any other way. (The devkit servers have their own `devkit::Now`;
+//! a test hands them a closure over the same clock.)
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};

@@ -12,9 +12,14 @@
 //! - [`app`]: the daemon assembled from those parts, with reload.
 //! - [`service`]: systemd notifications (ready, status, watchdog).
 //! - [`telemetry`]: logs and Prometheus metrics.
+//! - [`server`]: the one accept loop (connection bound, protocol limits, idle watchdog, drain)
+//!   that serves the proxy, the control socket, the metrics and `dev`'s servers.
 //! - [`cli`]: one file per subcommand; the binary's `main` only maps errors to exit codes.
-//! - [`dev`]: the embedded Auth0-compatible IdP (and echo upstream) for `dev`, tests and benchmarks.
 //! - [`clock`]: injected wall-clock time.
+//!
+//! The embedded Auth0-compatible IdP and the echo upstream that `dev`, the tests and the fuzzers
+//! run are not here: they are the `devkit` crate of this workspace, test support rather than
+//! product code.
 //!
 //! Data flows one way: config → settings → `TokenSource` → proxy and control API. The CLI commands
 //! are clients of the control API, or build a `TokenSource` in-process when no daemon runs.
@@ -27,7 +32,6 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod control;
-pub mod dev;
 pub mod proxy;
 pub mod server;
 pub mod service;

@@ -4,7 +4,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use behest_agent::dev::idp::Fault;
+use devkit::idp::Fault;
 use serde_json::Value;
 use tokio::process::Command;
 

@@ -6,11 +6,11 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use behest_agent::dev::idp::Fault;
-use behest_agent::dev::upstream::{Upstream, UpstreamFault, UpstreamOptions};
+use devkit::idp::Fault;
+use devkit::upstream::{Upstream, UpstreamFault, UpstreamOptions};
 use tokio::process::Command;
 
-use crate::util::{AUDIENCE, Harness, assert_no_secret_in, eventually, random, set_mode};
+use crate::util::{AUDIENCE, Harness, Start, assert_no_secret_in, eventually, random, set_mode};
 
 struct Out {
     code: i32,

@@ -6,8 +6,8 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use behest_agent::dev::idp::Fault;
-use behest_agent::dev::upstream::UpstreamFault;
+use devkit::idp::Fault;
+use devkit::upstream::UpstreamFault;
 use serde_json::{Value, json};
 use tokio::process::Command;
 

@@ -9,12 +9,12 @@ use std::time::{Duration, UNIX_EPOCH};
 use behest_agent::app::App;
 use behest_agent::clock;
 use behest_agent::config::{self, ListenAddr, LoadOptions};
-use behest_agent::dev::upstream::{BearerKind, Upstream, UpstreamFault, UpstreamOptions};
+use devkit::upstream::{BearerKind, Keys, Upstream, UpstreamFault, UpstreamOptions};
 use serde_json::{Value, json};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::node::{OidcProvider, openai_client};
-use crate::util::{AUDIENCE, Harness, assert_no_secret_in, eventually};
+use crate::util::{AUDIENCE, Harness, Start, assert_no_secret_in, eventually};
 
 /// IdP + echo upstream + the agent, in this process.
 pub struct Stack {
@@ -256,8 +256,7 @@ async fn a_client_that_disconnects_cancels_the_upstream_request() {
 #[tokio::test]
 async fn no_token_gives_an_openai_shaped_503_with_the_grants_error() {
     let s = stack().await;
-    s.h.idp
-        .set_fault(Some(behest_agent::dev::idp::Fault::Status(503)));
+    s.h.idp.set_fault(Some(devkit::idp::Fault::Status(503)));
     let resp = http()
         .get(format!("{}/models", s.base))
         .send()
@@ -285,7 +284,7 @@ async fn the_openai_sdk_works_with_the_real_oidc_provider_as_idp() {
     }))
     .await;
     let (upstream, _guard) = Upstream::start(UpstreamOptions {
-        jwks_url: Some(op.jwks_uri.parse().unwrap()),
+        keys: Some(Keys::Jwks(op.jwks_uri.parse().unwrap())),
         issuer: Some(op.issuer.clone()),
         ..UpstreamOptions::new(resource)
     })

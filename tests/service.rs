@@ -7,14 +7,16 @@ use std::time::Duration;
 
 use behest_agent::app::App;
 use behest_agent::clock;
-use behest_agent::dev::idp::Fault;
-use behest_agent::dev::upstream::{Upstream, UpstreamFault, UpstreamOptions};
+use devkit::idp::Fault;
+use devkit::upstream::{Upstream, UpstreamFault, UpstreamOptions};
 use serde_json::Value;
 use tokio::io::AsyncReadExt;
 use tokio::net::UnixDatagram;
 use tokio::process::{Child, Command};
 
-use crate::util::{AUDIENCE, Harness, assert_no_secret_in, eventually, exits_cleanly, signal};
+use crate::util::{
+    AUDIENCE, Harness, Start, assert_no_secret_in, eventually, exits_cleanly, signal,
+};
 
 fn daemon(h: &Harness, upstream: &Upstream, extra: &[(&str, &str)]) -> Command {
     let mut c = h.agent_with_upstream(&upstream.base_url(), &["run"], extra);

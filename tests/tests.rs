@@ -2,6 +2,7 @@
 
 mod cli;
 mod config;
+mod dev;
 mod doctor;
 mod faults;
 mod interop;
@@ -11,4 +12,5 @@ mod proxy;
 mod service;
 mod smuggling;
 mod token;
+mod upstream;
 mod util;

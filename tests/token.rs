@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use behest_agent::auth::GrantError;
 use behest_agent::clock::{self, TestClock};
-use behest_agent::dev::idp::{AuthMethod, ClientKey, Fault};
 use behest_agent::token::source::backoff;
 use behest_agent::token::{CheckError, RefreshError, TokenError};
+use devkit::idp::{AuthMethod, ClientKey, Fault};
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
-use crate::util::{Harness, eventually, mode_of};
+use crate::util::{Harness, devkit_now, eventually, mode_of};
 
 const NO_CACHE: (&str, &str) = ("BEHEST_AGENT__TOKEN__CACHE_FILE", "");
 
@@ -468,7 +468,7 @@ async fn refresh_happens_before_expiry_and_not_earlier_than_the_margin() {
     let ttl = Duration::from_secs(3600);
     let h = Harness::start_with(|o| {
         o.token_ttl = ttl;
-        o.clock = clock.clone();
+        o.now = devkit_now(clock.clone());
     })
     .await;
     let source = h.source(
@@ -494,7 +494,7 @@ async fn refresh_happens_on_wake_after_the_wall_clock_jumped_past_the_deadline()
     let clock = TestClock::new();
     let h = Harness::start_with(|o| {
         o.token_ttl = Duration::from_secs(3600);
-        o.clock = clock.clone();
+        o.now = devkit_now(clock.clone());
     })
     .await;
     let source = h.source(&[NO_CACHE], clock.clone());
@@ -520,7 +520,7 @@ async fn idp_down_keeps_the_cached_token_until_it_expires_then_reports_unavailab
     let clock = TestClock::new();
     let h = Harness::start_with(|o| {
         o.token_ttl = Duration::from_secs(600);
-        o.clock = clock.clone();
+        o.now = devkit_now(clock.clone());
     })
     .await;
     let source = h.source(&[NO_CACHE], clock.clone());
@@ -556,7 +556,7 @@ async fn idp_down_keeps_the_cached_token_until_it_expires_then_reports_unavailab
 #[tokio::test(start_paused = true)]
 async fn retry_after_delays_the_next_attempt() {
     let clock = TestClock::new();
-    let h = Harness::start_with(|o| o.clock = clock.clone()).await;
+    let h = Harness::start_with(|o| o.now = devkit_now(clock.clone())).await;
     h.idp.fail_next(
         1,
         Fault::TooManyRequests {
@@ -586,7 +586,7 @@ async fn retry_after_delays_the_next_attempt() {
 #[tokio::test(start_paused = true)]
 async fn a_configuration_error_is_reported_loudly_once_per_change() {
     let clock = TestClock::new();
-    let h = Harness::start_with(|o| o.clock = clock.clone()).await;
+    let h = Harness::start_with(|o| o.now = devkit_now(clock.clone())).await;
     let marker = format!("marker-{}", crate::util::random(10));
     h.idp.set_fault(Some(Fault::Oauth {
         status: 401,
@@ -691,7 +691,7 @@ async fn a_clock_jumping_forward_a_day_gets_a_new_token_instead_of_serving_an_ex
     let clock = TestClock::new();
     let h = Harness::start_with(|o| {
         o.token_ttl = Duration::from_secs(3600);
-        o.clock = clock.clone();
+        o.now = devkit_now(clock.clone());
     })
     .await;
     let source = h.source(&[NO_CACHE], clock.clone());

@@ -1,22 +1,83 @@
-//! Shared test helpers: an embedded IdP with a random client, settings built from an environment map
-//! (never the process environment), and log capture for the secret-leak checks.
-
-#![allow(dead_code)]
+//! Shared test helpers: the devkit servers started on `127.0.0.1:0` ([`Start`]), an embedded IdP
+//! with a random client, settings built from an environment map (never the process environment),
+//! and log capture for the secret-leak checks.
 
 use std::collections::HashMap;
-use std::io::Write;
+use std::future::Future;
+use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use behest_agent::clock::SharedClock;
 use behest_agent::config::{self, LoadOptions, Settings};
-use behest_agent::dev::idp::{Idp, IdpOptions};
+use behest_agent::server::{self, Limits, Listener};
 use behest_agent::token::TokenSource;
+use devkit::Now;
+use devkit::idp::{Idp, IdpOptions};
+use devkit::upstream::{Upstream, UpstreamOptions};
 use tempfile::TempDir;
-use tokio_util::sync::DropGuard;
+use tokio::net::TcpListener;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 pub const AUDIENCE: &str = "https://api.behest.test";
+
+/// The devkit servers' limits: a local server's, with room for as many connections as the proxy
+/// accepts by default, so a burst through the proxy never waits in the upstream's backlog.
+const LIMITS: Limits = Limits {
+    max_connections: 4096,
+    ..Limits::LOCAL
+};
+
+/// A devkit server started on `127.0.0.1:0` and served by the agent's own [`server::serve`] until
+/// the returned guard is dropped.
+pub trait Start: Sized {
+    type Options;
+
+    fn start(opts: Self::Options) -> impl Future<Output = io::Result<(Self, DropGuard)>> + Send;
+}
+
+impl Start for Idp {
+    type Options = IdpOptions;
+
+    async fn start(opts: IdpOptions) -> io::Result<(Idp, DropGuard)> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let idp = Idp::new(listener.local_addr()?, opts);
+        let (service, stop) = (idp.service(), CancellationToken::new());
+        let listeners = vec![Listener::Tcp(listener)];
+        tokio::spawn(server::serve(
+            listeners,
+            LIMITS,
+            move |_| service.clone(),
+            stop.clone(),
+        ));
+        Ok((idp, stop.drop_guard()))
+    }
+}
+
+impl Start for Upstream {
+    type Options = UpstreamOptions;
+
+    async fn start(opts: UpstreamOptions) -> io::Result<(Upstream, DropGuard)> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let upstream = Upstream::new(listener.local_addr()?, opts);
+        let stop = CancellationToken::new();
+        let service = upstream.service(stop.clone());
+        let listeners = vec![Listener::Tcp(listener)];
+        tokio::spawn(server::serve(
+            listeners,
+            LIMITS,
+            move |_| service.clone(),
+            stop.clone(),
+        ));
+        Ok((upstream, stop.drop_guard()))
+    }
+}
+
+/// The agent's clock as the devkit servers read time, for a test that jumps it for both.
+pub fn devkit_now(clock: SharedClock) -> Now {
+    Now::from_fn(move || clock.now())
+}
 
 /// Everything the agent's library logged in this test process (debug level, text format).
 static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();

@@ -18,11 +18,13 @@ use std::time::Duration;
 
 use behest_agent::clock;
 use behest_agent::config::{self, ListenAddr, LoadOptions, TokenSettings, UidCheck};
-use behest_agent::dev::idp::{Idp, IdpOptions};
-use behest_agent::dev::upstream::{BearerKind, Recorded, Upstream, UpstreamOptions};
 use behest_agent::proxy::Proxy;
+use behest_agent::server::{self, Limits, Listener};
 use behest_agent::token::{TokenSource, Verifier};
-use tokio_util::sync::DropGuard;
+use devkit::idp::{Idp, IdpOptions};
+use devkit::upstream::{BearerKind, Recorded, Upstream, UpstreamOptions};
+use tokio::net::TcpListener;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 pub const AUDIENCE: &str = "https://api.behest.test";
 pub const CLIENT_ID: &str = "fuzz-client";
@@ -188,12 +190,31 @@ pub fn stack() -> &'static Stack {
             .unwrap();
         let mut stack = rt.block_on(async {
             let secret = "fuzz-client-secret-0123456789";
-            let (idp, idp_guard) = Idp::start(IdpOptions::new(CLIENT_ID, secret, AUDIENCE))
-                .await
-                .unwrap();
-            let (upstream, up_guard) = Upstream::start(UpstreamOptions::for_idp(&idp, AUDIENCE))
-                .await
-                .unwrap();
+            let servers = CancellationToken::new();
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let idp = Idp::new(
+                listener.local_addr().unwrap(),
+                IdpOptions::new(CLIENT_ID, secret, AUDIENCE),
+            );
+            let service = idp.service();
+            tokio::spawn(server::serve(
+                vec![Listener::Tcp(listener)],
+                Limits::LOCAL,
+                move |_| service.clone(),
+                servers.clone(),
+            ));
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let upstream = Upstream::new(
+                listener.local_addr().unwrap(),
+                UpstreamOptions::for_idp(&idp, AUDIENCE),
+            );
+            let service = upstream.service(servers.clone());
+            tokio::spawn(server::serve(
+                vec![Listener::Tcp(listener)],
+                Limits::LOCAL,
+                move |_| service.clone(),
+                servers.clone(),
+            ));
             let upstream_url = format!("{}{BASE}", upstream.base_url());
             let upstream_authority = upstream
                 .base_url()
@@ -242,7 +263,7 @@ pub fn stack() -> &'static Stack {
             let ListenAddr::Tcp(addr) = listeners[0].local_addr().unwrap() else {
                 unreachable!()
             };
-            let stop = tokio_util::sync::CancellationToken::new();
+            let stop = CancellationToken::new();
             let s = stop.clone();
             tokio::spawn(async move { proxy.serve(listeners, s).await });
             Stack {
@@ -251,7 +272,7 @@ pub fn stack() -> &'static Stack {
                 upstream_authority,
                 evil: evil_addr,
                 evil_hits,
-                _guards: vec![idp_guard, up_guard, stop.drop_guard()],
+                _guards: vec![servers.drop_guard(), stop.drop_guard()],
                 _rt: None,
             }
         });

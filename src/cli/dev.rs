@@ -1,26 +1,39 @@
-//! `behest-agent dev`: the embedded default. Starts an in-process Auth0-compatible IdP and an
-//! OpenAI-compatible echo upstream that verifies its tokens like Behest does, runs the agent against
-//! both, and prints what to try. No account, no config file; the machine's configuration and token
-//! cache are not touched.
+//! `behest-agent dev`: the embedded default. Starts an Auth0-compatible IdP and an OpenAI-compatible
+//! echo upstream that verifies its tokens like Behest does (both from the `devkit` crate, served by
+//! [`server::serve`]), runs the agent against both, and prints what to try. No account, no config
+//! file; the machine's configuration and token cache are not touched.
+//!
+//! The agent's control socket is where `status`, `token` and the other commands look for a daemon
+//! by default, so they find a dev agent with no flag or variable. When that socket cannot be used
+//! (another agent answers there), dev takes a private one and says how to reach it.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
+use devkit::idp::{Idp, IdpOptions};
+use devkit::upstream::{Upstream, UpstreamOptions};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::{CliResult, Global};
-use crate::app::App;
-use crate::config::{self, ListenAddr, LoadOptions};
-use crate::dev::idp::{Idp, IdpOptions};
-use crate::dev::upstream::{Upstream, UpstreamOptions};
+use crate::app::{App, StartError};
+use crate::config::{self, ListenAddr, LoadOptions, Settings};
+use crate::server::{self, Limits, Listener};
 
 /// The API identifier the embedded IdP issues tokens for.
 pub const DEV_AUDIENCE: &str = "https://api.behest.dev";
 /// The embedded IdP's one client.
 pub const DEV_CLIENT_ID: &str = "dev-client";
+
+/// The limits of the IdP and the upstream: a local server's, with room for as many connections
+/// as the proxy in front of the upstream accepts by default.
+const DEV_LIMITS: Limits = Limits {
+    max_connections: 4096,
+    ..Limits::LOCAL
+};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -38,20 +51,40 @@ pub struct Args {
 pub async fn run(g: &Global, args: Args) -> CliResult {
     crate::telemetry::init(config::LogFormat::Text, &g.log_level("info"), false);
     super::release_freed_memory_in_the_background();
+    let servers = CancellationToken::new();
+    let _stop_servers = servers.clone().drop_guard();
     let secret = random_secret();
+
+    let listener = loopback().await.context("starting the embedded IdP")?;
     let mut idp_opts = IdpOptions::new(DEV_CLIENT_ID, secret.clone(), DEV_AUDIENCE);
     idp_opts.token_ttl = args.token_ttl;
-    let (idp, _idp_guard) = Idp::start(idp_opts)
-        .await
-        .context("starting the embedded IdP")?;
-    let (upstream, _upstream_guard) = Upstream::start(UpstreamOptions::for_idp(&idp, DEV_AUDIENCE))
-        .await
-        .context("starting the echo upstream")?;
+    let idp = Idp::new(listener.local_addr()?, idp_opts);
+    let service = idp.service();
+    tokio::spawn(server::serve(
+        vec![Listener::Tcp(listener)],
+        DEV_LIMITS,
+        move |_| service.clone(),
+        servers.clone(),
+    ));
+
+    let listener = loopback().await.context("starting the echo upstream")?;
+    let upstream = Upstream::new(
+        listener.local_addr()?,
+        UpstreamOptions::for_idp(&idp, DEV_AUDIENCE),
+    );
+    let service = upstream.service(servers.clone());
+    tokio::spawn(server::serve(
+        vec![Listener::Tcp(listener)],
+        DEV_LIMITS,
+        move |_| service.clone(),
+        servers.clone(),
+    ));
 
     let runtime_dir = tempfile::Builder::new()
         .prefix("behest-agent-dev")
         .tempdir()
         .context("creating a runtime directory")?;
+    let default_socket = g.control_socket();
     let mut env: HashMap<String, String> = HashMap::new();
     for (k, v) in [
         ("BEHEST_AGENT__AUTH__DOMAIN", idp.base_url()),
@@ -67,7 +100,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
         ),
         (
             "BEHEST_AGENT__CONTROL__SOCKET",
-            runtime_dir.path().join("agent.sock").display().to_string(),
+            default_socket.display().to_string(),
         ),
     ] {
         env.insert(k.to_string(), v);
@@ -78,15 +111,8 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
         env,
         overrides: g.set.clone(),
     })?;
-    let socket: PathBuf = settings.control.socket.clone();
-    let app = App::build(settings, crate::clock::system())
-        .await
-        .map_err(|e| match e {
-            crate::app::StartError::Listen { .. } | crate::app::StartError::Bind(_) => anyhow!(
-                "{e}\n(is another agent or `dev` running? pick a free port with --listen 127.0.0.1:0)"
-            ),
-            e => e.into(),
-        })?;
+    let (app, socket, socket_note) =
+        build(settings, &runtime_dir.path().join("agent.sock")).await?;
     let tokens = app.tokens();
     let proxy_addr = app.proxy_addresses().into_iter().find_map(|a| match a {
         ListenAddr::Tcp(sa) => Some(sa),
@@ -113,13 +139,21 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "behest-agent".into());
+    // With the socket where the CLI looks by default, the commands need nothing more.
+    let cli = match &socket_note {
+        None => exe,
+        Some(_) => format!("BEHEST_AGENT__CONTROL__SOCKET={} {exe}", socket.display()),
+    };
+    let note = socket_note
+        .map(|n| format!("\n  ({n})"))
+        .unwrap_or_default();
     println!(
         "behest-agent dev: the agent, an embedded Auth0-compatible IdP and an echo upstream, all in this process.
 
   IdP (Auth0-compatible)   {idp}/  client {DEV_CLIENT_ID}, audience {DEV_AUDIENCE}
   Upstream (OpenAI echo)   {up}/v1  (checks the bearer's signature, uid, tid, pid like Behest)
   Proxy                    {base}
-  Control socket           {sock}
+  Control socket           {sock}{note}
 
 Try, in another terminal:
 
@@ -128,7 +162,8 @@ Try, in another terminal:
   curl -sN {base}/chat/completions -H 'Content-Type: application/json' \\
     -d '{{\"model\":\"echo-1\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}'
   OPENAI_BASE_URL={base} OPENAI_API_KEY=placeholder python3 your_script.py
-  BEHEST_AGENT__CONTROL__SOCKET={sock} {exe} status
+  {cli} status
+  {cli} token
 
 Ctrl-C stops it.",
         idp = idp.base_url(),
@@ -139,6 +174,48 @@ Ctrl-C stops it.",
     shutdown.cancel();
     let _ = running.await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `127.0.0.1` on a free port.
+async fn loopback() -> std::io::Result<TcpListener> {
+    TcpListener::bind(("127.0.0.1", 0)).await
+}
+
+/// Builds the agent with its control socket where `settings` put it (the CLI's default). When
+/// that fails (another agent answers there, or it cannot be created), builds it with `private`
+/// instead and adds a note saying why. Returns the socket used.
+async fn build(
+    settings: Settings,
+    private: &Path,
+) -> anyhow::Result<(App, PathBuf, Option<String>)> {
+    let wanted = settings.control.socket.clone();
+    let mut fallback = settings.clone();
+    let error = match App::build(settings, crate::clock::system()).await {
+        Err(StartError::Control { error, .. }) => error,
+        built => return Ok((built.map_err(start_error)?, wanted, None)),
+    };
+    fallback.control.socket = private.to_path_buf();
+    let app = App::build(fallback, crate::clock::system())
+        .await
+        .map_err(start_error)?;
+    let why = match error.kind() {
+        std::io::ErrorKind::AddrInUse => "another agent answers there".to_owned(),
+        _ => error.to_string(),
+    };
+    let note = format!(
+        "not the default {}: {why}; the commands below name this one",
+        wanted.display()
+    );
+    Ok((app, private.to_path_buf(), Some(note)))
+}
+
+fn start_error(e: StartError) -> anyhow::Error {
+    match e {
+        StartError::Listen { .. } | StartError::Bind(_) => anyhow!(
+            "{e}\n(is another agent or `dev` running? pick a free port with --listen 127.0.0.1:0)"
+        ),
+        e => e.into(),
+    }
 }
 
 fn random_secret() -> String {

@@ -31,7 +31,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::*;
 use crate::config::{LoadOptions, ProxySettings};
-use crate::dev::idp::{Fault, Idp, IdpOptions};
+use devkit::idp::{Fault, Idp, IdpOptions};
 
 const CLIENT_ID: &str = "proxy-test-client";
 const SECRET: &str = "proxy-test-secret-do-not-log";
@@ -197,6 +197,20 @@ impl Upstream {
 // ---------------------------------------------------------------------------------------------
 // The agent side
 
+/// The embedded IdP on `127.0.0.1:0`, served by [`crate::server::serve`] until the guard drops.
+async fn start_idp(opts: IdpOptions) -> (Idp, DropGuard) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let idp = Idp::new(listener.local_addr().unwrap(), opts);
+    let (service, stop) = (idp.service(), CancellationToken::new());
+    tokio::spawn(crate::server::serve(
+        vec![crate::server::Listener::Tcp(listener)],
+        crate::server::Limits::LOCAL,
+        move |_| service.clone(),
+        stop.clone(),
+    ));
+    (idp, stop.drop_guard())
+}
+
 /// The IdP, a token source against it, and proxy settings pointing at `upstream_url`.
 struct Agent {
     idp: Idp,
@@ -207,9 +221,7 @@ struct Agent {
 
 impl Agent {
     async fn new(upstream_url: &str) -> Agent {
-        let (idp, guard) = Idp::start(IdpOptions::new(CLIENT_ID, SECRET, AUDIENCE))
-            .await
-            .unwrap();
+        let (idp, guard) = start_idp(IdpOptions::new(CLIENT_ID, SECRET, AUDIENCE)).await;
         let env: HashMap<String, String> = [
             ("BEHEST_AGENT__AUTH__DOMAIN", idp.base_url()),
             ("BEHEST_AGENT__AUTH__AUDIENCE", AUDIENCE.to_string()),

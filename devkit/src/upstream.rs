@@ -1,10 +1,14 @@
 //! The echo upstream: an in-process, OpenAI-compatible stand-in for Behest that `behest-agent dev`,
 //! the tests and the benchmark put behind the proxy.
 //!
-//! It checks bearer tokens as Behest does — a JWT signed by the IdP (its JWKS fetched over HTTP),
-//! for the configured audience, not expired, carrying `uid`, `tid` and `pid` — and answers anything
-//! else with OpenAI's 401 `invalid_api_key`. With no JWKS URL it runs in fast mode for the
-//! benchmark: any bearer but the `placeholder` a job's environment carries is taken.
+//! It checks bearer tokens as Behest does — a JWT signed by one of the IdP's keys ([`Keys`]: an
+//! embedded IdP's, or a JWKS fetched over HTTP), for the configured audience, not expired, carrying
+//! `uid`, `tid` and `pid` — and answers anything else with OpenAI's 401 `invalid_api_key`. With no
+//! keys it runs in fast mode for the benchmark: any bearer but the `placeholder` a job's
+//! environment carries is taken.
+//!
+//! It is served as a hyper service ([`Upstream::service`]); the address it is built with is the
+//! base URL the agent is pointed at.
 //!
 //! Endpoints (any path prefix before `/v1/` is accepted and recorded, so an upstream base URL with a
 //! path can be tested): `GET /v1/models` and `/v1/models/{id}`; `POST /v1/chat/completions`, echoing
@@ -17,13 +21,23 @@
 //! Tests steer it with [`UpstreamFault`]s — one-shot ([`Upstream::fail_next`]) or persistent
 //! ([`Upstream::set_fault`]) — and read what it received ([`Upstream::requests`]) and its counters.
 //! It never records or logs a token: the `Authorization` header is kept only as a [`BearerKind`].
+//!
+//! Layout: `verify` (the bearer check and where its keys come from) · this file (options, faults,
+//! routing, the record, the OpenAI-shaped answers, SSE, the streaming multipart digest).
+
+mod verify;
+
+pub use verify::Keys;
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::fmt;
+use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use aws_lc_rs::digest;
@@ -31,22 +45,16 @@ use base64::Engine as _;
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::{Body as HttpBody, Frame};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt as _, Full, StreamBody};
-use hyper::body::{Frame, Incoming};
-use hyper::service::service_fn;
-use secrecy::SecretString;
 use serde_json::{Map, Value, json};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
-use tokio_util::sync::{CancellationToken, DropGuard};
-use url::Url;
+use tokio_util::sync::CancellationToken;
 
-use crate::auth::ResolvedEndpoints;
-use crate::clock::{self, SharedClock};
-use crate::config::{TokenSettings, UidCheck};
-use crate::token::{CheckError, Verifier};
+use crate::idp::Idp;
+use crate::{BoxError, Now};
+use verify::Verifier;
 
 /// The bearer a job's environment carries before the agent replaces it (`behest-agent env`).
 pub const PLACEHOLDER_KEY: &str = "placeholder";
@@ -66,10 +74,6 @@ const MAX_JSON_BODY: usize = 8 * 1024 * 1024;
 /// Requests kept for [`Upstream::requests`]; older ones are forgotten so a benchmark's millions
 /// of requests do not grow memory without bound.
 const RECORD_LIMIT: usize = 10_000;
-/// Bound on one JWKS fetch.
-const JWKS_TIMEOUT: Duration = Duration::from_secs(10);
-/// Claims Behest reads and refuses a token without.
-const REQUIRED_CLAIMS: [&str; 3] = ["uid", "tid", "pid"];
 
 /// Every response body: streamed frames, so SSE events leave one by one.
 type Body = UnsyncBoxBody<Bytes, io::Error>;
@@ -77,14 +81,14 @@ type Body = UnsyncBoxBody<Bytes, io::Error>;
 /// How the upstream checks tokens and paces streams.
 #[derive(Debug, Clone)]
 pub struct UpstreamOptions {
-    /// The IdP's JWKS; `None` is fast mode, which only checks that a real bearer is present.
-    pub jwks_url: Option<Url>,
+    /// The IdP's public keys; `None` is fast mode, which only checks that a real bearer is present.
+    pub keys: Option<Keys>,
     /// The `iss` tokens must carry, when set (trailing slashes are ignored).
     pub issuer: Option<String>,
     /// The `aud` tokens must carry.
     pub audience: String,
     /// What `exp` is checked against and SSE send times are read from.
-    pub clock: SharedClock,
+    pub now: Now,
     /// Pause between two SSE events of a streamed completion (none before the first).
     pub sse_interval: Duration,
 }
@@ -93,22 +97,18 @@ impl UpstreamOptions {
     /// Fast mode (no signature or claim checks), the system clock, 20 ms between SSE events.
     pub fn new(audience: impl Into<String>) -> Self {
         Self {
-            jwks_url: None,
+            keys: None,
             issuer: None,
             audience: audience.into(),
-            clock: clock::system(),
+            now: Now::system(),
             sse_interval: Duration::from_millis(20),
         }
     }
 
-    /// Verifies tokens against a running embedded IdP, as Behest verifies Auth0's.
-    ///
-    /// # Panics
-    /// If `idp` is not serving yet (it has no address, so no JWKS URL).
-    pub fn for_idp(idp: &super::idp::Idp, audience: impl Into<String>) -> Self {
-        let jwks_url = Url::parse(&idp.jwks_uri()).expect("the IdP's JWKS URL is a URL");
+    /// Verifies tokens against an embedded IdP's keys and issuer, as Behest verifies Auth0's.
+    pub fn for_idp(idp: &Idp, audience: impl Into<String>) -> Self {
         Self {
-            jwks_url: Some(jwks_url),
+            keys: Some(Keys::Idp(idp.clone())),
             issuer: Some(idp.issuer()),
             ..Self::new(audience)
         }
@@ -129,7 +129,7 @@ pub enum UpstreamFault {
     /// after half the JSON): no terminating chunk, the connection is reset.
     DropStream { after_events: usize },
     /// Never answers; the request stays in flight until the client goes away (counted in
-    /// [`Upstream::cancelled`]) or the server shuts down (then 503).
+    /// [`Upstream::cancelled`]) or the service's shutdown token is cancelled (then 503).
     Hold,
 }
 
@@ -195,7 +195,7 @@ impl Recorded {
     }
 }
 
-/// A handle on a running (or not yet started) echo upstream; clones share state.
+/// A handle on an echo upstream; clones share state.
 #[derive(Clone)]
 pub struct Upstream {
     inner: Arc<Inner>,
@@ -204,12 +204,10 @@ pub struct Upstream {
 struct Inner {
     /// `None` in fast mode.
     verifier: Option<Verifier>,
-    /// Where the verifier finds the JWKS and the expected issuer.
-    endpoints: Option<ResolvedEndpoints>,
-    clock: SharedClock,
+    now: Now,
     sse_interval: Duration,
-    /// `http://127.0.0.1:PORT` of the first listener served.
-    base_url: OnceLock<String>,
+    /// `http://ADDRESS`, where it is reached.
+    base_url: String,
     faults: Mutex<Faults>,
     log: Mutex<Log>,
     /// Requests received, whatever became of them.
@@ -254,47 +252,18 @@ impl Log {
 }
 
 impl Upstream {
-    /// An upstream not yet listening.
-    ///
-    /// # Panics
-    /// If the project's TLS client configuration cannot be built (it always can: it is fixed).
-    pub fn new(opts: UpstreamOptions) -> Upstream {
-        let (verifier, endpoints) = match opts.jwks_url {
-            Some(jwks_url) => {
-                let http = crate::auth::http::client(JWKS_TIMEOUT, None)
-                    .expect("the built-in TLS client configuration is valid");
-                // Behest knows no client id, so the uid *value* is not compared; its presence is
-                // checked with tid and pid in `authenticate`.
-                let settings = TokenSettings {
-                    uid_claim: "uid".to_owned(),
-                    expected_uid: String::new(),
-                    uid_check: UidCheck::Warn,
-                    required_claims: Vec::new(),
-                    verify_signature: true,
-                    refresh_margin: Duration::ZERO,
-                    min_backoff: Duration::ZERO,
-                    max_backoff: Duration::ZERO,
-                    cache_file: None,
-                };
-                let verifier =
-                    Verifier::new(settings, Some(opts.audience), http, opts.clock.clone());
-                // `check` never uses the token URL; the JWKS URL stands in for it.
-                let endpoints = ResolvedEndpoints {
-                    issuer: opts.issuer,
-                    token_url: jwks_url.clone(),
-                    jwks_url: Some(jwks_url),
-                };
-                (Some(verifier), Some(endpoints))
-            }
-            None => (None, None),
-        };
+    /// An upstream to be reached at `addr`, the address of the listener that will serve
+    /// [`Upstream::service`].
+    pub fn new(addr: SocketAddr, opts: UpstreamOptions) -> Upstream {
+        let verifier = opts
+            .keys
+            .map(|keys| Verifier::new(keys, opts.issuer, opts.audience, opts.now.clone()));
         Upstream {
             inner: Arc::new(Inner {
                 verifier,
-                endpoints,
-                clock: opts.clock,
+                now: opts.now,
                 sse_interval: opts.sse_interval,
-                base_url: OnceLock::new(),
+                base_url: format!("http://{addr}"),
                 faults: Mutex::default(),
                 log: Mutex::default(),
                 requests: AtomicU64::new(0),
@@ -305,45 +274,19 @@ impl Upstream {
         }
     }
 
-    /// Binds `127.0.0.1:0` and serves until the returned guard is dropped.
-    pub async fn start(opts: UpstreamOptions) -> io::Result<(Upstream, DropGuard)> {
-        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
-        let upstream = Upstream::new(opts);
-        let shutdown = CancellationToken::new();
-        upstream.spawn(listener, shutdown.clone())?;
-        Ok((upstream, shutdown.drop_guard()))
+    /// The upstream as a hyper service, to serve on the listener bound at its address (or to call
+    /// directly with a request). Requests held by [`UpstreamFault::Hold`] are answered 503 once
+    /// `shutdown` is cancelled, so a server draining its connections is not kept waiting.
+    pub fn service(&self, shutdown: CancellationToken) -> UpstreamService {
+        UpstreamService {
+            upstream: self.clone(),
+            shutdown,
+        }
     }
 
-    /// Serves on `listener` until `shutdown` is cancelled. May be called for several listeners;
-    /// [`Upstream::base_url`] names the first.
-    pub fn spawn(
-        &self,
-        listener: TcpListener,
-        shutdown: CancellationToken,
-    ) -> io::Result<JoinHandle<()>> {
-        let base_url = format!("http://{}", listener.local_addr()?);
-        tracing::debug!(%base_url, "dev echo upstream listening");
-        let _ = self.inner.base_url.set(base_url);
-        let upstream = self.clone();
-        let held_until = shutdown.clone();
-        let service = service_fn(move |request| {
-            let upstream = upstream.clone();
-            let held_until = held_until.clone();
-            async move { Ok::<_, Infallible>(upstream.handle(request, held_until).await) }
-        });
-        Ok(tokio::spawn(super::serve(listener, service, shutdown)))
-    }
-
-    /// `http://127.0.0.1:PORT`, without a trailing slash (append `/v1` for an OpenAI base URL).
-    ///
-    /// # Panics
-    /// Before [`Upstream::spawn`] (or [`Upstream::start`]) gave the upstream an address.
+    /// `http://ADDRESS`, without a trailing slash (append `/v1` for an OpenAI base URL).
     pub fn base_url(&self) -> String {
-        self.inner
-            .base_url
-            .get()
-            .cloned()
-            .expect("Upstream::base_url called before Upstream::spawn bound a listener")
+        self.inner.base_url.clone()
     }
 
     /// Queues `fault` for the next `n` requests, after faults already queued.
@@ -412,11 +355,11 @@ impl Upstream {
         self.changed();
     }
 
-    async fn handle(
-        &self,
-        request: Request<Incoming>,
-        shutdown: CancellationToken,
-    ) -> Response<Body> {
+    async fn handle<B>(&self, request: Request<B>, shutdown: CancellationToken) -> Response<Body>
+    where
+        B: HttpBody<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
         self.inner.requests.fetch_add(1, Ordering::SeqCst);
         let in_flight = InFlight::start(self.clone());
         // Taken on arrival, so a queued fault is used up whatever this request turns out to be.
@@ -606,22 +549,12 @@ impl Upstream {
                 Err("Incorrect API key provided: the placeholder key reached the upstream; the agent should have replaced it.".to_owned()),
             );
         }
-        let (Some(verifier), Some(endpoints)) = (&self.inner.verifier, &self.inner.endpoints)
-        else {
+        let Some(verifier) = &self.inner.verifier else {
             return (kind, Ok(None));
         };
-        let secret = SecretString::from(token.to_owned());
-        let verdict = match verifier.check(&secret, endpoints).await {
-            Ok((claims, _warnings)) => match REQUIRED_CLAIMS
-                .iter()
-                .find(|name| claims.raw.get(**name).is_none_or(Value::is_null))
-            {
-                Some(name) => Err(format!(
-                    "Invalid bearer token: it has no `{name}` claim, which Behest requires."
-                )),
-                None => Ok(Some(Value::Object(claims.raw))),
-            },
-            Err(error) => Err(reason(&error)),
+        let verdict = match verifier.check(token).await {
+            Ok(claims) => Ok(Some(Value::Object(claims))),
+            Err(refusal) => Err(format!("Invalid bearer token: {refusal}.")),
         };
         (kind, verdict)
     }
@@ -656,7 +589,7 @@ impl Upstream {
             .unwrap_or(MODELS[0])
             .to_owned();
         let id = format!("chatcmpl-echo{seq}");
-        let created = self.inner.clock.unix();
+        let created = self.inner.now.unix();
 
         if request.get("stream").and_then(Value::as_bool) != Some(true) {
             return Answer::Json(
@@ -720,7 +653,7 @@ impl Upstream {
                 "id": format!("file-{}", &upload.sha256[..24]),
                 "object": "file",
                 "bytes": upload.bytes,
-                "created_at": self.inner.clock.unix(),
+                "created_at": self.inner.now.unix(),
                 "filename": upload.filename.unwrap_or_else(|| "upload".to_owned()),
                 "purpose": upload.purpose.unwrap_or_else(|| "user_data".to_owned()),
                 "status": "processed",
@@ -775,7 +708,7 @@ impl Upstream {
                 tokio::time::sleep(interval).await;
             }
             let upstream = &state.in_flight.upstream;
-            let now = upstream.inner.clock.now();
+            let now = upstream.inner.now.time();
             upstream.update(state.seq, |r| r.sse_sent_at.push(now));
             state.sent += 1;
             Some((Ok(Frame::data(event)), state))
@@ -787,12 +720,35 @@ impl Upstream {
 impl fmt::Debug for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Upstream")
-            .field("base_url", &self.inner.base_url.get())
+            .field("base_url", &self.inner.base_url)
             .field("verifies", &self.inner.verifier.is_some())
             .field("requests", &self.request_count())
             .field("in_flight", &self.in_flight())
             .field("cancelled", &self.cancelled())
             .finish_non_exhaustive()
+    }
+}
+
+/// [`Upstream::service`]: answers each request as the echo upstream.
+#[derive(Clone, Debug)]
+pub struct UpstreamService {
+    upstream: Upstream,
+    /// Releases held requests.
+    shutdown: CancellationToken,
+}
+
+impl<B> hyper::service::Service<Request<B>> for UpstreamService
+where
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn call(&self, request: Request<B>) -> Self::Future {
+        let (upstream, shutdown) = (self.upstream.clone(), self.shutdown.clone());
+        Box::pin(async move { Ok(upstream.handle(request, shutdown).await) })
     }
 }
 
@@ -896,7 +852,12 @@ impl BodyRead {
     }
 }
 
-async fn read_body(mut body: Incoming, mut sink: Sink) -> BodyRead {
+async fn read_body<B>(body: B, mut sink: Sink) -> BodyRead
+where
+    B: HttpBody<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let mut body = std::pin::pin!(body);
     let mut digest = digest::Context::new(&digest::SHA256);
     let mut len = 0u64;
     let mut problem = None;
@@ -907,6 +868,7 @@ async fn read_body(mut body: Incoming, mut sink: Sink) -> BodyRead {
                 Err(_trailers) => continue,
             },
             Err(error) => {
+                let error: BoxError = error.into();
                 problem = Some((
                     StatusCode::BAD_REQUEST,
                     format!("The request body could not be read: {error}"),
@@ -1385,11 +1347,6 @@ fn usage(prompt: u64, completion: u64) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
-/// Why a token was refused, for the 401 message (never the token).
-fn reason(error: &CheckError) -> String {
-    format!("Invalid bearer token ({}): {error}", error.code())
-}
-
 fn invalid_api_key(message: &str) -> Response<Body> {
     openai_error(
         StatusCode::UNAUTHORIZED,
@@ -1476,34 +1433,44 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
-    use http::header::CONTENT_TYPE;
-    use hyper_util::client::legacy::Client as HttpClient;
-    use hyper_util::rt::TokioExecutor;
+    use hyper::service::Service as _;
 
-    use crate::dev::idp::{Idp, IdpOptions};
+    use crate::idp::IdpOptions;
 
     const AUDIENCE: &str = "https://api.behest.test";
     const CLIENT_ID: &str = "dev-client";
 
-    /// A running IdP and an upstream verifying its tokens; both stop when this is dropped.
+    /// An IdP and an upstream verifying its tokens. The tests call the upstream's service
+    /// directly: no socket, the request and response bodies are what hyper would stream.
     struct World {
         idp: Idp,
         upstream: Upstream,
-        _guards: [DropGuard; 2],
     }
 
-    async fn world() -> World {
-        let (idp, idp_guard) = Idp::start(IdpOptions::new(CLIENT_ID, "dev-secret", AUDIENCE))
-            .await
-            .expect("the IdP starts");
+    fn world() -> World {
+        let idp = Idp::new(
+            SocketAddr::from(([127, 0, 0, 1], 4000)),
+            IdpOptions::new(CLIENT_ID, "dev-secret", AUDIENCE),
+        );
         let mut opts = UpstreamOptions::for_idp(&idp, AUDIENCE);
         opts.sse_interval = Duration::from_millis(1);
-        let (upstream, upstream_guard) = Upstream::start(opts).await.expect("the upstream starts");
         World {
+            upstream: new_upstream(opts),
             idp,
-            upstream,
-            _guards: [idp_guard, upstream_guard],
         }
+    }
+
+    fn new_upstream(opts: UpstreamOptions) -> Upstream {
+        Upstream::new(SocketAddr::from(([127, 0, 0, 1], 4001)), opts)
+    }
+
+    /// The upstream's answer to `request`, its body not yet read.
+    async fn call(upstream: &Upstream, request: Request<Full<Bytes>>) -> Response<Body> {
+        upstream
+            .service(CancellationToken::new())
+            .call(request)
+            .await
+            .unwrap_or_else(|never| match never {})
     }
 
     /// Guards against a hang; not a timing assertion.
@@ -1574,12 +1541,8 @@ mod tests {
             self
         }
 
-        fn request(self, upstream: &Upstream) -> Request<Full<Bytes>> {
-            let mut request = Request::builder().method(self.method).uri(format!(
-                "{}{}",
-                upstream.base_url(),
-                self.path
-            ));
+        fn request(self) -> Request<Full<Bytes>> {
+            let mut request = Request::builder().method(self.method).uri(self.path);
             if let Some(bearer) = self.bearer {
                 request = request.header(AUTHORIZATION, format!("Bearer {bearer}"));
             }
@@ -1590,12 +1553,7 @@ mod tests {
         }
 
         async fn send(self, upstream: &Upstream) -> Answer {
-            let client = HttpClient::builder(TokioExecutor::new()).build_http();
-            let response = client
-                .request(self.request(upstream))
-                .await
-                .expect("the upstream answers");
-            let (parts, mut body) = response.into_parts();
+            let (parts, mut body) = call(upstream, self.request()).await.into_parts();
             let mut frames = Vec::new();
             let mut cut = false;
             while let Some(frame) = body.frame().await {
@@ -1674,7 +1632,7 @@ mod tests {
 
     #[tokio::test]
     async fn models_are_listed_for_a_valid_token() {
-        let w = world().await;
+        let w = world();
         let token = w.idp.mint(json!({}));
 
         let answer = Call::new(Method::GET, "/v1/models", Some(&token))
@@ -1693,7 +1651,7 @@ mod tests {
 
     #[tokio::test]
     async fn chat_completion_echoes_the_last_user_message_and_records_the_claims() {
-        let w = world().await;
+        let w = world();
         let token = w.idp.mint(json!({}));
 
         let answer = Call::new(Method::POST, "/v1/chat/completions", Some(&token))
@@ -1732,7 +1690,7 @@ mod tests {
 
     #[tokio::test]
     async fn streamed_chat_sends_each_event_as_its_own_frame_and_ends_with_done() {
-        let w = world().await;
+        let w = world();
         let token = w.idp.mint(json!({}));
 
         let answer = Call::new(Method::POST, "/v1/chat/completions", Some(&token))
@@ -1793,7 +1751,7 @@ mod tests {
 
     #[tokio::test]
     async fn embeddings_are_the_same_vector_as_floats_and_as_base64_little_endian_f32() {
-        let w = world().await;
+        let w = world();
         let token = w.idp.mint(json!({}));
         let ask = |format: Option<&str>| {
             let mut body = json!({"model": "embed-1", "input": ["alpha", "beta"]});
@@ -1837,7 +1795,7 @@ mod tests {
 
     #[tokio::test]
     async fn file_upload_reports_the_file_part_size_and_digest() {
-        let w = world().await;
+        let w = world();
         let token = w.idp.mint(json!({}));
         let boundary = "----behest-boundary-7MA4YWxk";
         let content = tricky_content(boundary);
@@ -1890,14 +1848,14 @@ mod tests {
 
     #[tokio::test]
     async fn tokens_behest_would_refuse_get_401_invalid_api_key() {
-        let w = world().await;
+        let w = world();
         let valid = w.idp.mint(json!({}));
         let other = w.idp.mint(json!({"tid": "another-tenant"}));
         // The header and payload of one token with the signature of another.
         let (signed, _) = valid.rsplit_once('.').expect("a JWT");
         let (_, signature) = other.rsplit_once('.').expect("a JWT");
         let bad_signature = format!("{signed}.{signature}");
-        let expired_at = crate::clock::system().unix() - 600;
+        let expired_at = Now::system().unix() - 600;
         let cases = [
             (
                 "no uid",
@@ -1969,9 +1927,7 @@ mod tests {
 
     #[tokio::test]
     async fn fast_mode_takes_any_real_bearer_but_not_the_placeholder() {
-        let (upstream, _guard) = Upstream::start(UpstreamOptions::new(AUDIENCE))
-            .await
-            .expect("starts");
+        let upstream = new_upstream(UpstreamOptions::new(AUDIENCE));
 
         let opaque = Call::new(Method::GET, "/v1/models", Some("anything"))
             .send(&upstream)
@@ -1991,7 +1947,7 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_paths_get_an_openai_shaped_404_and_a_path_prefix_is_kept() {
-        let w = world().await;
+        let w = world();
         let token = w.idp.mint(json!({}));
 
         let unknown = Call::new(Method::GET, "/v1/nothing-here", Some(&token))
@@ -2010,7 +1966,7 @@ mod tests {
 
     #[tokio::test]
     async fn one_shot_and_persistent_faults_answer_instead_of_the_echo() {
-        let w = world().await;
+        let w = world();
         let token = w.idp.mint(json!({}));
         let models = || Call::new(Method::GET, "/v1/models", Some(&token));
 
@@ -2049,7 +2005,7 @@ mod tests {
 
     #[tokio::test]
     async fn dropped_stream_cuts_the_body_after_the_given_events() {
-        let w = world().await;
+        let w = world();
         let token = w.idp.mint(json!({}));
         w.upstream
             .fail_next(1, UpstreamFault::DropStream { after_events: 2 });
@@ -2075,13 +2031,12 @@ mod tests {
 
     #[tokio::test]
     async fn held_request_is_counted_cancelled_when_the_client_goes_away() {
-        let w = world().await;
+        let w = world();
         let token = w.idp.mint(json!({}));
         w.upstream.fail_next(1, UpstreamFault::Hold);
-        let request = Call::new(Method::GET, "/v1/models", Some(&token)).request(&w.upstream);
-        let client = HttpClient::builder(TokioExecutor::new()).build_http();
-        let pending =
-            tokio::spawn(async move { client.request(request).await.map(|r| r.status()) });
+        let request = Call::new(Method::GET, "/v1/models", Some(&token)).request();
+        let upstream = w.upstream.clone();
+        let pending = tokio::spawn(async move { call(&upstream, request).await.status() });
 
         within(
             "the request to be held",
@@ -2102,15 +2057,14 @@ mod tests {
 
     #[tokio::test]
     async fn client_leaving_mid_stream_is_counted_as_cancelled() {
-        let w = world().await;
+        let w = world();
         let token = w.idp.mint(json!({}));
         let request = Call::new(Method::POST, "/v1/chat/completions", Some(&token))
             .json(chat("a very long answer", true))
             .header(EVENTS_HEADER, "100000")
-            .request(&w.upstream);
-        let client = HttpClient::builder(TokioExecutor::new()).build_http();
+            .request();
 
-        let response = client.request(request).await.expect("the upstream answers");
+        let response = call(&w.upstream, request).await;
         let mut body = response.into_body();
         let first = body
             .frame()
@@ -2119,7 +2073,6 @@ mod tests {
             .expect("readable");
         assert!(first.data_ref().is_some_and(|d| d.starts_with(b"data: ")));
         drop(body);
-        drop(client);
 
         within(
             "the cancellation",
@@ -2136,7 +2089,7 @@ mod tests {
 
     #[tokio::test]
     async fn dropped_json_answer_is_cut_mid_body() {
-        let w = world().await;
+        let w = world();
         let token = w.idp.mint(json!({}));
         w.upstream
             .fail_next(1, UpstreamFault::DropStream { after_events: 0 });

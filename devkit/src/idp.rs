@@ -5,7 +5,8 @@
 //! It owns one registered client (secret, and optionally a public key for `private_key_jwt`), one
 //! API audience, and RSA signing keys that can be rotated. Tests steer it with [`Fault`]s — one-shot
 //! ([`Idp::fail_next`]) or persistent ([`Idp::set_fault`]) — and read its counters and the last
-//! token request it saw ([`Idp::last_grant`]).
+//! token request it saw ([`Idp::last_grant`]). It is served as a hyper service ([`Idp::service`]);
+//! the address it is built with is its issuer, which every token it signs names.
 //!
 //! It must never put a client secret, an assertion, an issued token or a private key into a log
 //! line, an error or `Debug` output: the agent's own tests rely on the IdP not leaking for them.
@@ -23,7 +24,9 @@ pub use keys::{ClientKey, ClientKeyError};
 use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
 use std::fmt;
-use std::io;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
@@ -33,16 +36,13 @@ use http::header::{
     CACHE_CONTROL, CONTENT_TYPE, HeaderName, HeaderValue, PRAGMA, RETRY_AFTER, WWW_AUTHENTICATE,
 };
 use http::{Method, Request, Response, StatusCode};
+use http_body::Body;
 use http_body_util::{BodyExt as _, Full, Limited};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
+use jsonwebtoken::jwk::JwkSet;
 use secrecy::SecretString;
 use serde_json::{Map, Value, json};
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
-use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::clock::{self, SharedClock};
+use crate::{BoxError, Now};
 use client_auth::{AssertionRules, Client, Credentials, JtiLedger};
 use keys::SigningKey;
 
@@ -85,7 +85,7 @@ pub struct IdpOptions {
     pub pid: Option<String>,
     pub tier: Option<String>,
     /// Source of `iat`/`exp` and of the time assertions are checked against.
-    pub clock: SharedClock,
+    pub now: Now,
 }
 
 impl IdpOptions {
@@ -105,7 +105,7 @@ impl IdpOptions {
             tid: Some("dev-tenant".to_owned()),
             pid: Some("dev-project".to_owned()),
             tier: Some("dev".to_owned()),
-            clock: clock::system(),
+            now: Now::system(),
         }
     }
 }
@@ -206,9 +206,9 @@ struct Inner {
     tid: Option<String>,
     pid: Option<String>,
     tier: Option<String>,
-    clock: SharedClock,
-    /// `http://127.0.0.1:PORT`, set once [`Idp::spawn`] knows its listener's address.
-    base_url: OnceLock<String>,
+    now: Now,
+    /// `http://ADDRESS`: where it is reached, the issuer without its trailing slash.
+    base_url: String,
     keys: RwLock<KeySet>,
     /// A key never published, for the bad-signature and unknown-kid faults; generated on first use.
     rogue_key: OnceLock<SigningKey>,
@@ -257,8 +257,9 @@ struct Grant {
 }
 
 impl Idp {
-    /// An IdP with a freshly generated RS256 signing key, not yet listening.
-    pub fn new(opts: IdpOptions) -> Self {
+    /// An IdP with a freshly generated RS256 signing key, to be reached at `addr` (the address of
+    /// the listener that will serve [`Idp::service`]): `http://{addr}/` is its issuer.
+    pub fn new(addr: SocketAddr, opts: IdpOptions) -> Self {
         let key = Arc::new(SigningKey::generate());
         Self {
             inner: Arc::new(Inner {
@@ -272,8 +273,8 @@ impl Idp {
                 tid: opts.tid,
                 pid: opts.pid,
                 tier: opts.tier,
-                clock: opts.clock,
-                base_url: OnceLock::new(),
+                now: opts.now,
+                base_url: format!("http://{addr}"),
                 keys: RwLock::new(KeySet {
                     current: key,
                     previous: None,
@@ -289,48 +290,15 @@ impl Idp {
         }
     }
 
-    /// Binds `127.0.0.1:0` and serves until the returned guard is dropped.
-    pub async fn start(opts: IdpOptions) -> io::Result<(Idp, DropGuard)> {
-        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
-        let idp = Idp::new(opts);
-        let shutdown = CancellationToken::new();
-        idp.spawn(listener, shutdown.clone())?;
-        Ok((idp, shutdown.drop_guard()))
+    /// The IdP as a hyper service, to serve on the listener bound at its address (or to call
+    /// directly with a request).
+    pub fn service(&self) -> IdpService {
+        IdpService(self.clone())
     }
 
-    /// Serves on `listener` until `shutdown` is cancelled. An IdP serves one listener: its address
-    /// becomes the issuer, which every token it signs names.
-    pub fn spawn(
-        &self,
-        listener: TcpListener,
-        shutdown: CancellationToken,
-    ) -> io::Result<JoinHandle<()>> {
-        let base_url = format!("http://{}", listener.local_addr()?);
-        if self.inner.base_url.set(base_url.clone()).is_err() {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                "this Idp already serves a listener; its issuer cannot change",
-            ));
-        }
-        tracing::debug!(%base_url, "dev IdP listening");
-        let idp = self.clone();
-        let service = service_fn(move |request| {
-            let idp = idp.clone();
-            async move { Ok::<_, Infallible>(idp.handle(request).await) }
-        });
-        Ok(tokio::spawn(super::serve(listener, service, shutdown)))
-    }
-
-    /// `http://127.0.0.1:PORT`, without a trailing slash.
-    ///
-    /// # Panics
-    /// Before [`Idp::spawn`] (or [`Idp::start`]) gave the IdP an address.
+    /// `http://ADDRESS`, without a trailing slash.
     pub fn base_url(&self) -> String {
-        self.inner
-            .base_url
-            .get()
-            .cloned()
-            .expect("Idp::base_url called before Idp::spawn bound a listener")
+        self.inner.base_url.clone()
     }
 
     /// The `iss` of issued tokens: [`Idp::base_url`] with Auth0's trailing slash.
@@ -396,7 +364,7 @@ impl Idp {
     /// object) merged over them; a `null` value removes that claim. For tests that need a token
     /// that is expired, for another audience, and so on.
     pub fn mint(&self, claims: Value) -> String {
-        let now = self.inner.clock.unix();
+        let now = self.inner.now.unix();
         let mut merged = self.claims(&self.inner.audience, now, self.inner.token_ttl);
         if let Value::Object(overrides) = claims {
             for (name, value) in overrides {
@@ -416,10 +384,14 @@ impl Idp {
         lock(&self.inner.last_grant).clone()
     }
 
-    async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn handle<B>(&self, request: Request<B>) -> Response<Full<Bytes>>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
         match (request.method(), request.uri().path()) {
             (&Method::POST, "/oauth/token") => self.token(request).await,
-            (&Method::GET, "/.well-known/jwks.json") => self.jwks(),
+            (&Method::GET, "/.well-known/jwks.json") => self.jwks_response(),
             (&Method::GET, "/.well-known/openid-configuration") => self.discovery(),
             _ => json_response(
                 StatusCode::NOT_FOUND,
@@ -428,7 +400,11 @@ impl Idp {
         }
     }
 
-    async fn token(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn token<B>(&self, request: Request<B>) -> Response<Full<Bytes>>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
         self.inner.token_requests.fetch_add(1, Ordering::SeqCst);
         // Taken on arrival, so a queued fault is used up whatever this request turns out to be.
         let fault = lock(&self.inner.faults).take(Endpoint::Token);
@@ -512,7 +488,7 @@ impl Idp {
                 if let Some(reset_in) = reset_in {
                     headers.insert(
                         HeaderName::from_static("x-ratelimit-reset"),
-                        HeaderValue::from(self.inner.clock.unix() + reset_in),
+                        HeaderValue::from(self.inner.now.unix() + reset_in),
                     );
                 }
                 if let Some(retry_after) = retry_after {
@@ -561,7 +537,7 @@ impl Idp {
         let issuer = self.issuer();
         let token_endpoint = self.token_endpoint();
         let rules = AssertionRules {
-            now: self.inner.clock.unix(),
+            now: self.inner.now.unix(),
             audiences: [&issuer, &token_endpoint],
         };
         credentials.authenticate(&self.inner.client, &rules, &self.inner.jtis)?;
@@ -590,7 +566,7 @@ impl Idp {
 
     /// Answers a granted request with a token, shaped by `fault` when it is one that shapes tokens.
     fn issue(&self, grant: &Grant, fault: Option<&Fault>) -> Response<Full<Bytes>> {
-        let now = self.inner.clock.unix();
+        let now = self.inner.now.unix();
         let ttl = match fault {
             Some(Fault::Ttl(ttl)) => *ttl,
             _ => self.inner.token_ttl,
@@ -672,21 +648,36 @@ impl Idp {
         claims
     }
 
-    fn jwks(&self) -> Response<Full<Bytes>> {
-        self.inner.jwks_requests.fetch_add(1, Ordering::SeqCst);
-        if let Some(Fault::JwksDown) = lock(&self.inner.faults).take(Endpoint::Jwks) {
-            return html_response(StatusCode::SERVICE_UNAVAILABLE);
-        }
+    /// The keys the JWKS endpoint publishes now: the current one, and the previous one while it is
+    /// kept. Read in-process, this neither counts as a JWKS request nor meets a fault.
+    pub fn jwk_set(&self) -> JwkSet {
+        let keys = self
+            .published()
+            .into_iter()
+            .map(|jwk| serde_json::from_value(jwk).expect("a JWKS entry the IdP built is a JWK"))
+            .collect();
+        JwkSet { keys }
+    }
+
+    /// The JWKS entries of the current key and of the previous one while it is kept.
+    fn published(&self) -> Vec<Value> {
         let keys = self
             .inner
             .keys
             .read()
             .unwrap_or_else(PoisonError::into_inner);
-        let published: Vec<&Value> = std::iter::once(&keys.current)
+        std::iter::once(&keys.current)
             .chain(keys.previous.as_ref())
-            .map(|key| key.jwk())
-            .collect();
-        let mut response = json_response(StatusCode::OK, &json!({ "keys": published }));
+            .map(|key| key.jwk().clone())
+            .collect()
+    }
+
+    fn jwks_response(&self) -> Response<Full<Bytes>> {
+        self.inner.jwks_requests.fetch_add(1, Ordering::SeqCst);
+        if let Some(Fault::JwksDown) = lock(&self.inner.faults).take(Endpoint::Jwks) {
+            return html_response(StatusCode::SERVICE_UNAVAILABLE);
+        }
+        let mut response = json_response(StatusCode::OK, &json!({ "keys": self.published() }));
         response.headers_mut().insert(
             CACHE_CONTROL,
             HeaderValue::from_static("public, max-age=15"),
@@ -730,13 +721,32 @@ impl Idp {
 impl fmt::Debug for Idp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Idp")
-            .field("base_url", &self.inner.base_url.get())
+            .field("base_url", &self.inner.base_url)
             .field("client_id", &self.inner.client.id)
             .field("audience", &self.inner.audience)
             .field("grants", &self.grants())
             .field("token_requests", &self.token_requests())
             .field("jwks_requests", &self.jwks_requests())
             .finish_non_exhaustive()
+    }
+}
+
+/// [`Idp::service`]: answers each request as the IdP.
+#[derive(Clone, Debug)]
+pub struct IdpService(Idp);
+
+impl<B> hyper::service::Service<Request<B>> for IdpService
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, request: Request<B>) -> Self::Future {
+        let idp = self.0.clone();
+        Box::pin(async move { Ok(idp.handle(request).await) })
     }
 }
 
@@ -920,13 +930,12 @@ mod tests {
     use base64::engine::general_purpose::STANDARD;
     use http::HeaderMap;
     use http::header::AUTHORIZATION;
-    use hyper_util::client::legacy::Client as HttpClient;
-    use hyper_util::rt::TokioExecutor;
-    use jsonwebtoken::jwk::JwkSet;
+    use hyper::service::Service as _;
     use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
     use secrecy::ExposeSecret;
 
-    use crate::clock::{Clock as _, TestClock};
+    use std::sync::atomic::AtomicU64;
+    use std::time::SystemTime;
 
     const CLIENT_ID: &str = "dev-client";
     /// Holds characters HTTP Basic must form-urlencode (`:` `+` `%` `&`, non-ASCII).
@@ -935,6 +944,15 @@ mod tests {
 
     fn options() -> IdpOptions {
         IdpOptions::new(CLIENT_ID, SECRET, AUDIENCE)
+    }
+
+    /// An IdP that believes it is reached at a loopback address; the tests call its service.
+    fn new_idp(opts: IdpOptions) -> Idp {
+        Idp::new(SocketAddr::from(([127, 0, 0, 1], 4000)), opts)
+    }
+
+    fn system_unix() -> u64 {
+        Now::system().unix()
     }
 
     /// An answer read to the end.
@@ -967,11 +985,18 @@ mod tests {
         }
     }
 
-    async fn send(request: Request<Full<Bytes>>) -> Answer {
-        let client = HttpClient::builder(TokioExecutor::new()).build_http();
-        let response = client.request(request).await.expect("the IdP answers");
+    async fn send(idp: &Idp, request: Request<Full<Bytes>>) -> Answer {
+        let response = idp
+            .service()
+            .call(request)
+            .await
+            .unwrap_or_else(|never| match never {});
         let (parts, body) = response.into_parts();
-        let body = body.collect().await.expect("a readable body").to_bytes();
+        let body = body
+            .collect()
+            .await
+            .unwrap_or_else(|never| match never {})
+            .to_bytes();
         Answer {
             status: parts.status,
             headers: parts.headers,
@@ -983,7 +1008,7 @@ mod tests {
         let request = Request::get(format!("{}{path}", idp.base_url()))
             .body(Full::default())
             .unwrap();
-        send(request).await
+        send(idp, request).await
     }
 
     /// POSTs a form to the token endpoint, with `authorization` as the header if given.
@@ -1000,7 +1025,7 @@ mod tests {
         if let Some(authorization) = authorization {
             request = request.header(AUTHORIZATION, authorization);
         }
-        send(request.body(Full::new(Bytes::from(body))).unwrap()).await
+        send(idp, request.body(Full::new(Bytes::from(body))).unwrap()).await
     }
 
     async fn post_secret(idp: &Idp, extra: &[(&str, &str)]) -> Answer {
@@ -1048,18 +1073,17 @@ mod tests {
     }
 
     /// An IdP whose client also has an RSA key for `private_key_jwt`, and that key's private half.
-    async fn start_with_client_key() -> (Idp, DropGuard, EncodingKey) {
+    fn with_client_key() -> (Idp, EncodingKey) {
         let (private_pem, public_key) = ClientKey::generate_rsa();
         let signer = EncodingKey::from_rsa_pem(private_pem.expose_secret().as_bytes()).unwrap();
         let mut opts = options();
         opts.client_public_key = Some(public_key);
-        let (idp, guard) = Idp::start(opts).await.unwrap();
-        (idp, guard, signer)
+        (new_idp(opts), signer)
     }
 
     /// A client assertion as Auth0 wants it, with `overrides` merged over the claims.
     fn assertion(idp: &Idp, signer: &EncodingKey, alg: Algorithm, overrides: Value) -> String {
-        let now = clock::system().unix();
+        let now = system_unix();
         let mut claims = json!({
             "iss": CLIENT_ID,
             "sub": CLIENT_ID,
@@ -1102,7 +1126,7 @@ mod tests {
 
     #[tokio::test]
     async fn client_secret_post_grant_returns_an_auth0_shaped_jwt_that_verifies_against_the_jwks() {
-        let (idp, _guard) = Idp::start(options()).await.unwrap();
+        let idp = new_idp(options());
 
         let answer = post_secret(&idp, &[]).await;
 
@@ -1152,7 +1176,7 @@ mod tests {
 
     #[tokio::test]
     async fn client_secret_basic_decodes_form_urlencoded_id_and_secret() {
-        let (idp, _guard) = Idp::start(options()).await.unwrap();
+        let idp = new_idp(options());
         let fields = [("grant_type", "client_credentials"), ("audience", AUDIENCE)];
 
         let answer = post_form(&idp, &fields, Some(basic(CLIENT_ID, SECRET))).await;
@@ -1176,7 +1200,7 @@ mod tests {
 
     #[tokio::test]
     async fn private_key_jwt_grant_accepts_a_fresh_assertion_and_refuses_its_replay() {
-        let (idp, _guard, signer) = start_with_client_key().await;
+        let (idp, signer) = with_client_key();
         let assertion = assertion(&idp, &signer, Algorithm::RS256, json!({}));
 
         let answer = post_assertion(&idp, &assertion).await;
@@ -1208,8 +1232,8 @@ mod tests {
 
     #[tokio::test]
     async fn private_key_jwt_enforces_auth0_assertion_rules() {
-        let (idp, _guard, signer) = start_with_client_key().await;
-        let now = clock::system().unix();
+        let (idp, signer) = with_client_key();
+        let now = system_unix();
         let token_endpoint = idp.token_endpoint();
         let accepted = [
             (Algorithm::RS256, json!({ "aud": token_endpoint })),
@@ -1259,7 +1283,7 @@ mod tests {
 
     #[tokio::test]
     async fn private_key_jwt_is_refused_for_a_client_without_a_registered_key() {
-        let (idp, _guard) = Idp::start(options()).await.unwrap();
+        let idp = new_idp(options());
         let (private_pem, _) = ClientKey::generate_rsa();
         let signer = EncodingKey::from_rsa_pem(private_pem.expose_secret().as_bytes()).unwrap();
 
@@ -1280,7 +1304,7 @@ mod tests {
             keys::pem_encode("PUBLIC KEY", pair.public_key().as_der().unwrap().as_ref());
         let mut opts = options();
         opts.client_public_key = Some(ClientKey::from_pem(&public_pem).unwrap());
-        let (idp, _guard) = Idp::start(opts).await.unwrap();
+        let idp = new_idp(opts);
         // jsonwebtoken's aws-lc backend takes EC private keys as PKCS#8 DER.
         let signer = EncodingKey::from_ec_der(pkcs8.as_ref());
 
@@ -1294,12 +1318,16 @@ mod tests {
     async fn assertion_times_and_token_times_follow_the_injected_clock() {
         let (private_pem, public_key) = ClientKey::generate_rsa();
         let signer = EncodingKey::from_rsa_pem(private_pem.expose_secret().as_bytes()).unwrap();
-        let test_clock = TestClock::new();
+        let ahead = Arc::new(AtomicU64::new(0));
         let mut opts = options();
         opts.client_public_key = Some(public_key);
-        opts.clock = test_clock.clone();
-        let (idp, _guard) = Idp::start(opts).await.unwrap();
-        test_clock.jump(Duration::from_secs(3600));
+        opts.now = Now::from_fn({
+            let ahead = ahead.clone();
+            move || SystemTime::now() + Duration::from_secs(ahead.load(Ordering::SeqCst))
+        });
+        let idp_clock = opts.now.clone();
+        let idp = new_idp(opts);
+        ahead.store(3600, Ordering::SeqCst);
 
         // Fresh by the wall clock, an hour old by the IdP's.
         let stale = assertion(&idp, &signer, Algorithm::RS256, json!({}));
@@ -1309,7 +1337,7 @@ mod tests {
             "invalid_client",
         );
 
-        let idp_now = test_clock.unix();
+        let idp_now = idp_clock.unix();
         let fresh = assertion(
             &idp,
             &signer,
@@ -1326,7 +1354,7 @@ mod tests {
 
     #[tokio::test]
     async fn wrong_or_missing_credentials_are_401_invalid_client() {
-        let (idp, _guard) = Idp::start(options()).await.unwrap();
+        let idp = new_idp(options());
         let grant = ("grant_type", "client_credentials");
         let audience = ("audience", AUDIENCE);
 
@@ -1357,7 +1385,7 @@ mod tests {
 
     #[tokio::test]
     async fn two_authentication_methods_in_one_request_are_refused() {
-        let (idp, _guard) = Idp::start(options()).await.unwrap();
+        let idp = new_idp(options());
 
         let answer = post_form(
             &idp,
@@ -1375,7 +1403,7 @@ mod tests {
 
     #[tokio::test]
     async fn missing_or_unknown_audience_is_403_access_denied() {
-        let (idp, _guard) = Idp::start(options()).await.unwrap();
+        let idp = new_idp(options());
 
         let missing = post_form(
             &idp,
@@ -1412,7 +1440,7 @@ mod tests {
 
     #[tokio::test]
     async fn resource_names_the_audience_when_audience_is_absent() {
-        let (idp, _guard) = Idp::start(options()).await.unwrap();
+        let idp = new_idp(options());
 
         let answer = post_form(
             &idp,
@@ -1436,7 +1464,7 @@ mod tests {
 
     #[tokio::test]
     async fn grant_types_other_than_client_credentials_are_400_unsupported_grant_type() {
-        let (idp, _guard) = Idp::start(options()).await.unwrap();
+        let idp = new_idp(options());
 
         let answer = post_form(
             &idp,
@@ -1455,7 +1483,7 @@ mod tests {
 
     #[tokio::test]
     async fn scope_and_organization_are_echoed_and_recorded_without_the_secret() {
-        let (idp, _guard) = Idp::start(options()).await.unwrap();
+        let idp = new_idp(options());
 
         let answer = post_secret(
             &idp,
@@ -1500,7 +1528,7 @@ mod tests {
 
     #[tokio::test]
     async fn json_bodies_are_accepted_like_auth0_but_repeated_form_fields_are_not() {
-        let (idp, _guard) = Idp::start(options()).await.unwrap();
+        let idp = new_idp(options());
         let body = json!({
             "grant_type": "client_credentials",
             "client_id": CLIENT_ID,
@@ -1512,7 +1540,7 @@ mod tests {
             .body(Full::new(Bytes::from(body.to_string())))
             .unwrap();
 
-        let answer = send(request).await;
+        let answer = send(&idp, request).await;
         verify(&idp, &answer.access_token()).await.unwrap();
 
         let repeated = post_secret(&idp, &[("audience", AUDIENCE)]).await;
@@ -1521,7 +1549,7 @@ mod tests {
 
     #[tokio::test]
     async fn too_many_requests_fault_carries_retry_after_and_ratelimit_reset_once() {
-        let (idp, _guard) = Idp::start(options()).await.unwrap();
+        let idp = new_idp(options());
         idp.fail_next(
             1,
             Fault::TooManyRequests {
@@ -1530,9 +1558,9 @@ mod tests {
             },
         );
 
-        let before = clock::system().unix();
+        let before = system_unix();
         let limited = post_secret(&idp, &[]).await;
-        let after = clock::system().unix();
+        let after = system_unix();
 
         assert_oauth_error(&limited, StatusCode::TOO_MANY_REQUESTS, "too_many_requests");
         assert_eq!(limited.header("retry-after"), Some("7"));
@@ -1553,7 +1581,7 @@ mod tests {
 
     #[tokio::test]
     async fn unavailable_fault_is_503_temporarily_unavailable_with_retry_after() {
-        let (idp, _guard) = Idp::start(options()).await.unwrap();
+        let idp = new_idp(options());
         idp.fail_next(
             1,
             Fault::Unavailable {
@@ -1573,7 +1601,7 @@ mod tests {
 
     #[tokio::test]
     async fn one_shot_faults_are_taken_in_order_and_the_persistent_one_after_them() {
-        let (idp, _guard) = Idp::start(options()).await.unwrap();
+        let idp = new_idp(options());
         idp.set_fault(Some(Fault::Status(503)));
         idp.fail_next(1, Fault::Status(502));
         idp.fail_next(
@@ -1609,7 +1637,7 @@ mod tests {
 
     #[tokio::test]
     async fn malformed_empty_and_opaque_answers_look_like_a_broken_server() {
-        let (idp, _guard) = Idp::start(options()).await.unwrap();
+        let idp = new_idp(options());
         idp.fail_next(1, Fault::Malformed);
         idp.fail_next(1, Fault::Empty);
         idp.fail_next(1, Fault::OpaqueToken);
@@ -1632,7 +1660,7 @@ mod tests {
 
     #[tokio::test]
     async fn token_faults_change_exactly_the_claims_they_name() {
-        let (idp, _guard) = Idp::start(options()).await.unwrap();
+        let idp = new_idp(options());
         idp.fail_next(1, Fault::MissingUid);
         idp.fail_next(1, Fault::WrongUid("someone-else".into()));
         idp.fail_next(1, Fault::MissingTidPid);
@@ -1660,7 +1688,7 @@ mod tests {
         let error = verify(&idp, &expired).await.unwrap_err();
         assert!(error.contains("ExpiredSignature"), "{error}");
         let claims = unverified_claims(&expired);
-        assert!(claims["exp"].as_u64().unwrap() < clock::system().unix());
+        assert!(claims["exp"].as_u64().unwrap() < system_unix());
 
         let short = post_secret(&idp, &[]).await;
         assert_eq!(short.json()["expires_in"], 90);
@@ -1673,7 +1701,7 @@ mod tests {
 
     #[tokio::test]
     async fn bad_signature_and_unknown_kid_tokens_fail_against_the_jwks() {
-        let (idp, _guard) = Idp::start(options()).await.unwrap();
+        let idp = new_idp(options());
         idp.fail_next(1, Fault::BadSignature);
         idp.fail_next(1, Fault::UnknownKid);
 
@@ -1692,7 +1720,7 @@ mod tests {
 
     #[tokio::test]
     async fn jwks_down_answers_503_without_touching_the_token_endpoint() {
-        let (idp, _guard) = Idp::start(options()).await.unwrap();
+        let idp = new_idp(options());
         idp.fail_next(1, Fault::JwksDown);
 
         post_secret(&idp, &[]).await.access_token();
@@ -1708,7 +1736,7 @@ mod tests {
 
     #[tokio::test]
     async fn delay_fault_answers_normally_after_waiting() {
-        let (idp, _guard) = Idp::start(options()).await.unwrap();
+        let idp = new_idp(options());
         let delay = Duration::from_millis(200);
         idp.fail_next(1, Fault::Delay(delay));
 
@@ -1721,7 +1749,7 @@ mod tests {
 
     #[tokio::test]
     async fn rotation_keeps_the_previous_kid_only_when_asked() {
-        let (idp, _guard) = Idp::start(options()).await.unwrap();
+        let idp = new_idp(options());
         let first_kid = idp.current_kid();
         let old_token = post_secret(&idp, &[]).await.access_token();
 
@@ -1762,7 +1790,7 @@ mod tests {
 
     #[tokio::test]
     async fn mint_signs_default_claims_with_overrides_and_null_removes_a_claim() {
-        let (idp, _guard) = Idp::start(options()).await.unwrap();
+        let idp = new_idp(options());
 
         let token = idp.mint(json!({ "tier": "pro", "pid": null, "custom": 1 }));
 
@@ -1776,7 +1804,7 @@ mod tests {
 
     #[tokio::test]
     async fn discovery_names_the_endpoints_and_client_auth_methods() {
-        let (idp, _guard) = Idp::start(options()).await.unwrap();
+        let idp = new_idp(options());
 
         let discovery = get(&idp, "/.well-known/openid-configuration").await.json();
 
@@ -1807,7 +1835,7 @@ mod tests {
 
     #[tokio::test]
     async fn other_paths_and_methods_are_404_json() {
-        let (idp, _guard) = Idp::start(options()).await.unwrap();
+        let idp = new_idp(options());
 
         for path in ["/", "/oauth/token", "/.well-known/jwks"] {
             let answer = get(&idp, path).await;
@@ -1815,27 +1843,5 @@ mod tests {
             assert_eq!(answer.json()["error"], "not_found");
         }
         assert_eq!(idp.token_requests(), 0);
-    }
-
-    #[tokio::test]
-    async fn dropping_the_guard_stops_the_server() {
-        let (idp, guard) = Idp::start(options()).await.unwrap();
-        let address = idp.base_url().trim_start_matches("http://").to_owned();
-
-        drop(guard);
-
-        // The listener closes at once; give the serve task a moment to observe the cancellation.
-        let mut refused = false;
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(&address).await.is_err() {
-                refused = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(
-            refused,
-            "the IdP still accepts connections after its guard was dropped"
-        );
     }
 }
