@@ -20,7 +20,7 @@ use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -178,21 +178,36 @@ pub async fn bind(listen: &[ListenAddr]) -> io::Result<Vec<Listener>> {
 async fn bind_one(addr: &ListenAddr) -> io::Result<Listener> {
     match addr {
         ListenAddr::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a).await?)),
-        ListenAddr::Unix(path) => {
-            if path.exists() {
-                if UnixStream::connect(path).await.is_ok() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::AddrInUse,
-                        "another process answers on this socket",
-                    ));
-                }
-                std::fs::remove_file(path)?;
-            }
-            let listener = Listener::unix(UnixListener::bind(path)?, path.clone());
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(UNIX_SOCKET_MODE))?;
-            Ok(listener)
-        }
+        ListenAddr::Unix(path) => bind_unix(path, UNIX_SOCKET_MODE).await,
     }
+}
+
+/// Binds a Unix socket at `path` with `mode`. A stale socket file left by a dead process is
+/// replaced; a live one is an error (`AddrInUse`). The socket is bound under a temporary name,
+/// given its mode, then renamed into place, so nobody can connect to `path` before it has its
+/// final permissions.
+pub async fn bind_unix(path: &Path, mode: u32) -> io::Result<Listener> {
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "another process answers on this socket",
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)?;
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(Listener::unix(listener, path.to_path_buf()))
 }
 
 /// hyper's HTTP/1 and h2 settings: the same for every server.

@@ -1,7 +1,7 @@
 //! The control API server.
 
 use std::convert::Infallible;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +12,6 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
-use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::server::Listener;
@@ -41,21 +40,19 @@ pub async fn bind(path: &Path, mode: u32) -> std::io::Result<Listener> {
             .mode(0o750)
             .create(dir)?;
     }
-    if path.exists() {
-        if tokio::net::UnixStream::connect(path).await.is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
+    crate::server::bind_unix(path, mode).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            std::io::Error::new(
+                e.kind(),
                 format!(
                     "another behest-agent daemon answers on {}; stop it or set control.socket",
                     path.display()
                 ),
-            ));
+            )
+        } else {
+            e
         }
-        std::fs::remove_file(path)?;
-    }
-    let listener = Listener::unix(UnixListener::bind(path)?, path.to_path_buf());
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    Ok(listener)
+    })
 }
 
 /// Serves the control API until `shutdown`.
