@@ -246,7 +246,7 @@ pub async fn serve<M, S, B>(
     let server = Arc::new(Server {
         builder,
         limits,
-        permits: Semaphore::new(limits.max_connections.max(1)),
+        permits: Arc::new(Semaphore::new(limits.max_connections.max(1))),
         cut: CancellationToken::new(),
         connections: TaskTracker::new(),
     });
@@ -279,7 +279,7 @@ struct Server {
     builder: auto::Builder<TokioExecutor>,
     limits: Limits,
     /// One per open connection, taken before `accept`.
-    permits: Semaphore,
+    permits: Arc<Semaphore>,
     /// Cancelled when the grace is over: the connections still open are dropped.
     cut: CancellationToken,
     connections: TaskTracker,
@@ -302,16 +302,12 @@ impl Server {
                 biased;
                 () = shutdown.cancelled() => break,
                 a = async {
-                    let permit = self.permits.acquire().await.expect("never closed");
+                    let permit = self.permits.clone().acquire_owned().await.expect("never closed");
                     (permit, listener.accept().await)
                 } => a,
             };
-            let (stream, conn) = match accepted {
-                (permit, Ok(a)) => {
-                    // Given back when the connection ends.
-                    permit.forget();
-                    a
-                }
+            let (permit, (stream, conn)) = match accepted {
+                (permit, Ok(a)) => (permit, a),
                 (_, Err(error)) => {
                     // Out of file descriptors and the like: back off rather than spin.
                     tracing::warn!(%error, "failed to accept a connection");
@@ -341,6 +337,7 @@ impl Server {
             let watcher = graceful.watcher();
             let server = self.clone();
             self.connections.spawn(async move {
+                let _permit = permit;
                 let conn = server.builder.serve_connection(io, service).into_owned();
                 tokio::select! {
                     ended = watcher.watch(conn) => if let Err(error) = ended {
@@ -349,7 +346,6 @@ impl Server {
                     () = activity.stalled(server.limits) => tracing::debug!("closed an idle connection"),
                     () = server.cut.cancelled() => {}
                 }
-                server.permits.add_permits(1);
             });
         }
     }
