@@ -77,7 +77,7 @@ fn succeeded(what: &str, out: &Output) -> String {
 }
 
 #[tokio::test]
-async fn status_and_token_find_a_running_dev_agent_with_no_configuration() {
+async fn status_token_and_doctor_find_a_running_dev_agent_with_no_configuration() {
     let runtime = tempfile::tempdir().unwrap();
     let default_socket = runtime.path().join("behest-agent.sock");
     let (mut dev, banner) = start_dev(runtime.path()).await;
@@ -109,6 +109,21 @@ async fn status_and_token_find_a_running_dev_agent_with_no_configuration() {
         jsonwebtoken::dangerous::insecure_decode_claims(token).expect("a JWT's claims");
     assert_eq!(claims["uid"], "dev-client");
     assert_eq!(claims["aud"], "https://api.behest.dev");
+
+    // doctor, with no configuration of its own, checks the agent that answers.
+    let doctor = agent(runtime.path(), &["doctor"]).output().await.unwrap();
+    let doctor = succeeded("doctor", &doctor);
+    assert!(
+        doctor.contains(&format!("✓ daemon: pid {pid},")),
+        "{doctor}"
+    );
+    assert!(doctor.contains("✓ uid: dev-client"), "{doctor}");
+    assert!(
+        doctor.contains("✓ upstream GET /v1/models through the agent"),
+        "{doctor}"
+    );
+    assert!(!doctor.contains('✗'), "{doctor}");
+    assert!(!doctor.contains(token), "doctor never prints the token");
 
     signal(&dev, nix::sys::signal::Signal::SIGTERM);
     exits_cleanly(&mut dev).await;

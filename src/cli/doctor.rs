@@ -50,6 +50,14 @@ pub async fn run(g: &Global, _args: Args) -> CliResult {
     let settings = match g.load() {
         Ok(s) => s,
         Err(e) => {
+            // No configuration of its own (none was named): a running daemon, such as
+            // `behest-agent dev`, is what the user wants checked.
+            if g.config.is_none()
+                && let Some(daemon) = super::daemon_for(g).await
+            {
+                check_daemon_alone(&mut r, &daemon).await;
+                return Ok(r.exit_code());
+            }
             r.fail("config", e.problem(), e.fix());
             return Ok(ExitCode::from(2));
         }
@@ -562,6 +570,103 @@ fn check_daemon(
 }
 
 /// `GET {upstream}/v1/models` with the token.
+/// With no configuration here, what can be checked of the daemon that answers on the default
+/// socket: its token and claims as it reports them, and the upstream through its proxy. The
+/// credentials and the IdP need its configuration (and its secret, which it never hands out).
+async fn check_daemon_alone(r: &mut Report, daemon: &ControlClient) {
+    let socket = daemon.path().display();
+    let status = match daemon.call(Method::GET, "/v1/status").await {
+        Ok((StatusCode::OK, v)) => v,
+        _ => {
+            r.fail(
+                "daemon",
+                format!("something answers on {socket} but not with the agent's control API"),
+                "stop whatever listens there, or point --config at the agent's configuration",
+            );
+            return;
+        }
+    };
+    let d = &status["daemon"];
+    r.pass(format!(
+        "daemon: pid {}, version {}, on {socket}",
+        d["pid"],
+        d["version"].as_str().unwrap_or("?")
+    ));
+    r.info("config: none here; checking the running daemon (--config PATH checks the credentials and the IdP too)");
+    let t = &status["token"];
+    if t["ready"].as_bool() != Some(true) {
+        r.fail(
+            "token",
+            t["last_error"]
+                .as_str()
+                .unwrap_or("the daemon holds no valid token"),
+            "run `behest-agent doctor --config` with the daemon's configuration to see why",
+        );
+        return;
+    }
+    r.pass(format!(
+        "token: valid, expires {}",
+        expires_words(t["expires_in"].as_i64().unwrap_or(0))
+    ));
+    let claims = &t["claims"];
+    let client = t["client_id"].as_str().unwrap_or_default();
+    match claims["uid"].as_str() {
+        Some(uid) if uid == client => r.pass(format!("uid: {uid} (the client id)")),
+        Some(uid) => r.refused(
+            "uid",
+            &CheckError::UidMismatch {
+                claim: "uid".into(),
+                expected: client.into(),
+                got: uid.into(),
+            },
+        ),
+        None => r.refused(
+            "uid",
+            &CheckError::UidMissing {
+                claim: "uid".into(),
+            },
+        ),
+    }
+    for claim in BEHEST_CLAIMS {
+        match claims[claim].as_str() {
+            Some(v) => r.pass(format!("{claim}: {v}")),
+            None => {
+                let e = CheckError::ClaimMissing {
+                    claim: claim.into(),
+                };
+                r.info(format!("{claim}: {}; {}", e.problem(), e.fix()));
+            }
+        }
+    }
+    let Some(listen) = d["listen"]
+        .as_array()
+        .and_then(|l| l.first())
+        .and_then(Value::as_str)
+    else {
+        r.info("upstream: the daemon runs no proxy");
+        return;
+    };
+    let url = format!("http://{listen}/v1/models");
+    let what = format!("upstream GET /v1/models through the agent ({listen})");
+    let http = match crate::auth::http::client(UPSTREAM_TIMEOUT, None) {
+        Ok(c) => c,
+        Err(e) => return r.fail("HTTP client", e, CA_FILE_FIX),
+    };
+    match http.get(&url).send().await {
+        Ok(resp) if resp.status().is_success() => r.pass(format!("{what}: {}", resp.status())),
+        Ok(resp) => r.fail(
+            what,
+            format!("answered {}", resp.status()),
+            "see `behest-agent status` and the daemon's log",
+        ),
+        Err(e) => r.fail(
+            what,
+            describe_reqwest(&e),
+            "see `behest-agent status` and the daemon's log",
+        ),
+    }
+}
+
 async fn check_upstream(r: &mut Report, s: &Settings, token: Option<&SecretString>) {
     let Some(base) = &s.proxy.upstream else {
         r.info(
