@@ -347,6 +347,11 @@ fn check_request(stack: &Stack, r: &Recorded, marker: Option<&str>) {
         .filter(|(n, _)| n == "authorization")
         .count();
     assert_eq!(auths, 1, "{r:?}");
+    let has = |name: &str| r.headers.iter().any(|(n, _)| n == name);
+    assert!(
+        !(has("content-length") && has("transfer-encoding")),
+        "the upstream got conflicting framing: {r:?}"
+    );
     assert_eq!(r.bearer, BearerKind::Jwt, "{r:?}");
     let uid = r
         .claims

@@ -244,6 +244,7 @@ fn clone_head(head: &http::request::Parts) -> http::request::Parts {
 
 /// Removes the hop-by-hop headers and those `Connection` names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // What `Connection` names goes too (usually only `keep-alive` or `close`).
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
