@@ -1,9 +1,11 @@
 #!/usr/bin/env node
 // The "1,000 requests on an empty cache" figure: fires K concurrent requests (one connection
-// each) at the proxy while the stub IdP holds the agent's first grant, releases the grant once
-// every request is written, and prints one JSON line with the status counts and the time taken.
+// each) at a fresh agent whose first grant the IdP answers late (bench/run.sh asks bench-servers
+// for that), then reads the IdP's grant count once every request is written: none issued since
+// the burst began means it arrived while the grant was in flight, as the figure needs. Prints one JSON line with the
+// status counts and the times taken.
 //
-//   node bench/burst.js --url URL --idp IDP_BASE_URL [--requests K] [--settle-ms MS]
+//   node bench/burst.js --url URL --control IDP_URL [--requests K] [--settle-ms MS]
 'use strict';
 const http = require('http');
 
@@ -12,37 +14,37 @@ function arg(name, dflt) {
   return i >= 0 && i + 1 < process.argv.length ? process.argv[i + 1] : dflt;
 }
 const target = new URL(arg('url'));
-const idp = new URL(arg('idp'));
+const control = arg('control');
 const count = Number(arg('requests', '1000'));
 const settle = Number(arg('settle-ms', '300'));
 const BODY = JSON.stringify({ model: 'echo-1', messages: [{ role: 'user', content: 'hello' }] });
 
-function post(url, body, agent) {
+function grants() {
   return new Promise((resolve) => {
-    const req = http.request(
-      {
-        host: url.hostname,
-        port: url.port,
-        method: 'POST',
-        path: url.pathname,
-        agent,
-        headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body || '') },
-      },
-      (res) => {
-        res.resume();
-        res.on('end', () => resolve(res.statusCode));
-      },
-    );
-    req.on('error', (e) => resolve(`error:${e.code || e.message}`));
-    req.end(body || '');
+    http
+      .get(new URL('/bench/stats', control), (res) => {
+        let text = '';
+        res.on('data', (c) => (text += c));
+        res.on('end', () => {
+          try {
+            resolve(JSON.parse(text).grants);
+          } catch (e) {
+            resolve(null);
+          }
+        });
+      })
+      .on('error', () => resolve(null));
   });
 }
 
 async function main() {
   const agent = new http.Agent({ keepAlive: false, maxSockets: Infinity });
+  const grantsBefore = await grants();
   let written = 0;
   let allWritten;
   const writtenP = new Promise((r) => (allWritten = r));
+  let firstAnswer = null;
+  let lastAnswer = null;
   const t0 = Date.now();
   const results = [];
   for (let i = 0; i < count; i++) {
@@ -62,8 +64,12 @@ async function main() {
             },
           },
           (res) => {
+            if (firstAnswer === null) firstAnswer = Date.now() - t0;
             res.resume();
-            res.on('end', () => resolve(res.statusCode));
+            res.on('end', () => {
+              lastAnswer = Date.now() - t0;
+              resolve(res.statusCode);
+            });
           },
         );
         req.on('finish', () => {
@@ -81,14 +87,24 @@ async function main() {
     new Promise((r) => setTimeout(() => r(true), 30000)),
   ]);
   const writtenMs = Date.now() - t0;
-  // Let the agent read every head and park each request on the grant in flight.
+  // Let the agent read every head and park each request on the grant in flight, then check that
+  // the grant is still in flight.
   await new Promise((r) => setTimeout(r, settle));
-  await post(new URL('/admin/release', idp), '', undefined);
+  const grantsAfter = await grants();
+  const grantsWhenWritten = grantsBefore === null || grantsAfter === null ? null : grantsAfter - grantsBefore;
   const statuses = await Promise.all(results);
   const counts = {};
   for (const s of statuses) counts[s] = (counts[s] || 0) + 1;
   process.stdout.write(
-    JSON.stringify({ requests: count, written_ms: writtenMs, write_timeout: timedOut, total_ms: Date.now() - t0, statuses: counts }) + '\n',
+    JSON.stringify({
+      requests: count,
+      written_ms: writtenMs,
+      write_timeout: timedOut,
+      grants_when_written: grantsWhenWritten,
+      first_answer_ms: firstAnswer,
+      last_answer_ms: lastAnswer,
+      statuses: counts,
+    }) + '\n',
   );
   agent.destroy();
 }

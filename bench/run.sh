@@ -1,38 +1,41 @@
 #!/usr/bin/env bash
-# behest-agent's benchmark: the agent beside a direct connection and beside nginx configured as the
-# same header-injecting reverse proxy, all against the same loopback upstreams, in one run,
-# interleaved, repeated. Writes BENCHMARKS.md (and the raw figures to bench/results/).
-# Not part of CI. Run from anywhere, as root or with sudo rights for apt-get:
+# behest-agent's benchmark: the shipped binary (plain `cargo build --release`, the one the Debian
+# package contains) beside a direct connection and beside nginx configured as the same
+# header-injecting reverse proxy, all against the same loopback upstreams, in one run, in paired
+# rounds. Writes BENCHMARKS.md with the SPEC section 7 verdicts (and the raw figures to
+# bench/results/). Not part of CI. Run from anywhere, as root or with sudo rights for apt-get:
 #
 #   bench/run.sh
 #
-# Knobs (environment): ROUNDS (5), DURATION (seconds per wrk run, 4), STREAMS (10 streams per
-# path per round), HOLD_STREAMS (1000), BURST (1000), BASE_PORT (18700), OUT (BENCHMARKS.md),
+# Knobs (environment): ROUNDS (9, SPEC section 7's least), DURATION (seconds per wrk run, 4),
+# STREAMS (10 streams per path per round), STREAM_EVENTS (20 content events per stream), STREAM_MS
+# (20 ms between events), HOLD_STREAMS (1000), BURST (1000), BURST_GRANT_DELAY_MS (3000: how late
+# the IdP answers the burst agent's first grant), BASE_PORT (18700), OUT (BENCHMARKS.md),
 # NGINX_KEEPALIVE (256: nginx's upstream pool), FOREIGN_MAX (0.05), RETRIES (2), QUIET_BUDGET (300 s),
-# CARGO_TARGET_DIR (target), SKIP_BUILD=1 (use the binaries already built), PGO (1: the agent under
-# test is the profile-guided build of pgo/build.sh, the one to package, and the plain
-# `cargo build --release` binary runs the request scenarios too, as a fourth path; 0: the plain
-# build only).
+# CARGO_TARGET_DIR (target), SKIP_BUILD=1 (use the binaries already built).
 #
 # What runs (all on 127.0.0.1):
-#   bench/idp.js          stub Auth0-compatible IdP: RS256 JWTs, JWKS, a grant counter, grant hold
-#   nginx (upstream)      the fast upstream: an OpenAI-style JSON body from memory, 401 without a bearer
-#   bench/sse.js          the streaming upstream: N events M ms apart, each stamped with its send time
-#   behest-agent run      the agent under test (a second one for streams, a third for the burst; with
-#                         PGO=1 a fourth, the plain build, for the request scenarios)
+#   bench-servers         (bench/src/main.rs) devkit's IdP and echo upstream, the ones `behest-agent
+#                         dev` and the tests use, served by the agent's accept loop: the IdP (RS256
+#                         JWTs, JWKS; its grant count and a slow first grant under /bench/) and the
+#                         streaming upstream (SSE events STREAM_MS apart)
+#   nginx (upstream)      the fast upstream of the request cells: an OpenAI-style JSON body from
+#                         memory, 401 without a bearer
+#   behest-agent run      the agent under test (a second one for streams, a third for the burst)
 #   nginx (proxy)         the comparison: proxy_pass + keepalive pool + proxy_set_header Authorization
 #   wrk, bench/stream_client.js, bench/burst.js, hyperfine   the load
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-ROUNDS=${ROUNDS:-5}
+ROUNDS=${ROUNDS:-9}
 DURATION=${DURATION:-4}
 STREAMS=${STREAMS:-10}
 STREAM_EVENTS=${STREAM_EVENTS:-20}
 STREAM_MS=${STREAM_MS:-20}
 HOLD_STREAMS=${HOLD_STREAMS:-1000}
 BURST=${BURST:-1000}
+BURST_GRANT_DELAY_MS=${BURST_GRANT_DELAY_MS:-3000}
 BASE_PORT=${BASE_PORT:-18700}
 NGINX_KEEPALIVE=${NGINX_KEEPALIVE:-256}
 OUT=${OUT:-BENCHMARKS.md}
@@ -45,7 +48,7 @@ die() { log "error: $*"; exit 1; }
 
 # ---------------------------------------------------------------- 1. tools and the build
 need=()
-for t in nginx:nginx wrk:wrk h2load:nghttp2-client hyperfine:hyperfine curl:curl taskset:util-linux; do
+for t in nginx:nginx wrk:wrk hyperfine:hyperfine curl:curl taskset:util-linux; do
     command -v "${t%%:*}" >/dev/null 2>&1 || need+=("${t#*:}")
 done
 command -v node >/dev/null 2>&1 || need+=(nodejs)
@@ -59,21 +62,18 @@ fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 if [[ ${SKIP_BUILD:-0} != 1 ]]; then
-    log "building the agent (release, target dir $TARGET_DIR)"
+    # Two builds, not one with `-p bench`: built together, the bench crate's dependencies could
+    # change the features the agent's are built with, and the binary measured would not be the
+    # one `cargo build --release` makes.
+    log "building the agent: cargo build --release (target dir $TARGET_DIR)"
     CARGO_TARGET_DIR=$TARGET_DIR cargo build --release --quiet
+    log "building the benchmark's servers: cargo build --release -p bench"
+    CARGO_TARGET_DIR=$TARGET_DIR cargo build --release --quiet -p bench
 fi
-PGO=${PGO:-1}
-if [[ $PGO == 1 && ${SKIP_BUILD:-0} != 1 ]]; then
-    log "building the agent with profile-guided optimisation (pgo/build.sh; two more release builds)"
-    CARGO_TARGET_DIR=$TARGET_DIR pgo/build.sh
-fi
-PLAIN_BIN=$(cd "$TARGET_DIR" && pwd)/release/behest-agent
-[[ -x $PLAIN_BIN ]] || die "no binary at $PLAIN_BIN"
-BIN=$PLAIN_BIN
-if [[ $PGO == 1 ]]; then
-    BIN=$(cd "$TARGET_DIR" && pwd)/pgo/behest-agent
-    [[ -x $BIN ]] || die "no binary at $BIN (pgo/build.sh)"
-fi
+BIN=$(cd "$TARGET_DIR" && pwd)/release/behest-agent
+SERVERS=$(cd "$TARGET_DIR" && pwd)/release/bench-servers
+[[ -x $BIN ]] || die "no binary at $BIN"
+[[ -x $SERVERS ]] || die "no binary at $SERVERS"
 # The source the binary was built from, read now: the tree may change while the benchmark runs.
 GIT_REV=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 git diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || GIT_REV="$GIT_REV+uncommitted changes"
@@ -85,10 +85,10 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 NCPU=$(nproc)
 if ((NCPU >= 3)); then
     LOAD_CPUS=0; PROXY_CPUS=1; UP_CPUS=2
-    PINNING="load generator on CPU 0, proxy under test on CPU 1, upstreams on CPU 2"
+    PINNING="load generator on CPU 0, proxy under test on CPU 1, upstreams and IdP on CPU 2"
 elif ((NCPU == 2)); then
     LOAD_CPUS=0; PROXY_CPUS=1; UP_CPUS=1
-    PINNING="load generator (and the stub IdP) on CPU 0; the proxy under test and the upstream share CPU 1"
+    PINNING="load generator on CPU 0; the proxy under test, the upstreams and the IdP share CPU 1"
 else
     LOAD_CPUS=0; PROXY_CPUS=0; UP_CPUS=0
     PINNING="one CPU: everything shares it (no pinning possible)"
@@ -126,8 +126,7 @@ AGENT_PORT=$((BASE_PORT + 5))
 AGENT_SSE_PORT=$((BASE_PORT + 6))
 AGENT_BURST_PORT=$((BASE_PORT + 7))
 SINK_PORT=$((BASE_PORT + 8))
-AGENT_PLAIN_PORT=$((BASE_PORT + 9))
-for p in $(seq "$BASE_PORT" $((BASE_PORT + 9))); do
+for p in $(seq "$BASE_PORT" $((BASE_PORT + 8))); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then die "port $p is taken (set BASE_PORT)"; fi
 done
 
@@ -145,14 +144,16 @@ SECRET=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
 AUDIENCE=https://api.behest.bench
 IDP=http://127.0.0.1:$IDP_PORT
 
-spawn "$LOAD_CPUS" "$TMP/idp.log" node bench/idp.js --port "$IDP_PORT" --client-id "$CLIENT_ID" \
-    --secret "$SECRET" --audience "$AUDIENCE"
-spawn "$UP_CPUS" "$TMP/sse.log" node bench/sse.js --port "$SSE_PORT"
+spawn "$UP_CPUS" "$TMP/servers.log" env BENCH_CLIENT_SECRET="$SECRET" "$SERVERS" --idp "127.0.0.1:$IDP_PORT" \
+    --upstream "127.0.0.1:$SSE_PORT" --client-id "$CLIENT_ID" --audience "$AUDIENCE" \
+    --sse-interval-ms "$STREAM_MS"
 wait_port "$IDP_PORT"
 wait_port "$SSE_PORT"
+json_field() { python3 -c 'import json,sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"; }
 
-# The token nginx injects: a real one from the same IdP, so both proxies send the same bytes.
-TOKEN=$(curl -sf -X POST "$IDP/admin/issue" | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+# The token nginx injects: one the same IdP signed, with a grant's claims, so both proxies send
+# the same bytes.
+TOKEN=$(curl -sf -X POST "$IDP/bench/token" | json_field access_token)
 DIRECT_AUTH="Bearer $TOKEN"
 
 fill() { # template out
@@ -185,10 +186,10 @@ agent_env() { # name port upstream_port
         "BEHEST_AGENT_CONFIG=$TMP/none.toml"
 }
 : >"$TMP/none.toml"
-start_agent() { # name port upstream_port [binary] -> sets AGENT_PID
+start_agent() { # name port upstream_port -> sets AGENT_PID
     local -a envs
     mapfile -t envs < <(agent_env "$1" "$2" "$3")
-    spawn "$PROXY_CPUS" "$TMP/agent-$1.log" env "${envs[@]}" "${4:-$BIN}" --log-level warn run
+    spawn "$PROXY_CPUS" "$TMP/agent-$1.log" env "${envs[@]}" "$BIN" --log-level warn run
     AGENT_PID=$SPAWNED
     wait_port "$2"
 }
@@ -273,12 +274,6 @@ agent_ready main
 start_agent sse "$AGENT_SSE_PORT" "$SSE_PORT"
 AGENT_SSE=$AGENT_PID
 agent_ready sse
-AGENT_PLAIN=
-if [[ $PGO == 1 ]]; then
-    start_agent plain "$AGENT_PLAIN_PORT" "$UP_PORT" "$PLAIN_BIN"
-    AGENT_PLAIN=$AGENT_PID
-    agent_ready plain
-fi
 sleep 1
 AGENT_IDLE_KIB=$(rss_kib "$AGENT")
 AGENT_SSE_IDLE_KIB=$(rss_kib "$AGENT_SSE")
@@ -291,23 +286,27 @@ log "agent idle RSS ${AGENT_IDLE_KIB} KiB (${AGENT_THREADS} threads); nginx prox
 DIRECT=http://127.0.0.1:$UP_PORT
 VIA_AGENT=http://127.0.0.1:$AGENT_PORT
 VIA_NGINX=http://127.0.0.1:$NGX_PORT
-VIA_PLAIN=http://127.0.0.1:$AGENT_PLAIN_PORT
 code() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
 [[ $(code "$DIRECT/v1/models") == 401 ]] || die "the upstream does not refuse a request without a bearer"
 [[ $(code -H "Authorization: $DIRECT_AUTH" "$DIRECT/v1/models") == 200 ]] || die "direct: no 200"
 [[ $(code "$VIA_AGENT/v1/models") == 200 ]] || die "agent: no 200 (see $TMP/agent-main.log)"
 [[ $(code "$VIA_NGINX/v1/models") == 200 ]] || die "nginx proxy: no 200"
-[[ $PGO != 1 || $(code "$VIA_PLAIN/v1/models") == 200 ]] || die "plain agent: no 200 (see $TMP/agent-plain.log)"
 [[ $(code -X POST --data-binary "@/dev/null" -H 'Content-Type: application/json' "$VIA_AGENT/v1/chat/completions") == 200 ]] \
     || die "agent: POST failed"
 [[ $(curl -sf -X POST --data-binary @<(head -c 1048576 /dev/zero) "$VIA_AGENT/v1/files") == *file-bench* ]] \
     || die "agent: upload failed"
 [[ $(curl -sf -X POST --data-binary @<(head -c 1048576 /dev/zero) "$VIA_NGINX/v1/files") == *file-bench* ]] \
     || die "nginx: upload failed"
-curl -sfN -X POST -d '{}' "http://127.0.0.1:$AGENT_SSE_PORT/v1/chat/completions?n=2&ms=1" | grep -q '\[DONE\]' \
-    || die "agent: no stream"
-curl -sfN -X POST -d '{}' "http://127.0.0.1:$NGX_SSE_PORT/v1/chat/completions?n=2&ms=1" | grep -q '\[DONE\]' \
-    || die "nginx: no stream"
+stream() { # url [curl args]: a streamed chat completion of 2 content events
+    local url=$1; shift
+    curl -sfN -X POST -H 'Content-Type: application/json' -H 'x-echo-events: 2' "$@" "$url/v1/chat/completions" \
+        -d '{"model":"echo-1","stream":true,"messages":[{"role":"user","content":"hello"}]}'
+}
+[[ $(code -X POST -d '{}' "http://127.0.0.1:$SSE_PORT/v1/chat/completions") == 401 ]] \
+    || die "the streaming upstream does not refuse a request without a bearer"
+stream "http://127.0.0.1:$SSE_PORT" -H "Authorization: $DIRECT_AUTH" | grep -q '\[DONE\]' || die "direct: no stream"
+stream "http://127.0.0.1:$AGENT_SSE_PORT" | grep -q '\[DONE\]' || die "agent: no stream (see $TMP/agent-sse.log)"
+stream "http://127.0.0.1:$NGX_SSE_PORT" | grep -q '\[DONE\]' || die "nginx: no stream"
 log "sanity checks passed"
 
 mkdir -p "$RESULTS"
@@ -316,11 +315,10 @@ RAW=$RESULTS/raw.jsonl
 
 # ---------------------------------------------------------------- 5. throughput and latency (wrk)
 PATHS=(direct agent nginx)
-WRK_PATHS=("${PATHS[@]}")
-[[ $PGO == 1 ]] && WRK_PATHS+=(plain)
-url_of() { case $1 in direct) echo "$DIRECT" ;; agent) echo "$VIA_AGENT" ;; nginx) echo "$VIA_NGINX" ;; plain) echo "$VIA_PLAIN" ;; esac; }
+NP=${#PATHS[@]}
+url_of() { case $1 in direct) echo "$DIRECT" ;; agent) echo "$VIA_AGENT" ;; nginx) echo "$VIA_NGINX" ;; esac; }
 auth_of() { [[ $1 == direct ]] && echo "$DIRECT_AUTH" || echo "Bearer placeholder"; }
-pids_of() { case $1 in direct) echo "" ;; agent) echo "$AGENT" ;; nginx) nginx_pids ;; plain) echo "$AGENT_PLAIN" ;; esac; }
+pids_of() { case $1 in direct) echo "" ;; agent) echo "$AGENT" ;; nginx) nginx_pids ;; esac; }
 
 # name method body concurrency path
 SCENARIOS=(
@@ -366,21 +364,20 @@ run_wrk() { # scenario-line path round duration
 
 wait_quiet "${QUIET_WAIT:-120}"
 log "warm-up: 1 s per scenario and path"
-for s in "${SCENARIOS[@]}"; do for p in "${WRK_PATHS[@]}"; do run_wrk "$s" "$p" 0 1; done; done
-NW=${#WRK_PATHS[@]}
+for s in "${SCENARIOS[@]}"; do for p in "${PATHS[@]}"; do run_wrk "$s" "$p" 0 1; done; done
 for ((r = 1; r <= ROUNDS; r++)); do
-    log "round $r/$ROUNDS: ${#SCENARIOS[@]} scenarios x $NW paths x ${DURATION}s"
+    log "round $r/$ROUNDS: ${#SCENARIOS[@]} scenarios x $NP paths x ${DURATION}s"
     for s in "${SCENARIOS[@]}"; do
         # Rotate the order every round so no path always runs first (or after a particular one).
-        for ((k = 0; k < NW; k++)); do run_wrk "$s" "${WRK_PATHS[$(((k + r) % NW))]}" "$r" "$DURATION"; done
+        for ((k = 0; k < NP; k++)); do run_wrk "$s" "${PATHS[$(((k + r) % NP))]}" "$r" "$DURATION"; done
     done
 done
-[[ -z $AGENT_PLAIN ]] || kill "$AGENT_PLAIN" 2>/dev/null || true
 AGENT_AFTER_LOAD_KIB=$(rss_kib "$AGENT")
 AGENT_AFTER_LOAD_HWM_KIB=$(awk '/^VmHWM:/{print $2}' "/proc/$AGENT/status")
 LOAD_ENDED=$(date +%s)
 
 # ---------------------------------------------------------------- 6. streaming: TTFB and event delay
+# Through the second agent and nginx's second server, both to bench-servers' echo upstream.
 sse_url_of() {
     case $1 in
         direct) echo "http://127.0.0.1:$SSE_PORT/v1/chat/completions" ;;
@@ -388,15 +385,15 @@ sse_url_of() {
         nginx) echo "http://127.0.0.1:$NGX_SSE_PORT/v1/chat/completions" ;;
     esac
 }
-log "streaming: $ROUNDS rounds x 3 paths x $STREAMS streams of $STREAM_EVENTS events ${STREAM_MS} ms apart"
+log "streaming: $ROUNDS rounds x $NP paths x $STREAMS streams of $STREAM_EVENTS content events ${STREAM_MS} ms apart"
 for ((r = 1; r <= ROUNDS; r++)); do
-    for ((k = 0; k < 3; k++)); do
-        p=${PATHS[$(((k + r) % 3))]}
+    for ((k = 0; k < NP; k++)); do
+        p=${PATHS[$(((k + r) % NP))]}
         for ((attempt = 0; attempt <= RETRIES; attempt++)); do
             ((attempt > 0)) && wait_quiet 60
             probe_start
             out=$(on "$LOAD_CPUS" node bench/stream_client.js measure --url "$(sse_url_of "$p")" \
-                --auth "$(auth_of "$p")" --streams "$STREAMS" --events "$STREAM_EVENTS" --ms "$STREAM_MS") \
+                --control "$IDP" --auth "$(auth_of "$p")" --streams "$STREAMS" --events "$STREAM_EVENTS") \
                 || die "stream client failed on $p"
             probe_end
             quiet && break
@@ -412,6 +409,7 @@ done
 hold_streams() { # path pids...
     local path=$1; shift
     local before; before=$(rss_kib "$@")
+    : >"$TMP/hold-$path.out"
     spawn "$LOAD_CPUS" "$TMP/hold-$path.out" node bench/stream_client.js hold --url "$(sse_url_of "$path")" \
         --auth "$(auth_of "$path")" --streams "$HOLD_STREAMS" --hold-s 4
     local client=$SPAWNED
@@ -453,20 +451,25 @@ for r in d["results"]:
 EOF
 
 # ---------------------------------------------------------------- 9. 1,000 requests, empty cache
-log "burst: $BURST concurrent requests on a fresh agent whose first grant is held"
-curl -sf -X POST "$IDP/admin/hold" >/dev/null
-G0=$(curl -sf "$IDP/stats")
+# The IdP answers the next token request BURST_GRANT_DELAY_MS late (devkit's Fault::Delay): the
+# fresh agent's first grant is in flight while the burst arrives; burst.js checks it still was
+# once every request had been written.
+log "burst: $BURST concurrent requests on a fresh agent whose first grant takes ${BURST_GRANT_DELAY_MS} ms"
+G0=$(curl -sf "$IDP/bench/stats")
+curl -sf -X POST "$IDP/bench/delay-next-grant?ms=$BURST_GRANT_DELAY_MS" >/dev/null
 start_agent burst "$AGENT_BURST_PORT" "$UP_PORT"
 AGENT_BURST=$AGENT_PID
+# The agent asks for its token as it starts; the burst goes once that request is at the IdP.
+asked0=$(json_field token_requests <<<"$G0")
 for ((i = 0; i < 100; i++)); do
-    [[ $(curl -sf "$IDP/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["held"])') -ge 1 ]] && break
+    (($(curl -sf "$IDP/bench/stats" | json_field token_requests) > asked0)) && break
     sleep 0.05
 done
 BURST_OUT=$(on "$LOAD_CPUS" node bench/burst.js --url "http://127.0.0.1:$AGENT_BURST_PORT/v1/chat/completions" \
-    --idp "$IDP" --requests "$BURST" 2>&1 | tail -1)
-G1=$(curl -sf "$IDP/stats")
+    --control "$IDP" --requests "$BURST" 2>&1 | tail -1)
+G1=$(curl -sf "$IDP/bench/stats")
 BURST_STATUS=$(curl -sf --unix-socket "$TMP/agent-burst.sock" http://agent/v1/status || echo null)
-python3 - "$G0" "$G1" "$BURST_OUT" "$BURST_STATUS" >>"$RAW" <<'EOF'
+python3 - "$G0" "$G1" "$BURST_OUT" "$BURST_STATUS" "$BURST_GRANT_DELAY_MS" >>"$RAW" <<'EOF'
 import json, sys
 g0, g1, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
 try:
@@ -476,7 +479,7 @@ except Exception:
     grants_ok = None
 print(json.dumps({"kind": "burst", "grants": g1["grants"] - g0["grants"],
                   "token_requests": g1["token_requests"] - g0["token_requests"],
-                  "agent_grants_ok": grants_ok, **out}))
+                  "grant_delay_ms": int(sys.argv[5]), "agent_grants_ok": grants_ok, **out}))
 EOF
 kill "$AGENT_BURST" 2>/dev/null || true
 
@@ -502,7 +505,7 @@ print(json.dumps({
   "pinning": "$PINNING", "load_cpus": "$LOAD_CPUS", "proxy_cpus": "$PROXY_CPUS", "upstream_cpus": "$UP_CPUS",
   "rounds": $ROUNDS, "foreign_max": $FOREIGN_MAX, "nginx_keepalive": $NGINX_KEEPALIVE, "quiet_spent_s": $QUIET_SPENT, "duration_s": $DURATION, "streams": $STREAMS, "stream_events": $STREAM_EVENTS,
   "stream_ms": $STREAM_MS, "hold_streams": $HOLD_STREAMS, "burst": $BURST,
-  "agent_version": "$AGENT_VERSION", "git": "$GIT_REV", "pgo": $PGO,
+  "agent_version": "$AGENT_VERSION", "git": "$GIT_REV",
   "nginx": "$("$NGINX" -v 2>&1 | sed 's/.*nginx\///')", "wrk": "$(wrk --version 2>&1 | head -1 | awk '{print $2}')",
   "node": "$(node --version)", "hyperfine": "$(hyperfine --version | awk '{print $2}')",
   "agent_idle_kib": $AGENT_IDLE_KIB, "agent_sse_idle_kib": $AGENT_SSE_IDLE_KIB,
@@ -514,9 +517,9 @@ print(json.dumps({
   "date": "$(date -u +%Y-%m-%dT%H:%MZ)",
 }))
 EOF
-python3 bench/summarize.py "$RAW" "$RESULTS/meta.json" bench/reading.md >"$OUT"
+python3 bench/summarize.py "$RAW" "$RESULTS/meta.json" >"$OUT"
 # Keep every run's figures (bench/results/ is not committed); BENCHMARKS.md can be regenerated
-# from them after bench/reading.md changes: python3 bench/summarize.py RAW META bench/reading.md
+# from them after bench/summarize.py changes: python3 bench/summarize.py RAW META
 KEEP=$RESULTS/$(date -u +%Y%m%dT%H%MZ)
 mkdir -p "$KEEP" && cp "$RAW" "$RESULTS/meta.json" "$KEEP/"
 log "wrote $OUT (raw figures in ${KEEP#$ROOT/})"

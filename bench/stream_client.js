@@ -1,17 +1,23 @@
 #!/usr/bin/env node
-// Streaming client for the benchmark, two modes:
+// Streaming client for the benchmark, against devkit's echo upstream (bench-servers) directly or
+// through a proxy. Two modes:
 //
-//   measure --url URL [--auth VALUE] [--streams K] [--events N] [--ms M]
+//   measure --url URL --control IDP_URL [--auth VALUE] [--streams K] [--events N]
 //     K streamed chat completions one after another on one keep-alive connection (after one
-//     warm-up stream), each asking bench/sse.js for N events M ms apart. Prints one JSON line:
-//     ttfb_ms (request written -> first body byte, per stream), delay_ms (event written by the
-//     upstream -> event read here, per event), gap_ms (between consecutive events, per gap).
+//     warm-up stream), each asking for N content events (`x-echo-events`; the upstream adds the
+//     role, stop and [DONE] events). Each stream is tagged (`x-bench-tag`); once all are done, the
+//     upstream's send time of every event is read from IDP_URL/bench/sse-sent. Prints one JSON
+//     line: ttfb_ms (request written -> first body byte, per stream), delay_ms (event handed to
+//     the upstream's connection -> read here, per event; both clocks are the machine's wall clock),
+//     gap_ms (between consecutive events read, per gap).
 //
 //   hold --url URL [--auth VALUE] [--streams K] [--hold-s S] [--ready-timeout-s T]
-//     opens K streams at once, prints "READY open=K ..." once every one has its first event (or
-//     "READY open=J ... timeout" after T s), keeps them open S seconds, then closes them and exits.
+//     opens K streams at once (`x-bench-hold`: the upstream paces them an event a second), prints
+//     "READY open=K ..." once every one has its first event (or "READY open=J ... timeout" after
+//     T s), keeps them open S seconds, then closes them and exits.
 'use strict';
 const http = require('http');
+const crypto = require('crypto');
 const { performance } = require('perf_hooks');
 
 const mode = process.argv[2];
@@ -21,30 +27,28 @@ function arg(name, dflt) {
 }
 const target = new URL(arg('url'));
 const auth = arg('auth', '');
+// Wall clock with sub-millisecond resolution, comparable with the upstream's SystemTime stamps.
 const wall = () => performance.timeOrigin + performance.now();
+// A reply long enough that every content event carries some of it.
 const BODY = JSON.stringify({
   model: 'echo-1',
   stream: true,
-  messages: [{ role: 'user', content: 'hello' }],
+  messages: [{ role: 'user', content: 'The quick brown fox jumps over the lazy dog. '.repeat(4) }],
 });
 
-function open(agent, events, ms, onEvent, onFirstByte) {
+// Sends one streamed completion; onEvent(readAt) per event, onFirstByte(readAt) once. Resolves
+// when the stream ends. `open.lastReq` is the request, `_started` when it was handed to the socket.
+function open(agent, headers, onEvent, onFirstByte) {
   return new Promise((resolve, reject) => {
-    const headers = {
+    const h = {
       'content-type': 'application/json',
       accept: 'text/event-stream',
       'content-length': Buffer.byteLength(BODY),
+      ...headers,
     };
-    if (auth) headers.authorization = auth;
+    if (auth) h.authorization = auth;
     const req = http.request(
-      {
-        host: target.hostname,
-        port: target.port,
-        method: 'POST',
-        path: `${target.pathname}?n=${events}&ms=${ms}`,
-        headers,
-        agent,
-      },
+      { host: target.hostname, port: target.port, method: 'POST', path: target.pathname, headers: h, agent },
       (res) => {
         if (res.statusCode !== 200) {
           res.resume();
@@ -62,10 +66,8 @@ function open(agent, events, ms, onEvent, onFirstByte) {
           buf += chunk;
           let cut;
           while ((cut = buf.indexOf('\n\n')) >= 0) {
-            const ev = buf.slice(0, cut);
             buf = buf.slice(cut + 2);
-            const m = /"t":([0-9.]+)/.exec(ev);
-            if (m) onEvent(at, Number(m[1]));
+            onEvent(at);
           }
         });
         res.on('end', () => resolve());
@@ -79,34 +81,64 @@ function open(agent, events, ms, onEvent, onFirstByte) {
   });
 }
 
+function getJson(url) {
+  return new Promise((resolve, reject) => {
+    http
+      .get(url, (res) => {
+        let text = '';
+        res.setEncoding('utf8');
+        res.on('data', (c) => (text += c));
+        res.on('end', () => {
+          try {
+            resolve(JSON.parse(text));
+          } catch (e) {
+            reject(new Error(`${url}: ${res.statusCode} ${text.slice(0, 200)}`));
+          }
+        });
+      })
+      .on('error', reject);
+  });
+}
+
 async function measure() {
   const streams = Number(arg('streams', '10'));
   const events = Number(arg('events', '20'));
-  const ms = Number(arg('ms', '20'));
+  const control = arg('control');
+  const run = crypto.randomBytes(6).toString('hex');
   const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
-  const out = { ttfb_ms: [], delay_ms: [], gap_ms: [] };
+  const out = { ttfb_ms: [], delay_ms: [], gap_ms: [], events: 0 };
+  const reads = {};
   for (let s = -1; s < streams; s++) {
-    let prev = null;
-    let t0 = 0;
     const record = s >= 0;
+    const tag = `${run}-${s}`;
+    const at = [];
+    let t0 = 0;
     const p = open(
       agent,
-      events,
-      ms,
-      (at, sentAt) => {
-        if (!record) return;
-        out.delay_ms.push(at - sentAt);
-        if (prev !== null) out.gap_ms.push(at - prev);
-        prev = at;
-      },
-      (at) => {
-        if (record) out.ttfb_ms.push(at - t0);
+      { 'x-echo-events': String(events), 'x-bench-tag': tag },
+      (readAt) => at.push(readAt),
+      (readAt) => {
+        if (record) out.ttfb_ms.push(readAt - t0);
       },
     );
     t0 = open.lastReq._started;
     await p;
+    if (!record) continue;
+    reads[tag] = at;
+    for (let i = 1; i < at.length; i++) out.gap_ms.push(at[i] - at[i - 1]);
+    out.events += at.length;
   }
   agent.destroy();
+  if (control) {
+    const sent = await getJson(new URL(`/bench/sse-sent?prefix=${run}`, control));
+    for (const [tag, at] of Object.entries(reads)) {
+      const from = sent[tag] || [];
+      if (from.length !== at.length) {
+        throw new Error(`stream ${tag}: ${at.length} events read, ${from.length} sent`);
+      }
+      for (let i = 0; i < at.length; i++) out.delay_ms.push(at[i] - from[i]);
+    }
+  }
   process.stdout.write(JSON.stringify(out) + '\n');
 }
 
@@ -122,7 +154,7 @@ async function hold() {
   let announce;
   const allReady = new Promise((r) => (announce = r));
   for (let i = 0; i < streams; i++) {
-    open(agent, 100000, 1000, () => {}, () => {
+    open(agent, { 'x-echo-events': '1000000', 'x-bench-hold': '1' }, () => {}, () => {
       ready += 1;
       if (ready + failed === streams) announce();
     }).catch(() => {
