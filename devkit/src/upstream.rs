@@ -19,7 +19,9 @@
 //! as it streams in, never buffered. Anything else is an OpenAI-shaped 404.
 //!
 //! Tests steer it with [`UpstreamFault`]s — one-shot ([`Upstream::fail_next`]) or persistent
-//! ([`Upstream::set_fault`]) — and read what it received ([`Upstream::requests`]) and its counters.
+//! ([`Upstream::set_fault`]) — and read what it received ([`Upstream::requests`]) and its counters,
+//! connections included when each accepted connection is served by
+//! [`UpstreamService::for_connection`].
 //! It never records or logs a token: the `Authorization` header is kept only as a [`BearerKind`].
 //!
 //! Layout: `verify` (the bearer check and where its keys come from) · this file (options, faults,
@@ -221,6 +223,8 @@ struct Inner {
     in_flight: AtomicU64,
     /// Responses abandoned because the client went away before their body ended.
     cancelled: AtomicU64,
+    /// Connections served by [`UpstreamService::for_connection`].
+    connections: AtomicU64,
     /// One permit per [`Upstream::resume_stream`], taken by a stream paused by
     /// [`UpstreamFault::PauseStream`]; a permit given before the stream pauses waits for it.
     resumes: Semaphore,
@@ -277,6 +281,7 @@ impl Upstream {
                 requests: AtomicU64::new(0),
                 in_flight: AtomicU64::new(0),
                 cancelled: AtomicU64::new(0),
+                connections: AtomicU64::new(0),
                 resumes: Semaphore::new(0),
                 changes: watch::Sender::new(0),
             }),
@@ -330,6 +335,11 @@ impl Upstream {
     /// head was sent, as with [`UpstreamFault::Hold`]).
     pub fn cancelled(&self) -> u64 {
         self.inner.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// Connections served so far by [`UpstreamService::for_connection`].
+    pub fn connections(&self) -> u64 {
+        self.inner.connections.load(Ordering::SeqCst)
     }
 
     /// Lets one stream paused by [`UpstreamFault::PauseStream`] go on to its end: the first one
@@ -774,6 +784,18 @@ pub struct UpstreamService {
     upstream: Upstream,
     /// Releases held requests and cuts paused streams.
     shutdown: CancellationToken,
+}
+
+impl UpstreamService {
+    /// The service for one accepted connection, counted in [`Upstream::connections`]: whoever
+    /// accepts the connections calls it once for each, so a test can tell whether the agent
+    /// reused its upstream connections.
+    pub fn for_connection(&self) -> UpstreamService {
+        let inner = &self.upstream.inner;
+        inner.connections.fetch_add(1, Ordering::SeqCst);
+        self.upstream.changed();
+        self.clone()
+    }
 }
 
 impl<B> hyper::service::Service<Request<B>> for UpstreamService
