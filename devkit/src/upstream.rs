@@ -16,7 +16,8 @@
 //! written as its own body frame, [`UpstreamOptions::sse_interval`] apart (`x-echo-events: N` sets
 //! the number of content pieces, default 5); `POST /v1/embeddings` (8 deterministic floats per
 //! input, `encoding_format` `float` or `base64`); `POST /v1/files`, whose multipart body is digested
-//! as it streams in, never buffered. Anything else is an OpenAI-shaped 404.
+//! as it streams in, never buffered. Anything else is an OpenAI-shaped 404. Every answer carries
+//! `x-request-id: req_N`, N the request's number from 0, as OpenAI's carry a request id.
 //!
 //! Tests steer it with [`UpstreamFault`]s — one-shot ([`Upstream::fail_next`]) or persistent
 //! ([`Upstream::set_fault`]) — and read what it received ([`Upstream::requests`]) and its counters,
@@ -176,6 +177,8 @@ pub struct Recorded {
     /// Every header in arrival order, names lowercase; `Authorization` and `Proxy-Authorization`
     /// values are replaced by `<redacted>`.
     pub headers: Vec<(String, String)>,
+    /// The trailer fields of a chunked body, redacted as `headers` are.
+    pub trailers: Vec<(String, String)>,
     pub bearer: BearerKind,
     /// The bearer's claims, when it verified (never in fast mode).
     pub claims: Option<Value>,
@@ -199,6 +202,15 @@ impl Recorded {
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.as_str())
+    }
+
+    /// Every value of header `name` (lowercase), in order.
+    pub fn header_values(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
     }
 }
 
@@ -413,6 +425,7 @@ impl Upstream {
             path,
             version: format!("{:?}", parts.version),
             headers: recorded_headers(&parts.headers),
+            trailers: read.trailers.clone(),
             bearer,
             claims: verdict.as_ref().ok().cloned().flatten(),
             body_len: read.len,
@@ -896,6 +909,8 @@ enum Sink {
 struct BodyRead {
     len: u64,
     sha256: String,
+    /// The trailer fields, redacted as recorded headers are.
+    trailers: Vec<(String, String)>,
     sink: Sink,
     /// Why the body could not be used (unreadable, over the limit).
     problem: Option<(StatusCode, String)>,
@@ -922,11 +937,17 @@ where
     let mut digest = digest::Context::new(&digest::SHA256);
     let mut len = 0u64;
     let mut problem = None;
+    let mut trailers = Vec::new();
     while let Some(frame) = body.frame().await {
         let data = match frame {
             Ok(frame) => match frame.into_data() {
                 Ok(data) => data,
-                Err(_trailers) => continue,
+                Err(frame) => {
+                    if let Ok(fields) = frame.into_trailers() {
+                        trailers.extend(recorded_headers(&fields));
+                    }
+                    continue;
+                }
             },
             Err(error) => {
                 let error: BoxError = error.into();
@@ -958,6 +979,7 @@ where
     BodyRead {
         len,
         sha256: hex(digest.finish().as_ref()),
+        trailers,
         sink,
         problem,
     }
@@ -2197,6 +2219,43 @@ mod tests {
         )
         .await;
         assert_eq!(w.upstream.cancelled(), 0);
+    }
+
+    #[tokio::test]
+    async fn trailers_are_recorded_with_credentials_redacted() {
+        let w = world();
+        let token = w.idp.mint(json!({}));
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-checksum", HeaderValue::from_static("abc"));
+        trailers.insert(AUTHORIZATION, HeaderValue::from_static("Bearer sk-trailer"));
+        let frames = vec![
+            Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"{\"input\": \"x\"}"))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let request = Request::post("/v1/embeddings")
+            .header(AUTHORIZATION, format!("Bearer {token}"))
+            .body(StreamBody::new(futures_util::stream::iter(frames)))
+            .expect("a valid request");
+
+        let response = w
+            .upstream
+            .service(CancellationToken::new())
+            .call(request)
+            .await
+            .unwrap_or_else(|never| match never {});
+
+        assert_eq!(response.status(), StatusCode::OK);
+        let recorded = &w.upstream.requests()[0];
+        let mut fields = recorded.trailers.clone();
+        fields.sort();
+        assert_eq!(
+            fields,
+            [
+                ("authorization".to_owned(), "<redacted>".to_owned()),
+                ("x-checksum".to_owned(), "abc".to_owned()),
+            ]
+        );
+        assert_eq!(recorded.body_len, 14);
     }
 
     #[tokio::test]
