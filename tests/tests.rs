@@ -1,4 +1,5 @@
-//! The integration tests: one binary, a module per area, shared helpers in `util`.
+//! The integration tests: one binary, a module per area, shared helpers in `util` and the proxy
+//! test rig in `rig`.
 
 mod cli;
 mod config;
@@ -9,6 +10,7 @@ mod interop;
 mod node;
 mod props;
 mod proxy;
+mod rig;
 mod service;
 mod smuggling;
 mod token;
