@@ -1,11 +1,12 @@
-//! The proxy test rig, shared by `smuggling` and `props`: the agent's proxy through
+//! The proxy test rig, shared by `forwarding`, `smuggling` and `props`: the agent's proxy through
 //! its public API (`Proxy` + `TokenSource`, tokens from the embedded IdP of a [`Harness`]) in front
 //! of devkit's echo upstream at `http://ADDR/base`, which verifies every bearer as Behest does and
 //! records what it received. A second listener ([`Evil`]) stands for "another host": probes name
 //! it, and it must never see a connection.
 //!
-//! Clients are raw bytes on a `TcpStream` ([`Rig::probe`]). Every socket is bound to port 0; waits
-//! are on the sockets, never on sleeps (the timeouts here only turn a hang into a failure).
+//! Clients are raw bytes on a `TcpStream` ([`Rig::probe`]) or hyper's own ([`Rig::send`]). Every
+//! socket is bound to port 0; waits are on the upstream's changes or on the sockets, never on
+//! sleeps (the timeouts here only turn a hang into a failure).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -14,12 +15,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use behest_agent::clock;
-use behest_agent::config::ListenAddr;
+use behest_agent::config::{ListenAddr, ProxySettings};
 use behest_agent::proxy::Proxy;
 use behest_agent::token::TokenSource;
+use bytes::Bytes;
 use devkit::upstream::{BearerKind, Recorded, Upstream, UpstreamOptions};
+use http::Request;
+use http_body::Body;
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use secrecy::ExposeSecret;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -29,6 +36,8 @@ use crate::util::{AUDIENCE, Harness, Start};
 pub const HANG: Duration = Duration::from_secs(20);
 /// The upstream's base path: every forwarded request must stay under it.
 pub const BASE: &str = "/base";
+/// The test CA, and the upstream certificate it signed for 127.0.0.1.
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
 
 pub async fn within<F: Future>(f: F) -> F::Output {
     tokio::time::timeout(HANG, f).await.expect("the test hung")
@@ -72,11 +81,14 @@ impl Evil {
 /// dropped.
 pub struct Rig {
     pub h: Harness,
-    /// devkit's echo upstream.
+    /// devkit's echo upstream (whether or not the proxy was pointed elsewhere).
     pub up: Upstream,
     _up: DropGuard,
     pub evil: Evil,
     pub tokens: TokenSource,
+    /// What the proxy was built with.
+    pub settings: ProxySettings,
+    pub proxy: Proxy,
     pub addr: SocketAddr,
     stop: CancellationToken,
     served: Option<tokio::task::JoinHandle<()>>,
@@ -86,6 +98,134 @@ impl Drop for Rig {
     fn drop(&mut self) {
         self.stop.cancel();
     }
+}
+
+type Edit<T> = Box<dyn FnOnce(&mut T)>;
+
+/// How a [`Rig`] is set up: devkit's defaults and the proxy's unless told otherwise.
+pub struct RigBuilder {
+    upstream: Edit<UpstreamOptions>,
+    alpn: Option<Vec<Vec<u8>>>,
+    url: Option<String>,
+    proxy: Edit<ProxySettings>,
+}
+
+impl RigBuilder {
+    /// Changes the echo upstream's options (its SSE pacing…).
+    pub fn upstream(mut self, edit: impl FnOnce(&mut UpstreamOptions) + 'static) -> Self {
+        self.upstream = Box::new(edit);
+        self
+    }
+
+    /// Serves the echo upstream over TLS offering `alpn` (a certificate for 127.0.0.1 from the
+    /// test CA, which the proxy is told to trust).
+    pub fn tls(mut self, alpn: &[&[u8]]) -> Self {
+        self.alpn = Some(alpn.iter().map(|p| p.to_vec()).collect());
+        self
+    }
+
+    /// Points the proxy at `url` instead of the echo upstream (a closed port, a raw responder).
+    pub fn upstream_url(mut self, url: impl Into<String>) -> Self {
+        self.url = Some(url.into());
+        self
+    }
+
+    /// Changes the proxy's settings.
+    pub fn proxy(mut self, tweak: impl FnOnce(&mut ProxySettings) + 'static) -> Self {
+        self.proxy = Box::new(tweak);
+        self
+    }
+
+    pub async fn start(self) -> Rig {
+        let h = Harness::start().await;
+        let mut opts = UpstreamOptions::for_idp(&h.idp, AUDIENCE);
+        (self.upstream)(&mut opts);
+        let (up, up_stop, url) = match &self.alpn {
+            None => {
+                let (up, stop) = Upstream::start(opts).await.expect("the upstream starts");
+                let url = format!("{}{BASE}", up.base_url());
+                (up, stop, url)
+            }
+            Some(alpn) => {
+                let (up, stop) = serve_tls(opts, alpn.clone()).await;
+                let url = up.base_url().replace("http://", "https://") + BASE;
+                (up, stop, url)
+            }
+        };
+        let url = self.url.unwrap_or(url);
+        let evil = Evil::start().await;
+        let mut settings = h.settings(&[
+            ("BEHEST_AGENT__PROXY__LISTEN", "127.0.0.1:0"),
+            ("BEHEST_AGENT__PROXY__UPSTREAM", url.as_str()),
+            ("BEHEST_AGENT__PROXY__ALLOW_INSECURE_UPSTREAM", "true"),
+        ]);
+        if self.alpn.is_some() {
+            settings.proxy.ca_file = Some(format!("{FIXTURES}/upstream-ca.pem").into());
+        }
+        (self.proxy)(&mut settings.proxy);
+        let tokens = TokenSource::new(&settings, clock::system()).expect("the token source");
+        let proxy = Proxy::new(&settings.proxy, tokens.clone()).expect("the proxy builds");
+        let listeners = Proxy::bind(&settings.proxy.listen).await.unwrap();
+        let ListenAddr::Tcp(addr) = listeners[0].local_addr().unwrap() else {
+            unreachable!("a TCP listener")
+        };
+        let stop = CancellationToken::new();
+        let (p, s) = (proxy.clone(), stop.clone());
+        let served = tokio::spawn(async move { p.serve(listeners, s).await });
+        Rig {
+            h,
+            up,
+            _up: up_stop,
+            evil,
+            tokens,
+            settings: settings.proxy,
+            proxy,
+            addr,
+            stop,
+            served: Some(served),
+        }
+    }
+}
+
+/// The echo upstream behind TLS with `alpn`, each connection served by hyper as ALPN decided.
+async fn serve_tls(opts: UpstreamOptions, alpn: Vec<Vec<u8>>) -> (Upstream, DropGuard) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    behest_agent::tls::install_default_provider();
+    let certs = CertificateDer::pem_file_iter(format!("{FIXTURES}/upstream-cert.pem")).unwrap();
+    let key = PrivateKeyDer::from_pem_file(format!("{FIXTURES}/upstream-key.pem")).unwrap();
+    let mut config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs.map(Result::unwrap).collect(), key)
+        .unwrap();
+    config.alpn_protocols = alpn;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = Upstream::new(listener.local_addr().unwrap(), opts);
+    let stop = CancellationToken::new();
+    let service = up.service(stop.clone());
+    let s = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            let tcp = tokio::select! {
+                () = s.cancelled() => return,
+                a = listener.accept() => a.unwrap().0,
+            };
+            let (acceptor, service, s) = (acceptor.clone(), service.clone(), s.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let conn = builder.serve_connection(TokioIo::new(tls), service.for_connection());
+                tokio::select! {
+                    _ = conn => {}
+                    () = s.cancelled() => {}
+                }
+            });
+        }
+    });
+    (up, stop.drop_guard())
 }
 
 /// What the client got back for one probe.
@@ -109,36 +249,23 @@ impl Outcome {
 }
 
 impl Rig {
-    pub async fn start() -> Rig {
-        let h = Harness::start().await;
-        let opts = UpstreamOptions::for_idp(&h.idp, AUDIENCE);
-        let (up, up_stop) = Upstream::start(opts).await.expect("the upstream starts");
-        let url = format!("{}{BASE}", up.base_url());
-        let evil = Evil::start().await;
-        let settings = h.settings(&[
-            ("BEHEST_AGENT__PROXY__LISTEN", "127.0.0.1:0"),
-            ("BEHEST_AGENT__PROXY__UPSTREAM", url.as_str()),
-            ("BEHEST_AGENT__PROXY__ALLOW_INSECURE_UPSTREAM", "true"),
-        ]);
-        let tokens = TokenSource::new(&settings, clock::system()).expect("the token source");
-        let proxy = Proxy::new(&settings.proxy, tokens.clone()).expect("the proxy builds");
-        let listeners = Proxy::bind(&settings.proxy.listen).await.unwrap();
-        let ListenAddr::Tcp(addr) = listeners[0].local_addr().unwrap() else {
-            unreachable!("a TCP listener")
-        };
-        let stop = CancellationToken::new();
-        let (p, s) = (proxy.clone(), stop.clone());
-        let served = tokio::spawn(async move { p.serve(listeners, s).await });
-        Rig {
-            h,
-            up,
-            _up: up_stop,
-            evil,
-            tokens,
-            addr,
-            stop,
-            served: Some(served),
+    pub fn builder() -> RigBuilder {
+        RigBuilder {
+            upstream: Box::new(|_| {}),
+            alpn: None,
+            url: None,
+            proxy: Box::new(|_| {}),
         }
+    }
+
+    /// Defaults everywhere.
+    pub async fn start() -> Rig {
+        Rig::builder().start().await
+    }
+
+    /// The proxy with `tweak`ed settings.
+    pub async fn with(tweak: impl FnOnce(&mut ProxySettings) + 'static) -> Rig {
+        Rig::builder().proxy(tweak).start().await
     }
 
     /// A `Host` the proxy accepts: its own listen address.
@@ -157,6 +284,48 @@ impl Rig {
     /// `host:port` of the echo upstream, what its `Host` must be.
     pub fn up_authority(&self) -> String {
         self.up_addr().to_string()
+    }
+
+    /// One of the proxy's `stats`, by its path in the JSON.
+    pub fn stat(&self, path: &[&str]) -> u64 {
+        let stats = self.proxy.stats();
+        let mut v = &stats;
+        for p in path {
+            v = &v[*p];
+        }
+        v.as_u64()
+            .unwrap_or_else(|| panic!("stat {path:?} in {stats}"))
+    }
+
+    /// A request to the proxy with its `Host`.
+    pub fn request(&self, method: &str, path: &str) -> http::request::Builder {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", self.host())
+    }
+
+    /// Sends `req` on a new HTTP/1.1 connection to the proxy.
+    pub async fn send<B>(&self, req: Request<B>) -> http::Response<Incoming>
+    where
+        B: Body<Data: Send, Error: Into<Box<dyn std::error::Error + Send + Sync>>> + Send + 'static,
+    {
+        send_on(TcpStream::connect(self.addr).await.unwrap(), req).await
+    }
+
+    pub async fn get(&self, path: &str) -> http::Response<Incoming> {
+        self.send(
+            self.request("GET", path)
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+        )
+        .await
+    }
+
+    /// Stops accepting; the returned task ends once the open connections are done.
+    pub fn shut_down(&mut self) -> tokio::task::JoinHandle<()> {
+        self.stop.cancel();
+        self.served.take().expect("still serving")
     }
 
     /// Writes `bytes` on a new connection and reads one response (head plus `Content-Length`
@@ -247,15 +416,27 @@ impl Rig {
 
     /// Stops the proxy and checks no secret reached the logs.
     pub async fn finish(mut self) {
-        self.stop.cancel();
-        if let Some(served) = self.served.take() {
-            within(served).await.unwrap();
-        }
+        within(self.shut_down()).await.unwrap();
         if let Some(t) = self.tokens.current() {
             self.h.remember(t.secret().expose_secret());
         }
         self.h.assert_no_secrets_logged();
     }
+}
+
+/// Sends one request on a new HTTP/1.1 connection over `io`.
+pub async fn send_on<S, B>(io: S, req: Request<B>) -> http::Response<Incoming>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    B: Body<Data: Send, Error: Into<Box<dyn std::error::Error + Send + Sync>>> + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    within(sender.send_request(req))
+        .await
+        .expect("the proxy answers")
 }
 
 /// The path of a recorded request, without its query.

@@ -6,6 +6,7 @@ mod config;
 mod dev;
 mod doctor;
 mod faults;
+mod forwarding;
 mod interop;
 mod node;
 mod props;
