@@ -54,6 +54,15 @@ async fn assert_agent_error(resp: http::Response<Incoming>, status: u16, code: &
     v
 }
 
+/// `GET path` on a new connection, with these fields besides `Host` (repeated names repeated).
+async fn get_with(rig: &Rig, path: &str, fields: &[(&str, &str)]) -> http::Response<Incoming> {
+    let mut request = rig.request("GET", path);
+    for (name, value) in fields {
+        request = request.header(*name, *value);
+    }
+    rig.send(request.body(Empty::<Bytes>::new()).unwrap()).await
+}
+
 /// The last request the upstream received.
 fn last(rig: &Rig) -> Recorded {
     rig.up
@@ -183,13 +192,16 @@ async fn forwards_under_the_base_path_with_the_agent_bearer_instead_of_client_cr
 #[tokio::test]
 async fn client_request_id_and_session_header_are_kept() {
     let rig = Rig::start().await;
-    let request = rig
-        .request("GET", "/v1/models")
-        .header("x-request-id", "client-chosen")
-        .header("x-session-id", "from-header")
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    assert_eq!(rig.send(request).await.status(), 200);
+    let resp = get_with(
+        &rig,
+        "/v1/models",
+        &[
+            ("x-request-id", "client-chosen"),
+            ("x-session-id", "from-header"),
+        ],
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
     let r = last(&rig);
     assert_eq!(r.header_values("x-request-id"), ["client-chosen"]);
     assert_eq!(r.header_values("x-session-id"), ["from-header"]);
@@ -210,12 +222,8 @@ async fn configured_session_id_is_sent_only_when_the_client_sent_none() {
     let rig = Rig::with(|s| s.session_id = Some("ci-job-7".into())).await;
     assert_eq!(rig.get("/v1/models").await.status(), 200);
     assert_eq!(last(&rig).header_values("x-session-id"), ["ci-job-7"]);
-    let request = rig
-        .request("GET", "/v1/models")
-        .header("x-session-id", "mine")
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    assert_eq!(rig.send(request).await.status(), 200);
+    let resp = get_with(&rig, "/v1/models", &[("x-session-id", "mine")]).await;
+    assert_eq!(resp.status(), 200);
     assert_eq!(last(&rig).header_values("x-session-id"), ["mine"]);
 }
 
@@ -226,25 +234,21 @@ async fn bad_session_ids_are_refused_and_never_forwarded() {
     for path in ["/s/a%20b/v1/models", "/s/%00/v1/models", long.as_str()] {
         assert_agent_error(rig.get(path).await, 400, "bad_request").await;
     }
-    let request = rig
-        .request("GET", "/v1/models")
-        .header("x-session-id", "has space")
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    assert_agent_error(rig.send(request).await, 400, "bad_request").await;
+    let resp = get_with(&rig, "/v1/models", &[("x-session-id", "has space")]).await;
+    assert_agent_error(resp, 400, "bad_request").await;
     assert_eq!(rig.up.request_count(), 0);
 }
 
 #[tokio::test]
 async fn header_names_with_an_underscore_are_not_forwarded() {
     let rig = Rig::start().await;
-    let request = rig
-        .request("GET", "/v1/models")
-        .header("x_session_id", "spoofed")
-        .header("x-kept", "1")
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    assert_eq!(rig.send(request).await.status(), 200);
+    let resp = get_with(
+        &rig,
+        "/v1/models",
+        &[("x_session_id", "spoofed"), ("x-kept", "1")],
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
     let r = last(&rig);
     assert_eq!(r.header("x-kept"), Some("1"));
     assert!(r.header_values("x_session_id").is_empty(), "{r:?}");
@@ -483,17 +487,20 @@ async fn upstream_401_refreshes_the_token_and_replays_the_request_once() {
 async fn a_replay_carries_the_clients_head_as_the_first_try_did() {
     let rig = Rig::start().await;
     rig.up.fail_next(1, UpstreamFault::Unauthorized);
-    let request = rig
-        .request("GET", "/s/job-7/v1/models?limit=2")
-        .header("x-request-id", "r-1")
-        .header("x-stainless-lang", "js")
-        .header("x-multi", "one")
-        .header("accept", "application/json")
-        .header("x-multi", "two, three")
-        .header("authorization", "Bearer placeholder")
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    let (status, _, _) = json_of(rig.send(request).await).await;
+    let resp = get_with(
+        &rig,
+        "/s/job-7/v1/models?limit=2",
+        &[
+            ("x-request-id", "r-1"),
+            ("x-stainless-lang", "js"),
+            ("x-multi", "one"),
+            ("accept", "application/json"),
+            ("x-multi", "two, three"),
+            ("authorization", "Bearer placeholder"),
+        ],
+    )
+    .await;
+    let (status, _, _) = json_of(resp).await;
     assert_eq!(status, 200);
     let seen = rig.up.requests();
     let [first, replay] = seen.as_slice() else {
@@ -1150,12 +1157,8 @@ async fn stats_count_requests_by_status_class() {
     let rig = Rig::start().await;
     let _ = json_of(rig.get("/v1/models").await).await;
     let _ = json_of(rig.get("/../x").await).await;
-    let request = rig
-        .request("GET", "/v1/models")
-        .header("origin", "https://evil.example")
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    let _ = json_of(rig.send(request).await).await;
+    let resp = get_with(&rig, "/v1/models", &[("origin", "https://evil.example")]).await;
+    let _ = json_of(resp).await;
     let stats = rig.proxy.stats();
     assert_eq!(stats["requests_total"], 3, "{stats}");
     assert_eq!(stats["responses"]["2xx"], 1, "{stats}");
