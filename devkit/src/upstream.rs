@@ -1565,12 +1565,26 @@ mod tests {
     }
 
     /// The upstream's answer to `request`, its body not yet read.
-    async fn call(upstream: &Upstream, request: Request<Full<Bytes>>) -> Response<Body> {
+    async fn call<B>(upstream: &Upstream, request: Request<B>) -> Response<Body>
+    where
+        B: HttpBody<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         upstream
             .service(CancellationToken::new())
             .call(request)
             .await
             .unwrap_or_else(|never| match never {})
+    }
+
+    /// Waits until no response is in flight, then checks how many of them were cancelled.
+    async fn assert_settled(upstream: &Upstream, cancelled: u64) {
+        within(
+            "the responses to end",
+            upstream.wait_for(|u| u.in_flight() == 0),
+        )
+        .await;
+        assert_eq!(upstream.cancelled(), cancelled);
     }
 
     /// Guards against a hang; not a timing assertion.
@@ -1841,12 +1855,7 @@ mod tests {
         let recorded = &w.upstream.requests()[0];
         assert_eq!(recorded.sse_sent_at.len(), 8);
         assert!(recorded.sse_sent_at.is_sorted());
-        within(
-            "the stream to end",
-            w.upstream.wait_for(|u| u.in_flight() == 0),
-        )
-        .await;
-        assert_eq!(w.upstream.cancelled(), 0);
+        assert_settled(&w.upstream, 0).await;
     }
 
     #[tokio::test]
@@ -2121,12 +2130,8 @@ mod tests {
         assert_eq!(data.len(), 2);
         assert!(!data.iter().any(|d| d == "[DONE]"));
         assert_eq!(w.upstream.requests()[0].sse_sent_at.len(), 2);
-        within(
-            "the stream to end",
-            w.upstream.wait_for(|u| u.in_flight() == 0),
-        )
-        .await;
-        assert_eq!(w.upstream.cancelled(), 0, "a fault is not a cancellation");
+        // A fault is not a cancellation.
+        assert_settled(&w.upstream, 0).await;
     }
 
     /// A streamed chat request with the default number of pieces and a usage chunk.
@@ -2213,12 +2218,7 @@ mod tests {
 
         assert!(rest_of(&mut body).await.is_err(), "the body ended cleanly");
         drop(body);
-        within(
-            "the stream to end",
-            w.upstream.wait_for(|u| u.in_flight() == 0),
-        )
-        .await;
-        assert_eq!(w.upstream.cancelled(), 0);
+        assert_settled(&w.upstream, 0).await;
     }
 
     #[tokio::test]
@@ -2237,12 +2237,7 @@ mod tests {
             .body(StreamBody::new(futures_util::stream::iter(frames)))
             .expect("a valid request");
 
-        let response = w
-            .upstream
-            .service(CancellationToken::new())
-            .call(request)
-            .await
-            .unwrap_or_else(|never| match never {});
+        let response = call(&w.upstream, request).await;
 
         assert_eq!(response.status(), StatusCode::OK);
         let recorded = &w.upstream.requests()[0];
@@ -2276,12 +2271,7 @@ mod tests {
         assert_eq!(w.upstream.requests()[0].status, None);
         pending.abort();
 
-        within(
-            "the cancellation",
-            w.upstream.wait_for(|u| u.in_flight() == 0),
-        )
-        .await;
-        assert_eq!(w.upstream.cancelled(), 1);
+        assert_settled(&w.upstream, 1).await;
     }
 
     #[tokio::test]
