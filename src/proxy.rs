@@ -22,9 +22,6 @@ mod forward;
 mod guard;
 mod path;
 
-#[cfg(test)]
-mod tests;
-
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};

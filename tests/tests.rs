@@ -1,14 +1,17 @@
-//! The integration tests: one binary, a module per area, shared helpers in `util`.
+//! The integration tests: one binary, a module per area, shared helpers in `util` and the proxy
+//! test rig in `rig`.
 
 mod cli;
 mod config;
 mod dev;
 mod doctor;
 mod faults;
+mod forwarding;
 mod interop;
 mod node;
 mod props;
 mod proxy;
+mod rig;
 mod service;
 mod smuggling;
 mod token;

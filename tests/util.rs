@@ -67,7 +67,7 @@ impl Start for Upstream {
         tokio::spawn(server::serve(
             listeners,
             LIMITS,
-            move |_| service.clone(),
+            move |_| service.for_connection(),
             stop.clone(),
         ));
         Ok((upstream, stop.drop_guard()))

@@ -16,10 +16,13 @@
 //! written as its own body frame, [`UpstreamOptions::sse_interval`] apart (`x-echo-events: N` sets
 //! the number of content pieces, default 5); `POST /v1/embeddings` (8 deterministic floats per
 //! input, `encoding_format` `float` or `base64`); `POST /v1/files`, whose multipart body is digested
-//! as it streams in, never buffered. Anything else is an OpenAI-shaped 404.
+//! as it streams in, never buffered. Anything else is an OpenAI-shaped 404. Every answer carries
+//! `x-request-id: req_N`, N the request's number from 0, as OpenAI's carry a request id.
 //!
 //! Tests steer it with [`UpstreamFault`]s — one-shot ([`Upstream::fail_next`]) or persistent
-//! ([`Upstream::set_fault`]) — and read what it received ([`Upstream::requests`]) and its counters.
+//! ([`Upstream::set_fault`]) — and read what it received ([`Upstream::requests`]) and its counters,
+//! connections included when each accepted connection is served by
+//! [`UpstreamService::for_connection`].
 //! It never records or logs a token: the `Authorization` header is kept only as a [`BearerKind`].
 //!
 //! Layout: `verify` (the bearer check and where its keys come from) · this file (options, faults,
@@ -49,7 +52,7 @@ use http_body::{Body as HttpBody, Frame};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt as _, Full, StreamBody};
 use serde_json::{Map, Value, json};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::idp::Idp;
@@ -128,6 +131,11 @@ pub enum UpstreamFault {
     /// Answers normally but aborts the body after this many SSE events (for a non-streamed answer,
     /// after half the JSON): no terminating chunk, the connection is reset.
     DropStream { after_events: usize },
+    /// Answers normally, but a streamed answer stops after this many SSE events and sends nothing
+    /// more until [`Upstream::resume_stream`] lets it go on to its end — or never, for a stream
+    /// that goes silent; it is cut when the service's shutdown token is cancelled. A JSON answer
+    /// is not affected.
+    PauseStream { after_events: usize },
     /// Never answers; the request stays in flight until the client goes away (counted in
     /// [`Upstream::cancelled`]) or the service's shutdown token is cancelled (then 503).
     Hold,
@@ -169,6 +177,8 @@ pub struct Recorded {
     /// Every header in arrival order, names lowercase; `Authorization` and `Proxy-Authorization`
     /// values are replaced by `<redacted>`.
     pub headers: Vec<(String, String)>,
+    /// The trailer fields of a chunked body, redacted as `headers` are.
+    pub trailers: Vec<(String, String)>,
     pub bearer: BearerKind,
     /// The bearer's claims, when it verified (never in fast mode).
     pub claims: Option<Value>,
@@ -193,6 +203,15 @@ impl Recorded {
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.as_str())
     }
+
+    /// Every value of header `name` (lowercase), in order.
+    pub fn header_values(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
 }
 
 /// A handle on an echo upstream; clones share state.
@@ -216,6 +235,11 @@ struct Inner {
     in_flight: AtomicU64,
     /// Responses abandoned because the client went away before their body ended.
     cancelled: AtomicU64,
+    /// Connections served by [`UpstreamService::for_connection`].
+    connections: AtomicU64,
+    /// One permit per [`Upstream::resume_stream`], taken by a stream paused by
+    /// [`UpstreamFault::PauseStream`]; a permit given before the stream pauses waits for it.
+    resumes: Semaphore,
     /// Bumped on every change a test may wait for ([`Upstream::wait_for`]).
     changes: watch::Sender<u64>,
 }
@@ -269,6 +293,8 @@ impl Upstream {
                 requests: AtomicU64::new(0),
                 in_flight: AtomicU64::new(0),
                 cancelled: AtomicU64::new(0),
+                connections: AtomicU64::new(0),
+                resumes: Semaphore::new(0),
                 changes: watch::Sender::new(0),
             }),
         }
@@ -321,6 +347,17 @@ impl Upstream {
     /// head was sent, as with [`UpstreamFault::Hold`]).
     pub fn cancelled(&self) -> u64 {
         self.inner.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// Connections served so far by [`UpstreamService::for_connection`].
+    pub fn connections(&self) -> u64 {
+        self.inner.connections.load(Ordering::SeqCst)
+    }
+
+    /// Lets one stream paused by [`UpstreamFault::PauseStream`] go on to its end: the first one
+    /// paused, or, when none is paused yet, the next one to pause.
+    pub fn resume_stream(&self) {
+        self.inner.resumes.add_permits(1);
     }
 
     /// Returns once `done(self)` holds, re-checking after each change in what the upstream saw
@@ -388,6 +425,7 @@ impl Upstream {
             path,
             version: format!("{:?}", parts.version),
             headers: recorded_headers(&parts.headers),
+            trailers: read.trailers.clone(),
             bearer,
             claims: verdict.as_ref().ok().cloned().flatten(),
             body_len: read.len,
@@ -402,7 +440,7 @@ impl Upstream {
         });
         self.changed();
 
-        let mut drop_after = None;
+        let mut stream_fault = None;
         match fault {
             Some(UpstreamFault::Unauthorized) => {
                 let response = invalid_api_key(
@@ -424,7 +462,12 @@ impl Upstream {
                 return self.finish(seq, in_flight, response);
             }
             Some(UpstreamFault::SlowHeaders(delay)) => tokio::time::sleep(delay).await,
-            Some(UpstreamFault::DropStream { after_events }) => drop_after = Some(after_events),
+            Some(UpstreamFault::DropStream { after_events }) => {
+                stream_fault = Some(StreamFault::Drop(after_events));
+            }
+            Some(UpstreamFault::PauseStream { after_events }) => {
+                stream_fault = Some(StreamFault::Pause(after_events));
+            }
             Some(UpstreamFault::Hold) => {
                 // Dropped with `in_flight` when the client goes away: that is the cancellation.
                 shutdown.cancelled().await;
@@ -451,16 +494,16 @@ impl Upstream {
             Answer::Error(response) => self.finish(seq, in_flight, response),
             Answer::Json(status, value) => {
                 let bytes = Bytes::from(value.to_string());
-                let body = match drop_after {
-                    Some(_) => truncated_body(bytes),
-                    None => full(bytes),
+                let body = match stream_fault {
+                    Some(StreamFault::Drop(_)) => truncated_body(bytes),
+                    Some(StreamFault::Pause(_)) | None => full(bytes),
                 };
                 let response = with_json_type(Response::builder().status(status), body);
                 self.finish(seq, in_flight, response)
             }
             Answer::Stream(events) => {
                 self.update(seq, |r| r.status = Some(200));
-                let body = self.sse_body(events, drop_after, seq, in_flight);
+                let body = self.sse_body(events, stream_fault, seq, in_flight, shutdown);
                 Response::builder()
                     .header(CONTENT_TYPE, "text/event-stream")
                     .header(http::header::CACHE_CONTROL, "no-cache")
@@ -662,56 +705,75 @@ impl Upstream {
     }
 
     /// A body that yields each event as its own frame, `sse_interval` apart, recording when each
-    /// left; aborted after `drop_after` events when that fault is set.
+    /// left; cut or paused after some events when `fault` says so. A paused stream is cut when
+    /// `shutdown` is cancelled.
     fn sse_body(
         &self,
         events: SseEvents,
-        drop_after: Option<usize>,
+        fault: Option<StreamFault>,
         seq: u64,
         in_flight: InFlight,
+        shutdown: CancellationToken,
     ) -> Body {
         let state = SseState {
             events,
-            drop_after,
+            fault,
             sent: 0,
             seq,
             in_flight,
             done: false,
         };
         let interval = self.inner.sse_interval;
-        let stream = futures_util::stream::unfold(state, move |mut state| async move {
-            if state.done {
-                return None;
-            }
-            if state.drop_after == Some(state.sent) {
-                // Pending once first, so hyper flushes the events already written: the client
-                // sees exactly `after_events` of them before the cut.
-                if interval.is_zero() {
-                    tokio::task::yield_now().await;
-                } else {
+        let stream = futures_util::stream::unfold(state, move |mut state| {
+            let shutdown = shutdown.clone();
+            async move {
+                if state.done {
+                    return None;
+                }
+                match state.fault {
+                    Some(StreamFault::Drop(after)) if after == state.sent => {
+                        // Pending once first, so hyper flushes the events already written: the
+                        // client sees exactly `after_events` of them before the cut.
+                        if interval.is_zero() {
+                            tokio::task::yield_now().await;
+                        } else {
+                            tokio::time::sleep(interval).await;
+                        }
+                        return Some((
+                            state.cut("stream dropped (fault injected by the echo upstream)"),
+                            state,
+                        ));
+                    }
+                    Some(StreamFault::Pause(after)) if after == state.sent => {
+                        state.fault = None;
+                        let upstream = state.in_flight.upstream.clone();
+                        let resumed = tokio::select! {
+                            permit = upstream.inner.resumes.acquire() => {
+                                permit.expect("the semaphore is never closed").forget();
+                                true
+                            }
+                            () = shutdown.cancelled() => false,
+                        };
+                        if !resumed {
+                            let why = "paused stream cut: the echo upstream is shutting down";
+                            return Some((state.cut(why), state));
+                        }
+                    }
+                    _ => {}
+                }
+                let Some(event) = state.events.next_event() else {
+                    state.in_flight.complete();
+                    return None;
+                };
+                if state.sent > 0 && !interval.is_zero() {
                     tokio::time::sleep(interval).await;
                 }
-                state.done = true;
-                state.in_flight.complete();
-                return Some((
-                    Err(io::Error::other(
-                        "stream dropped (fault injected by the echo upstream)",
-                    )),
-                    state,
-                ));
+                let upstream = &state.in_flight.upstream;
+                let now = upstream.inner.now.time();
+                upstream.update(state.seq, |r| r.sse_sent_at.push(now));
+                state.sent += 1;
+                Some((Ok(Frame::data(event)), state))
             }
-            let Some(event) = state.events.next_event() else {
-                state.in_flight.complete();
-                return None;
-            };
-            if state.sent > 0 && !interval.is_zero() {
-                tokio::time::sleep(interval).await;
-            }
-            let upstream = &state.in_flight.upstream;
-            let now = upstream.inner.now.time();
-            upstream.update(state.seq, |r| r.sse_sent_at.push(now));
-            state.sent += 1;
-            Some((Ok(Frame::data(event)), state))
         });
         StreamBody::new(stream).boxed_unsync()
     }
@@ -733,8 +795,20 @@ impl fmt::Debug for Upstream {
 #[derive(Clone, Debug)]
 pub struct UpstreamService {
     upstream: Upstream,
-    /// Releases held requests.
+    /// Releases held requests and cuts paused streams.
     shutdown: CancellationToken,
+}
+
+impl UpstreamService {
+    /// The service for one accepted connection, counted in [`Upstream::connections`]: whoever
+    /// accepts the connections calls it once for each, so a test can tell whether the agent
+    /// reused its upstream connections.
+    pub fn for_connection(&self) -> UpstreamService {
+        let inner = &self.upstream.inner;
+        inner.connections.fetch_add(1, Ordering::SeqCst);
+        self.upstream.changed();
+        self.clone()
+    }
 }
 
 impl<B> hyper::service::Service<Request<B>> for UpstreamService
@@ -835,6 +909,8 @@ enum Sink {
 struct BodyRead {
     len: u64,
     sha256: String,
+    /// The trailer fields, redacted as recorded headers are.
+    trailers: Vec<(String, String)>,
     sink: Sink,
     /// Why the body could not be used (unreadable, over the limit).
     problem: Option<(StatusCode, String)>,
@@ -861,11 +937,17 @@ where
     let mut digest = digest::Context::new(&digest::SHA256);
     let mut len = 0u64;
     let mut problem = None;
+    let mut trailers = Vec::new();
     while let Some(frame) = body.frame().await {
         let data = match frame {
             Ok(frame) => match frame.into_data() {
                 Ok(data) => data,
-                Err(_trailers) => continue,
+                Err(frame) => {
+                    if let Ok(fields) = frame.into_trailers() {
+                        trailers.extend(recorded_headers(&fields));
+                    }
+                    continue;
+                }
             },
             Err(error) => {
                 let error: BoxError = error.into();
@@ -897,6 +979,7 @@ where
     BodyRead {
         len,
         sha256: hex(digest.finish().as_ref()),
+        trailers,
         sink,
         problem,
     }
@@ -1214,11 +1297,28 @@ impl SseEvents {
 
 struct SseState {
     events: SseEvents,
-    drop_after: Option<usize>,
+    fault: Option<StreamFault>,
     sent: usize,
     seq: u64,
     in_flight: InFlight,
     done: bool,
+}
+
+impl SseState {
+    /// Ends the stream with an error (the connection is reset), as the injected fault wanted:
+    /// not a cancellation.
+    fn cut(&mut self, why: &'static str) -> Result<Frame<Bytes>, io::Error> {
+        self.done = true;
+        self.in_flight.complete();
+        Err(io::Error::other(why))
+    }
+}
+
+/// What an [`UpstreamFault`] does to a streamed answer, after this many events.
+#[derive(Clone, Copy)]
+enum StreamFault {
+    Drop(usize),
+    Pause(usize),
 }
 
 fn embeddings(sink: &Sink) -> Answer {
@@ -1465,12 +1565,26 @@ mod tests {
     }
 
     /// The upstream's answer to `request`, its body not yet read.
-    async fn call(upstream: &Upstream, request: Request<Full<Bytes>>) -> Response<Body> {
+    async fn call<B>(upstream: &Upstream, request: Request<B>) -> Response<Body>
+    where
+        B: HttpBody<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         upstream
             .service(CancellationToken::new())
             .call(request)
             .await
             .unwrap_or_else(|never| match never {})
+    }
+
+    /// Waits until no response is in flight, then checks how many of them were cancelled.
+    async fn assert_settled(upstream: &Upstream, cancelled: u64) {
+        within(
+            "the responses to end",
+            upstream.wait_for(|u| u.in_flight() == 0),
+        )
+        .await;
+        assert_eq!(upstream.cancelled(), cancelled);
     }
 
     /// Guards against a hang; not a timing assertion.
@@ -1741,12 +1855,7 @@ mod tests {
         let recorded = &w.upstream.requests()[0];
         assert_eq!(recorded.sse_sent_at.len(), 8);
         assert!(recorded.sse_sent_at.is_sorted());
-        within(
-            "the stream to end",
-            w.upstream.wait_for(|u| u.in_flight() == 0),
-        )
-        .await;
-        assert_eq!(w.upstream.cancelled(), 0);
+        assert_settled(&w.upstream, 0).await;
     }
 
     #[tokio::test]
@@ -2021,12 +2130,127 @@ mod tests {
         assert_eq!(data.len(), 2);
         assert!(!data.iter().any(|d| d == "[DONE]"));
         assert_eq!(w.upstream.requests()[0].sse_sent_at.len(), 2);
-        within(
-            "the stream to end",
-            w.upstream.wait_for(|u| u.in_flight() == 0),
-        )
-        .await;
-        assert_eq!(w.upstream.cancelled(), 0, "a fault is not a cancellation");
+        // A fault is not a cancellation.
+        assert_settled(&w.upstream, 0).await;
+    }
+
+    /// A streamed chat request with the default number of pieces and a usage chunk.
+    fn stream_request(token: &str) -> Request<Full<Bytes>> {
+        Call::new(Method::POST, "/v1/chat/completions", Some(token))
+            .json(chat("pause in the middle", true))
+            .request()
+    }
+
+    /// The `data:` payload of each frame until the body ends or breaks (`Err` then).
+    async fn rest_of(body: &mut Body) -> Result<Vec<String>, io::Error> {
+        let mut data = Vec::new();
+        while let Some(frame) = within("the next event", body.frame()).await {
+            data.extend(sse_data(&frame?.into_data().expect("a data frame")));
+        }
+        Ok(data)
+    }
+
+    // The clock is paused: a pause is told from the 1 ms between events by letting an hour pass.
+    #[tokio::test(start_paused = true)]
+    async fn paused_stream_sends_nothing_after_the_given_events_until_resumed() {
+        let w = world();
+        let token = w.idp.mint(json!({}));
+        w.upstream
+            .fail_next(1, UpstreamFault::PauseStream { after_events: 2 });
+
+        let mut body = call(&w.upstream, stream_request(&token)).await.into_body();
+        for _ in 0..2 {
+            let frame = body.frame().await.expect("an event").expect("readable");
+            assert!(frame.data_ref().is_some_and(|d| d.starts_with(b"data: ")));
+        }
+        let paused = tokio::time::timeout(Duration::from_secs(3600), body.frame()).await;
+        assert!(paused.is_err(), "an event came while paused: {paused:?}");
+        assert_eq!(w.upstream.requests()[0].sse_sent_at.len(), 2);
+        w.upstream.resume_stream();
+
+        let rest = rest_of(&mut body)
+            .await
+            .expect("the stream goes on to its end");
+        // 5 content pieces, stop, usage, [DONE] after the role and the first piece.
+        assert_eq!(rest.len(), 7, "{rest:?}");
+        assert_eq!(rest.last().map(String::as_str), Some("[DONE]"));
+        assert_eq!(w.upstream.requests()[0].sse_sent_at.len(), 9);
+        assert_eq!(w.upstream.cancelled(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_resume_given_before_the_stream_pauses_is_kept_for_it() {
+        let w = world();
+        let token = w.idp.mint(json!({}));
+        w.upstream.resume_stream();
+        w.upstream
+            .fail_next(1, UpstreamFault::PauseStream { after_events: 1 });
+
+        let mut body = call(&w.upstream, stream_request(&token)).await.into_body();
+
+        let data = rest_of(&mut body)
+            .await
+            .expect("the stream runs to its end");
+        assert_eq!(data.len(), 9, "{data:?}");
+        assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    }
+
+    #[tokio::test]
+    async fn paused_stream_is_cut_at_shutdown_and_not_counted_cancelled() {
+        let w = world();
+        let token = w.idp.mint(json!({}));
+        w.upstream
+            .fail_next(1, UpstreamFault::PauseStream { after_events: 1 });
+        let shutdown = CancellationToken::new();
+
+        let response = w
+            .upstream
+            .service(shutdown.clone())
+            .call(stream_request(&token))
+            .await
+            .unwrap_or_else(|never| match never {});
+        let mut body = response.into_body();
+        body.frame()
+            .await
+            .expect("a first event")
+            .expect("readable");
+        shutdown.cancel();
+
+        assert!(rest_of(&mut body).await.is_err(), "the body ended cleanly");
+        drop(body);
+        assert_settled(&w.upstream, 0).await;
+    }
+
+    #[tokio::test]
+    async fn trailers_are_recorded_with_credentials_redacted() {
+        let w = world();
+        let token = w.idp.mint(json!({}));
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-checksum", HeaderValue::from_static("abc"));
+        trailers.insert(AUTHORIZATION, HeaderValue::from_static("Bearer sk-trailer"));
+        let frames = vec![
+            Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"{\"input\": \"x\"}"))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let request = Request::post("/v1/embeddings")
+            .header(AUTHORIZATION, format!("Bearer {token}"))
+            .body(StreamBody::new(futures_util::stream::iter(frames)))
+            .expect("a valid request");
+
+        let response = call(&w.upstream, request).await;
+
+        assert_eq!(response.status(), StatusCode::OK);
+        let recorded = &w.upstream.requests()[0];
+        let mut fields = recorded.trailers.clone();
+        fields.sort();
+        assert_eq!(
+            fields,
+            [
+                ("authorization".to_owned(), "<redacted>".to_owned()),
+                ("x-checksum".to_owned(), "abc".to_owned()),
+            ]
+        );
+        assert_eq!(recorded.body_len, 14);
     }
 
     #[tokio::test]
@@ -2047,12 +2271,7 @@ mod tests {
         assert_eq!(w.upstream.requests()[0].status, None);
         pending.abort();
 
-        within(
-            "the cancellation",
-            w.upstream.wait_for(|u| u.in_flight() == 0),
-        )
-        .await;
-        assert_eq!(w.upstream.cancelled(), 1);
+        assert_settled(&w.upstream, 1).await;
     }
 
     #[tokio::test]
