@@ -21,6 +21,7 @@ mod error;
 mod forward;
 mod guard;
 mod path;
+mod upstream;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,7 +34,6 @@ use http::{HeaderValue, StatusCode, Uri};
 use hyper::service::service_fn;
 use hyper_rustls::HttpsConnectorBuilder;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use url::Url;
@@ -168,18 +168,21 @@ impl Proxy {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_max_idle_per_host(POOL_MAX_IDLE)
-            .build(https);
+        let target = Uri::builder()
+            .scheme(upstream.scheme.clone())
+            .authority(upstream.authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| SetupError::Upstream(e.to_string()))?;
+        let host = HeaderValue::from_str(upstream.authority.as_str())
+            .map_err(|e| SetupError::Upstream(e.to_string()))?;
+        let pool = upstream::Pool::new(https, target, host, POOL_IDLE_TIMEOUT, POOL_MAX_IDLE);
 
         // Zero: no limit (tokio clamps the far deadline).
         let unbounded = |d: Duration| if d.is_zero() { Duration::MAX } else { d };
         let fwd = Forwarder {
             tokens,
-            client,
+            pool,
             upstream,
             session_id,
             allowed_origins: settings.allowed_origins.clone(),
@@ -340,7 +343,10 @@ impl UpstreamBase {
     /// The upstream URI for a request: the configured scheme, authority and base path, then
     /// `path` (resolved under the base) and the client's query as it came.
     pub fn uri(&self, path: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
-        let mut pq = format!("{}{path}", self.base);
+        let mut pq =
+            String::with_capacity(self.base.len() + path.len() + query.map_or(0, |q| q.len() + 1));
+        pq.push_str(&self.base);
+        pq.push_str(path);
         if let Some(q) = query {
             pq.push('?');
             pq.push_str(q);

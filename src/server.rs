@@ -45,7 +45,7 @@ use crate::config::ListenAddr;
 
 /// The largest request head accepted (request line and all fields).
 pub const MAX_HEAD: usize = 32 * 1024;
-/// More fields than this in a request head get 431.
+/// More fields than this in a request head get 431 (hyper's own default on HTTP/1).
 pub const MAX_HEADERS: usize = 100;
 /// Concurrent h2 streams per client connection.
 pub const MAX_STREAMS: u32 = 100;
@@ -216,8 +216,10 @@ fn builder() -> auto::Builder<TokioExecutor> {
     b.http1()
         .timer(TokioTimer::new())
         .max_buf_size(MAX_HEAD)
-        .max_headers(MAX_HEADERS)
         .keep_alive(true);
+    // hyper's default field limit is MAX_HEADERS already; setting it explicitly would make
+    // hyper heap-allocate and fill its header arrays for every request head (2.5% of the proxy's
+    // instructions).
     b.http2()
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEAD as u32)

@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use tokio::time::Sleep;
 
 use super::Counters;
+use super::upstream::Lease;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -141,6 +142,8 @@ pub enum ResponseBody {
     Upstream {
         body: Pin<Box<Idle<Incoming>>>,
         record: Record,
+        /// The HTTP/1.1 connection it comes on, given back once the body was read to its end.
+        lease: Option<Lease>,
     },
 }
 
@@ -149,12 +152,23 @@ impl ResponseBody {
         ResponseBody::Full(Full::new(bytes))
     }
 
-    pub fn upstream(body: Idle<Incoming>, mut record: Record) -> ResponseBody {
+    pub fn upstream(
+        body: Idle<Incoming>,
+        mut record: Record,
+        lease: Option<Lease>,
+    ) -> ResponseBody {
         // An empty body may never be polled: it is complete already.
-        record.completed = body.is_end_stream();
+        let mut lease = lease;
+        if body.is_end_stream() {
+            record.completed = true;
+            if let Some(lease) = lease.take() {
+                lease.release();
+            }
+        }
         ResponseBody::Upstream {
             body: Box::pin(body),
             record,
+            lease,
         }
     }
 }
@@ -169,7 +183,11 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ResponseBody::Full(full) => Pin::new(full).poll_frame(cx).map_err(|e| match e {}),
-            ResponseBody::Upstream { body, record } => {
+            ResponseBody::Upstream {
+                body,
+                record,
+                lease,
+            } => {
                 let polled = body.as_mut().poll_frame(cx);
                 match &polled {
                     Poll::Ready(Some(Ok(frame))) => {
@@ -186,6 +204,11 @@ impl Body for ResponseBody {
                     }
                     Poll::Ready(None) => record.completed = true,
                     Poll::Pending => {}
+                }
+                if record.completed
+                    && let Some(lease) = lease.take()
+                {
+                    lease.release();
                 }
                 polled
             }
