@@ -167,9 +167,17 @@ impl Pool {
     /// The most recently used idle connection that is still open and not idle past the timeout.
     fn take_idle(&self) -> Option<http1::SendRequest<UpstreamBody>> {
         let mut idle = self.idle.lock().expect("idle lock");
-        let now = Instant::now();
-        idle.retain(|(tx, since)| !tx.is_closed() && now - *since < self.idle_timeout);
-        idle.pop().map(|(tx, _)| tx)
+        while let Some((tx, since)) = idle.pop() {
+            if since.elapsed() >= self.idle_timeout {
+                // The rest went idle earlier still: all past the timeout.
+                idle.clear();
+                return None;
+            }
+            if !tx.is_closed() {
+                return Some(tx);
+            }
+        }
+        None
     }
 
     fn put(&self, tx: http1::SendRequest<UpstreamBody>) {
