@@ -586,6 +586,7 @@ fn http_client() -> reqwest::Client {
 
 fn token_settings(verify: bool, uid_check: UidCheck, expected_uid: &str) -> TokenSettings {
     TokenSettings {
+        client_id: expected_uid.to_string(),
         uid_claim: "uid".to_string(),
         expected_uid: expected_uid.to_string(),
         uid_check,

@@ -238,6 +238,103 @@ async fn uid_check_warn_serves_a_token_without_uid_with_a_warning() {
     );
 }
 
+fn unix_now() -> u64 {
+    clock::system().unix()
+}
+
+#[tokio::test]
+async fn a_token_not_valid_yet_is_refused_naming_the_claim_and_the_clock() {
+    for claim in ["nbf", "iat"] {
+        let h = Harness::start().await;
+        let future = unix_now() + 3600;
+        h.idp
+            .set_fault(Some(Fault::Claims(serde_json::json!({ claim: future }))));
+        let source = h.source(&[NO_CACHE], clock::system());
+        let err = source.get(Duration::ZERO).await.unwrap_err();
+        let msg = err.to_string();
+        let check = rejected(err);
+        assert!(
+            matches!(check, CheckError::NotYetValid { claim: c, .. } if c == claim),
+            "{claim}: {msg}"
+        );
+        assert!(msg.contains("timedatectl"), "{msg}");
+        assert!(
+            source.current().is_none(),
+            "a token not valid yet is never served"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_token_issued_a_little_ahead_of_this_clock_is_served() {
+    let h = Harness::start().await;
+    let ahead = unix_now() + 20;
+    h.idp.set_fault(Some(Fault::Claims(
+        serde_json::json!({ "nbf": ahead, "iat": ahead }),
+    )));
+    let source = h.source(&[NO_CACHE], clock::system());
+    source
+        .get(Duration::ZERO)
+        .await
+        .expect("within the minute of leeway");
+}
+
+#[tokio::test]
+async fn a_token_of_another_client_is_refused_even_under_uid_check_warn() {
+    for (claim, value) in [
+        ("azp", "someone-else".to_string()),
+        ("sub", "someone-else@clients".to_string()),
+        ("client_id", "someone-else".to_string()),
+    ] {
+        let h = Harness::start().await;
+        h.idp.set_fault(Some(Fault::Claims(
+            serde_json::json!({ "uid": null, claim: value }),
+        )));
+        let source = h.source(
+            &[NO_CACHE, ("BEHEST_AGENT__TOKEN__UID_CHECK", "warn")],
+            clock::system(),
+        );
+        let err = source.get(Duration::ZERO).await.unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(rejected(err), CheckError::ClientMismatch { claim: c, .. } if c == claim),
+            "{claim}: {msg}"
+        );
+        assert!(
+            msg.contains("someone-else") && msg.contains(&h.client_id),
+            "{msg}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_fractional_exp_and_an_odd_expires_in_are_accepted() {
+    let h = Harness::start().await;
+    let exp = unix_now() as f64 + 600.5;
+    h.idp
+        .set_fault(Some(Fault::Claims(serde_json::json!({ "exp": exp }))));
+    let source = h.source(&[NO_CACHE], clock::system());
+    let t = source
+        .get(Duration::ZERO)
+        .await
+        .expect("exp = n.5 is a time");
+    assert_eq!(t.claims.exp, exp as u64);
+
+    for expires_in in [
+        serde_json::json!(-1),
+        serde_json::json!(599.5),
+        serde_json::json!("600"),
+    ] {
+        let h = Harness::start().await;
+        h.idp.set_fault(Some(Fault::ExpiresIn(expires_in.clone())));
+        let source = h.source(&[NO_CACHE], clock::system());
+        source
+            .get(Duration::ZERO)
+            .await
+            .unwrap_or_else(|e| panic!("expires_in {expires_in}: {e}"));
+    }
+}
+
 #[tokio::test]
 async fn expected_uid_overrides_the_client_id() {
     let h = Harness::start().await;

@@ -155,6 +155,10 @@ pub enum Fault {
     JwksDown,
     /// A token with this lifetime instead of the configured one.
     Ttl(Duration),
+    /// A token whose claims are overridden by this object's members (`null` removes one).
+    Claims(Value),
+    /// A response whose `expires_in` is this value instead of the lifetime.
+    ExpiresIn(Value),
 }
 
 /// The endpoint a fault is consumed by.
@@ -595,6 +599,14 @@ impl Idp {
                 claims.insert("exp".into(), json!(exp));
                 claims.insert("iat".into(), json!(exp.saturating_sub(ttl.as_secs())));
             }
+            Some(Fault::Claims(Value::Object(overrides))) => {
+                for (name, value) in overrides {
+                    match value {
+                        Value::Null => claims.remove(name),
+                        value => claims.insert(name.clone(), value.clone()),
+                    };
+                }
+            }
             _ => {}
         }
         let claims = Value::Object(claims);
@@ -617,6 +629,9 @@ impl Idp {
         });
         if let Some(scope) = &grant.scope {
             body["scope"] = json!(scope);
+        }
+        if let Some(Fault::ExpiresIn(value)) = fault {
+            body["expires_in"] = value.clone();
         }
         self.inner.grants.fetch_add(1, Ordering::SeqCst);
         token_response(Bytes::from(body.to_string()))

@@ -150,6 +150,7 @@ pub fn verifier(uid_check: UidCheck, audience: bool) -> Verifier {
         .clone();
     Verifier::new(
         TokenSettings {
+            client_id: CLIENT_ID.to_string(),
             uid_claim: "uid".to_string(),
             expected_uid: CLIENT_ID.to_string(),
             uid_check,

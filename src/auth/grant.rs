@@ -5,9 +5,16 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use oauth2::basic::{BasicClient, BasicErrorResponse, BasicTokenResponse};
-use oauth2::{AuthType, ClientId, ClientSecret, RequestTokenError, Scope, TokenResponse, TokenUrl};
+use oauth2::basic::{
+    BasicErrorResponse, BasicRevocationErrorResponse, BasicTokenIntrospectionResponse,
+    BasicTokenType,
+};
+use oauth2::{
+    AccessToken, AuthType, ClientId, ClientSecret, RefreshToken, RequestTokenError, Scope,
+    StandardRevocableToken, TokenResponse, TokenUrl,
+};
 use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
 
 use super::http::{Adapter, ResponseMeta, TransportError};
 use super::{GrantError, ResolvedEndpoints, assertion, endpoints};
@@ -17,16 +24,55 @@ use crate::config::{AuthSettings, ClientAuth, SecretSource};
 /// What the IdP handed out, not yet checked.
 pub struct IssuedToken {
     pub access_token: SecretString,
-    pub expires_in: Option<Duration>,
 }
 
 impl std::fmt::Debug for IssuedToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IssuedToken")
-            .field("expires_in", &self.expires_in)
-            .finish_non_exhaustive()
+        f.debug_struct("IssuedToken").finish_non_exhaustive()
     }
 }
+
+/// The token endpoint's answer as the agent reads it: the access token and its type. The
+/// lifetime is the JWT's `exp`, so `expires_in` is not read at all — a negative or fractional one
+/// (seen from IdPs) must not refuse an otherwise valid token.
+#[derive(Debug, Serialize, Deserialize)]
+struct TokenBody {
+    access_token: AccessToken,
+    token_type: BasicTokenType,
+}
+
+impl TokenResponse for TokenBody {
+    type TokenType = BasicTokenType;
+
+    fn access_token(&self) -> &AccessToken {
+        &self.access_token
+    }
+    fn token_type(&self) -> &BasicTokenType {
+        &self.token_type
+    }
+    fn expires_in(&self) -> Option<Duration> {
+        None
+    }
+    fn refresh_token(&self) -> Option<&RefreshToken> {
+        None
+    }
+    fn scopes(&self) -> Option<&Vec<Scope>> {
+        None
+    }
+}
+
+type OAuthClient<HasTokenUrl> = oauth2::Client<
+    BasicErrorResponse,
+    TokenBody,
+    BasicTokenIntrospectionResponse,
+    StandardRevocableToken,
+    BasicRevocationErrorResponse,
+    oauth2::EndpointNotSet,
+    oauth2::EndpointNotSet,
+    oauth2::EndpointNotSet,
+    oauth2::EndpointNotSet,
+    HasTokenUrl,
+>;
 
 /// Performs grants for one configured client.
 #[derive(Debug)]
@@ -66,7 +112,7 @@ impl Grant {
     pub async fn request(&self) -> Result<IssuedToken, GrantError> {
         let endpoints = self.endpoints().await?;
         let s = &self.settings;
-        let mut client = BasicClient::new(ClientId::new(s.client_id.clone()))
+        let mut client = OAuthClient::new(ClientId::new(s.client_id.clone()))
             .set_token_uri(TokenUrl::from_url(endpoints.token_url.clone()));
         let mut assertion: Option<SecretString> = None;
         match &s.client_auth {
@@ -123,15 +169,12 @@ impl Grant {
             meta: Arc::new(Mutex::new(None)),
             now: self.clock.now(),
         };
-        let result: Result<
-            BasicTokenResponse,
-            RequestTokenError<TransportError, BasicErrorResponse>,
-        > = request.request_async(&adapter).await;
+        let result: Result<TokenBody, RequestTokenError<TransportError, BasicErrorResponse>> =
+            request.request_async(&adapter).await;
         let meta = adapter.meta.lock().expect("meta lock").clone();
         match result {
             Ok(token) => Ok(IssuedToken {
                 access_token: SecretString::from(token.access_token().secret().to_string()),
-                expires_in: token.expires_in(),
             }),
             Err(e) => Err(self.map_error(e, meta, &endpoints.token_url)),
         }

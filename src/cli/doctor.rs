@@ -457,6 +457,14 @@ async fn check_token(
         }
     }
 
+    match verifier.check_client(&claims) {
+        Ok(()) => r.pass(format!("client: {}", s.auth.client_id)),
+        Err(e) => {
+            servable = false;
+            r.refused("client", &e);
+        }
+    }
+
     let t = &s.token;
     let name = &t.uid_claim;
     match verifier.check_uid(&claims) {

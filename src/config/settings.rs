@@ -159,6 +159,8 @@ pub enum UidCheck {
 
 #[derive(Debug, Clone)]
 pub struct TokenSettings {
+    /// auth.client_id: the client a token's `azp` / `client_id` / Auth0 `sub` must name.
+    pub client_id: String,
     pub uid_claim: String,
     pub expected_uid: String,
     pub uid_check: UidCheck,
@@ -560,6 +562,7 @@ fn token(t: TokenFile, origin: Origin<'_>, client_id: &str) -> Result<TokenSetti
     };
     Ok(TokenSettings {
         uid_claim: nonempty(t.uid_claim).unwrap_or_else(|| "uid".to_string()),
+        client_id: client_id.to_string(),
         expected_uid: nonempty(t.expected_uid).unwrap_or_else(|| client_id.to_string()),
         uid_check,
         required_claims: t

@@ -36,6 +36,11 @@ pub enum CheckError {
     NoJwksUrl,
     Jwks(String),
     Expired(String),
+    /// `nbf` or `iat` is later than now (beyond [`CLOCK_LEEWAY`]).
+    NotYetValid {
+        claim: &'static str,
+        at: String,
+    },
     Audience {
         expected: String,
         got: Vec<String>,
@@ -47,6 +52,12 @@ pub enum CheckError {
     UidMissing {
         claim: String,
     },
+    /// `azp`, `client_id` or an Auth0 `sub` names another client than auth.client_id.
+    ClientMismatch {
+        claim: &'static str,
+        expected: String,
+        got: String,
+    },
     UidMismatch {
         claim: String,
         expected: String,
@@ -57,6 +68,9 @@ pub enum CheckError {
         claim: String,
     },
 }
+
+/// How far `nbf` and `iat` may be ahead of this machine's clock (jsonwebtoken's default leeway).
+pub const CLOCK_LEEWAY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The remedy for a token from another issuer than the configured one.
 const SAME_ISSUER: &str =
@@ -83,6 +97,10 @@ impl CheckError {
             }
             CheckError::Jwks(m) => format!("cannot get the issuer's JWKS: {m}"),
             CheckError::Expired(at) => format!("the token expired at {at}"),
+            CheckError::NotYetValid { claim, at } => format!(
+                "the token's `{claim}` claim is {at}, later than this machine's clock (more than {}s ahead)",
+                CLOCK_LEEWAY.as_secs()
+            ),
             CheckError::Audience { expected, got } => {
                 format!("the token's audience {got:?} does not include `{expected}`")
             }
@@ -92,6 +110,14 @@ impl CheckError {
             CheckError::UidMissing { claim } => {
                 format!("the token has no `{claim}` claim, and Behest identifies machines by it")
             }
+            CheckError::ClientMismatch {
+                claim,
+                expected,
+                got,
+            } => format!(
+                "the token was issued to another client: its `{claim}` claim is `{}`, not auth.client_id `{expected}`",
+                sanitize(got)
+            ),
             CheckError::UidMismatch {
                 claim,
                 expected,
@@ -117,6 +143,8 @@ impl CheckError {
             CheckError::NoJwksUrl => "set auth.jwks_url (or auth.issuer, for discovery), or token.verify_signature = false".into(),
             CheckError::Jwks(_) => "check auth.jwks_url (or auth.domain / auth.issuer) names the IdP's JWKS and that this machine reaches it; if the IdP is having an outage, try again later".into(),
             CheckError::Expired(_) => "check this machine's clock (`timedatectl status`); if it is right, the IdP issues tokens that are already expired: check the API's token lifetime".into(),
+            CheckError::NotYetValid { .. } => "check this machine's clock (`timedatectl status`) and the IdP's: one of them is wrong".into(),
+            CheckError::ClientMismatch { .. } => "the cached or issued token belongs to another client: delete token.cache_file if it was copied from elsewhere, and check auth.client_id and auth.domain".into(),
             CheckError::Audience { .. } => "set auth.audience to the Behest API identifier (Auth0: Applications > APIs > the API > Identifier), and authorize the application for that API".into(),
             CheckError::Issuer { .. } => "set auth.domain (Auth0) or auth.issuer (OIDC) to the IdP that issues the token".into(),
             CheckError::UidMissing { .. } => format!(
@@ -140,6 +168,8 @@ impl CheckError {
             CheckError::UnknownKid(_) => "unknown_kid",
             CheckError::NoJwksUrl | CheckError::Jwks(_) => "jwks_unavailable",
             CheckError::Expired(_) => "expired",
+            CheckError::NotYetValid { .. } => "not_yet_valid",
+            CheckError::ClientMismatch { .. } => "client_mismatch",
             CheckError::Audience { .. } => "wrong_audience",
             CheckError::Issuer { .. } => "wrong_issuer",
             CheckError::UidMissing { .. } => "uid_missing",
@@ -211,6 +241,17 @@ pub struct ClaimsView {
     pub org_id: Option<String>,
 }
 
+/// A NumericDate (RFC 7519: seconds, which may have a fraction) as whole seconds; `None` when
+/// negative or not a number.
+fn unix_seconds(value: &Value) -> Option<u64> {
+    value.as_u64().or_else(|| {
+        value
+            .as_f64()
+            .filter(|f| f.is_finite() && *f >= 0.0)
+            .map(|f| f as u64)
+    })
+}
+
 /// Checks tokens for one configuration.
 #[derive(Debug)]
 pub struct Verifier {
@@ -256,6 +297,7 @@ impl Verifier {
         self.check_expiry(&claims)?;
         self.check_issuer(&claims, endpoints.issuer.as_deref())?;
         self.check_audience(&claims)?;
+        self.check_client(&claims)?;
         let mut warnings = Vec::new();
         if let Err(e) = self.check_uid(&claims) {
             match self.settings.uid_check {
@@ -313,7 +355,7 @@ impl Verifier {
 
         let exp = raw
             .get("exp")
-            .and_then(Value::as_u64)
+            .and_then(unix_seconds)
             .ok_or_else(|| CheckError::Malformed("no numeric `exp` claim".into()))?;
         if exp > super::MAX_RFC3339_UNIX {
             return Err(CheckError::Malformed(
@@ -327,12 +369,55 @@ impl Verifier {
         Ok(Claims { exp, raw, uid })
     }
 
-    /// Not expired now.
+    /// Valid now: not expired, and neither `nbf` nor `iat` (when present) later than now by more
+    /// than [`CLOCK_LEEWAY`] — such a token is refused by the upstream too.
     pub fn check_expiry(&self, claims: &Claims) -> Result<(), CheckError> {
+        let now = self.clock.now();
         let exp_time = crate::clock::from_unix(claims.exp)
             .ok_or_else(|| CheckError::Malformed("the `exp` claim is out of range".into()))?;
-        if exp_time <= self.clock.now() {
+        if exp_time <= now {
             return Err(CheckError::Expired(super::rfc3339(exp_time)));
+        }
+        for claim in ["nbf", "iat"] {
+            let Some(value) = claims.raw.get(claim) else {
+                continue;
+            };
+            let at = unix_seconds(value)
+                .and_then(crate::clock::from_unix)
+                .ok_or_else(|| {
+                    CheckError::Malformed(format!("the `{claim}` claim is not a time"))
+                })?;
+            if at > now + CLOCK_LEEWAY {
+                return Err(CheckError::NotYetValid {
+                    claim,
+                    at: super::rfc3339(at),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The client the token was issued to, where it says (`azp`, `client_id`, or Auth0's
+    /// `sub` = `CLIENT@clients`), is auth.client_id. Checked whatever `token.uid_check` says: a
+    /// token of another client (a tampered or copied cache) is never served.
+    pub fn check_client(&self, claims: &Claims) -> Result<(), CheckError> {
+        let expected = &self.settings.client_id;
+        let named = [
+            ("azp", claims.str("azp")),
+            ("client_id", claims.str("client_id")),
+            (
+                "sub",
+                claims.str("sub").and_then(|s| s.strip_suffix("@clients")),
+            ),
+        ];
+        for (claim, got) in named {
+            if let Some(got) = got.filter(|got| got != expected) {
+                return Err(CheckError::ClientMismatch {
+                    claim,
+                    expected: expected.clone(),
+                    got: got.to_string(),
+                });
+            }
         }
         Ok(())
     }
