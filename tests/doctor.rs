@@ -94,6 +94,7 @@ async fn doctor_passes_every_check_in_order_against_a_healthy_idp_and_upstream_a
         "✓ exp: expires in ".to_string(),
         format!("✓ aud: includes {AUDIENCE}"),
         format!("✓ iss: {}", h.idp.issuer()),
+        format!("✓ client: {}", h.client_id),
         format!("✓ uid: {} (the client id)", h.client_id),
         "✓ tid: dev-tenant".to_string(),
         "✓ pid: dev-project".to_string(),
@@ -219,6 +220,30 @@ async fn a_secret_file_readable_by_others_fails_the_permission_check_with_chmod_
         o.stdout
     );
     o.assert_no_secrets(std::slice::from_ref(&h.secret));
+}
+
+#[tokio::test]
+async fn a_secret_file_with_a_second_line_is_named_by_doctor_without_showing_it() {
+    let h = Harness::start().await;
+    std::fs::write(
+        h.path("client-secret"),
+        format!("{}\nold-secret-line\n", h.secret),
+    )
+    .unwrap();
+    let o = Out::of(h.agent(&["doctor"], &[])).await;
+    assert_eq!(o.code, 2, "{}\n{}", o.stdout, o.stderr);
+    let (_, line) = o.line("✗ config: ");
+    assert!(
+        line.contains("auth.client_secret_file") && line.contains("more than one line"),
+        "{}",
+        o.stdout
+    );
+    assert_eq!(
+        h.idp.token_requests(),
+        0,
+        "no grant with a secret that cannot be right"
+    );
+    o.assert_no_secrets(&[h.secret.clone(), "old-secret-line".to_string()]);
 }
 
 #[tokio::test]

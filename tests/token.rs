@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use behest_agent::auth::GrantError;
 use behest_agent::clock::{self, TestClock};
+use behest_agent::config::{self, LoadOptions};
 use behest_agent::token::source::backoff;
 use behest_agent::token::{CheckError, RefreshError, TokenError};
 use devkit::idp::{AuthMethod, ClientKey, Fault};
@@ -332,6 +333,54 @@ async fn a_fractional_exp_and_an_odd_expires_in_are_accepted() {
             .get(Duration::ZERO)
             .await
             .unwrap_or_else(|e| panic!("expires_in {expires_in}: {e}"));
+    }
+}
+
+#[tokio::test]
+async fn a_secret_file_with_a_bom_and_surrounding_whitespace_still_grants() {
+    let h = Harness::start().await;
+    for text in [
+        format!("\u{feff}{}\n", h.secret),
+        format!("  {}\t\r\n", h.secret),
+        format!("\n{}\n\n", h.secret),
+    ] {
+        std::fs::write(h.path("client-secret"), &text).unwrap();
+        let source = h.source(&[NO_CACHE], clock::system());
+        source
+            .get(Duration::ZERO)
+            .await
+            .unwrap_or_else(|e| panic!("{text:?}: {e}"));
+    }
+}
+
+#[tokio::test]
+async fn a_secret_file_with_a_second_line_or_a_nul_is_refused_at_load_and_by_the_grant() {
+    let h = Harness::start().await;
+    for (text, want) in [
+        (format!("{}\nsecond\n", h.secret), "more than one line"),
+        (format!("{}\0\n", &h.secret[..8]), "control character"),
+    ] {
+        std::fs::write(h.path("client-secret"), &text).unwrap();
+        let err = config::load(&LoadOptions {
+            path: None,
+            default_path: None,
+            env: h.env(&[NO_CACHE]),
+            overrides: vec![],
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("auth.client_secret_file") && err.contains(want),
+            "{err}"
+        );
+        // A file changed after the daemon started: the grant says the same, not `invalid_client`.
+        std::fs::write(h.path("client-secret"), &h.secret).unwrap();
+        let source = h.source(&[NO_CACHE], clock::system());
+        std::fs::write(h.path("client-secret"), &text).unwrap();
+        let err = source.refresh_now().await.unwrap_err().to_string();
+        assert!(err.contains(want), "{err}");
+        assert_eq!(h.idp.grants(), 0, "nothing sent to the IdP");
+        assert!(!err.contains(&h.secret[..8]), "{err}");
     }
 }
 

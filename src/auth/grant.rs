@@ -230,14 +230,11 @@ impl Grant {
                             from: self.settings.secret.describe(),
                             message: e.to_string(),
                         })?;
-                let trimmed = text.trim_end_matches(['\r', '\n']);
-                if trimmed.is_empty() {
-                    return Err(GrantError::Secret {
-                        from: self.settings.secret.describe(),
-                        message: "the file is empty".into(),
-                    });
-                }
-                Ok(SecretString::from(trimmed.to_string()))
+                let secret = crate::config::secret_text(&text).map_err(|e| GrantError::Secret {
+                    from: self.settings.secret.describe(),
+                    message: e.into(),
+                })?;
+                Ok(SecretString::from(secret.to_string()))
             }
             SecretSource::Env { value, .. } => Ok(value.clone()),
             SecretSource::None => Err(GrantError::Secret {

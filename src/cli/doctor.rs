@@ -175,9 +175,8 @@ fn check_credentials(r: &mut Report, s: &Settings) {
         }
         (_, SecretSource::File { path, key }) => {
             // The loader read it; it may have changed since.
-            let unreadable = match std::fs::metadata(path) {
-                Ok(m) if m.len() == 0 => Some("the file is empty".to_string()),
-                Ok(_) => None,
+            let unreadable = match std::fs::read_to_string(path) {
+                Ok(text) => crate::config::secret_text(&text).err().map(String::from),
                 Err(e) => Some(e.to_string()),
             };
             match unreadable {

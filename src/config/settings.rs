@@ -499,9 +499,7 @@ fn client_secret(
     if let SecretSource::File { path: p, key } = &source {
         let text = std::fs::read_to_string(p)
             .map_err(|e| origin.invalid(key, format!("cannot read {}: {e}", p.display())))?;
-        if text.trim().is_empty() {
-            return Err(origin.invalid(key, format!("{} is empty", p.display())));
-        }
+        secret_text(&text).map_err(|e| origin.invalid(key, format!("{}: {e}", p.display())))?;
         if let Some(w) = permission_warning(p, key) {
             warnings.push(w);
         }
@@ -738,6 +736,23 @@ fn telemetry(
         log_level,
         metrics_listen,
     })
+}
+
+/// The secret in a secret file's text, without a leading byte-order mark and surrounding
+/// whitespace (an editor's or `echo`'s newline, a stray space or tab). A second line or a control
+/// character (a NUL, say) is refused: no IdP would accept it, and which part is the secret cannot
+/// be guessed. The message never quotes the text.
+pub fn secret_text(text: &str) -> Result<&str, &'static str> {
+    let secret = text.strip_prefix('\u{feff}').unwrap_or(text).trim();
+    if secret.is_empty() {
+        Err("the file is empty (or holds only whitespace)")
+    } else if secret.contains(['\n', '\r']) {
+        Err("the file holds more than one line; keep only the secret, on one line")
+    } else if secret.chars().any(char::is_control) {
+        Err("the secret holds a control character (a NUL or a tab, say); keep only the secret")
+    } else {
+        Ok(secret)
+    }
 }
 
 fn secret_source(file: Option<String>, env: &HashMap<String, String>) -> Option<SecretSource> {
