@@ -248,6 +248,75 @@ async fn exec_without_a_daemon_serves_its_own_proxy_and_passes_the_exit_status()
 }
 
 #[tokio::test]
+async fn exec_exits_127_for_a_missing_command_and_126_for_one_it_cannot_run() {
+    let s = stack().await;
+    let not_executable = s.h.path("not-executable");
+    std::fs::write(&not_executable, "#!/bin/sh\nexit 0\n").unwrap();
+    for (command, code) in [
+        (s.h.path("no-such-command").display().to_string(), 127),
+        ("no-such-command-on-the-path".to_string(), 127),
+        (not_executable.display().to_string(), 126),
+    ] {
+        let out =
+            s.h.agent_with_upstream(&s.upstream.base_url(), &["exec", "--", &command], &[])
+                .output()
+                .await
+                .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{command}: {stderr}");
+        assert!(stderr.contains(&command), "{stderr}");
+    }
+    s.finish().await;
+}
+
+/// Whether a process with this pid exists (a zombie counts until reaped).
+fn alive(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+#[tokio::test]
+async fn exec_runs_the_command_in_its_own_group_and_ends_what_it_leaves_behind() {
+    let s = stack().await;
+    let pid_file = s.h.path("grandchild.pid");
+    // A grandchild that would outlive the command (and lose its proxy); the command's process group.
+    let script = format!(
+        "sleep 300 & echo $! > {}; ps -o pgid= -p $$",
+        pid_file.display()
+    );
+    let exec =
+        s.h.agent_with_upstream(
+            &s.upstream.base_url(),
+            &["exec", "--", "sh", "-c", &script],
+            &[],
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let exec_pid = exec.id().unwrap() as i32;
+    let out = exec.wait_with_output().await.unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let group: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert_ne!(
+        nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(std::process::id() as i32)))
+            .unwrap()
+            .as_raw(),
+        group,
+        "the command runs in a group of its own, not in its caller's (which a terminal's Ctrl-C reaches)"
+    );
+    assert_ne!(group, exec_pid);
+    let grandchild: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    eventually(Duration::from_secs(10), "the grandchild is ended", || {
+        !alive(grandchild)
+    })
+    .await;
+    s.finish().await;
+}
+
+#[tokio::test]
 async fn exec_and_env_use_the_running_daemon_with_a_session() {
     let s = stack().await;
     let mut daemon =

@@ -1,20 +1,24 @@
 //! `behest-agent exec [--session ID] -- CMD…`: runs CMD with the proxy's environment. Uses the running
 //! daemon's proxy when there is one; otherwise serves an in-process proxy on an ephemeral loopback
 //! port (and a private control socket, so `behest-agent token` inside CMD works) for CMD's lifetime.
-//! Forwards signals to CMD and exits with its status (128+N when a signal N ended it).
+//! Runs CMD in its own process group, forwards signals to it and exits with its status (128+N when
+//! a signal N ended it; 127 / 126 when CMD is not found / cannot be run).
 
 use std::collections::HashMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use std::io::IsTerminal;
+use std::os::unix::process::ExitStatusExt;
+
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, killpg, pthread_sigmask};
+use nix::unistd::{Pid, getpgrp, tcsetpgrp};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use super::env::{base_url, variables};
-use super::{CliResult, Global, daemon_for, init_cli_logging, process_env};
+use super::{CliResult, Failure, Global, daemon_for, init_cli_logging, process_env};
 use crate::app::App;
 use crate::config::{self, ListenAddr, LoadOptions};
 
@@ -97,15 +101,43 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     Ok(ExitCode::from(code))
 }
 
-/// Runs the command, forwarding SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to it; its
-/// exit code, or 128 + the signal that ended it.
-async fn run_child(command: &[String], env: HashMap<String, String>) -> anyhow::Result<u8> {
-    let mut child = tokio::process::Command::new(&command[0])
+/// How long what is left of the command's process group has, after the command exits, between
+/// SIGTERM and SIGKILL.
+const GROUP_GRACE: Duration = Duration::from_secs(5);
+
+/// Runs the command in its own process group, as a shell runs a job: signals are forwarded to the
+/// whole group (SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2), and when stdin is a terminal
+/// the group becomes its foreground group, so Ctrl-C reaches the command once (from the terminal)
+/// and an interactive command can read. When the command exits, what it left running in its group
+/// gets SIGTERM, then SIGKILL after [`GROUP_GRACE`] — before the proxy they use goes away.
+/// Returns the command's exit code, or 128 + the signal that ended it; 127 when the command is not
+/// found and 126 when it cannot be run, as a shell says.
+async fn run_child(command: &[String], env: HashMap<String, String>) -> Result<u8, Failure> {
+    let mut child = match tokio::process::Command::new(&command[0])
         .args(&command[1..])
         .envs(env)
+        .process_group(0)
         .spawn()
-        .with_context(|| format!("cannot run `{}`", command[0]))?;
-    let pid = Pid::from_raw(child.id().context("the command has no pid")? as i32);
+    {
+        Ok(child) => child,
+        Err(e) => {
+            let code = if e.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            };
+            let error = anyhow::Error::new(e).context(format!("cannot run `{}`", command[0]));
+            return Err(Failure { code, error });
+        }
+    };
+    let group = Pid::from_raw(child.id().context("the command has no pid")? as i32);
+    let terminal = std::io::stdin().is_terminal().then(std::io::stdin);
+    if let Some(tty) = &terminal {
+        // It may have stopped on reading the terminal before it was given it.
+        if tcsetpgrp(tty, group).is_ok() {
+            let _ = killpg(group, Signal::SIGCONT);
+        }
+    }
     let kinds = [
         (SignalKind::terminate(), Signal::SIGTERM),
         (SignalKind::interrupt(), Signal::SIGINT),
@@ -124,7 +156,7 @@ async fn run_child(command: &[String], env: HashMap<String, String>) -> anyhow::
                     _ = stop.cancelled() => return,
                     r = stream.recv() => {
                         if r.is_none() { return; }
-                        let _ = kill(pid, sig);
+                        let _ = killpg(group, sig);
                     }
                 }
             }
@@ -132,10 +164,40 @@ async fn run_child(command: &[String], env: HashMap<String, String>) -> anyhow::
     }
     let status = child.wait().await.context("waiting for the command")?;
     forwarders.cancel();
-    use std::os::unix::process::ExitStatusExt;
+    if let Some(tty) = &terminal {
+        take_back(tty);
+    }
+    end_group(group).await;
     Ok(match (status.code(), status.signal()) {
         (Some(c), _) => c.clamp(0, 255) as u8,
         (None, Some(s)) => (128 + s).clamp(0, 255) as u8,
         _ => 1,
     })
+}
+
+/// Makes this process's group the terminal's foreground group again. From the background that
+/// raises SIGTTOU unless blocked, so it is blocked around the call (one thread: the runtime's).
+fn take_back(tty: &std::io::Stdin) {
+    let ttou = SigSet::from(Signal::SIGTTOU);
+    let mut before = SigSet::empty();
+    if pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&ttou), Some(&mut before)).is_ok() {
+        let _ = tcsetpgrp(tty, getpgrp());
+        let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&before), None);
+    }
+}
+
+/// SIGTERM to what is left of the command's group; SIGKILL to what is still there after
+/// [`GROUP_GRACE`].
+async fn end_group(group: Pid) {
+    if killpg(group, Signal::SIGTERM).is_err() {
+        return; // nobody left
+    }
+    let deadline = tokio::time::Instant::now() + GROUP_GRACE;
+    while tokio::time::Instant::now() < deadline {
+        if killpg(group, None).is_err() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = killpg(group, Signal::SIGKILL);
 }
