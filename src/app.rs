@@ -32,10 +32,15 @@ pub enum StartError {
     Control { path: String, error: std::io::Error },
     #[error("cannot set up the proxy: {0}")]
     Proxy(crate::proxy::SetupError),
-    #[error("cannot listen on {addr}: {error}")]
-    Listen { addr: String, error: std::io::Error },
+    /// `key` is the setting that names `addr`.
+    #[error("cannot listen on {addr} ({key}): {error}")]
+    Listen {
+        key: &'static str,
+        addr: String,
+        error: std::io::Error,
+    },
     /// A `proxy.listen` address could not be bound; the error names the address.
-    #[error(transparent)]
+    #[error("{0} (proxy.listen: stop what holds it, or give another address)")]
     Bind(std::io::Error),
 }
 
@@ -113,18 +118,13 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         let tokens = TokenSource::new(&settings, clock).map_err(StartError::Client)?;
         tokens.attach_metrics(metrics.clone());
-        let control = control::bind(&settings.control.socket, settings.control.socket_mode)
-            .await
-            .map_err(|error| StartError::Control {
-                path: settings.control.socket.display().to_string(),
-                error,
-            })?;
         let (proxy, proxy_listeners) = match &settings.proxy.upstream {
             Some(_) => {
                 let proxy =
                     Proxy::new(&settings.proxy, tokens.clone()).map_err(StartError::Proxy)?;
                 proxy.attach_metrics(metrics.clone());
                 let listeners = match inherited_listeners().map_err(|error| StartError::Listen {
+                    key: "LISTEN_FDS",
                     addr: "systemd socket activation (LISTEN_FDS)".to_string(),
                     error,
                 })? {
@@ -146,6 +146,7 @@ impl App {
                     TcpListener::bind(addr)
                         .await
                         .map_err(|error| StartError::Listen {
+                            key: "telemetry.metrics_listen",
                             addr: addr.to_string(),
                             error,
                         })?,
@@ -153,6 +154,13 @@ impl App {
             }
             None => None,
         };
+        // Last: a start that fails on a listen address leaves no control socket behind.
+        let control = control::bind(&settings.control.socket, settings.control.socket_mode)
+            .await
+            .map_err(|error| StartError::Control {
+                path: settings.control.socket.display().to_string(),
+                error,
+            })?;
         tokens.load_cache().await;
         let addresses = proxy_listeners
             .iter()

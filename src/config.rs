@@ -65,9 +65,15 @@ impl ConfigError {
     pub fn fix(&self) -> String {
         match self {
             ConfigError::Read { .. } => "check the path given with --config or BEHEST_AGENT_CONFIG, and that this user may read it".into(),
+            ConfigError::Parse { file, .. } if file.starts_with(SET_BY) => {
+                format!("correct the {}", &file[SET_BY.len()..])
+            }
             ConfigError::Parse { .. } => "correct the TOML (or the --set / BEHEST_AGENT__… value) named above".into(),
             ConfigError::UnknownKey { .. } => "remove or correct the key; config/behest-agent.toml lists every key".into(),
             ConfigError::Missing { hint, .. } => hint.clone(),
+            ConfigError::Invalid { file, .. } if file.starts_with(SET_BY) => {
+                format!("correct the {}", &file[SET_BY.len()..])
+            }
             ConfigError::Invalid { key, .. } if key.split('.').all(plain_key) => format!(
                 "correct `{key}` in the file, or its environment variable BEHEST_AGENT__{}",
                 key.replace('.', "__").to_uppercase()
@@ -85,6 +91,30 @@ impl ConfigError {
         }
     }
 
+    /// Names the environment variable or `--set` that gave the value, when one did (the file
+    /// did not).
+    fn attributed(self, opts: &LoadOptions) -> Self {
+        match self {
+            ConfigError::Invalid { file, key, message } => ConfigError::Invalid {
+                file: setter(opts, &key).unwrap_or(file),
+                key,
+                message,
+            },
+            // The `config` crate ends a value's error with "for key `section.key`".
+            ConfigError::Parse { file, message } => {
+                let key = message
+                    .rsplit_once("for key `")
+                    .and_then(|(_, rest)| rest.split_once('`'))
+                    .map(|(key, _)| key.to_string());
+                ConfigError::Parse {
+                    file: key.and_then(|k| setter(opts, &k)).unwrap_or(file),
+                    message,
+                }
+            }
+            other => other,
+        }
+    }
+
     pub fn invalid(path: Option<&Path>, key: &str, message: String) -> Self {
         ConfigError::Invalid {
             file: file_label(path),
@@ -92,6 +122,21 @@ impl ConfigError {
             message,
         }
     }
+}
+
+/// How an error names a value that did not come from the file.
+const SET_BY: &str = "value set by ";
+
+/// The `--set` or `BEHEST_AGENT__…` variable that gave `key` its value, if one did (`--set` wins,
+/// as in the merge).
+fn setter(opts: &LoadOptions, key: &str) -> Option<String> {
+    if opts.overrides.iter().any(|(k, _)| k == key) {
+        return Some(format!("{SET_BY}--set {key}"));
+    }
+    let var = format!("BEHEST_AGENT__{}", key.replace('.', "__").to_uppercase());
+    opts.env
+        .contains_key(&var)
+        .then(|| format!("{SET_BY}environment variable {var}"))
 }
 
 /// What to load and from where.
@@ -124,7 +169,7 @@ pub fn control_socket(opts: &LoadOptions) -> std::path::PathBuf {
 /// file, the environment and the overrides are merged as for [`load`], so a broken file is still
 /// an error.
 pub fn proxy_listen(opts: &LoadOptions) -> Result<Vec<ListenAddr>, ConfigError> {
-    let (path, model) = merged(opts)?;
+    let (path, model) = merged(opts).map_err(|e| e.attributed(opts))?;
     let origin = settings::Origin {
         env: &opts.env,
         path: path.as_deref(),
@@ -134,12 +179,13 @@ pub fn proxy_listen(opts: &LoadOptions) -> Result<Vec<ListenAddr>, ConfigError> 
         model.proxy.allow_remote.unwrap_or(false),
         origin,
     )
+    .map_err(|e| e.attributed(opts))
 }
 
 /// Loads and validates the configuration.
 pub fn load(opts: &LoadOptions) -> Result<Settings, ConfigError> {
-    let (path, model) = merged(opts)?;
-    settings::validate(model, &opts.env, path.as_deref())
+    let (path, model) = merged(opts).map_err(|e| e.attributed(opts))?;
+    settings::validate(model, &opts.env, path.as_deref()).map_err(|e| e.attributed(opts))
 }
 
 /// The file, the environment and the overrides merged into the file model.

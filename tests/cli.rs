@@ -341,7 +341,15 @@ async fn start_errors_name_the_address_and_the_cause_once() {
     assert_eq!(o.code, 1, "{}", o.stderr);
     let named = format!("cannot listen on {addr}");
     assert_eq!(o.stderr.matches(&named).count(), 1, "{}", o.stderr);
-    assert!(o.stderr.contains("in use"), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("in use") && o.stderr.contains("proxy.listen"),
+        "names the cause and the key: {}",
+        o.stderr
+    );
+    assert!(
+        !h.path("run/agent.sock").exists(),
+        "a failed start leaves no control socket behind"
+    );
 
     let file = h.path("a-file");
     std::fs::write(&file, "").unwrap();

@@ -283,3 +283,95 @@ fn the_documented_example_config_is_valid_and_complete() {
     });
     r.expect("config/behest-agent.toml loads");
 }
+
+fn load_with(toml: &str, pairs: &[(&str, &str)]) -> Result<config::Settings, ConfigError> {
+    let mut pairs = pairs.to_vec();
+    pairs.push(("AUTH0_CLIENT_SECRET", "s3cret-value"));
+    load_file(&format!("{MINIMAL}{toml}"), &pairs).1
+}
+
+#[test]
+fn a_duration_without_a_unit_is_refused_with_the_unit_it_needs() {
+    for (toml, env) in [
+        ("[token]\nrefresh_margin = 300\n", vec![]),
+        ("", vec![("BEHEST_AGENT__TOKEN__REFRESH_MARGIN", "300")]),
+    ] {
+        let msg = load_with(toml, &env).unwrap_err().to_string();
+        assert!(
+            msg.contains("300 is a number without a unit") && msg.contains("\"300s\""),
+            "{msg}"
+        );
+        assert!(!msg.contains("string"), "{msg}");
+    }
+    let s = load_with("[token]\nrefresh_margin = \"300s\"\n", &[]).unwrap();
+    assert_eq!(s.token.refresh_margin, Duration::from_secs(300));
+}
+
+#[test]
+fn an_error_in_an_environment_variable_names_the_variable_not_the_file() {
+    let err = load_with("", &[("BEHEST_AGENT__PROXY__CONNECT_TIMEOUT", "soon")]).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("environment variable BEHEST_AGENT__PROXY__CONNECT_TIMEOUT")
+            && !msg.contains("config.toml"),
+        "{msg}"
+    );
+    let err = load_with("", &[("BEHEST_AGENT__PROXY__LISTEN", "10.0.0.1:80")]).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("environment variable BEHEST_AGENT__PROXY__LISTEN")
+            && !msg.contains("config.toml"),
+        "{msg}"
+    );
+    assert_eq!(
+        err.fix(),
+        "correct the environment variable BEHEST_AGENT__PROXY__LISTEN"
+    );
+    // The same value in the file names the file.
+    let msg = load_with("[proxy]\nconnect_timeout = \"soon\"\n", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("config.toml"), "{msg}");
+}
+
+#[test]
+fn zero_timeouts_are_refused_naming_the_key() {
+    for key in [
+        "auth.timeout",
+        "proxy.connect_timeout",
+        "proxy.header_read_timeout",
+        "proxy.upstream_timeout",
+        "proxy.idle_timeout",
+    ] {
+        let (section, name) = key.split_once('.').unwrap();
+        let toml = if section == "auth" {
+            // [auth] is in MINIMAL already: give it as a variable.
+            String::new()
+        } else {
+            format!("[{section}]\n{name} = \"0s\"\n")
+        };
+        let var = format!("BEHEST_AGENT__{}", key.replace('.', "__").to_uppercase());
+        let env = if section == "auth" {
+            vec![(var.as_str(), "0s")]
+        } else {
+            vec![]
+        };
+        let err = load_with(&toml, &env).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("`{key}`")) && msg.contains("0 is not a usable timeout"),
+            "{key}: {msg}"
+        );
+    }
+    let s = load_with("[proxy]\nshutdown_grace = \"0s\"\n", &[]).unwrap();
+    assert_eq!(s.proxy.shutdown_grace, Duration::ZERO, "0 = stop at once");
+}
+
+#[test]
+fn an_empty_or_repeated_listen_address_is_refused() {
+    for listen in ["\"\"", "[]", "[\"127.0.0.1:8711\", \"127.0.0.1:8711\"]"] {
+        let err = load_with(&format!("[proxy]\nlisten = {listen}\n"), &[]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("`proxy.listen`"), "{listen}: {msg}");
+    }
+}

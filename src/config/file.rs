@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -36,7 +37,7 @@ pub struct AuthFile {
     pub scope: Option<String>,
     pub organization: Option<String>,
     pub extra_params: BTreeMap<String, String>,
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub timeout: Option<Duration>,
 }
 
@@ -48,11 +49,11 @@ pub struct TokenFile {
     pub uid_check: Option<String>,
     pub required_claims: Option<Vec<String>>,
     pub verify_signature: Option<bool>,
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub refresh_margin: Option<Duration>,
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub min_backoff: Option<Duration>,
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub max_backoff: Option<Duration>,
     pub cache_file: Option<String>,
 }
@@ -69,15 +70,15 @@ pub struct ProxyFile {
     pub allowed_origins: Option<Vec<String>>,
     pub max_connections: Option<usize>,
     pub max_replay_body: Option<String>,
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub connect_timeout: Option<Duration>,
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub header_read_timeout: Option<Duration>,
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub upstream_timeout: Option<Duration>,
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub idle_timeout: Option<Duration>,
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub shutdown_grace: Option<Duration>,
 }
 
@@ -116,4 +117,45 @@ impl OneOrMany {
             OneOrMany::Many(v) => v,
         }
     }
+}
+
+/// A duration as written in the configuration: "30s", "5m", "1h 30m". A bare number is refused
+/// with the fix (TOML gives `300` as a number; an environment variable's "300" is read as one too),
+/// since seconds cannot be assumed.
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    struct Text;
+    impl Visitor<'_> for Text {
+        type Value = Option<Duration>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a duration such as \"30s\" or \"5m\"")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            humantime::parse_duration(v.trim()).map(Some).map_err(|e| {
+                E::custom(format!(
+                    "\"{v}\" is not a duration ({e}); write it like \"30s\", \"5m\" or \"1h\""
+                ))
+            })
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            Err(E::custom(format!(
+                "{v} is a number without a unit; write it like \"{v}s\" (seconds) or \"{v}ms\""
+            )))
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            self.visit_i64(v.min(i64::MAX as u64) as i64)
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+            Err(E::custom(format!(
+                "{v} is a number without a unit; write it like \"{v}s\" or \"1500ms\""
+            )))
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+    }
+    d.deserialize_any(Text)
 }

@@ -367,7 +367,7 @@ fn auth(
         scope: nonempty(a.scope),
         organization: nonempty(a.organization),
         extra_params: extra_params(a.extra_params, origin)?,
-        timeout: a.timeout.unwrap_or(Duration::from_secs(30)),
+        timeout: nonzero(a.timeout, Duration::from_secs(30), "auth.timeout", origin)?,
     })
 }
 
@@ -596,10 +596,30 @@ fn proxy(p: ProxyFile, origin: Origin<'_>) -> Result<ProxySettings, ConfigError>
         allowed_origins: p.allowed_origins.unwrap_or_default(),
         max_connections: p.max_connections.unwrap_or(4096).max(1),
         max_replay_body,
-        connect_timeout: p.connect_timeout.unwrap_or(Duration::from_secs(10)),
-        header_read_timeout: p.header_read_timeout.unwrap_or(Duration::from_secs(30)),
-        upstream_timeout: p.upstream_timeout.unwrap_or(Duration::from_secs(600)),
-        idle_timeout: p.idle_timeout.unwrap_or(Duration::from_secs(300)),
+        connect_timeout: nonzero(
+            p.connect_timeout,
+            Duration::from_secs(10),
+            "proxy.connect_timeout",
+            origin,
+        )?,
+        header_read_timeout: nonzero(
+            p.header_read_timeout,
+            Duration::from_secs(30),
+            "proxy.header_read_timeout",
+            origin,
+        )?,
+        upstream_timeout: nonzero(
+            p.upstream_timeout,
+            Duration::from_secs(600),
+            "proxy.upstream_timeout",
+            origin,
+        )?,
+        idle_timeout: nonzero(
+            p.idle_timeout,
+            Duration::from_secs(300),
+            "proxy.idle_timeout",
+            origin,
+        )?,
         shutdown_grace: p.shutdown_grace.unwrap_or(Duration::from_secs(30)),
     };
     if let Some(ca) = &proxy.ca_file
@@ -613,7 +633,29 @@ fn proxy(p: ProxyFile, origin: Origin<'_>) -> Result<ProxySettings, ConfigError>
     Ok(proxy)
 }
 
-/// `proxy.listen` (default `127.0.0.1:8711`): loopback only unless `allow_remote`.
+/// A timeout (default `default`): zero would wait for nothing or turn its guard off, so it is
+/// refused rather than read as "off".
+fn nonzero(
+    value: Option<Duration>,
+    default: Duration,
+    key: &str,
+    origin: Origin<'_>,
+) -> Result<Duration, ConfigError> {
+    match value {
+        Some(d) if d.is_zero() => Err(origin.invalid(
+            key,
+            format!(
+                "0 is not a usable timeout (nothing could finish, or the guard would be off); the default is {}",
+                humantime::format_duration(default)
+            ),
+        )),
+        Some(d) => Ok(d),
+        None => Ok(default),
+    }
+}
+
+/// `proxy.listen` (default `127.0.0.1:8711`): loopback only unless `allow_remote`; at least one
+/// address, each once.
 pub(super) fn listen(
     listen: Option<OneOrMany>,
     allow_remote: bool,
@@ -636,7 +678,19 @@ pub(super) fn listen(
                 ),
             ));
         }
+        if out.contains(&addr) {
+            return Err(origin.invalid(
+                "proxy.listen",
+                format!("{addr} is listed twice; list each address once"),
+            ));
+        }
         out.push(addr);
+    }
+    if out.is_empty() {
+        return Err(origin.invalid(
+            "proxy.listen",
+            "is empty, so the proxy would serve nowhere; give an address such as \"127.0.0.1:8711\" (or leave the key out for that default)".to_string(),
+        ));
     }
     Ok(out)
 }
