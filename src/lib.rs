@@ -7,6 +7,8 @@
 //! - [`auth`]: endpoints and discovery, client authentication, the client-credentials grant.
 //! - [`token`]: claims and checks, JWKS, the disk cache, and [`token::TokenSource`], the one handle
 //!   everything else uses to get a token.
+//! - [`fleet`]: the token shared by every agent of a fleet through Redis (`[fleet]`), asked by the
+//!   token engine before any grant.
 //! - [`proxy`]: the loopback OpenAI proxy: listeners, guards, forwarding with the token, streaming.
 //! - [`control`]: the Unix-socket API of a running daemon, and its client.
 //! - [`app`]: the daemon assembled from those parts, with reload.
@@ -32,6 +34,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod control;
+pub mod fleet;
 pub mod proxy;
 pub mod server;
 pub mod service;

@@ -13,7 +13,7 @@ use oauth2::{
     AccessToken, AuthType, ClientId, ClientSecret, RefreshToken, RequestTokenError, Scope,
     StandardRevocableToken, TokenResponse, TokenUrl,
 };
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::{ExposeSecret, SecretSlice, SecretString};
 use serde::{Deserialize, Serialize};
 
 use super::http::{Adapter, ResponseMeta, TransportError};
@@ -217,6 +217,21 @@ impl Grant {
                 snippet: sanitize(&m),
                 retry_after,
             },
+        }
+    }
+
+    /// The client credential as bytes, for deriving the fleet's entry key: the secret (read again,
+    /// as for a grant) or the private key's PEM. Never logged.
+    pub async fn credential(&self) -> Result<SecretSlice<u8>, GrantError> {
+        match &self.settings.client_auth {
+            ClientAuth::PrivateKeyJwt(key) => Ok(key.pem.expose_secret().to_vec().into()),
+            _ => Ok(self
+                .read_secret()
+                .await?
+                .expose_secret()
+                .as_bytes()
+                .to_vec()
+                .into()),
         }
     }
 

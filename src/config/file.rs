@@ -16,6 +16,7 @@ pub struct FileConfig {
     pub proxy: ProxyFile,
     pub control: ControlFile,
     pub telemetry: TelemetryFile,
+    pub fleet: FleetFile,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -95,6 +96,20 @@ pub struct TelemetryFile {
     pub log_format: Option<String>,
     pub log_level: Option<String>,
     pub metrics_listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetFile {
+    pub redis_url: Option<String>,
+    pub redis_username: Option<String>,
+    pub redis_password_file: Option<String>,
+    pub ca_file: Option<String>,
+    pub key_prefix: Option<String>,
+    #[serde(deserialize_with = "duration")]
+    pub lock_timeout: Option<Duration>,
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Option<Duration>,
 }
 
 /// `listen = "127.0.0.1:8711"` or `listen = ["127.0.0.1:8711", "unix:/run/x.sock"]`.

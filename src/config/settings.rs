@@ -15,7 +15,7 @@ use url::Url;
 
 use super::ConfigError;
 use super::file::{
-    AuthFile, ControlFile, FileConfig, OneOrMany, ProxyFile, TelemetryFile, TokenFile,
+    AuthFile, ControlFile, FileConfig, FleetFile, OneOrMany, ProxyFile, TelemetryFile, TokenFile,
 };
 
 /// Everything the agent needs, validated.
@@ -28,6 +28,8 @@ pub struct Settings {
     pub proxy: ProxySettings,
     pub control: ControlSettings,
     pub telemetry: TelemetrySettings,
+    /// `[fleet]`: the token shared through Redis; `None` without `fleet.redis_url`.
+    pub fleet: Option<FleetSettings>,
     /// Things worth telling the operator that do not stop the agent (file permissions, …).
     pub warnings: Vec<String>,
 }
@@ -120,6 +122,8 @@ impl ClientAuth {
 /// The private key that signs client assertions (RFC 7523).
 pub struct AssertionKey {
     pub key: EncodingKey,
+    /// The PEM as read: the credential the fleet's entry key is derived from.
+    pub pem: secrecy::SecretSlice<u8>,
     pub alg: Algorithm,
     pub key_id: Option<String>,
     pub path: PathBuf,
@@ -212,6 +216,24 @@ pub struct ControlSettings {
     pub socket_mode: u32,
 }
 
+/// `[fleet]`: where the shared token lives and how long its calls may take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetSettings {
+    /// `redis://HOST:PORT/DB` or `rediss://…`; never with credentials in it.
+    pub redis_url: Url,
+    /// The ACL user; `None`: the default user.
+    pub username: Option<String>,
+    /// Holds the password; read again at each connection, so rotating it needs no restart.
+    pub password_file: Option<PathBuf>,
+    /// The CA that signed a `rediss://` server's certificate, instead of the system's roots.
+    pub ca_file: Option<PathBuf>,
+    pub key_prefix: String,
+    /// How long the lock of a grant in progress holds before another agent may take it.
+    pub lock_timeout: Duration,
+    /// The bound on each Redis call (connecting included).
+    pub timeout: Duration,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Auto,
@@ -268,6 +290,7 @@ pub(super) fn validate(
     let proxy = proxy(file.proxy, origin)?;
     let control = control(file.control, origin)?;
     let telemetry = telemetry(file.telemetry, origin, proxy.allow_remote)?;
+    let fleet = fleet(file.fleet, origin, &mut warnings)?;
     if let Some(p) = path
         && let Some(w) = permission_warning(p, "config file")
     {
@@ -280,6 +303,7 @@ pub(super) fn validate(
         proxy,
         control,
         telemetry,
+        fleet,
         warnings,
     })
 }
@@ -477,6 +501,7 @@ fn assertion_key(
     })?;
     Ok(Arc::new(AssertionKey {
         key,
+        pem: pem.into(),
         alg,
         key_id: nonempty(key_id),
         path: key_path,
@@ -790,6 +815,125 @@ fn telemetry(
         log_level,
         metrics_listen,
     })
+}
+
+/// `[fleet]`: on with `redis_url`; its other keys without it are an error (a typo in the URL's
+/// key must not silently leave the fleet off).
+fn fleet(
+    f: FleetFile,
+    origin: Origin<'_>,
+    warnings: &mut Vec<String>,
+) -> Result<Option<FleetSettings>, ConfigError> {
+    let Some(url) = nonempty(f.redis_url) else {
+        let others = [
+            ("fleet.redis_username", f.redis_username.is_some()),
+            ("fleet.redis_password_file", f.redis_password_file.is_some()),
+            ("fleet.ca_file", f.ca_file.is_some()),
+            ("fleet.key_prefix", f.key_prefix.is_some()),
+            ("fleet.lock_timeout", f.lock_timeout.is_some()),
+            ("fleet.timeout", f.timeout.is_some()),
+        ];
+        if let Some((key, _)) = others.iter().find(|(_, set)| *set) {
+            return Err(origin.missing(
+                "fleet.redis_url",
+                &format!(
+                    "{key} is set, but the fleet is on only with redis_url (e.g. \"redis://10.0.0.5:6379/0\"); set it, or remove the [fleet] keys"
+                ),
+            ));
+        }
+        return Ok(None);
+    };
+    let redis_url = redis_url(&url).map_err(|m| origin.invalid("fleet.redis_url", m))?;
+    let password_file = nonempty(f.redis_password_file).map(PathBuf::from);
+    if let Some(p) = &password_file {
+        let key = "fleet.redis_password_file";
+        let text = std::fs::read_to_string(p)
+            .map_err(|e| origin.invalid(key, format!("cannot read {}: {e}", p.display())))?;
+        secret_text(&text).map_err(|e| origin.invalid(key, format!("{}: {e}", p.display())))?;
+        if let Some(w) = permission_warning(p, key) {
+            warnings.push(w);
+        }
+        if redis_url.scheme() == "redis" && !is_loopback_host(&redis_url) {
+            warnings.push(format!(
+                "fleet.redis_url {redis_url} is plain redis:// to another host: the Redis password crosses the network in clear (the token entry is sealed either way); use rediss://"
+            ));
+        }
+    }
+    let ca_file = nonempty(f.ca_file).map(PathBuf::from);
+    if let Some(ca) = &ca_file {
+        if redis_url.scheme() != "rediss" {
+            return Err(origin.invalid(
+                "fleet.ca_file",
+                format!(
+                    "is only used with TLS, and fleet.redis_url {redis_url} is plain redis://; use rediss://, or remove ca_file"
+                ),
+            ));
+        }
+        if !ca.is_file() {
+            return Err(origin.invalid(
+                "fleet.ca_file",
+                format!("{} does not exist or is not a file", ca.display()),
+            ));
+        }
+    }
+    let key_prefix = f.key_prefix.unwrap_or_else(|| "behest-agent:".to_string());
+    if key_prefix.len() > 256 || key_prefix.chars().any(|c| c.is_control() || c == ' ') {
+        return Err(origin.invalid(
+            "fleet.key_prefix",
+            "must be at most 256 characters, without spaces or control characters (e.g. \"behest-agent:\")".to_string(),
+        ));
+    }
+    Ok(Some(FleetSettings {
+        redis_url,
+        username: nonempty(f.redis_username),
+        password_file,
+        ca_file,
+        key_prefix,
+        lock_timeout: nonzero(
+            f.lock_timeout,
+            Duration::from_secs(30),
+            "fleet.lock_timeout",
+            origin,
+        )?,
+        timeout: nonzero(f.timeout, Duration::from_secs(2), "fleet.timeout", origin)?,
+    }))
+}
+
+/// `redis://HOST[:PORT][/DB]` or `rediss://…`, with no credentials, query or fragment.
+fn redis_url(s: &str) -> Result<Url, String> {
+    let url = Url::parse(s).map_err(|e| format!("`{s}` is not a URL ({e})"))?;
+    if !matches!(url.scheme(), "redis" | "rediss") {
+        return Err(format!(
+            "`{s}`: scheme `{}` is not redis:// or rediss:// (TLS)",
+            url.scheme()
+        ));
+    }
+    // Never quote a URL that carries a password.
+    if url.password().is_some() {
+        return Err(
+            "has a password in it; put the password in a file (mode 0600) and name it in fleet.redis_password_file"
+                .to_string(),
+        );
+    }
+    if !url.username().is_empty() {
+        return Err(format!(
+            "`{s}` has a user name in it; set fleet.redis_username instead"
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("`{s}` names no host"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("`{s}`: no query or fragment, please"));
+    }
+    let db = url.path().trim_start_matches('/');
+    if !db.is_empty() && db.parse::<u16>().is_err() {
+        return Err(format!(
+            "`{s}`: the path is the database number (e.g. /0), not `{}`",
+            url.path()
+        ));
+    }
+    Ok(url)
 }
 
 /// The secret in a secret file's text, without a leading byte-order mark and surrounding

@@ -29,6 +29,12 @@ pub struct GrantLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `hit`, `miss` or `error`.
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabels {
     /// The status class: `2xx`, `4xx`, `5xx`, …
     pub code: String,
@@ -57,6 +63,10 @@ pub struct Metrics {
     pub in_flight_streams: Gauge,
     pub upstream_errors: Family<KindLabels, Counter>,
     pub replays: Counter,
+    /// Looks for the fleet's shared token before a grant, by result (`hit`, `miss`, `error`).
+    pub fleet_reads: Family<ResultLabels, Counter>,
+    /// Grants this agent made and shared with the fleet.
+    pub fleet_grants: Counter,
 }
 
 impl Default for Metrics {
@@ -130,6 +140,18 @@ impl Metrics {
             "Requests replayed after a 401 from the upstream",
             replays.clone(),
         );
+        let fleet_reads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "fleet_reads",
+            "Looks for the fleet's shared token before a grant: hit (used, no grant), miss (this agent granted), error (Redis failed or held garbage)",
+            fleet_reads.clone(),
+        );
+        let fleet_grants = Counter::default();
+        registry.register(
+            "fleet_grants",
+            "Grants this agent made and shared with the fleet through Redis",
+            fleet_grants.clone(),
+        );
         Self {
             registry,
             grants,
@@ -143,7 +165,17 @@ impl Metrics {
             in_flight_streams,
             upstream_errors,
             replays,
+            fleet_reads,
+            fleet_grants,
         }
+    }
+
+    pub fn fleet_read(&self, result: &str) {
+        self.fleet_reads
+            .get_or_create(&ResultLabels {
+                result: result.to_string(),
+            })
+            .inc();
     }
 
     pub fn grant(&self, ok: bool, code: &str) {
