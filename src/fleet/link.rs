@@ -34,7 +34,11 @@ pub enum FleetError {
 }
 
 impl FleetError {
-    fn from_redis(e: redis::RedisError) -> FleetError {
+    /// `timeout`: the bound the connection was given, which its own timeouts report.
+    fn from_redis(e: redis::RedisError, timeout: Duration) -> FleetError {
+        if e.is_timeout() {
+            return FleetError::Timeout(timeout);
+        }
         let message = crate::auth::grant::sanitize(&e.to_string());
         match e.code() {
             Some(code) if !e.is_io_error() && e.kind() != redis::ErrorKind::AuthenticationFailed => {
@@ -126,7 +130,7 @@ impl Link {
             let mut conn = self.connection().await?;
             cmd.query_async::<T>(&mut conn)
                 .await
-                .map_err(FleetError::from_redis)
+                .map_err(|e| FleetError::from_redis(e, timeout))
         })
         .await
         .unwrap_or(Err(FleetError::Timeout(timeout)));
@@ -171,11 +175,12 @@ impl Link {
 
     async fn connect(&self) -> Result<MultiplexedConnection, FleetError> {
         let s = &self.settings;
+        let timeout = s.timeout;
         let mut info = s
             .redis_url
             .as_str()
             .into_connection_info()
-            .map_err(FleetError::from_redis)?;
+            .map_err(|e| FleetError::from_redis(e, timeout))?;
         let mut redis = info.redis_settings().clone().set_skip_set_lib_name();
         if let Some(user) = &s.username {
             redis = redis.set_username(user);
@@ -214,14 +219,14 @@ impl Link {
             }
             None => Client::open(info),
         }
-        .map_err(FleetError::from_redis)?;
+        .map_err(|e| FleetError::from_redis(e, timeout))?;
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(s.timeout))
             .set_response_timeout(Some(s.timeout));
         client
             .get_multiplexed_async_connection_with_config(&config)
             .await
-            .map_err(FleetError::from_redis)
+            .map_err(|e| FleetError::from_redis(e, timeout))
     }
 
     fn answered(&self) {

@@ -1,0 +1,438 @@
+//! The fleet (SPEC §10) against a real `redis-server` of each test's own: the lock and the shared
+//! entry as the module gives them, then the token engine's one path through them — N agents with
+//! empty caches make one grant, a rotated secret is one miss, Redis killed mid-run or answering
+//! garbage leaves each agent on its own, a killed holder's lock expires, a tampered entry is never
+//! served — and what Redis, the logs and `status` see.
+
+use std::time::{Duration, SystemTime};
+
+use behest_agent::clock;
+use behest_agent::fleet::{Acquired, Entry, Fleet};
+use behest_agent::token::cache::CacheKey;
+use redis::AsyncCommands;
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::redis_server::RedisServer;
+use crate::util::{Harness, eventually, logs};
+
+/// The `[fleet]` keys of a test agent using `redis`, plus `extra`.
+fn fleet_env<'a>(redis: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut env = vec![("BEHEST_AGENT__FLEET__REDIS_URL", redis)];
+    env.extend_from_slice(extra);
+    env
+}
+
+/// A fleet handle as the token engine builds one, for the harness's client.
+fn fleet_of(h: &Harness, redis: &RedisServer, extra: &[(&str, &str)]) -> Fleet {
+    let url = redis.url();
+    let settings = h.settings(&fleet_env(&url, extra));
+    let source = behest_agent::token::TokenSource::new(&settings, clock::system()).unwrap();
+    let a = &settings.auth;
+    let key = CacheKey {
+        issuer: a.endpoints.issuer_hint(),
+        client_id: a.client_id.clone(),
+        audience: a.audience.clone(),
+        resource: a.resource.clone(),
+        organization: a.organization.clone(),
+        scope: a.scope.clone(),
+    };
+    Fleet::new(settings.fleet.as_ref().unwrap(), &key, source.grant().clone())
+}
+
+/// Takes whatever the entry holds.
+async fn take_any(e: Entry) -> Option<String> {
+    Some(e.access_token.expose_secret().to_string())
+}
+
+/// How many SETs the server has run (the lock's `SET NX` and the entry's `SET`).
+async fn set_calls(c: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(c)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_set:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+fn secret(s: &str) -> SecretString {
+    SecretString::from(s.to_string())
+}
+
+#[tokio::test]
+async fn one_agent_takes_the_lock_and_the_others_get_the_token_it_publishes() {
+    let redis = RedisServer::start().await;
+    let h = Harness::start().await;
+    let leader = fleet_of(&h, &redis, &[]);
+    let Acquired::Leader(lease) = leader.acquire(take_any).await else {
+        panic!("an empty fleet makes the first agent the one that grants");
+    };
+    // Two followers arrive while the grant is in flight: they wait instead of granting.
+    let followers: Vec<_> = (0..2)
+        .map(|_| {
+            let f = fleet_of(&h, &redis, &[]);
+            tokio::spawn(async move {
+                match f.acquire(take_any).await {
+                    Acquired::Shared(t) => t,
+                    Acquired::Leader(_) => panic!("a second agent took the lock while it was held"),
+                    Acquired::Alone => panic!("a follower gave up waiting"),
+                }
+            })
+        })
+        .collect();
+    // Both are polling: each has tried the lock at least once besides the leader.
+    let mut c = redis.connection().await;
+    let mut polled = false;
+    for _ in 0..500 {
+        if set_calls(&mut c).await >= 3 {
+            polled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(polled, "the followers try the lock");
+    leader
+        .publish(
+            &secret("the-shared-token"),
+            SystemTime::now(),
+            Duration::from_secs(60),
+        )
+        .await;
+    lease.release().await;
+    for f in followers {
+        assert_eq!(f.await.unwrap(), "the-shared-token");
+    }
+    assert_eq!(leader.status().grants, 1);
+    assert_eq!(leader.status().reads.miss, 1);
+    let locked: Option<String> = c.get(leader.lock_key()).await.unwrap();
+    assert_eq!(locked, None, "the holder released the lock");
+    let ttl: i64 = c.pttl(leader.entry_key()).await.unwrap();
+    assert!(
+        ttl > 50_000 && ttl <= 60_000,
+        "the entry lives as long as the token: {ttl} ms"
+    );
+}
+
+#[tokio::test]
+async fn the_lock_is_released_only_by_its_holder() {
+    let redis = RedisServer::start().await;
+    let h = Harness::start().await;
+    let a = fleet_of(&h, &redis, &[]);
+    let Acquired::Leader(lease) = a.acquire(take_any).await else {
+        panic!("the lock is free");
+    };
+    // A's lock expired meanwhile, and another agent holds it now.
+    let mut c = redis.connection().await;
+    let _: () = c.set(a.lock_key(), "another-holder").await.unwrap();
+    lease.release().await;
+    let holder: Option<String> = c.get(a.lock_key()).await.unwrap();
+    assert_eq!(holder.as_deref(), Some("another-holder"));
+}
+
+#[tokio::test]
+async fn a_dropped_lease_releases_the_lock() {
+    let redis = RedisServer::start().await;
+    let h = Harness::start().await;
+    let a = fleet_of(&h, &redis, &[]);
+    let Acquired::Leader(lease) = a.acquire(take_any).await else {
+        panic!("the lock is free");
+    };
+    drop(lease);
+    let mut c = redis.connection().await;
+    let mut gone = false;
+    for _ in 0..200 {
+        let v: Option<String> = c.get(a.lock_key()).await.unwrap();
+        if v.is_none() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        gone,
+        "a grant cancelled mid-way leaves no lock for the lock_timeout"
+    );
+}
+
+#[tokio::test]
+async fn a_stale_lock_expires_and_the_next_agent_takes_it() {
+    let redis = RedisServer::start().await;
+    let h = Harness::start().await;
+    let b = fleet_of(&h, &redis, &[("BEHEST_AGENT__FLEET__LOCK_TIMEOUT", "5s")]);
+    // Left by a holder that died: nobody will publish or release.
+    let mut c = redis.connection().await;
+    let _: () = redis::cmd("SET")
+        .arg(b.lock_key())
+        .arg("dead-holder")
+        .arg("PX")
+        .arg(700)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    match b.acquire(take_any).await {
+        Acquired::Leader(lease) => lease.release().await,
+        Acquired::Shared(_) => panic!("nothing was published"),
+        Acquired::Alone => panic!("the stale lock expired within the wait: B should hold it"),
+    }
+}
+
+#[tokio::test]
+async fn a_holder_that_never_publishes_leaves_the_follower_alone_after_lock_timeout() {
+    let redis = RedisServer::start().await;
+    let h = Harness::start().await;
+    let b = fleet_of(&h, &redis, &[("BEHEST_AGENT__FLEET__LOCK_TIMEOUT", "300ms")]);
+    let mut c = redis.connection().await;
+    // Held far longer than B's own lock_timeout (another agent configured otherwise).
+    let _: () = c.set_ex(b.lock_key(), "slow-holder", 60).await.unwrap();
+    assert!(matches!(b.acquire(take_any).await, Acquired::Alone));
+    assert_eq!(b.status().reads.miss, 1);
+}
+
+#[tokio::test]
+async fn garbage_in_the_entry_is_warned_about_once_and_replaced_by_a_grant() {
+    let redis = RedisServer::start().await;
+    let h = Harness::start().await;
+    let a = fleet_of(&h, &redis, &[]);
+    let mut c = redis.connection().await;
+    let _: () = c.set(a.entry_key(), "not an entry at all").await.unwrap();
+    for _ in 0..2 {
+        let Acquired::Leader(lease) = a.acquire(take_any).await else {
+            panic!("garbage is no token: the agent grants (and overwrites it)");
+        };
+        lease.release().await;
+    }
+    let status = a.status();
+    assert_eq!(status.state, "connected");
+    assert_eq!(status.reads.error, 2);
+    assert!(status.error.as_deref().unwrap().contains("garbage"));
+    let warnings = logs()
+        .lines()
+        .filter(|l| l.contains(a.entry_key()) && l.contains("WARN"))
+        .count();
+    assert_eq!(warnings, 1, "one warning for the same garbage");
+    a.publish(&secret("fresh"), SystemTime::now(), Duration::from_secs(60))
+        .await;
+    assert_eq!(a.status().error, None, "a good write clears it");
+    let Acquired::Shared(t) = a.acquire(take_any).await else {
+        panic!("the published token is read back");
+    };
+    assert_eq!(t, "fresh");
+
+    // A value of another type: WRONGTYPE on GET, overwritten the same way.
+    let _: () = c.del(a.entry_key()).await.unwrap();
+    let _: () = c.rpush(a.entry_key(), "x").await.unwrap();
+    let Acquired::Leader(lease) = a.acquire(take_any).await else {
+        panic!("a list is no token");
+    };
+    a.publish(&secret("again"), SystemTime::now(), Duration::from_secs(60))
+        .await;
+    lease.release().await;
+    assert!(matches!(a.acquire(take_any).await, Acquired::Shared(t) if t == "again"));
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_is_warned_about_once_and_the_agent_goes_alone() {
+    let mut redis = RedisServer::start().await;
+    let h = Harness::start().await;
+    let a = fleet_of(&h, &redis, &[("BEHEST_AGENT__FLEET__TIMEOUT", "500ms")]);
+    a.check().await.expect("Redis is up");
+    assert_eq!(a.status().state, "connected");
+    redis.kill();
+    for _ in 0..3 {
+        assert!(matches!(a.acquire(take_any).await, Acquired::Alone));
+    }
+    let status = a.status();
+    assert_eq!(status.state, "unreachable");
+    assert_eq!(status.reads.error, 3);
+    assert!(status.words().starts_with("unreachable ("), "{}", status.words());
+    let port = format!("127.0.0.1:{}", redis.port);
+    let warned = |what: &str| {
+        logs()
+            .lines()
+            .filter(|l| l.contains(&port) && l.contains(what))
+            .count()
+    };
+    assert_eq!(warned("is unreachable"), 1, "one warning per change of state");
+    // The daemon's companion reconnects with backoff once Redis is back.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn({
+        let (a, stop) = (a.clone(), stop.clone());
+        async move { a.run(stop).await }
+    });
+    redis.restart().await;
+    eventually(Duration::from_secs(60), "the fleet reconnects", || {
+        a.status().state == "connected"
+    })
+    .await;
+    assert_eq!(warned("answers again"), 1);
+    stop.cancel();
+    run.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_slow_redis_is_given_up_on_after_fleet_timeout() {
+    let redis = RedisServer::start().await;
+    let h = Harness::start().await;
+    let a = fleet_of(&h, &redis, &[("BEHEST_AGENT__FLEET__TIMEOUT", "300ms")]);
+    a.check().await.unwrap();
+    // A Redis that stops answering for a while.
+    let mut c = redis.connection().await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(5000)
+        .arg("ALL")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(matches!(a.acquire(take_any).await, Acquired::Alone));
+    let status = a.status();
+    assert_eq!(status.state, "unreachable");
+    assert!(
+        status.error.as_deref().unwrap().contains("fleet.timeout"),
+        "{status:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_acl_user_with_its_password_from_a_file_is_enough() {
+    let redis = RedisServer::start().await;
+    let h = Harness::start().await;
+    let password = format!("redis-pw-{}", crate::util::random(24));
+    h.remember(&password);
+    let mut c = redis.connection().await;
+    // Only what the agent needs, on its own keys.
+    let _: () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER",
+            "agent",
+            "on",
+            &format!(">{password}"),
+            "~behest-agent:*",
+            "+get",
+            "+set",
+            "+del",
+            "+eval",
+            "+ping",
+        ])
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let file = h.path("redis-password");
+    std::fs::write(&file, format!("{password}\n")).unwrap();
+    crate::util::set_mode(&file, 0o600);
+    let file = file.to_str().unwrap();
+    let user = [
+        ("BEHEST_AGENT__FLEET__REDIS_USERNAME", "agent"),
+        ("BEHEST_AGENT__FLEET__REDIS_PASSWORD_FILE", file),
+    ];
+    let a = fleet_of(&h, &redis, &user);
+    let Acquired::Leader(lease) = a.acquire(take_any).await else {
+        panic!("the ACL user may take the lock");
+    };
+    a.publish(&secret("acl-token"), SystemTime::now(), Duration::from_secs(60))
+        .await;
+    lease.release().await;
+    assert_eq!(a.status().state, "connected");
+    assert_eq!(a.status().grants, 1);
+    let b = fleet_of(&h, &redis, &user);
+    assert!(matches!(b.acquire(take_any).await, Acquired::Shared(t) if t == "acl-token"));
+
+    // A wrong password: unreachable, said once, and never the password itself.
+    std::fs::write(file, "wrong-password-0123456789\n").unwrap();
+    let c = fleet_of(&h, &redis, &user);
+    assert!(matches!(c.acquire(take_any).await, Acquired::Alone));
+    let status = c.status();
+    assert_eq!(status.state, "unreachable");
+    let words = status.words();
+    assert!(
+        words.contains("WRONGPASS") || words.to_lowercase().contains("auth"),
+        "{words}"
+    );
+    h.remember("wrong-password-0123456789");
+    crate::util::assert_no_secret_in(&words, &h.secrets.lock().unwrap(), "the fleet status");
+    h.assert_no_secrets_logged();
+}
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+
+#[tokio::test]
+async fn rediss_verifies_the_server_against_the_configured_ca() {
+    let cert = format!("{FIXTURES}/upstream-cert.pem");
+    let key = format!("{FIXTURES}/upstream-key.pem");
+    let ca = format!("{FIXTURES}/upstream-ca.pem");
+    let redis = RedisServer::start_with(&[
+        "--port",
+        "0",
+        "--tls-port",
+        "{port}",
+        "--tls-cert-file",
+        &cert,
+        "--tls-key-file",
+        &key,
+        "--tls-ca-cert-file",
+        &ca,
+        "--tls-auth-clients",
+        "no",
+    ])
+    .await;
+    let h = Harness::start().await;
+    let url = format!("rediss://localhost:{}/0", redis.port);
+    let with_ca = h.settings(&[
+        ("BEHEST_AGENT__FLEET__REDIS_URL", &url),
+        ("BEHEST_AGENT__FLEET__CA_FILE", &ca),
+    ]);
+    let source = behest_agent::token::TokenSource::new(&with_ca, clock::system()).unwrap();
+    let key = CacheKey {
+        issuer: with_ca.auth.endpoints.issuer_hint(),
+        client_id: with_ca.auth.client_id.clone(),
+        audience: with_ca.auth.audience.clone(),
+        resource: None,
+        organization: None,
+        scope: None,
+    };
+    let fleet = Fleet::new(with_ca.fleet.as_ref().unwrap(), &key, source.grant().clone());
+    fleet.check().await.expect("TLS with the fixture's CA");
+    assert_eq!(fleet.status().state, "connected");
+
+    // Without the CA the server's certificate is not trusted: unreachable, and the agent alone.
+    let without = h.settings(&[("BEHEST_AGENT__FLEET__REDIS_URL", &url)]);
+    let fleet = Fleet::new(without.fleet.as_ref().unwrap(), &key, source.grant().clone());
+    assert!(fleet.check().await.is_err());
+    assert!(matches!(fleet.acquire(take_any).await, Acquired::Alone));
+    assert_eq!(fleet.status().state, "unreachable");
+}
+
+#[tokio::test]
+async fn redis_sees_hashed_key_names_a_sealed_blob_and_a_random_lock_value() {
+    let redis = RedisServer::start().await;
+    let h = Harness::start().await;
+    let a = fleet_of(&h, &redis, &[]);
+    let Acquired::Leader(lease) = a.acquire(take_any).await else {
+        panic!("the lock is free");
+    };
+    let token = format!("eyJhbGciOiJSUzI1NiJ9.{}.sig", crate::util::random(40));
+    a.publish(&secret(&token), SystemTime::now(), Duration::from_secs(60))
+        .await;
+    let mut c = redis.connection().await;
+    let keys: Vec<String> = c.keys("*").await.unwrap();
+    assert_eq!(keys.len(), 2, "the entry and the lock: {keys:?}");
+    let lock: String = c.get(a.lock_key()).await.unwrap();
+    assert_eq!(lock.len(), 32, "128 random bits, hex");
+    lease.release().await;
+    let entry: Vec<u8> = c.get(a.entry_key()).await.unwrap();
+    let seen = format!("{keys:?} {lock} {}", String::from_utf8_lossy(&entry));
+    for private in [
+        token.as_str(),
+        &token[..20],
+        h.secret.as_str(),
+        h.client_id.as_str(),
+        crate::util::AUDIENCE,
+    ] {
+        assert!(!seen.contains(private), "Redis sees {private:?}");
+    }
+    assert!(a.entry_key().starts_with("behest-agent:token:"));
+    assert!(a.lock_key().starts_with("behest-agent:lock:"));
+}
