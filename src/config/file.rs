@@ -16,6 +16,8 @@ pub struct FileConfig {
     pub proxy: ProxyFile,
     pub control: ControlFile,
     pub telemetry: TelemetryFile,
+    pub usage: UsageFile,
+    pub budget: BudgetFile,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -95,6 +97,22 @@ pub struct TelemetryFile {
     pub log_format: Option<String>,
     pub log_level: Option<String>,
     pub metrics_listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UsageFile {
+    pub ledger_file: Option<String>,
+    pub ledger_max_size: Option<String>,
+    pub stream_include_usage: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BudgetFile {
+    pub session_tokens: Option<u64>,
+    pub session_requests: Option<u64>,
+    pub hourly_tokens: Option<u64>,
 }
 
 /// `listen = "127.0.0.1:8711"` or `listen = ["127.0.0.1:8711", "unix:/run/x.sock"]`.

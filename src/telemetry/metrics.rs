@@ -40,6 +40,25 @@ pub struct KindLabels {
     pub kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    /// The response's model (bounded: see `usage::MAX_MODELS`).
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenKindLabels {
+    pub model: String,
+    /// `prompt` or `completion`.
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BudgetLabels {
+    /// `session_tokens`, `session_requests` or `hourly_tokens`.
+    pub budget: &'static str,
+}
+
 /// Every metric the agent exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -57,6 +76,9 @@ pub struct Metrics {
     pub in_flight_streams: Gauge,
     pub upstream_errors: Family<KindLabels, Counter>,
     pub replays: Counter,
+    pub usage_tokens: Family<TokenKindLabels, Counter>,
+    pub usage_requests: Family<ModelLabels, Counter>,
+    pub budget_refusals: Family<BudgetLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -130,6 +152,24 @@ impl Metrics {
             "Requests replayed after a 401 from the upstream",
             replays.clone(),
         );
+        let usage_tokens = Family::<TokenKindLabels, Counter>::default();
+        registry.register(
+            "usage_tokens",
+            "Tokens the upstream reported, by model and kind (prompt, completion)",
+            usage_tokens.clone(),
+        );
+        let usage_requests = Family::<ModelLabels, Counter>::default();
+        registry.register(
+            "usage_requests",
+            "Accounted responses (chat, completions, embeddings, responses) by model",
+            usage_requests.clone(),
+        );
+        let budget_refusals = Family::<BudgetLabels, Counter>::default();
+        registry.register(
+            "budget_refusals",
+            "Requests refused with 429 budget_exceeded, by budget",
+            budget_refusals.clone(),
+        );
         Self {
             registry,
             grants,
@@ -143,7 +183,36 @@ impl Metrics {
             in_flight_streams,
             upstream_errors,
             replays,
+            usage_tokens,
+            usage_requests,
+            budget_refusals,
         }
+    }
+
+    /// One accounted response of `model`, with its (prompt, completion) tokens when it said.
+    pub fn usage(&self, model: &str, tokens: Option<(u64, u64)>) {
+        let model = model.to_string();
+        self.usage_requests
+            .get_or_create(&ModelLabels {
+                model: model.clone(),
+            })
+            .inc();
+        if let Some((prompt, completion)) = tokens {
+            for (kind, n) in [("prompt", prompt), ("completion", completion)] {
+                self.usage_tokens
+                    .get_or_create(&TokenKindLabels {
+                        model: model.clone(),
+                        kind,
+                    })
+                    .inc_by(n);
+            }
+        }
+    }
+
+    pub fn budget_refusal(&self, budget: &'static str) {
+        self.budget_refusals
+            .get_or_create(&BudgetLabels { budget })
+            .inc();
     }
 
     pub fn grant(&self, ok: bool, code: &str) {
