@@ -264,6 +264,7 @@ struct State {
 pub struct Accounting {
     state: Mutex<State>,
     budgets: Mutex<BudgetSettings>,
+    stream_include_usage: std::sync::atomic::AtomicBool,
     ledger: Option<ledger::Ledger>,
     clock: SharedClock,
     metrics: OnceLock<Arc<Metrics>>,
@@ -295,6 +296,7 @@ impl Accounting {
                 hourly: Hourly::default(),
             }),
             budgets: Mutex::new(budgets),
+            stream_include_usage: usage.stream_include_usage.into(),
             ledger: usage
                 .ledger_file
                 .as_ref()
@@ -309,9 +311,20 @@ impl Accounting {
         let _ = self.metrics.set(metrics);
     }
 
-    /// New budgets (a reload); the counts stay.
-    pub fn set_budgets(&self, budgets: BudgetSettings) {
+    /// New budgets and `stream_include_usage` (a reload); the counts stay. (A new ledger file
+    /// takes a restart.)
+    pub fn configure(&self, usage: &UsageSettings, budgets: BudgetSettings) {
         *self.budgets.lock().expect("budgets lock") = budgets;
+        self.stream_include_usage.store(
+            usage.stream_include_usage,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// `usage.stream_include_usage`.
+    pub fn stream_include_usage(&self) -> bool {
+        self.stream_include_usage
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether a new accounted request of `session` may go upstream.
@@ -568,5 +581,79 @@ mod tests {
         }
         assert!(!accounted(&Method::GET, "/v1/chat/completions"));
         assert!(!accounted(&Method::POST, "/v1/files"));
+    }
+}
+
+/// The `model` of a JSON request body, found without parsing it all (a request's model names a
+/// response that does not); `None` when it cannot be found cheaply.
+pub fn request_model(body: &[u8]) -> Option<String> {
+    let at = memchr::memmem::find(body, b"\"model\"")?;
+    let rest = &body[at + 7..];
+    let rest = rest
+        .trim_ascii_start()
+        .strip_prefix(b":")?
+        .trim_ascii_start();
+    let rest = rest.strip_prefix(b"\"")?;
+    let end = memchr::memchr2(b'"', b'\\', rest)?;
+    (rest[end] == b'"')
+        .then(|| std::str::from_utf8(&rest[..end]).ok().map(read::model_name))
+        .flatten()
+}
+
+/// A streamed chat completion request without `stream_options.include_usage`, made to ask for
+/// it (`usage.stream_include_usage`); `None` when the body is left as it is.
+pub fn with_include_usage(body: &[u8]) -> Option<bytes::Bytes> {
+    let mut v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body).ok()?;
+    if v.get("stream") != Some(&serde_json::Value::Bool(true)) {
+        return None;
+    }
+    let options = v
+        .entry("stream_options")
+        .or_insert_with(|| serde_json::json!({}))
+        .as_object_mut()?;
+    if options.get("include_usage") == Some(&serde_json::Value::Bool(true)) {
+        return None;
+    }
+    options.insert("include_usage".into(), serde_json::Value::Bool(true));
+    serde_json::to_vec(&v).ok().map(bytes::Bytes::from)
+}
+
+#[cfg(test)]
+mod request_tests {
+    use super::*;
+
+    #[test]
+    fn the_request_model_is_found_or_not_guessed() {
+        assert_eq!(
+            request_model(br#"{"messages":[],"model" : "gpt-4o","stream":true}"#).as_deref(),
+            Some("gpt-4o")
+        );
+        assert_eq!(request_model(br#"{"model":"a\"b"}"#), None);
+        assert_eq!(request_model(br#"{"model":5}"#), None);
+        assert_eq!(request_model(b"no model"), None);
+    }
+
+    #[test]
+    fn include_usage_is_added_to_streamed_requests_only() {
+        let added = with_include_usage(br#"{"model":"m","stream":true}"#).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&added).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["model"], "m");
+        assert!(with_include_usage(br#"{"model":"m"}"#).is_none());
+        assert!(
+            with_include_usage(br#"{"stream":true,"stream_options":{"include_usage":true}}"#)
+                .is_none()
+        );
+        let kept = with_include_usage(
+            br#"{"stream":true,"stream_options":{"include_usage":false,"x":1}}"#,
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&kept).unwrap();
+        assert_eq!(
+            v["stream_options"],
+            serde_json::json!({"include_usage": true, "x": 1})
+        );
+        assert!(with_include_usage(b"not json").is_none());
+        assert!(with_include_usage(br#"{"stream":true,"stream_options":5}"#).is_none());
     }
 }

@@ -139,6 +139,8 @@ pub enum UpstreamFault {
     /// Never answers; the request stays in flight until the client goes away (counted in
     /// [`Upstream::cancelled`]) or the service's shutdown token is cancelled (then 503).
     Hold,
+    /// 200 with this content type and body, sent in one piece (malformed usage, huge lines…).
+    Raw { content_type: String, body: Bytes },
 }
 
 /// What the `Authorization` header carried; the token itself is never kept.
@@ -459,6 +461,13 @@ impl Upstream {
                     "server_error",
                     None,
                 );
+                return self.finish(seq, in_flight, response);
+            }
+            Some(UpstreamFault::Raw { content_type, body }) => {
+                let response = Response::builder()
+                    .header(CONTENT_TYPE, content_type)
+                    .body(full(body))
+                    .expect("a raw response builds");
                 return self.finish(seq, in_flight, response);
             }
             Some(UpstreamFault::SlowHeaders(delay)) => tokio::time::sleep(delay).await,
