@@ -419,3 +419,29 @@ async fn exec_prints_the_sessions_usage_and_appends_it_to_the_step_summary() {
     assert!(!String::from_utf8_lossy(&quiet.stderr).contains("session job-43"));
     s.finish().await;
 }
+
+#[tokio::test]
+async fn the_responses_api_is_counted_from_json_and_from_its_completed_event() {
+    let s = stack_with(|_| {}, &[]).await;
+    let base = s.base.replace("/v1", "/s/resp/v1");
+    let json = openai_client(&base, "responses", &[]).await;
+    assert_eq!(json["ok"], true, "{json}");
+    assert_eq!(json["text"], "hello");
+    let streamed = openai_client(&base, "responses-stream", &[]).await;
+    assert_eq!(streamed["ok"], true, "{streamed}");
+    assert_eq!(streamed["text"], "hello world");
+    assert_eq!(
+        streamed["types"].as_array().unwrap().last().unwrap(),
+        "response.completed"
+    );
+    let c = counts(&s, "resp");
+    assert_eq!(c["requests"], 2, "{c}");
+    assert_eq!(c["unaccounted"], 0, "{c}");
+    let input = json["response"]["usage"]["input_tokens"].as_u64().unwrap()
+        + streamed["usage"]["input_tokens"].as_u64().unwrap();
+    let output = json["response"]["usage"]["output_tokens"].as_u64().unwrap()
+        + streamed["usage"]["output_tokens"].as_u64().unwrap();
+    assert_eq!(c["prompt_tokens"].as_u64(), Some(input), "{c}");
+    assert_eq!(c["completion_tokens"].as_u64(), Some(output), "{c}");
+    s.finish().await;
+}
