@@ -179,6 +179,7 @@ agent_env() { # name port upstream_port
         "BEHEST_AGENT__AUTH__CLIENT_ID=$CLIENT_ID" \
         "BEHEST_AGENT_CLIENT_SECRET=$SECRET" \
         "BEHEST_AGENT__TOKEN__CACHE_FILE=" \
+        "BEHEST_AGENT__USAGE__LEDGER_FILE=$TMP/usage-$1.jsonl" \
         "BEHEST_AGENT__CONTROL__SOCKET=$TMP/agent-$1.sock" \
         "BEHEST_AGENT__PROXY__LISTEN=127.0.0.1:$2" \
         "BEHEST_AGENT__PROXY__UPSTREAM=http://127.0.0.1:$3" \

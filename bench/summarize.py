@@ -221,6 +221,9 @@ w("- Paths: **direct** (client → upstream with the real bearer), **agent** (cl
 w("- Upstreams: nginx answering from memory for the request cells (`bench/nginx-upstream.conf.in`); for streams, "
   "devkit's echo upstream, and devkit's IdP for the tokens, both served by `bench-servers` (`bench/src/main.rs`), "
   "the same code as `behest-agent dev` and the tests. The agent verifies every token it gets, as in production.")
+w("- The agent runs with usage accounting on, as shipped (SPEC §8): every `POST` chat response's `usage` is read as it "
+  "passes, counted per session and model, exported as metrics and appended to a ledger file; so the request cells "
+  "below are also SPEC §7's \"accounting on\" cells.")
 w(f"- {n_of(meta['rounds'], 'round')}; in each, every request cell runs on the three paths back to back ({meta['duration_s']} s "
   "of wrk each, the order rotated every round), after a 1 s warm-up of each. The agent and nginx are compared round "
   "by round; other figures are medians over the rounds (p99: the median of the rounds' p99), *spread* the lowest "

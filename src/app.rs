@@ -22,6 +22,7 @@ use crate::service;
 use crate::telemetry::LogHandle;
 use crate::telemetry::metrics::{self, Health, Metrics};
 use crate::token::{TokenSource, rfc3339};
+use crate::usage::Accounting;
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +61,8 @@ struct Live {
 struct State {
     live: RwLock<Live>,
     metrics: Arc<Metrics>,
+    /// Usage counts and budgets: one for the daemon's life, whatever reloads change.
+    accounting: Arc<Accounting>,
     started_at: SystemTime,
     settings: RwLock<Settings>,
     /// The proxy's bound addresses (port 0 resolved).
@@ -116,6 +119,12 @@ impl App {
     /// Builds the token engine (loading the disk cache), the proxy, and binds every listener.
     pub async fn build(settings: Settings, clock: SharedClock) -> Result<App, StartError> {
         let metrics = Arc::new(Metrics::new());
+        let accounting = Arc::new(Accounting::new(
+            &settings.usage,
+            settings.budget.clone(),
+            clock.clone(),
+        ));
+        accounting.attach_metrics(metrics.clone());
         let tokens = TokenSource::new(&settings, clock).map_err(StartError::Client)?;
         tokens.attach_metrics(metrics.clone());
         let (proxy, proxy_listeners) = match &settings.proxy.upstream {
@@ -123,6 +132,7 @@ impl App {
                 let proxy =
                     Proxy::new(&settings.proxy, tokens.clone()).map_err(StartError::Proxy)?;
                 proxy.attach_metrics(metrics.clone());
+                proxy.attach_accounting(accounting.clone());
                 let listeners = match inherited_listeners().map_err(|error| StartError::Listen {
                     key: "LISTEN_FDS",
                     addr: "systemd socket activation (LISTEN_FDS)".to_string(),
@@ -170,6 +180,7 @@ impl App {
             state: Arc::new(State {
                 live: RwLock::new(Live { tokens, proxy }),
                 metrics,
+                accounting,
                 started_at: SystemTime::now(),
                 settings: RwLock::new(settings),
                 addresses: RwLock::new(addresses),
@@ -193,6 +204,11 @@ impl App {
 
     pub fn metrics(&self) -> Arc<Metrics> {
         self.state.metrics.clone()
+    }
+
+    /// The usage counts and budgets.
+    pub fn accounting(&self) -> Arc<Accounting> {
+        self.state.accounting.clone()
     }
 
     /// The proxy's bound addresses (a `:0` port resolved).
@@ -231,6 +247,7 @@ impl App {
                     let st = state.clone();
                     move || st.live().proxy.map(|p| p.stats()).unwrap_or(Value::Null)
                 })),
+                usage: Some(state.accounting.clone()),
             }
         };
         tracker.spawn(control::serve(
@@ -320,6 +337,7 @@ impl App {
         tracing::info!("stopping: no new connections; letting in-flight requests finish");
         tracker.close();
         tracker.wait().await;
+        state.accounting.flush().await;
         let socket = state
             .settings
             .read()
@@ -451,6 +469,7 @@ async fn apply(state: &State, new: Settings, log: Option<&LogHandle>) -> Result<
             Some(_) => {
                 let p = Proxy::new(&new.proxy, tokens.clone()).map_err(|e| e.to_string())?;
                 p.attach_metrics(state.metrics.clone());
+                p.attach_accounting(state.accounting.clone());
                 Some(p)
             }
             None => None,
@@ -463,6 +482,7 @@ async fn apply(state: &State, new: Settings, log: Option<&LogHandle>) -> Result<
     {
         tracing::warn!("log level not changed: {e}");
     }
+    state.accounting.configure(&new.usage, new.budget.clone());
     *state.live.write().expect("live lock") = Live { tokens, proxy };
     *state.settings.write().expect("settings lock") = new;
     Ok(Applied {

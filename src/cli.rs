@@ -10,6 +10,7 @@ pub mod refresh;
 pub mod run;
 pub mod status;
 pub mod token;
+pub mod usage;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -66,6 +67,8 @@ pub enum Command {
     Exec(exec::Args),
     /// Run everything on an embedded IdP, with no accounts needed
     Dev(dev::Args),
+    /// Show what was spent: requests and tokens per session and model
+    Usage(usage::Args),
     /// Check the configuration, the IdP, the token's claims and the upstream, with the fix for each problem
     Doctor(doctor::Args),
     /// Print shell completions
@@ -187,6 +190,7 @@ async fn dispatch(cli: Cli) -> CliResult {
         Command::Exec(a) => exec::run(&g, a).await,
         Command::Dev(a) => dev::run(&g, a).await,
         Command::Doctor(a) => doctor::run(&g, a).await,
+        Command::Usage(a) => usage::run(&g, a).await,
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "behest-agent", &mut std::io::stdout());

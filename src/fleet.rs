@@ -44,8 +44,7 @@ const CHECK_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Releases the lock only if it still holds this holder's value: a holder whose lock expired
 /// must not delete the next holder's.
-const RELEASE: &str =
-    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
+const RELEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
 
 /// What [`Fleet::acquire`] found.
 pub enum Acquired<T> {
@@ -221,7 +220,11 @@ impl Fleet {
         loop {
             let pause = match self.check().await {
                 Ok(()) => CHECK_INTERVAL,
-                Err(_) => self.inner.link.until_retry().max(Duration::from_millis(100)),
+                Err(_) => self
+                    .inner
+                    .link
+                    .until_retry()
+                    .max(Duration::from_millis(100)),
             };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -281,7 +284,10 @@ impl Fleet {
         let mut refused: Option<Vec<u8>> = None;
         let mut garbage = false;
         loop {
-            match self.look(&key, &mut accept, &mut refused, &mut garbage).await {
+            match self
+                .look(&key, &mut accept, &mut refused, &mut garbage)
+                .await
+            {
                 Ok(Some(t)) => {
                     self.count(ReadResult::Hit);
                     return Acquired::Shared(t);
@@ -295,7 +301,10 @@ impl Fleet {
             match self.try_lock().await {
                 Ok(Some(lease)) => {
                     // The previous holder may have published just before releasing.
-                    return match self.look(&key, &mut accept, &mut refused, &mut garbage).await {
+                    return match self
+                        .look(&key, &mut accept, &mut refused, &mut garbage)
+                        .await
+                    {
                         Ok(Some(t)) => {
                             lease.release().await;
                             self.count(ReadResult::Hit);
@@ -427,7 +436,10 @@ impl Fleet {
     /// Reports garbage in the entry once per change; the grant that follows overwrites it.
     fn entry_problem(&self, what: &str) {
         let mut p = self.inner.entry_problem.lock().expect("entry problem lock");
-        let message = format!("the shared entry {} is garbage: {what}", self.inner.entry_key);
+        let message = format!(
+            "the shared entry {} is garbage: {what}",
+            self.inner.entry_key
+        );
         if p.as_deref() != Some(message.as_str()) {
             tracing::warn!(
                 redis = %self.inner.link.url(),

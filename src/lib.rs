@@ -41,3 +41,4 @@ pub mod service;
 pub mod telemetry;
 pub mod tls;
 pub mod token;
+pub mod usage;

@@ -42,6 +42,7 @@ use crate::config::{ListenAddr, ProxySettings};
 use crate::server::{self, Limits, Listener};
 use crate::telemetry::metrics::Metrics;
 use crate::token::TokenSource;
+use crate::usage::Accounting;
 
 pub use error::{ProxyError, SetupError};
 pub use forward::{X_REQUEST_ID, X_SESSION_ID};
@@ -100,6 +101,8 @@ impl std::fmt::Debug for Proxy {
 struct Counters {
     stats: Stats,
     metrics: OnceLock<Arc<Metrics>>,
+    /// Usage accounting and budgets (SPEC §8), when the daemon keeps them.
+    accounting: OnceLock<Arc<Accounting>>,
 }
 
 /// Counters for `status` ([`Proxy::stats`]).
@@ -217,6 +220,12 @@ impl Proxy {
     /// from now on (once; later calls are ignored).
     pub fn attach_metrics(&self, metrics: Arc<Metrics>) {
         let _ = self.forwarder().counters.metrics.set(metrics);
+    }
+
+    /// Accounts usage and applies budgets with `accounting` from now on (once; later calls are
+    /// ignored). A reload's new proxy is given the same one, so the counts carry on.
+    pub fn attach_accounting(&self, accounting: Arc<Accounting>) {
+        let _ = self.forwarder().counters.accounting.set(accounting);
     }
 
     /// On reload: requests arriving from now on, on the listeners `self` serves, go through

@@ -36,7 +36,11 @@ fn fleet_of(h: &Harness, redis: &RedisServer, extra: &[(&str, &str)]) -> Fleet {
         organization: a.organization.clone(),
         scope: a.scope.clone(),
     };
-    Fleet::new(settings.fleet.as_ref().unwrap(), &key, source.grant().clone())
+    Fleet::new(
+        settings.fleet.as_ref().unwrap(),
+        &key,
+        source.grant().clone(),
+    )
 }
 
 /// Takes whatever the entry holds.
@@ -183,7 +187,11 @@ async fn a_stale_lock_expires_and_the_next_agent_takes_it() {
 async fn a_holder_that_never_publishes_leaves_the_follower_alone_after_lock_timeout() {
     let redis = RedisServer::start().await;
     let h = Harness::start().await;
-    let b = fleet_of(&h, &redis, &[("BEHEST_AGENT__FLEET__LOCK_TIMEOUT", "300ms")]);
+    let b = fleet_of(
+        &h,
+        &redis,
+        &[("BEHEST_AGENT__FLEET__LOCK_TIMEOUT", "300ms")],
+    );
     let mut c = redis.connection().await;
     // Held far longer than B's own lock_timeout (another agent configured otherwise).
     let _: () = c.set_ex(b.lock_key(), "slow-holder", 60).await.unwrap();
@@ -247,7 +255,11 @@ async fn an_unreachable_redis_is_warned_about_once_and_the_agent_goes_alone() {
     let status = a.status();
     assert_eq!(status.state, "unreachable");
     assert_eq!(status.reads.error, 3);
-    assert!(status.words().starts_with("unreachable ("), "{}", status.words());
+    assert!(
+        status.words().starts_with("unreachable ("),
+        "{}",
+        status.words()
+    );
     let port = format!("127.0.0.1:{}", redis.port);
     let warned = |what: &str| {
         logs()
@@ -255,7 +267,11 @@ async fn an_unreachable_redis_is_warned_about_once_and_the_agent_goes_alone() {
             .filter(|l| l.contains(&port) && l.contains(what))
             .count()
     };
-    assert_eq!(warned("is unreachable"), 1, "one warning per change of state");
+    assert_eq!(
+        warned("is unreachable"),
+        1,
+        "one warning per change of state"
+    );
     // The daemon's companion reconnects with backoff once Redis is back.
     let stop = tokio_util::sync::CancellationToken::new();
     let run = tokio::spawn({
@@ -332,8 +348,12 @@ async fn an_acl_user_with_its_password_from_a_file_is_enough() {
     let Acquired::Leader(lease) = a.acquire(take_any).await else {
         panic!("the ACL user may take the lock");
     };
-    a.publish(&secret("acl-token"), SystemTime::now(), Duration::from_secs(60))
-        .await;
+    a.publish(
+        &secret("acl-token"),
+        SystemTime::now(),
+        Duration::from_secs(60),
+    )
+    .await;
     lease.release().await;
     assert_eq!(a.status().state, "connected");
     assert_eq!(a.status().grants, 1);
@@ -393,13 +413,21 @@ async fn rediss_verifies_the_server_against_the_configured_ca() {
         organization: None,
         scope: None,
     };
-    let fleet = Fleet::new(with_ca.fleet.as_ref().unwrap(), &key, source.grant().clone());
+    let fleet = Fleet::new(
+        with_ca.fleet.as_ref().unwrap(),
+        &key,
+        source.grant().clone(),
+    );
     fleet.check().await.expect("TLS with the fixture's CA");
     assert_eq!(fleet.status().state, "connected");
 
     // Without the CA the server's certificate is not trusted: unreachable, and the agent alone.
     let without = h.settings(&[("BEHEST_AGENT__FLEET__REDIS_URL", &url)]);
-    let fleet = Fleet::new(without.fleet.as_ref().unwrap(), &key, source.grant().clone());
+    let fleet = Fleet::new(
+        without.fleet.as_ref().unwrap(),
+        &key,
+        source.grant().clone(),
+    );
     assert!(fleet.check().await.is_err());
     assert!(matches!(fleet.acquire(take_any).await, Acquired::Alone));
     assert_eq!(fleet.status().state, "unreachable");

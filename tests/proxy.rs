@@ -22,10 +22,11 @@ pub struct Stack {
     pub upstream: Upstream,
     _upstream_stop: DropGuard,
     pub base: String,
-    stop: CancellationToken,
+    pub stop: CancellationToken,
     app: tokio::task::JoinHandle<()>,
     pub tokens: behest_agent::token::TokenSource,
     pub metrics: std::sync::Arc<behest_agent::telemetry::Metrics>,
+    pub accounting: std::sync::Arc<behest_agent::usage::Accounting>,
 }
 
 pub async fn stack_with(edit: impl FnOnce(&mut UpstreamOptions), extra: &[(&str, &str)]) -> Stack {
@@ -52,10 +53,12 @@ pub async fn stack_with(edit: impl FnOnce(&mut UpstreamOptions), extra: &[(&str,
     };
     let tokens = app.tokens();
     let metrics = app.metrics();
+    let accounting = app.accounting();
     let stop = CancellationToken::new();
     let task = tokio::spawn(app.run(stop.clone()));
     Stack {
         metrics,
+        accounting,
         h,
         upstream,
         _upstream_stop: upstream_stop,

@@ -26,9 +26,11 @@ fn binary() -> PathBuf {
                 return Ok(p);
             }
             if std::env::var("CI").is_ok_and(|v| v == "true") {
-                return Err("redis-server is not installed: the fleet tests need Debian's \
+                return Err(
+                    "redis-server is not installed: the fleet tests need Debian's \
                             redis-server package (.ci/run installs it with .ci/install-redis)"
-                    .to_string());
+                        .to_string(),
+                );
             }
             let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(".ci/install-redis");
             let status = Command::new(&script)
@@ -128,7 +130,10 @@ impl RedisServer {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("redis-server did not start again on port {}: {last}", self.port);
+        panic!(
+            "redis-server did not start again on port {}: {last}",
+            self.port
+        );
     }
 
     async fn spawn(&mut self) -> Result<(), String> {
@@ -152,7 +157,11 @@ impl RedisServer {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        args.extend(self.extra.iter().map(|a| a.replace("{port}", &self.port.to_string())));
+        args.extend(
+            self.extra
+                .iter()
+                .map(|a| a.replace("{port}", &self.port.to_string())),
+        );
         let mut child = Command::new(binary())
             .args(&args)
             .stdin(Stdio::null())
@@ -182,7 +191,8 @@ impl RedisServer {
     /// Answers PING on its plain port (a TLS-only server is waited for on its log instead).
     async fn answers(&self) -> bool {
         if self.extra.iter().any(|a| a == "--tls-port") {
-            let log = std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default();
+            let log =
+                std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default();
             return log.contains("Ready to accept connections");
         }
         let Ok(client) = redis::Client::open(self.url()) else {

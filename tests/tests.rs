@@ -18,4 +18,5 @@ mod service;
 mod smuggling;
 mod token;
 mod upstream;
+mod usage;
 mod util;

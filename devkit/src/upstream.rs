@@ -15,7 +15,8 @@
 //! the last user message, as one JSON object or, with `"stream": true`, as server-sent events each
 //! written as its own body frame, [`UpstreamOptions::sse_interval`] apart (`x-echo-events: N` sets
 //! the number of content pieces, default 5); `POST /v1/embeddings` (8 deterministic floats per
-//! input, `encoding_format` `float` or `base64`); `POST /v1/files`, whose multipart body is digested
+//! input, `encoding_format` `float` or `base64`); `POST /v1/responses` (the Responses API, JSON or
+//! streamed, with `usage`); `POST /v1/files`, whose multipart body is digested
 //! as it streams in, never buffered. Anything else is an OpenAI-shaped 404. Every answer carries
 //! `x-request-id: req_N`, N the request's number from 0, as OpenAI's carry a request id.
 //!
@@ -139,6 +140,8 @@ pub enum UpstreamFault {
     /// Never answers; the request stays in flight until the client goes away (counted in
     /// [`Upstream::cancelled`]) or the service's shutdown token is cancelled (then 503).
     Hold,
+    /// 200 with this content type and body, sent in one piece (malformed usage, huge lines…).
+    Raw { content_type: String, body: Bytes },
 }
 
 /// What the `Authorization` header carried; the token itself is never kept.
@@ -410,7 +413,7 @@ impl Upstream {
             .to_owned();
         let route = Route::of(&parts.method, parts.uri.path());
         let sink = match route {
-            Route::Chat | Route::Embeddings => Sink::Json(Vec::new()),
+            Route::Chat | Route::Embeddings | Route::Responses => Sink::Json(Vec::new()),
             Route::Files => multipart_boundary(&parts.headers)
                 .map_or(Sink::NotMultipart, |boundary| {
                     Sink::Multipart(Box::new(Multipart::new(&boundary)))
@@ -459,6 +462,13 @@ impl Upstream {
                     "server_error",
                     None,
                 );
+                return self.finish(seq, in_flight, response);
+            }
+            Some(UpstreamFault::Raw { content_type, body }) => {
+                let response = Response::builder()
+                    .header(CONTENT_TYPE, content_type)
+                    .body(full(body))
+                    .expect("a raw response builds");
                 return self.finish(seq, in_flight, response);
             }
             Some(UpstreamFault::SlowHeaders(delay)) => tokio::time::sleep(delay).await,
@@ -535,6 +545,7 @@ impl Upstream {
             )),
             Route::Chat => self.chat(&read.sink, &parts.headers, seq),
             Route::Embeddings => embeddings(&read.sink),
+            Route::Responses => self.responses(&read.sink, &parts.headers, seq),
             Route::Files => self.file(&read.sink, read.len),
             Route::NotFound => Answer::Error(openai_error(
                 StatusCode::NOT_FOUND,
@@ -662,13 +673,108 @@ impl Upstream {
             .and_then(|options| options.get("include_usage"))
             .and_then(Value::as_bool)
             == Some(true);
-        Answer::Stream(SseEvents {
+        Answer::Stream(SseEvents::Chat(ChatEvents {
             chunk: ChunkTemplate { id, created, model },
             reply: reply.chars().collect(),
             pieces,
             usage: include_usage.then_some(usage),
             next: 0,
-        })
+        }))
+    }
+
+    /// The Responses API: echoes `input` (a string, or the last user message), as one response
+    /// object or, with `"stream": true`, as `response.created`, one `response.output_text.delta`
+    /// per piece and `response.completed` with the usage.
+    fn responses(&self, sink: &Sink, headers: &HeaderMap, seq: u64) -> Answer {
+        let request = match json_request(sink) {
+            Ok(request) => request,
+            Err(answer) => return *answer,
+        };
+        let (reply, input_tokens) = match request.get("input") {
+            Some(Value::String(text)) => (text.clone(), words(text)),
+            Some(Value::Array(items)) => (
+                items
+                    .iter()
+                    .rev()
+                    .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+                    .map(|m| message_text(m.get("content")))
+                    .unwrap_or_default(),
+                items
+                    .iter()
+                    .map(|m| words(&message_text(m.get("content"))))
+                    .sum(),
+            ),
+            _ => {
+                return Answer::Error(openai_error(
+                    StatusCode::BAD_REQUEST,
+                    "Missing required parameter: 'input'.",
+                    "invalid_request_error",
+                    Some("missing_required_parameter"),
+                ));
+            }
+        };
+        let model = request
+            .get("model")
+            .and_then(Value::as_str)
+            .unwrap_or(MODELS[0])
+            .to_owned();
+        let output_tokens = words(&reply);
+        let id = format!("resp_echo{seq}");
+        let item = format!("msg_echo{seq}");
+        let response = |status: &str, text: &str, usage: Value| {
+            json!({
+                "id": id,
+                "object": "response",
+                "created_at": self.inner.now.unix(),
+                "status": status,
+                "model": model,
+                "output": [{
+                    "type": "message", "id": item, "status": status, "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}],
+                }],
+                "usage": usage,
+            })
+        };
+        let usage = json!({
+            "input_tokens": input_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": output_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": input_tokens + output_tokens,
+        });
+        if request.get("stream").and_then(Value::as_bool) != Some(true) {
+            return Answer::Json(StatusCode::OK, response("completed", &reply, usage));
+        }
+        let pieces = header_str(headers, EVENTS_HEADER)
+            .and_then(|n| n.trim().parse::<usize>().ok())
+            .unwrap_or(DEFAULT_EVENTS)
+            .clamp(1, MAX_EVENTS);
+        let chars: Vec<char> = reply.chars().collect();
+        let event = |n: usize, data: Value| {
+            let kind = data["type"].as_str().unwrap_or_default().to_owned();
+            let mut data = data;
+            data["sequence_number"] = json!(n);
+            Bytes::from(format!("event: {kind}\ndata: {data}\n\n"))
+        };
+        let mut events = VecDeque::new();
+        events.push_back(event(
+            0,
+            json!({"type": "response.created", "response": response("in_progress", "", Value::Null)}),
+        ));
+        for i in 0..pieces {
+            let piece: String = chars[i * chars.len() / pieces..(i + 1) * chars.len() / pieces]
+                .iter()
+                .collect();
+            events.push_back(event(
+                i + 1,
+                json!({"type": "response.output_text.delta", "item_id": item, "output_index": 0, "content_index": 0, "delta": piece}),
+            ));
+        }
+        events.push_back(event(
+            pieces + 1,
+            json!({"type": "response.completed", "response": response("completed", &reply, usage)}),
+        ));
+        Answer::Stream(SseEvents::Prepared(events))
     }
 
     fn file(&self, sink: &Sink, body_len: u64) -> Answer {
@@ -865,6 +971,7 @@ enum Route {
     Model(String),
     Chat,
     Embeddings,
+    Responses,
     Files,
     NotFound,
 }
@@ -882,6 +989,7 @@ impl Route {
             }
             (&Method::POST, "/chat/completions") => Route::Chat,
             (&Method::POST, "/embeddings") => Route::Embeddings,
+            (&Method::POST, "/responses") => Route::Responses,
             (&Method::POST, "/files") => Route::Files,
             _ => Route::NotFound,
         }
@@ -1225,8 +1333,24 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     None
 }
 
-/// The parts of a streamed completion, produced one event at a time.
-struct SseEvents {
+/// The events of a streamed answer, produced one at a time.
+enum SseEvents {
+    Chat(ChatEvents),
+    /// The Responses API's few events, made up front.
+    Prepared(VecDeque<Bytes>),
+}
+
+impl SseEvents {
+    fn next_event(&mut self) -> Option<Bytes> {
+        match self {
+            SseEvents::Chat(chat) => chat.next_event(),
+            SseEvents::Prepared(events) => events.pop_front(),
+        }
+    }
+}
+
+/// The parts of a streamed chat completion, produced one event at a time.
+struct ChatEvents {
     chunk: ChunkTemplate,
     /// The reply, cut into `pieces` content events on the fly (a long stream costs no memory).
     reply: Vec<char>,
@@ -1243,7 +1367,7 @@ struct ChunkTemplate {
     model: String,
 }
 
-impl SseEvents {
+impl ChatEvents {
     fn next_event(&mut self) -> Option<Bytes> {
         let n = self.next;
         self.next = self.next.saturating_add(1);

@@ -35,6 +35,10 @@ pub struct Args {
         value_name = "CMD"
     )]
     pub command: Vec<String>,
+    /// Do not print the session's usage when the command exits (nor append it to
+    /// $GITHUB_STEP_SUMMARY)
+    #[arg(long)]
+    pub no_summary: bool,
 }
 
 pub async fn run(g: &Global, args: Args) -> CliResult {
@@ -42,6 +46,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     let mut env: Vec<(String, String)> = Vec::new();
     let shutdown = CancellationToken::new();
     let mut own_agent = None;
+    let mut own_accounting = None;
     let mut _runtime_dir = None;
 
     let addr = if daemon_for(g).await.is_some() {
@@ -81,6 +86,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
             "BEHEST_AGENT__CONTROL__SOCKET".into(),
             socket.display().to_string(),
         ));
+        own_accounting = Some(app.accounting());
         own_agent = Some(tokio::spawn(app.run(shutdown.clone())));
         _runtime_dir = Some(dir);
         addr
@@ -93,6 +99,18 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     );
 
     let status = run_child(&args.command, env.into_iter().collect()).await;
+    if !args.no_summary {
+        let session = args.session.as_deref().unwrap_or(crate::usage::NO_SESSION);
+        let report = match &own_accounting {
+            Some(accounting) => Ok(Some(accounting.report())),
+            None => super::usage::fetch(g, Some(session)).await,
+        };
+        match report {
+            Ok(Some(report)) => summarize(&report.only(session), session),
+            Ok(None) => {}
+            Err(e) => tracing::warn!("cannot get the session's usage: {e:#}"),
+        }
+    }
     shutdown.cancel();
     if let Some(agent) = own_agent {
         let _ = tokio::time::timeout(Duration::from_secs(5), agent).await;
@@ -200,4 +218,20 @@ async fn end_group(group: Pid) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let _ = killpg(group, Signal::SIGKILL);
+}
+
+/// The session's usage on stderr, and as a Markdown table in `$GITHUB_STEP_SUMMARY` when set.
+fn summarize(report: &crate::usage::Report, session: &str) {
+    eprintln!("behest-agent: session {session}: {}", report.line());
+    if let Some(path) = std::env::var_os("GITHUB_STEP_SUMMARY").filter(|p| !p.is_empty()) {
+        let table = format!("### Behest usage\n\n{}\n", report.markdown());
+        let written = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, table.as_bytes()));
+        if let Err(e) = written {
+            tracing::warn!(path = %std::path::Path::new(&path).display(), "cannot append to GITHUB_STEP_SUMMARY: {e}");
+        }
+    }
 }

@@ -16,6 +16,8 @@ pub struct FileConfig {
     pub proxy: ProxyFile,
     pub control: ControlFile,
     pub telemetry: TelemetryFile,
+    pub usage: UsageFile,
+    pub budget: BudgetFile,
     pub fleet: FleetFile,
 }
 
@@ -96,6 +98,22 @@ pub struct TelemetryFile {
     pub log_format: Option<String>,
     pub log_level: Option<String>,
     pub metrics_listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UsageFile {
+    pub ledger_file: Option<String>,
+    pub ledger_max_size: Option<String>,
+    pub stream_include_usage: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BudgetFile {
+    pub session_tokens: Option<u64>,
+    pub session_requests: Option<u64>,
+    pub hourly_tokens: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -16,6 +16,7 @@ use url::Url;
 use super::ConfigError;
 use super::file::{
     AuthFile, ControlFile, FileConfig, FleetFile, OneOrMany, ProxyFile, TelemetryFile, TokenFile,
+    UsageFile,
 };
 
 /// Everything the agent needs, validated.
@@ -28,10 +29,38 @@ pub struct Settings {
     pub proxy: ProxySettings,
     pub control: ControlSettings,
     pub telemetry: TelemetrySettings,
+    pub usage: UsageSettings,
+    pub budget: BudgetSettings,
     /// `[fleet]`: the token shared through Redis; `None` without `fleet.redis_url`.
     pub fleet: Option<FleetSettings>,
     /// Things worth telling the operator that do not stop the agent (file permissions, …).
     pub warnings: Vec<String>,
+}
+
+/// `[usage]`: the ledger, and whether streamed chat requests are made to report usage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageSettings {
+    /// `None`: no ledger.
+    pub ledger_file: Option<PathBuf>,
+    pub ledger_max_size: u64,
+    pub stream_include_usage: bool,
+}
+
+/// `[budget]`: limits on what sessions and the whole agent may spend; `None` = no limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BudgetSettings {
+    pub session_tokens: Option<u64>,
+    pub session_requests: Option<u64>,
+    pub hourly_tokens: Option<u64>,
+}
+
+impl BudgetSettings {
+    /// No budget at all.
+    pub fn is_none(&self) -> bool {
+        self.session_tokens.is_none()
+            && self.session_requests.is_none()
+            && self.hourly_tokens.is_none()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -290,6 +319,12 @@ pub(super) fn validate(
     let proxy = proxy(file.proxy, origin)?;
     let control = control(file.control, origin)?;
     let telemetry = telemetry(file.telemetry, origin, proxy.allow_remote)?;
+    let usage = usage(file.usage, origin)?;
+    let budget = BudgetSettings {
+        session_tokens: file.budget.session_tokens.filter(|n| *n > 0),
+        session_requests: file.budget.session_requests.filter(|n| *n > 0),
+        hourly_tokens: file.budget.hourly_tokens.filter(|n| *n > 0),
+    };
     let fleet = fleet(file.fleet, origin, &mut warnings)?;
     if let Some(p) = path
         && let Some(w) = permission_warning(p, "config file")
@@ -303,8 +338,34 @@ pub(super) fn validate(
         proxy,
         control,
         telemetry,
+        usage,
+        budget,
         fleet,
         warnings,
+    })
+}
+
+/// `[usage]`: the ledger (default in the state directory; `""`: none) and its size before rotation.
+fn usage(u: UsageFile, origin: Origin<'_>) -> Result<UsageSettings, ConfigError> {
+    let ledger_file = match u.ledger_file {
+        Some(s) if s.trim().is_empty() => None,
+        Some(s) => Some(PathBuf::from(s)),
+        None => default_state_file(origin.env, "usage.jsonl"),
+    };
+    let ledger_max_size = match nonempty(u.ledger_max_size) {
+        None => 64 << 20,
+        Some(s) => parse_size(&s).map_err(|m| origin.invalid("usage.ledger_max_size", m))? as u64,
+    };
+    if ledger_max_size < 4096 {
+        return Err(origin.invalid(
+            "usage.ledger_max_size",
+            "must be at least 4KiB (a few ledger lines)".to_string(),
+        ));
+    }
+    Ok(UsageSettings {
+        ledger_file,
+        ledger_max_size,
+        stream_include_usage: u.stream_include_usage.unwrap_or(false),
     })
 }
 
@@ -1087,18 +1148,24 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
 }
 
 fn default_cache_file(env: &HashMap<String, String>) -> Option<PathBuf> {
+    default_state_file(env, "token.json")
+}
+
+/// `name` in the state directory: `$STATE_DIRECTORY` (systemd), else `$XDG_STATE_HOME/behest-agent`,
+/// else `~/.local/state/behest-agent`.
+fn default_state_file(env: &HashMap<String, String>, name: &str) -> Option<PathBuf> {
     let first = |k: &str| {
         env.get(k)
             .and_then(|v| v.split(':').next().map(str::to_string))
             .filter(|v| !v.is_empty())
     };
     if let Some(d) = first("STATE_DIRECTORY") {
-        return Some(Path::new(&d).join("token.json"));
+        return Some(Path::new(&d).join(name));
     }
     if let Some(d) = first("XDG_STATE_HOME") {
-        return Some(Path::new(&d).join("behest-agent").join("token.json"));
+        return Some(Path::new(&d).join("behest-agent").join(name));
     }
-    first("HOME").map(|h| Path::new(&h).join(".local/state/behest-agent/token.json"))
+    first("HOME").map(|h| Path::new(&h).join(".local/state/behest-agent").join(name))
 }
 
 pub fn default_socket(env: &HashMap<String, String>) -> PathBuf {

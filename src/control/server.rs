@@ -26,6 +26,8 @@ pub struct ControlState {
     pub daemon: Arc<dyn Fn() -> Value + Send + Sync>,
     /// Live figures (proxy counters) merged into `/v1/status` under `proxy`.
     pub live: Option<Arc<dyn Fn() -> Value + Send + Sync>>,
+    /// The usage counts served at `/v1/usage`.
+    pub usage: Option<Arc<crate::usage::Accounting>>,
 }
 
 /// Binds the control socket with `mode`, creating its directory (0750). A stale socket left by a
@@ -89,6 +91,14 @@ fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
         .filter_map(|kv| kv.split_once('='))
         .find(|(k, _)| *k == name)
         .map(|(_, v)| v)
+}
+
+/// A query value with its `%XX` escapes decoded (a session may hold characters a query cannot).
+fn percent_decoded(s: &str) -> String {
+    url::form_urlencoded::parse(format!("v={s}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
 }
 
 /// `60`, `60s`, `5m`.
@@ -157,6 +167,21 @@ async fn handle(state: &ControlState, req: Request<Incoming>) -> Response<Full<B
             Err(e) => error_response(StatusCode::BAD_GATEWAY, &e.code(), &e.to_string()),
         },
         (&Method::GET, "/v1/status") => json_response(StatusCode::OK, &status_json(state)),
+        (&Method::GET, "/v1/usage") => match &state.usage {
+            Some(usage) => {
+                let report = usage.report();
+                let report = match query_param(req.uri().query(), "session") {
+                    Some(session) => report.only(&percent_decoded(session)),
+                    None => report,
+                };
+                json_response(StatusCode::OK, &json!(report))
+            }
+            None => error_response(
+                StatusCode::NOT_FOUND,
+                "no_usage",
+                "this agent keeps no usage counts",
+            ),
+        },
         (&Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({"status": "ok"})),
         (&Method::GET, "/readyz") => {
             if tokens.is_ready() {
@@ -169,11 +194,13 @@ async fn handle(state: &ControlState, req: Request<Incoming>) -> Response<Full<B
                 )
             }
         }
-        (_, "/v1/token" | "/v1/refresh" | "/v1/status" | "/healthz" | "/readyz") => error_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "wrong method",
-        ),
+        (_, "/v1/token" | "/v1/refresh" | "/v1/status" | "/v1/usage" | "/healthz" | "/readyz") => {
+            error_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "wrong method",
+            )
+        }
         _ => error_response(
             StatusCode::NOT_FOUND,
             "not_found",

@@ -41,7 +41,9 @@ impl FleetError {
         }
         let message = crate::auth::grant::sanitize(&e.to_string());
         match e.code() {
-            Some(code) if !e.is_io_error() && e.kind() != redis::ErrorKind::AuthenticationFailed => {
+            Some(code)
+                if !e.is_io_error() && e.kind() != redis::ErrorKind::AuthenticationFailed =>
+            {
                 FleetError::Refused {
                     code: code.to_string(),
                     message,
@@ -193,10 +195,7 @@ impl Link {
                 ))
             })?;
             let password = crate::config::secret_text(&text).map_err(|e| {
-                FleetError::Connection(format!(
-                    "fleet.redis_password_file {}: {e}",
-                    path.display()
-                ))
+                FleetError::Connection(format!("fleet.redis_password_file {}: {e}", path.display()))
             })?;
             redis = redis.set_password(password);
         }

@@ -53,7 +53,9 @@ pub enum OpenError {
     #[error("the value is not a sealed token entry")]
     Garbage,
     /// The tag does not verify: sealed under another credential (a rotated secret) or altered.
-    #[error("the entry does not open with this client's credential (sealed under another one, or altered)")]
+    #[error(
+        "the entry does not open with this client's credential (sealed under another one, or altered)"
+    )]
     Unreadable,
 }
 
@@ -83,9 +85,8 @@ impl SealKey {
                 .unwrap_or_default()
                 .as_secs(),
         };
-        let mut body = Zeroizing::new(
-            serde_json::to_vec(&plain).expect("a string and a number serialize"),
-        );
+        let mut body =
+            Zeroizing::new(serde_json::to_vec(&plain).expect("a string and a number serialize"));
         let mut nonce = [0u8; NONCE_LEN];
         aws_lc_rs::rand::fill(&mut nonce).expect("the system RNG works");
         let tag = self
@@ -193,7 +194,10 @@ mod tests {
         for i in 0..sealed.len() {
             let mut altered = sealed.clone();
             altered[i] ^= 0x01;
-            assert!(k.open(NAME, &altered).is_err(), "byte {i} altered and accepted");
+            assert!(
+                k.open(NAME, &altered).is_err(),
+                "byte {i} altered and accepted"
+            );
         }
     }
 

@@ -20,6 +20,7 @@ use tokio::time::Sleep;
 
 use super::Counters;
 use super::upstream::Lease;
+use crate::usage::{Accounting, Entry, Meter};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -39,6 +40,37 @@ pub struct Record {
     /// What the debug line names, kept only when that line is written. Copied: a part of the
     /// request kept for the whole response would keep the connection's read buffer too.
     logged: Option<Logged>,
+    /// An accounted request's ledger line in the making (boxed: most requests are not).
+    account: Option<Box<Account>>,
+}
+
+/// What an accounted request's counts and ledger line need, and the meter reading its response.
+pub struct Account {
+    pub accounting: Arc<Accounting>,
+    pub session: String,
+    pub path: String,
+    pub request_id: String,
+    /// The request's own `model`, for a response that names none.
+    pub model: Option<String>,
+    meter: Option<Meter>,
+}
+
+impl Account {
+    pub fn new(
+        accounting: Arc<Accounting>,
+        session: String,
+        path: String,
+        request_id: String,
+    ) -> Account {
+        Account {
+            accounting,
+            session,
+            path,
+            request_id,
+            model: None,
+            meter: None,
+        }
+    }
 }
 
 struct Logged {
@@ -68,6 +100,28 @@ impl Record {
             bytes: 0,
             completed: false,
             logged,
+            account: None,
+        }
+    }
+
+    /// Accounts this request's response (SPEC §8) when it ends.
+    pub fn account(&mut self, account: Account) {
+        self.account = Some(Box::new(account));
+    }
+
+    /// The request's model, when its body was read.
+    pub fn request_model(&mut self, model: Option<String>) {
+        if let Some(a) = &mut self.account {
+            a.model = model;
+        }
+    }
+
+    /// An accounted request's upstream response: its usage is read as its body passes.
+    pub fn meter(&mut self, status: StatusCode, headers: &http::HeaderMap, length: Option<u64>) {
+        if let Some(a) = &mut self.account
+            && status.is_success()
+        {
+            a.meter = Meter::new(headers.get(http::header::CONTENT_TYPE), length);
         }
     }
 
@@ -104,6 +158,18 @@ impl Record {
 impl Drop for Record {
     fn drop(&mut self) {
         let elapsed = self.start.elapsed();
+        if let Some(a) = self.account.take() {
+            let read = a.meter.map(Meter::finish).unwrap_or_default();
+            a.accounting.record(Entry {
+                session: a.session,
+                model: read.model.or(a.model),
+                path: a.path,
+                status: self.status,
+                tokens: read.tokens,
+                duration: elapsed,
+                request_id: a.request_id,
+            });
+        }
         self.counters
             .stats
             .in_flight
@@ -191,7 +257,14 @@ impl Body for ResponseBody {
                 let polled = body.as_mut().poll_frame(cx);
                 match &polled {
                     Poll::Ready(Some(Ok(frame))) => {
-                        record.bytes += frame.data_ref().map_or(0, |d| d.len() as u64);
+                        if let Some(data) = frame.data_ref() {
+                            record.bytes += data.len() as u64;
+                            if let Some(meter) =
+                                record.account.as_mut().and_then(|a| a.meter.as_mut())
+                            {
+                                meter.feed(data);
+                            }
+                        }
                         record.completed = body.is_end_stream();
                     }
                     Poll::Ready(Some(Err(e))) => {

@@ -43,6 +43,12 @@ pub enum ProxyError {
     /// A request head over the limits (h2 requests with more than 100 fields).
     #[error("{0}")]
     HeadersTooLarge(String),
+    /// A `[budget]` is spent (SPEC §8); `retry_after` for the hourly one.
+    #[error("{message}")]
+    BudgetExceeded {
+        message: String,
+        retry_after: Option<std::time::Duration>,
+    },
 }
 
 impl ProxyError {
@@ -61,6 +67,7 @@ impl ProxyError {
                 timed_out: false, ..
             } => StatusCode::BAD_REQUEST,
             ProxyError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::BudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -81,6 +88,7 @@ impl ProxyError {
                 timed_out: false, ..
             } => "bad_request",
             ProxyError::HeadersTooLarge(_) => "request_header_fields_too_large",
+            ProxyError::BudgetExceeded { .. } => "budget_exceeded",
         }
     }
 
@@ -117,6 +125,16 @@ impl ProxyError {
         let h = r.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let ProxyError::BudgetExceeded {
+            retry_after: Some(after),
+            ..
+        } = self
+        {
+            h.insert(
+                http::header::RETRY_AFTER,
+                HeaderValue::from(after.as_secs()),
+            );
+        }
         if matches!(self, ProxyError::ConnectRefused) {
             h.insert(
                 http::header::ALLOW,
@@ -210,6 +228,14 @@ mod tests {
                 ProxyError::HeadersTooLarge("x".into()),
                 431,
                 "request_header_fields_too_large",
+            ),
+            (
+                ProxyError::BudgetExceeded {
+                    message: "m".into(),
+                    retry_after: None,
+                },
+                429,
+                "budget_exceeded",
             ),
         ];
         for (e, status, code) in cases {

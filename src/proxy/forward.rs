@@ -12,20 +12,21 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{
-    AUTHORIZATION, CONNECTION, CONTENT_TYPE, HOST, HeaderName, HeaderValue, PROXY_AUTHENTICATE,
-    PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+    AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderName, HeaderValue,
+    PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 use http::{HeaderMap, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 
-use super::body::{Idle, IdleTimeout, Record, ResponseBody};
+use super::body::{Account, Idle, IdleTimeout, Record, ResponseBody};
 use super::error::ProxyError;
 use super::upstream::{Lease, Pool};
 use super::{Counters, UpstreamBase, guard, path};
 use crate::server::MAX_HEADERS;
 use crate::token::TokenSource;
+use crate::usage::{self, Accounting};
 
 /// `X-Session-Id`: per-job cost attribution at Behest.
 pub const X_SESSION_ID: HeaderName = HeaderName::from_static("x-session-id");
@@ -87,6 +88,7 @@ impl Forwarder {
                     .headers
                     .get(CONTENT_TYPE)
                     .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+                record.meter(parts.status, &parts.headers, body.size_hint().exact());
                 record.responded(parts.status, stream);
                 let body = Idle::new(self.idle_timeout, body);
                 Response::from_parts(parts, ResponseBody::upstream(body, record, lease))
@@ -110,14 +112,6 @@ impl Forwarder {
     ) -> Result<(Response<Incoming>, Option<Lease>), ProxyError> {
         // Checked before waiting for a token: a bad request never spends a grant.
         let (session, uri) = self.check(local, &req)?;
-        // A grant's future is tens of KiB: boxed, it is made only when a request waits for one,
-        // instead of being copied into every request's future.
-        let token = match self.tokens.valid(Duration::ZERO) {
-            Some(token) => token,
-            None => Box::pin(self.tokens.get(Duration::ZERO))
-                .await
-                .map_err(|e| ProxyError::TokenUnavailable(e.to_string()))?,
-        };
 
         let (mut head, body) = req.into_parts();
         head.uri = uri;
@@ -135,9 +129,52 @@ impl Forwarder {
         }
         record.session(headers.get(X_SESSION_ID));
         headers.entry(X_REQUEST_ID).or_insert_with(request_id);
-        headers.insert(AUTHORIZATION, token.bearer().clone());
+        let accounting = self.accounting(&head);
+        if let Some(accounting) = accounting {
+            let session = usage::session_of(&head.headers);
+            let request_id = head
+                .headers
+                .get(X_REQUEST_ID)
+                .map_or_else(String::new, |v| {
+                    String::from_utf8_lossy(v.as_bytes()).into_owned()
+                });
+            let path = head.uri.path().to_string();
+            let admitted = accounting.admit(&session);
+            record.account(Account::new(
+                accounting.clone(),
+                session.clone(),
+                path,
+                request_id,
+            ));
+            admitted.map_err(|r| ProxyError::BudgetExceeded {
+                message: r.message(&session),
+                retry_after: r.retry_after,
+            })?;
+        }
 
-        let (body, kept) = self.request_body(body).await?;
+        // A grant's future is tens of KiB: boxed, it is made only when a request waits for one,
+        // instead of being copied into every request's future.
+        let token = match self.tokens.valid(Duration::ZERO) {
+            Some(token) => token,
+            None => Box::pin(self.tokens.get(Duration::ZERO))
+                .await
+                .map_err(|e| ProxyError::TokenUnavailable(e.to_string()))?,
+        };
+        head.headers.insert(AUTHORIZATION, token.bearer().clone());
+
+        let (mut body, mut kept) = self.request_body(body).await?;
+        if let (Some(accounting), Some(whole)) = (accounting, &kept) {
+            record.request_model(usage::request_model(whole));
+            if accounting.stream_include_usage()
+                && head.uri.path().ends_with("/chat/completions")
+                && whole.len() <= usage::read::MAX_JSON
+                && let Some(asked) = usage::with_include_usage(whole)
+            {
+                head.headers.insert(CONTENT_LENGTH, asked.len().into());
+                body = Either::Left(Full::new(asked.clone()));
+                kept = Some(asked);
+            }
+        }
         let replay = kept.map(|body| Replay {
             head: clone_head(&head),
             body,
@@ -165,6 +202,14 @@ impl Forwarder {
         head.headers.insert(AUTHORIZATION, new.bearer().clone());
         self.send(Request::from_parts(head, Either::Left(Full::new(body))))
             .await
+    }
+
+    /// The accounting, when this request is one it counts (a `POST` to an accounted endpoint).
+    fn accounting(&self, head: &http::request::Parts) -> Option<&Arc<Accounting>> {
+        self.counters
+            .accounting
+            .get()
+            .filter(|_| usage::accounted(&head.method, head.uri.path()))
     }
 
     /// The guards, then where the request goes: its session (from `/s/ID/`) and the upstream URI.

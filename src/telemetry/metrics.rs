@@ -46,6 +46,25 @@ pub struct KindLabels {
     pub kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    /// The response's model (bounded: see `usage::MAX_MODELS`).
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenKindLabels {
+    pub model: String,
+    /// `prompt` or `completion`.
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BudgetLabels {
+    /// `session_tokens`, `session_requests` or `hourly_tokens`.
+    pub budget: &'static str,
+}
+
 /// Every metric the agent exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -67,6 +86,9 @@ pub struct Metrics {
     pub fleet_reads: Family<ResultLabels, Counter>,
     /// Grants this agent made and shared with the fleet.
     pub fleet_grants: Counter,
+    pub usage_tokens: Family<TokenKindLabels, Counter>,
+    pub usage_requests: Family<ModelLabels, Counter>,
+    pub budget_refusals: Family<BudgetLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -152,6 +174,24 @@ impl Metrics {
             "Grants this agent made and shared with the fleet through Redis",
             fleet_grants.clone(),
         );
+        let usage_tokens = Family::<TokenKindLabels, Counter>::default();
+        registry.register(
+            "usage_tokens",
+            "Tokens the upstream reported, by model and kind (prompt, completion)",
+            usage_tokens.clone(),
+        );
+        let usage_requests = Family::<ModelLabels, Counter>::default();
+        registry.register(
+            "usage_requests",
+            "Accounted responses (chat, completions, embeddings, responses) by model",
+            usage_requests.clone(),
+        );
+        let budget_refusals = Family::<BudgetLabels, Counter>::default();
+        registry.register(
+            "budget_refusals",
+            "Requests refused with 429 budget_exceeded, by budget",
+            budget_refusals.clone(),
+        );
         Self {
             registry,
             grants,
@@ -167,7 +207,36 @@ impl Metrics {
             replays,
             fleet_reads,
             fleet_grants,
+            usage_tokens,
+            usage_requests,
+            budget_refusals,
         }
+    }
+
+    /// One accounted response of `model`, with its (prompt, completion) tokens when it said.
+    pub fn usage(&self, model: &str, tokens: Option<(u64, u64)>) {
+        let model = model.to_string();
+        self.usage_requests
+            .get_or_create(&ModelLabels {
+                model: model.clone(),
+            })
+            .inc();
+        if let Some((prompt, completion)) = tokens {
+            for (kind, n) in [("prompt", prompt), ("completion", completion)] {
+                self.usage_tokens
+                    .get_or_create(&TokenKindLabels {
+                        model: model.clone(),
+                        kind,
+                    })
+                    .inc_by(n);
+            }
+        }
+    }
+
+    pub fn budget_refusal(&self, budget: &'static str) {
+        self.budget_refusals
+            .get_or_create(&BudgetLabels { budget })
+            .inc();
     }
 
     pub fn fleet_read(&self, result: &str) {

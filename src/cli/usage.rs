@@ -1,0 +1,95 @@
+//! `behest-agent usage [--session ID] [--json | --format markdown]`: what was spent — the running
+//! daemon's counts since it started, else the ledger's (`usage.ledger_file`).
+
+use std::process::ExitCode;
+
+use anyhow::{Context, anyhow};
+use http::{Method, StatusCode};
+
+use super::{CliResult, Global, daemon_for, init_cli_logging};
+use crate::control::client::error_message;
+use crate::usage::{Report, ledger};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Only this session (a CI job's X-Session-Id)
+    #[arg(long, value_name = "ID")]
+    pub session: Option<String>,
+    /// Print JSON: {"since", "totals", "sessions": {ID: {…, "models": {…}}}}
+    #[arg(long, conflicts_with = "format")]
+    pub json: bool,
+    /// Output format
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// One line per session and model
+    Text,
+    /// A Markdown table (for a CI job's summary)
+    Markdown,
+    /// The same as --json
+    Json,
+}
+
+pub async fn run(g: &Global, args: Args) -> CliResult {
+    init_cli_logging(g);
+    let report = match fetch(g, args.session.as_deref()).await? {
+        Some(r) => r,
+        None => {
+            eprintln!("no usage recorded yet (no daemon runs, and the ledger is empty or off)");
+            Report::default()
+        }
+    };
+    let format = if args.json { Format::Json } else { args.format };
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Format::Markdown => print!("{}", report.markdown()),
+        Format::Text => print!("{}", text(&report)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The daemon's counts, else the ledger's; `None` when neither has any.
+pub async fn fetch(g: &Global, session: Option<&str>) -> anyhow::Result<Option<Report>> {
+    if let Some(client) = daemon_for(g).await {
+        let uri = match session {
+            Some(s) => format!(
+                "/v1/usage?session={}",
+                url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>()
+            ),
+            None => "/v1/usage".to_string(),
+        };
+        let (status, body) = client.call(Method::GET, &uri).await?;
+        if status != StatusCode::OK {
+            return Err(anyhow!("the daemon: {}", error_message(&body, status)));
+        }
+        return serde_json::from_value(body)
+            .map(Some)
+            .context("the daemon's usage answer does not parse");
+    }
+    let settings = g.load()?;
+    let Some(path) = settings.usage.ledger_file else {
+        return Ok(None);
+    };
+    let report = ledger::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(report.map(|r| match session {
+        Some(s) => r.only(s),
+        None => r,
+    }))
+}
+
+/// Plain text: the totals, then one line per session and model.
+fn text(r: &Report) -> String {
+    let mut out = format!("since {}: {}\n", r.since, r.line());
+    for (session, s) in &r.sessions {
+        for (model, c) in &s.models {
+            out.push_str(&format!(
+                "  {session}  {model}: {} requests, {} tokens ({} prompt + {} completion), {} errors, {} unaccounted\n",
+                c.requests, c.total_tokens, c.prompt_tokens, c.completion_tokens, c.errors, c.unaccounted
+            ));
+        }
+    }
+    out
+}

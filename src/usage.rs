@@ -1,0 +1,659 @@
+//! Usage accounting and budgets (SPEC §8): what each session (CI job) spent, read from the
+//! responses as they pass ([`read`]), counted per session and model, appended to the JSON Lines
+//! ledger ([`ledger`]), and checked against the budgets before a request goes upstream.
+//!
+//! The counts live in memory for the daemon's lifetime (a reload keeps them). Sessions are many
+//! and chosen by clients, so their number is bounded: past [`MAX_SESSIONS`] a new session is
+//! counted in the totals and under [`OTHER`]; past [`MAX_MODELS`] models the same. Budgets are
+//! checked once, when a request arrives: what is in flight finishes.
+
+pub mod ledger;
+pub mod read;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::SharedClock;
+use crate::config::{BudgetSettings, UsageSettings};
+use crate::telemetry::metrics::Metrics;
+
+pub use read::{Meter, Read, Tokens};
+
+/// Sessions counted one by one; later ones are counted under [`OTHER`].
+pub const MAX_SESSIONS: usize = 10_000;
+/// Models counted one by one (per session, and in the metrics); later ones under [`OTHER`].
+pub const MAX_MODELS: usize = 64;
+/// Where what is past a bound is counted.
+pub const OTHER: &str = "(other)";
+/// The session of a request that names none.
+pub const NO_SESSION: &str = "-";
+
+/// The endpoints whose `POST`s are accounted (and subject to budgets), as path suffixes under the
+/// upstream's base path.
+const ACCOUNTED: [&str; 4] = [
+    "/chat/completions",
+    "/completions",
+    "/embeddings",
+    "/responses",
+];
+
+/// Whether a request is accounted: a `POST` to one of the [`ACCOUNTED`] endpoints.
+pub fn accounted(method: &http::Method, path: &str) -> bool {
+    method == http::Method::POST && ACCOUNTED.iter().any(|e| path.ends_with(e))
+}
+
+/// The six counts SPEC §8 names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+    /// 4xx and 5xx responses.
+    pub errors: u64,
+    /// 2xx responses without a readable usage.
+    pub unaccounted: u64,
+}
+
+impl Counts {
+    fn add(&mut self, status: u16, tokens: Option<Tokens>) {
+        self.requests += 1;
+        match tokens {
+            Some(t) => {
+                self.prompt_tokens += t.prompt;
+                self.completion_tokens += t.completion;
+                self.total_tokens += t.total;
+            }
+            None if status >= 400 => {}
+            None if (200..300).contains(&status) => self.unaccounted += 1,
+            None => {}
+        }
+        if status >= 400 {
+            self.errors += 1;
+        }
+    }
+}
+
+/// A session's counts, and per model.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionCounts {
+    #[serde(flatten)]
+    pub counts: Counts,
+    pub models: BTreeMap<String, Counts>,
+}
+
+/// `behest-agent usage --json`: since when, the totals, and each session.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    pub since: String,
+    pub totals: Counts,
+    pub sessions: BTreeMap<String, SessionCounts>,
+}
+
+impl Report {
+    /// Counts one response (the ledger's reader and the daemon share this).
+    pub fn add(&mut self, session: &str, model: &str, status: u16, tokens: Option<Tokens>) {
+        self.totals.add(status, tokens);
+        let session = if self.sessions.len() >= MAX_SESSIONS && !self.sessions.contains_key(session)
+        {
+            OTHER
+        } else {
+            session
+        };
+        let s = self.sessions.entry(session.to_string()).or_default();
+        s.counts.add(status, tokens);
+        let model = if s.models.len() >= MAX_MODELS && !s.models.contains_key(model) {
+            OTHER
+        } else {
+            model
+        };
+        s.models
+            .entry(model.to_string())
+            .or_default()
+            .add(status, tokens);
+    }
+
+    /// Only this session (an unknown one: zero counts).
+    pub fn only(mut self, session: &str) -> Report {
+        let one = self.sessions.remove(session).unwrap_or_default();
+        Report {
+            since: self.since,
+            totals: one.counts,
+            sessions: BTreeMap::from([(session.to_string(), one)]),
+        }
+    }
+
+    /// A Markdown table: one row per session and model, and the total.
+    pub fn markdown(&self) -> String {
+        let mut out = String::from(
+            "| session | model | requests | prompt tokens | completion tokens | total tokens | errors | unaccounted |\n|---|---|--:|--:|--:|--:|--:|--:|\n",
+        );
+        let row = |out: &mut String, session: &str, model: &str, c: &Counts| {
+            out.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                cell(session),
+                cell(model),
+                c.requests,
+                c.prompt_tokens,
+                c.completion_tokens,
+                c.total_tokens,
+                c.errors,
+                c.unaccounted
+            ));
+        };
+        for (session, s) in &self.sessions {
+            for (model, c) in &s.models {
+                row(&mut out, session, model, c);
+            }
+        }
+        row(&mut out, "**total**", "", &self.totals);
+        out
+    }
+
+    /// One line: `requests, tokens (prompt + completion)`.
+    pub fn line(&self) -> String {
+        let t = &self.totals;
+        format!(
+            "{} requests, {} tokens ({} prompt + {} completion), {} errors, {} unaccounted",
+            t.requests,
+            t.total_tokens,
+            t.prompt_tokens,
+            t.completion_tokens,
+            t.errors,
+            t.unaccounted
+        )
+    }
+}
+
+/// A Markdown table cell: no `|` or line break from a session or model name.
+fn cell(s: &str) -> String {
+    s.chars()
+        .map(|c| if c == '|' || c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+/// Why a request is refused for budget: a 429 `budget_exceeded`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The budget's key: `budget.session_tokens`, `budget.session_requests`, `budget.hourly_tokens`.
+    pub key: &'static str,
+    pub spent: u64,
+    pub limit: u64,
+    /// For the hourly budget: when enough of the hour's tokens have rolled off.
+    pub retry_after: Option<Duration>,
+}
+
+impl Refusal {
+    /// The `budget` label of `behest_agent_budget_refusals_total`.
+    pub fn budget(&self) -> &'static str {
+        self.key.trim_start_matches("budget.")
+    }
+
+    pub fn message(&self, session: &str) -> String {
+        let scope = match self.key {
+            "budget.hourly_tokens" => "the agent's hourly token budget".to_string(),
+            "budget.session_requests" => format!("the request budget of session `{session}`"),
+            _ => format!("the token budget of session `{session}`"),
+        };
+        let unit = if self.key == "budget.session_requests" {
+            "requests"
+        } else {
+            "tokens"
+        };
+        format!(
+            "{scope} is spent: {}/{} {unit}; raise {} in the agent's configuration (0 = no limit){}",
+            self.spent,
+            self.limit,
+            self.key,
+            match self.retry_after {
+                Some(d) => format!(", or retry in {}s", d.as_secs()),
+                None => String::new(),
+            }
+        )
+    }
+}
+
+/// Tokens per minute over the last hour.
+#[derive(Debug, Default)]
+struct Hourly {
+    /// (minute since the epoch, tokens), oldest first, at most 60.
+    minutes: std::collections::VecDeque<(u64, u64)>,
+}
+
+impl Hourly {
+    fn expire(&mut self, minute: u64) {
+        while self.minutes.front().is_some_and(|(m, _)| *m + 60 <= minute) {
+            self.minutes.pop_front();
+        }
+    }
+
+    fn add(&mut self, minute: u64, tokens: u64) {
+        self.expire(minute);
+        match self.minutes.back_mut() {
+            Some((m, t)) if *m == minute => *t += tokens,
+            _ => self.minutes.push_back((minute, tokens)),
+        }
+    }
+
+    fn sum(&self) -> u64 {
+        self.minutes.iter().map(|(_, t)| t).sum()
+    }
+
+    /// How long until the sum falls under `limit`, from `now` (seconds since the epoch).
+    fn until_under(&self, limit: u64, now: u64) -> Duration {
+        let mut sum = self.sum();
+        for (m, t) in &self.minutes {
+            sum -= t;
+            if sum < limit {
+                return Duration::from_secs(((m + 60) * 60).saturating_sub(now).max(1));
+            }
+        }
+        Duration::from_secs(60)
+    }
+}
+
+struct State {
+    report: Report,
+    hourly: Hourly,
+}
+
+/// The daemon's accounting: counts, budgets, the ledger. Shared by every forwarder.
+pub struct Accounting {
+    state: Mutex<State>,
+    budgets: Mutex<BudgetSettings>,
+    stream_include_usage: std::sync::atomic::AtomicBool,
+    ledger: Option<ledger::Ledger>,
+    clock: SharedClock,
+    metrics: OnceLock<Arc<Metrics>>,
+    /// Models already labelled in the metrics (bounded like the counts).
+    labelled: Mutex<std::collections::HashSet<String>>,
+}
+
+/// One accounted response, as the proxy saw it.
+#[derive(Debug)]
+pub struct Entry {
+    pub session: String,
+    pub model: Option<String>,
+    pub path: String,
+    pub status: u16,
+    pub tokens: Option<Tokens>,
+    pub duration: Duration,
+    pub request_id: String,
+}
+
+impl Accounting {
+    /// Starts the ledger writer (when a ledger file is configured).
+    pub fn new(usage: &UsageSettings, budgets: BudgetSettings, clock: SharedClock) -> Accounting {
+        Accounting {
+            state: Mutex::new(State {
+                report: Report {
+                    since: crate::token::rfc3339(clock.now()),
+                    ..Report::default()
+                },
+                hourly: Hourly::default(),
+            }),
+            budgets: Mutex::new(budgets),
+            stream_include_usage: usage.stream_include_usage.into(),
+            ledger: usage
+                .ledger_file
+                .as_ref()
+                .map(|path| ledger::Ledger::start(path.clone(), usage.ledger_max_size)),
+            clock,
+            metrics: OnceLock::new(),
+            labelled: Mutex::new(Default::default()),
+        }
+    }
+
+    pub fn attach_metrics(&self, metrics: Arc<Metrics>) {
+        let _ = self.metrics.set(metrics);
+    }
+
+    /// New budgets and `stream_include_usage` (a reload); the counts stay. (A new ledger file
+    /// takes a restart.)
+    pub fn configure(&self, usage: &UsageSettings, budgets: BudgetSettings) {
+        *self.budgets.lock().expect("budgets lock") = budgets;
+        self.stream_include_usage.store(
+            usage.stream_include_usage,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// `usage.stream_include_usage`.
+    pub fn stream_include_usage(&self) -> bool {
+        self.stream_include_usage
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether a new accounted request of `session` may go upstream.
+    pub fn admit(&self, session: &str) -> Result<(), Refusal> {
+        let b = self.budgets.lock().expect("budgets lock").clone();
+        if b.is_none() {
+            return Ok(());
+        }
+        let now = self.clock.unix();
+        let mut state = self.state.lock().expect("usage lock");
+        let spent = state.report.sessions.get(session).map(|s| s.counts);
+        let spent = spent.unwrap_or_default();
+        let refusal = if let Some(limit) = b.session_requests.filter(|l| spent.requests >= *l) {
+            Some(Refusal {
+                key: "budget.session_requests",
+                spent: spent.requests,
+                limit,
+                retry_after: None,
+            })
+        } else if let Some(limit) = b.session_tokens.filter(|l| spent.total_tokens >= *l) {
+            Some(Refusal {
+                key: "budget.session_tokens",
+                spent: spent.total_tokens,
+                limit,
+                retry_after: None,
+            })
+        } else if let Some(limit) = b.hourly_tokens {
+            state.hourly.expire(now / 60);
+            let hour = state.hourly.sum();
+            (hour >= limit).then(|| Refusal {
+                key: "budget.hourly_tokens",
+                spent: hour,
+                limit,
+                retry_after: Some(state.hourly.until_under(limit, now)),
+            })
+        } else {
+            None
+        };
+        drop(state);
+        match refusal {
+            None => Ok(()),
+            Some(r) => {
+                if let Some(m) = self.metrics.get() {
+                    m.budget_refusal(r.budget());
+                }
+                Err(r)
+            }
+        }
+    }
+
+    /// Counts one response and appends its ledger line.
+    pub fn record(&self, entry: Entry) {
+        let model = entry.model.as_deref().unwrap_or(NO_SESSION);
+        {
+            let mut state = self.state.lock().expect("usage lock");
+            state
+                .report
+                .add(&entry.session, model, entry.status, entry.tokens);
+            if let Some(t) = entry.tokens {
+                state.hourly.add(self.clock.unix() / 60, t.total);
+            }
+        }
+        if let Some(m) = self.metrics.get() {
+            let label = {
+                let mut labelled = self.labelled.lock().expect("labels lock");
+                if labelled.len() < MAX_MODELS || labelled.contains(model) {
+                    labelled.insert(model.to_string());
+                    model
+                } else {
+                    OTHER
+                }
+            };
+            m.usage(label, entry.tokens.map(|t| (t.prompt, t.completion)));
+        }
+        if let Some(ledger) = &self.ledger {
+            ledger.append(ledger::Line {
+                ts: crate::token::rfc3339(self.clock.now()),
+                session: entry.session,
+                profile: "default".to_string(),
+                model: entry.model,
+                path: entry.path,
+                status: entry.status,
+                prompt_tokens: entry.tokens.map(|t| t.prompt),
+                completion_tokens: entry.tokens.map(|t| t.completion),
+                total_tokens: entry.tokens.map(|t| t.total),
+                duration_ms: entry.duration.as_millis() as u64,
+                request_id: entry.request_id,
+            });
+        }
+    }
+
+    /// The counts since the daemon started.
+    pub fn report(&self) -> Report {
+        self.state.lock().expect("usage lock").report.clone()
+    }
+
+    /// Waits until the ledger has written what was recorded so far (at shutdown, and in tests).
+    pub async fn flush(&self) {
+        if let Some(l) = &self.ledger {
+            l.flush().await;
+        }
+    }
+}
+
+impl std::fmt::Debug for Accounting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Accounting").finish_non_exhaustive()
+    }
+}
+
+/// A session's name in the counts and the ledger: the request's `X-Session-Id`, else `-`.
+pub fn session_of(headers: &http::HeaderMap) -> String {
+    headers
+        .get(crate::proxy::X_SESSION_ID)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .unwrap_or_else(|| NO_SESSION.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::TestClock;
+
+    fn tokens(total: u64) -> Option<Tokens> {
+        Some(Tokens {
+            prompt: total / 2,
+            completion: total - total / 2,
+            total,
+        })
+    }
+
+    fn accounting(b: BudgetSettings) -> (Accounting, Arc<TestClock>) {
+        let clock = TestClock::new();
+        let usage = UsageSettings {
+            ledger_file: None,
+            ledger_max_size: 1 << 20,
+            stream_include_usage: false,
+        };
+        (Accounting::new(&usage, b, clock.clone()), clock)
+    }
+
+    fn entry(session: &str, status: u16, t: Option<Tokens>) -> Entry {
+        Entry {
+            session: session.into(),
+            model: Some("m".into()),
+            path: "/v1/chat/completions".into(),
+            status,
+            tokens: t,
+            duration: Duration::from_millis(5),
+            request_id: "r".into(),
+        }
+    }
+
+    #[test]
+    fn counts_per_session_and_model_with_errors_and_unaccounted_apart() {
+        let (a, _) = accounting(BudgetSettings::default());
+        a.record(entry("job-1", 200, tokens(10)));
+        a.record(entry("job-1", 200, None));
+        a.record(entry("job-1", 429, None));
+        a.record(entry("-", 200, tokens(4)));
+        let r = a.report();
+        let want = Counts {
+            requests: 3,
+            prompt_tokens: 5,
+            completion_tokens: 5,
+            total_tokens: 10,
+            errors: 1,
+            unaccounted: 1,
+        };
+        assert_eq!(r.sessions["job-1"].counts, want);
+        assert_eq!(r.sessions["job-1"].models["m"], want);
+        assert_eq!(r.totals.requests, 4);
+        assert_eq!(r.totals.total_tokens, 14);
+        assert_eq!(r.clone().only("job-1").totals, want);
+        assert_eq!(r.only("nope").totals, Counts::default());
+    }
+
+    #[test]
+    fn session_budgets_refuse_new_requests_once_spent() {
+        let (a, _) = accounting(BudgetSettings {
+            session_tokens: Some(15),
+            session_requests: Some(3),
+            hourly_tokens: None,
+        });
+        a.record(entry("a", 200, tokens(10)));
+        assert_eq!(a.admit("a"), Ok(()));
+        a.record(entry("a", 200, tokens(10)));
+        let r = a.admit("a").unwrap_err();
+        assert_eq!((r.key, r.spent, r.limit), ("budget.session_tokens", 20, 15));
+        assert!(
+            r.message("a").contains("20/15 tokens")
+                && r.message("a").contains("budget.session_tokens")
+        );
+        assert_eq!(a.admit("b"), Ok(()), "another session has its own budget");
+        for _ in 0..3 {
+            a.record(entry("b", 500, None));
+        }
+        assert_eq!(a.admit("b").unwrap_err().key, "budget.session_requests");
+    }
+
+    #[test]
+    fn the_hourly_budget_rolls_off_with_a_retry_after() {
+        let (a, clock) = accounting(BudgetSettings {
+            hourly_tokens: Some(100),
+            ..BudgetSettings::default()
+        });
+        a.record(entry("a", 200, tokens(60)));
+        clock.jump(Duration::from_secs(30 * 60));
+        a.record(entry("b", 200, tokens(50)));
+        let r = a.admit("c").unwrap_err();
+        assert_eq!(r.key, "budget.hourly_tokens");
+        let wait = r.retry_after.unwrap();
+        assert!(
+            wait <= Duration::from_secs(30 * 60) && wait > Duration::from_secs(28 * 60),
+            "{wait:?}"
+        );
+        clock.jump(wait);
+        assert_eq!(a.admit("c"), Ok(()), "the first 60 rolled off");
+    }
+
+    #[test]
+    fn sessions_and_models_past_their_bounds_are_counted_as_other() {
+        let mut r = Report::default();
+        for i in 0..MAX_SESSIONS + 5 {
+            r.add(&format!("s{i}"), "m", 200, tokens(1));
+        }
+        assert_eq!(r.sessions.len(), MAX_SESSIONS + 1);
+        assert_eq!(r.sessions[OTHER].counts.requests, 5);
+        assert_eq!(r.totals.requests, (MAX_SESSIONS + 5) as u64);
+    }
+
+    #[test]
+    fn the_markdown_table_has_a_row_per_model_and_a_total() {
+        let mut r = Report::default();
+        r.add("job|1", "gpt", 200, tokens(10));
+        let md = r.markdown();
+        assert!(
+            md.contains("| job 1 | gpt | 1 | 5 | 5 | 10 | 0 | 0 |"),
+            "{md}"
+        );
+        assert!(md.contains("| **total** |  | 1 |"), "{md}");
+    }
+
+    #[test]
+    fn accounted_endpoints() {
+        use http::Method;
+        for p in [
+            "/v1/chat/completions",
+            "/v1/completions",
+            "/v1/embeddings",
+            "/v1/responses",
+        ] {
+            assert!(accounted(&Method::POST, p), "{p}");
+        }
+        assert!(!accounted(&Method::GET, "/v1/chat/completions"));
+        assert!(!accounted(&Method::POST, "/v1/files"));
+    }
+}
+
+/// The `model` of a JSON request body, found without parsing it all (a request's model names a
+/// response that does not); `None` when it cannot be found cheaply.
+pub fn request_model(body: &[u8]) -> Option<String> {
+    let at = memchr::memmem::find(body, b"\"model\"")?;
+    let rest = &body[at + 7..];
+    let rest = rest
+        .trim_ascii_start()
+        .strip_prefix(b":")?
+        .trim_ascii_start();
+    let rest = rest.strip_prefix(b"\"")?;
+    let end = memchr::memchr2(b'"', b'\\', rest)?;
+    (rest[end] == b'"')
+        .then(|| std::str::from_utf8(&rest[..end]).ok().map(read::model_name))
+        .flatten()
+}
+
+/// A streamed chat completion request without `stream_options.include_usage`, made to ask for
+/// it (`usage.stream_include_usage`); `None` when the body is left as it is.
+pub fn with_include_usage(body: &[u8]) -> Option<bytes::Bytes> {
+    let mut v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body).ok()?;
+    if v.get("stream") != Some(&serde_json::Value::Bool(true)) {
+        return None;
+    }
+    let options = v
+        .entry("stream_options")
+        .or_insert_with(|| serde_json::json!({}))
+        .as_object_mut()?;
+    if options.get("include_usage") == Some(&serde_json::Value::Bool(true)) {
+        return None;
+    }
+    options.insert("include_usage".into(), serde_json::Value::Bool(true));
+    serde_json::to_vec(&v).ok().map(bytes::Bytes::from)
+}
+
+#[cfg(test)]
+mod request_tests {
+    use super::*;
+
+    #[test]
+    fn the_request_model_is_found_or_not_guessed() {
+        assert_eq!(
+            request_model(br#"{"messages":[],"model" : "gpt-4o","stream":true}"#).as_deref(),
+            Some("gpt-4o")
+        );
+        assert_eq!(request_model(br#"{"model":"a\"b"}"#), None);
+        assert_eq!(request_model(br#"{"model":5}"#), None);
+        assert_eq!(request_model(b"no model"), None);
+    }
+
+    #[test]
+    fn include_usage_is_added_to_streamed_requests_only() {
+        let added = with_include_usage(br#"{"model":"m","stream":true}"#).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&added).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["model"], "m");
+        assert!(with_include_usage(br#"{"model":"m"}"#).is_none());
+        assert!(
+            with_include_usage(br#"{"stream":true,"stream_options":{"include_usage":true}}"#)
+                .is_none()
+        );
+        let kept = with_include_usage(
+            br#"{"stream":true,"stream_options":{"include_usage":false,"x":1}}"#,
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&kept).unwrap();
+        assert_eq!(
+            v["stream_options"],
+            serde_json::json!({"include_usage": true, "x": 1})
+        );
+        assert!(with_include_usage(b"not json").is_none());
+        assert!(with_include_usage(br#"{"stream":true,"stream_options":5}"#).is_none());
+    }
+}

@@ -1,0 +1,263 @@
+//! The usage ledger (`usage.ledger_file`): one JSON line per accounted response, appended by one
+//! writer on tokio's blocking pool so the proxy never waits for the disk. The file is created
+//! 0600 (never through a symlink) and, past `usage.ledger_max_size`, renamed to `FILE.1` (the
+//! previous `.1` is replaced) and started again. A line never holds a prompt, a completion or a
+//! credential. When the disk is slower than the responses, lines past [`QUEUE`] are dropped and
+//! counted, never queued without bound.
+
+use std::io::{BufRead, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{NO_SESSION, Report, Tokens};
+
+/// Lines waiting for the writer.
+const QUEUE: usize = 4096;
+
+/// One ledger line (SPEC §8); token fields are null when the response carried no usage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Line {
+    pub ts: String,
+    pub session: String,
+    pub profile: String,
+    pub model: Option<String>,
+    pub path: String,
+    pub status: u16,
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
+    pub total_tokens: Option<u64>,
+    pub duration_ms: u64,
+    pub request_id: String,
+}
+
+enum Msg {
+    Line(Line),
+    Flush(oneshot::Sender<()>),
+}
+
+/// The handle the accounting appends through.
+pub struct Ledger {
+    tx: mpsc::Sender<Msg>,
+    dropped: AtomicU64,
+}
+
+impl Ledger {
+    /// Starts the writer (on the current runtime's blocking pool).
+    pub fn start(path: PathBuf, max_size: u64) -> Ledger {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::task::spawn_blocking(move || Writer::new(path, max_size).run(rx));
+        Ledger {
+            tx,
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    pub fn append(&self, line: Line) {
+        if self.tx.try_send(Msg::Line(line)).is_err()
+            && self.dropped.fetch_add(1, Ordering::Relaxed) == 0
+        {
+            tracing::warn!(
+                "the usage ledger's writer falls behind (or stopped): lines are being dropped; the in-memory counts and `behest-agent usage` are unaffected"
+            );
+        }
+    }
+
+    /// Returns once every line appended before has been written (or failed).
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Msg::Flush(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+struct Writer {
+    path: PathBuf,
+    max_size: u64,
+    file: Option<(std::fs::File, u64)>,
+    failing: bool,
+}
+
+impl Writer {
+    fn new(path: PathBuf, max_size: u64) -> Writer {
+        Writer {
+            path,
+            max_size,
+            file: None,
+            failing: false,
+        }
+    }
+
+    fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+        while let Some(msg) = rx.blocking_recv() {
+            match msg {
+                Msg::Line(line) => {
+                    let result = self.write(&line);
+                    match (&result, self.failing) {
+                        (Err(e), false) => {
+                            self.failing = true;
+                            tracing::warn!(path = %self.path.display(), error = %e, "cannot write the usage ledger; usage is still counted in memory");
+                        }
+                        (Ok(()), true) => {
+                            self.failing = false;
+                            tracing::info!(path = %self.path.display(), "the usage ledger is written again");
+                        }
+                        _ => {}
+                    }
+                }
+                Msg::Flush(done) => {
+                    let _ = done.send(());
+                }
+            }
+        }
+    }
+
+    fn write(&mut self, line: &Line) -> std::io::Result<()> {
+        let mut text = serde_json::to_vec(line).map_err(std::io::Error::other)?;
+        text.push(b'\n');
+        let size = match &self.file {
+            Some((_, size)) => *size,
+            None => self.open()?,
+        };
+        if size > 0 && size + text.len() as u64 > self.max_size {
+            self.file = None;
+            std::fs::rename(&self.path, rotated(&self.path))?;
+            self.open()?;
+        }
+        let (file, size) = self.file.as_mut().expect("opened above");
+        if let Err(e) = file.write_all(&text) {
+            self.file = None;
+            return Err(e);
+        }
+        *size += text.len() as u64;
+        Ok(())
+    }
+
+    /// Opens (creating) the ledger for appending; its size.
+    fn open(&mut self) -> std::io::Result<u64> {
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&self.path)?;
+        let size = file.metadata()?.len();
+        self.file = Some((file, size));
+        Ok(size)
+    }
+}
+
+/// `FILE.1`.
+pub fn rotated(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_os_string();
+    name.push(".1");
+    PathBuf::from(name)
+}
+
+/// The counts in a ledger (its rotated part first): what `behest-agent usage` shows when no
+/// daemon runs. Lines that do not parse are skipped. `None` when there is no ledger at all.
+pub fn read(path: &Path) -> std::io::Result<Option<Report>> {
+    let mut report: Option<Report> = None;
+    for part in [rotated(path), path.to_path_buf()] {
+        let file = match std::fs::File::open(&part) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let report = report.get_or_insert_with(Report::default);
+        for text in std::io::BufReader::new(file).split(b'\n') {
+            let Ok(line) = serde_json::from_slice::<Line>(&text?) else {
+                continue;
+            };
+            if report.since.is_empty() {
+                report.since = line.ts.clone();
+            }
+            let tokens = line.total_tokens.map(|total| Tokens {
+                prompt: line.prompt_tokens.unwrap_or(0),
+                completion: line.completion_tokens.unwrap_or(0),
+                total,
+            });
+            let model = line.model.as_deref().unwrap_or(NO_SESSION);
+            report.add(&line.session, model, line.status, tokens);
+        }
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(n: u64) -> Line {
+        Line {
+            ts: format!("2026-12-07T00:00:{n:02}Z"),
+            session: "job".into(),
+            profile: "default".into(),
+            model: Some("m".into()),
+            path: "/v1/chat/completions".into(),
+            status: 200,
+            prompt_tokens: Some(n),
+            completion_tokens: Some(1),
+            total_tokens: Some(n + 1),
+            duration_ms: 3,
+            request_id: format!("r{n}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn lines_are_appended_0600_rotated_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state/usage.jsonl");
+        let one = serde_json::to_vec(&line(10)).unwrap().len() as u64 + 1;
+        let ledger = Ledger::start(path.clone(), one * 3);
+        for n in 10..15 {
+            ledger.append(line(n));
+        }
+        ledger.flush().await;
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let current = std::fs::read_to_string(&path).unwrap();
+        let old = std::fs::read_to_string(rotated(&path)).unwrap();
+        assert_eq!(old.lines().count(), 3);
+        assert_eq!(current.lines().count(), 2);
+        let report = read(&path).unwrap().unwrap();
+        assert_eq!(report.since, "2026-12-07T00:00:10Z");
+        assert_eq!(report.totals.requests, 5);
+        assert_eq!(report.totals.total_tokens, (11..16).sum::<u64>());
+    }
+
+    #[tokio::test]
+    async fn a_symlink_at_the_ledger_path_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, "").unwrap();
+        let path = dir.path().join("usage.jsonl");
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        let ledger = Ledger::start(path.clone(), 1 << 20);
+        ledger.append(line(1));
+        ledger.flush().await;
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "");
+    }
+
+    #[test]
+    fn unparsable_lines_are_skipped_and_a_missing_ledger_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.jsonl");
+        assert_eq!(read(&path).unwrap(), None);
+        let mut text = serde_json::to_string(&line(1)).unwrap();
+        text.push_str("\n{not json\n\"x\"\n");
+        std::fs::write(&path, text).unwrap();
+        assert_eq!(read(&path).unwrap().unwrap().totals.requests, 1);
+    }
+}
