@@ -375,3 +375,140 @@ fn an_empty_or_repeated_listen_address_is_refused() {
         assert!(msg.contains("`proxy.listen`"), "{listen}: {msg}");
     }
 }
+
+#[test]
+fn without_fleet_redis_url_the_fleet_is_off_and_its_other_keys_are_refused() {
+    assert!(load_with("", &[]).unwrap().fleet.is_none());
+    let msg = load_with("[fleet]\nlock_timeout = \"10s\"\n", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("fleet.redis_url") && msg.contains("fleet.lock_timeout"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn fleet_keys_have_their_defaults_and_take_the_environment() {
+    let s = load_with("[fleet]\nredis_url = \"redis://10.0.0.5:6379/2\"\n", &[]).unwrap();
+    let f = s.fleet.expect("the fleet is on");
+    assert_eq!(f.redis_url.as_str(), "redis://10.0.0.5:6379/2");
+    assert_eq!(f.key_prefix, "behest-agent:");
+    assert_eq!(f.lock_timeout, Duration::from_secs(30));
+    assert_eq!(f.timeout, Duration::from_secs(2));
+    assert_eq!(f.username, None);
+
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("redis-password");
+    std::fs::write(&pw, "pw-0123456789\n").unwrap();
+    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let s = load_with(
+        "",
+        &[
+            (
+                "BEHEST_AGENT__FLEET__REDIS_URL",
+                "rediss://redis.internal:6380",
+            ),
+            ("BEHEST_AGENT__FLEET__REDIS_USERNAME", "agent"),
+            (
+                "BEHEST_AGENT__FLEET__REDIS_PASSWORD_FILE",
+                pw.to_str().unwrap(),
+            ),
+            ("BEHEST_AGENT__FLEET__KEY_PREFIX", "ci:"),
+            ("BEHEST_AGENT__FLEET__LOCK_TIMEOUT", "45s"),
+            ("BEHEST_AGENT__FLEET__TIMEOUT", "500ms"),
+        ],
+    )
+    .unwrap();
+    let f = s.fleet.unwrap();
+    assert_eq!(f.username.as_deref(), Some("agent"));
+    assert_eq!(f.password_file.as_deref(), Some(pw.as_path()));
+    assert_eq!(f.key_prefix, "ci:");
+    assert_eq!(f.lock_timeout, Duration::from_secs(45));
+    assert_eq!(f.timeout, Duration::from_millis(500));
+    assert!(
+        !s.warnings.iter().any(|w| w.contains("fleet")),
+        "a 0600 password file over TLS is nothing to warn about: {:?}",
+        s.warnings
+    );
+}
+
+#[test]
+fn a_bad_fleet_setting_names_its_key_and_never_quotes_a_password() {
+    for (toml, key, words) in [
+        (
+            "redis_url = \"http://10.0.0.5:6379\"",
+            "fleet.redis_url",
+            "redis://",
+        ),
+        (
+            "redis_url = \"redis://:hunter2-pw@10.0.0.5:6379\"",
+            "fleet.redis_url",
+            "redis_password_file",
+        ),
+        (
+            "redis_url = \"redis://agent@10.0.0.5:6379\"",
+            "fleet.redis_url",
+            "redis_username",
+        ),
+        (
+            "redis_url = \"redis://10.0.0.5:6379/cache\"",
+            "fleet.redis_url",
+            "database number",
+        ),
+        (
+            "redis_url = \"redis://10.0.0.5\"\nredis_password_file = \"/nonexistent/pw\"",
+            "fleet.redis_password_file",
+            "/nonexistent/pw",
+        ),
+        (
+            "redis_url = \"redis://10.0.0.5\"\nca_file = \"/etc/hostname\"",
+            "fleet.ca_file",
+            "rediss://",
+        ),
+        (
+            "redis_url = \"redis://10.0.0.5\"\ntimeout = \"0s\"",
+            "fleet.timeout",
+            "0",
+        ),
+        (
+            "redis_url = \"redis://10.0.0.5\"\nlock_timeout = \"0s\"",
+            "fleet.lock_timeout",
+            "0",
+        ),
+        (
+            "redis_url = \"redis://10.0.0.5\"\nkey_prefix = \"a b\"",
+            "fleet.key_prefix",
+            "spaces",
+        ),
+    ] {
+        let msg = load_with(&format!("[fleet]\n{toml}\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains(key) && msg.contains(words), "{toml}: {msg}");
+        assert!(!msg.contains("hunter2"), "the password is quoted: {msg}");
+    }
+}
+
+#[test]
+fn a_redis_password_over_plain_redis_to_another_host_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("redis-password");
+    std::fs::write(&pw, "pw-0123456789\n").unwrap();
+    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let s = load_with(
+        &format!(
+            "[fleet]\nredis_url = \"redis://10.0.0.5:6379\"\nredis_password_file = \"{}\"\n",
+            pw.display()
+        ),
+        &[],
+    )
+    .unwrap();
+    let all = s.warnings.join("\n");
+    assert!(all.contains("rediss://"), "{all}");
+    assert!(
+        all.contains("fleet.redis_password_file") && all.contains("chmod 600"),
+        "{all}"
+    );
+    assert!(!all.contains("pw-0123456789"));
+}
