@@ -291,7 +291,11 @@ async fn a_cache_file_replaced_by_a_directory_keeps_the_token_in_memory_and_says
         .await
         .expect("the grant succeeds even though the cache cannot be written");
     assert_eq!(models(&s).await.0, 200);
-    let problem = s.tokens.status().cache_error.expect("status names the problem");
+    let problem = s
+        .tokens
+        .status()
+        .cache_error
+        .expect("status names the problem");
     assert!(problem.contains("token.json"), "{problem}");
     s.finish().await;
 }

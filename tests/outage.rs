@@ -64,10 +64,7 @@ async fn daemon_base(h: &Harness) -> String {
 /// The control socket's directory, as a daemon makes it.
 fn run_dir(h: &Harness) -> std::path::PathBuf {
     let dir = h.path("run");
-    std::fs::DirBuilder::new()
-        .mode(0o750)
-        .create(&dir)
-        .unwrap();
+    std::fs::DirBuilder::new().mode(0o750).create(&dir).unwrap();
     dir.join("agent.sock")
 }
 
@@ -160,7 +157,12 @@ async fn exec_without_a_daemon_serves_the_cached_token_while_the_idp_is_down() {
     ))
     .await;
     assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
-    assert!(o.stdout.contains("status 200"), "{}\n{}", o.stdout, o.stderr);
+    assert!(
+        o.stdout.contains("status 200"),
+        "{}\n{}",
+        o.stdout,
+        o.stderr
+    );
 }
 
 // ---- a daemon stopping or restarting
@@ -210,7 +212,11 @@ async fn token_does_not_go_around_a_daemon_that_answered_with_a_refusal() {
     assert_eq!(o.code, 1, "{}", o.stderr);
     assert!(o.stdout.is_empty(), "{}", o.stdout);
     assert!(o.stderr.contains("refused-by-the-daemon"), "{}", o.stderr);
-    assert_eq!(h.idp.token_requests(), 0, "no grant behind the daemon's back");
+    assert_eq!(
+        h.idp.token_requests(),
+        0,
+        "no grant behind the daemon's back"
+    );
     refuser.abort();
 }
 
@@ -228,7 +234,11 @@ async fn a_one_shot_token_does_not_wait_without_end_on_a_lock_a_stopped_process_
         .unwrap();
     lock.lock().unwrap();
     // A valid cached token needs no lock.
-    let o = bounded("token with a cached token", output(h.agent(&["token"], &[]))).await;
+    let o = bounded(
+        "token with a cached token",
+        output(h.agent(&["token"], &[])),
+    )
+    .await;
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert_eq!(o.stdout.trim(), token);
     // Nothing cached: the wait is bounded by auth.timeout, then the call grants alone and says why.

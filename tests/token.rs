@@ -740,7 +740,8 @@ async fn a_cached_token_obtained_in_the_future_is_still_refreshed_before_it_expi
         .unwrap();
     // Written by a machine whose clock was a day ahead.
     let path = h.path("state/token.json");
-    let mut entry: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let mut entry: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     entry["obtained_at"] = (clock::Clock::unix(clock.as_ref()) + 24 * 3600).into();
     std::fs::write(&path, entry.to_string()).unwrap();
     let source = h.source(&[], clock.clone());
@@ -835,7 +836,10 @@ async fn one_second_tokens_are_not_replaced_sooner_than_the_interval() {
     assert!(err.to_string().contains("token lifetime"), "{err}");
     assert_eq!(h.idp.grants(), 1, "no grant before the interval is over");
     tokio::time::sleep(MIN_GRANT_INTERVAL).await;
-    source.get(Duration::ZERO).await.expect("a new token after it");
+    source
+        .get(Duration::ZERO)
+        .await
+        .expect("a new token after it");
     assert_eq!(h.idp.grants(), 2);
 }
 

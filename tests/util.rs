@@ -181,7 +181,11 @@ impl Harness {
     /// Stops serving the IdP, and returns once its port refuses connections (an outage).
     pub async fn stop_idp(&self) {
         self.idp_serving.lock().unwrap().take();
-        let addr = self.idp.base_url().trim_start_matches("http://").to_string();
+        let addr = self
+            .idp
+            .base_url()
+            .trim_start_matches("http://")
+            .to_string();
         eventually(Duration::from_secs(30), "the IdP's port closed", || {
             std::net::TcpStream::connect(&addr).is_err()
         })

@@ -38,7 +38,9 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
             match client.call(Method::GET, &uri).await {
                 Ok((StatusCode::OK, body)) => Some(body),
                 // The daemon answered and refused: its answer stands.
-                Ok((status, body)) => return Err(anyhow!("{}", error_message(&body, status)).into()),
+                Ok((status, body)) => {
+                    return Err(anyhow!("{}", error_message(&body, status)).into());
+                }
                 Err(e) if daemon_absent(&e) => {
                     // Stopping or restarting between the probe and the call: the disk cache and a
                     // one-shot grant serve instead, as with no daemon.

@@ -384,6 +384,10 @@ impl TokenSource {
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         self.note_cache_write(result);
+        self.cache_error()
+    }
+
+    fn cache_error(&self) -> Option<String> {
         self.inner
             .state
             .lock()
@@ -414,6 +418,10 @@ impl TokenSource {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.inner.wake.notified() => {}
+            }
+            if self.cache_error().is_some() {
+                // A cache that could not be written is tried again, so `status` clears once fixed.
+                self.check_cache().await;
             }
         }
     }
@@ -639,9 +647,14 @@ impl TokenSource {
                 }
             }
             Err(e) => {
-                let message = format!("cannot write the token cache {}: {e}", cache.path().display());
+                let message = format!(
+                    "cannot write the token cache {}: {e}",
+                    cache.path().display()
+                );
                 if st.cache_error.as_deref() != Some(message.as_str()) {
-                    tracing::warn!("{message}; the token is served from memory, but restarts and one-shot calls will each make a grant");
+                    tracing::warn!(
+                        "{message}; the token is served from memory, but restarts and one-shot calls will each make a grant"
+                    );
                 }
                 st.cache_error = Some(message);
             }
@@ -711,9 +724,8 @@ impl TokenSource {
     async fn check_cached(&self, cached: &Cached) -> Result<Checked, CheckError> {
         let verifier = &self.inner.verifier;
         if cached.verified_with.is_some() || !verifier.settings().verify_signature {
-            let issuer = crate::auth::endpoints::configured_issuer(
-                &self.inner.grant.settings().endpoints,
-            );
+            let issuer =
+                crate::auth::endpoints::configured_issuer(&self.inner.grant.settings().endpoints);
             let keys = Keys::Stored {
                 issuer: issuer.as_deref(),
                 key: cached.verified_with.as_ref(),
