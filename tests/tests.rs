@@ -9,6 +9,7 @@ mod faults;
 mod forwarding;
 mod interop;
 mod node;
+mod outage;
 mod props;
 mod proxy;
 mod rig;
