@@ -172,6 +172,7 @@ impl App {
                 error,
             })?;
         tokens.load_cache().await;
+        tokens.check_cache().await;
         let addresses = proxy_listeners
             .iter()
             .filter_map(|l| l.local_addr().ok())
@@ -453,6 +454,7 @@ async fn apply(state: &State, new: Settings, log: Option<&LogHandle>) -> Result<
         let t = TokenSource::new(&new, live.tokens.clock().clone())?;
         t.attach_metrics(state.metrics.clone());
         t.load_cache().await;
+        t.check_cache().await;
         t
     } else {
         live.tokens.clone()

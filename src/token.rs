@@ -14,8 +14,14 @@ use std::time::{Duration, SystemTime};
 use http::HeaderValue;
 use secrecy::{ExposeSecret, SecretString};
 
-pub use claims::{CheckError, Claims, Verifier};
+pub use claims::{CheckError, Checked, Claims, Keys, Verifier};
 pub use source::{RefreshError, Status, TokenError, TokenSource};
+
+/// The agent asks the IdP for a token at most this often per identity, except for its first grant
+/// and the 401 replay (which has its own limit): it is the floor of the refresh interval (a token
+/// that lives shorter is not replaced before then), and forced grants (`refresh`, `token
+/// --min-ttl`) within it share the outcome of the one before instead of asking again.
+pub const MIN_GRANT_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A checked access token.
 pub struct Token {
@@ -58,17 +64,18 @@ impl Token {
             .ok_or_else(|| CheckError::Malformed("the `exp` claim is out of range".into()))?;
         let lifetime = expires_at.duration_since(obtained_at).unwrap_or_default();
         // Refresh when the remaining lifetime falls below max(margin, 10% of lifetime), minus up to a
-        // quarter of that window of jitter so a fleet does not refresh in lockstep.
+        // quarter of that window of jitter so a fleet does not refresh in lockstep; never sooner
+        // than MIN_GRANT_INTERVAL after the grant (tokens of a few seconds would burn the quota).
         let window = refresh_margin.max(lifetime / 10).min(lifetime / 2);
         let jitter = window.mul_f64(fastrand::f64() * 0.25);
-        let refresh_at = expires_at - window - jitter;
+        let refresh_at = (expires_at - window - jitter).max(obtained_at + MIN_GRANT_INTERVAL);
         Ok(Token {
             secret,
             bearer,
             claims,
             expires_at,
             obtained_at,
-            refresh_at: refresh_at.max(obtained_at),
+            refresh_at,
             warnings,
         })
     }

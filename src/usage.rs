@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::SharedClock;
 use crate::config::{BudgetSettings, UsageSettings};
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{Metrics, ModelCounters};
 
 pub use read::{Meter, Read, Tokens};
 
@@ -97,23 +97,9 @@ impl Report {
     /// Counts one response (the ledger's reader and the daemon share this).
     pub fn add(&mut self, session: &str, model: &str, status: u16, tokens: Option<Tokens>) {
         self.totals.add(status, tokens);
-        let session = if self.sessions.len() >= MAX_SESSIONS && !self.sessions.contains_key(session)
-        {
-            OTHER
-        } else {
-            session
-        };
-        let s = self.sessions.entry(session.to_string()).or_default();
+        let s = bounded_entry(&mut self.sessions, session, MAX_SESSIONS);
         s.counts.add(status, tokens);
-        let model = if s.models.len() >= MAX_MODELS && !s.models.contains_key(model) {
-            OTHER
-        } else {
-            model
-        };
-        s.models
-            .entry(model.to_string())
-            .or_default()
-            .add(status, tokens);
+        bounded_entry(&mut s.models, model, MAX_MODELS).add(status, tokens);
     }
 
     /// Only this session (an unknown one: zero counts).
@@ -166,6 +152,24 @@ impl Report {
             t.unaccounted
         )
     }
+}
+
+/// `map[key]`, made when missing while the map holds fewer than `max` keys, else `map[OTHER]`.
+/// (Looked up first: a key seen before costs no allocation.)
+fn bounded_entry<'a, V: Default>(
+    map: &'a mut BTreeMap<String, V>,
+    key: &str,
+    max: usize,
+) -> &'a mut V {
+    let key = if map.contains_key(key) || map.len() < max {
+        key
+    } else {
+        OTHER
+    };
+    if !map.contains_key(key) {
+        map.insert(key.to_string(), V::default());
+    }
+    map.get_mut(key).expect("inserted above")
 }
 
 /// A Markdown table cell: no `|` or line break from a session or model name.
@@ -268,8 +272,8 @@ pub struct Accounting {
     ledger: Option<ledger::Ledger>,
     clock: SharedClock,
     metrics: OnceLock<Arc<Metrics>>,
-    /// Models already labelled in the metrics (bounded like the counts).
-    labelled: Mutex<std::collections::HashSet<String>>,
+    /// Each model's metric counters, fetched from their families once (bounded like the counts).
+    counters: Mutex<BTreeMap<String, ModelCounters>>,
 }
 
 /// One accounted response, as the proxy saw it.
@@ -303,7 +307,7 @@ impl Accounting {
                 .map(|path| ledger::Ledger::start(path.clone(), usage.ledger_max_size)),
             clock,
             metrics: OnceLock::new(),
-            labelled: Mutex::new(Default::default()),
+            counters: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -388,31 +392,43 @@ impl Accounting {
             }
         }
         if let Some(m) = self.metrics.get() {
-            let label = {
-                let mut labelled = self.labelled.lock().expect("labels lock");
-                if labelled.len() < MAX_MODELS || labelled.contains(model) {
-                    labelled.insert(model.to_string());
-                    model
-                } else {
-                    OTHER
+            let mut counters = self.counters.lock().expect("counters lock");
+            let c = match counters.get(model) {
+                Some(c) => c,
+                None => {
+                    let label = if counters.len() < MAX_MODELS {
+                        model
+                    } else {
+                        OTHER
+                    };
+                    counters
+                        .entry(label.to_string())
+                        .or_insert_with(|| m.usage_counters(label))
                 }
             };
-            m.usage(label, entry.tokens.map(|t| (t.prompt, t.completion)));
+            c.requests.inc();
+            if let Some(t) = entry.tokens {
+                c.prompt.inc_by(t.prompt);
+                c.completion.inc_by(t.completion);
+            }
         }
         if let Some(ledger) = &self.ledger {
-            ledger.append(ledger::Line {
-                ts: crate::token::rfc3339(self.clock.now()),
-                session: entry.session,
-                profile: "default".to_string(),
-                model: entry.model,
-                path: entry.path,
-                status: entry.status,
-                prompt_tokens: entry.tokens.map(|t| t.prompt),
-                completion_tokens: entry.tokens.map(|t| t.completion),
-                total_tokens: entry.tokens.map(|t| t.total),
-                duration_ms: entry.duration.as_millis() as u64,
-                request_id: entry.request_id,
-            });
+            ledger.append(
+                self.clock.now(),
+                ledger::Line {
+                    ts: String::new(),
+                    session: entry.session,
+                    profile: "default".to_string(),
+                    model: entry.model,
+                    path: entry.path,
+                    status: entry.status,
+                    prompt_tokens: entry.tokens.map(|t| t.prompt),
+                    completion_tokens: entry.tokens.map(|t| t.completion),
+                    total_tokens: entry.tokens.map(|t| t.total),
+                    duration_ms: entry.duration.as_millis() as u64,
+                    request_id: entry.request_id,
+                },
+            );
         }
     }
 

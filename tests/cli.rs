@@ -1,5 +1,5 @@
 //! The real binary: one-shot `token` with the disk cache, the daemon and its control socket,
-//! `status`, `refresh`, exit codes, and no secret on stderr.
+//! `status`, `refresh` (forced grants rationed), exit codes, and no secret on stderr.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -384,4 +384,82 @@ async fn a_refused_token_exits_1_with_nothing_on_stdout_and_the_reason_once() {
     assert!(o.stderr.contains("refuses"), "{}", o.stderr);
     let last = o.stderr.lines().find(|l| l.starts_with("error: ")).unwrap();
     assert_eq!(last.matches("someone-else").count(), 1, "{}", o.stderr);
+}
+
+/// At most one forced grant per 5 s: the bound on grants for calls that took `elapsed`.
+fn forced_grant_bound(elapsed: Duration) -> u64 {
+    1 + elapsed.as_secs() / 5
+}
+
+#[tokio::test]
+async fn twenty_one_shot_min_ttl_calls_beyond_the_idps_lifetime_do_not_make_twenty_grants() {
+    let h = Harness::start_with(|o| o.token_ttl = Duration::from_secs(120)).await;
+    let o = output(h.agent(&["token"], &[])).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(h.idp.grants(), 1);
+    let started = std::time::Instant::now();
+    for _ in 0..20 {
+        let o = output(h.agent(&["token", "--min-ttl", "10m"], &[])).await;
+        assert_eq!(o.code, 1, "{}", o.stderr);
+        assert!(o.stderr.contains("less than"), "{}", o.stderr);
+    }
+    let forced = h.idp.grants() - 1;
+    let bound = forced_grant_bound(started.elapsed());
+    assert!(
+        forced <= bound,
+        "{forced} grants for 20 calls in {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn twenty_refreshes_through_the_daemon_share_forced_grants() {
+    let h = Harness::start().await;
+    let mut child = h
+        .agent(&["run"], &[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let socket = h.path("run/agent.sock");
+    eventually(Duration::from_secs(30), "the control socket", || {
+        socket.exists()
+    })
+    .await;
+    let o = output(h.agent(&["token"], &[])).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let before = h.idp.grants();
+    let started = std::time::Instant::now();
+    for _ in 0..20 {
+        let o = output(h.agent(&["refresh"], &[])).await;
+        assert_eq!(o.code, 0, "{}", o.stderr);
+    }
+    let forced = h.idp.grants() - before;
+    let bound = forced_grant_bound(started.elapsed());
+    assert!(
+        (1..=bound).contains(&forced),
+        "{forced} grants for 20 refreshes in {:?}",
+        started.elapsed()
+    );
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    exits_cleanly(&mut child).await;
+}
+
+#[tokio::test]
+async fn twenty_one_shot_refreshes_share_forced_grants_through_the_cache() {
+    let h = Harness::start().await;
+    let o = output(h.agent(&["token"], &[])).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let started = std::time::Instant::now();
+    for _ in 0..20 {
+        let o = output(h.agent(&["refresh"], &[])).await;
+        assert_eq!(o.code, 0, "{}", o.stderr);
+    }
+    let forced = h.idp.grants() - 1;
+    let bound = forced_grant_bound(started.elapsed());
+    assert!(
+        (1..=bound).contains(&forced),
+        "{forced} grants for 20 refreshes in {:?}",
+        started.elapsed()
+    );
 }

@@ -100,6 +100,7 @@ async fn doctor_passes_every_check_in_order_against_a_healthy_idp_and_upstream_a
         "✓ pid: dev-project".to_string(),
         "✓ tier: dev".to_string(),
         "· daemon: not running".to_string(),
+        "✓ token cache: ".to_string(),
         format!("✓ upstream: GET {base}/v1/models → 200 OK"),
     ];
     let at: Vec<usize> = order.iter().map(|p| o.line(p).0).collect();
@@ -337,5 +338,24 @@ async fn doctor_prints_the_same_fix_for_a_refused_grant_as_the_cli_error_carries
         "doctor's fix {fix:?} is not in the error:\n{}",
         refresh.stderr
     );
+    o.assert_no_secrets(std::slice::from_ref(&h.secret));
+}
+
+#[tokio::test]
+async fn a_token_cache_that_cannot_be_written_fails_with_a_fix() {
+    let h = Harness::start().await;
+    let file = h.path("a-file");
+    std::fs::write(&file, "").unwrap();
+    let cache = file.join("token.json");
+    let o = Out::of(h.agent(
+        &["doctor"],
+        &[("BEHEST_AGENT__TOKEN__CACHE_FILE", cache.to_str().unwrap())],
+    ))
+    .await;
+    assert_eq!(o.code, 1, "{}\n{}", o.stdout, o.stderr);
+    let (_, line) = o.line("✗ token cache: ");
+    assert!(line.contains("token.json"), "{line}");
+    let fix = o.fix_after("✗ token cache: ");
+    assert!(fix.contains("writable"), "{fix}");
     o.assert_no_secrets(std::slice::from_ref(&h.secret));
 }

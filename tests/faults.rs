@@ -1,7 +1,7 @@
 //! Under faults: the IdP failing in every way we know (what the proxy answers, what `status` and
 //! readiness say, recovery without restart), the upstream failing mid-stream, and the process under
-//! SIGTERM with many open streams, SIGHUP storms, a cache file removed at run time, and a clock that
-//! jumps a day.
+//! SIGTERM with many open streams or a slow grant (and a second SIGTERM), SIGHUP storms, a cache
+//! file removed at run time, and a clock that jumps a day.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -265,7 +265,7 @@ async fn a_sighup_storm_keeps_serving_and_makes_no_extra_grant() {
 }
 
 #[tokio::test]
-async fn a_cache_file_removed_or_replaced_at_run_time_is_rewritten_and_the_token_kept_in_memory() {
+async fn a_cache_file_removed_at_run_time_is_rewritten_at_the_next_grant() {
     let s = stack().await;
     assert_eq!(models(&s).await.0, 200);
     let cache = s.h.path("state/token.json");
@@ -274,6 +274,15 @@ async fn a_cache_file_removed_or_replaced_at_run_time_is_rewritten_and_the_token
     s.tokens.refresh_now().await.expect("refresh");
     assert!(cache.exists(), "written again at the next grant");
     assert_eq!(crate::util::mode_of(&cache), 0o600);
+    assert!(s.tokens.status().cache_error.is_none());
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn a_cache_file_replaced_by_a_directory_keeps_the_token_in_memory_and_says_so() {
+    let s = stack().await;
+    assert_eq!(models(&s).await.0, 200);
+    let cache = s.h.path("state/token.json");
     // A directory where the file should be: the write fails, the token is still served.
     std::fs::remove_file(&cache).unwrap();
     std::fs::create_dir(&cache).unwrap();
@@ -282,6 +291,12 @@ async fn a_cache_file_removed_or_replaced_at_run_time_is_rewritten_and_the_token
         .await
         .expect("the grant succeeds even though the cache cannot be written");
     assert_eq!(models(&s).await.0, 200);
+    let problem = s
+        .tokens
+        .status()
+        .cache_error
+        .expect("status names the problem");
+    assert!(problem.contains("token.json"), "{problem}");
     s.finish().await;
 }
 
@@ -359,5 +374,59 @@ async fn a_large_streamed_response_passes_through_without_growing_the_agents_mem
         "the agent's peak RSS grew from {before} KiB to {peak} KiB for a {bytes}-byte stream: buffered"
     );
     drop(child);
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn sigterm_during_a_slow_grant_exits_without_waiting_for_the_idp() {
+    let h = crate::util::Harness::start().await;
+    h.idp
+        .set_fault(Some(Fault::Delay(Duration::from_secs(600))));
+    let mut child = h
+        .agent(&["run"], &[("BEHEST_AGENT__AUTH__TIMEOUT", "20m")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(30), "the grant under way", || {
+        h.idp.token_requests() >= 1
+    })
+    .await;
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    exits_cleanly(&mut child).await;
+}
+
+#[tokio::test]
+async fn a_second_sigterm_exits_at_once_without_waiting_for_streams() {
+    let s = stack_with(|o| o.sse_interval = Duration::from_secs(1), &[]).await;
+    let mut cmd = daemon(&s);
+    cmd.env("BEHEST_AGENT__PROXY__SHUTDOWN_GRACE", "10m");
+    let mut child = cmd.spawn().unwrap();
+    let base = daemon_base(&s).await;
+    let mut stream = http()
+        .post(format!("{base}/chat/completions"))
+        .header("x-echo-events", "1000")
+        .json(&json!({"model": "echo-1", "stream": true, "messages": [{"role": "user", "content": "x"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    stream.chunk().await.unwrap();
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    // The first signal is taken once the proxy stops accepting.
+    let addr = base
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1")
+        .to_string();
+    eventually(Duration::from_secs(30), "the proxy closed", || {
+        std::net::TcpStream::connect(&addr).is_err()
+    })
+    .await;
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the second signal ends the wait for the stream")
+        .unwrap();
+    assert_eq!(status.code(), Some(1));
     s.finish().await;
 }

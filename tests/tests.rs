@@ -10,6 +10,7 @@ mod fleet;
 mod forwarding;
 mod interop;
 mod node;
+mod outage;
 mod props;
 mod proxy;
 mod redis_server;

@@ -8,7 +8,7 @@ use behest_agent::auth::GrantError;
 use behest_agent::clock::{self, TestClock};
 use behest_agent::config::{self, LoadOptions};
 use behest_agent::token::source::backoff;
-use behest_agent::token::{CheckError, RefreshError, TokenError};
+use behest_agent::token::{CheckError, MIN_GRANT_INTERVAL, RefreshError, TokenError};
 use devkit::idp::{AuthMethod, ClientKey, Fault};
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
@@ -851,6 +851,160 @@ async fn a_clock_jumping_forward_a_day_gets_a_new_token_instead_of_serving_an_ex
     let second = source.get(Duration::ZERO).await.expect("a new token");
     assert!(!Arc::ptr_eq(&first, &second));
     assert!(second.remaining(clock::Clock::now(clock.as_ref())) > Duration::from_secs(3000));
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn the_cache_lock_file_is_never_opened_through_a_symlink() {
+    let h = Harness::start().await;
+    std::fs::create_dir_all(h.path("state")).unwrap();
+    let elsewhere = h.path("elsewhere");
+    std::os::unix::fs::symlink(&elsewhere, h.path("state/token.json.lock")).unwrap();
+    let source = h.source(&[], clock::system());
+    source
+        .get(Duration::ZERO)
+        .await
+        .expect("the grant goes ahead without the lock");
+    assert!(
+        !elsewhere.exists(),
+        "the lock was opened through the symlink, creating its target"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cached_token_obtained_in_the_future_is_still_refreshed_before_it_expires() {
+    let clock = TestClock::new();
+    let h = Harness::start_with(|o| {
+        o.token_ttl = Duration::from_secs(600);
+        o.now = devkit_now(clock.clone());
+    })
+    .await;
+    h.source(&[], clock.clone())
+        .get(Duration::ZERO)
+        .await
+        .unwrap();
+    // Written by a machine whose clock was a day ahead.
+    let path = h.path("state/token.json");
+    let mut entry: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    entry["obtained_at"] = (clock::Clock::unix(clock.as_ref()) + 24 * 3600).into();
+    std::fs::write(&path, entry.to_string()).unwrap();
+    let source = h.source(&[], clock.clone());
+    let loaded = source.load_cache().await.expect("the cached token loads");
+    assert!(
+        loaded.refresh_at < loaded.expires_at,
+        "refresh due after expiry"
+    );
+    let (stop, task) = spawn_refresher(&source);
+    tokio::time::sleep(Duration::from_secs(590)).await;
+    assert!(h.idp.grants() >= 2, "refreshed before the token expired");
+    assert!(source.is_ready());
+    stop.cancel();
+    task.await.unwrap();
+}
+
+// ---- rationing grants
+
+#[tokio::test(start_paused = true)]
+async fn forced_refreshes_within_the_interval_share_one_grant_and_its_outcome() {
+    let clock = TestClock::new();
+    let h = Harness::start_with(|o| o.now = devkit_now(clock.clone())).await;
+    let source = h.source(&[NO_CACHE], clock.clone());
+    source.get(Duration::ZERO).await.unwrap();
+    let mut tokens = Vec::new();
+    for _ in 0..20 {
+        tokens.push(source.refresh_now().await.expect("a refreshed token"));
+    }
+    assert_eq!(h.idp.grants(), 2, "one forced grant for twenty refreshes");
+    assert!(tokens.iter().all(|t| Arc::ptr_eq(t, &tokens[0])));
+    tokio::time::sleep(MIN_GRANT_INTERVAL).await;
+    source.refresh_now().await.unwrap();
+    assert_eq!(h.idp.grants(), 3, "after the interval, a new forced grant");
+    // A failed forced grant is shared too.
+    tokio::time::sleep(MIN_GRANT_INTERVAL).await;
+    h.idp.set_fault(Some(Fault::Status(503)));
+    let asked = h.idp.token_requests();
+    for _ in 0..5 {
+        let e = source.refresh_now().await.unwrap_err();
+        assert!(e.to_string().contains("503"), "{e}");
+    }
+    assert_eq!(h.idp.token_requests(), asked + 1);
+    assert!(source.is_ready(), "the token held is still served");
+}
+
+#[tokio::test(start_paused = true)]
+async fn min_ttl_beyond_the_idps_lifetime_makes_one_grant_per_interval_not_one_per_call() {
+    let clock = TestClock::new();
+    let h = Harness::start_with(|o| {
+        o.token_ttl = Duration::from_secs(120);
+        o.now = devkit_now(clock.clone());
+    })
+    .await;
+    let source = h.source(&[NO_CACHE], clock.clone());
+    source.get(Duration::ZERO).await.unwrap();
+    for _ in 0..20 {
+        let err = source.get(Duration::from_secs(600)).await.unwrap_err();
+        assert!(matches!(err, TokenError::TooShort { .. }), "{err}");
+    }
+    assert_eq!(h.idp.grants(), 2, "one forced grant for twenty calls");
+    let warnings = source.status().warnings;
+    assert!(
+        warnings.iter().any(|w| w.contains("valid for only 2m")),
+        "a lifetime under 5 minutes is warned about: {warnings:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_day_long_token_has_no_lifetime_warning() {
+    let h = Harness::start().await;
+    let t = h
+        .source(&[NO_CACHE], clock::system())
+        .get(Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(t.warnings.is_empty(), "{:?}", t.warnings);
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_second_tokens_are_not_replaced_sooner_than_the_interval() {
+    let clock = TestClock::new();
+    let h = Harness::start_with(|o| {
+        o.token_ttl = Duration::from_secs(1);
+        o.now = devkit_now(clock.clone());
+    })
+    .await;
+    let source = h.source(&[NO_CACHE], clock.clone());
+    source.get(Duration::ZERO).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let err = source.get(Duration::ZERO).await.unwrap_err();
+    assert!(matches!(err, TokenError::ShortLived { .. }), "{err}");
+    assert!(err.to_string().contains("token lifetime"), "{err}");
+    assert_eq!(h.idp.grants(), 1, "no grant before the interval is over");
+    tokio::time::sleep(MIN_GRANT_INTERVAL).await;
+    source
+        .get(Duration::ZERO)
+        .await
+        .expect("a new token after it");
+    assert_eq!(h.idp.grants(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_refresher_grants_one_second_tokens_at_most_once_per_interval() {
+    let clock = TestClock::new();
+    let h = Harness::start_with(|o| {
+        o.token_ttl = Duration::from_secs(1);
+        o.now = devkit_now(clock.clone());
+    })
+    .await;
+    let source = h.source(&[NO_CACHE], clock.clone());
+    let (stop, task) = spawn_refresher(&source);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let grants = h.idp.grants();
+    assert!(
+        (10..=13).contains(&grants),
+        "{grants} grants in a minute of 1 s tokens; one per 5 s expected"
+    );
     stop.cancel();
     task.await.unwrap();
 }

@@ -143,7 +143,8 @@ pub fn random(len: usize) -> String {
 /// An embedded IdP with one client, and a temporary directory for the agent's files.
 pub struct Harness {
     pub idp: Idp,
-    _stop: DropGuard,
+    /// Serves the IdP until taken ([`Harness::stop_idp`]) or dropped.
+    idp_serving: Mutex<Option<DropGuard>>,
     pub dir: TempDir,
     pub client_id: String,
     pub secret: String,
@@ -169,12 +170,26 @@ impl Harness {
         set_mode(&secret_file, 0o600);
         Harness {
             idp,
-            _stop: stop,
+            idp_serving: Mutex::new(Some(stop)),
             dir,
             client_id,
             secrets: Mutex::new(vec![secret.clone()]),
             secret,
         }
+    }
+
+    /// Stops serving the IdP, and returns once its port refuses connections (an outage).
+    pub async fn stop_idp(&self) {
+        self.idp_serving.lock().unwrap().take();
+        let addr = self
+            .idp
+            .base_url()
+            .trim_start_matches("http://")
+            .to_string();
+        eventually(Duration::from_secs(30), "the IdP's port closed", || {
+            std::net::TcpStream::connect(&addr).is_err()
+        })
+        .await;
     }
 
     pub fn path(&self, name: &str) -> PathBuf {

@@ -42,6 +42,15 @@ pub async fn resolve(
     }
 }
 
+/// The issuer tokens must name, from the configuration alone: what [`resolve`] gives without asking
+/// the network (discovery only succeeds when its document names the configured issuer).
+pub fn configured_issuer(endpoints: &Endpoints) -> Option<String> {
+    match endpoints {
+        Endpoints::Fixed { issuer, .. } => issuer.clone(),
+        Endpoints::Discover { issuer } => Some(issuer.as_str().to_string()),
+    }
+}
+
 async fn discover(issuer: &Url, http: &reqwest::Client) -> Result<ResolvedEndpoints, GrantError> {
     let base = issuer.as_str().trim_end_matches('/');
     let url = format!("{base}/.well-known/openid-configuration");

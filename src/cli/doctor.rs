@@ -9,8 +9,9 @@
 //! (file permissions, the daemon, the upstream).
 //!
 //! It spends at most one grant, and none when a valid token is cached on disk or held by the daemon;
-//! it never writes the disk cache; it never prints the token, the secret or an assertion. Exit 0 when
-//! every check passes, 1 when one fails, 2 when the configuration cannot be loaded at all.
+//! it never writes the disk cache (a probe file beside it tells whether it could be); it never
+//! prints the token, the secret or an assertion. Exit 0 when every check passes, 1 when one fails,
+//! 2 when the configuration cannot be loaded at all.
 
 use std::fmt::Display;
 use std::os::unix::fs::PermissionsExt;
@@ -111,6 +112,7 @@ pub async fn run(g: &Global, _args: Args) -> CliResult {
     }
 
     check_daemon(&mut r, &settings, daemon.as_ref(), daemon_status.as_ref());
+    check_cache(&mut r, &settings, &source, daemon_status.as_ref()).await;
     check_upstream(&mut r, &settings, servable.as_ref()).await;
     Ok(r.exit_code())
 }
@@ -670,6 +672,27 @@ async fn check_daemon_alone(r: &mut Report, daemon: &ControlClient) {
             what,
             describe_reqwest(&e),
             "see `behest-agent status` and the daemon's log",
+        ),
+    }
+}
+
+/// The disk cache can be written: as the daemon found at its last write, else by a probe file
+/// written and removed beside it (the cache itself is left alone).
+async fn check_cache(r: &mut Report, s: &Settings, source: &TokenSource, daemon: Option<&Value>) {
+    let Some(path) = &s.token.cache_file else {
+        r.info("token cache: off (token.cache_file = \"\"): every restart and one-shot call makes a grant");
+        return;
+    };
+    let problem = match daemon.and_then(|v| v.pointer("/token/cache_error")) {
+        Some(v) => v.as_str().map(String::from),
+        None => source.check_cache().await,
+    };
+    match problem {
+        None => r.pass(format!("token cache: {} can be written", path.display())),
+        Some(p) => r.fail(
+            "token cache",
+            p,
+            "make its directory writable by the agent's user and free some disk space, or set token.cache_file to a writable path; until then every restart and one-shot call makes a grant",
         ),
     }
 }

@@ -1,6 +1,7 @@
 //! `behest-agent run`: the daemon in the foreground. Logs to stderr. SIGHUP reloads the
 //! configuration (a broken one is logged and the old one kept); SIGTERM or SIGINT stop accepting,
-//! let in-flight requests and streams finish (bounded by `proxy.shutdown_grace`), then exit 0.
+//! let in-flight requests and streams finish (bounded by `proxy.shutdown_grace`; a grant in flight is
+//! abandoned), then exit 0; a second SIGTERM or SIGINT exits at once with status 1.
 
 use std::process::ExitCode;
 
@@ -50,7 +51,7 @@ pub async fn wait_for_stop_signal() {
     }
 }
 
-/// SIGTERM/SIGINT cancel `shutdown`; SIGHUP loads the configuration again and sends it to the app,
+/// SIGTERM/SIGINT cancel `shutdown` (a second one exits at once, with status 1); SIGHUP loads the configuration again and sends it to the app,
 /// or logs why it cannot be used.
 fn spawn_signal_handler(
     g: Global,
@@ -80,6 +81,13 @@ fn spawn_signal_handler(
             }
         }
         shutdown.cancel();
+        // A second stop signal: whoever sent it will not wait for the requests in flight.
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::warn!("a second stop signal: exiting now, cutting the requests still in flight");
+        std::process::exit(1);
     });
     Ok(())
 }

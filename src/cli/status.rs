@@ -28,6 +28,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
             let source =
                 TokenSource::new(&settings, crate::clock::system()).map_err(|e| anyhow!(e))?;
             source.load_cache().await;
+            source.check_cache().await;
             json!({
                 "token": source.status(),
                 "daemon": Value::Null,
@@ -103,6 +104,14 @@ fn human(doc: &Value) -> String {
         for w in w.iter().filter_map(Value::as_str) {
             out.push_str(&format!("warning:      {w}\n"));
         }
+    }
+    if let Some(e) = doc
+        .pointer(&format!("{t}/cache_error"))
+        .and_then(Value::as_str)
+    {
+        out.push_str(&format!(
+            "cache:        {e} (every restart and one-shot call makes a grant)\n"
+        ));
     }
     match doc.get("daemon") {
         Some(Value::Null) | None => {

@@ -1,6 +1,7 @@
 //! `behest-agent token`: prints a valid token for shell scripts. Asks the running daemon; without one,
 //! does a one-shot grant in-process, sharing the disk cache under its file lock so that parallel jobs
-//! make one grant. Prints nothing on stdout unless it succeeds.
+//! make one grant. A daemon that does not answer (it is stopping or restarting) counts as none; a
+//! daemon that answers with a refusal does not. Prints nothing on stdout unless it succeeds.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -11,7 +12,7 @@ use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 
 use super::{CliResult, Global, daemon_for, init_cli_logging};
-use crate::control::client::error_message;
+use crate::control::client::{ControlError, error_message};
 use crate::token::{TokenSource, rfc3339};
 
 #[derive(Debug, clap::Args)]
@@ -31,15 +32,28 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     init_cli_logging(g);
     let min_ttl = args.min_ttl.unwrap_or_default();
     let settings = g.load();
-    let doc = match daemon_for(g).await {
+    let from_daemon = match daemon_for(g).await {
         Some(client) => {
             let uri = format!("/v1/token?min_ttl={}", min_ttl.as_secs());
-            let (status, body) = client.call(Method::GET, &uri).await?;
-            if status != StatusCode::OK {
-                return Err(anyhow!("{}", error_message(&body, status)).into());
+            match client.call(Method::GET, &uri).await {
+                Ok((StatusCode::OK, body)) => Some(body),
+                // The daemon answered and refused: its answer stands.
+                Ok((status, body)) => {
+                    return Err(anyhow!("{}", error_message(&body, status)).into());
+                }
+                Err(e) if daemon_absent(&e) => {
+                    // Stopping or restarting between the probe and the call: the disk cache and a
+                    // one-shot grant serve instead, as with no daemon.
+                    tracing::info!("{e}; getting the token without the daemon");
+                    None
+                }
+                Err(e) => return Err(anyhow!(e).into()),
             }
-            body
         }
+        None => None,
+    };
+    let doc = match from_daemon {
+        Some(doc) => doc,
         None => {
             let settings = settings?;
             let source =
@@ -67,4 +81,12 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
         println!("{token}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The daemon did not answer at all (gone, or going, between the probe and the call), as opposed to
+/// answering with a refusal. Every kind of control error must be placed on one side or the other.
+fn daemon_absent(e: &ControlError) -> bool {
+    match e {
+        ControlError::Io { .. } => true,
+    }
 }

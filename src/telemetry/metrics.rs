@@ -65,6 +65,14 @@ pub struct BudgetLabels {
     pub budget: &'static str,
 }
 
+/// One model's usage counters.
+#[derive(Debug, Clone)]
+pub struct ModelCounters {
+    pub requests: Counter,
+    pub prompt: Counter,
+    pub completion: Counter,
+}
+
 /// Every metric the agent exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -213,23 +221,25 @@ impl Metrics {
         }
     }
 
-    /// One accounted response of `model`, with its (prompt, completion) tokens when it said.
-    pub fn usage(&self, model: &str, tokens: Option<(u64, u64)>) {
-        let model = model.to_string();
-        self.usage_requests
-            .get_or_create(&ModelLabels {
-                model: model.clone(),
-            })
-            .inc();
-        if let Some((prompt, completion)) = tokens {
-            for (kind, n) in [("prompt", prompt), ("completion", completion)] {
-                self.usage_tokens
-                    .get_or_create(&TokenKindLabels {
-                        model: model.clone(),
-                        kind,
-                    })
-                    .inc_by(n);
-            }
+    /// The usage counters of one model (looked up in their families once, then kept).
+    pub fn usage_counters(&self, model: &str) -> ModelCounters {
+        let tokens = |kind| {
+            self.usage_tokens
+                .get_or_create(&TokenKindLabels {
+                    model: model.to_string(),
+                    kind,
+                })
+                .clone()
+        };
+        ModelCounters {
+            requests: self
+                .usage_requests
+                .get_or_create(&ModelLabels {
+                    model: model.to_string(),
+                })
+                .clone(),
+            prompt: tokens("prompt"),
+            completion: tokens("completion"),
         }
     }
 

@@ -1,16 +1,23 @@
 //! The disk cache: the last good token, so restarts and one-shot CLI calls do not spend the tenant's
-//! machine-to-machine quota. One JSON file, mode 0600, replaced atomically (write + fsync + rename),
-//! keyed by everything that changes what token the IdP would issue; a neighbouring `.lock` file
-//! serializes grants across processes. A loaded token is checked again before it is served.
+//! machine-to-machine quota, and keep working while the IdP is down. One JSON file, mode 0600,
+//! replaced atomically (write + fsync + rename), keyed by everything that changes what token the IdP
+//! would issue. Beside the token it keeps the issuer's public key that verified it when it was
+//! written, so a loaded token is checked again (signature included) without the network. A
+//! neighbouring `.lock` file serializes grants across processes; it is never followed through a
+//! symlink and never waited on without bound.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
+use jsonwebtoken::jwk::Jwk;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
+
+/// How often a waiter tries the cross-process lock again.
+const LOCK_POLL: Duration = Duration::from_millis(25);
 
 /// What the cached token was issued for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,18 +30,31 @@ pub struct CacheKey {
     pub scope: Option<String>,
 }
 
+/// The file. New fields are optional, so an older agent sharing the file still reads it.
 #[derive(Serialize, Deserialize)]
 struct CacheFile {
     version: u32,
     key: CacheKey,
     access_token: String,
     obtained_at: u64,
+    /// The issuer's public key (from its JWKS) that verified the token when it was written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    verified_with: Option<Jwk>,
+    /// The token came from a forced grant (`refresh`, `token --min-ttl`): another process asking
+    /// for one shortly after shares it instead of granting again.
+    #[serde(default)]
+    forced: bool,
 }
 
 /// A cached token, not yet checked.
+#[derive(Clone)]
 pub struct Cached {
     pub access_token: SecretString,
     pub obtained_at: SystemTime,
+    /// The key that verified the token when it was written (none when signatures are not checked,
+    /// or from an older agent).
+    pub verified_with: Option<Jwk>,
+    pub forced: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -58,6 +78,16 @@ impl DiskCache {
         &self.path
     }
 
+    fn dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
+    }
+
+    fn lock_path(&self) -> PathBuf {
+        let mut name = self.path.file_name().unwrap_or_default().to_os_string();
+        name.push(".lock");
+        self.dir().join(name)
+    }
+
     /// The cached token for this key, if any. A missing, unreadable, corrupt or foreign file is
     /// simply no token.
     pub fn load(&self) -> Option<Cached> {
@@ -76,24 +106,55 @@ impl DiskCache {
         Some(Cached {
             access_token: SecretString::from(file.access_token),
             obtained_at: crate::clock::from_unix(file.obtained_at)?,
+            verified_with: file.verified_with,
+            forced: file.forced,
         })
     }
 
-    /// Writes the token atomically with mode 0600.
-    pub fn store(&self, token: &SecretString, obtained_at: SystemTime) -> std::io::Result<()> {
-        let dir = self.path.parent().unwrap_or(Path::new("."));
+    /// Writes the entry atomically with mode 0600.
+    pub fn store(&self, entry: &Cached) -> std::io::Result<()> {
+        let dir = self.dir();
         ensure_dir(dir)?;
         let file = CacheFile {
             version: 1,
             key: self.key.clone(),
-            access_token: token.expose_secret().to_string(),
-            obtained_at: obtained_at
+            access_token: entry.access_token.expose_secret().to_string(),
+            obtained_at: entry
+                .obtained_at
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .unwrap_or_default()
                 .as_secs(),
+            verified_with: entry.verified_with.clone(),
+            forced: entry.forced,
         };
         let body = serde_json::to_vec(&file).map_err(std::io::Error::other)?;
-        let tmp = dir.join(format!(
+        write_new(dir, &self.temp_name(), &body, Some(&self.path))
+    }
+
+    /// [`DiskCache::store`] on the blocking pool: the `fsync`s must not stall the event loop that
+    /// serves the proxy.
+    pub async fn store_async(&self, entry: &Cached) -> std::io::Result<()> {
+        let (this, entry) = (self.clone(), entry.clone());
+        tokio::task::spawn_blocking(move || this.store(&entry))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
+    /// Whether the cache could be written now: writes, syncs and removes a small file beside it
+    /// (the cache itself is left alone). The error says why not (read-only, full, not a directory).
+    pub fn probe_writable(&self) -> std::io::Result<()> {
+        let dir = self.dir();
+        ensure_dir(dir)?;
+        if self.path.is_dir() {
+            return Err(std::io::Error::other(
+                "it is a directory, so a token cannot be written there",
+            ));
+        }
+        write_new(dir, &self.temp_name(), &[0u8; 512], None)
+    }
+
+    fn temp_name(&self) -> String {
+        format!(
             ".{}.{}.{}.tmp",
             self.path
                 .file_name()
@@ -101,39 +162,7 @@ impl DiskCache {
                 .unwrap_or("token.json"),
             std::process::id(),
             fastrand::u64(..)
-        ));
-        let result = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(&body)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &self.path)?;
-            // The rename is durable once the directory is synced.
-            if let Ok(d) = File::open(dir) {
-                let _ = d.sync_all();
-            }
-            Ok(())
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result
-    }
-
-    /// [`DiskCache::store`] on the blocking pool: the `fsync`s must not stall the event loop that
-    /// serves the proxy.
-    pub async fn store_async(
-        &self,
-        token: &SecretString,
-        obtained_at: SystemTime,
-    ) -> std::io::Result<()> {
-        let (this, token) = (self.clone(), token.clone());
-        tokio::task::spawn_blocking(move || this.store(&token, obtained_at))
-            .await
-            .map_err(std::io::Error::other)?
+        )
     }
 
     /// Removes the cached token (it failed its checks).
@@ -141,30 +170,77 @@ impl DiskCache {
         let _ = std::fs::remove_file(&self.path);
     }
 
-    /// Takes the cross-process grant lock (blocking; call from `spawn_blocking`).
-    pub fn lock_blocking(&self) -> std::io::Result<CacheLock> {
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        ensure_dir(dir)?;
-        let mut name = self.path.file_name().unwrap_or_default().to_os_string();
-        name.push(".lock");
-        let file = OpenOptions::new()
+    /// Opens the lock file: created 0600 if missing, never through a symlink (`O_NOFOLLOW`).
+    fn open_lock(&self) -> std::io::Result<File> {
+        ensure_dir(self.dir())?;
+        OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
-            .open(dir.join(name))?;
-        file.lock()?;
-        Ok(CacheLock { _file: file })
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(self.lock_path())
     }
 
-    /// Takes the cross-process grant lock without blocking the runtime.
-    pub async fn lock(&self) -> std::io::Result<CacheLock> {
+    /// Takes the cross-process grant lock, waiting at most `wait` for the process holding it (which
+    /// may be stopped, or stuck); the error then names the lock file.
+    pub async fn lock(&self, wait: Duration) -> std::io::Result<CacheLock> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.lock_blocking())
+        let file = tokio::task::spawn_blocking(move || this.open_lock())
             .await
-            .map_err(std::io::Error::other)?
+            .map_err(std::io::Error::other)??;
+        let taken = tokio::time::timeout(wait, async {
+            loop {
+                match file.try_lock() {
+                    Ok(()) => return Ok(()),
+                    Err(std::fs::TryLockError::WouldBlock) => {
+                        tokio::time::sleep(LOCK_POLL.mul_f64(0.5 + fastrand::f64())).await
+                    }
+                    Err(std::fs::TryLockError::Error(e)) => return Err(e),
+                }
+            }
+        })
+        .await;
+        match taken {
+            Ok(Ok(())) => Ok(CacheLock { _file: file }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "another process has held {} for {} (a stopped or stuck behest-agent?)",
+                    self.lock_path().display(),
+                    humantime::format_duration(wait)
+                ),
+            )),
+        }
     }
+}
+
+/// Writes `body` to a new file `name` in `dir` (0600), syncs it, and renames it to `to` (the
+/// rename made durable by syncing the directory) or removes it when `to` is `None`.
+fn write_new(dir: &Path, name: &str, body: &[u8], to: Option<&Path>) -> std::io::Result<()> {
+    let tmp = dir.join(name);
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(body)?;
+        f.sync_all()?;
+        if let Some(to) = to {
+            std::fs::rename(&tmp, to)?;
+            if let Ok(d) = File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    })();
+    if result.is_err() || to.is_none() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 fn ensure_dir(dir: &Path) -> std::io::Result<()> {

@@ -6,12 +6,13 @@
 use std::sync::Arc;
 
 use base64::Engine;
+use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, Validation};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::jwks::Jwks;
+use super::jwks::{Jwks, decoding_key};
 use crate::auth::ResolvedEndpoints;
 use crate::auth::grant::sanitize;
 use crate::clock::SharedClock;
@@ -252,6 +253,39 @@ fn unix_seconds(value: &Value) -> Option<u64> {
     })
 }
 
+/// Where the key that verifies a token's signature comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum Keys<'a> {
+    /// The issuer's JWKS, fetched (once, and again on an unknown key id).
+    Jwks(&'a ResolvedEndpoints),
+    /// The key stored with a cached token when it was verified against the JWKS, and the issuer
+    /// expected from the configuration: a check without the network.
+    Stored {
+        issuer: Option<&'a str>,
+        key: Option<&'a Jwk>,
+    },
+}
+
+impl Keys<'_> {
+    /// The `iss` the token must carry, when known.
+    fn issuer(&self) -> Option<&str> {
+        match self {
+            Keys::Jwks(endpoints) => endpoints.issuer.as_deref(),
+            Keys::Stored { issuer, .. } => *issuer,
+        }
+    }
+}
+
+/// A token that passed every check.
+#[derive(Debug)]
+pub struct Checked {
+    pub claims: Claims,
+    /// Findings that did not refuse it.
+    pub warnings: Vec<String>,
+    /// The issuer's key that verified its signature (none when signatures are not checked).
+    pub key: Option<Jwk>,
+}
+
 /// Checks tokens for one configuration.
 #[derive(Debug)]
 pub struct Verifier {
@@ -287,15 +321,26 @@ impl Verifier {
         self.audience.as_deref()
     }
 
-    /// Checks `token`; on success returns its claims and any warnings.
+    /// Checks `token` against the issuer's JWKS; on success returns its claims and any warnings.
     pub async fn check(
         &self,
         token: &SecretString,
         endpoints: &ResolvedEndpoints,
     ) -> Result<(Claims, Vec<String>), CheckError> {
-        let claims = self.verify(token, endpoints).await?;
+        let c = self.check_with(token, Keys::Jwks(endpoints)).await?;
+        Ok((c.claims, c.warnings))
+    }
+
+    /// Checks `token`, its signature against `keys`; on success returns its claims, any warnings
+    /// and the key that verified it.
+    pub async fn check_with(
+        &self,
+        token: &SecretString,
+        keys: Keys<'_>,
+    ) -> Result<Checked, CheckError> {
+        let (claims, key) = self.verify_from(token, keys).await?;
         self.check_expiry(&claims)?;
-        self.check_issuer(&claims, endpoints.issuer.as_deref())?;
+        self.check_issuer(&claims, keys.issuer())?;
         self.check_audience(&claims)?;
         self.check_client(&claims)?;
         let mut warnings = Vec::new();
@@ -313,7 +358,11 @@ impl Verifier {
                 warnings.push(missing.to_string());
             }
         }
-        Ok((claims, warnings))
+        Ok(Checked {
+            claims,
+            warnings,
+            key,
+        })
     }
 
     /// The format, the algorithm and (unless turned off) the signature: on success the token's
@@ -323,6 +372,16 @@ impl Verifier {
         token: &SecretString,
         endpoints: &ResolvedEndpoints,
     ) -> Result<Claims, CheckError> {
+        Ok(self.verify_from(token, Keys::Jwks(endpoints)).await?.0)
+    }
+
+    /// [`Verifier::verify`] against `keys`, and the key that verified the signature (none when
+    /// signatures are not checked).
+    async fn verify_from(
+        &self,
+        token: &SecretString,
+        keys: Keys<'_>,
+    ) -> Result<(Claims, Option<Jwk>), CheckError> {
         let text = token.expose_secret();
         let parts: Vec<&str> = text.split('.').collect();
         if parts.len() != 3 {
@@ -342,15 +401,28 @@ impl Verifier {
             }
             _ => {}
         }
+        let mut used = None;
         if let Some(jwks) = &self.jwks {
-            let url = endpoints.jwks_url.as_ref().ok_or(CheckError::NoJwksUrl)?;
-            let key = jwks.key(url, header.kid.as_deref(), header.alg).await?;
+            let jwk = match keys {
+                Keys::Jwks(endpoints) => {
+                    let url = endpoints.jwks_url.as_ref().ok_or(CheckError::NoJwksUrl)?;
+                    jwks.key(url, header.kid.as_deref()).await?
+                }
+                Keys::Stored { key: Some(k), .. } => k.clone(),
+                Keys::Stored { key: None, .. } => {
+                    return Err(CheckError::Jwks(
+                        "no key of the issuer's was stored with the cached token".into(),
+                    ));
+                }
+            };
+            let key = decoding_key(&jwk, header.alg)?;
             let mut validation = Validation::new(header.alg);
             validation.validate_exp = false;
             validation.validate_aud = false;
             validation.required_spec_claims.clear();
             jsonwebtoken::decode::<Value>(text, &key, &validation)
                 .map_err(|e| CheckError::Signature(e.to_string()))?;
+            used = Some(jwk);
         }
 
         let exp = raw
@@ -366,7 +438,7 @@ impl Verifier {
             .get(&self.settings.uid_claim)
             .and_then(Value::as_str)
             .map(String::from);
-        Ok(Claims { exp, raw, uid })
+        Ok((Claims { exp, raw, uid }, used))
     }
 
     /// Valid now: not expired, and neither `nbf` nor `iat` (when present) later than now by more

@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, RwLock};
 
-use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use url::Url;
 
@@ -36,17 +36,12 @@ impl Jwks {
             .map(|(_, s)| s.clone())
     }
 
-    /// The key that verifies a token with header `kid` and `alg`.
-    pub async fn key(
-        &self,
-        url: &Url,
-        kid: Option<&str>,
-        alg: Algorithm,
-    ) -> Result<DecodingKey, CheckError> {
+    /// The key that verifies a token with header `kid` (see [`decoding_key`] for `alg`).
+    pub async fn key(&self, url: &Url, kid: Option<&str>) -> Result<Jwk, CheckError> {
         if let Some(set) = self.cached(url)
-            && let Some(k) = pick(&set, kid, alg)?
+            && let Some(k) = pick(&set, kid)?
         {
-            return Ok(k);
+            return Ok(k.clone());
         }
         let before = self.cached(url);
         let _guard = self.fetching.lock().await;
@@ -57,7 +52,8 @@ impl Jwks {
             (None, Some(c)) => c.clone(),
             _ => self.fetch(url).await?,
         };
-        pick(&set, kid, alg)?
+        pick(&set, kid)?
+            .cloned()
             .ok_or_else(|| CheckError::UnknownKid(kid.unwrap_or("(none)").to_string()))
     }
 
@@ -86,21 +82,18 @@ impl Jwks {
 }
 
 /// Finds the key by `kid` (or the only key when the token names none).
-fn pick(
-    set: &JwkSet,
-    kid: Option<&str>,
-    alg: Algorithm,
-) -> Result<Option<DecodingKey>, CheckError> {
-    let jwk = match kid {
-        Some(kid) => set.find(kid),
-        None if set.keys.len() == 1 => set.keys.first(),
-        None => {
-            return Err(CheckError::Malformed(
-                "the token names no key id (kid) and the JWKS has several keys".into(),
-            ));
-        }
-    };
-    let Some(jwk) = jwk else { return Ok(None) };
+fn pick<'a>(set: &'a JwkSet, kid: Option<&str>) -> Result<Option<&'a Jwk>, CheckError> {
+    match kid {
+        Some(kid) => Ok(set.find(kid)),
+        None if set.keys.len() == 1 => Ok(set.keys.first()),
+        None => Err(CheckError::Malformed(
+            "the token names no key id (kid) and the JWKS has several keys".into(),
+        )),
+    }
+}
+
+/// `jwk` as a key for a token signed with `alg`; a key published for another algorithm is refused.
+pub fn decoding_key(jwk: &Jwk, alg: Algorithm) -> Result<DecodingKey, CheckError> {
     if let Some(ka) = jwk.common.key_algorithm
         && let Ok(key_alg) = Algorithm::try_from(ka)
         && key_alg != alg
@@ -109,7 +102,5 @@ fn pick(
             "the token says {alg:?} but its key is for {key_alg:?}"
         )));
     }
-    DecodingKey::from_jwk(jwk)
-        .map(Some)
-        .map_err(|e| CheckError::Jwks(format!("unusable key: {e}")))
+    DecodingKey::from_jwk(jwk).map_err(|e| CheckError::Jwks(format!("unusable key: {e}")))
 }

@@ -2,7 +2,10 @@
 //! read-mostly load on the hot path), runs at most one grant at a time whatever the number of waiters
 //! (single-flight), refreshes before expiry against the wall clock, backs off with jitter on failure
 //! (honouring `Retry-After`), keeps serving the cached token until it really expires while the IdP is
-//! down, and shares a disk cache with other processes under a file lock.
+//! down, and shares a disk cache with other processes under a file lock. A cached token is checked
+//! against the key stored with it, so loading it needs no network. Grants are rationed: at most one
+//! forced grant per [`MIN_GRANT_INTERVAL`] (callers within it share its outcome), and never a
+//! refresh sooner than that after the last grant.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -14,9 +17,11 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::cache::{CacheKey, DiskCache};
-use super::claims::ClaimsView;
-use super::{CheckError, Token, Verifier, rfc3339};
+use jsonwebtoken::jwk::Jwk;
+
+use super::cache::{CacheKey, CacheLock, Cached, DiskCache};
+use super::claims::{Checked, ClaimsView};
+use super::{CheckError, Keys, MIN_GRANT_INTERVAL, Token, Verifier, rfc3339};
 use crate::auth::{Grant, GrantError};
 use crate::clock::SharedClock;
 use crate::config::Settings;
@@ -30,6 +35,8 @@ const WALL_CLOCK_RECHECK: Duration = Duration::from_secs(30);
 const REJECTION_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
 /// The longest `Retry-After` honoured.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+/// Tokens that live shorter than this are warned about: the agent has to grant often to keep one.
+pub const SHORT_LIFETIME: Duration = Duration::from_secs(300);
 
 /// Why no token can be handed out.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -41,6 +48,9 @@ pub enum TokenError {
         lifetime: Duration,
         min_ttl: Duration,
     },
+    /// The token expired before the next grant is allowed ([`MIN_GRANT_INTERVAL`]).
+    #[error("no valid token is available: the IdP issues tokens valid for only {}, and the agent asks for a new one at most every {}; raise the API's token lifetime in the IdP (Auth0: Applications > APIs > the API > Settings)", humantime::format_duration(whole_seconds(*.lifetime)), humantime::format_duration(MIN_GRANT_INTERVAL))]
+    ShortLived { lifetime: Duration },
 }
 
 /// `d` rounded up to whole seconds: a lifetime is measured from just before the grant to an `exp`
@@ -114,6 +124,9 @@ pub struct Status {
     pub client_id: String,
     pub issuer: String,
     pub audience: Option<String>,
+    /// Why the disk cache cannot be written (null when it can, or when there is none): every
+    /// restart and one-shot call then makes a grant.
+    pub cache_error: Option<String>,
 }
 
 #[derive(Default)]
@@ -129,6 +142,24 @@ struct State {
     grants_failed: u64,
     /// The last configuration error reported loudly, so it is reported once per change.
     reported_config_error: Option<String>,
+    /// The last forced grant (one asked for while a token not yet due for refresh was held, here
+    /// or by another process): when, by the wall clock, and what it gave. Forced grants within
+    /// [`MIN_GRANT_INTERVAL`] of it share this outcome instead of asking again.
+    last_forced: Option<(SystemTime, Result<Arc<Token>, RefreshError>)>,
+    /// Why the disk cache cannot be written, until a write succeeds.
+    cache_error: Option<String>,
+}
+
+/// What a grant attempt is for.
+#[derive(Debug, Clone, Copy)]
+enum Ask {
+    /// A token valid at least this long and not due for refresh; one another process cached
+    /// will do.
+    Valid(Duration),
+    /// A new token whatever is held (`refresh`): a forced grant when a good token is held.
+    New,
+    /// A new token because the upstream refused the one held (limited on its own).
+    Replace,
 }
 
 struct Inner {
@@ -136,6 +167,9 @@ struct Inner {
     verifier: Verifier,
     clock: SharedClock,
     cache: Option<DiskCache>,
+    /// The longest wait for another process's cache lock (`auth.timeout`: as long as one request
+    /// to the IdP may take); then this process asks the IdP without it.
+    lock_wait: Duration,
     /// The current checked token; replaced whole, read without waiting on a grant.
     current: RwLock<Option<Arc<Token>>>,
     state: Mutex<State>,
@@ -201,6 +235,7 @@ impl TokenSource {
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
+                lock_wait: grant.settings().timeout,
                 grant,
                 verifier,
                 clock,
@@ -278,9 +313,13 @@ impl TokenSource {
 
     /// A token valid for at least `min_ttl`: the current one, or one new grant shared with every
     /// concurrent caller. While backing off after a failure, answers at once with the last error.
+    /// A valid token is served whatever the grant did: an IdP outage does not stop it.
     pub async fn get(&self, min_ttl: Duration) -> Result<Arc<Token>, TokenError> {
         if let Some(t) = self.valid(min_ttl) {
             return Ok(t);
+        }
+        if let Some(e) = self.short_lived() {
+            return Err(e);
         }
         let seen = self.inner.attempts.load(Ordering::Acquire);
         if self.in_backoff() && self.valid(Duration::ZERO).is_none() {
@@ -295,16 +334,15 @@ impl TokenSource {
             // instead of asking again.
             return Err(self.shortfall(min_ttl));
         }
-        match self.attempt(Some(min_ttl)).await {
-            Ok(t) if t.remaining(self.inner.clock.now()) >= min_ttl => Ok(t),
-            Ok(_) | Err(_) => Err(self.shortfall(min_ttl)),
-        }
+        let _ = self.attempt(Ask::Valid(min_ttl)).await;
+        self.valid(min_ttl).ok_or_else(|| self.shortfall(min_ttl))
     }
 
-    /// Forces a new grant now (the `refresh` command), whatever the backoff.
+    /// Forces a new grant now (the `refresh` command), whatever the backoff; within
+    /// [`MIN_GRANT_INTERVAL`] of the last forced grant, that grant's outcome instead.
     pub async fn refresh_now(&self) -> Result<Arc<Token>, RefreshError> {
         let _guard = self.inner.grant_lock.lock().await;
-        self.attempt(None).await
+        self.attempt(Ask::New).await
     }
 
     /// The upstream refused `rejected`: replace it, once for all requests that saw it, and at most
@@ -327,24 +365,51 @@ impl TokenSource {
             st.last_rejection_refresh = Some(Instant::now());
         }
         tracing::info!("the upstream refused the token (401); asking the IdP for a new one");
-        self.attempt(None).await.ok()
+        self.attempt(Ask::Replace).await.ok()
     }
 
-    /// Loads the disk cache at start-up: a valid cached token is served without a grant.
+    /// Loads the disk cache at start-up: a valid cached token is served without a grant, and
+    /// without the network (it is checked against the key stored with it).
     pub async fn load_cache(&self) -> Option<Arc<Token>> {
         let _guard = self.inner.grant_lock.lock().await;
-        let t = self.disk_token(Duration::ZERO).await?;
-        self.install(t.clone(), false);
-        Some(t)
+        self.adopt_cached().await;
+        self.valid(Duration::ZERO)
     }
 
-    /// Refreshes before expiry until `shutdown`.
+    /// Whether the disk cache can be written (a small file is written and removed beside it); the
+    /// answer is kept for `status` until the next write. `None` when it can, or there is no cache.
+    pub async fn check_cache(&self) -> Option<String> {
+        let cache = self.inner.cache.clone()?;
+        let result = tokio::task::spawn_blocking(move || cache.probe_writable())
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        self.note_cache_write(result);
+        self.cache_error()
+    }
+
+    fn cache_error(&self) -> Option<String> {
+        self.inner
+            .state
+            .lock()
+            .expect("state lock")
+            .cache_error
+            .clone()
+    }
+
+    /// Refreshes before expiry until `shutdown`, which also abandons a grant in flight (an IdP that
+    /// is slow to answer does not hold up the daemon's exit).
     pub async fn run(&self, shutdown: CancellationToken) {
         loop {
             if self.due() {
-                let _guard = self.inner.grant_lock.lock().await;
-                if self.due() {
-                    let _ = self.attempt(Some(Duration::ZERO)).await;
+                let attempt = async {
+                    let _guard = self.inner.grant_lock.lock().await;
+                    if self.due() {
+                        let _ = self.attempt(Ask::Valid(Duration::ZERO)).await;
+                    }
+                };
+                if shutdown.run_until_cancelled(attempt).await.is_none() {
+                    tracing::info!("stopping: the grant in flight is abandoned");
+                    return;
                 }
                 continue;
             }
@@ -353,6 +418,10 @@ impl TokenSource {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.inner.wake.notified() => {}
+            }
+            if self.cache_error().is_some() {
+                // A cache that could not be written is tried again, so `status` clears once fixed.
+                self.check_cache().await;
             }
         }
     }
@@ -402,6 +471,32 @@ impl TokenSource {
         }
     }
 
+    /// The token held expired before [`MIN_GRANT_INTERVAL`] allows the next grant: the IdP issues
+    /// tokens that live shorter than that.
+    fn short_lived(&self) -> Option<TokenError> {
+        let now = self.inner.clock.now();
+        let t = self.current()?;
+        (t.expires_at <= now && now < t.refresh_at).then(|| TokenError::ShortLived {
+            lifetime: t.lifetime(),
+        })
+    }
+
+    /// The token held if it stays valid at least `min_ttl` and is not due for refresh.
+    fn good_for(&self, min_ttl: Duration) -> Option<Arc<Token>> {
+        let now = self.inner.clock.now();
+        self.valid(min_ttl).filter(|t| now < t.refresh_at)
+    }
+
+    /// The outcome of a forced grant made less than [`MIN_GRANT_INTERVAL`] ago.
+    fn recent_forced(&self, now: SystemTime) -> Option<Result<Arc<Token>, RefreshError>> {
+        let st = self.inner.state.lock().expect("state lock");
+        let (at, outcome) = st.last_forced.as_ref()?;
+        let recent = now
+            .duration_since(*at)
+            .is_ok_and(|d| d < MIN_GRANT_INTERVAL);
+        recent.then(|| outcome.clone())
+    }
+
     fn shortfall(&self, min_ttl: Duration) -> TokenError {
         match self.valid(Duration::ZERO) {
             Some(t) if !min_ttl.is_zero() && self.last_error().is_none() => TokenError::TooShort {
@@ -421,30 +516,37 @@ impl TokenSource {
             .clone()
     }
 
-    /// One grant (the grant lock is held). With `from_disk: Some(min_ttl)`, a token another
-    /// process cached is taken instead of asking the IdP when it is not due for refresh and stays
-    /// valid at least `min_ttl`; a cached token too short for the caller never stands in for the
-    /// grant it asked for.
-    async fn attempt(&self, from_disk: Option<Duration>) -> Result<Arc<Token>, RefreshError> {
-        let _file_lock = match &self.inner.cache {
-            Some(c) => match c.lock().await {
-                Ok(l) => Some(l),
-                Err(e) => {
-                    tracing::warn!(path = %c.path().display(), error = %e, "cannot lock the token cache; continuing without it");
-                    None
-                }
-            },
-            None => None,
-        };
-        if let Some(min_ttl) = from_disk
-            && let Some(t) = self.disk_token(min_ttl).await
-        {
-            let now = self.inner.clock.now();
-            if now < t.refresh_at {
-                tracing::debug!("using the token another process just cached");
-                self.install(t.clone(), false);
+    /// One grant (the grant lock is held), unless it is not needed: for [`Ask::Valid`], a token
+    /// another process cached that is good for `min_ttl` and not due for refresh is taken instead
+    /// (a cached token too short for the caller never stands in for the grant it asked for); a
+    /// forced grant within [`MIN_GRANT_INTERVAL`] of the last one shares that one's outcome.
+    async fn attempt(&self, ask: Ask) -> Result<Arc<Token>, RefreshError> {
+        if let Ask::Valid(min_ttl) = ask {
+            // The cache is replaced by rename, so reading it needs no lock: a good cached token is
+            // taken without waiting on another process.
+            self.adopt_cached().await;
+            if let Some(t) = self.good_for(min_ttl) {
                 return Ok(t);
             }
+        }
+        let _file_lock = self.lock_cache().await;
+        if !matches!(ask, Ask::Replace) {
+            // Again under the lock: another process may just have made the grant.
+            self.adopt_cached().await;
+        }
+        if let Ask::Valid(min_ttl) = ask
+            && let Some(t) = self.good_for(min_ttl)
+        {
+            return Ok(t);
+        }
+        let now = self.inner.clock.now();
+        let forced = !matches!(ask, Ask::Replace) && self.good_for(Duration::ZERO).is_some();
+        if forced && let Some(outcome) = self.recent_forced(now) {
+            tracing::info!(
+                "a forced grant was made less than {} ago; sharing its outcome instead of asking again",
+                humantime::format_duration(MIN_GRANT_INTERVAL)
+            );
+            return outcome.map(|t| self.valid(Duration::ZERO).unwrap_or(t));
         }
         let result = self.grant_and_check().await;
         self.inner.attempts.fetch_add(1, Ordering::AcqRel);
@@ -454,13 +556,9 @@ impl TokenSource {
                 Err(e) => m.grant(false, &e.code()),
             }
         }
-        match result {
-            Ok(t) => {
-                if let Some(c) = &self.inner.cache
-                    && let Err(e) = c.store_async(t.secret(), t.obtained_at).await
-                {
-                    tracing::warn!(path = %c.path().display(), error = %e, "cannot write the token cache; the token is still served from memory");
-                }
+        let result = match result {
+            Ok((t, key)) => {
+                self.store(&t, key, forced).await;
                 self.install(t.clone(), true);
                 Ok(t)
             }
@@ -468,18 +566,49 @@ impl TokenSource {
                 self.record_failure(&e);
                 Err(e)
             }
+        };
+        if forced {
+            self.inner.state.lock().expect("state lock").last_forced = Some((now, result.clone()));
+        }
+        result
+    }
+
+    /// Takes the cross-process grant lock, waiting at most `lock_wait`; without it (a stopped
+    /// process holds it, or it cannot be opened) the grant goes ahead, at worst one grant too many.
+    async fn lock_cache(&self) -> Option<CacheLock> {
+        let cache = self.inner.cache.as_ref()?;
+        match cache.lock(self.inner.lock_wait).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot take the token cache lock; asking the IdP without it");
+                None
+            }
         }
     }
 
-    async fn grant_and_check(&self) -> Result<Arc<Token>, RefreshError> {
+    async fn grant_and_check(&self) -> Result<(Arc<Token>, Option<Jwk>), RefreshError> {
         let obtained_at = self.inner.clock.now();
         let issued = self.inner.grant.request().await?;
         let endpoints = self.inner.grant.endpoints().await?;
-        let (claims, warnings) = self
+        let Checked {
+            claims,
+            mut warnings,
+            key,
+        } = self
             .inner
             .verifier
-            .check(&issued.access_token, endpoints)
+            .check_with(&issued.access_token, Keys::Jwks(endpoints))
             .await?;
+        let lifetime = crate::clock::from_unix(claims.exp)
+            .and_then(|exp| exp.duration_since(obtained_at).ok())
+            .unwrap_or_default();
+        if lifetime < SHORT_LIFETIME {
+            warnings.push(format!(
+                "the IdP issues tokens valid for only {}: the agent must ask for a new one every few minutes or sooner (never more often than every {}), which spends the tenant's machine-to-machine token quota; raise the API's token lifetime (Auth0: Applications > APIs > the API > Settings > Token Expiration)",
+                humantime::format_duration(whole_seconds(lifetime)),
+                humantime::format_duration(MIN_GRANT_INTERVAL)
+            ));
+        }
         let token = Token::new(
             issued.access_token,
             claims,
@@ -487,11 +616,73 @@ impl TokenSource {
             self.inner.verifier.settings().refresh_margin,
             warnings,
         )?;
-        Ok(Arc::new(token))
+        Ok((Arc::new(token), key))
     }
 
-    /// The cached token from disk if it passes every check; a failing one is discarded.
-    async fn disk_token(&self, min_ttl: Duration) -> Option<Arc<Token>> {
+    /// Writes a new token to the disk cache, with the key that verified it; remembers a failure
+    /// for `status` (and logs it once per change).
+    async fn store(&self, t: &Token, key: Option<Jwk>, forced: bool) {
+        let Some(cache) = &self.inner.cache else {
+            return;
+        };
+        let entry = Cached {
+            access_token: t.secret().clone(),
+            obtained_at: t.obtained_at,
+            verified_with: key,
+            forced,
+        };
+        let result = cache.store_async(&entry).await;
+        self.note_cache_write(result);
+    }
+
+    fn note_cache_write(&self, result: std::io::Result<()>) {
+        let Some(cache) = &self.inner.cache else {
+            return;
+        };
+        let mut st = self.inner.state.lock().expect("state lock");
+        match result {
+            Ok(()) => {
+                if st.cache_error.take().is_some() {
+                    tracing::info!(path = %cache.path().display(), "the token cache can be written again");
+                }
+            }
+            Err(e) => {
+                let message = format!(
+                    "cannot write the token cache {}: {e}",
+                    cache.path().display()
+                );
+                if st.cache_error.as_deref() != Some(message.as_str()) {
+                    tracing::warn!(
+                        "{message}; the token is served from memory, but restarts and one-shot calls will each make a grant"
+                    );
+                }
+                st.cache_error = Some(message);
+            }
+        }
+    }
+
+    /// Takes the token another process cached when it is valid and outlives the one held; a
+    /// forced one counts as this process's last forced grant.
+    async fn adopt_cached(&self) {
+        let Some((t, forced)) = self.disk_token().await else {
+            return;
+        };
+        if self
+            .valid(Duration::ZERO)
+            .is_some_and(|cur| cur.expires_at >= t.expires_at)
+        {
+            return;
+        }
+        if forced {
+            self.inner.state.lock().expect("state lock").last_forced =
+                Some((t.obtained_at, Ok(t.clone())));
+        }
+        self.install(t, false);
+    }
+
+    /// The cached token from disk, and whether it came from a forced grant, if it is not the one
+    /// held and passes every check; a failing one is discarded.
+    async fn disk_token(&self) -> Option<(Arc<Token>, bool)> {
         let cache = self.inner.cache.as_ref()?;
         let cached = cache.load()?;
         if let Some(cur) = self.current()
@@ -499,29 +690,22 @@ impl TokenSource {
         {
             return None;
         }
-        let endpoints = match self.inner.grant.endpoints().await {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot check the cached token");
-                return None;
-            }
-        };
-        match self
-            .inner
-            .verifier
-            .check(&cached.access_token, endpoints)
-            .await
-        {
-            Ok((claims, warnings)) => {
+        match self.check_cached(&cached).await {
+            Ok(Checked {
+                claims, warnings, ..
+            }) => {
+                // An `obtained_at` in the future (a clock that was ahead, a hand-edited file) would
+                // put the refresh after the expiry.
+                let obtained_at = cached.obtained_at.min(self.inner.clock.now());
                 let t = Token::new(
                     cached.access_token,
                     claims,
-                    cached.obtained_at,
+                    obtained_at,
                     self.inner.verifier.settings().refresh_margin,
                     warnings,
                 )
                 .ok()?;
-                (t.remaining(self.inner.clock.now()) >= min_ttl).then(|| Arc::new(t))
+                Some((Arc::new(t), cached.forced))
             }
             Err(e @ (CheckError::Jwks(_) | CheckError::NoJwksUrl)) => {
                 tracing::warn!(error = %e.problem(), "cannot check the cached token against the JWKS now; not using it");
@@ -533,6 +717,30 @@ impl TokenSource {
                 None
             }
         }
+    }
+
+    /// Checks a cached token: against the key stored with it, without the network; a token cached
+    /// by an older agent (no key stored) against the issuer's JWKS.
+    async fn check_cached(&self, cached: &Cached) -> Result<Checked, CheckError> {
+        let verifier = &self.inner.verifier;
+        if cached.verified_with.is_some() || !verifier.settings().verify_signature {
+            let issuer =
+                crate::auth::endpoints::configured_issuer(&self.inner.grant.settings().endpoints);
+            let keys = Keys::Stored {
+                issuer: issuer.as_deref(),
+                key: cached.verified_with.as_ref(),
+            };
+            return verifier.check_with(&cached.access_token, keys).await;
+        }
+        let endpoints = self
+            .inner
+            .grant
+            .endpoints()
+            .await
+            .map_err(|e| CheckError::Jwks(e.to_string()))?;
+        verifier
+            .check_with(&cached.access_token, Keys::Jwks(endpoints))
+            .await
     }
 
     fn install(&self, token: Arc<Token>, fresh_grant: bool) {
@@ -644,6 +852,7 @@ impl TokenSource {
             client_id: a.client_id.clone(),
             issuer: a.endpoints.issuer_hint(),
             audience: a.audience.clone().or_else(|| a.resource.clone()),
+            cache_error: st.cache_error.clone(),
         }
     }
 }

@@ -35,7 +35,8 @@ pub struct Line {
 }
 
 enum Msg {
-    Line(Line),
+    /// A line, its `ts` still to be written from the time (off the proxy's thread).
+    Line(std::time::SystemTime, Line),
     Flush(oneshot::Sender<()>),
 }
 
@@ -56,8 +57,9 @@ impl Ledger {
         }
     }
 
-    pub fn append(&self, line: Line) {
-        if self.tx.try_send(Msg::Line(line)).is_err()
+    /// Queues a line; `at` becomes its `ts`.
+    pub fn append(&self, at: std::time::SystemTime, line: Line) {
+        if self.tx.try_send(Msg::Line(at, line)).is_err()
             && self.dropped.fetch_add(1, Ordering::Relaxed) == 0
         {
             tracing::warn!(
@@ -95,7 +97,8 @@ impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
         while let Some(msg) = rx.blocking_recv() {
             match msg {
-                Msg::Line(line) => {
+                Msg::Line(at, mut line) => {
+                    line.ts = crate::token::rfc3339(at);
                     let result = self.write(&line);
                     match (&result, self.failing) {
                         (Err(e), false) => {
@@ -221,7 +224,8 @@ mod tests {
         let one = serde_json::to_vec(&line(10)).unwrap().len() as u64 + 1;
         let ledger = Ledger::start(path.clone(), one * 3);
         for n in 10..15 {
-            ledger.append(line(n));
+            let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_601_600 + n);
+            ledger.append(at, line(n));
         }
         ledger.flush().await;
         use std::os::unix::fs::PermissionsExt;
@@ -245,7 +249,7 @@ mod tests {
         let path = dir.path().join("usage.jsonl");
         std::os::unix::fs::symlink(&target, &path).unwrap();
         let ledger = Ledger::start(path.clone(), 1 << 20);
-        ledger.append(line(1));
+        ledger.append(std::time::SystemTime::now(), line(1));
         ledger.flush().await;
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "");
     }
