@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
+use jsonwebtoken::jwk::Jwk;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use tokio::time::Instant;
@@ -83,6 +84,19 @@ impl Drop for Lease {
     }
 }
 
+/// What the shared entry holds, as [`Fleet::probe`] sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peek {
+    /// No entry: no agent shared a token yet, or it expired or was evicted.
+    Absent,
+    /// A token sealed under this client's credential (its checks are the grant's business).
+    Readable,
+    /// Sealed under another credential (a rotated secret), or altered.
+    Unreadable,
+    /// Not an entry at all.
+    Garbage,
+}
+
 /// The fleet's state for `status`: never a token, a credential or a key.
 #[derive(Debug, Clone, Serialize)]
 pub struct FleetStatus {
@@ -112,18 +126,6 @@ impl FleetStatus {
             redis: None,
             reads: Reads::default(),
             grants: 0,
-        }
-    }
-
-    /// `off`, `connected (redis://…)`, `unreachable (error)`: the `status` line.
-    pub fn words(&self) -> String {
-        match (self.state, &self.error) {
-            ("off", _) => "off".to_string(),
-            ("unreachable", Some(e)) => format!("unreachable ({e})"),
-            (state, _) => match &self.redis {
-                Some(r) => format!("{state} ({r})"),
-                None => state.to_string(),
-            },
         }
     }
 }
@@ -242,6 +244,45 @@ impl Fleet {
             .map(drop)
     }
 
+    /// What `doctor` checks: Redis answers, and lets this agent do what the fleet needs (`SET NX
+    /// PX` and the compare-and-delete script, on a probe key beside the entry); then what the
+    /// entry holds for this client.
+    pub async fn probe(&self) -> Result<Peek, FleetError> {
+        self.check().await?;
+        let mut bytes = [0u8; 8];
+        aws_lc_rs::rand::fill(&mut bytes).expect("the system RNG works");
+        let value: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let key = format!(
+            "{}probe:{value}",
+            self.inner.link.settings().key_prefix
+        );
+        let mut set = redis::cmd("SET");
+        set.arg(&key).arg(&value).arg("NX").arg("PX").arg(10_000);
+        self.inner.link.call::<Option<String>>(&set).await?;
+        let mut release = redis::cmd("EVAL");
+        release.arg(RELEASE).arg(1).arg(&key).arg(&value);
+        self.inner.link.call::<i64>(&release).await?;
+        let mut get = redis::cmd("GET");
+        get.arg(&self.inner.entry_key);
+        let value: Option<Vec<u8>> = match self.inner.link.call(&get).await {
+            Err(FleetError::Refused { code, .. }) if code == "WRONGTYPE" => {
+                return Ok(Peek::Garbage);
+            }
+            other => other?,
+        };
+        let Some(value) = value else {
+            return Ok(Peek::Absent);
+        };
+        let Some(key) = self.seal_key().await else {
+            return Ok(Peek::Unreadable);
+        };
+        Ok(match key.open(&self.inner.entry_key, &value) {
+            Ok(_) => Peek::Readable,
+            Err(OpenError::Unreadable) => Peek::Unreadable,
+            Err(OpenError::Garbage) => Peek::Garbage,
+        })
+    }
+
     pub fn status(&self) -> FleetStatus {
         let i = &self.inner;
         let (state, error) = match i.link.health() {
@@ -346,9 +387,16 @@ impl Fleet {
         }
     }
 
-    /// Shares a token this agent was granted: sealed, with a TTL of its remaining lifetime.
-    /// A failure is logged (once per change) and otherwise ignored: the token is served anyway.
-    pub async fn publish(&self, token: &SecretString, obtained_at: SystemTime, ttl: Duration) {
+    /// Shares a token this agent was granted, with the key that verified it: sealed, with a TTL
+    /// of its remaining lifetime. A failure is logged (once per change) and otherwise ignored:
+    /// the token is served anyway.
+    pub async fn publish(
+        &self,
+        token: &SecretString,
+        obtained_at: SystemTime,
+        verified_with: Option<&Jwk>,
+        ttl: Duration,
+    ) {
         let ttl_ms = ttl.as_millis().min(u128::from(u64::MAX)) as u64;
         if ttl_ms == 0 {
             return;
@@ -356,7 +404,7 @@ impl Fleet {
         let Some(key) = self.seal_key().await else {
             return;
         };
-        let sealed = key.seal(&self.inner.entry_key, token, obtained_at);
+        let sealed = key.seal(&self.inner.entry_key, token, obtained_at, verified_with);
         let mut cmd = redis::cmd("SET");
         cmd.arg(&self.inner.entry_key)
             .arg(sealed)

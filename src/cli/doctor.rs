@@ -30,6 +30,7 @@ use crate::auth::{GrantError, ResolvedEndpoints};
 use crate::config::{AuthSettings, ClientAuth, Endpoints, SecretSource, Settings, UidCheck};
 use crate::control::ControlClient;
 use crate::control::server::expires_words;
+use crate::fleet::Peek;
 use crate::token::jwks::Jwks;
 use crate::token::{CheckError, TokenSource, Verifier, rfc3339};
 
@@ -113,6 +114,7 @@ pub async fn run(g: &Global, _args: Args) -> CliResult {
 
     check_daemon(&mut r, &settings, daemon.as_ref(), daemon_status.as_ref());
     check_cache(&mut r, &settings, &source, daemon_status.as_ref()).await;
+    check_fleet(&mut r, &source).await;
     check_upstream(&mut r, &settings, servable.as_ref()).await;
     Ok(r.exit_code())
 }
@@ -693,6 +695,38 @@ async fn check_cache(r: &mut Report, s: &Settings, source: &TokenSource, daemon:
             "token cache",
             p,
             "make its directory writable by the agent's user and free some disk space, or set token.cache_file to a writable path; until then every restart and one-shot call makes a grant",
+        ),
+    }
+}
+
+/// `[fleet]`: Redis answers and lets the agent take the lock and release it; what the shared
+/// entry holds for this client.
+async fn check_fleet(r: &mut Report, source: &TokenSource) {
+    let Some(fleet) = source.fleet() else {
+        r.info("fleet: off (no [fleet] redis_url): this agent makes its own grants");
+        return;
+    };
+    let redis = fleet.status().redis.unwrap_or_default();
+    match fleet.probe().await {
+        Ok(peek) => {
+            r.pass(format!(
+                "fleet: Redis at {redis} answers and lets this agent take and release the grant lock"
+            ));
+            r.info(match peek {
+                Peek::Absent => "fleet: no shared token yet (the next grant shares one)",
+                Peek::Readable => "fleet: the shared token is sealed under this client's credential",
+                Peek::Unreadable => {
+                    "fleet: the shared token is sealed under another credential (a rotated secret, or another agent's): the next grant replaces it"
+                }
+                Peek::Garbage => {
+                    "fleet: the shared entry is not a token (something else wrote it): the next grant replaces it"
+                }
+            });
+        }
+        Err(e) => r.fail(
+            format!("fleet: Redis at {redis}"),
+            e,
+            "check fleet.redis_url, fleet.redis_username and fleet.redis_password_file, fleet.ca_file for rediss://, and that the ACL user may run GET, SET, DEL, EVAL and PING on the key_prefix's keys; meanwhile each agent makes its own grants",
         ),
     }
 }

@@ -29,6 +29,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
                 TokenSource::new(&settings, crate::clock::system()).map_err(|e| anyhow!(e))?;
             source.load_cache().await;
             source.check_cache().await;
+            source.check_fleet().await;
             json!({
                 "token": source.status(),
                 "daemon": Value::Null,
@@ -113,6 +114,9 @@ fn human(doc: &Value) -> String {
             "cache:        {e} (every restart and one-shot call makes a grant)\n"
         ));
     }
+    if let Some(f) = doc.pointer(&format!("{t}/fleet")) {
+        out.push_str(&format!("fleet:        {}\n", fleet_words(f)));
+    }
     match doc.get("daemon") {
         Some(Value::Null) | None => {
             out.push_str("daemon:       not running (state read from the disk cache)\n")
@@ -136,6 +140,33 @@ fn human(doc: &Value) -> String {
     if let Some(p) = doc.get("proxy").filter(|p| !p.is_null()) {
         out.push_str(&format!("proxy:        {}\n", proxy_words(p)));
     }
+    out
+}
+
+/// `off`, `connected (redis://…)`, `unreachable (error)`, and what the fleet gave this agent.
+fn fleet_words(f: &Value) -> String {
+    let state = f.get("state").and_then(Value::as_str).unwrap_or("off");
+    let mut out = match (state, f.get("error").and_then(Value::as_str)) {
+        ("off", _) => return "off".to_string(),
+        ("unreachable", Some(e)) => format!("unreachable ({e})"),
+        (state, _) => match f.get("redis").and_then(Value::as_str) {
+            Some(r) => format!("{state} ({r})"),
+            None => state.to_string(),
+        },
+    };
+    if state == "connected"
+        && let Some(e) = f.get("error").and_then(Value::as_str)
+    {
+        out.push_str(&format!("; {e}"));
+    }
+    let n = |p: &str| f.pointer(p).and_then(Value::as_u64).unwrap_or(0);
+    out.push_str(&format!(
+        "; shared tokens used {}, own grants shared {}, misses {}, errors {}",
+        n("/reads/hit"),
+        n("/grants"),
+        n("/reads/miss"),
+        n("/reads/error")
+    ));
     out
 }
 
@@ -174,6 +205,30 @@ fn proxy_words(p: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fleet_line_says_off_connected_or_unreachable_with_the_error() {
+        let line = |fleet: Value| human(&json!({"token": {"state": "valid", "fleet": fleet}}));
+        assert!(line(json!({"state": "off"})).contains("fleet:        off\n"));
+        let connected = line(json!({
+            "state": "connected", "error": null, "redis": "redis://10.0.0.5:6379/0",
+            "reads": {"hit": 3, "miss": 1, "error": 0}, "grants": 1,
+        }));
+        assert!(
+            connected.contains(
+                "fleet:        connected (redis://10.0.0.5:6379/0); shared tokens used 3, own grants shared 1, misses 1, errors 0\n"
+            ),
+            "{connected}"
+        );
+        let down = line(json!({
+            "state": "unreachable", "error": "Connection refused (os error 111)",
+            "redis": "redis://10.0.0.5:6379/0", "reads": {"hit": 0, "miss": 0, "error": 2}, "grants": 0,
+        }));
+        assert!(
+            down.contains("fleet:        unreachable (Connection refused (os error 111)); "),
+            "{down}"
+        );
+    }
 
     #[test]
     fn proxy_counters_read_as_words() {

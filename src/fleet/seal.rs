@@ -5,12 +5,15 @@
 //! logs; a failure says only what kind of failure it was.
 //!
 //! Layout: `0x01` (the version) ‖ a random 96-bit nonce ‖ the ciphertext and its 128-bit tag. The
-//! plaintext is `{"access_token": …, "obtained_at": UNIX_SECONDS}`.
+//! plaintext is `{"access_token": …, "obtained_at": UNIX_SECONDS, "verified_with": JWK | null}`:
+//! the key that verified the token, as the disk cache keeps it, so an agent that reads the entry
+//! checks the token without the network (an agent holding the credential wrote it).
 
 use std::time::SystemTime;
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use aws_lc_rs::hkdf::{HKDF_SHA256, Salt};
+use jsonwebtoken::jwk::Jwk;
 use secrecy::zeroize::Zeroizing;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
@@ -36,6 +39,8 @@ impl std::fmt::Debug for SealKey {
 pub struct Entry {
     pub access_token: SecretString,
     pub obtained_at: SystemTime,
+    /// The key that verified the token when it was shared (none when signatures are not checked).
+    pub verified_with: Option<Jwk>,
 }
 
 impl std::fmt::Debug for Entry {
@@ -59,10 +64,18 @@ pub enum OpenError {
     Unreadable,
 }
 
-#[derive(Serialize, Deserialize)]
-struct Plain<'a> {
+#[derive(Serialize)]
+struct Sealing<'a> {
     access_token: &'a str,
     obtained_at: u64,
+    verified_with: Option<&'a Jwk>,
+}
+
+#[derive(Deserialize)]
+struct Opened {
+    access_token: String,
+    obtained_at: u64,
+    verified_with: Option<Jwk>,
 }
 
 impl SealKey {
@@ -77,13 +90,20 @@ impl SealKey {
     }
 
     /// Seals `token` for the entry named `name`.
-    pub fn seal(&self, name: &str, token: &SecretString, obtained_at: SystemTime) -> Vec<u8> {
-        let plain = Plain {
+    pub fn seal(
+        &self,
+        name: &str,
+        token: &SecretString,
+        obtained_at: SystemTime,
+        verified_with: Option<&Jwk>,
+    ) -> Vec<u8> {
+        let plain = Sealing {
             access_token: token.expose_secret(),
             obtained_at: obtained_at
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .unwrap_or_default()
                 .as_secs(),
+            verified_with,
         };
         let mut body =
             Zeroizing::new(serde_json::to_vec(&plain).expect("a string and a number serialize"));
@@ -122,10 +142,11 @@ impl SealKey {
             .map_err(|_| OpenError::Unreadable)?;
         // Authentic, so written by an agent with this credential: a body that does not parse is
         // an agent's bug, not an attack, and is still refused.
-        let plain: Plain = serde_json::from_slice(plain).map_err(|_| OpenError::Garbage)?;
+        let plain: Opened = serde_json::from_slice(plain).map_err(|_| OpenError::Garbage)?;
         Ok(Entry {
-            access_token: SecretString::from(plain.access_token.to_string()),
             obtained_at: crate::clock::from_unix(plain.obtained_at).ok_or(OpenError::Garbage)?,
+            access_token: SecretString::from(plain.access_token),
+            verified_with: plain.verified_with,
         })
     }
 }
@@ -149,17 +170,22 @@ mod tests {
     #[test]
     fn an_entry_opens_with_the_same_credential_and_name() {
         let token = SecretString::from("eyJ.token.sig".to_string());
-        let sealed = key("secret-1").seal(NAME, &token, at(1_700_000_000));
+        let jwk: Jwk = serde_json::from_value(serde_json::json!({
+            "kty": "RSA", "kid": "k1", "alg": "RS256", "n": "sXch", "e": "AQAB"
+        }))
+        .unwrap();
+        let sealed = key("secret-1").seal(NAME, &token, at(1_700_000_000), Some(&jwk));
         let entry = key("secret-1").open(NAME, &sealed).expect("it opens");
         assert_eq!(entry.access_token.expose_secret(), "eyJ.token.sig");
         assert_eq!(entry.obtained_at, at(1_700_000_000));
+        assert_eq!(entry.verified_with, Some(jwk));
     }
 
     #[test]
     fn the_token_is_not_in_the_sealed_bytes_and_each_seal_differs() {
         let token = SecretString::from("eyJhbGciOiJSUzI1NiJ9.payload.signature".to_string());
-        let a = key("s").seal(NAME, &token, at(1));
-        let b = key("s").seal(NAME, &token, at(1));
+        let a = key("s").seal(NAME, &token, at(1), None);
+        let b = key("s").seal(NAME, &token, at(1), None);
         assert_ne!(a, b, "a fresh nonce every time");
         let text = String::from_utf8_lossy(&a);
         assert!(!text.contains("eyJ") && !text.contains("payload"));
@@ -168,7 +194,7 @@ mod tests {
     #[test]
     fn a_rotated_secret_another_cache_key_or_another_name_cannot_open_it() {
         let token = SecretString::from("tok".to_string());
-        let sealed = key("old-secret").seal(NAME, &token, at(1));
+        let sealed = key("old-secret").seal(NAME, &token, at(1), None);
         assert_eq!(
             key("new-secret").open(NAME, &sealed).unwrap_err(),
             OpenError::Unreadable
@@ -190,7 +216,7 @@ mod tests {
     fn every_altered_byte_is_refused() {
         let token = SecretString::from("tok".to_string());
         let k = key("s");
-        let sealed = k.seal(NAME, &token, at(1));
+        let sealed = k.seal(NAME, &token, at(1), None);
         for i in 0..sealed.len() {
             let mut altered = sealed.clone();
             altered[i] ^= 0x01;

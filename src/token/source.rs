@@ -5,7 +5,8 @@
 //! down, and shares a disk cache with other processes under a file lock. A cached token is checked
 //! against the key stored with it, so loading it needs no network. Grants are rationed: at most one
 //! forced grant per [`MIN_GRANT_INTERVAL`] (callers within it share its outcome), and never a
-//! refresh sooner than that after the last grant.
+//! refresh sooner than that after the last grant. With `[fleet]`, every grant is preceded by a look
+//! at the token the fleet shares through Redis ([`crate::fleet`]), and every grant is shared.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -25,6 +26,7 @@ use super::{CheckError, Keys, MIN_GRANT_INTERVAL, Token, Verifier, rfc3339};
 use crate::auth::{Grant, GrantError};
 use crate::clock::SharedClock;
 use crate::config::Settings;
+use crate::fleet::{Acquired, Entry, Fleet, FleetStatus};
 use crate::telemetry::Metrics;
 
 /// The refresher re-reads the wall clock at least this often, so a machine that slept through a
@@ -127,6 +129,8 @@ pub struct Status {
     /// Why the disk cache cannot be written (null when it can, or when there is none): every
     /// restart and one-shot call then makes a grant.
     pub cache_error: Option<String>,
+    /// The token shared through Redis: `off` without `[fleet]`.
+    pub fleet: FleetStatus,
 }
 
 #[derive(Default)]
@@ -183,6 +187,16 @@ struct Inner {
     changes: watch::Sender<u64>,
     /// Where grant outcomes are counted, once attached.
     metrics: OnceLock<Arc<Metrics>>,
+    /// The token shared with the rest of the fleet, with `[fleet]`.
+    fleet: Option<Fleet>,
+}
+
+/// Where an installed token came from, for the log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Grant,
+    Cache,
+    Fleet,
 }
 
 /// The handle to the machine's token. Cheap to clone.
@@ -203,19 +217,19 @@ impl TokenSource {
         let http =
             crate::auth::http::client(settings.auth.timeout, settings.proxy.ca_file.as_deref())?;
         let a = &settings.auth;
-        let cache = settings.token.cache_file.clone().map(|path| {
-            DiskCache::new(
-                path,
-                CacheKey {
-                    issuer: a.endpoints.issuer_hint(),
-                    client_id: a.client_id.clone(),
-                    audience: a.audience.clone(),
-                    resource: a.resource.clone(),
-                    organization: a.organization.clone(),
-                    scope: a.scope.clone(),
-                },
-            )
-        });
+        let key = CacheKey {
+            issuer: a.endpoints.issuer_hint(),
+            client_id: a.client_id.clone(),
+            audience: a.audience.clone(),
+            resource: a.resource.clone(),
+            organization: a.organization.clone(),
+            scope: a.scope.clone(),
+        };
+        let cache = settings
+            .token
+            .cache_file
+            .clone()
+            .map(|path| DiskCache::new(path, key.clone()));
         let audience = a.audience.clone().or_else(|| a.resource.clone());
         let verifier = Verifier::new(
             settings.token.clone(),
@@ -224,13 +238,19 @@ impl TokenSource {
             clock.clone(),
         );
         let grant = Grant::new(a.clone(), http, clock.clone());
-        Ok(Self::from_parts(grant, verifier, cache, clock))
+        // Keyed like the disk cache: each token (each profile) has its own entry and lock.
+        let fleet = settings
+            .fleet
+            .as_ref()
+            .map(|f| Fleet::new(f, &key, grant.clone()));
+        Ok(Self::from_parts(grant, verifier, cache, fleet, clock))
     }
 
     pub fn from_parts(
         grant: Arc<Grant>,
         verifier: Verifier,
         cache: Option<DiskCache>,
+        fleet: Option<Fleet>,
         clock: SharedClock,
     ) -> Self {
         Self {
@@ -247,13 +267,29 @@ impl TokenSource {
                 wake: Notify::new(),
                 changes: watch::channel(0).0,
                 metrics: OnceLock::new(),
+                fleet,
             }),
         }
     }
 
     /// Counts grant outcomes in `metrics` from now on (once; later calls are ignored).
     pub fn attach_metrics(&self, metrics: Arc<Metrics>) {
+        if let Some(f) = &self.inner.fleet {
+            f.attach_metrics(metrics.clone());
+        }
         let _ = self.inner.metrics.set(metrics);
+    }
+
+    /// The fleet this source shares its token with, with `[fleet]`.
+    pub fn fleet(&self) -> Option<&Fleet> {
+        self.inner.fleet.as_ref()
+    }
+
+    /// Asks Redis once whether it answers, so `status` without a daemon shows the fleet's state.
+    pub async fn check_fleet(&self) {
+        if let Some(f) = &self.inner.fleet {
+            let _ = f.check().await;
+        }
     }
 
     /// Sets the token gauges (expiry, time left, ready) just before a scrape.
@@ -397,8 +433,18 @@ impl TokenSource {
     }
 
     /// Refreshes before expiry until `shutdown`, which also abandons a grant in flight (an IdP that
-    /// is slow to answer does not hold up the daemon's exit).
+    /// is slow to answer does not hold up the daemon's exit). With `[fleet]`, keeps the connection
+    /// to Redis too: made at start, made again with backoff.
     pub async fn run(&self, shutdown: CancellationToken) {
+        match &self.inner.fleet {
+            Some(f) => {
+                tokio::join!(self.refresh_until(shutdown.clone()), f.run(shutdown));
+            }
+            None => self.refresh_until(shutdown).await,
+        }
+    }
+
+    async fn refresh_until(&self, shutdown: CancellationToken) {
         loop {
             if self.due() {
                 let attempt = async {
@@ -548,6 +594,21 @@ impl TokenSource {
             );
             return outcome.map(|t| self.valid(Duration::ZERO).unwrap_or(t));
         }
+        // Before any grant but a `refresh`: the token the fleet shares, or its grant lock.
+        let mut lease = None;
+        if let Some(fleet) = &self.inner.fleet
+            && !matches!(ask, Ask::New)
+        {
+            match fleet.acquire(|e| self.shared_token(e, ask)).await {
+                Acquired::Shared((t, key)) => {
+                    self.store(&t, key, false).await;
+                    self.install(t.clone(), Origin::Fleet);
+                    return Ok(t);
+                }
+                Acquired::Leader(l) => lease = Some(l),
+                Acquired::Alone => {}
+            }
+        }
         let result = self.grant_and_check().await;
         self.inner.attempts.fetch_add(1, Ordering::AcqRel);
         if let Some(m) = self.inner.metrics.get() {
@@ -558,8 +619,14 @@ impl TokenSource {
         }
         let result = match result {
             Ok((t, key)) => {
+                if let Some(fleet) = &self.inner.fleet {
+                    let ttl = t.remaining(self.inner.clock.now());
+                    fleet
+                        .publish(t.secret(), t.obtained_at, key.as_ref(), ttl)
+                        .await;
+                }
                 self.store(&t, key, forced).await;
-                self.install(t.clone(), true);
+                self.install(t.clone(), Origin::Grant);
                 Ok(t)
             }
             Err(e) => {
@@ -567,10 +634,52 @@ impl TokenSource {
                 Err(e)
             }
         };
+        if let Some(l) = lease {
+            l.release().await;
+        }
         if forced {
             self.inner.state.lock().expect("state lock").last_forced = Some((now, result.clone()));
         }
         result
+    }
+
+    /// The fleet's shared token, checked like any other (against the key shared with it, else the
+    /// JWKS), if it serves what `ask` needs: valid for the caller's `min_ttl`, not due for refresh,
+    /// and outliving the token held (never the very token being replaced).
+    async fn shared_token(&self, e: Entry, ask: Ask) -> Option<(Arc<Token>, Option<Jwk>)> {
+        let cached = Cached {
+            access_token: e.access_token,
+            obtained_at: e.obtained_at,
+            verified_with: e.verified_with,
+            forced: false,
+        };
+        let checked = match self.check_cached(&cached).await {
+            Ok(c) => c,
+            Err(err) => {
+                tracing::warn!(reason = %err.problem(), "fleet: the shared token fails the checks; not using it");
+                return None;
+            }
+        };
+        let now = self.inner.clock.now();
+        let t = Token::new(
+            cached.access_token,
+            checked.claims,
+            cached.obtained_at.min(now),
+            self.inner.verifier.settings().refresh_margin,
+            checked.warnings,
+        )
+        .ok()?;
+        let min_ttl = match ask {
+            Ask::Valid(min_ttl) => min_ttl,
+            Ask::New | Ask::Replace => Duration::ZERO,
+        };
+        let usable = t.expires_at > now
+            && t.remaining(now) >= min_ttl
+            && now < t.refresh_at
+            && !self
+                .current()
+                .is_some_and(|cur| cur.expires_at >= t.expires_at);
+        usable.then(|| (Arc::new(t), cached.verified_with))
     }
 
     /// Takes the cross-process grant lock, waiting at most `lock_wait`; without it (a stopped
@@ -677,7 +786,7 @@ impl TokenSource {
             self.inner.state.lock().expect("state lock").last_forced =
                 Some((t.obtained_at, Ok(t.clone())));
         }
-        self.install(t, false);
+        self.install(t, Origin::Cache);
     }
 
     /// The cached token from disk, and whether it came from a forced grant, if it is not the one
@@ -743,11 +852,16 @@ impl TokenSource {
             .await
     }
 
-    fn install(&self, token: Arc<Token>, fresh_grant: bool) {
+    fn install(&self, token: Arc<Token>, origin: Origin) {
+        let fresh_grant = origin == Origin::Grant;
         let now = self.inner.clock.now();
         let view = token.claims.view();
         tracing::info!(
-            source = if fresh_grant { "grant" } else { "cache" },
+            source = match origin {
+                Origin::Grant => "grant",
+                Origin::Cache => "cache",
+                Origin::Fleet => "fleet",
+            },
             expires_at = %rfc3339(token.expires_at),
             expires_in = %humantime::format_duration(Duration::from_secs(token.remaining(now).as_secs())),
             uid = view.uid.as_deref().unwrap_or("-"),
@@ -853,6 +967,12 @@ impl TokenSource {
             issuer: a.endpoints.issuer_hint(),
             audience: a.audience.clone().or_else(|| a.resource.clone()),
             cache_error: st.cache_error.clone(),
+            fleet: self
+                .inner
+                .fleet
+                .as_ref()
+                .map(Fleet::status)
+                .unwrap_or_else(FleetStatus::off),
         }
     }
 }
