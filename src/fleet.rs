@@ -252,10 +252,7 @@ impl Fleet {
         let mut bytes = [0u8; 8];
         aws_lc_rs::rand::fill(&mut bytes).expect("the system RNG works");
         let value: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        let key = format!(
-            "{}probe:{value}",
-            self.inner.link.settings().key_prefix
-        );
+        let key = format!("{}probe:{value}", self.inner.link.settings().key_prefix);
         let mut set = redis::cmd("SET");
         set.arg(&key).arg(&value).arg("NX").arg("PX").arg(10_000);
         self.inner.link.call::<Option<String>>(&set).await?;

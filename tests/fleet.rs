@@ -6,14 +6,19 @@
 
 use std::time::{Duration, SystemTime};
 
-use behest_agent::clock;
-use behest_agent::fleet::{Acquired, Entry, Fleet};
+use behest_agent::app::App;
+use behest_agent::clock::{self, TestClock};
+use behest_agent::fleet::{Acquired, Entry, Fleet, SealKey};
+use behest_agent::token::TokenSource;
 use behest_agent::token::cache::CacheKey;
+use devkit::idp::Fault;
+use devkit::upstream::{Upstream, UpstreamOptions};
 use redis::AsyncCommands;
 use secrecy::{ExposeSecret, SecretString};
+use tokio_util::sync::CancellationToken;
 
 use crate::redis_server::RedisServer;
-use crate::util::{Harness, eventually, logs};
+use crate::util::{Harness, Start, devkit_now, eventually, logs};
 
 /// The `[fleet]` keys of a test agent using `redis`, plus `extra`.
 fn fleet_env<'a>(redis: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
@@ -99,7 +104,11 @@ async fn one_agent_takes_the_lock_and_the_others_get_the_token_it_publishes() {
     }
     assert!(polled, "the followers try the lock");
     leader
-        .publish(&secret("the-shared-token"), SystemTime::now(), None, Duration::from_secs(60),
+        .publish(
+            &secret("the-shared-token"),
+            SystemTime::now(),
+            None,
+            Duration::from_secs(60),
         )
         .await;
     lease.release().await;
@@ -218,8 +227,13 @@ async fn garbage_in_the_entry_is_warned_about_once_and_replaced_by_a_grant() {
         .filter(|l| l.contains(a.entry_key()) && l.contains("WARN"))
         .count();
     assert_eq!(warnings, 1, "one warning for the same garbage");
-    a.publish(&secret("fresh"), SystemTime::now(), None, Duration::from_secs(60))
-        .await;
+    a.publish(
+        &secret("fresh"),
+        SystemTime::now(),
+        None,
+        Duration::from_secs(60),
+    )
+    .await;
     assert_eq!(a.status().error, None, "a good write clears it");
     let Acquired::Shared(t) = a.acquire(take_any).await else {
         panic!("the published token is read back");
@@ -232,8 +246,13 @@ async fn garbage_in_the_entry_is_warned_about_once_and_replaced_by_a_grant() {
     let Acquired::Leader(lease) = a.acquire(take_any).await else {
         panic!("a list is no token");
     };
-    a.publish(&secret("again"), SystemTime::now(), None, Duration::from_secs(60))
-        .await;
+    a.publish(
+        &secret("again"),
+        SystemTime::now(),
+        None,
+        Duration::from_secs(60),
+    )
+    .await;
     lease.release().await;
     assert!(matches!(a.acquire(take_any).await, Acquired::Shared(t) if t == "again"));
 }
@@ -341,7 +360,11 @@ async fn an_acl_user_with_its_password_from_a_file_is_enough() {
     let Acquired::Leader(lease) = a.acquire(take_any).await else {
         panic!("the ACL user may take the lock");
     };
-    a.publish(&secret("acl-token"), SystemTime::now(), None, Duration::from_secs(60),
+    a.publish(
+        &secret("acl-token"),
+        SystemTime::now(),
+        None,
+        Duration::from_secs(60),
     )
     .await;
     lease.release().await;
@@ -432,8 +455,13 @@ async fn redis_sees_hashed_key_names_a_sealed_blob_and_a_random_lock_value() {
         panic!("the lock is free");
     };
     let token = format!("eyJhbGciOiJSUzI1NiJ9.{}.sig", crate::util::random(40));
-    a.publish(&secret(&token), SystemTime::now(), None, Duration::from_secs(60))
-        .await;
+    a.publish(
+        &secret(&token),
+        SystemTime::now(),
+        None,
+        Duration::from_secs(60),
+    )
+    .await;
     let mut c = redis.connection().await;
     let keys: Vec<String> = c.keys("*").await.unwrap();
     assert_eq!(keys.len(), 2, "the entry and the lock: {keys:?}");
@@ -453,4 +481,406 @@ async fn redis_sees_hashed_key_names_a_sealed_blob_and_a_random_lock_value() {
     }
     assert!(a.entry_key().starts_with("behest-agent:token:"));
     assert!(a.lock_key().starts_with("behest-agent:lock:"));
+}
+
+// ---- the token engine's one path: every agent asks the fleet before any grant
+
+/// The `[fleet]` and cache keys of agent `i`: its own disk cache, the shared Redis.
+fn agent_env(h: &Harness, i: usize, redis: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("BEHEST_AGENT__FLEET__REDIS_URL", redis.to_string()),
+        (
+            "BEHEST_AGENT__TOKEN__CACHE_FILE",
+            h.path(&format!("agent-{i}/token.json"))
+                .display()
+                .to_string(),
+        ),
+        (
+            "BEHEST_AGENT__CONTROL__SOCKET",
+            h.path(&format!("agent-{i}/agent.sock"))
+                .display()
+                .to_string(),
+        ),
+    ]
+}
+
+fn borrowed<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+/// Agent `i` in-process: a token source with an empty cache of its own.
+fn agent(
+    h: &Harness,
+    i: usize,
+    redis: &str,
+    clock: behest_agent::clock::SharedClock,
+) -> TokenSource {
+    h.source(&borrowed(&agent_env(h, i, redis)), clock)
+}
+
+#[tokio::test]
+async fn agents_with_empty_caches_starting_together_make_one_grant() {
+    let redis = RedisServer::start().await;
+    let h = Harness::start().await;
+    // The first grant is slow, so every other agent arrives while it is in flight.
+    h.idp.fail_next(1, Fault::Delay(Duration::from_millis(300)));
+    let url = redis.url();
+    let agents: Vec<TokenSource> = (0..8)
+        .map(|i| agent(&h, i, &url, clock::system()))
+        .collect();
+    let tokens = futures_util::future::join_all(agents.iter().map(|a| a.get(Duration::ZERO))).await;
+    let first = tokens[0]
+        .as_ref()
+        .expect("a token")
+        .secret()
+        .expose_secret()
+        .to_string();
+    h.remember(&first);
+    for t in &tokens {
+        let t = t.as_ref().expect("a token");
+        assert!(
+            t.secret().expose_secret() == first,
+            "every agent holds the one token"
+        );
+    }
+    assert_eq!(h.idp.grants(), 1, "one grant for the whole fleet");
+    let (mut hits, mut misses) = (0, 0);
+    for a in &agents {
+        let f = a.status().fleet;
+        assert_eq!(f.state, "connected");
+        assert_eq!(f.reads.error, 0);
+        hits += f.reads.hit;
+        misses += f.reads.miss;
+    }
+    assert_eq!((hits, misses), (7, 1));
+    // Each agent also keeps it on its own disk: a restart with Redis gone needs no grant.
+    for i in 0..8 {
+        assert!(h.path(&format!("agent-{i}/token.json")).exists());
+    }
+    h.assert_no_secrets_logged();
+}
+
+#[tokio::test]
+async fn one_shot_token_processes_with_empty_caches_make_one_grant() {
+    let redis = RedisServer::start().await;
+    let h = Harness::start().await;
+    h.idp.fail_next(1, Fault::Delay(Duration::from_millis(300)));
+    let url = redis.url();
+    let runs: Vec<_> = (0..6)
+        .map(|i| {
+            let env = agent_env(&h, i, &url);
+            h.agent(&["token"], &borrowed(&env)).output()
+        })
+        .collect();
+    let outputs = futures_util::future::join_all(runs).await;
+    let mut printed = Vec::new();
+    for out in outputs {
+        let out = out.unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        printed.push(String::from_utf8(out.stdout).unwrap().trim().to_string());
+    }
+    h.remember(&printed[0]);
+    assert!(
+        printed.iter().all(|t| *t == printed[0]),
+        "one token for all"
+    );
+    assert_eq!(h.idp.grants(), 1, "one grant for six processes");
+}
+
+#[tokio::test]
+async fn exec_without_a_daemon_uses_the_shared_token() {
+    let redis = RedisServer::start().await;
+    let h = Harness::start().await;
+    let url = redis.url();
+    let first = agent(&h, 0, &url, clock::system());
+    first.get(Duration::ZERO).await.unwrap();
+    assert_eq!(h.idp.grants(), 1);
+    let (upstream, _stop) =
+        Upstream::start(UpstreamOptions::for_idp(&h.idp, crate::util::AUDIENCE))
+            .await
+            .unwrap();
+    let script = format!(
+        "node {} \"$OPENAI_BASE_URL\" chat",
+        crate::node::interop_dir()
+            .join("openai-client.mjs")
+            .display()
+    );
+    crate::node::ensure_npm_installed();
+    let mut env = agent_env(&h, 1, &url);
+    env.push(("BEHEST_AGENT__PROXY__LISTEN", "127.0.0.1:0".to_string()));
+    let out = h
+        .agent_with_upstream(
+            &upstream.base_url(),
+            &["exec", "--", "sh", "-c", &script],
+            &borrowed(&env),
+        )
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("\"ok\":true"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(h.idp.grants(), 1, "exec's proxy served the fleet's token");
+}
+
+#[tokio::test]
+async fn a_rotated_secret_makes_the_old_entry_one_miss_then_the_new_one_is_shared() {
+    let redis = RedisServer::start().await;
+    let h = Harness::start().await;
+    let url = redis.url();
+    let a = agent(&h, 0, &url, clock::system());
+    a.get(Duration::ZERO).await.unwrap();
+    assert_eq!(h.idp.grants(), 1);
+
+    let rotated = format!("sec-{}", crate::util::random(32));
+    h.remember(&rotated);
+    h.idp.set_client_secret(&rotated);
+    std::fs::write(h.path("client-secret"), format!("{rotated}\n")).unwrap();
+
+    // The entry sealed under the old secret does not open: a miss, and one grant.
+    let b = agent(&h, 1, &url, clock::system());
+    b.get(Duration::ZERO)
+        .await
+        .expect("a grant with the new secret");
+    assert_eq!(h.idp.grants(), 2);
+    let f = b.status().fleet;
+    assert_eq!((f.reads.hit, f.reads.miss, f.reads.error), (0, 1, 0));
+    assert_eq!(f.grants, 1, "B shared its grant");
+
+    // Sealed under the new secret now: the next agents read it.
+    for i in 2..4 {
+        let c = agent(&h, i, &url, clock::system());
+        let t = c.get(Duration::ZERO).await.unwrap();
+        assert!(t.secret().expose_secret() == b.current().unwrap().secret().expose_secret());
+        assert_eq!(c.status().fleet.reads.hit, 1);
+    }
+    assert_eq!(h.idp.grants(), 2);
+    h.assert_no_secrets_logged();
+}
+
+#[tokio::test]
+async fn a_shared_token_past_its_refresh_point_is_replaced_by_one_grant() {
+    let redis = RedisServer::start().await;
+    let clock = TestClock::new();
+    let h = Harness::start_with(|o| {
+        o.token_ttl = Duration::from_secs(3600);
+        o.now = devkit_now(clock.clone());
+    })
+    .await;
+    let url = redis.url();
+    let a = agent(&h, 0, &url, clock.clone());
+    let old = a.get(Duration::ZERO).await.unwrap();
+    // Past any refresh point (at most 50 minutes into an hour), not yet expired.
+    clock.jump(Duration::from_secs(55 * 60));
+    let b = agent(&h, 1, &url, clock.clone());
+    let new = b.get(Duration::ZERO).await.unwrap();
+    assert_ne!(new.secret().expose_secret(), old.secret().expose_secret());
+    assert_eq!(h.idp.grants(), 2);
+    let c = agent(&h, 2, &url, clock.clone());
+    let shared = c.get(Duration::ZERO).await.unwrap();
+    assert_eq!(
+        shared.secret().expose_secret(),
+        new.secret().expose_secret()
+    );
+    assert_eq!(h.idp.grants(), 2);
+}
+
+#[tokio::test]
+async fn a_shared_token_too_short_for_min_ttl_is_not_used() {
+    let redis = RedisServer::start().await;
+    let h = Harness::start().await;
+    let url = redis.url();
+    h.idp.fail_next(1, Fault::Ttl(Duration::from_secs(600)));
+    let a = agent(&h, 0, &url, clock::system());
+    a.get(Duration::ZERO).await.unwrap();
+    let b = agent(&h, 1, &url, clock::system());
+    let t = b
+        .get(Duration::from_secs(3600))
+        .await
+        .expect("one grant of its own");
+    assert!(t.remaining(SystemTime::now()) >= Duration::from_secs(3600));
+    assert_eq!(h.idp.grants(), 2);
+}
+
+#[tokio::test]
+async fn a_tampered_entry_is_never_served_and_a_grant_replaces_it() {
+    let redis = RedisServer::start().await;
+    let h = Harness::start().await;
+    let url = redis.url();
+    let a = agent(&h, 0, &url, clock::system());
+    a.get(Duration::ZERO).await.unwrap();
+    let entry = a.fleet().unwrap().entry_key().to_string();
+    let mut c = redis.connection().await;
+    let mut sealed: Vec<u8> = c.get(&entry).await.unwrap();
+    let last = sealed.len() - 20;
+    sealed[last] ^= 0x40;
+    let _: () = redis::cmd("SET")
+        .arg(&entry)
+        .arg(&sealed)
+        .arg("KEEPTTL")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+
+    // The devkit IdP issues the same token for the same second, so what tells is the grant.
+    let b = agent(&h, 1, &url, clock::system());
+    b.get(Duration::ZERO).await.unwrap();
+    assert_eq!(
+        h.idp.grants(),
+        2,
+        "the altered entry was not used: B granted"
+    );
+    assert_eq!(b.status().fleet.reads.miss, 1);
+    let replaced: Vec<u8> = c.get(&entry).await.unwrap();
+    assert!(replaced != sealed, "B's grant replaced the altered entry");
+    let next = agent(&h, 2, &url, clock::system());
+    next.get(Duration::ZERO).await.unwrap();
+    assert_eq!(next.status().fleet.reads.hit, 1, "the replaced entry opens");
+    assert_eq!(h.idp.grants(), 2);
+}
+
+#[tokio::test]
+async fn a_sealed_token_that_fails_the_checks_is_never_served() {
+    let redis = RedisServer::start().await;
+    let h = Harness::start().await;
+    let url = redis.url();
+    let b = agent(&h, 0, &url, clock::system());
+    // Sealed with the right credential (whoever wrote it had the secret), but another client's
+    // token: the checks refuse it, as they would from the IdP.
+    let foreign = h.idp.mint(serde_json::json!({"uid": "someone-else"}));
+    h.remember(&foreign);
+    let settings = h.settings(&borrowed(&agent_env(&h, 0, &url)));
+    let a = &settings.auth;
+    let key = CacheKey {
+        issuer: a.endpoints.issuer_hint(),
+        client_id: a.client_id.clone(),
+        audience: a.audience.clone(),
+        resource: a.resource.clone(),
+        organization: a.organization.clone(),
+        scope: a.scope.clone(),
+    };
+    let seal = SealKey::derive(h.secret.as_bytes(), &serde_json::to_vec(&key).unwrap());
+    let entry = b.fleet().unwrap().entry_key().to_string();
+    let sealed = seal.seal(&entry, &secret(&foreign), SystemTime::now(), None);
+    let mut c = redis.connection().await;
+    let _: () = c.set_ex(&entry, sealed, 3600).await.unwrap();
+
+    let t = b.get(Duration::ZERO).await.unwrap();
+    assert!(t.secret().expose_secret() != foreign);
+    assert_eq!(t.claims.view().uid.as_deref(), Some(h.client_id.as_str()));
+    assert_eq!(h.idp.grants(), 1);
+    assert!(logs().contains("fleet: the shared token fails the checks"));
+}
+
+#[tokio::test]
+async fn redis_killed_mid_run_leaves_the_daemon_serving_alone_and_status_says_so() {
+    let mut redis = RedisServer::start().await;
+    let h = Harness::start().await;
+    let url = redis.url();
+    let mut env = agent_env(&h, 0, &url);
+    env.push(("BEHEST_AGENT__FLEET__TIMEOUT", "500ms".to_string()));
+    let app = App::build(h.settings(&borrowed(&env)), clock::system())
+        .await
+        .unwrap();
+    let (tokens, metrics) = (app.tokens(), app.metrics());
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(app.run(stop.clone()));
+    eventually(Duration::from_secs(30), "the daemon's first token", || {
+        tokens.is_ready()
+    })
+    .await;
+    assert_eq!(tokens.status().fleet.state, "connected");
+    assert_eq!(tokens.status().fleet.grants, 1);
+
+    redis.kill();
+    // The upstream refused the token: a new one is needed while Redis is gone.
+    let held = tokens.current().unwrap();
+    tokens.refresh_rejected(&held).await.expect("a grant alone");
+    assert_eq!(h.idp.grants(), 2);
+    let f = tokens.status().fleet;
+    assert_eq!(f.state, "unreachable", "{f:?}");
+    assert_eq!(f.reads.error, 1);
+    let text = metrics.encode();
+    assert!(
+        text.contains("behest_agent_fleet_reads_total{result=\"error\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("behest_agent_fleet_grants_total 1"), "{text}");
+    // The control socket's status says so too.
+    let out = h
+        .agent(&["status"], &borrowed(&env))
+        .output()
+        .await
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.contains("fleet:        unreachable ("), "{printed}");
+
+    // Back: the daemon reconnects by itself.
+    redis.restart().await;
+    eventually(Duration::from_secs(60), "the daemon reconnects", || {
+        tokens.status().fleet.state == "connected"
+    })
+    .await;
+    stop.cancel();
+    run.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_lock_left_by_a_killed_holder_expires_and_the_next_agent_grants() {
+    let redis = RedisServer::start().await;
+    let h = Harness::start().await;
+    let url = redis.url();
+    // The holder's grant hangs; it is killed while holding the lock.
+    h.idp.fail_next(1, Fault::Delay(Duration::from_secs(60)));
+    let mut env = agent_env(&h, 0, &url);
+    env.push(("BEHEST_AGENT__FLEET__LOCK_TIMEOUT", "2s".to_string()));
+    let mut holder = h.agent(&["token"], &borrowed(&env)).spawn().unwrap();
+    let probe = agent(&h, 9, &url, clock::system());
+    let lock = probe.fleet().unwrap().lock_key().to_string();
+    let mut c = redis.connection().await;
+    let mut held = None;
+    for _ in 0..1000 {
+        held = c.get::<_, Option<String>>(&lock).await.unwrap();
+        if held.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let held = held.expect("the holder takes the lock");
+    holder.kill().await.unwrap();
+
+    let mut env = agent_env(&h, 1, &url);
+    env.push(("BEHEST_AGENT__FLEET__LOCK_TIMEOUT", "10s".to_string()));
+    let next = h.source(&borrowed(&env), clock::system());
+    let t = next
+        .get(Duration::ZERO)
+        .await
+        .expect("the next agent's grant");
+    h.remember(t.secret().expose_secret());
+    let f = next.status().fleet;
+    assert_eq!((f.reads.hit, f.reads.miss, f.grants), (0, 1, 1), "{f:?}");
+    let now: Option<String> = c.get(&lock).await.unwrap();
+    assert_ne!(now, Some(held), "the dead holder's lock is gone");
+}
+
+#[tokio::test]
+async fn without_fleet_nothing_is_shared_and_status_says_off() {
+    let h = Harness::start().await;
+    let a = h.source(&[], clock::system());
+    assert!(a.fleet().is_none());
+    a.get(Duration::ZERO).await.unwrap();
+    assert_eq!(a.status().fleet.state, "off");
+    let out = h.agent(&["status"], &[]).output().await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("fleet:        off\n"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }

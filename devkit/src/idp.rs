@@ -269,7 +269,7 @@ impl Idp {
             inner: Arc::new(Inner {
                 client: Client {
                     id: opts.client_id,
-                    secret: opts.client_secret,
+                    secret: Mutex::new(opts.client_secret),
                     public_key: opts.client_public_key,
                 },
                 audience: opts.audience,
@@ -331,6 +331,11 @@ impl Idp {
     /// Requests to the JWKS, whatever their outcome.
     pub fn jwks_requests(&self) -> u64 {
         self.inner.jwks_requests.load(Ordering::SeqCst)
+    }
+
+    /// Rotates the client's secret: from now on only `secret` is accepted.
+    pub fn set_client_secret(&self, secret: impl Into<String>) {
+        *lock(&self.inner.client.secret) = SecretString::from(secret.into());
     }
 
     /// Queues `fault` for the next `n` requests to its endpoint, after faults already queued.

@@ -48,7 +48,8 @@ pub enum AuthMethod {
 #[derive(Debug)]
 pub(super) struct Client {
     pub(super) id: String,
-    pub(super) secret: SecretString,
+    /// Replaced whole when the secret is rotated ([`super::Idp::set_client_secret`]).
+    pub(super) secret: Mutex<SecretString>,
     pub(super) public_key: Option<ClientKey>,
 }
 
@@ -317,9 +318,10 @@ fn check_secret(client: &Client, id: &str, secret: &SecretString) -> Result<(), 
         return Err(OauthError::invalid_client("unknown client_id"));
     }
     // Constant time, as a real server must; cheap enough to do right here too.
+    let expected = lock(&client.secret).clone();
     verify_slices_are_equal(
         secret.expose_secret().as_bytes(),
-        client.secret.expose_secret().as_bytes(),
+        expected.expose_secret().as_bytes(),
     )
     .map_err(|_| OauthError::invalid_client("wrong client_secret for this client_id"))
 }
