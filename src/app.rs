@@ -447,8 +447,8 @@ async fn apply(state: &State, new: Settings, log: Option<&LogHandle>) -> Result<
     if new.telemetry.metrics_listen != old.telemetry.metrics_listen {
         tracing::warn!("telemetry.metrics_listen changed: it applies after a restart");
     }
-    let identity_changed =
-        format!("{:?}{:?}", old.auth, old.token) != format!("{:?}{:?}", new.auth, new.token);
+    let identity_changed = format!("{:?}{:?}{:?}", old.auth, old.token, old.fleet)
+        != format!("{:?}{:?}{:?}", new.auth, new.token, new.fleet);
     let live = state.live();
     let tokens = if identity_changed {
         let t = TokenSource::new(&new, live.tokens.clock().clone())?;
