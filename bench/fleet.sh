@@ -153,7 +153,7 @@ for i in range(agents):
             rec = json.loads(line)
         except ValueError:
             continue
-        if rec.get("fields", {}).get("message") == "token ready":
+        if rec.get("message", rec.get("fields", {}).get("message")) == "token ready":
             ts = datetime.datetime.fromisoformat(rec["timestamp"].replace("Z", "+00:00"))
             print(ts.timestamp() - t0 / 1e9)
             break
@@ -164,12 +164,15 @@ EOF
     log "round $n: $((after - before)) grant(s); $(python3 -c 'import sys,statistics; v=[float(x) for x in open(sys.argv[1])]; print(f"median {statistics.median(v)*1000:.0f} ms, max {max(v)*1000:.0f} ms over {len(v)} agents")' "$TMP/round-$n.txt") ${sources:+(token from: $sources)}"
 }
 
-log "$AGENTS agents ($MODE) per round, $ROUNDS rounds, Redis on 127.0.0.1:$REDIS_PORT, agent $GIT_REV"
+read -r LOAD1 _ </proc/loadavg
+log "$AGENTS agents ($MODE) per round, $ROUNDS rounds, Redis on 127.0.0.1:$REDIS_PORT, agent $GIT_REV, $(nproc) CPUs, load average $LOAD1"
 for ((r = 1; r <= ROUNDS; r++)); do round "$r"; done
 
-python3 - "$TMP" "$ROUNDS" "$AGENTS" "$MODE" "$GIT_REV" <<'EOF'
+read -r LOAD2 _ </proc/loadavg
+python3 - "$TMP" "$ROUNDS" "$AGENTS" "$MODE" "$GIT_REV" "$(nproc)" "$LOAD1" "$LOAD2" <<'EOF'
 import statistics, sys
 tmp, rounds, agents, mode, rev = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+cpus, load1, load2 = sys.argv[6], sys.argv[7], sys.argv[8]
 grants = [int(open(f"{tmp}/grants-{n}.txt").read()) for n in range(1, rounds + 1)]
 per = [[float(x) for x in open(f"{tmp}/round-{n}.txt")] for n in range(1, rounds + 1)]
 medians = [statistics.median(v) * 1000 for v in per]
@@ -178,7 +181,7 @@ every = [x * 1000 for v in per for x in v]
 ok = all(g == 1 for g in grants)
 what = "`behest-agent run` daemons" if mode == "run" else "one-shot `behest-agent token` processes"
 print()
-print(f"fleet: {agents} {what} with empty caches started together against one Redis, {rounds} rounds (agent {rev})")
+print(f"fleet: {agents} {what} with empty caches started together against one Redis, {rounds} rounds (agent {rev}; {cpus} CPUs, load average {load1} before, {load2} after)")
 print(f"  grants per round: {grants} -> {'exactly 1 each: met' if ok else 'NOT 1: not met'}")
 print(f"  time until each holds the token, per round: median {', '.join(f'{m:.0f}' for m in medians)} ms; max {', '.join(f'{m:.0f}' for m in maxes)} ms")
 print(f"  over all {len(every)} agents: median {statistics.median(every):.0f} ms, max {max(every):.0f} ms")
