@@ -139,6 +139,9 @@ pub enum UpstreamFault {
     /// Never answers; the request stays in flight until the client goes away (counted in
     /// [`Upstream::cancelled`]) or the service's shutdown token is cancelled (then 503).
     Hold,
+    /// Answers `101 Switching Protocols` (`Upgrade: websocket`) whatever the request asked, as a
+    /// confused or hostile server might; the connection then closes.
+    SwitchProtocols,
 }
 
 /// What the `Authorization` header carried; the token itself is never kept.
@@ -467,6 +470,15 @@ impl Upstream {
             }
             Some(UpstreamFault::PauseStream { after_events }) => {
                 stream_fault = Some(StreamFault::Pause(after_events));
+            }
+            Some(UpstreamFault::SwitchProtocols) => {
+                let response = Response::builder()
+                    .status(StatusCode::SWITCHING_PROTOCOLS)
+                    .header(http::header::CONNECTION, "upgrade")
+                    .header(http::header::UPGRADE, "websocket")
+                    .body(full(Bytes::new()))
+                    .expect("a valid response head");
+                return self.finish(seq, in_flight, response);
             }
             Some(UpstreamFault::Hold) => {
                 // Dropped with `in_flight` when the client goes away: that is the cancellation.
