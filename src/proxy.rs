@@ -233,8 +233,9 @@ impl Proxy {
     }
 
     /// On reload: requests arriving from now on, on the listeners `self` serves, go through
-    /// `new`'s forwarder (upstream, token source, session, origins, timeouts). Requests in flight
-    /// finish as they started. The running totals of `stats` carry over to `new`. The listener
+    /// `new`'s forwarder (upstream, token source, session, origins, timeouts, and its own upstream
+    /// connections and replay budget). Requests in flight finish as they started, on the old
+    /// forwarder's connections and budget. The running totals of `stats` carry over to `new`. The listener
     /// limits (`max_connections`, `header_read_timeout`, `shutdown_grace`) are not swapped: they
     /// apply when serving restarts.
     pub fn replace_with(&self, new: &Proxy) {
