@@ -8,6 +8,7 @@ mod doctor;
 mod faults;
 mod forwarding;
 mod interop;
+mod limits;
 mod node;
 mod outage;
 mod props;

@@ -51,6 +51,8 @@ pub struct Args {
 pub async fn run(g: &Global, args: Args) -> CliResult {
     crate::telemetry::init(config::LogFormat::Text, &g.log_level("info"), false);
     super::release_freed_memory_in_the_background();
+    // The IdP, the upstream and the proxy all take descriptors from this one process.
+    crate::fds::raise_soft_limit();
     let servers = CancellationToken::new();
     let _stop_servers = servers.clone().drop_guard();
     let secret = random_secret();

@@ -71,7 +71,9 @@ pub struct ProxyFile {
     pub allow_remote: Option<bool>,
     pub allowed_origins: Option<Vec<String>>,
     pub max_connections: Option<usize>,
+    pub max_upstream_connections: Option<usize>,
     pub max_replay_body: Option<String>,
+    pub replay_budget: Option<String>,
     #[serde(deserialize_with = "duration")]
     pub connect_timeout: Option<Duration>,
     #[serde(deserialize_with = "duration")]

@@ -226,7 +226,11 @@ pub struct ProxySettings {
     pub allow_remote: bool,
     pub allowed_origins: Vec<String>,
     pub max_connections: usize,
+    /// Concurrent upstream connections (default: `max_connections`).
+    pub max_upstream_connections: usize,
     pub max_replay_body: usize,
+    /// Bytes of request bodies kept for a replay, all requests together.
+    pub replay_budget: usize,
     pub connect_timeout: Duration,
     pub header_read_timeout: Duration,
     pub upstream_timeout: Duration,
@@ -647,6 +651,11 @@ fn proxy(p: ProxyFile, origin: Origin<'_>) -> Result<ProxySettings, ConfigError>
         None => 1 << 20,
         Some(s) => parse_size(&s).map_err(|m| origin.invalid("proxy.max_replay_body", m))?,
     };
+    let replay_budget = match nonempty(p.replay_budget) {
+        None => 64 << 20,
+        Some(s) => parse_size(&s).map_err(|m| origin.invalid("proxy.replay_budget", m))?,
+    };
+    let max_connections = p.max_connections.unwrap_or(4096).max(1);
     let proxy = ProxySettings {
         listen,
         upstream,
@@ -654,8 +663,10 @@ fn proxy(p: ProxyFile, origin: Origin<'_>) -> Result<ProxySettings, ConfigError>
         session_id: nonempty(p.session_id),
         allow_remote,
         allowed_origins: p.allowed_origins.unwrap_or_default(),
-        max_connections: p.max_connections.unwrap_or(4096).max(1),
+        max_connections,
+        max_upstream_connections: p.max_upstream_connections.unwrap_or(max_connections).max(1),
         max_replay_body,
+        replay_budget,
         connect_timeout: nonzero(
             p.connect_timeout,
             Duration::from_secs(10),
