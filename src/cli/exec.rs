@@ -14,7 +14,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use super::env::{base_url, variables};
-use super::{CliResult, Global, daemon_for, init_cli_logging, process_env};
+use super::{CliResult, Global, daemon, init_cli_logging, process_env};
 use crate::app::App;
 use crate::config::{self, ListenAddr, LoadOptions};
 
@@ -40,8 +40,9 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     let mut own_agent = None;
     let mut _runtime_dir = None;
 
-    let addr = if daemon_for(g).await.is_some() {
-        super::env::proxy_address(g).await?
+    let settings = g.load();
+    let addr = if let Some(d) = daemon(g, settings.as_ref().ok()).await? {
+        super::env::proxy_address(g, Some(&d))?
     } else {
         // No daemon: our own agent for the command's lifetime, on an ephemeral port.
         let dir = tempfile::Builder::new()

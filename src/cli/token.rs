@@ -6,12 +6,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::anyhow;
-use http::{Method, StatusCode};
+use http::Method;
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 
-use super::{CliResult, Global, daemon_for, init_cli_logging};
-use crate::control::client::error_message;
+use super::{CliResult, Global, daemon, init_cli_logging};
+use crate::control::Daemon;
 use crate::token::{TokenSource, rfc3339};
 
 #[derive(Debug, clap::Args)]
@@ -31,14 +31,11 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     init_cli_logging(g);
     let min_ttl = args.min_ttl.unwrap_or_default();
     let settings = g.load();
-    let doc = match daemon_for(g).await {
-        Some(client) => {
+    let doc = match daemon(g, settings.as_ref().ok()).await? {
+        Some(d) => {
             let uri = format!("/v1/token?min_ttl={}", min_ttl.as_secs());
-            let (status, body) = client.call(Method::GET, &uri).await?;
-            if status != StatusCode::OK {
-                return Err(anyhow!("{}", error_message(&body, status)).into());
-            }
-            body
+            let wait = Daemon::grant_wait(settings.as_ref().ok());
+            d.request(Method::GET, &uri, wait).await?
         }
         None => {
             let settings = settings?;
