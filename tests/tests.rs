@@ -15,5 +15,6 @@ mod rig;
 mod service;
 mod smuggling;
 mod token;
+mod trust;
 mod upstream;
 mod util;
