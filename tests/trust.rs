@@ -507,6 +507,21 @@ async fn a_daemon_serving_another_identity_is_refused_with_the_fix() {
             );
         }
     }
+    // A command under `exec --config A` reads A too, so the CLI inside finds the same agent.
+    let o = cli(
+        &a,
+        &[
+            "exec",
+            "--",
+            "sh",
+            "-c",
+            "printf %s \"$BEHEST_AGENT_CONFIG\"",
+        ],
+    )
+    .await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(o.stdout, a_arg);
+
     // doctor names the daemon's identity as the problem, with the same fix, and does not check
     // the daemon's token against this configuration (the uid "mismatch" and its Auth0 fix).
     let o = cli(&b, &["doctor"]).await;

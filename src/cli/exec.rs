@@ -88,6 +88,21 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v)),
     );
+    // `behest-agent token` inside the command reads the configuration this command was given
+    // (the CLI refuses an agent serving another identity than its configuration's); what exec
+    // sets itself comes later and wins.
+    let mut given: Vec<(String, String)> = g
+        .set
+        .iter()
+        .map(|(k, v)| {
+            let var = format!("BEHEST_AGENT__{}", k.replace('.', "__").to_uppercase());
+            (var, v.clone())
+        })
+        .collect();
+    if let Some(c) = &g.config {
+        given.push(("BEHEST_AGENT_CONFIG".into(), c.display().to_string()));
+    }
+    env.splice(0..0, given);
 
     let status = run_child(&args.command, env.into_iter().collect()).await;
     shutdown.cancel();

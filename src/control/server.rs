@@ -62,7 +62,7 @@ pub async fn bind(path: &Path, mode: u32, dir_mode: u32) -> std::io::Result<List
 
 /// A warning when `mode` lets the socket's group connect, its directory lets that group in, and
 /// the group is not the daemon user's own (a primary group like `users` that others share).
-pub fn shared_group_warning(path: &Path, mode: u32) -> Option<String> {
+fn shared_group_warning(path: &Path, mode: u32) -> Option<String> {
     use nix::unistd::{Gid, Group, Uid, User};
     use std::os::unix::fs::MetadataExt;
     let socket = std::fs::metadata(path).ok()?;
@@ -74,7 +74,7 @@ pub fn shared_group_warning(path: &Path, mode: u32) -> Option<String> {
     let user = User::from_uid(Uid::effective()).ok()??;
     (group.name != user.name).then(|| {
         format!(
-            "the control socket {} belongs to group `{}`, not to a group of `{}`'s own: every member of `{}` can connect and take the token. Run the daemon with a group of its own (the service's `behest-agent`), or set control.socket_mode = \"0600\"",
+            "the control socket {} belongs to group `{}`, which is not `{}`'s own group: every member of `{}` can connect and take the token. Run the daemon with a group of its own (the service's `behest-agent`), or set control.socket_mode = \"0600\"",
             path.display(),
             group.name,
             user.name,
