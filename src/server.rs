@@ -243,7 +243,11 @@ pub async fn bind_unix(path: &Path, mode: u32) -> io::Result<Listener> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let private = tempfile::Builder::new().prefix(".bind").tempdir_in(dir)?;
+    // 0700 whatever the umask (tempfile's default is 0777 less the umask).
+    let private = tempfile::Builder::new()
+        .prefix(".bind")
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir_in(dir)?;
     let tmp = private.path().join("s");
     let listener = UnixListener::bind(&tmp)?;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
