@@ -19,6 +19,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::config::{self, ConfigError, Settings};
+use crate::control::{ControlError, Daemon};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -213,17 +214,17 @@ pub fn init_cli_logging(g: &Global) {
     crate::telemetry::init(config::LogFormat::Text, &g.log_level("warn"), false);
 }
 
-/// Finds a running daemon on the control socket of `settings`.
-pub async fn find_daemon(settings: Option<&Settings>) -> Option<crate::control::ControlClient> {
-    let path = match settings {
+/// The running daemon every command uses, found the one way: on the socket of `settings` (else the
+/// socket the file, the environment or `--set` name, even when the rest of the configuration does
+/// not validate: a client needs only the socket), served by this user, root or the service's user,
+/// and — with `settings` — serving their identity. `Ok(None)` when no daemon runs there.
+pub async fn daemon(
+    g: &Global,
+    settings: Option<&Settings>,
+) -> Result<Option<Daemon>, ControlError> {
+    let socket = match settings {
         Some(s) => s.control.socket.clone(),
-        None => config::default_socket(&process_env()),
+        None => g.control_socket(),
     };
-    crate::control::ControlClient::connect(&path).await
-}
-
-/// Finds a running daemon on the control socket the file, the environment or `--set` name, even
-/// when the rest of the configuration does not validate (a client needs only the socket).
-pub async fn daemon_for(g: &Global) -> Option<crate::control::ControlClient> {
-    crate::control::ControlClient::connect(&g.control_socket()).await
+    Daemon::connect(&socket, settings).await
 }

@@ -17,6 +17,7 @@ mod rig;
 mod service;
 mod smuggling;
 mod token;
+mod trust;
 mod upstream;
 mod usage;
 mod util;

@@ -107,6 +107,13 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     ] {
         env.insert(k.to_string(), v);
     }
+    // Where the user's private directory is, so a default socket there gets it created 0700.
+    let process = super::process_env();
+    for k in ["HOME", "XDG_STATE_HOME"] {
+        if let Some(v) = process.get(k) {
+            env.insert(k.to_string(), v.clone());
+        }
+    }
     let settings = config::load(&LoadOptions {
         path: None,
         default_path: None,

@@ -18,7 +18,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use super::env::{base_url, variables};
-use super::{CliResult, Failure, Global, daemon_for, init_cli_logging, process_env};
+use super::{CliResult, Failure, Global, daemon, init_cli_logging, process_env};
 use crate::app::App;
 use crate::config::{self, ListenAddr, LoadOptions};
 
@@ -49,8 +49,9 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     let mut own_accounting = None;
     let mut _runtime_dir = None;
 
-    let addr = if daemon_for(g).await.is_some() {
-        super::env::proxy_address(g).await?
+    let settings = g.load();
+    let addr = if let Some(d) = daemon(g, settings.as_ref().ok()).await? {
+        super::env::proxy_address(g, Some(&d))?
     } else {
         // No daemon: our own agent for the command's lifetime, on an ephemeral port.
         let dir = tempfile::Builder::new()
@@ -97,6 +98,21 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v)),
     );
+    // `behest-agent token` inside the command reads the configuration this command was given
+    // (the CLI refuses an agent serving another identity than its configuration's); what exec
+    // sets itself comes later and wins.
+    let mut given: Vec<(String, String)> = g
+        .set
+        .iter()
+        .map(|(k, v)| {
+            let var = format!("BEHEST_AGENT__{}", k.replace('.', "__").to_uppercase());
+            (var, v.clone())
+        })
+        .collect();
+    if let Some(c) = &g.config {
+        given.push(("BEHEST_AGENT_CONFIG".into(), c.display().to_string()));
+    }
+    env.splice(0..0, given);
 
     let status = run_child(&args.command, env.into_iter().collect()).await;
     if !args.no_summary {

@@ -242,6 +242,9 @@ pub struct ProxySettings {
 pub struct ControlSettings {
     pub socket: PathBuf,
     pub socket_mode: u32,
+    /// The mode the socket's directory is created with when missing: 0700 for the user's private
+    /// default directory, else 0750 (the group may reach a 0660 socket).
+    pub dir_mode: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -298,7 +301,7 @@ pub(super) fn validate(
     let auth = auth(file.auth, origin, &mut warnings)?;
     let token = token(file.token, origin, &auth.client_id)?;
     let proxy = proxy(file.proxy, origin)?;
-    let control = control(file.control, origin)?;
+    let control = control(file.control, origin, &mut warnings)?;
     let telemetry = telemetry(file.telemetry, origin, proxy.allow_remote)?;
     let usage = usage(file.usage, origin)?;
     let budget = BudgetSettings {
@@ -786,8 +789,12 @@ fn upstream(u: &str, allow_insecure: bool, origin: Origin<'_>) -> Result<Url, Co
     Ok(url)
 }
 
-/// `[control]`: the control socket and its mode.
-fn control(c: ControlFile, origin: Origin<'_>) -> Result<ControlSettings, ConfigError> {
+/// `[control]`: the control socket and its mode; a mode wider than 0660 is warned about.
+fn control(
+    c: ControlFile,
+    origin: Origin<'_>,
+    warnings: &mut Vec<String>,
+) -> Result<ControlSettings, ConfigError> {
     let socket = nonempty(c.socket)
         .map(PathBuf::from)
         .unwrap_or_else(|| default_socket(origin.env));
@@ -803,9 +810,20 @@ fn control(c: ControlFile, origin: Origin<'_>) -> Result<ControlSettings, Config
                 )
             })?,
     };
+    if socket_mode & !0o660 != 0 {
+        warnings.push(format!(
+            "control.socket_mode {socket_mode:04o} is wider than 0660: users outside the socket's owner and group can connect and take the token; use \"0660\" (or \"0600\")"
+        ));
+    }
+    let dir_mode = if Some(&socket) == private_socket(origin.env).as_ref() {
+        0o700
+    } else {
+        0o750
+    };
     Ok(ControlSettings {
         socket,
         socket_mode,
+        dir_mode,
     })
 }
 
@@ -1034,6 +1052,9 @@ fn default_state_file(env: &HashMap<String, String>, name: &str) -> Option<PathB
     first("HOME").map(|h| Path::new(&h).join(".local/state/behest-agent").join(name))
 }
 
+/// The control socket when none is configured: `$RUNTIME_DIRECTORY/agent.sock` (systemd),
+/// `$XDG_RUNTIME_DIR/behest-agent.sock`, else [`private_socket`] (never a directory every user may
+/// write, such as `/tmp`: another user could create the socket there first).
 pub fn default_socket(env: &HashMap<String, String>) -> PathBuf {
     let first = |k: &str| {
         env.get(k)
@@ -1046,5 +1067,29 @@ pub fn default_socket(env: &HashMap<String, String>) -> PathBuf {
     if let Some(d) = first("XDG_RUNTIME_DIR") {
         return Path::new(&d).join("behest-agent.sock");
     }
-    PathBuf::from(format!("/tmp/behest-agent-{}.sock", nix::unistd::getuid()))
+    private_socket(env).unwrap_or_else(|| {
+        PathBuf::from(format!(
+            "/run/user/{}/behest-agent.sock",
+            nix::unistd::geteuid()
+        ))
+    })
+}
+
+/// `agent.sock` in the user's private directory, the one the disk cache defaults to:
+/// `$XDG_STATE_HOME/behest-agent`, else `~/.local/state/behest-agent` (created 0700). `None` when
+/// the user has no home directory.
+pub fn private_socket(env: &HashMap<String, String>) -> Option<PathBuf> {
+    let absolute = |k: &str| env.get(k).map(PathBuf::from).filter(|p| p.is_absolute());
+    let state = absolute("XDG_STATE_HOME").or_else(|| {
+        absolute("HOME")
+            .or_else(|| {
+                nix::unistd::User::from_uid(nix::unistd::geteuid())
+                    .ok()
+                    .flatten()
+                    .map(|u| u.dir)
+                    .filter(|d| d.is_absolute())
+            })
+            .map(|h| h.join(".local/state"))
+    })?;
+    Some(state.join("behest-agent/agent.sock"))
 }
