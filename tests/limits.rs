@@ -284,7 +284,7 @@ async fn the_control_socket_bounds_its_connections_and_head_read_time() {
     let h = Harness::start().await;
     let tokens = h.source(&[], behest_agent::clock::system());
     let path = h.path("run/control.sock");
-    let listener = control::bind(&path, 0o600).await.unwrap();
+    let listener = control::bind(&path, 0o600, 0o700).await.unwrap();
     let state = ControlState {
         tokens: Arc::new(move || tokens.clone()),
         daemon: Arc::new(|| json!({})),
