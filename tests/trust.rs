@@ -658,6 +658,13 @@ async fn every_command_gives_up_on_a_stopped_daemon_with_a_message() {
     }
     for (args, run) in runs {
         let o = run.await.expect("the command finishes within 60 s");
+        if args == ["token"] {
+            // `token` does not stop there: a daemon that does not answer counts as none, and the
+            // disk cache serves (tests/outage.rs).
+            assert_eq!(o.code, 0, "{}", o.stderr);
+            assert!(o.stdout.starts_with("eyJ"), "a token on stdout");
+            continue;
+        }
         assert_eq!(o.code, 1, "{args:?}: {}{}", o.stdout, o.stderr);
         let said = format!("{}{}", o.stdout, o.stderr);
         assert!(
