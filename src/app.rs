@@ -231,6 +231,7 @@ impl App {
                     let st = state.clone();
                     move || st.live().proxy.map(|p| p.stats()).unwrap_or(Value::Null)
                 })),
+                shutdown: shutdown.clone(),
             }
         };
         tracker.spawn(control::serve(

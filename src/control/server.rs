@@ -26,6 +26,8 @@ pub struct ControlState {
     pub daemon: Arc<dyn Fn() -> Value + Send + Sync>,
     /// Live figures (proxy counters) merged into `/v1/status` under `proxy`.
     pub live: Option<Arc<dyn Fn() -> Value + Send + Sync>>,
+    /// The daemon's own stop: `POST /v1/shutdown` cancels it, as SIGTERM does.
+    pub shutdown: CancellationToken,
 }
 
 /// Binds the control socket with `mode`, creating its directory (0750). A stale socket left by a
@@ -157,6 +159,14 @@ async fn handle(state: &ControlState, req: Request<Incoming>) -> Response<Full<B
             Err(e) => error_response(StatusCode::BAD_GATEWAY, &e.code(), &e.to_string()),
         },
         (&Method::GET, "/v1/status") => json_response(StatusCode::OK, &status_json(state)),
+        (&Method::POST, "/v1/shutdown") => {
+            tracing::info!("stop asked for on the control socket: stopping");
+            state.shutdown.cancel();
+            json_response(
+                StatusCode::ACCEPTED,
+                &json!({"status": "stopping", "pid": std::process::id()}),
+            )
+        }
         (&Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({"status": "ok"})),
         (&Method::GET, "/readyz") => {
             if tokens.is_ready() {
@@ -169,7 +179,10 @@ async fn handle(state: &ControlState, req: Request<Incoming>) -> Response<Full<B
                 )
             }
         }
-        (_, "/v1/token" | "/v1/refresh" | "/v1/status" | "/healthz" | "/readyz") => error_response(
+        (
+            _,
+            "/v1/token" | "/v1/refresh" | "/v1/status" | "/v1/shutdown" | "/healthz" | "/readyz",
+        ) => error_response(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             "wrong method",
