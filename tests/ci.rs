@@ -171,12 +171,6 @@ async fn stop_lets_a_stream_in_flight_finish_before_the_daemon_exits() {
     let o = output(h.agent(&["wait", "--timeout", "60s"], &[])).await;
     assert_eq!(o.code, 0, "{}", o.stderr);
     let base = base_url(&h).await;
-    let addr = base
-        .trim_start_matches("http://")
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
 
     // A stream that sends one event, then waits to be let go on.
     upstream.fail_next(1, UpstreamFault::PauseStream { after_events: 1 });
@@ -199,12 +193,13 @@ async fn stop_lets_a_stream_in_flight_finish_before_the_daemon_exits() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // The daemon is stopping: its proxy takes no new connection…
+    // The daemon is stopping: its control socket takes no new connection…
+    let socket = h.path("run/agent.sock");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(&addr).await.is_ok() {
+    while tokio::net::UnixStream::connect(&socket).await.is_ok() {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the proxy still accepts connections after stop"
+            "the daemon still accepts control connections after stop"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -335,4 +330,36 @@ pub async fn until_exited(pid: u32) {
         exited(pid)
     })
     .await;
+}
+
+#[tokio::test]
+async fn env_with_a_daemon_still_works_when_the_config_file_cannot_be_read() {
+    let h = Harness::start().await;
+    // The daemon on the default socket of a runtime directory; a client whose --config cannot
+    // be read (a directory) still finds it there, as before sessions came from the CI.
+    let runtime = h.path("xdg");
+    std::fs::create_dir(&runtime).unwrap();
+    let socket = runtime.join("behest-agent.sock");
+    let socket = socket.to_str().unwrap();
+    let (_upstream, _g, mut child) = daemon(&h, &[("BEHEST_AGENT__CONTROL__SOCKET", socket)]).await;
+    let o = output(h.agent(&["wait"], &[("BEHEST_AGENT__CONTROL__SOCKET", socket)])).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let mut c = Command::new(env!("CARGO_BIN_EXE_behest-agent"));
+    c.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("XDG_RUNTIME_DIR", &runtime)
+        .env("CI_JOB_ID", "8")
+        .args(["env", "--format", "dotenv", "--config"])
+        .arg(h.dir.path())
+        .stdin(Stdio::null());
+    let o = output(c).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.stdout.contains("/s/gl-8/v1") && !o.stdout.contains(":8711/"),
+        "{}",
+        o.stdout
+    );
+    let o = output(h.agent(&["stop"], &[("BEHEST_AGENT__CONTROL__SOCKET", socket)])).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    exits_cleanly(&mut child).await;
 }

@@ -441,6 +441,11 @@ async fn main_with_a_wrong_secret_fails_saying_why_and_leaves_no_daemon() {
 
     let post = job.post(&inputs).await;
     assert_eq!(post.code, 0, "{}\n{}", post.stdout, post.stderr);
+    assert!(
+        !post.stdout.contains("usage"),
+        "no usage table for a job main never got ready: {}",
+        post.stdout
+    );
     assert!(!Path::new(&job.state()["dir"]).exists());
 }
 

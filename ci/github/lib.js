@@ -38,16 +38,21 @@ function error(message) {
   command('error', message);
 }
 
-/** Appends `name=value` lines to the runner's file named by the variable `fileVar`. */
-function appendLines(fileVar, pairs) {
+/** Appends `text` to the runner's file named by the variable `fileVar`. */
+function appendText(fileVar, text) {
   const file = process.env[fileVar];
   if (!file) throw new Error(`${fileVar} is not set: this must run as a step of a GitHub Actions job`);
+  fs.appendFileSync(file, text.endsWith('\n') ? text : `${text}\n`);
+}
+
+/** Appends `name=value` lines to the runner's file named by the variable `fileVar`. */
+function appendLines(fileVar, pairs) {
   let text = '';
   for (const [name, value] of pairs) {
     if (/[\r\n]/.test(String(value))) throw new Error(`${name}: a value cannot span lines`);
     text += `${name}=${value}\n`;
   }
-  fs.appendFileSync(file, text);
+  appendText(fileVar, text);
 }
 
 /** Runs `binary args…` with `env`, no stdin; resolves to { code, stdout, stderr } (code null when
@@ -176,6 +181,7 @@ module.exports = {
   mask,
   info,
   error,
+  appendText,
   appendLines,
   run,
   agentEnv,

@@ -107,7 +107,7 @@ async function main() {
     fail(`\`behest-agent env\` failed: ${lib.firstLine(out.stderr) || out.stdout}`);
   }
   const id = /\/s\/([^/]+)\//.exec(base[1]);
-  fs.appendFileSync(process.env.GITHUB_ENV, out.stdout.endsWith('\n') ? out.stdout : `${out.stdout}\n`);
+  lib.appendText('GITHUB_ENV', out.stdout);
   lib.appendLines('GITHUB_ENV', [['BEHEST_AGENT__CONTROL__SOCKET', socket]]);
   lib.appendLines('GITHUB_STATE', [['session', id ? id[1] : '']]);
   daemon.unref();

@@ -23,17 +23,21 @@ async function post() {
     BEHEST_AGENT__CONTROL__SOCKET: socket,
   });
 
-  // The daemon's counts, or the usage ledger's when it is gone.
-  const args = ['usage'];
-  if (session) args.push('--session', session);
-  args.push('--format', 'markdown');
-  const usage = await lib.run(binary, args, env, 30000);
-  const summary = process.env.GITHUB_STEP_SUMMARY;
-  if (usage.code === 0 && usage.stdout.trim() && summary) {
-    const title = session ? `Behest usage (session \`${session}\`)` : 'Behest usage';
-    fs.appendFileSync(summary, `### ${title}\n\n${usage.stdout.trimEnd()}\n\n`);
-  } else {
-    lib.info(`behest-agent: no usage table (${lib.firstLine(usage.stderr) || `exit ${usage.code}`})`);
+  // The session's counts: the daemon's, or the usage ledger's when it is gone. Only once main
+  // got as far as the session (`session` saved), and never the whole ledger of the machine.
+  const ready = process.env.STATE_session !== undefined;
+  if (ready && (session || lib.alive(pid))) {
+    const args = ['usage'];
+    if (session) args.push('--session', session);
+    args.push('--format', 'markdown');
+    const usage = await lib.run(binary, args, env, 30000);
+    const summary = process.env.GITHUB_STEP_SUMMARY;
+    if (usage.code === 0 && usage.stdout.trim() && summary) {
+      const title = session ? `Behest usage (session \`${session}\`)` : 'Behest usage';
+      fs.appendFileSync(summary, `### ${title}\n\n${usage.stdout.trimEnd()}\n\n`);
+    } else {
+      lib.info(`behest-agent: no usage table (${lib.firstLine(usage.stderr) || `exit ${usage.code}`})`);
+    }
   }
 
   const stop = await lib.run(binary, ['stop', '--timeout', '60s'], env, 70000);

@@ -40,7 +40,7 @@ pub struct Args {
 pub async fn run(g: &Global, args: Args) -> CliResult {
     init_cli_logging(g);
     let addr = proxy_address(g).await?;
-    let session = super::session::for_command(g, args.session.as_deref())?;
+    let session = super::session::for_command(g, args.session.as_deref());
     let base = base_url(&addr, session.as_deref())?;
     print!("{}", render(args.format, &variables(&base)));
     Ok(ExitCode::SUCCESS)

@@ -86,7 +86,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
         _runtime_dir = Some(dir);
         addr
     };
-    let session = super::session::for_command(g, args.session.as_deref())?;
+    let session = super::session::for_command(g, args.session.as_deref());
     let base = base_url(&addr, session.as_deref())?;
     env.extend(
         variables(&base)

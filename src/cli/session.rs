@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 
 use super::{Global, process_env};
-use crate::config::{self, ConfigError};
+use crate::config;
 use crate::proxy::MAX_SESSION_ID;
 
 /// The CIs known, in the order they are tried: the id's prefix and the variables it is made of.
@@ -83,18 +83,16 @@ pub fn resolve(
 }
 
 /// The session for `env` or `exec`: `--session`, else what [`resolve`] makes of the
-/// configuration (read without validating the rest) and the process environment.
-pub fn for_command(g: &Global, given: Option<&str>) -> Result<Option<String>, ConfigError> {
+/// configuration (read without validating the rest) and the process environment. A
+/// configuration this user cannot read counts as setting neither key: talking to a running
+/// daemon never needed it (without a daemon, `env` and `exec` have already failed on it).
+pub fn for_command(g: &Global, given: Option<&str>) -> Option<String> {
     if let Some(s) = given {
-        return Ok(Some(s.to_string()));
+        return Some(s.to_string());
     }
-    let (configured, session_from_ci) = config::session_keys(&g.load_options())?;
-    Ok(resolve(
-        None,
-        configured.as_deref(),
-        session_from_ci,
-        &process_env(),
-    ))
+    let (configured, session_from_ci) =
+        config::session_keys(&g.load_options()).unwrap_or((None, true));
+    resolve(None, configured.as_deref(), session_from_ci, &process_env())
 }
 
 #[cfg(test)]
