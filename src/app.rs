@@ -255,6 +255,7 @@ impl App {
                     move || st.live().proxy.map(|p| p.stats()).unwrap_or(Value::Null)
                 })),
                 usage: Some(state.accounting.clone()),
+                shutdown: shutdown.clone(),
             }
         };
         tracker.spawn(control::serve(

@@ -8,9 +8,12 @@ pub mod env;
 pub mod exec;
 pub mod refresh;
 pub mod run;
+pub mod session;
 pub mod status;
+pub mod stop;
 pub mod token;
 pub mod usage;
+pub mod wait;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -72,6 +75,10 @@ pub enum Command {
     Usage(usage::Args),
     /// Check the configuration, the IdP, the token's claims and the upstream, with the fix for each problem
     Doctor(doctor::Args),
+    /// Wait until the daemon answers on its control socket and holds a valid token (for CI scripts)
+    Wait(wait::Args),
+    /// Stop the running daemon as SIGTERM does (requests in flight finish) and wait until it has exited
+    Stop(stop::Args),
     /// Print shell completions
     Completions {
         /// bash, zsh, fish, elvish or powershell
@@ -192,6 +199,8 @@ async fn dispatch(cli: Cli) -> CliResult {
         Command::Dev(a) => dev::run(&g, a).await,
         Command::Doctor(a) => doctor::run(&g, a).await,
         Command::Usage(a) => usage::run(&g, a).await,
+        Command::Wait(a) => wait::run(&g, a).await,
+        Command::Stop(a) => stop::run(&g, a).await,
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "behest-agent", &mut std::io::stdout());

@@ -23,6 +23,9 @@ mod guard;
 mod path;
 mod upstream;
 
+/// The session id rule, for the CLI's derived sessions.
+pub use path::{MAX_SESSION_ID, valid_session};
+
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};

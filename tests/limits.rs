@@ -290,6 +290,7 @@ async fn the_control_socket_bounds_its_connections_and_head_read_time() {
         daemon: Arc::new(|| json!({})),
         live: None,
         usage: None,
+        shutdown: CancellationToken::new(),
     };
     let stop = CancellationToken::new();
     tokio::spawn(control::serve(listener, state, stop.clone()));

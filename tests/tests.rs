@@ -1,6 +1,9 @@
 //! The integration tests: one binary, a module per area, shared helpers in `util` and the proxy
 //! test rig in `rig`.
 
+mod ci;
+mod ci_github;
+mod ci_gitlab;
 mod cli;
 mod config;
 mod dev;

@@ -556,6 +556,7 @@ async fn env_refuses_a_proxy_address_that_is_not_loopback_or_not_an_address() {
         }),
         live: None,
         usage: None,
+        shutdown: CancellationToken::new(),
     };
     let socket = h.path("fake.sock");
     let listener = control::bind(&socket, 0o600, 0o700).await.unwrap();

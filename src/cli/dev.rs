@@ -179,7 +179,11 @@ Ctrl-C stops it.",
         up = upstream.base_url(),
         sock = socket.display(),
     );
-    super::run::wait_for_stop_signal().await;
+    // A signal, or `behest-agent stop` (which cancels `shutdown` over the control socket).
+    tokio::select! {
+        () = super::run::wait_for_stop_signal() => {}
+        () = shutdown.cancelled() => {}
+    }
     shutdown.cancel();
     let _ = running.await;
     Ok(ExitCode::SUCCESS)

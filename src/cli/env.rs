@@ -1,8 +1,9 @@
 //! `behest-agent env`: prints what a job needs to use the proxy — `OPENAI_BASE_URL`, `OPENAI_API_KEY`
 //! (a placeholder the agent replaces) and the older `OPENAI_API_BASE` — in the shell's syntax,
 //! quoted so that `eval` takes each value literally. The address is the running daemon's (a
-//! loopback one only), else the configured `proxy.listen`; nothing else of the configuration is
-//! needed, so it works before the IdP is configured.
+//! loopback one only), else the configured `proxy.listen`; the session is `--session`, else the
+//! CI job's ([`super::session`]). Nothing else of the configuration is needed, so it works before
+//! the IdP is configured.
 
 use std::process::ExitCode;
 
@@ -29,7 +30,8 @@ pub enum Format {
 pub struct Args {
     #[arg(long, value_enum, default_value = "sh")]
     pub format: Format,
-    /// Attribute the job's cost to this session (base URL /s/ID/v1, sent as X-Session-Id)
+    /// Attribute the job's cost to this session (base URL /s/ID/v1, sent as X-Session-Id);
+    /// default: from the CI job's variables (proxy.session_from_ci)
     #[arg(long, value_name = "ID")]
     pub session: Option<String>,
 }
@@ -39,7 +41,8 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     let settings = g.load().ok();
     let daemon = daemon(g, settings.as_ref()).await?;
     let addr = proxy_address(g, daemon.as_ref())?;
-    let base = base_url(&addr, args.session.as_deref())?;
+    let session = super::session::for_command(g, args.session.as_deref());
+    let base = base_url(&addr, session.as_deref())?;
     print!("{}", render(args.format, &variables(&base))?);
     Ok(ExitCode::SUCCESS)
 }

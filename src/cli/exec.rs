@@ -24,7 +24,8 @@ use crate::config::{self, ListenAddr, LoadOptions};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Attribute the command's cost to this session (base URL /s/ID/v1, sent as X-Session-Id)
+    /// Attribute the command's cost to this session (base URL /s/ID/v1, sent as X-Session-Id);
+    /// default: from the CI job's variables (proxy.session_from_ci)
     #[arg(long, value_name = "ID")]
     pub session: Option<String>,
     /// The command and its arguments
@@ -92,7 +93,8 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
         _runtime_dir = Some(dir);
         addr
     };
-    let base = base_url(&addr, args.session.as_deref())?;
+    let session = super::session::for_command(g, args.session.as_deref());
+    let base = base_url(&addr, session.as_deref())?;
     env.extend(
         variables(&base)
             .into_iter()

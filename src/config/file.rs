@@ -68,6 +68,7 @@ pub struct ProxyFile {
     pub allow_insecure_upstream: Option<bool>,
     pub ca_file: Option<String>,
     pub session_id: Option<String>,
+    pub session_from_ci: Option<bool>,
     pub allow_remote: Option<bool>,
     pub allowed_origins: Option<Vec<String>>,
     pub max_connections: Option<usize>,

@@ -223,6 +223,8 @@ pub struct ProxySettings {
     pub upstream: Option<Url>,
     pub ca_file: Option<PathBuf>,
     pub session_id: Option<String>,
+    /// `env` and `exec` derive a session from the CI job's variables when none is given.
+    pub session_from_ci: bool,
     pub allow_remote: bool,
     pub allowed_origins: Vec<String>,
     pub max_connections: usize,
@@ -664,6 +666,7 @@ fn proxy(p: ProxyFile, origin: Origin<'_>) -> Result<ProxySettings, ConfigError>
         upstream,
         ca_file: nonempty(p.ca_file).map(PathBuf::from),
         session_id: nonempty(p.session_id),
+        session_from_ci: p.session_from_ci.unwrap_or(true),
         allow_remote,
         allowed_origins: p.allowed_origins.unwrap_or_default(),
         max_connections,

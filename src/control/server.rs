@@ -28,6 +28,8 @@ pub struct ControlState {
     pub live: Option<Arc<dyn Fn() -> Value + Send + Sync>>,
     /// The usage counts served at `/v1/usage`.
     pub usage: Option<Arc<crate::usage::Accounting>>,
+    /// The daemon's own stop: `POST /v1/shutdown` cancels it, as SIGTERM does.
+    pub shutdown: CancellationToken,
 }
 
 /// Binds the control socket with `mode` (see [`crate::server::bind_unix`]), creating its directory
@@ -210,6 +212,14 @@ async fn handle(state: &ControlState, req: Request<Incoming>) -> Response<Full<B
                 "this agent keeps no usage counts",
             ),
         },
+        (&Method::POST, "/v1/shutdown") => {
+            tracing::info!("stop asked for on the control socket: stopping");
+            state.shutdown.cancel();
+            json_response(
+                StatusCode::ACCEPTED,
+                &json!({"status": "stopping", "pid": std::process::id()}),
+            )
+        }
         (&Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({"status": "ok"})),
         (&Method::GET, "/readyz") => {
             if tokens.is_ready() {
@@ -222,13 +232,15 @@ async fn handle(state: &ControlState, req: Request<Incoming>) -> Response<Full<B
                 )
             }
         }
-        (_, "/v1/token" | "/v1/refresh" | "/v1/status" | "/v1/usage" | "/healthz" | "/readyz") => {
-            error_response(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "wrong method",
-            )
-        }
+        (
+            _,
+            "/v1/token" | "/v1/refresh" | "/v1/status" | "/v1/usage" | "/v1/shutdown" | "/healthz"
+            | "/readyz",
+        ) => error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "wrong method",
+        ),
         _ => error_response(
             StatusCode::NOT_FOUND,
             "not_found",
