@@ -118,7 +118,12 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
 
     let status = run_child(&args.command, env.into_iter().collect()).await;
     if !args.no_summary {
-        let session = args.session.as_deref().unwrap_or(crate::usage::NO_SESSION);
+        // The session the command's requests went with: the URL's, else the configured one.
+        let session = session
+            .clone()
+            .or_else(|| g.load().ok().and_then(|s| s.proxy.session_id))
+            .unwrap_or_else(|| crate::usage::NO_SESSION.to_string());
+        let session = session.as_str();
         let report = match &own_accounting {
             Some(accounting) => Ok(Some(accounting.report())),
             None => super::usage::fetch(g, Some(session)).await,
