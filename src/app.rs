@@ -82,6 +82,7 @@ impl State {
             "started_at": rfc3339(self.started_at),
             "config": s.path.as_ref().map(|p| p.display().to_string()),
             "control_socket": s.control.socket.display().to_string(),
+            "identity": control::Identity::of(&s.auth),
             "upstream": s.proxy.upstream.as_ref().map(|u| u.to_string()),
             "listen": self.addresses.read().expect("addresses lock").iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         })
@@ -133,7 +134,8 @@ impl App {
                     Proxy::new(&settings.proxy, tokens.clone()).map_err(StartError::Proxy)?;
                 proxy.attach_metrics(metrics.clone());
                 proxy.attach_accounting(accounting.clone());
-                let listeners = match inherited_listeners().map_err(|error| StartError::Listen {
+                let inherited = inherited_listeners(settings.proxy.allow_remote);
+                let listeners = match inherited.map_err(|error| StartError::Listen {
                     key: "LISTEN_FDS",
                     addr: "systemd socket activation (LISTEN_FDS)".to_string(),
                     error,
@@ -165,12 +167,16 @@ impl App {
             None => None,
         };
         // Last: a start that fails on a listen address leaves no control socket behind.
-        let control = control::bind(&settings.control.socket, settings.control.socket_mode)
-            .await
-            .map_err(|error| StartError::Control {
-                path: settings.control.socket.display().to_string(),
-                error,
-            })?;
+        let control = control::bind(
+            &settings.control.socket,
+            settings.control.socket_mode,
+            settings.control.dir_mode,
+        )
+        .await
+        .map_err(|error| StartError::Control {
+            path: settings.control.socket.display().to_string(),
+            error,
+        })?;
         tokens.load_cache().await;
         tokens.check_cache().await;
         let addresses = proxy_listeners
@@ -249,6 +255,7 @@ impl App {
                     move || st.live().proxy.map(|p| p.stats()).unwrap_or(Value::Null)
                 })),
                 usage: Some(state.accounting.clone()),
+                shutdown: shutdown.clone(),
             }
         };
         tracker.spawn(control::serve(
@@ -339,21 +346,15 @@ impl App {
         tracker.close();
         tracker.wait().await;
         state.accounting.flush().await;
-        let socket = state
-            .settings
-            .read()
-            .expect("settings lock")
-            .control
-            .socket
-            .clone();
-        let _ = std::fs::remove_file(socket);
+        // The control socket's file went with its listener (only if still this daemon's: a new
+        // daemon may have bound the path while this one drained).
         tracing::info!("behest-agent stopped");
     }
 }
 
 /// TCP sockets passed by systemd socket activation (`behest-agent.socket`), when there are any; they
-/// replace `proxy.listen`.
-fn inherited_listeners() -> std::io::Result<Option<Vec<Listener>>> {
+/// replace `proxy.listen` and obey its rule: a non-loopback address needs `proxy.allow_remote`.
+fn inherited_listeners(allow_remote: bool) -> std::io::Result<Option<Vec<Listener>>> {
     let mut fds = listenfd::ListenFd::from_env();
     if fds.len() == 0 {
         return Ok(None);
@@ -361,6 +362,16 @@ fn inherited_listeners() -> std::io::Result<Option<Vec<Listener>>> {
     let mut out = Vec::new();
     for i in 0..fds.len() {
         if let Some(l) = fds.take_tcp_listener(i)? {
+            let addr = l.local_addr()?;
+            if !addr.ip().is_loopback() && !allow_remote {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!(
+                        "systemd passed a socket on {addr}, which is not a loopback address: the proxy injects this machine's credential, so anyone who can reach it can use it. Set ListenStream=127.0.0.1:{} in behest-agent.socket, or proxy.allow_remote = true if that is really intended",
+                        addr.port()
+                    ),
+                ));
+            }
             l.set_nonblocking(true)?;
             out.push(Listener::Tcp(TcpListener::from_std(l)?));
         }

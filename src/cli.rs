@@ -8,9 +8,12 @@ pub mod env;
 pub mod exec;
 pub mod refresh;
 pub mod run;
+pub mod session;
 pub mod status;
+pub mod stop;
 pub mod token;
 pub mod usage;
+pub mod wait;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -19,6 +22,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::config::{self, ConfigError, Settings};
+use crate::control::{ControlError, Daemon};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -71,6 +75,10 @@ pub enum Command {
     Usage(usage::Args),
     /// Check the configuration, the IdP, the token's claims and the upstream, with the fix for each problem
     Doctor(doctor::Args),
+    /// Wait until the daemon answers on its control socket and holds a valid token (for CI scripts)
+    Wait(wait::Args),
+    /// Stop the running daemon as SIGTERM does (requests in flight finish) and wait until it has exited
+    Stop(stop::Args),
     /// Print shell completions
     Completions {
         /// bash, zsh, fish, elvish or powershell
@@ -191,6 +199,8 @@ async fn dispatch(cli: Cli) -> CliResult {
         Command::Dev(a) => dev::run(&g, a).await,
         Command::Doctor(a) => doctor::run(&g, a).await,
         Command::Usage(a) => usage::run(&g, a).await,
+        Command::Wait(a) => wait::run(&g, a).await,
+        Command::Stop(a) => stop::run(&g, a).await,
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "behest-agent", &mut std::io::stdout());
@@ -213,17 +223,17 @@ pub fn init_cli_logging(g: &Global) {
     crate::telemetry::init(config::LogFormat::Text, &g.log_level("warn"), false);
 }
 
-/// Finds a running daemon on the control socket of `settings`.
-pub async fn find_daemon(settings: Option<&Settings>) -> Option<crate::control::ControlClient> {
-    let path = match settings {
+/// The running daemon every command uses, found the one way: on the socket of `settings` (else the
+/// socket the file, the environment or `--set` name, even when the rest of the configuration does
+/// not validate: a client needs only the socket), served by this user, root or the service's user,
+/// and — with `settings` — serving their identity. `Ok(None)` when no daemon runs there.
+pub async fn daemon(
+    g: &Global,
+    settings: Option<&Settings>,
+) -> Result<Option<Daemon>, ControlError> {
+    let socket = match settings {
         Some(s) => s.control.socket.clone(),
-        None => config::default_socket(&process_env()),
+        None => g.control_socket(),
     };
-    crate::control::ControlClient::connect(&path).await
-}
-
-/// Finds a running daemon on the control socket the file, the environment or `--set` name, even
-/// when the rest of the configuration does not validate (a client needs only the socket).
-pub async fn daemon_for(g: &Global) -> Option<crate::control::ControlClient> {
-    crate::control::ControlClient::connect(&g.control_socket()).await
+    Daemon::connect(&socket, settings).await
 }

@@ -182,6 +182,18 @@ pub fn proxy_listen(opts: &LoadOptions) -> Result<Vec<ListenAddr>, ConfigError> 
     .map_err(|e| e.attributed(opts))
 }
 
+/// `proxy.session_id` (when set) and `proxy.session_from_ci` (default true), read like
+/// [`proxy_listen`] without the rest of the configuration, for `env` and `exec`.
+pub fn session_keys(opts: &LoadOptions) -> Result<(Option<String>, bool), ConfigError> {
+    let (_, model) = merged(opts).map_err(|e| e.attributed(opts))?;
+    let session_id = model
+        .proxy
+        .session_id
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty());
+    Ok((session_id, model.proxy.session_from_ci.unwrap_or(true)))
+}
+
 /// Loads and validates the configuration.
 pub fn load(opts: &LoadOptions) -> Result<Settings, ConfigError> {
     let (path, model) = merged(opts).map_err(|e| e.attributed(opts))?;

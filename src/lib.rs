@@ -14,6 +14,7 @@
 //! - [`app`]: the daemon assembled from those parts, with reload.
 //! - [`service`]: systemd notifications (ready, status, watchdog).
 //! - [`telemetry`]: logs and Prometheus metrics.
+//! - [`fds`]: the file descriptor limit, raised at start, and the connection bounds that fit in it.
 //! - [`server`]: the one accept loop (connection bound, protocol limits, idle watchdog, drain)
 //!   that serves the proxy, the control socket, the metrics and `dev`'s servers.
 //! - [`cli`]: one file per subcommand; the binary's `main` only maps errors to exit codes.
@@ -34,6 +35,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod control;
+pub mod fds;
 pub mod fleet;
 pub mod proxy;
 pub mod server;

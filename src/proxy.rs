@@ -23,6 +23,9 @@ mod guard;
 mod path;
 mod upstream;
 
+/// The session id rule, for the CLI's derived sessions.
+pub use path::{MAX_SESSION_ID, valid_session};
+
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
@@ -179,10 +182,22 @@ impl Proxy {
             .map_err(|e| SetupError::Upstream(e.to_string()))?;
         let host = HeaderValue::from_str(upstream.authority.as_str())
             .map_err(|e| SetupError::Upstream(e.to_string()))?;
-        let pool = upstream::Pool::new(https, target, host, POOL_IDLE_TIMEOUT, POOL_MAX_IDLE);
-
         // Zero: no limit (tokio clamps the far deadline).
         let unbounded = |d: Duration| if d.is_zero() { Duration::MAX } else { d };
+        // Both connection bounds within the file descriptor limit (`run` logs the warning).
+        let (fit, _) = crate::fds::fit(
+            settings.max_connections,
+            settings.max_upstream_connections,
+            crate::fds::soft_limit(),
+        );
+        let bounds = upstream::Bounds {
+            idle_timeout: POOL_IDLE_TIMEOUT,
+            max_idle: POOL_MAX_IDLE,
+            max_connections: fit.upstream,
+            permit_wait: unbounded(settings.connect_timeout),
+        };
+        let pool = upstream::Pool::new(https, target, host, bounds);
+
         let fwd = Forwarder {
             tokens,
             pool,
@@ -190,6 +205,7 @@ impl Proxy {
             session_id,
             allowed_origins: settings.allowed_origins.clone(),
             max_replay_body: settings.max_replay_body,
+            replay_budget: forward::ReplayBudget::new(settings.replay_budget),
             upstream_timeout: unbounded(settings.upstream_timeout),
             idle_timeout: unbounded(settings.idle_timeout),
             counters: Arc::default(),
@@ -198,7 +214,7 @@ impl Proxy {
             shared: Arc::new(Shared {
                 current: RwLock::new(Arc::new(fwd)),
                 limits: Limits {
-                    max_connections: settings.max_connections,
+                    max_connections: fit.clients,
                     header_read_timeout: settings.header_read_timeout,
                     idle_timeout: settings.idle_timeout,
                     shutdown_grace: settings.shutdown_grace,
@@ -229,8 +245,9 @@ impl Proxy {
     }
 
     /// On reload: requests arriving from now on, on the listeners `self` serves, go through
-    /// `new`'s forwarder (upstream, token source, session, origins, timeouts). Requests in flight
-    /// finish as they started. The running totals of `stats` carry over to `new`. The listener
+    /// `new`'s forwarder (upstream, token source, session, origins, timeouts, and its own upstream
+    /// connections and replay budget). Requests in flight finish as they started, on the old
+    /// forwarder's connections and budget. The running totals of `stats` carry over to `new`. The listener
     /// limits (`max_connections`, `header_read_timeout`, `shutdown_grace`) are not swapped: they
     /// apply when serving restarts.
     pub fn replace_with(&self, new: &Proxy) {
@@ -291,6 +308,8 @@ impl Proxy {
             },
             "in_flight": get(&s.in_flight),
             "connections": get(&self.shared.connections),
+            "upstream_connections": fwd.pool.open_connections(),
+            "replay_kept_bytes": fwd.replay_budget.used(),
             "replays": get(&s.replays),
             "upstream_errors": get(&s.upstream_errors),
         })

@@ -19,7 +19,7 @@
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -114,11 +114,23 @@ pub enum Listener {
 pub struct UnixSocket {
     listener: UnixListener,
     path: PathBuf,
+    /// The socket file this process created (device, inode): the only file it ever removes.
+    created: (u64, u64),
 }
 
 impl Drop for UnixSocket {
+    /// Removes the socket file, unless it is no longer the one this process created (a newer
+    /// daemon's socket at the same path stays).
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        let Some(_lock) = DirLock::try_for(&self.path, Duration::from_secs(2)) else {
+            tracing::debug!(path = %self.path.display(), "socket left in place: its directory stayed locked");
+            return;
+        };
+        if let Ok(meta) = std::fs::symlink_metadata(&self.path)
+            && (meta.dev(), meta.ino()) == self.created
+        {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -141,11 +153,6 @@ impl Listener {
         }
     }
 
-    /// Wraps a bound Unix listener whose socket file is `path` (removed when dropped).
-    pub fn unix(listener: UnixListener, path: PathBuf) -> Listener {
-        Listener::Unix(UnixSocket { listener, path })
-    }
-
     async fn accept(&self) -> io::Result<(Stream, Conn)> {
         match self {
             Listener::Tcp(l) => {
@@ -162,8 +169,7 @@ impl Listener {
     }
 }
 
-/// Binds every address; a Unix socket gets mode 0660, and a stale socket file left by a dead
-/// process is replaced (a live one is an error).
+/// Binds every address; a Unix socket gets mode 0660 as [`bind_unix`] binds it.
 pub async fn bind(listen: &[ListenAddr]) -> io::Result<Vec<Listener>> {
     let mut out = Vec::with_capacity(listen.len());
     for addr in listen {
@@ -182,32 +188,136 @@ async fn bind_one(addr: &ListenAddr) -> io::Result<Listener> {
     }
 }
 
-/// Binds a Unix socket at `path` with `mode`. A stale socket file left by a dead process is
-/// replaced; a live one is an error (`AddrInUse`). The socket is bound under a temporary name,
-/// given its mode, then renamed into place, so nobody can connect to `path` before it has its
-/// final permissions.
+/// Binds a Unix socket at `path` with `mode`, and only there:
+///
+/// - No other process can connect before the socket has `mode`: it is bound in a fresh 0700
+///   directory next to `path`, given its mode, and only then renamed into place (a connection
+///   accepted before a `chmod` would outlive it).
+/// - A stale socket file (nobody listens) is replaced; a live one is an error (`AddrInUse`); a
+///   path that is not a socket (a file, a symlink, a directory) is never touched.
+/// - A directory every user may write is refused: another user could plant a socket there first,
+///   or replace this one.
+/// - The check and the rename happen under a lock on the directory, so of several processes
+///   racing for the same stale socket exactly one gets it.
+///
+/// The listener removes its socket file when dropped, if it is still the one bound here.
 pub async fn bind_unix(path: &Path, mode: u32) -> io::Result<Listener> {
-    if path.exists() {
-        if UnixStream::connect(path).await.is_ok() {
+    let dir = socket_dir(path);
+    let meta = std::fs::metadata(dir)?;
+    if meta.mode() & 0o002 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "its directory {} is writable by every user (mode {:04o}): another user could put a socket there first, or replace this one; use a directory only its owner (and group) can write",
+                dir.display(),
+                meta.mode() & 0o7777
+            ),
+        ));
+    }
+    // sun_path holds 108 bytes with the terminating NUL.
+    if path.as_os_str().len() > 107 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a Unix socket path may be at most 107 bytes long; use a shorter path",
+        ));
+    }
+    let _lock = DirLock::wait_for(path, Duration::from_secs(10)).await?;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_socket() => {
             return Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                "another process answers on this socket",
+                io::ErrorKind::AlreadyExists,
+                "it exists and is not a socket; remove it yourself or choose another path",
             ));
         }
-        std::fs::remove_file(path)?;
+        Ok(_) => match UnixStream::connect(path).await {
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "another process answers on this socket",
+                ));
+            }
+            // Stale: the rename below replaces it.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+            Err(e) => return Err(e),
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
     }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".{}.tmp", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    let _ = std::fs::remove_file(&tmp);
+    // 0700 whatever the umask (tempfile's default is 0777 less the umask).
+    let private = tempfile::Builder::new()
+        .prefix(".bind")
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir_in(dir)?;
+    let tmp = private.path().join("s");
     let listener = UnixListener::bind(&tmp)?;
-    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = placed {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+    let created = std::fs::symlink_metadata(&tmp)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(Listener::Unix(UnixSocket {
+        listener,
+        path: path.to_path_buf(),
+        created: (created.dev(), created.ino()),
+    }))
+}
+
+/// The directory a socket file is in.
+fn socket_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
     }
-    Ok(Listener::unix(listener, path.to_path_buf()))
+}
+
+/// An exclusive `flock` on a socket's directory, held while its socket file is checked and
+/// replaced or removed; released when dropped.
+struct DirLock {
+    _dir: std::fs::File,
+}
+
+impl DirLock {
+    fn try_once(socket: &Path) -> io::Result<Option<DirLock>> {
+        let dir = std::fs::File::open(socket_dir(socket))?;
+        match dir.try_lock() {
+            Ok(()) => Ok(Some(DirLock { _dir: dir })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
+
+    /// Waits up to `bound` for the lock (the holder only checks and renames a file).
+    async fn wait_for(socket: &Path, bound: Duration) -> io::Result<DirLock> {
+        let end = Instant::now() + bound;
+        loop {
+            if let Some(lock) = Self::try_once(socket)? {
+                return Ok(lock);
+            }
+            if Instant::now() >= end {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "another process has held the lock on {} for {}s",
+                        socket_dir(socket).display(),
+                        bound.as_secs()
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// For `Drop`, which cannot await: a few tries within `bound`, else `None`.
+    fn try_for(socket: &Path, bound: Duration) -> Option<DirLock> {
+        let end = std::time::Instant::now() + bound;
+        loop {
+            match Self::try_once(socket) {
+                Ok(Some(lock)) => return Some(lock),
+                Ok(None) if std::time::Instant::now() < end => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                _ => return None,
+            }
+        }
+    }
 }
 
 /// hyper's HTTP/1 and h2 settings: the same for every server.

@@ -64,6 +64,8 @@ fn auth0_domain_derives_token_issuer_and_jwks_urls() {
         vec![ListenAddr::Tcp("127.0.0.1:8711".parse().unwrap())]
     );
     assert_eq!(s.proxy.max_replay_body, 1 << 20);
+    assert_eq!(s.proxy.replay_budget, 64 << 20);
+    assert_eq!(s.proxy.max_upstream_connections, s.proxy.max_connections);
     assert_eq!(s.proxy.upstream_timeout, Duration::from_secs(600));
 }
 
@@ -270,6 +272,19 @@ fn durations_and_sizes_are_human_strings_and_bad_ones_name_the_key() {
     let s = r.unwrap();
     assert_eq!(s.proxy.max_replay_body, 2 << 20);
     assert_eq!(s.proxy.idle_timeout, Duration::from_secs(3600));
+    let (_d, r) = load_file(
+        &format!("{MINIMAL}[proxy]\nreplay_budget = \"8MiB\"\nmax_upstream_connections = 10\n"),
+        &[("AUTH0_CLIENT_SECRET", "s3cret-value")],
+    );
+    let s = r.unwrap();
+    assert_eq!(s.proxy.replay_budget, 8 << 20);
+    assert_eq!(s.proxy.max_upstream_connections, 10);
+    let (_d, r) = load_file(
+        &format!("{MINIMAL}[proxy]\nreplay_budget = \"plenty\"\n"),
+        &[("AUTH0_CLIENT_SECRET", "s3cret-value")],
+    );
+    let msg = r.unwrap_err().to_string();
+    assert!(msg.contains("proxy.replay_budget"), "{msg}");
 }
 
 #[test]

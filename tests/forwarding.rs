@@ -239,6 +239,30 @@ async fn bad_session_ids_are_refused_and_never_forwarded() {
     assert_eq!(rig.up.request_count(), 0);
 }
 
+/// `X-Session-Id` follows the one rule of `/s/ID/`: every value is checked, and a request names
+/// one session (a second header, valid or not, would go upstream unchecked or split the cost).
+#[tokio::test]
+async fn a_second_x_session_id_header_is_refused_and_never_forwarded() {
+    let rig = Rig::start().await;
+    let long = "x".repeat(129);
+    for second in ["has space", "also-valid", long.as_str()] {
+        let resp = get_with(
+            &rig,
+            "/v1/models",
+            &[("x-session-id", "job-1"), ("x-session-id", second)],
+        )
+        .await;
+        let v = assert_agent_error(resp, 400, "bad_request").await;
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("X-Session-Id")),
+            "{v}"
+        );
+    }
+    assert_eq!(rig.up.request_count(), 0);
+}
+
 #[tokio::test]
 async fn header_names_with_an_underscore_are_not_forwarded() {
     let rig = Rig::start().await;

@@ -211,7 +211,7 @@ async fn token_does_not_go_around_a_daemon_that_answered_with_a_refusal() {
     let o = output(h.agent(&["token"], &[])).await;
     assert_eq!(o.code, 1, "{}", o.stderr);
     assert!(o.stdout.is_empty(), "{}", o.stdout);
-    assert!(o.stderr.contains("refused-by-the-daemon"), "{}", o.stderr);
+    assert!(o.stderr.contains("answered HTTP 403"), "{}", o.stderr);
     assert_eq!(
         h.idp.token_requests(),
         0,

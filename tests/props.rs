@@ -122,6 +122,7 @@ const FIELDS: &[(&str, &[&str])] = &[
             "allow_insecure_upstream",
             "ca_file",
             "session_id",
+            "session_from_ci",
             "allow_remote",
             "allowed_origins",
             "max_connections",

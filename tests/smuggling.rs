@@ -119,6 +119,9 @@ async fn transfer_encodings_other_than_a_final_chunked_are_refused() {
     let rig = Rig::start().await;
     for fields in [
         "Transfer-Encoding: chunked, identity\r\n",
+        "Transfer-Encoding: gzip, chunked\r\n",
+        "Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+        "Transfer-Encoding: chunked, chunked\r\n",
         "Transfer-Encoding: identity\r\n",
         "Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n",
         "Transfer-Encoding: xchunked\r\n",
@@ -587,6 +590,43 @@ async fn upgrade_requests_are_forwarded_without_upgrading() {
     for r in rig.up.requests() {
         assert!(!r.path.contains("after-upgrade"), "{r:?}");
     }
+    rig.assert_never_elsewhere();
+    rig.finish().await;
+}
+
+/// The client's `Upgrade` is never forwarded, so an upstream `101` answers a request that asked
+/// for no upgrade: passed on, it would leave the client on a connection that speaks something
+/// else, and the request pipelined behind it would be lost.
+#[tokio::test]
+async fn an_upstream_101_to_a_request_that_asked_for_none_is_a_502_and_the_connection_goes_on() {
+    let rig = Rig::start().await;
+    rig.up
+        .fail_next(1, devkit::upstream::UpstreamFault::SwitchProtocols);
+    let req = head(&rig, "GET /v1/models HTTP/1.1", "")
+        + &head(
+            &rig,
+            "GET /v1/models?second HTTP/1.1",
+            "Connection: close\r\n",
+        );
+    let mut s = TcpStream::connect(rig.addr).await.unwrap();
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut all = Vec::new();
+    within(s.read_to_end(&mut all)).await.unwrap();
+    let text = String::from_utf8_lossy(&all);
+    let statuses: Vec<&str> = text
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &text[i + 9..i + 12])
+        .collect();
+    assert_eq!(statuses, ["502", "200"], "{text}");
+    assert!(
+        text.contains("\"code\":\"bad_upstream_response\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("101 Switching Protocols"),
+        "the message says why: {text}"
+    );
+    assert_eq!(rig.up.request_count(), 2);
     rig.assert_never_elsewhere();
     rig.finish().await;
 }

@@ -1,6 +1,9 @@
 //! The integration tests: one binary, a module per area, shared helpers in `util` and the proxy
 //! test rig in `rig`.
 
+mod ci;
+mod ci_github;
+mod ci_gitlab;
 mod cli;
 mod config;
 mod dev;
@@ -9,6 +12,7 @@ mod faults;
 mod fleet;
 mod forwarding;
 mod interop;
+mod limits;
 mod node;
 mod outage;
 mod props;
@@ -18,6 +22,7 @@ mod rig;
 mod service;
 mod smuggling;
 mod token;
+mod trust;
 mod upstream;
 mod usage;
 mod util;

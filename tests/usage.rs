@@ -407,6 +407,19 @@ async fn exec_prints_the_sessions_usage_and_appends_it_to_the_step_summary() {
     let table = std::fs::read_to_string(&summary).unwrap();
     assert!(table.contains("| job-42 | echo-1 | 1 |"), "{table}");
 
+    // No --session: the CI job's, in the URL and in the summary.
+    let out =
+        s.h.agent_with_upstream(
+            &s.upstream.base_url(),
+            &["exec", "--", "sh", "-c", &script],
+            &[("CI_JOB_ID", "77")],
+        )
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("session gl-77: 1 requests"), "{stderr}");
+
     let quiet =
         s.h.agent_with_upstream(
             &s.upstream.base_url(),

@@ -142,6 +142,9 @@ pub enum UpstreamFault {
     Hold,
     /// 200 with this content type and body, sent in one piece (malformed usage, huge lines…).
     Raw { content_type: String, body: Bytes },
+    /// Answers `101 Switching Protocols` (`Upgrade: websocket`) whatever the request asked, as a
+    /// confused or hostile server might; the connection then closes.
+    SwitchProtocols,
 }
 
 /// What the `Authorization` header carried; the token itself is never kept.
@@ -477,6 +480,15 @@ impl Upstream {
             }
             Some(UpstreamFault::PauseStream { after_events }) => {
                 stream_fault = Some(StreamFault::Pause(after_events));
+            }
+            Some(UpstreamFault::SwitchProtocols) => {
+                let response = Response::builder()
+                    .status(StatusCode::SWITCHING_PROTOCOLS)
+                    .header(http::header::CONNECTION, "upgrade")
+                    .header(http::header::UPGRADE, "websocket")
+                    .body(full(Bytes::new()))
+                    .expect("a valid response head");
+                return self.finish(seq, in_flight, response);
             }
             Some(UpstreamFault::Hold) => {
                 // Dropped with `in_flight` when the client goes away: that is the cancellation.

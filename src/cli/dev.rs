@@ -51,6 +51,8 @@ pub struct Args {
 pub async fn run(g: &Global, args: Args) -> CliResult {
     crate::telemetry::init(config::LogFormat::Text, &g.log_level("info"), false);
     super::release_freed_memory_in_the_background();
+    // The IdP, the upstream and the proxy all take descriptors from this one process.
+    crate::fds::raise_soft_limit();
     let servers = CancellationToken::new();
     let _stop_servers = servers.clone().drop_guard();
     let secret = random_secret();
@@ -104,6 +106,13 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
         ),
     ] {
         env.insert(k.to_string(), v);
+    }
+    // Where the user's private directory is, so a default socket there gets it created 0700.
+    let process = super::process_env();
+    for k in ["HOME", "XDG_STATE_HOME"] {
+        if let Some(v) = process.get(k) {
+            env.insert(k.to_string(), v.clone());
+        }
     }
     let settings = config::load(&LoadOptions {
         path: None,
@@ -170,7 +179,11 @@ Ctrl-C stops it.",
         up = upstream.base_url(),
         sock = socket.display(),
     );
-    super::run::wait_for_stop_signal().await;
+    // A signal, or `behest-agent stop` (which cancels `shutdown` over the control socket).
+    tokio::select! {
+        () = super::run::wait_for_stop_signal() => {}
+        () = shutdown.cancelled() => {}
+    }
     shutdown.cancel();
     let _ = running.await;
     Ok(ExitCode::SUCCESS)

@@ -19,17 +19,17 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::{Method, StatusCode};
+use http::Method;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
-use super::{CliResult, Global, find_daemon, init_cli_logging};
+use super::{CliResult, Global, daemon, init_cli_logging};
 use crate::auth::grant::sanitize;
 use crate::auth::http::describe_reqwest;
 use crate::auth::{GrantError, ResolvedEndpoints};
 use crate::config::{AuthSettings, ClientAuth, Endpoints, SecretSource, Settings, UidCheck};
-use crate::control::ControlClient;
 use crate::control::server::expires_words;
+use crate::control::{ControlError, Daemon};
 use crate::fleet::Peek;
 use crate::token::jwks::Jwks;
 use crate::token::{CheckError, TokenSource, Verifier, rfc3339};
@@ -54,11 +54,15 @@ pub async fn run(g: &Global, _args: Args) -> CliResult {
         Err(e) => {
             // No configuration of its own (none was named): a running daemon, such as
             // `behest-agent dev`, is what the user wants checked.
-            if g.config.is_none()
-                && let Some(daemon) = super::daemon_for(g).await
-            {
-                check_daemon_alone(&mut r, &daemon).await;
-                return Ok(r.exit_code());
+            if g.config.is_none() {
+                match daemon(g, None).await {
+                    Ok(Some(d)) => {
+                        check_daemon_alone(&mut r, &d).await;
+                        return Ok(r.exit_code());
+                    }
+                    Ok(None) => {}
+                    Err(e) => r.fail("daemon", e.problem(), e.fix()),
+                }
             }
             r.fail("config", e.problem(), e.fix());
             return Ok(ExitCode::from(2));
@@ -89,21 +93,15 @@ pub async fn run(g: &Global, _args: Args) -> CliResult {
     };
     let idp = check_idp(&mut r, &settings, &source).await;
 
-    // Asked now, reported after the token: a running daemon can spare the grant.
-    let daemon = find_daemon(Some(&settings)).await;
-    let daemon_status = match &daemon {
-        Some(c) => match c.call(Method::GET, "/v1/status").await {
-            Ok((StatusCode::OK, v)) => Some(v),
-            _ => None,
-        },
-        None => None,
-    };
+    // Asked now, reported after the token: a running daemon can spare the grant (only one that
+    // serves this configuration's identity).
+    let daemon = daemon(g, Some(&settings)).await;
 
     let mut servable: Option<SecretString> = None;
     match &idp {
         Some(idp) => {
-            let daemon_ref = daemon.as_ref().zip(daemon_status.as_ref());
-            if let Some(token) = obtain(&mut r, &settings, &source, daemon_ref, idp.jwks_ok).await
+            let found = daemon.as_ref().ok().and_then(Option::as_ref);
+            if let Some(token) = obtain(&mut r, &settings, &source, found, idp.jwks_ok).await
                 && check_token(&mut r, &settings, source.verifier(), &idp.endpoints, &token).await
             {
                 servable = Some(token);
@@ -112,8 +110,13 @@ pub async fn run(g: &Global, _args: Args) -> CliResult {
         None => r.info("grant and claims: not checked (the IdP's endpoints are not known)"),
     }
 
-    check_daemon(&mut r, &settings, daemon.as_ref(), daemon_status.as_ref());
-    check_cache(&mut r, &settings, &source, daemon_status.as_ref()).await;
+    check_daemon(&mut r, &settings, &daemon);
+    let daemon_status = daemon
+        .as_ref()
+        .ok()
+        .and_then(Option::as_ref)
+        .map(Daemon::status);
+    check_cache(&mut r, &settings, &source, daemon_status).await;
     check_fleet(&mut r, &source).await;
     check_upstream(&mut r, &settings, servable.as_ref()).await;
     Ok(r.exit_code())
@@ -316,7 +319,7 @@ async fn obtain(
     r: &mut Report,
     s: &Settings,
     source: &TokenSource,
-    daemon: Option<(&ControlClient, &Value)>,
+    daemon: Option<&Daemon>,
     jwks_ok: bool,
 ) -> Option<SecretString> {
     if let Some(t) = source.load_cache().await {
@@ -331,9 +334,11 @@ async fn obtain(
         ));
         return Some(t.secret().clone());
     }
-    if let Some((client, status)) = daemon
-        && status.pointer("/token/ready").and_then(Value::as_bool) == Some(true)
-        && let Ok((StatusCode::OK, body)) = client.call(Method::GET, "/v1/token").await
+    if let Some(d) = daemon
+        && d.status().pointer("/token/ready").and_then(Value::as_bool) == Some(true)
+        && let Ok(body) = d
+            .request(Method::GET, "/v1/token", Daemon::grant_wait(Some(s)))
+            .await
         && let Some(token) = body.get("access_token").and_then(Value::as_str)
     {
         r.pass("token: the running daemon's (no grant made)");
@@ -510,30 +515,20 @@ async fn check_token(
 }
 
 /// The daemon answering on the control socket, and the socket's mode.
-fn check_daemon(
-    r: &mut Report,
-    s: &Settings,
-    daemon: Option<&ControlClient>,
-    status: Option<&Value>,
-) {
+fn check_daemon(r: &mut Report, s: &Settings, daemon: &Result<Option<Daemon>, ControlError>) {
     let socket = &s.control.socket;
-    let Some(_) = daemon else {
-        r.info(format!(
-            "daemon: not running (nothing answers on {})",
-            socket.display()
-        ));
-        return;
-    };
-    match status {
-        None => r.fail(
-            "daemon",
-            format!(
-                "something answers on {} but not with the agent's control API",
+    match daemon {
+        Ok(None) => {
+            r.info(format!(
+                "daemon: not running (nothing answers on {})",
                 socket.display()
-            ),
-            "stop whatever listens there, or set control.socket to another path",
-        ),
-        Some(v) => {
+            ));
+            return;
+        }
+        // Another user's socket, another identity, no answer: the error has the fix.
+        Err(e) => r.fail("daemon", e.problem(), e.fix()),
+        Ok(Some(d)) => {
+            let v = d.status();
             let d = &v["daemon"];
             let version = d["version"].as_str().unwrap_or("?");
             r.pass(format!(
@@ -584,19 +579,9 @@ fn check_daemon(
 /// With no configuration here, what can be checked of the daemon that answers on the default
 /// socket: its token and claims as it reports them, and the upstream through its proxy. The
 /// credentials and the IdP need its configuration (and its secret, which it never hands out).
-async fn check_daemon_alone(r: &mut Report, daemon: &ControlClient) {
+async fn check_daemon_alone(r: &mut Report, daemon: &Daemon) {
     let socket = daemon.path().display();
-    let status = match daemon.call(Method::GET, "/v1/status").await {
-        Ok((StatusCode::OK, v)) => v,
-        _ => {
-            r.fail(
-                "daemon",
-                format!("something answers on {socket} but not with the agent's control API"),
-                "stop whatever listens there, or point --config at the agent's configuration",
-            );
-            return;
-        }
-    };
+    let status = daemon.status();
     let d = &status["daemon"];
     r.pass(format!(
         "daemon: pid {}, version {}, on {socket}",
@@ -649,13 +634,10 @@ async fn check_daemon_alone(r: &mut Report, daemon: &ControlClient) {
             }
         }
     }
-    let Some(listen) = d["listen"]
-        .as_array()
-        .and_then(|l| l.first())
-        .and_then(Value::as_str)
-    else {
-        r.info("upstream: the daemon runs no proxy");
-        return;
+    let listen = match daemon.proxy_address() {
+        Ok(Some(addr)) => addr,
+        Ok(None) => return r.info("upstream: the daemon runs no TCP proxy listener"),
+        Err(e) => return r.fail("daemon's proxy address", e.problem(), e.fix()),
     };
     let url = format!("http://{listen}/v1/models");
     let what = format!("upstream GET /v1/models through the agent ({listen})");

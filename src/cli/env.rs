@@ -1,15 +1,15 @@
 //! `behest-agent env`: prints what a job needs to use the proxy — `OPENAI_BASE_URL`, `OPENAI_API_KEY`
-//! (a placeholder the agent replaces) and the older `OPENAI_API_BASE` — in the shell's syntax. The
-//! address is the running daemon's, else the configured `proxy.listen`; nothing else of the
-//! configuration is read, so it works before the IdP is configured.
+//! (a placeholder the agent replaces) and the older `OPENAI_API_BASE` — in the shell's syntax,
+//! quoted so that `eval` takes each value literally. The address is the running daemon's (a
+//! loopback one only), else the configured `proxy.listen`; the session is `--session`, else the
+//! CI job's ([`super::session`]). Nothing else of the configuration is needed, so it works before
+//! the IdP is configured.
 
 use std::process::ExitCode;
 
-use http::Method;
-use serde_json::Value;
-
-use super::{CliResult, Global, daemon_for, init_cli_logging};
+use super::{CliResult, Global, daemon, init_cli_logging};
 use crate::config::ListenAddr;
+use crate::control::Daemon;
 
 /// The `OPENAI_API_KEY` value: SDKs insist on one; the proxy drops it and injects the real token.
 pub const PLACEHOLDER_KEY: &str = "placeholder";
@@ -30,32 +30,29 @@ pub enum Format {
 pub struct Args {
     #[arg(long, value_enum, default_value = "sh")]
     pub format: Format,
-    /// Attribute the job's cost to this session (base URL /s/ID/v1, sent as X-Session-Id)
+    /// Attribute the job's cost to this session (base URL /s/ID/v1, sent as X-Session-Id);
+    /// default: from the CI job's variables (proxy.session_from_ci)
     #[arg(long, value_name = "ID")]
     pub session: Option<String>,
 }
 
 pub async fn run(g: &Global, args: Args) -> CliResult {
     init_cli_logging(g);
-    let addr = proxy_address(g).await?;
-    let base = base_url(&addr, args.session.as_deref())?;
-    print!("{}", render(args.format, &variables(&base)));
+    let settings = g.load().ok();
+    let daemon = daemon(g, settings.as_ref()).await?;
+    let addr = proxy_address(g, daemon.as_ref())?;
+    let session = super::session::for_command(g, args.session.as_deref());
+    let base = base_url(&addr, session.as_deref())?;
+    print!("{}", render(args.format, &variables(&base))?);
     Ok(ExitCode::SUCCESS)
 }
 
-/// The proxy's address: the daemon's first TCP listener, else the configuration's `proxy.listen`
-/// (nothing else of the configuration is needed, so this works with none at all).
-pub async fn proxy_address(g: &Global) -> anyhow::Result<String> {
-    if let Some(client) = daemon_for(g).await
-        && let Ok((_, status)) = client.call(Method::GET, "/v1/status").await
-        && let Some(addr) = status
-            .pointer("/daemon/listen")
-            .and_then(Value::as_array)
-            .and_then(|l| {
-                l.iter()
-                    .filter_map(Value::as_str)
-                    .find(|a| !a.starts_with("unix:"))
-            })
+/// The proxy's address: the daemon's first loopback TCP listener (see
+/// [`Daemon::proxy_address`]), else the configuration's `proxy.listen` (nothing else of the
+/// configuration is needed, so this works with none at all).
+pub fn proxy_address(g: &Global, daemon: Option<&Daemon>) -> anyhow::Result<String> {
+    if let Some(d) = daemon
+        && let Some(addr) = d.proxy_address()?
     {
         return Ok(addr.to_string());
     }
@@ -96,17 +93,41 @@ pub fn variables(base: &str) -> Vec<(&'static str, String)> {
     ]
 }
 
-pub fn render(format: Format, vars: &[(&str, String)]) -> String {
+/// The variables in `format`'s syntax, each value quoted so that the shell (or the file's reader)
+/// takes it literally. A value with a control character (a newline would start another variable)
+/// is refused, as is, in `dotenv`, one whose readers would unquote it differently.
+pub fn render(format: Format, vars: &[(&str, String)]) -> anyhow::Result<String> {
     let mut out = String::new();
     for (k, v) in vars {
+        if v.chars().any(char::is_control) {
+            anyhow::bail!(
+                "{k} would hold a control character (`{}`): refusing to print it",
+                v.escape_debug()
+            );
+        }
         let line = match format {
-            Format::Sh => format!("export {k}='{v}'\n"),
-            Format::Fish => format!("set -gx {k} '{v}';\n"),
-            Format::Dotenv | Format::Github => format!("{k}={v}\n"),
+            Format::Sh => format!("export {k}='{}'\n", v.replace('\'', r"'\''")),
+            Format::Fish => format!(
+                "set -gx {k} '{}';\n",
+                v.replace('\\', r"\\").replace('\'', r"\'")
+            ),
+            Format::Dotenv => {
+                if !v
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.~:/@%+=,[]".contains(&b))
+                {
+                    anyhow::bail!(
+                        "{k} = `{v}` cannot be written in dotenv format safely (its readers unquote differently); use --format sh"
+                    );
+                }
+                format!("{k}={v}\n")
+            }
+            // $GITHUB_ENV takes the rest of the line literally.
+            Format::Github => format!("{k}={v}\n"),
         };
         out.push_str(&line);
     }
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -117,18 +138,70 @@ mod tests {
     fn each_format_renders_the_three_variables() {
         let vars = variables("http://127.0.0.1:8711/v1");
         assert_eq!(
-            render(Format::Sh, &vars),
+            render(Format::Sh, &vars).unwrap(),
             "export OPENAI_BASE_URL='http://127.0.0.1:8711/v1'\nexport OPENAI_API_BASE='http://127.0.0.1:8711/v1'\nexport OPENAI_API_KEY='placeholder'\n"
         );
         assert_eq!(
-            render(Format::Fish, &vars).lines().next().unwrap(),
+            render(Format::Fish, &vars).unwrap().lines().next().unwrap(),
             "set -gx OPENAI_BASE_URL 'http://127.0.0.1:8711/v1';"
         );
         assert_eq!(
-            render(Format::Dotenv, &vars).lines().last().unwrap(),
+            render(Format::Dotenv, &vars)
+                .unwrap()
+                .lines()
+                .last()
+                .unwrap(),
             "OPENAI_API_KEY=placeholder"
         );
-        assert_eq!(render(Format::Github, &vars), render(Format::Dotenv, &vars));
+        assert_eq!(
+            render(Format::Github, &vars).unwrap(),
+            render(Format::Dotenv, &vars).unwrap()
+        );
+        let v6 = variables("http://[::1]:8711/v1");
+        assert!(render(Format::Dotenv, &v6).is_ok());
+    }
+
+    #[test]
+    fn quotes_in_a_value_are_escaped_for_sh_and_fish_and_refused_in_dotenv() {
+        let evil = vec![("V", r"a'$(id)\b".to_string())];
+        assert_eq!(
+            render(Format::Sh, &evil).unwrap(),
+            "export V='a'\\''$(id)\\b'\n"
+        );
+        assert_eq!(
+            render(Format::Fish, &evil).unwrap(),
+            "set -gx V 'a\\'$(id)\\\\b';\n"
+        );
+        assert!(render(Format::Dotenv, &evil).is_err());
+    }
+
+    #[test]
+    fn a_control_character_in_a_value_is_refused_in_every_format() {
+        for format in [Format::Sh, Format::Fish, Format::Dotenv, Format::Github] {
+            for bad in ["http://127.0.0.1:1/v1\nEVIL=1", "a\rb", "a\u{1b}]0;x\u{7}"] {
+                let vars = vec![("OPENAI_BASE_URL", bad.to_string())];
+                assert!(render(format, &vars).is_err(), "{format:?} {bad:?}");
+            }
+        }
+    }
+
+    /// What `sh` makes of the line: the value comes back byte for byte, and nothing runs.
+    #[test]
+    fn sh_evaluates_a_rendered_value_to_itself_and_runs_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("ran");
+        let value = format!(
+            "'; touch {m}; echo '$(touch {m})`touch {m}`\\",
+            m = marker.display()
+        );
+        let line = render(Format::Sh, &[("V", value.clone())]).unwrap();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("{line}printf %s \"$V\""))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), value);
+        assert!(!marker.exists(), "the value ran a command");
     }
 
     #[test]

@@ -18,13 +18,14 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use super::env::{base_url, variables};
-use super::{CliResult, Failure, Global, daemon_for, init_cli_logging, process_env};
+use super::{CliResult, Failure, Global, daemon, init_cli_logging, process_env};
 use crate::app::App;
 use crate::config::{self, ListenAddr, LoadOptions};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Attribute the command's cost to this session (base URL /s/ID/v1, sent as X-Session-Id)
+    /// Attribute the command's cost to this session (base URL /s/ID/v1, sent as X-Session-Id);
+    /// default: from the CI job's variables (proxy.session_from_ci)
     #[arg(long, value_name = "ID")]
     pub session: Option<String>,
     /// The command and its arguments
@@ -49,8 +50,9 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     let mut own_accounting = None;
     let mut _runtime_dir = None;
 
-    let addr = if daemon_for(g).await.is_some() {
-        super::env::proxy_address(g).await?
+    let settings = g.load();
+    let addr = if let Some(d) = daemon(g, settings.as_ref().ok()).await? {
+        super::env::proxy_address(g, Some(&d))?
     } else {
         // No daemon: our own agent for the command's lifetime, on an ephemeral port.
         let dir = tempfile::Builder::new()
@@ -91,16 +93,37 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
         _runtime_dir = Some(dir);
         addr
     };
-    let base = base_url(&addr, args.session.as_deref())?;
+    let session = super::session::for_command(g, args.session.as_deref());
+    let base = base_url(&addr, session.as_deref())?;
     env.extend(
         variables(&base)
             .into_iter()
             .map(|(k, v)| (k.to_string(), v)),
     );
+    // `behest-agent token` inside the command reads the configuration this command was given
+    // (the CLI refuses an agent serving another identity than its configuration's); what exec
+    // sets itself comes later and wins.
+    let mut given: Vec<(String, String)> = g
+        .set
+        .iter()
+        .map(|(k, v)| {
+            let var = format!("BEHEST_AGENT__{}", k.replace('.', "__").to_uppercase());
+            (var, v.clone())
+        })
+        .collect();
+    if let Some(c) = &g.config {
+        given.push(("BEHEST_AGENT_CONFIG".into(), c.display().to_string()));
+    }
+    env.splice(0..0, given);
 
     let status = run_child(&args.command, env.into_iter().collect()).await;
     if !args.no_summary {
-        let session = args.session.as_deref().unwrap_or(crate::usage::NO_SESSION);
+        // The session the command's requests went with: the URL's, else the configured one.
+        let session = session
+            .clone()
+            .or_else(|| g.load().ok().and_then(|s| s.proxy.session_id))
+            .unwrap_or_else(|| crate::usage::NO_SESSION.to_string());
+        let session = session.as_str();
         let report = match &own_accounting {
             Some(accounting) => Ok(Some(accounting.report())),
             None => super::usage::fetch(g, Some(session)).await,

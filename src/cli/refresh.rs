@@ -4,10 +4,10 @@
 use std::process::ExitCode;
 
 use anyhow::anyhow;
-use http::{Method, StatusCode};
+use http::Method;
 
-use super::{CliResult, Global, daemon_for, init_cli_logging};
-use crate::control::client::error_message;
+use super::{CliResult, Global, daemon, init_cli_logging};
+use crate::control::Daemon;
 use crate::token::{TokenSource, rfc3339};
 
 #[derive(Debug, clap::Args)]
@@ -16,12 +16,13 @@ pub struct Args {}
 pub async fn run(g: &Global, _args: Args) -> CliResult {
     init_cli_logging(g);
     let settings = g.load();
-    match daemon_for(g).await {
-        Some(client) => {
-            let (status, body) = client.call(Method::POST, "/v1/refresh").await?;
-            if status != StatusCode::OK {
-                return Err(anyhow!("refresh failed: {}", error_message(&body, status)).into());
-            }
+    match daemon(g, settings.as_ref().ok()).await? {
+        Some(d) => {
+            let wait = Daemon::grant_wait(settings.as_ref().ok());
+            let body = d
+                .request(Method::POST, "/v1/refresh", wait)
+                .await
+                .map_err(|e| anyhow!("refresh failed: {e}"))?;
             let exp = body
                 .pointer("/token/expires_at")
                 .and_then(|v| v.as_str())

@@ -23,7 +23,12 @@ pub async fn run(g: &Global, _args: Args) -> CliResult {
         std::env::var_os("JOURNAL_STREAM").is_some(),
     );
     super::release_freed_memory_in_the_background();
-    for w in &settings.warnings {
+    crate::fds::raise_soft_limit();
+    for w in settings
+        .warnings
+        .iter()
+        .chain(&crate::fds::warning(&settings.proxy))
+    {
         tracing::warn!("{w}");
     }
     let app = App::build(settings, crate::clock::system())
@@ -70,7 +75,7 @@ fn spawn_signal_handler(
                     tracing::info!("SIGHUP: reloading the configuration");
                     match g.load() {
                         Ok(settings) => {
-                            for w in &settings.warnings {
+                            for w in settings.warnings.iter().chain(&crate::fds::warning(&settings.proxy)) {
                                 tracing::warn!("{w}");
                             }
                             let _ = reloads.send(Reload { settings }).await;

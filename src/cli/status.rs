@@ -4,10 +4,9 @@
 use std::process::ExitCode;
 
 use anyhow::anyhow;
-use http::Method;
 use serde_json::{Value, json};
 
-use super::{CliResult, Global, daemon_for, init_cli_logging};
+use super::{CliResult, Global, daemon, init_cli_logging};
 use crate::control::server::expires_words;
 use crate::token::TokenSource;
 
@@ -21,8 +20,8 @@ pub struct Args {
 pub async fn run(g: &Global, args: Args) -> CliResult {
     init_cli_logging(g);
     let settings = g.load();
-    let doc = match daemon_for(g).await {
-        Some(client) => client.call(Method::GET, "/v1/status").await?.1,
+    let doc = match daemon(g, settings.as_ref().ok()).await? {
+        Some(d) => d.status().clone(),
         None => {
             let settings = settings?;
             let source =

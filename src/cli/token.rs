@@ -7,12 +7,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::anyhow;
-use http::{Method, StatusCode};
+use http::Method;
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 
-use super::{CliResult, Global, daemon_for, init_cli_logging};
-use crate::control::client::{ControlError, error_message};
+use super::{CliResult, Global, daemon, init_cli_logging};
+use crate::control::Daemon;
+use crate::control::client::ControlError;
 use crate::token::{TokenSource, rfc3339};
 
 #[derive(Debug, clap::Args)]
@@ -32,25 +33,28 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     init_cli_logging(g);
     let min_ttl = args.min_ttl.unwrap_or_default();
     let settings = g.load();
-    let from_daemon = match daemon_for(g).await {
-        Some(client) => {
+    let from_daemon = match daemon(g, settings.as_ref().ok()).await {
+        Ok(Some(d)) => {
             let uri = format!("/v1/token?min_ttl={}", min_ttl.as_secs());
-            match client.call(Method::GET, &uri).await {
-                Ok((StatusCode::OK, body)) => Some(body),
-                // The daemon answered and refused: its answer stands.
-                Ok((status, body)) => {
-                    return Err(anyhow!("{}", error_message(&body, status)).into());
-                }
+            let wait = Daemon::grant_wait(settings.as_ref().ok());
+            match d.request(Method::GET, &uri, wait).await {
+                Ok(doc) => Some(doc),
                 Err(e) if daemon_absent(&e) => {
                     // Stopping or restarting between the probe and the call: the disk cache and a
                     // one-shot grant serve instead, as with no daemon.
                     tracing::info!("{e}; getting the token without the daemon");
                     None
                 }
+                // The daemon answered and refused, or is not one to trust: that stands.
                 Err(e) => return Err(anyhow!(e).into()),
             }
         }
-        None => None,
+        Ok(None) => None,
+        Err(e) if daemon_absent(&e) => {
+            tracing::info!("{e}; getting the token without the daemon");
+            None
+        }
+        Err(e) => return Err(anyhow!(e).into()),
     };
     let doc = match from_daemon {
         Some(doc) => doc,
@@ -87,6 +91,13 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
 /// answering with a refusal. Every kind of control error must be placed on one side or the other.
 fn daemon_absent(e: &ControlError) -> bool {
     match e {
-        ControlError::Io { .. } => true,
+        ControlError::NoAnswer { .. } | ControlError::Io { .. } => true,
+        ControlError::Denied { .. }
+        | ControlError::Untrusted { .. }
+        | ControlError::Unidentified { .. }
+        | ControlError::OtherIdentity { .. }
+        | ControlError::Invalid { .. }
+        | ControlError::UnsafeAddress { .. }
+        | ControlError::Refused { .. } => false,
     }
 }

@@ -3,11 +3,11 @@
 
 use std::process::ExitCode;
 
-use anyhow::{Context, anyhow};
-use http::{Method, StatusCode};
+use anyhow::Context;
+use http::Method;
 
-use super::{CliResult, Global, daemon_for, init_cli_logging};
-use crate::control::client::error_message;
+use super::{CliResult, Global, daemon, init_cli_logging};
+use crate::control::Daemon;
 use crate::usage::{Report, ledger};
 
 #[derive(Debug, clap::Args)]
@@ -53,7 +53,8 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
 
 /// The daemon's counts, else the ledger's; `None` when neither has any.
 pub async fn fetch(g: &Global, session: Option<&str>) -> anyhow::Result<Option<Report>> {
-    if let Some(client) = daemon_for(g).await {
+    let settings = g.load();
+    if let Some(d) = daemon(g, settings.as_ref().ok()).await? {
         let uri = match session {
             Some(s) => format!(
                 "/v1/usage?session={}",
@@ -61,16 +62,18 @@ pub async fn fetch(g: &Global, session: Option<&str>) -> anyhow::Result<Option<R
             ),
             None => "/v1/usage".to_string(),
         };
-        let (status, body) = client.call(Method::GET, &uri).await?;
-        if status != StatusCode::OK {
-            return Err(anyhow!("the daemon: {}", error_message(&body, status)));
-        }
+        let body = d
+            .request(
+                Method::GET,
+                &uri,
+                Daemon::grant_wait(settings.as_ref().ok()),
+            )
+            .await?;
         return serde_json::from_value(body)
             .map(Some)
             .context("the daemon's usage answer does not parse");
     }
-    let settings = g.load()?;
-    let Some(path) = settings.usage.ledger_file else {
+    let Some(path) = settings?.usage.ledger_file else {
         return Ok(None);
     };
     let report = ledger::read(&path).with_context(|| format!("reading {}", path.display()))?;

@@ -69,10 +69,13 @@ pub struct ProxyFile {
     pub allow_insecure_upstream: Option<bool>,
     pub ca_file: Option<String>,
     pub session_id: Option<String>,
+    pub session_from_ci: Option<bool>,
     pub allow_remote: Option<bool>,
     pub allowed_origins: Option<Vec<String>>,
     pub max_connections: Option<usize>,
+    pub max_upstream_connections: Option<usize>,
     pub max_replay_body: Option<String>,
+    pub replay_budget: Option<String>,
     #[serde(deserialize_with = "duration")]
     pub connect_timeout: Option<Duration>,
     #[serde(deserialize_with = "duration")]

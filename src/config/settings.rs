@@ -228,10 +228,16 @@ pub struct ProxySettings {
     pub upstream: Option<Url>,
     pub ca_file: Option<PathBuf>,
     pub session_id: Option<String>,
+    /// `env` and `exec` derive a session from the CI job's variables when none is given.
+    pub session_from_ci: bool,
     pub allow_remote: bool,
     pub allowed_origins: Vec<String>,
     pub max_connections: usize,
+    /// Concurrent upstream connections (default: `max_connections`).
+    pub max_upstream_connections: usize,
     pub max_replay_body: usize,
+    /// Bytes of request bodies kept for a replay, all requests together.
+    pub replay_budget: usize,
     pub connect_timeout: Duration,
     pub header_read_timeout: Duration,
     pub upstream_timeout: Duration,
@@ -243,6 +249,9 @@ pub struct ProxySettings {
 pub struct ControlSettings {
     pub socket: PathBuf,
     pub socket_mode: u32,
+    /// The mode the socket's directory is created with when missing: 0700 for the user's private
+    /// default directory, else 0750 (the group may reach a 0660 socket).
+    pub dir_mode: u32,
 }
 
 /// `[fleet]`: where the shared token lives and how long its calls may take.
@@ -317,7 +326,7 @@ pub(super) fn validate(
     let auth = auth(file.auth, origin, &mut warnings)?;
     let token = token(file.token, origin, &auth.client_id)?;
     let proxy = proxy(file.proxy, origin)?;
-    let control = control(file.control, origin)?;
+    let control = control(file.control, origin, &mut warnings)?;
     let telemetry = telemetry(file.telemetry, origin, proxy.allow_remote)?;
     let usage = usage(file.usage, origin)?;
     let budget = BudgetSettings {
@@ -673,15 +682,23 @@ fn proxy(p: ProxyFile, origin: Origin<'_>) -> Result<ProxySettings, ConfigError>
         None => 1 << 20,
         Some(s) => parse_size(&s).map_err(|m| origin.invalid("proxy.max_replay_body", m))?,
     };
+    let replay_budget = match nonempty(p.replay_budget) {
+        None => 64 << 20,
+        Some(s) => parse_size(&s).map_err(|m| origin.invalid("proxy.replay_budget", m))?,
+    };
+    let max_connections = p.max_connections.unwrap_or(4096).max(1);
     let proxy = ProxySettings {
         listen,
         upstream,
         ca_file: nonempty(p.ca_file).map(PathBuf::from),
         session_id: nonempty(p.session_id),
+        session_from_ci: p.session_from_ci.unwrap_or(true),
         allow_remote,
         allowed_origins: p.allowed_origins.unwrap_or_default(),
-        max_connections: p.max_connections.unwrap_or(4096).max(1),
+        max_connections,
+        max_upstream_connections: p.max_upstream_connections.unwrap_or(max_connections).max(1),
         max_replay_body,
+        replay_budget,
         connect_timeout: nonzero(
             p.connect_timeout,
             Duration::from_secs(10),
@@ -801,8 +818,12 @@ fn upstream(u: &str, allow_insecure: bool, origin: Origin<'_>) -> Result<Url, Co
     Ok(url)
 }
 
-/// `[control]`: the control socket and its mode.
-fn control(c: ControlFile, origin: Origin<'_>) -> Result<ControlSettings, ConfigError> {
+/// `[control]`: the control socket and its mode; a mode wider than 0660 is warned about.
+fn control(
+    c: ControlFile,
+    origin: Origin<'_>,
+    warnings: &mut Vec<String>,
+) -> Result<ControlSettings, ConfigError> {
     let socket = nonempty(c.socket)
         .map(PathBuf::from)
         .unwrap_or_else(|| default_socket(origin.env));
@@ -818,9 +839,20 @@ fn control(c: ControlFile, origin: Origin<'_>) -> Result<ControlSettings, Config
                 )
             })?,
     };
+    if socket_mode & !0o660 != 0 {
+        warnings.push(format!(
+            "control.socket_mode {socket_mode:04o} is wider than 0660: users outside the socket's owner and group can connect and take the token; use \"0660\" (or \"0600\")"
+        ));
+    }
+    let dir_mode = if Some(&socket) == private_socket(origin.env).as_ref() {
+        0o700
+    } else {
+        0o750
+    };
     Ok(ControlSettings {
         socket,
         socket_mode,
+        dir_mode,
     })
 }
 
@@ -1168,6 +1200,9 @@ fn default_state_file(env: &HashMap<String, String>, name: &str) -> Option<PathB
     first("HOME").map(|h| Path::new(&h).join(".local/state/behest-agent").join(name))
 }
 
+/// The control socket when none is configured: `$RUNTIME_DIRECTORY/agent.sock` (systemd),
+/// `$XDG_RUNTIME_DIR/behest-agent.sock`, else [`private_socket`] (never a directory every user may
+/// write, such as `/tmp`: another user could create the socket there first).
 pub fn default_socket(env: &HashMap<String, String>) -> PathBuf {
     let first = |k: &str| {
         env.get(k)
@@ -1180,5 +1215,29 @@ pub fn default_socket(env: &HashMap<String, String>) -> PathBuf {
     if let Some(d) = first("XDG_RUNTIME_DIR") {
         return Path::new(&d).join("behest-agent.sock");
     }
-    PathBuf::from(format!("/tmp/behest-agent-{}.sock", nix::unistd::getuid()))
+    private_socket(env).unwrap_or_else(|| {
+        PathBuf::from(format!(
+            "/run/user/{}/behest-agent.sock",
+            nix::unistd::geteuid()
+        ))
+    })
+}
+
+/// `agent.sock` in the user's private directory, the one the disk cache defaults to:
+/// `$XDG_STATE_HOME/behest-agent`, else `~/.local/state/behest-agent` (created 0700). `None` when
+/// the user has no home directory.
+pub fn private_socket(env: &HashMap<String, String>) -> Option<PathBuf> {
+    let absolute = |k: &str| env.get(k).map(PathBuf::from).filter(|p| p.is_absolute());
+    let state = absolute("XDG_STATE_HOME").or_else(|| {
+        absolute("HOME")
+            .or_else(|| {
+                nix::unistd::User::from_uid(nix::unistd::geteuid())
+                    .ok()
+                    .flatten()
+                    .map(|u| u.dir)
+                    .filter(|d| d.is_absolute())
+            })
+            .map(|h| h.join(".local/state"))
+    })?;
+    Some(state.join("behest-agent/agent.sock"))
 }

@@ -28,21 +28,24 @@ pub struct ControlState {
     pub live: Option<Arc<dyn Fn() -> Value + Send + Sync>>,
     /// The usage counts served at `/v1/usage`.
     pub usage: Option<Arc<crate::usage::Accounting>>,
+    /// The daemon's own stop: `POST /v1/shutdown` cancels it, as SIGTERM does.
+    pub shutdown: CancellationToken,
 }
 
-/// Binds the control socket with `mode`, creating its directory (0750). A stale socket left by a
-/// dead daemon is replaced; a live one is an error.
-pub async fn bind(path: &Path, mode: u32) -> std::io::Result<Listener> {
+/// Binds the control socket with `mode` (see [`crate::server::bind_unix`]), creating its directory
+/// with `dir_mode` when it is missing. Warns when the socket's group is not the daemon user's own:
+/// every member of that group could then take the token.
+pub async fn bind(path: &Path, mode: u32, dir_mode: u32) -> std::io::Result<Listener> {
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
         && !dir.exists()
     {
         std::fs::DirBuilder::new()
             .recursive(true)
-            .mode(0o750)
+            .mode(dir_mode)
             .create(dir)?;
     }
-    crate::server::bind_unix(path, mode).await.map_err(|e| {
+    let listener = crate::server::bind_unix(path, mode).await.map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
             std::io::Error::new(
                 e.kind(),
@@ -54,6 +57,33 @@ pub async fn bind(path: &Path, mode: u32) -> std::io::Result<Listener> {
         } else {
             e
         }
+    })?;
+    if let Some(w) = shared_group_warning(path, mode) {
+        tracing::warn!("{w}");
+    }
+    Ok(listener)
+}
+
+/// A warning when `mode` lets the socket's group connect, its directory lets that group in, and
+/// the group is not the daemon user's own (a primary group like `users` that others share).
+fn shared_group_warning(path: &Path, mode: u32) -> Option<String> {
+    use nix::unistd::{Gid, Group, Uid, User};
+    use std::os::unix::fs::MetadataExt;
+    let socket = std::fs::metadata(path).ok()?;
+    let dir = std::fs::metadata(path.parent()?).ok()?;
+    if mode & 0o060 == 0 || dir.mode() & 0o010 == 0 {
+        return None;
+    }
+    let group = Group::from_gid(Gid::from_raw(socket.gid())).ok()??;
+    let user = User::from_uid(Uid::effective()).ok()??;
+    (group.name != user.name).then(|| {
+        format!(
+            "the control socket {} belongs to group `{}`, which is not `{}`'s own group: every member of `{}` can connect and take the token. Run the daemon with a group of its own (the service's `behest-agent`), or set control.socket_mode = \"0600\"",
+            path.display(),
+            group.name,
+            user.name,
+            group.name
+        )
     })
 }
 
@@ -182,6 +212,14 @@ async fn handle(state: &ControlState, req: Request<Incoming>) -> Response<Full<B
                 "this agent keeps no usage counts",
             ),
         },
+        (&Method::POST, "/v1/shutdown") => {
+            tracing::info!("stop asked for on the control socket: stopping");
+            state.shutdown.cancel();
+            json_response(
+                StatusCode::ACCEPTED,
+                &json!({"status": "stopping", "pid": std::process::id()}),
+            )
+        }
         (&Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({"status": "ok"})),
         (&Method::GET, "/readyz") => {
             if tokens.is_ready() {
@@ -194,13 +232,15 @@ async fn handle(state: &ControlState, req: Request<Incoming>) -> Response<Full<B
                 )
             }
         }
-        (_, "/v1/token" | "/v1/refresh" | "/v1/status" | "/v1/usage" | "/healthz" | "/readyz") => {
-            error_response(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "wrong method",
-            )
-        }
+        (
+            _,
+            "/v1/token" | "/v1/refresh" | "/v1/status" | "/v1/usage" | "/v1/shutdown" | "/healthz"
+            | "/readyz",
+        ) => error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "wrong method",
+        ),
         _ => error_response(
             StatusCode::NOT_FOUND,
             "not_found",

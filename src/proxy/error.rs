@@ -17,6 +17,14 @@ pub enum ProxyError {
     /// The upstream could not be connected to, or the exchange with it failed.
     #[error("cannot reach the upstream {authority}: {reason}")]
     UpstreamUnreachable { authority: String, reason: String },
+    /// Every upstream connection was in use and none closed within `proxy.connect_timeout`.
+    #[error(
+        "all {limit} upstream connections (proxy.max_upstream_connections) are in use and none came free within {waited} (proxy.connect_timeout); retry later, or raise proxy.max_upstream_connections"
+    )]
+    UpstreamBusy { limit: usize, waited: String },
+    /// The upstream answered something the agent cannot pass on.
+    #[error("the upstream {authority} sent a response the agent cannot forward: {reason}")]
+    BadUpstreamResponse { authority: String, reason: String },
     /// The upstream sent no response head within `proxy.upstream_timeout`.
     #[error("the upstream {authority} sent no response within {after} (proxy.upstream_timeout)")]
     UpstreamTimeout { authority: String, after: String },
@@ -31,6 +39,10 @@ pub enum ProxyError {
     /// A malformed request: a path leaving the upstream's base path, a bad session id, …
     #[error("{0}")]
     BadRequest(String),
+    /// Request framing the agent will not pass on (`Transfer-Encoding` other than `chunked`):
+    /// answered 400, and the connection closed, since what follows is not read as a request.
+    #[error("{0}")]
+    BadFraming(String),
     /// `CONNECT`: this is not a forward proxy.
     #[error(
         "CONNECT is not supported: this is a reverse proxy to the configured upstream, not a forward proxy"
@@ -55,10 +67,13 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::TokenUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamUnreachable { .. } | ProxyError::BadUpstreamResponse { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            ProxyError::UpstreamBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::ForbiddenHost(_) | ProxyError::ForbiddenOrigin(_) => StatusCode::FORBIDDEN,
-            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_) | ProxyError::BadFraming(_) => StatusCode::BAD_REQUEST,
             ProxyError::ConnectRefused => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::RequestBody {
                 timed_out: true, ..
@@ -76,10 +91,12 @@ impl ProxyError {
         match self {
             ProxyError::TokenUnavailable(_) => "token_unavailable",
             ProxyError::UpstreamUnreachable { .. } => "upstream_unreachable",
+            ProxyError::UpstreamBusy { .. } => "upstream_busy",
+            ProxyError::BadUpstreamResponse { .. } => "bad_upstream_response",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
             ProxyError::ForbiddenHost(_) => "forbidden_host",
             ProxyError::ForbiddenOrigin(_) => "forbidden_origin",
-            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::BadRequest(_) | ProxyError::BadFraming(_) => "bad_request",
             ProxyError::ConnectRefused => "method_not_allowed",
             ProxyError::RequestBody {
                 timed_out: true, ..
@@ -109,6 +126,8 @@ impl ProxyError {
         match self {
             ProxyError::UpstreamUnreachable { .. } => Some("unreachable"),
             ProxyError::UpstreamTimeout { .. } => Some("timeout"),
+            ProxyError::UpstreamBusy { .. } => Some("busy"),
+            ProxyError::BadUpstreamResponse { .. } => Some("bad_response"),
             _ => None,
         }
     }
@@ -134,6 +153,9 @@ impl ProxyError {
                 http::header::RETRY_AFTER,
                 HeaderValue::from(after.as_secs()),
             );
+        }
+        if matches!(self, ProxyError::BadFraming(_)) {
+            h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
         }
         if matches!(self, ProxyError::ConnectRefused) {
             h.insert(
@@ -200,6 +222,22 @@ mod tests {
                 504,
                 "upstream_timeout",
             ),
+            (
+                ProxyError::UpstreamBusy {
+                    limit: 4,
+                    waited: "10s".into(),
+                },
+                503,
+                "upstream_busy",
+            ),
+            (
+                ProxyError::BadUpstreamResponse {
+                    authority: "h".into(),
+                    reason: "r".into(),
+                },
+                502,
+                "bad_upstream_response",
+            ),
             (ProxyError::ForbiddenHost("x".into()), 403, "forbidden_host"),
             (
                 ProxyError::ForbiddenOrigin("x".into()),
@@ -207,6 +245,7 @@ mod tests {
                 "forbidden_origin",
             ),
             (ProxyError::BadRequest("x".into()), 400, "bad_request"),
+            (ProxyError::BadFraming("x".into()), 400, "bad_request"),
             (ProxyError::ConnectRefused, 405, "method_not_allowed"),
             (
                 ProxyError::RequestBody {

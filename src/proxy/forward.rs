@@ -2,12 +2,13 @@
 //! check the request (guards, path), rewrite it (upstream URI from the configuration, never from
 //! the request; hop-by-hop headers and the client's credentials out, the agent's bearer token in),
 //! send it, and map the response (hop-by-hop headers out, the body streamed and observed). A 401
-//! is answered by one new token and one replay of a kept body.
+//! is answered by one new token and one replay of a kept body. The bodies kept for a replay share
+//! one budget ([`ReplayBudget`]): beyond it a body streams and is not kept.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,7 +23,7 @@ use hyper::body::Incoming;
 
 use super::body::{Account, Idle, IdleTimeout, Record, ResponseBody};
 use super::error::ProxyError;
-use super::upstream::{Lease, Pool};
+use super::upstream::{Busy, Lease, Pool};
 use super::{Counters, UpstreamBase, guard, path};
 use crate::server::MAX_HEADERS;
 use crate::token::TokenSource;
@@ -59,16 +60,63 @@ pub struct Forwarder {
     pub session_id: Option<HeaderValue>,
     pub allowed_origins: Vec<String>,
     pub max_replay_body: usize,
+    pub replay_budget: ReplayBudget,
     pub upstream_timeout: Duration,
     /// Between two frames of a body, either way (`Duration::MAX`: none).
     pub idle_timeout: Duration,
     pub counters: Arc<Counters>,
 }
 
-/// What a replay needs: the head as sent (less the token) and the whole body.
-struct Replay {
+/// What a replay needs: the head as sent (less the token) and the whole body, counted in the
+/// replay budget until dropped.
+struct Replay<'a> {
     head: http::request::Parts,
     body: Bytes,
+    _kept: Option<Kept<'a>>,
+}
+
+/// The bytes of request bodies kept for a replay, all requests together, and their limit
+/// (`proxy.replay_budget`). Without it, many concurrent requests held by a slow upstream would
+/// each keep up to `max_replay_body` in memory.
+pub struct ReplayBudget {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+/// `n` bytes of the budget, given back when dropped.
+struct Kept<'a> {
+    budget: &'a ReplayBudget,
+    n: usize,
+}
+
+impl ReplayBudget {
+    pub fn new(limit: usize) -> ReplayBudget {
+        ReplayBudget {
+            limit,
+            used: AtomicUsize::new(0),
+        }
+    }
+
+    /// Bytes kept now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// `n` more bytes, when they fit.
+    fn take(&self, n: usize) -> Option<Kept<'_>> {
+        let before = self.used.fetch_add(n, Ordering::Relaxed);
+        if before + n > self.limit {
+            self.used.fetch_sub(n, Ordering::Relaxed);
+            return None;
+        }
+        Some(Kept { budget: self, n })
+    }
+}
+
+impl Drop for Kept<'_> {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.n, Ordering::Relaxed);
+    }
 }
 
 impl Forwarder {
@@ -163,7 +211,7 @@ impl Forwarder {
         head.headers.insert(AUTHORIZATION, token.bearer().clone());
 
         let (mut body, mut kept) = self.request_body(body).await?;
-        if let (Some(accounting), Some(whole)) = (accounting, &kept) {
+        if let (Some(accounting), Some((whole, _))) = (accounting, &kept) {
             record.request_model(usage::request_model(whole));
             if accounting.stream_include_usage()
                 && head.uri.path().ends_with("/chat/completions")
@@ -172,12 +220,13 @@ impl Forwarder {
             {
                 head.headers.insert(CONTENT_LENGTH, asked.len().into());
                 body = Either::Left(Full::new(asked.clone()));
-                kept = Some(asked);
+                kept = kept.map(|(_, guard)| (asked, guard));
             }
         }
-        let replay = kept.map(|body| Replay {
+        let replay = kept.map(|(body, kept)| Replay {
             head: clone_head(&head),
             body,
+            _kept: kept,
         });
         let sent = self.send(Request::from_parts(head, body)).await?;
         if sent.0.status() != StatusCode::UNAUTHORIZED {
@@ -189,7 +238,12 @@ impl Forwarder {
         let Some(new) = Box::pin(self.tokens.refresh_rejected(&token)).await else {
             return Ok(sent);
         };
-        let Some(Replay { mut head, body }) = replay else {
+        let Some(Replay {
+            mut head,
+            body,
+            _kept,
+        }) = replay
+        else {
             return Ok(sent);
         };
         // The 401's body is not read: its connection closes rather than going back.
@@ -226,38 +280,37 @@ impl Forwarder {
         }
         let rel = guard::target(req, local, &self.upstream)?;
         guard::check_origin(req.headers(), &self.allowed_origins)?;
+        guard::check_transfer_encoding(req.headers())?;
         let path::Resolved { session, path } = path::resolve(rel)?;
-        if let Some(s) = req.headers().get(X_SESSION_ID)
-            && !path::valid_session(s.as_bytes())
-        {
-            return Err(ProxyError::BadRequest(format!(
-                "X-Session-Id must be 1 to {} visible ASCII characters",
-                path::MAX_SESSION_ID
-            )));
-        }
+        check_session_header(req.headers())?;
         Ok((session, self.upstream.uri(&path, req.uri().query())?))
     }
 
     /// The body to send upstream, and its copy for a replay: a body whose announced length fits
-    /// `max_replay_body` is read whole first (as nginx buffers request bodies); any other streams.
+    /// `max_replay_body` and the replay budget is read whole first (as nginx buffers request
+    /// bodies); any other streams.
     async fn request_body(
         &self,
         body: Incoming,
-    ) -> Result<(UpstreamBody, Option<Bytes>), ProxyError> {
+    ) -> Result<(UpstreamBody, Option<(Bytes, Option<Kept<'_>>)>), ProxyError> {
         let body = Idle::new(self.idle_timeout, body);
-        let fits = body
-            .size_hint()
-            .exact()
-            .is_some_and(|n| n <= self.max_replay_body as u64);
-        if !fits {
-            return Ok((Either::Right(Box::pin(body)), None));
-        }
+        let kept = match body.size_hint().exact() {
+            // No body: nothing to keep, nothing to count.
+            Some(0) => None,
+            Some(n) if n <= self.max_replay_body as u64 => {
+                match self.replay_budget.take(n as usize) {
+                    Some(kept) => Some(kept),
+                    None => return Ok((Either::Right(Box::pin(body)), None)),
+                }
+            }
+            _ => return Ok((Either::Right(Box::pin(body)), None)),
+        };
         let whole = body
             .collect()
             .await
             .map_err(|e| body_failed(&*e))?
             .to_bytes();
-        Ok((Either::Left(Full::new(whole.clone())), Some(whole)))
+        Ok((Either::Left(Full::new(whole.clone())), Some((whole, kept))))
     }
 
     /// Sends upstream; the response head is due within `upstream_timeout`.
@@ -266,17 +319,54 @@ impl Forwarder {
         req: Request<UpstreamBody>,
     ) -> Result<(Response<Incoming>, Option<Lease>), ProxyError> {
         match tokio::time::timeout(self.upstream_timeout, self.pool.send(req)).await {
+            // Nothing asked to upgrade (the client's `Upgrade` is never forwarded): a 101 would
+            // leave the client on a connection that speaks something else.
+            Ok(Ok((resp, _))) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                Err(ProxyError::BadUpstreamResponse {
+                    authority: self.upstream.authority.to_string(),
+                    reason:
+                        "it answered 101 Switching Protocols to a request that asked for no upgrade"
+                            .to_string(),
+                })
+            }
             Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => Err(body_failed_or(&*e, || ProxyError::UpstreamUnreachable {
-                authority: self.upstream.authority.to_string(),
-                reason: chain(&*e),
-            })),
+            Ok(Err(e)) => match e.downcast_ref::<Busy>() {
+                Some(busy) => Err(ProxyError::UpstreamBusy {
+                    limit: busy.limit,
+                    waited: humantime::format_duration(busy.waited).to_string(),
+                }),
+                None => Err(body_failed_or(&*e, || ProxyError::UpstreamUnreachable {
+                    authority: self.upstream.authority.to_string(),
+                    reason: chain(&*e),
+                })),
+            },
             Err(_) => Err(ProxyError::UpstreamTimeout {
                 authority: self.upstream.authority.to_string(),
                 after: humantime::format_duration(self.upstream_timeout).to_string(),
             }),
         }
     }
+}
+
+/// `X-Session-Id` follows the rule of `/s/ID/` and `proxy.session_id` ([`path::valid_session`]),
+/// and comes once: two would attribute one request to two sessions.
+fn check_session_header(headers: &HeaderMap) -> Result<(), ProxyError> {
+    let mut values = headers.get_all(X_SESSION_ID).iter();
+    let Some(first) = values.next() else {
+        return Ok(());
+    };
+    if values.next().is_some() {
+        return Err(ProxyError::BadRequest(
+            "the request has more than one X-Session-Id header; send one".to_string(),
+        ));
+    }
+    if !path::valid_session(first.as_bytes()) {
+        return Err(ProxyError::BadRequest(format!(
+            "X-Session-Id must be 1 to {} visible ASCII characters",
+            path::MAX_SESSION_ID
+        )));
+    }
+    Ok(())
 }
 
 /// 128 random bits in hex (`format!` of a `u128` cost 4% of the proxy's instructions).

@@ -5,7 +5,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use http::header::{HOST, ORIGIN};
+use http::header::{HOST, ORIGIN, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, Request, Version};
 
 use super::UpstreamBase;
@@ -164,6 +164,26 @@ pub fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), Proxy
     Ok(())
 }
 
+/// A request body framed with `Transfer-Encoding` may carry `chunked` and nothing else: hyper
+/// decodes the final `chunked`, and the header is hop-by-hop, so a coding before it (`gzip,
+/// chunked`) would be dropped and the upstream would take compressed bytes for the body.
+pub fn check_transfer_encoding(headers: &HeaderMap) -> Result<(), ProxyError> {
+    let mut codings = headers
+        .get_all(TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty());
+    match (codings.next(), codings.next()) {
+        (None, _) => Ok(()),
+        (Some(c), None) if c.eq_ignore_ascii_case(b"chunked") => Ok(()),
+        _ => Err(ProxyError::BadFraming(
+            "Transfer-Encoding may only be `chunked`; send a compressed body with Content-Encoding instead"
+                .to_string(),
+        )),
+    }
+}
+
 /// Keeps what a client sent short in an error message.
 fn truncate(s: &str) -> String {
     match s.char_indices().nth(100) {
@@ -258,5 +278,27 @@ mod tests {
             "method_not_allowed"
         );
         assert!(check_method(&Method::POST).is_ok());
+    }
+
+    #[test]
+    fn only_a_plain_chunked_transfer_encoding_is_accepted() {
+        let te = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(TRANSFER_ENCODING, v.parse().unwrap());
+            }
+            check_transfer_encoding(&h)
+        };
+        assert!(te(&[]).is_ok());
+        assert!(te(&["chunked"]).is_ok());
+        assert!(te(&["Chunked "]).is_ok());
+        for bad in [
+            &["gzip, chunked"][..],
+            &["gzip", "chunked"],
+            &["chunked, chunked"],
+            &["deflate,chunked"],
+        ] {
+            assert_eq!(te(bad).unwrap_err().code(), "bad_request", "{bad:?}");
+        }
     }
 }

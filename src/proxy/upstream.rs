@@ -5,6 +5,10 @@
 //! for any number of authorities; for one, its hashed pool, the futures it moves and the task it
 //! spawns per request cost a fifth of the proxy's instructions per request (callgrind, `GET` at 16
 //! connections), so this is worth its lines.
+//!
+//! At most `max_connections` upstream connections are open at once: each holds a semaphore permit
+//! until it has closed (its task owns the permit). A request that needs a new connection when all
+//! are taken waits up to `connect_timeout` for one to close, then fails with [`Busy`].
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -16,6 +20,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -32,6 +37,11 @@ pub struct Pool {
     host: HeaderValue,
     idle_timeout: Duration,
     max_idle: usize,
+    /// One per open connection, held by its task until it closes.
+    permits: Arc<Semaphore>,
+    max_connections: usize,
+    /// How long a new connection waits for a permit (`Duration::MAX`: no limit).
+    permit_wait: Duration,
     /// Oldest first, each with the time it went idle.
     idle: Mutex<Vec<(http1::SendRequest<UpstreamBody>, Instant)>>,
     h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
@@ -53,6 +63,28 @@ impl Lease {
     }
 }
 
+/// Every upstream connection is taken and none closed within the connect timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("all {limit} upstream connections are in use")]
+pub struct Busy {
+    pub limit: usize,
+    /// How long the request waited for one to close.
+    pub waited: Duration,
+}
+
+/// How the pool bounds its connections.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// Idle connections not reused after this long.
+    pub idle_timeout: Duration,
+    /// Idle connections kept at most.
+    pub max_idle: usize,
+    /// Open connections at most.
+    pub max_connections: usize,
+    /// How long a request waits for a connection to close when all are taken.
+    pub permit_wait: Duration,
+}
+
 enum Connected {
     H1(http1::SendRequest<UpstreamBody>),
     H2(http2::SendRequest<UpstreamBody>),
@@ -63,15 +95,17 @@ impl Pool {
         connector: HttpsConnector<HttpConnector>,
         target: Uri,
         host: HeaderValue,
-        idle_timeout: Duration,
-        max_idle: usize,
+        bounds: Bounds,
     ) -> Arc<Pool> {
         Arc::new(Pool {
             connector,
             target,
             host,
-            idle_timeout,
-            max_idle,
+            idle_timeout: bounds.idle_timeout,
+            max_idle: bounds.max_idle,
+            permits: Arc::new(Semaphore::new(bounds.max_connections)),
+            max_connections: bounds.max_connections,
+            permit_wait: bounds.permit_wait,
             idle: Mutex::default(),
             h2: Mutex::default(),
         })
@@ -111,6 +145,11 @@ impl Pool {
         }
     }
 
+    /// Upstream connections open (or being opened) now.
+    pub fn open_connections(&self) -> usize {
+        self.max_connections - self.permits.available_permits()
+    }
+
     /// A request put back in origin form, absolute again (an h2 connection needs it so).
     fn absolute(&self, mut req: Request<UpstreamBody>) -> Request<UpstreamBody> {
         let mut parts = self.target.clone().into_parts();
@@ -123,6 +162,7 @@ impl Pool {
     }
 
     async fn connect(&self) -> Result<Connected, BoxError> {
+        let permit = self.permit().await?;
         let io = self.connector.clone().call(self.target.clone()).await?;
         if io.connected().is_negotiated_h2() {
             let (tx, conn) = http2::Builder::new(TokioExecutor::new())
@@ -130,6 +170,7 @@ impl Pool {
                 .handshake(io)
                 .await?;
             tokio::spawn(async move {
+                let _permit = permit;
                 if let Err(error) = conn.await {
                     tracing::debug!(%error, "upstream h2 connection ended with an error");
                 }
@@ -138,11 +179,24 @@ impl Pool {
         }
         let (tx, conn) = http1::handshake(io).await?;
         tokio::spawn(async move {
+            let _permit = permit;
             if let Err(error) = conn.await {
                 tracing::debug!(%error, "upstream connection ended with an error");
             }
         });
         Ok(Connected::H1(tx))
+    }
+
+    /// A permit for one more connection, waiting up to `permit_wait` for one to close.
+    async fn permit(&self) -> Result<OwnedSemaphorePermit, Busy> {
+        let acquire = self.permits.clone().acquire_owned();
+        match tokio::time::timeout(self.permit_wait, acquire).await {
+            Ok(permit) => Ok(permit.expect("the semaphore is never closed")),
+            Err(_) => Err(Busy {
+                limit: self.max_connections,
+                waited: self.permit_wait,
+            }),
+        }
     }
 
     fn shared_h2(&self) -> Option<http2::SendRequest<UpstreamBody>> {

@@ -676,9 +676,9 @@ impl TokenSource {
         let usable = t.expires_at > now
             && t.remaining(now) >= min_ttl
             && now < t.refresh_at
-            && !self
+            && self
                 .current()
-                .is_some_and(|cur| cur.expires_at >= t.expires_at);
+                .is_none_or(|cur| cur.expires_at < t.expires_at);
         usable.then(|| (Arc::new(t), cached.verified_with))
     }
 

@@ -34,6 +34,8 @@ pub struct Line {
     pub request_id: String,
 }
 
+// A flush is rare; boxing the line instead would cost an allocation per response.
+#[allow(clippy::large_enum_variant)]
 enum Msg {
     /// A line, its `ts` still to be written from the time (off the proxy's thread).
     Line(std::time::SystemTime, Line),

@@ -1,0 +1,78 @@
+//! `behest-agent wait [--timeout DUR]`: for a script that has just started the daemon in the
+//! background. Exits 0 as soon as the daemon answers on its control socket and holds a valid
+//! token (its `/readyz`), 1 at the timeout with the last reason it was not ready on stderr. Polls
+//! every [`POLL`]; no poll outlives the timeout.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use http::{Method, StatusCode};
+use serde_json::Value;
+use tokio::time::{Instant, sleep, timeout};
+
+use super::{CliResult, Global, daemon, init_cli_logging};
+
+/// Time between two polls.
+const POLL: Duration = Duration::from_millis(100);
+/// Bound on one poll, whatever the timeout.
+const ATTEMPT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Give up after this long (e.g. 30s, 2m)
+    #[arg(long, default_value = "30s", value_name = "DUR", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+pub async fn run(g: &Global, args: Args) -> CliResult {
+    init_cli_logging(g);
+    let deadline = Instant::now() + args.timeout;
+    let mut last = "the control socket did not answer in time".to_string();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match timeout(left.min(ATTEMPT), ready(g)).await {
+            Ok(Ok(())) => return Ok(ExitCode::SUCCESS),
+            Ok(Err(reason)) => last = reason,
+            Err(_) if left > ATTEMPT => {
+                last = format!("the control socket did not answer within {ATTEMPT:?}")
+            }
+            // Cut short by the deadline: the reason before it stands.
+            Err(_) => {}
+        }
+        if Instant::now() + POLL >= deadline {
+            return Err(anyhow!(
+                "the daemon was not ready within {}: {last}",
+                humantime::format_duration(args.timeout)
+            )
+            .into());
+        }
+        sleep(POLL).await;
+    }
+}
+
+/// `Ok` when the daemon answers and holds a valid token; otherwise why not.
+async fn ready(g: &Global) -> Result<(), String> {
+    let settings = g.load().ok();
+    let Some(d) = daemon(g, settings.as_ref())
+        .await
+        .map_err(|e| e.to_string())?
+    else {
+        return Err(format!(
+            "no daemon answers on {} (start `behest-agent run`, or point --config / BEHEST_AGENT__CONTROL__SOCKET at its socket)",
+            g.control_socket().display()
+        ));
+    };
+    let (status, body) = d
+        .call(Method::GET, "/readyz", ATTEMPT)
+        .await
+        .map_err(|e| e.to_string())?;
+    if status == StatusCode::OK {
+        return Ok(());
+    }
+    let state = body.get("token").and_then(Value::as_str).unwrap_or("none");
+    Err(match body.get("last_error").and_then(Value::as_str) {
+        Some(e) => format!("the daemon holds no valid token (token {state}; last error: {e})"),
+        None => format!("the daemon holds no valid token yet (token {state})"),
+    })
+}
