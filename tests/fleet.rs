@@ -854,6 +854,13 @@ async fn a_lock_left_by_a_killed_holder_expires_and_the_next_agent_grants() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let held = held.expect("the holder takes the lock");
+    // Killed once its grant is in flight (the slow answer is its own, not the next agent's).
+    eventually(
+        Duration::from_secs(30),
+        "the holder's grant reaches the IdP",
+        || h.idp.token_requests() == 1,
+    )
+    .await;
     holder.kill().await.unwrap();
 
     let mut env = agent_env(&h, 1, &url);
@@ -883,4 +890,48 @@ async fn without_fleet_nothing_is_shared_and_status_says_off() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+#[tokio::test]
+async fn doctor_checks_that_redis_lets_the_agent_lock_and_says_what_the_entry_holds() {
+    let mut redis = RedisServer::start().await;
+    let h = Harness::start().await;
+    let url = redis.url();
+    let env = agent_env(&h, 0, &url);
+    let doctor = |env: &[(&'static str, String)]| {
+        let mut c = h.agent(&["doctor"], &borrowed(env));
+        c.stdout(std::process::Stdio::piped());
+        c.output()
+    };
+    let out = doctor(&env).await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains(&format!(
+            "✓ fleet: Redis at {url} answers and lets this agent take and release the grant lock"
+        )),
+        "{text}"
+    );
+    assert!(text.contains("· fleet: no shared token yet"), "{text}");
+
+    agent(&h, 1, &url, clock::system())
+        .get(Duration::ZERO)
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&doctor(&env).await.unwrap().stdout).into_owned();
+    assert!(
+        text.contains("· fleet: the shared token is sealed under this client's credential"),
+        "{text}"
+    );
+    let mut c = redis.connection().await;
+    let keys: Vec<String> = c.keys("behest-agent:probe:*").await.unwrap();
+    assert!(keys.is_empty(), "the probe key is deleted: {keys:?}");
+
+    redis.kill();
+    let out = doctor(&env).await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains(&format!("✗ fleet: Redis at {url}: ")),
+        "{text}"
+    );
+    assert_ne!(out.status.code(), Some(0));
 }
