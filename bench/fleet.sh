@@ -10,7 +10,7 @@
 # Knobs (environment): AGENTS (50), ROUNDS (5), MODE (run: `behest-agent run` daemons, timed to
 # their "token ready" log line | token: one-shot `behest-agent token` processes, timed to their
 # exit), BASE_PORT (18760: the IdP, the echo upstream, Redis), CARGO_TARGET_DIR (target),
-# SKIP_BUILD=1 (use the binaries already built).
+# SKIP_BUILD=1 (use the binaries already built), KEEP=1 (leave the last round's agent logs).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -49,7 +49,7 @@ cleanup() {
     for p in "${AGENT_PIDS[@]}" "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     sleep 0.3
     for p in "${AGENT_PIDS[@]}" "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-    rm -rf "$TMP"
+    if [[ ${KEEP:-0} == 1 ]]; then log "the last round's logs are in $TMP"; else rm -rf "$TMP"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
