@@ -581,7 +581,10 @@ fn config_keys_with_huge_array_indexes_are_refused_not_allocated() {
 fn http_client() -> reqwest::Client {
     static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
     CLIENT
-        .get_or_init(|| behest_agent::auth::http::client(Duration::from_secs(5), None).unwrap())
+        .get_or_init(|| {
+            behest_agent::auth::http::client(Duration::from_secs(5), None, &Default::default())
+                .unwrap()
+        })
         .clone()
 }
 

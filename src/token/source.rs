@@ -200,8 +200,11 @@ impl std::fmt::Debug for TokenSource {
 impl TokenSource {
     /// Builds the engine from settings: the IdP client, the verifier and the disk cache.
     pub fn new(settings: &Settings, clock: SharedClock) -> Result<Self, String> {
-        let http =
-            crate::auth::http::client(settings.auth.timeout, settings.proxy.ca_file.as_deref())?;
+        let http = crate::auth::http::client(
+            settings.auth.timeout,
+            settings.proxy.ca_file.as_deref(),
+            &settings.proxy.egress,
+        )?;
         let a = &settings.auth;
         let cache = settings.token.cache_file.clone().map(|path| {
             DiskCache::new(
