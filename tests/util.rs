@@ -373,3 +373,23 @@ pub fn debian_binary(binary: &str, package: &str) -> PathBuf {
     assert!(status.success(), "apt-get install {package} failed");
     find().unwrap_or_else(|| PathBuf::from("/usr/bin").join(binary))
 }
+
+/// What a finished command printed, and its exit code (-1 when a signal ended it).
+pub struct Out {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `c` to its end; a command still running after 120 s is a hang and fails the test.
+pub async fn output(mut c: tokio::process::Command) -> Out {
+    let o = tokio::time::timeout(std::time::Duration::from_secs(120), c.output())
+        .await
+        .expect("the command hung (no end within 120 s)")
+        .expect("the command runs");
+    Out {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use jsonwebtoken::jwk::Jwk;
 
-use super::cache::{CacheKey, CacheLock, Cached, DiskCache};
+use super::cache::{CacheLock, Cached, DiskCache, Identity};
 use super::claims::{Checked, ClaimsView};
 use super::{CheckError, Keys, MIN_GRANT_INTERVAL, Token, Verifier, rfc3339};
 use crate::auth::{Grant, GrantError};
@@ -206,19 +206,11 @@ impl TokenSource {
             &settings.proxy.egress,
         )?;
         let a = &settings.auth;
-        let cache = settings.token.cache_file.clone().map(|path| {
-            DiskCache::new(
-                path,
-                CacheKey {
-                    issuer: a.endpoints.issuer_hint(),
-                    client_id: a.client_id.clone(),
-                    audience: a.audience.clone(),
-                    resource: a.resource.clone(),
-                    organization: a.organization.clone(),
-                    scope: a.scope.clone(),
-                },
-            )
-        });
+        let cache = settings
+            .token
+            .cache_file
+            .clone()
+            .map(|path| DiskCache::new(path, Identity::of(a)));
         let audience = a.audience.clone().or_else(|| a.resource.clone());
         let verifier = Verifier::new(
             settings.token.clone(),
