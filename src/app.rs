@@ -84,6 +84,7 @@ impl State {
             "control_socket": s.control.socket.display().to_string(),
             "identity": control::Identity::of(&s.auth),
             "upstream": s.proxy.upstream.as_ref().map(|u| u.to_string()),
+            "egress": s.proxy.egress.describe(),
             "listen": self.addresses.read().expect("addresses lock").iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         })
     }

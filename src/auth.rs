@@ -110,7 +110,7 @@ impl GrantError {
                 "check {IDP_KEYS} names the IdP itself, not a proxy or a web page; if the IdP is down, try again later"
             ),
             GrantError::Transport { .. } => format!(
-                "check {IDP_KEYS} and that this machine reaches the IdP (DNS, firewall; the agent connects directly, without HTTP(S)_PROXY); for an IdP behind a private CA, set proxy.ca_file"
+                "check {IDP_KEYS} and that this machine reaches the IdP (DNS, firewall; behind a company proxy, set [egress] proxy or HTTPS_PROXY, and check the proxy's user and password — `doctor` shows the egress in use); for an IdP behind a private CA, set proxy.ca_file"
             ),
             GrantError::Malformed(_) => {
                 format!("check {IDP_KEYS} names an OAuth2 token endpoint")

@@ -10,54 +10,6 @@
 pub mod client;
 pub mod server;
 
-use serde::{Deserialize, Serialize};
-
+pub use crate::token::Identity;
 pub use client::{ControlError, Daemon};
 pub use server::{ControlState, bind, serve};
-
-use crate::config::AuthSettings;
-
-/// Who a daemon's tokens are for: what makes two configurations get different tokens from the
-/// IdP. Reported in `/v1/status` as `daemon.identity`, compared by the CLI with its own.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Identity {
-    pub issuer: String,
-    pub client_id: String,
-    pub audience: Option<String>,
-    pub resource: Option<String>,
-    pub organization: Option<String>,
-    pub scope: Option<String>,
-}
-
-impl Identity {
-    pub fn of(auth: &AuthSettings) -> Identity {
-        Identity {
-            issuer: auth.endpoints.issuer_hint(),
-            client_id: auth.client_id.clone(),
-            audience: auth.audience.clone(),
-            resource: auth.resource.clone(),
-            organization: auth.organization.clone(),
-            scope: auth.scope.clone(),
-        }
-    }
-
-    /// The fields that differ, as `(key, this one's value, other's value)`; `-` for none.
-    pub fn differences(&self, other: &Identity) -> Vec<(&'static str, String, String)> {
-        let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
-        [
-            ("issuer", self.issuer.clone(), other.issuer.clone()),
-            ("client_id", self.client_id.clone(), other.client_id.clone()),
-            ("audience", show(&self.audience), show(&other.audience)),
-            ("resource", show(&self.resource), show(&other.resource)),
-            (
-                "organization",
-                show(&self.organization),
-                show(&other.organization),
-            ),
-            ("scope", show(&self.scope), show(&other.scope)),
-        ]
-        .into_iter()
-        .filter(|(_, a, b)| a != b)
-        .collect()
-    }
-}

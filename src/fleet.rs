@@ -32,7 +32,7 @@ pub use seal::{Entry, OpenError, SealKey};
 use crate::auth::Grant;
 use crate::config::FleetSettings;
 use crate::telemetry::Metrics;
-use crate::token::cache::CacheKey;
+use crate::token::cache::Identity;
 use link::Link;
 
 /// A follower's first pause between two looks at the entry; it doubles up to [`POLL_MAX`], each
@@ -174,7 +174,7 @@ impl std::fmt::Debug for Fleet {
 impl Fleet {
     /// The fleet of the token named by `cache_key`, whose credential `grant` reads. Connects on
     /// first use.
-    pub fn new(settings: &FleetSettings, cache_key: &CacheKey, grant: Arc<Grant>) -> Fleet {
+    pub fn new(settings: &FleetSettings, cache_key: &Identity, grant: Arc<Grant>) -> Fleet {
         let cache_key = serde_json::to_vec(cache_key).expect("strings serialize");
         let hash = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &cache_key);
         let hex: String = hash.as_ref().iter().map(|b| format!("{b:02x}")).collect();

@@ -35,6 +35,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod control;
+pub mod egress;
 pub mod fds;
 pub mod fleet;
 pub mod proxy;

@@ -168,18 +168,19 @@ impl Proxy {
         http.set_connect_timeout(Some(settings.connect_timeout).filter(|d| !d.is_zero()));
         let tls =
             crate::tls::client_config(settings.ca_file.as_deref()).map_err(SetupError::Tls)?;
-        let https = HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
         let target = Uri::builder()
             .scheme(upstream.scheme.clone())
             .authority(upstream.authority.clone())
             .path_and_query("/")
             .build()
             .map_err(|e| SetupError::Upstream(e.to_string()))?;
+        let (route, dial) = upstream::Route::new(target, &settings.egress, http);
+        let https = HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(dial);
         let host = HeaderValue::from_str(upstream.authority.as_str())
             .map_err(|e| SetupError::Upstream(e.to_string()))?;
         // Zero: no limit (tokio clamps the far deadline).
@@ -196,7 +197,7 @@ impl Proxy {
             max_connections: fit.upstream,
             permit_wait: unbounded(settings.connect_timeout),
         };
-        let pool = upstream::Pool::new(https, target, host, bounds);
+        let pool = upstream::Pool::new(https, route, host, bounds);
 
         let fwd = Forwarder {
             tokens,

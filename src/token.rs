@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime};
 use http::HeaderValue;
 use secrecy::{ExposeSecret, SecretString};
 
+pub use cache::Identity;
 pub use claims::{CheckError, Checked, Claims, Keys, Verifier};
 pub use source::{RefreshError, Status, TokenError, TokenSource};
 

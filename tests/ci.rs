@@ -10,24 +10,7 @@ use devkit::upstream::{BearerKind, Upstream, UpstreamFault, UpstreamOptions};
 use tokio::process::{Child, Command};
 
 use crate::util::{AUDIENCE, Harness, Start, assert_no_secret_in, eventually, exits_cleanly};
-
-pub struct Out {
-    pub code: i32,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-pub async fn output(mut c: Command) -> Out {
-    let o = tokio::time::timeout(Duration::from_secs(120), c.output())
-        .await
-        .expect("the command ends within 120 s")
-        .expect("the command runs");
-    Out {
-        code: o.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
-}
+pub use crate::util::{Out, output};
 
 /// Whether process `pid` has exited: gone from /proc, or a zombie nobody has reaped yet.
 pub fn exited(pid: u32) -> bool {

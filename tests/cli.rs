@@ -8,7 +8,9 @@ use devkit::idp::Fault;
 use serde_json::Value;
 use tokio::process::Command;
 
-use crate::util::{Harness, assert_no_secret_in, eventually, exits_cleanly, mode_of, signal};
+use crate::util::{
+    Harness, assert_no_secret_in, eventually, exits_cleanly, mode_of, output, signal,
+};
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_behest-agent"));
@@ -17,21 +19,6 @@ fn bin() -> Command {
         .stdin(Stdio::null())
         .kill_on_drop(true);
     c
-}
-
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-async fn output(mut c: Command) -> Out {
-    let o = c.output().await.expect("the binary runs");
-    Out {
-        code: o.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@ use behest_agent::app::App;
 use behest_agent::clock::{self, TestClock};
 use behest_agent::fleet::{Acquired, Entry, Fleet, SealKey};
 use behest_agent::token::TokenSource;
-use behest_agent::token::cache::CacheKey;
+use behest_agent::token::cache::Identity;
 use devkit::idp::Fault;
 use devkit::upstream::{Upstream, UpstreamOptions};
 use redis::AsyncCommands;
@@ -32,15 +32,7 @@ fn fleet_of(h: &Harness, redis: &RedisServer, extra: &[(&str, &str)]) -> Fleet {
     let url = redis.url();
     let settings = h.settings(&fleet_env(&url, extra));
     let source = behest_agent::token::TokenSource::new(&settings, clock::system()).unwrap();
-    let a = &settings.auth;
-    let key = CacheKey {
-        issuer: a.endpoints.issuer_hint(),
-        client_id: a.client_id.clone(),
-        audience: a.audience.clone(),
-        resource: a.resource.clone(),
-        organization: a.organization.clone(),
-        scope: a.scope.clone(),
-    };
+    let key = Identity::of(&settings.auth);
     Fleet::new(
         settings.fleet.as_ref().unwrap(),
         &key,
@@ -418,14 +410,7 @@ async fn rediss_verifies_the_server_against_the_configured_ca() {
         ("BEHEST_AGENT__FLEET__CA_FILE", &ca),
     ]);
     let source = behest_agent::token::TokenSource::new(&with_ca, clock::system()).unwrap();
-    let key = CacheKey {
-        issuer: with_ca.auth.endpoints.issuer_hint(),
-        client_id: with_ca.auth.client_id.clone(),
-        audience: with_ca.auth.audience.clone(),
-        resource: None,
-        organization: None,
-        scope: None,
-    };
+    let key = Identity::of(&with_ca.auth);
     let fleet = Fleet::new(
         with_ca.fleet.as_ref().unwrap(),
         &key,
@@ -757,15 +742,7 @@ async fn a_sealed_token_that_fails_the_checks_is_never_served() {
     let foreign = h.idp.mint(serde_json::json!({"uid": "someone-else"}));
     h.remember(&foreign);
     let settings = h.settings(&borrowed(&agent_env(&h, 0, &url)));
-    let a = &settings.auth;
-    let key = CacheKey {
-        issuer: a.endpoints.issuer_hint(),
-        client_id: a.client_id.clone(),
-        audience: a.audience.clone(),
-        resource: a.resource.clone(),
-        organization: a.organization.clone(),
-        scope: a.scope.clone(),
-    };
+    let key = Identity::of(&settings.auth);
     let seal = SealKey::derive(h.secret.as_bytes(), &serde_json::to_vec(&key).unwrap());
     let entry = b.fleet().unwrap().entry_key().to_string();
     let sealed = seal.seal(&entry, &secret(&foreign), SystemTime::now(), None);

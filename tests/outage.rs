@@ -12,24 +12,8 @@ use std::time::Duration;
 use devkit::upstream::{Upstream, UpstreamOptions};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::Command;
 
-use crate::util::{AUDIENCE, Harness, Start, eventually, exits_cleanly, signal};
-
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-async fn output(mut c: Command) -> Out {
-    let o = c.output().await.expect("the binary runs");
-    Out {
-        code: o.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
-}
+use crate::util::{AUDIENCE, Harness, Start, eventually, exits_cleanly, output, signal};
 
 /// `f`, which must not wait without end (a child still running at the bound is killed on drop).
 async fn bounded<F: Future>(what: &str, f: F) -> F::Output {

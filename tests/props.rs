@@ -25,7 +25,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use behest_agent::auth::ResolvedEndpoints;
 use behest_agent::clock;
 use behest_agent::config::{self, LoadOptions, TokenSettings, UidCheck};
-use behest_agent::token::cache::{CacheKey, DiskCache};
+use behest_agent::token::cache::{DiskCache, Identity};
 use behest_agent::token::{TokenSource, Verifier};
 use devkit::idp::Fault;
 use proptest::prelude::*;
@@ -581,7 +581,10 @@ fn config_keys_with_huge_array_indexes_are_refused_not_allocated() {
 fn http_client() -> reqwest::Client {
     static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
     CLIENT
-        .get_or_init(|| behest_agent::auth::http::client(Duration::from_secs(5), None).unwrap())
+        .get_or_init(|| {
+            behest_agent::auth::http::client(Duration::from_secs(5), None, &Default::default())
+                .unwrap()
+        })
         .clone()
 }
 
@@ -1033,8 +1036,8 @@ fn an_x_ratelimit_reset_beyond_the_clock_is_not_a_panic() {
     );
 }
 
-fn cache_key() -> CacheKey {
-    CacheKey {
+fn cache_key() -> Identity {
+    Identity {
         issuer: ISSUER.to_string(),
         client_id: "client-1".to_string(),
         audience: Some(AUDIENCE.to_string()),

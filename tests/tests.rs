@@ -8,6 +8,7 @@ mod cli;
 mod config;
 mod dev;
 mod doctor;
+mod egress;
 mod faults;
 mod fleet;
 mod forwarding;

@@ -18,7 +18,7 @@ use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
-use crate::util::{AUDIENCE, Harness, Start, eventually, exits_cleanly, random, signal};
+use crate::util::{AUDIENCE, Harness, Start, eventually, exits_cleanly, output, random, signal};
 
 /// A local user for the tests that need another one.
 #[derive(Debug, Clone)]
@@ -83,25 +83,6 @@ fn agent_as(user: Option<&LocalUser>, env: &[(&str, String)], args: &[&str]) -> 
         c.uid(u.uid).gid(u.gid);
     }
     c
-}
-
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `c` to its end; a command still running after 60 s is a hang and fails the test.
-async fn output(mut c: Command) -> Out {
-    let o = tokio::time::timeout(Duration::from_secs(60), c.output())
-        .await
-        .expect("the command hung (no answer within 60 s)")
-        .expect("the binary runs");
-    Out {
-        code: o.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
 }
 
 /// The CLI environment of the harness's identity with the secret in a variable (another user

@@ -340,3 +340,56 @@ pub async fn exits_cleanly(child: &mut tokio::process::Child) {
         .unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+/// The path of `binary`, installing Debian's `package` first when it is missing (the tests start
+/// their own servers from it; `.ci/run` does the same before the suite). Installing needs root and
+/// the Debian archive: without either, a clear panic says what to install.
+pub fn debian_binary(binary: &str, package: &str) -> PathBuf {
+    static INSTALL: Mutex<()> = Mutex::new(());
+    let find = || {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(binary))
+                .find(|p| p.is_file())
+        })
+    };
+    let _one_at_a_time = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(path) = find().or_else(|| {
+        let usr = PathBuf::from("/usr/bin").join(binary);
+        usr.is_file().then_some(usr)
+    }) {
+        return path;
+    }
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "these tests need `{binary}`: install Debian's `{package}` package (apt-get install {package}), as .ci/run does"
+    );
+    let status = std::process::Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends", package])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("apt-get runs");
+    assert!(status.success(), "apt-get install {package} failed");
+    find().unwrap_or_else(|| PathBuf::from("/usr/bin").join(binary))
+}
+
+/// What a finished command printed, and its exit code (-1 when a signal ended it).
+pub struct Out {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `c` to its end; a command still running after 120 s is a hang and fails the test.
+pub async fn output(mut c: tokio::process::Command) -> Out {
+    let o = tokio::time::timeout(std::time::Duration::from_secs(120), c.output())
+        .await
+        .expect("the command hung (no end within 120 s)")
+        .expect("the command runs");
+    Out {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}

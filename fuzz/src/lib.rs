@@ -146,7 +146,7 @@ pub fn runtime() -> &'static tokio::runtime::Runtime {
 pub fn verifier(uid_check: UidCheck, audience: bool) -> Verifier {
     static HTTP: OnceLock<reqwest::Client> = OnceLock::new();
     let http = HTTP
-        .get_or_init(|| behest_agent::auth::http::client(Duration::from_secs(5), None).unwrap())
+        .get_or_init(|| behest_agent::auth::http::client(Duration::from_secs(5), None, &Default::default()).unwrap())
         .clone();
     Verifier::new(
         TokenSettings {

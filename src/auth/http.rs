@@ -1,6 +1,6 @@
 //! The IdP's HTTP client, and the adapter that lets `oauth2` use it while keeping what `oauth2` drops:
 //! the response status and the `Retry-After` / `x-ratelimit-reset` headers. TLS is rustls with the
-//! project's one provider; redirects are never followed and no proxy is taken from the environment.
+//! project's one provider; redirects are never followed; a proxy only as [`crate::egress`] says.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,13 +15,24 @@ use crate::tls;
 pub fn client(
     timeout: Duration,
     ca_file: Option<&std::path::Path>,
+    egress: &crate::egress::Egress,
 ) -> Result<reqwest::Client, String> {
     let mut tls = tls::client_config(ca_file).map_err(|e| e.to_string())?;
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .tls_backend_preconfigured(tls)
         .redirect(reqwest::redirect::Policy::none())
-        .no_proxy()
+        // Never the environment's proxies on reqwest's own terms: `egress` says which.
+        .no_proxy();
+    for proxy in egress.reqwest() {
+        builder = builder.proxy(proxy);
+    }
+    if !egress.is_direct() {
+        // A connection kept to a proxy may be closed under it (tinyproxy closes after each
+        // request without saying so): the IdP's few requests each take a new one.
+        builder = builder.pool_max_idle_per_host(0);
+    }
+    builder
         .timeout(timeout)
         .connect_timeout(timeout.min(Duration::from_secs(10)))
         .user_agent(concat!("behest-agent/", env!("CARGO_PKG_VERSION")))

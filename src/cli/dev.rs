@@ -94,6 +94,8 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
         ("BEHEST_AGENT__AUTH__CLIENT_ID", DEV_CLIENT_ID.to_string()),
         ("BEHEST_AGENT_CLIENT_SECRET", secret),
         ("BEHEST_AGENT__TOKEN__CACHE_FILE", String::new()),
+        // Counted in memory (`usage` shows it), never in the machine's ledger.
+        ("BEHEST_AGENT__USAGE__LEDGER_FILE", String::new()),
         ("BEHEST_AGENT__PROXY__LISTEN", args.listen.clone()),
         ("BEHEST_AGENT__PROXY__UPSTREAM", upstream.base_url()),
         (
@@ -172,6 +174,7 @@ Try, in another terminal:
     -d '{{\"model\":\"echo-1\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}'
   OPENAI_BASE_URL={base} OPENAI_API_KEY=placeholder python3 your_script.py
   {cli} status
+  {cli} usage
   {cli} token
 
 Ctrl-C stops it.",

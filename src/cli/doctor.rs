@@ -83,6 +83,10 @@ pub async fn run(g: &Global, _args: Args) -> CliResult {
         }
     }
     check_credentials(&mut r, &settings);
+    match settings.proxy.egress.describe() {
+        Some(how) => r.info(format!("egress: {how}")),
+        None => r.info("egress: direct (no [egress], no HTTPS_PROXY / http_proxy / ALL_PROXY)"),
+    }
 
     let source = match TokenSource::new(&settings, crate::clock::system()) {
         Ok(s) => s,
@@ -641,7 +645,7 @@ async fn check_daemon_alone(r: &mut Report, daemon: &Daemon) {
     };
     let url = format!("http://{listen}/v1/models");
     let what = format!("upstream GET /v1/models through the agent ({listen})");
-    let http = match crate::auth::http::client(UPSTREAM_TIMEOUT, None) {
+    let http = match crate::auth::http::client(UPSTREAM_TIMEOUT, None, &Default::default()) {
         Ok(c) => c,
         Err(e) => return r.fail("HTTP client", e, CA_FILE_FIX),
     };
@@ -727,7 +731,11 @@ async fn check_upstream(r: &mut Report, s: &Settings, token: Option<&SecretStrin
         ));
         return;
     };
-    let http = match crate::auth::http::client(UPSTREAM_TIMEOUT, s.proxy.ca_file.as_deref()) {
+    let http = match crate::auth::http::client(
+        UPSTREAM_TIMEOUT,
+        s.proxy.ca_file.as_deref(),
+        &s.proxy.egress,
+    ) {
         Ok(c) => c,
         Err(e) => {
             r.fail("upstream HTTPS client", e, CA_FILE_FIX);

@@ -130,6 +130,9 @@ fn human(doc: &Value) -> String {
             if let Some(u) = d.get("upstream").and_then(Value::as_str) {
                 out.push_str(&format!("upstream:     {u}\n"));
             }
+            if let Some(e) = d.get("egress").and_then(Value::as_str) {
+                out.push_str(&format!("egress:       {e}\n"));
+            }
             if let Some(l) = d.get("listen").and_then(Value::as_array) {
                 let l: Vec<&str> = l.iter().filter_map(Value::as_str).collect();
                 out.push_str(&format!("proxy listen: {}\n", l.join(", ")));

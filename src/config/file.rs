@@ -18,6 +18,7 @@ pub struct FileConfig {
     pub telemetry: TelemetryFile,
     pub usage: UsageFile,
     pub budget: BudgetFile,
+    pub egress: EgressFile,
     pub fleet: FleetFile,
 }
 
@@ -109,6 +110,14 @@ pub struct UsageFile {
     pub ledger_file: Option<String>,
     pub ledger_max_size: Option<String>,
     pub stream_include_usage: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EgressFile {
+    pub proxy: Option<String>,
+    pub no_proxy: Option<String>,
+    pub proxy_password_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -15,8 +15,8 @@ use url::Url;
 
 use super::ConfigError;
 use super::file::{
-    AuthFile, ControlFile, FileConfig, FleetFile, OneOrMany, ProxyFile, TelemetryFile, TokenFile,
-    UsageFile,
+    AuthFile, ControlFile, EgressFile, FileConfig, FleetFile, OneOrMany, ProxyFile, TelemetryFile,
+    TokenFile, UsageFile,
 };
 
 /// Everything the agent needs, validated.
@@ -243,6 +243,8 @@ pub struct ProxySettings {
     pub upstream_timeout: Duration,
     pub idle_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// How the upstream — and the IdP — are reached: `[egress]`, else the environment's proxies.
+    pub egress: crate::egress::Egress,
 }
 
 #[derive(Debug, Clone)]
@@ -325,7 +327,8 @@ pub(super) fn validate(
     let mut warnings = Vec::new();
     let auth = auth(file.auth, origin, &mut warnings)?;
     let token = token(file.token, origin, &auth.client_id)?;
-    let proxy = proxy(file.proxy, origin)?;
+    let mut proxy = proxy(file.proxy, origin)?;
+    proxy.egress = egress(file.egress, origin, &mut warnings)?;
     let control = control(file.control, origin, &mut warnings)?;
     let telemetry = telemetry(file.telemetry, origin, proxy.allow_remote)?;
     let usage = usage(file.usage, origin)?;
@@ -670,6 +673,113 @@ fn token(t: TokenFile, origin: Origin<'_>, client_id: &str) -> Result<TokenSetti
 }
 
 /// `[proxy]`: where it listens, where it forwards, and its limits.
+/// `[egress]`, else the proxies of the environment as curl reads them (`https_proxy` /
+/// `HTTPS_PROXY`, `http_proxy` — curl ignores `HTTP_PROXY` —, `all_proxy` / `ALL_PROXY`, `no_proxy`
+/// / `NO_PROXY`). Only `http://` proxies; a password only from `proxy_password_file` in `[egress]`.
+/// With proxies from the environment and no `NO_PROXY`, loopback destinations go direct.
+fn egress(
+    e: EgressFile,
+    origin: Origin<'_>,
+    warnings: &mut Vec<String>,
+) -> Result<crate::egress::Egress, ConfigError> {
+    use secrecy::SecretString;
+    let http_url = |raw: &str, key: &str| -> Result<Url, ConfigError> {
+        let with_scheme = if raw.contains("://") {
+            raw.to_string()
+        } else {
+            format!("http://{raw}")
+        };
+        let url = Url::parse(&with_scheme).map_err(|err| {
+            origin.invalid(
+                key,
+                format!(
+                    "`{}` is not a proxy URL: {err}",
+                    crate::egress::without_credentials(&with_scheme)
+                ),
+            )
+        })?;
+        if url.scheme() != "http" || url.host_str().is_none() {
+            return Err(origin.invalid(
+                key,
+                format!(
+                    "only an http:// proxy (http://HOST:PORT) is supported, not `{}`; the agent tunnels to https destinations with CONNECT",
+                    crate::egress::without_credentials(&with_scheme)
+                ),
+            ));
+        }
+        Ok(url)
+    };
+    if let Some(raw) = nonempty(e.proxy) {
+        let mut url = http_url(&raw, "egress.proxy")?;
+        if url.password().is_some() {
+            return Err(origin.invalid(
+                "egress.proxy",
+                "holds a password: put it in egress.proxy_password_file (mode 0600) and keep only the user name in the URL".to_string(),
+            ));
+        }
+        if let Some(file) = nonempty(e.proxy_password_file) {
+            let key = "egress.proxy_password_file";
+            if url.username().is_empty() {
+                return Err(origin.invalid(
+                    key,
+                    "needs a user name in egress.proxy (http://USER@HOST:PORT) to go with it"
+                        .to_string(),
+                ));
+            }
+            let path = PathBuf::from(&file);
+            let text = std::fs::read_to_string(&path)
+                .map_err(|err| origin.invalid(key, format!("cannot read {file}: {err}")))?;
+            let password =
+                secret_text(&text).map_err(|m| origin.invalid(key, format!("{file}: {m}")))?;
+            let _ = url.set_password(Some(password));
+            if let Some(w) = permission_warning(&path, key) {
+                warnings.push(w);
+            }
+        }
+        let proxy = SecretString::from(url.to_string());
+        return Ok(crate::egress::Egress {
+            http: Some(proxy.clone()),
+            https: Some(proxy),
+            no_proxy: e.no_proxy.unwrap_or_default(),
+            source: "egress.proxy".into(),
+        });
+    }
+    if e.proxy_password_file.is_some() {
+        return Err(origin.invalid(
+            "egress.proxy_password_file",
+            "is set but egress.proxy is not".to_string(),
+        ));
+    }
+    let from = |names: &[&'static str]| names.iter().find_map(|n| origin.var(n).map(|v| (*n, v)));
+    let https = from(&["https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"]);
+    let http = from(&["http_proxy", "all_proxy", "ALL_PROXY"]);
+    let check = |found: Option<(&'static str, String)>| -> Result<_, ConfigError> {
+        found
+            .map(|(name, raw)| {
+                http_url(&raw, name)?;
+                Ok((name, SecretString::from(raw)))
+            })
+            .transpose()
+    };
+    let (https, http) = (check(https)?, check(http)?);
+    let names: Vec<&str> = https.iter().chain(&http).map(|(n, _)| *n).collect();
+    let mut source = names.join(", ");
+    if names.len() == 2 && names[0] == names[1] {
+        source = names[0].to_string();
+    }
+    let no_proxy = e
+        .no_proxy
+        .or_else(|| origin.var("no_proxy"))
+        .or_else(|| origin.var("NO_PROXY"))
+        .unwrap_or_else(|| "localhost, 127.0.0.0/8, ::1".to_string());
+    Ok(crate::egress::Egress {
+        http: http.map(|(_, p)| p),
+        https: https.map(|(_, p)| p),
+        no_proxy,
+        source,
+    })
+}
+
 fn proxy(p: ProxyFile, origin: Origin<'_>) -> Result<ProxySettings, ConfigError> {
     let allow_remote = p.allow_remote.unwrap_or(false);
     let listen = listen(p.listen, allow_remote, origin)?;
@@ -693,6 +803,7 @@ fn proxy(p: ProxyFile, origin: Origin<'_>) -> Result<ProxySettings, ConfigError>
         ca_file: nonempty(p.ca_file).map(PathBuf::from),
         session_id: nonempty(p.session_id),
         session_from_ci: p.session_from_ci.unwrap_or(true),
+        egress: Default::default(),
         allow_remote,
         allowed_origins: p.allowed_origins.unwrap_or_default(),
         max_connections,

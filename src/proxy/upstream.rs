@@ -13,13 +13,18 @@
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use http::header::HOST;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use http::header::{HOST, PROXY_AUTHORIZATION};
 use http::{HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::proxy::Tunnel;
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tower_service::Service;
@@ -30,9 +35,15 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The upstream's connections.
 pub struct Pool {
-    connector: HttpsConnector<HttpConnector>,
-    /// `scheme://authority/`, what the connector dials.
+    connector: HttpsConnector<Dial>,
+    /// What the connector dials: the upstream's `scheme://authority/`, or the egress proxy's for
+    /// an `http` upstream behind one.
+    dial: Uri,
+    /// The upstream's `scheme://authority/`.
     target: Uri,
+    /// For an `http` upstream behind an egress proxy: requests go to the proxy in absolute form,
+    /// with this `Proxy-Authorization` when it needs one.
+    forward: Option<Option<HeaderValue>>,
     /// The `Host` of HTTP/1.1 requests.
     host: HeaderValue,
     idle_timeout: Duration,
@@ -92,14 +103,16 @@ enum Connected {
 
 impl Pool {
     pub fn new(
-        connector: HttpsConnector<HttpConnector>,
-        target: Uri,
+        connector: HttpsConnector<Dial>,
+        route: Route,
         host: HeaderValue,
         bounds: Bounds,
     ) -> Arc<Pool> {
         Arc::new(Pool {
             connector,
-            target,
+            dial: route.dial,
+            target: route.target,
+            forward: route.forward,
             host,
             idle_timeout: bounds.idle_timeout,
             max_idle: bounds.max_idle,
@@ -122,7 +135,7 @@ impl Pool {
             return Ok((h2.send_request(req).await?, None));
         }
         if let Some(mut tx) = self.take_idle() {
-            let h1 = origin_form(req, &self.host);
+            let h1 = self.h1_form(req);
             match tx.try_send_request(h1).await {
                 Ok(resp) => return Ok((resp, Some(self.lease(tx)))),
                 Err(mut e) => match e.take_message() {
@@ -135,7 +148,7 @@ impl Pool {
         // every request's.
         match Box::pin(self.connect()).await? {
             Connected::H1(mut tx) => {
-                let resp = tx.send_request(origin_form(req, &self.host)).await?;
+                let resp = tx.send_request(self.h1_form(req)).await?;
                 Ok((resp, Some(self.lease(tx))))
             }
             Connected::H2(mut tx) => {
@@ -163,7 +176,7 @@ impl Pool {
 
     async fn connect(&self) -> Result<Connected, BoxError> {
         let permit = self.permit().await?;
-        let io = self.connector.clone().call(self.target.clone()).await?;
+        let io = self.connector.clone().call(self.dial.clone()).await?;
         if io.connected().is_negotiated_h2() {
             let (tx, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
@@ -246,10 +259,105 @@ impl Pool {
 }
 
 /// An HTTP/1.1 request names its target in origin form, the authority in `Host`.
-fn origin_form(mut req: Request<UpstreamBody>, host: &HeaderValue) -> Request<UpstreamBody> {
-    if let Some(pq) = req.uri().path_and_query().cloned() {
-        *req.uri_mut() = Uri::from(pq);
+impl Pool {
+    /// An HTTP/1.1 request as it goes on the wire: in origin form with the upstream's `Host`, or,
+    /// to an egress proxy, in absolute form with its `Proxy-Authorization`.
+    fn h1_form(&self, mut req: Request<UpstreamBody>) -> Request<UpstreamBody> {
+        match &self.forward {
+            None => {
+                if let Some(pq) = req.uri().path_and_query().cloned() {
+                    *req.uri_mut() = Uri::from(pq);
+                }
+            }
+            Some(auth) => {
+                if let Some(auth) = auth {
+                    req.headers_mut().insert(PROXY_AUTHORIZATION, auth.clone());
+                }
+            }
+        }
+        req.headers_mut().insert(HOST, self.host.clone());
+        req
     }
-    req.headers_mut().insert(HOST, host.clone());
-    req
+}
+
+/// Where the pool connects and how its requests go, for the upstream and the egress in force.
+pub struct Route {
+    pub dial: Uri,
+    pub target: Uri,
+    pub forward: Option<Option<HeaderValue>>,
+}
+
+impl Route {
+    /// The route to `target` (`scheme://authority/`): direct, through a `CONNECT` tunnel for an
+    /// `https` upstream behind a proxy, or in absolute form to the proxy for an `http` one. Also
+    /// the connector it needs under TLS.
+    pub fn new(target: Uri, egress: &crate::egress::Egress, tcp: HttpConnector) -> (Route, Dial) {
+        let direct = |target: Uri, tcp| {
+            (
+                Route {
+                    dial: target.clone(),
+                    target,
+                    forward: None,
+                },
+                Dial::Direct(tcp),
+            )
+        };
+        let Some(proxy) = egress.intercept(&target) else {
+            return direct(target, tcp);
+        };
+        if target.scheme() == Some(&http::uri::Scheme::HTTPS) {
+            let mut tunnel = Tunnel::new(proxy.uri().clone(), tcp);
+            if let Some(auth) = proxy.basic_auth() {
+                tunnel = tunnel.with_auth(auth.clone());
+            }
+            let route = Route {
+                dial: target.clone(),
+                target,
+                forward: None,
+            };
+            return (route, Dial::Tunnel(tunnel));
+        }
+        let route = Route {
+            dial: proxy.uri().clone(),
+            target,
+            forward: Some(proxy.basic_auth().cloned()),
+        };
+        (route, Dial::Direct(tcp))
+    }
+}
+
+/// What the TLS layer dials: a TCP connection to the upstream (or to an egress proxy that gets
+/// absolute-form requests), or a `CONNECT` tunnel through the egress proxy (hyper-util's).
+#[derive(Clone)]
+pub enum Dial {
+    Direct(HttpConnector),
+    Tunnel(Tunnel<HttpConnector>),
+}
+
+type Dialed = TokioIo<tokio::net::TcpStream>;
+
+impl Service<Uri> for Dial {
+    type Response = Dialed;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Dialed, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        match self {
+            Dial::Direct(c) => c.poll_ready(cx).map_err(Into::into),
+            Dial::Tunnel(t) => t.poll_ready(cx).map_err(Into::into),
+        }
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        match self {
+            Dial::Direct(c) => {
+                let connecting = c.call(dst);
+                Box::pin(async move { connecting.await.map_err(Into::into) })
+            }
+            Dial::Tunnel(t) => {
+                let connecting = t.call(dst);
+                Box::pin(async move { connecting.await.map_err(Into::into) })
+            }
+        }
+    }
 }

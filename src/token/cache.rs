@@ -19,9 +19,11 @@ use serde::{Deserialize, Serialize};
 /// How often a waiter tries the cross-process lock again.
 const LOCK_POLL: Duration = Duration::from_millis(25);
 
-/// What the cached token was issued for.
+/// Who a token is for: what makes two configurations get different tokens from the IdP. It keys
+/// the disk cache entry, and a daemon reports it in `/v1/status` (`daemon.identity`) for the CLI
+/// to compare with its own configuration's.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CacheKey {
+pub struct Identity {
     pub issuer: String,
     pub client_id: String,
     pub audience: Option<String>,
@@ -30,11 +32,44 @@ pub struct CacheKey {
     pub scope: Option<String>,
 }
 
+impl Identity {
+    pub fn of(auth: &crate::config::AuthSettings) -> Identity {
+        Identity {
+            issuer: auth.endpoints.issuer_hint(),
+            client_id: auth.client_id.clone(),
+            audience: auth.audience.clone(),
+            resource: auth.resource.clone(),
+            organization: auth.organization.clone(),
+            scope: auth.scope.clone(),
+        }
+    }
+
+    /// The fields that differ, as `(key, this one's value, other's value)`; `-` for none.
+    pub fn differences(&self, other: &Identity) -> Vec<(&'static str, String, String)> {
+        let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+        [
+            ("issuer", self.issuer.clone(), other.issuer.clone()),
+            ("client_id", self.client_id.clone(), other.client_id.clone()),
+            ("audience", show(&self.audience), show(&other.audience)),
+            ("resource", show(&self.resource), show(&other.resource)),
+            (
+                "organization",
+                show(&self.organization),
+                show(&other.organization),
+            ),
+            ("scope", show(&self.scope), show(&other.scope)),
+        ]
+        .into_iter()
+        .filter(|(_, a, b)| a != b)
+        .collect()
+    }
+}
+
 /// The file. New fields are optional, so an older agent sharing the file still reads it.
 #[derive(Serialize, Deserialize)]
 struct CacheFile {
     version: u32,
-    key: CacheKey,
+    key: Identity,
     access_token: String,
     obtained_at: u64,
     /// The issuer's public key (from its JWKS) that verified the token when it was written.
@@ -60,7 +95,7 @@ pub struct Cached {
 #[derive(Debug, Clone)]
 pub struct DiskCache {
     path: PathBuf,
-    key: CacheKey,
+    key: Identity,
 }
 
 /// Holds the cross-process lock until dropped.
@@ -70,7 +105,7 @@ pub struct CacheLock {
 }
 
 impl DiskCache {
-    pub fn new(path: PathBuf, key: CacheKey) -> Self {
+    pub fn new(path: PathBuf, key: Identity) -> Self {
         Self { path, key }
     }
 

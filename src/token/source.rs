@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use jsonwebtoken::jwk::Jwk;
 
-use super::cache::{CacheKey, CacheLock, Cached, DiskCache};
+use super::cache::{CacheLock, Cached, DiskCache, Identity};
 use super::claims::{Checked, ClaimsView};
 use super::{CheckError, Keys, MIN_GRANT_INTERVAL, Token, Verifier, rfc3339};
 use crate::auth::{Grant, GrantError};
@@ -214,17 +214,13 @@ impl std::fmt::Debug for TokenSource {
 impl TokenSource {
     /// Builds the engine from settings: the IdP client, the verifier and the disk cache.
     pub fn new(settings: &Settings, clock: SharedClock) -> Result<Self, String> {
-        let http =
-            crate::auth::http::client(settings.auth.timeout, settings.proxy.ca_file.as_deref())?;
+        let http = crate::auth::http::client(
+            settings.auth.timeout,
+            settings.proxy.ca_file.as_deref(),
+            &settings.proxy.egress,
+        )?;
         let a = &settings.auth;
-        let key = CacheKey {
-            issuer: a.endpoints.issuer_hint(),
-            client_id: a.client_id.clone(),
-            audience: a.audience.clone(),
-            resource: a.resource.clone(),
-            organization: a.organization.clone(),
-            scope: a.scope.clone(),
-        };
+        let key = Identity::of(a);
         let cache = settings
             .token
             .cache_file
