@@ -213,8 +213,8 @@ impl Fleet {
     }
 
     /// The daemon's companion: connects at start, then checks the connection every
-    /// [`CHECK_INTERVAL`] while it works and reconnects with backoff while it does not, until
-    /// `shutdown`. Runs once per fleet; a second call returns at once.
+    /// [`CHECK_INTERVAL`] while it works and, from the first failed call on, reconnects with
+    /// backoff until it works again, until `shutdown`. Runs once per fleet; a second call returns at once.
     pub async fn run(&self, shutdown: CancellationToken) {
         if self.inner.started.swap(true, Ordering::AcqRel) {
             return;
@@ -231,6 +231,7 @@ impl Fleet {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(pause) => {}
+                _ = self.inner.link.failed_call() => {}
             }
         }
     }

@@ -83,6 +83,8 @@ pub(super) struct Link {
     state: Mutex<State>,
     /// One connection attempt at a time.
     connecting: tokio::sync::Mutex<()>,
+    /// Woken when a call fails, so the daemon's companion starts reconnecting at once.
+    failed: tokio::sync::Notify,
 }
 
 impl Link {
@@ -97,7 +99,13 @@ impl Link {
                 health: Health::Connecting,
             }),
             connecting: tokio::sync::Mutex::new(()),
+            failed: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Resolves at the next failed call (or at once if one failed since the last wait).
+    pub(super) async fn failed_call(&self) {
+        self.failed.notified().await
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -248,6 +256,7 @@ impl Link {
         st.last_error = Some(e.clone());
         drop(st);
         self.set_health(Health::Unreachable(e.to_string()));
+        self.failed.notify_one();
     }
 
     /// Records the health, logging a change of state once.
