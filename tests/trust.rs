@@ -555,6 +555,7 @@ async fn env_refuses_a_proxy_address_that_is_not_loopback_or_not_an_address() {
             }
         }),
         live: None,
+        keys: None,
         usage: None,
         shutdown: CancellationToken::new(),
     };
