@@ -228,6 +228,12 @@ impl App {
         self.state.metrics.clone()
     }
 
+    /// The local keys, when `proxy.require_key` is on.
+    pub fn keys(&self) -> Option<Arc<KeyStore>> {
+        let require = self.state.settings.read().expect("settings lock").proxy.require_key;
+        self.state.keys.clone().filter(|_| require)
+    }
+
     /// The usage counts and budgets.
     pub fn accounting(&self) -> Arc<Accounting> {
         self.state.accounting.clone()

@@ -55,7 +55,7 @@ pub struct CreateArgs {
     pub ttl: Option<Duration>,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
     crate::control::server::parse_ttl(s)
         .ok_or_else(|| format!("`{s}` is not a duration: use e.g. 90s, 30m or 12h"))
 }
@@ -155,6 +155,48 @@ fn table(list: &Value) -> String {
         ));
     }
     out
+}
+
+/// Where a job's key was made, to revoke it there.
+pub enum JobKey {
+    Daemon(Daemon),
+    Local(std::sync::Arc<KeyStore>),
+}
+
+/// A key for one job (`exec`, `env`), when the proxy it uses requires keys: made through `daemon`
+/// when it requires them, else in `local` (an in-process agent's store, or the keys file when no
+/// daemon runs and the configuration requires keys). Returns where it lives, its id and the key.
+pub async fn job_key(
+    daemon: Option<&Daemon>,
+    local: Option<std::sync::Arc<KeyStore>>,
+    new: NewKey,
+) -> anyhow::Result<Option<(JobKey, String, String)>> {
+    if let Some(d) = daemon {
+        if !requires_key(d) {
+            return Ok(None);
+        }
+        let v = create(d, &new).await?;
+        let id = v["id"].as_str().unwrap_or_default().to_string();
+        let key = v["key"].as_str().unwrap_or_default().to_string();
+        return Ok(Some((JobKey::Daemon(d.clone()), id, key)));
+    }
+    match local {
+        Some(store) => {
+            let (key, entry) = store.create(new)?;
+            Ok(Some((JobKey::Local(store), entry.id.clone(), key)))
+        }
+        None => Ok(None),
+    }
+}
+
+impl JobKey {
+    /// Revokes the job's key `id`.
+    pub async fn revoke(&self, id: &str) -> anyhow::Result<()> {
+        match self {
+            JobKey::Daemon(d) => revoke(d, id).await,
+            JobKey::Local(s) => Ok(s.revoke(id)?),
+        }
+    }
 }
 
 /// Whether the daemon refuses requests without a local key (its `/v1/status`).
