@@ -236,15 +236,24 @@ struct Stamp {
     mtime_ns: i128,
 }
 
+/// What the store knows of its file.
+#[derive(Debug, Default)]
+struct FileState {
+    /// As last read or written (`None`: there was none).
+    stamp: Option<Stamp>,
+    /// Why the file as it is now cannot be used (it is then never overwritten).
+    broken: Option<String>,
+}
+
 /// The keys file and the keys in force.
 pub struct KeyStore {
     path: PathBuf,
     clock: SharedClock,
     /// Read (its `Arc` cloned) once per request; replaced whole by a load or a write.
     table: RwLock<Arc<Table>>,
-    /// The file as last read or written (`None`: there was none); also serialises loads and
-    /// writes, so an edit is never lost between reading the file and replacing it.
-    stamp: Mutex<Option<Stamp>>,
+    /// The file as last read or written; also serialises loads and writes, so an edit is never
+    /// lost between reading the file and replacing it.
+    file: Mutex<FileState>,
     /// Milliseconds since `started` before which the request path does not look at the file.
     next_check: AtomicU64,
     started: Instant,
@@ -259,40 +268,33 @@ impl std::fmt::Debug for KeyStore {
 }
 
 impl KeyStore {
-    /// The store of `path`, loaded: a file that cannot be read or parsed is an error.
-    pub fn open(path: &Path, clock: SharedClock) -> Result<KeyStore, KeysError> {
-        let store = KeyStore {
+    fn new(path: &Path, clock: SharedClock) -> KeyStore {
+        KeyStore {
             path: path.to_path_buf(),
             clock,
             table: RwLock::new(Arc::default()),
-            stamp: Mutex::new(None),
+            file: Mutex::default(),
             next_check: AtomicU64::new(0),
             started: Instant::now(),
-        };
-        {
-            let mut stamp = store.stamp.lock().expect("keys lock");
-            store.reload_locked(&mut stamp, true)?;
         }
+    }
+
+    /// The store of `path`, loaded: a file that cannot be read or parsed is an error.
+    pub fn open(path: &Path, clock: SharedClock) -> Result<KeyStore, KeysError> {
+        let store = KeyStore::new(path, clock);
+        store.reload_locked(&mut store.file.lock().expect("keys lock"), true)?;
         Ok(store)
     }
 
     /// The daemon's store: a file that cannot be used is logged and holds no keys until fixed
-    /// (with `require_key`, every request is refused meanwhile: closed, not open).
+    /// (with `require_key`, every request is refused meanwhile: closed, not open); it is not
+    /// overwritten.
     pub fn open_or_empty(path: &Path, clock: SharedClock) -> KeyStore {
-        match KeyStore::open(path, clock.clone()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!("{e}");
-                KeyStore {
-                    path: path.to_path_buf(),
-                    clock,
-                    table: RwLock::new(Arc::default()),
-                    stamp: Mutex::new(None),
-                    next_check: AtomicU64::new(0),
-                    started: Instant::now(),
-                }
-            }
+        let store = KeyStore::new(path, clock);
+        if let Err(e) = store.reload_locked(&mut store.file.lock().expect("keys lock"), true) {
+            tracing::error!("{e}");
         }
+        store
     }
 
     pub fn path(&self) -> &Path {
@@ -348,26 +350,44 @@ impl KeyStore {
             return;
         }
         // Another thread loading or writing right now will leave the table current.
-        let Ok(mut stamp) = self.stamp.try_lock() else {
+        let Ok(mut file) = self.file.try_lock() else {
             return;
         };
-        if let Err(e) = self.reload_locked(&mut stamp, false) {
+        // A broken file is reported when it changes, not every second.
+        if stamp_of(&self.path).ok() == Some(file.stamp) {
+            return;
+        }
+        if let Err(e) = self.reload_locked(&mut file, true) {
             tracing::error!("{e}");
         }
     }
 
     /// Reads the file again if it changed since `stamp` (always, with `force`), and installs its
     /// keys; `last_used` kept in memory is carried over to the same ids. On error the table stays
-    /// as it was, and the stamp moves on so the same broken file is reported once.
-    fn reload_locked(&self, stamp: &mut Option<Stamp>, force: bool) -> Result<(), KeysError> {
+    /// as it was, and the file is marked broken until it changes.
+    fn reload_locked(&self, file: &mut FileState, force: bool) -> Result<(), KeysError> {
         let current = stamp_of(&self.path).map_err(|error| self.read_error(error))?;
-        if !force && current == *stamp {
-            return Ok(());
+        if !force && current == file.stamp {
+            return match &file.broken {
+                Some(reason) => Err(self.corrupt(reason.clone())),
+                None => Ok(()),
+            };
         }
-        *stamp = current;
-        let stored = match current {
-            None => Vec::new(),
-            Some(_) => self.read()?,
+        file.stamp = current;
+        let loaded = self.load(current.is_some());
+        file.broken = match &loaded {
+            Err(KeysError::Corrupt { reason, .. }) => Some(reason.clone()),
+            Err(e) => Some(e.to_string()),
+            Ok(()) => None,
+        };
+        loaded
+    }
+
+    /// Reads the file (`exists`: else no keys) and installs its keys.
+    fn load(&self, exists: bool) -> Result<(), KeysError> {
+        let stored = match exists {
+            false => Vec::new(),
+            true => self.read()?,
         };
         let old = self.table.read().expect("keys lock").clone();
         let last: HashMap<&str, u64> = old
@@ -471,8 +491,8 @@ impl KeyStore {
     /// The keys (never the key nor its hash), oldest first, after reading any edit of the file.
     pub fn list(&self) -> Result<Vec<Value>, KeysError> {
         {
-            let mut stamp = self.stamp.lock().expect("keys lock");
-            self.reload_locked(&mut stamp, false)?;
+            let mut file = self.file.lock().expect("keys lock");
+            self.reload_locked(&mut file, false)?;
         }
         let table = self.table.read().expect("keys lock").clone();
         let mut entries: Vec<&Arc<KeyEntry>> = table.values().collect();
@@ -495,8 +515,8 @@ impl KeyStore {
         &self,
         change: impl FnOnce(&mut Table) -> Result<(), KeysError>,
     ) -> Result<(), KeysError> {
-        let mut stamp = self.stamp.lock().expect("keys lock");
-        self.reload_locked(&mut stamp, false)?;
+        let mut file = self.file.lock().expect("keys lock");
+        self.reload_locked(&mut file, false)?;
         let mut table: Table = (**self.table.read().expect("keys lock")).clone();
         change(&mut table)?;
         let mut keys: Vec<Stored> = table.values().map(|e| e.to_stored()).collect();
@@ -507,7 +527,7 @@ impl KeyStore {
             path: self.path.display().to_string(),
             error,
         })?;
-        *stamp = stamp_of(&self.path).map_err(|e| self.read_error(e))?;
+        file.stamp = stamp_of(&self.path).map_err(|e| self.read_error(e))?;
         *self.table.write().expect("keys lock") = Arc::new(table);
         Ok(())
     }

@@ -11,6 +11,7 @@ mod doctor;
 mod faults;
 mod forwarding;
 mod interop;
+mod keys;
 mod limits;
 mod node;
 mod outage;
