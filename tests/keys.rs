@@ -503,3 +503,48 @@ fn a_non_loopback_listen_needs_allow_remote_and_require_key() {
         PathBuf::from("/nonexistent-home/.local/state/behest-agent/keys.json")
     );
 }
+
+#[tokio::test]
+async fn allowed_hosts_are_accepted_by_the_host_guard_and_other_names_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let kf = dir.path().join("keys.json").display().to_string();
+    let s = stack_with(
+        |_| {},
+        &[
+            ("BEHEST_AGENT__PROXY__REQUIRE_KEY", "true"),
+            ("BEHEST_AGENT__PROXY__KEYS_FILE", kf.as_str()),
+            ("BEHEST_AGENT__PROXY__ALLOWED_HOSTS", "behest-agent"),
+        ],
+    )
+    .await;
+    let store =
+        behest_agent::keys::KeyStore::open(std::path::Path::new(&kf), behest_agent::clock::system())
+            .unwrap();
+    let (key, _) = store.create(Default::default()).unwrap();
+    s.h.remember(&key);
+    let url = format!("{}/models", s.base);
+    let end = tokio::time::Instant::now() + Duration::from_secs(20);
+    let status_for = |host: &'static str| {
+        let (url, key) = (url.clone(), key.clone());
+        async move {
+            http()
+                .get(url)
+                .header("host", host)
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    // The daemon takes the key written to its file within a second.
+    while status_for("behest-agent:8711").await != 200 {
+        assert!(tokio::time::Instant::now() < end, "never served");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status_for("BEHEST-AGENT").await, 200);
+    assert_eq!(status_for("evil.example").await, 403);
+    assert_eq!(status_for("behest-agent.evil.example").await, 403);
+    s.finish().await;
+}
