@@ -146,9 +146,8 @@ impl App {
                 if let Some(keys) = &keys {
                     proxy.attach_keys(keys.clone());
                 }
-                let inherited = inherited_listeners(
-                    settings.proxy.allow_remote && settings.proxy.require_key,
-                );
+                let inherited =
+                    inherited_listeners(settings.proxy.allow_remote && settings.proxy.require_key);
                 let listeners = match inherited.map_err(|error| StartError::Listen {
                     key: "LISTEN_FDS",
                     addr: "systemd socket activation (LISTEN_FDS)".to_string(),
@@ -230,7 +229,13 @@ impl App {
 
     /// The local keys, when `proxy.require_key` is on.
     pub fn keys(&self) -> Option<Arc<KeyStore>> {
-        let require = self.state.settings.read().expect("settings lock").proxy.require_key;
+        let require = self
+            .state
+            .settings
+            .read()
+            .expect("settings lock")
+            .proxy
+            .require_key;
         self.state.keys.clone().filter(|_| require)
     }
 

@@ -161,18 +161,16 @@ pub struct KeyEntry {
 
 impl KeyEntry {
     fn from_stored(s: Stored) -> Result<KeyEntry, String> {
-        let sha256 = parse_hex32(&s.sha256).ok_or_else(|| {
-            format!(
-                "key `{}`: sha256 is not 64 hex digits",
-                s.id.escape_debug()
-            )
-        })?;
+        let sha256 = parse_hex32(&s.sha256)
+            .ok_or_else(|| format!("key `{}`: sha256 is not 64 hex digits", s.id.escape_debug()))?;
         let session_header = match &s.session {
             Some(v) => Some(
                 HeaderValue::from_str(v)
                     .ok()
                     .filter(|_| crate::proxy::valid_session(v.as_bytes()))
-                    .ok_or_else(|| format!("key `{}`: session is not valid", s.id.escape_debug()))?,
+                    .ok_or_else(|| {
+                        format!("key `{}`: session is not valid", s.id.escape_debug())
+                    })?,
             ),
             None => None,
         };
@@ -311,12 +309,7 @@ impl KeyStore {
             ));
         };
         let digest = sha256(key);
-        let entry = self
-            .table
-            .read()
-            .expect("keys lock")
-            .get(&digest)
-            .cloned();
+        let entry = self.table.read().expect("keys lock").get(&digest).cloned();
         let now = self.clock.unix();
         match entry {
             Some(e) if !e.expired(now) => {

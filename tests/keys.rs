@@ -51,8 +51,7 @@ impl Keyed {
     /// The binary with another control socket (`…/none.sock`: no daemon there).
     async fn cli_on(&self, socket: &str, args: &[&str]) -> std::process::Output {
         let kf = self.keys_file.display().to_string();
-        let out = self
-            .s
+        self.s
             .h
             .agent(
                 args,
@@ -64,8 +63,7 @@ impl Keyed {
             )
             .output()
             .await
-            .unwrap();
-        out
+            .unwrap()
     }
 
     /// `key create ARGS`: the key printed.
@@ -187,7 +185,11 @@ async fn a_revoked_key_is_refused_on_the_very_next_request() {
     assert!(k.list().await.is_empty());
     let out = k.cli(&["key", "revoke", &id]).await;
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("no key has the id"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no key has the id"),
+        "{}",
+        stderr(&out)
+    );
     k.s.finish().await;
 }
 
@@ -234,13 +236,12 @@ async fn a_session_bound_key_sets_the_session_whatever_the_request_says() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let sessions: Vec<Option<String>> = k
-        .s
-        .upstream
-        .requests()
-        .into_iter()
-        .map(|r| r.session_id)
-        .collect();
+    let sessions: Vec<Option<String>> =
+        k.s.upstream
+            .requests()
+            .into_iter()
+            .map(|r| r.session_id)
+            .collect();
     assert_eq!(sessions, [Some("job-7".into()), Some("mine".into())]);
     k.s.finish().await;
 }
@@ -252,7 +253,11 @@ async fn the_keys_file_is_private_holds_only_hashes_and_is_replaced_whole() {
     let ino = |p: &PathBuf| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
     let first = ino(&k.keys_file);
     let b = k.create(&[]).await;
-    assert_ne!(ino(&k.keys_file), first, "written in place, not renamed over");
+    assert_ne!(
+        ino(&k.keys_file),
+        first,
+        "written in place, not renamed over"
+    );
     assert_eq!(mode_of(&k.keys_file), 0o600);
     let text = std::fs::read_to_string(&k.keys_file).unwrap();
     for key in [&a, &b] {
@@ -290,7 +295,10 @@ async fn a_corrupt_keys_file_keeps_the_previous_keys_and_says_so() {
     let end = tokio::time::Instant::now() + Duration::from_secs(20);
     while !crate::util::logs().contains(&format!("{} is not valid", k.keys_file.display())) {
         assert_eq!(k.bearer(&key).await.0, 200);
-        assert!(tokio::time::Instant::now() < end, "the broken file was never reported");
+        assert!(
+            tokio::time::Instant::now() < end,
+            "the broken file was never reported"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(k.bearer(&key).await.0, 200);
@@ -338,7 +346,10 @@ async fn the_daemon_takes_a_key_another_process_wrote_to_the_file() {
     assert!(out.status.success(), "{}", stderr(&out));
     let end = tokio::time::Instant::now() + Duration::from_secs(20);
     while k.bearer(&key).await.0 != 401 {
-        assert!(tokio::time::Instant::now() < end, "the revoke never applied");
+        assert!(
+            tokio::time::Instant::now() < end,
+            "the revoke never applied"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     k.s.finish().await;
@@ -369,7 +380,16 @@ async fn exec_key_is_revoked(by_signal: bool) {
     let mut child =
         k.s.h
             .agent(
-                &["exec", "--session", "job-exec", "--no-summary", "--", "sh", "-c", &script],
+                &[
+                    "exec",
+                    "--session",
+                    "job-exec",
+                    "--no-summary",
+                    "--",
+                    "sh",
+                    "-c",
+                    &script,
+                ],
                 &[
                     ("BEHEST_AGENT__CONTROL__SOCKET", k.socket.as_str()),
                     ("BEHEST_AGENT__PROXY__KEYS_FILE", kf.as_str()),
@@ -494,7 +514,10 @@ fn a_non_loopback_listen_needs_allow_remote_and_require_key() {
     let s = load(&[
         ("BEHEST_AGENT__PROXY__ALLOW_REMOTE", "true"),
         ("BEHEST_AGENT__PROXY__REQUIRE_KEY", "true"),
-        ("BEHEST_AGENT__PROXY__ALLOWED_HOSTS", "behest-agent,agent.ci"),
+        (
+            "BEHEST_AGENT__PROXY__ALLOWED_HOSTS",
+            "behest-agent,agent.ci",
+        ),
     ])
     .unwrap();
     assert_eq!(s.proxy.allowed_hosts, ["behest-agent", "agent.ci"]);
@@ -517,9 +540,11 @@ async fn allowed_hosts_are_accepted_by_the_host_guard_and_other_names_refused() 
         ],
     )
     .await;
-    let store =
-        behest_agent::keys::KeyStore::open(std::path::Path::new(&kf), behest_agent::clock::system())
-            .unwrap();
+    let store = behest_agent::keys::KeyStore::open(
+        std::path::Path::new(&kf),
+        behest_agent::clock::system(),
+    )
+    .unwrap();
     let (key, _) = store.create(Default::default()).unwrap();
     s.h.remember(&key);
     let url = format!("{}/models", s.base);
