@@ -144,7 +144,6 @@ struct FileModel {
 }
 
 /// A key in force.
-#[derive(Debug)]
 pub struct KeyEntry {
     pub id: String,
     pub name: Option<String>,
@@ -157,6 +156,18 @@ pub struct KeyEntry {
     /// Unix seconds; 0: never.
     last_used: AtomicU64,
     sha256: [u8; 32],
+}
+
+impl std::fmt::Debug for KeyEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the hash: nothing derived from a key is printed.
+        f.debug_struct("KeyEntry")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("profile", &self.profile)
+            .field("session", &self.session)
+            .finish_non_exhaustive()
+    }
 }
 
 impl KeyEntry {

@@ -11,7 +11,7 @@ use serde_json::Value;
 use crate::node::openai_client;
 use crate::proxy::{Stack, http, stack_with};
 use crate::rig::sha256_hex;
-use crate::util::{eventually, mode_of};
+use crate::util::{Start, eventually, mode_of};
 
 /// A daemon that requires keys, its keys file, and the socket the CLI finds it on.
 struct Keyed {
@@ -572,4 +572,52 @@ async fn allowed_hosts_are_accepted_by_the_host_guard_and_other_names_refused() 
     assert_eq!(status_for("evil.example").await, 403);
     assert_eq!(status_for("behest-agent.evil.example").await, 403);
     s.finish().await;
+}
+
+#[tokio::test]
+async fn exec_without_a_daemon_gives_the_sdk_in_the_command_a_key_and_revokes_it() {
+    crate::node::ensure_npm_installed();
+    let h = crate::util::Harness::start().await;
+    let (upstream, _up) = devkit::upstream::Upstream::start(
+        devkit::upstream::UpstreamOptions::for_idp(&h.idp, crate::util::AUDIENCE),
+    )
+    .await
+    .unwrap();
+    let keys_file = h.path("state/keys.json");
+    let out_file = h.path("sdk.json");
+    let kf = keys_file.display().to_string();
+    let socket = h.path("nowhere/none.sock").display().to_string();
+    // The real SDK inside the command, reading OPENAI_BASE_URL and OPENAI_API_KEY from exec.
+    let script = format!(
+        "cd {} && printf %s \"$OPENAI_API_KEY\" > {out}.key && node openai-client.mjs \"$OPENAI_BASE_URL\" chat > {out}",
+        crate::node::interop_dir().display(),
+        out = out_file.display()
+    );
+    let out = h
+        .agent_with_upstream(
+            &upstream.base_url(),
+            &["exec", "--no-summary", "--", "sh", "-c", &script],
+            &[
+                ("BEHEST_AGENT__CONTROL__SOCKET", socket.as_str()),
+                ("BEHEST_AGENT__PROXY__KEYS_FILE", kf.as_str()),
+                ("BEHEST_AGENT__PROXY__REQUIRE_KEY", "true"),
+            ],
+        )
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let key = std::fs::read_to_string(h.path("sdk.json.key")).unwrap();
+    h.remember(&key);
+    assert!(key.starts_with("bak_"), "{key}");
+    let sdk: Value = serde_json::from_str(&std::fs::read_to_string(&out_file).unwrap()).unwrap();
+    assert_eq!(sdk["ok"], true, "{sdk}");
+    // Revoked when the command exited: the file holds no key any more.
+    let text = std::fs::read_to_string(&keys_file).unwrap();
+    let file: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(file["keys"], serde_json::json!([]), "{text}");
+    assert!(!text.contains(&key));
+    for o in [&out.stdout, &out.stderr] {
+        assert!(!String::from_utf8_lossy(o).contains(&key));
+    }
 }
