@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use crate::clock::SharedClock;
 use crate::config::{ListenAddr, Settings};
 use crate::control::{self, ControlState};
+use crate::keys::KeyStore;
 use crate::proxy::Proxy;
 use crate::server::Listener;
 use crate::service;
@@ -67,6 +68,8 @@ struct State {
     settings: RwLock<Settings>,
     /// The proxy's bound addresses (port 0 resolved).
     addresses: RwLock<Vec<ListenAddr>>,
+    /// The local keys (`proxy.keys_file`, read at start; a reload keeps this store).
+    keys: Option<Arc<KeyStore>>,
 }
 
 impl State {
@@ -86,6 +89,7 @@ impl State {
             "upstream": s.proxy.upstream.as_ref().map(|u| u.to_string()),
             "egress": s.proxy.egress.describe(),
             "listen": self.addresses.read().expect("addresses lock").iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "require_key": s.proxy.require_key,
         })
     }
 }
@@ -127,6 +131,11 @@ impl App {
             clock.clone(),
         ));
         accounting.attach_metrics(metrics.clone());
+        let keys = settings
+            .proxy
+            .keys_file
+            .as_deref()
+            .map(|p| Arc::new(KeyStore::open_or_empty(p, clock.clone())));
         let tokens = TokenSource::new(&settings, clock).map_err(StartError::Client)?;
         tokens.attach_metrics(metrics.clone());
         let (proxy, proxy_listeners) = match &settings.proxy.upstream {
@@ -135,7 +144,11 @@ impl App {
                     Proxy::new(&settings.proxy, tokens.clone()).map_err(StartError::Proxy)?;
                 proxy.attach_metrics(metrics.clone());
                 proxy.attach_accounting(accounting.clone());
-                let inherited = inherited_listeners(settings.proxy.allow_remote);
+                if let Some(keys) = &keys {
+                    proxy.attach_keys(keys.clone());
+                }
+                let inherited =
+                    inherited_listeners(settings.proxy.allow_remote && settings.proxy.require_key);
                 let listeners = match inherited.map_err(|error| StartError::Listen {
                     key: "LISTEN_FDS",
                     addr: "systemd socket activation (LISTEN_FDS)".to_string(),
@@ -192,6 +205,7 @@ impl App {
                 started_at: SystemTime::now(),
                 settings: RwLock::new(settings),
                 addresses: RwLock::new(addresses),
+                keys,
             }),
             control,
             proxy_listeners,
@@ -212,6 +226,18 @@ impl App {
 
     pub fn metrics(&self) -> Arc<Metrics> {
         self.state.metrics.clone()
+    }
+
+    /// The local keys, when `proxy.require_key` is on.
+    pub fn keys(&self) -> Option<Arc<KeyStore>> {
+        let require = self
+            .state
+            .settings
+            .read()
+            .expect("settings lock")
+            .proxy
+            .require_key;
+        self.state.keys.clone().filter(|_| require)
     }
 
     /// The usage counts and budgets.
@@ -256,6 +282,7 @@ impl App {
                     move || st.live().proxy.map(|p| p.stats()).unwrap_or(Value::Null)
                 })),
                 usage: Some(state.accounting.clone()),
+                keys: state.keys.clone(),
                 shutdown: shutdown.clone(),
             }
         };
@@ -347,6 +374,11 @@ impl App {
         tracker.close();
         tracker.wait().await;
         state.accounting.flush().await;
+        if let Some(keys) = &state.keys
+            && let Err(e) = keys.persist()
+        {
+            tracing::warn!("the local keys' last use was not saved: {e}");
+        }
         // The control socket's file went with its listener (only if still this daemon's: a new
         // daemon may have bound the path while this one drained).
         tracing::info!("behest-agent stopped");
@@ -354,7 +386,8 @@ impl App {
 }
 
 /// TCP sockets passed by systemd socket activation (`behest-agent.socket`), when there are any; they
-/// replace `proxy.listen` and obey its rule: a non-loopback address needs `proxy.allow_remote`.
+/// replace `proxy.listen` and obey its rule: a non-loopback address needs `proxy.allow_remote` and
+/// `proxy.require_key` (`allow_remote` here: both).
 fn inherited_listeners(allow_remote: bool) -> std::io::Result<Option<Vec<Listener>>> {
     let mut fds = listenfd::ListenFd::from_env();
     if fds.len() == 0 {
@@ -368,7 +401,7 @@ fn inherited_listeners(allow_remote: bool) -> std::io::Result<Option<Vec<Listene
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::PermissionDenied,
                     format!(
-                        "systemd passed a socket on {addr}, which is not a loopback address: the proxy injects this machine's credential, so anyone who can reach it can use it. Set ListenStream=127.0.0.1:{} in behest-agent.socket, or proxy.allow_remote = true if that is really intended",
+                        "systemd passed a socket on {addr}, which is not a loopback address: the proxy injects this machine's credential, so anyone who can reach it can use it. Set ListenStream=127.0.0.1:{} in behest-agent.socket, or proxy.allow_remote = true and proxy.require_key = true if that is really intended",
                         addr.port()
                     ),
                 ));
@@ -456,6 +489,9 @@ async fn apply(state: &State, new: Settings, log: Option<&LogHandle>) -> Result<
     if new.control.socket != old.control.socket {
         tracing::warn!("control.socket changed: it applies after a restart");
     }
+    if new.proxy.keys_file != old.proxy.keys_file {
+        tracing::warn!("proxy.keys_file changed: it applies after a restart");
+    }
     if new.telemetry.metrics_listen != old.telemetry.metrics_listen {
         tracing::warn!("telemetry.metrics_listen changed: it applies after a restart");
     }
@@ -484,6 +520,9 @@ async fn apply(state: &State, new: Settings, log: Option<&LogHandle>) -> Result<
                 let p = Proxy::new(&new.proxy, tokens.clone()).map_err(|e| e.to_string())?;
                 p.attach_metrics(state.metrics.clone());
                 p.attach_accounting(state.accounting.clone());
+                if let Some(keys) = &state.keys {
+                    p.attach_keys(keys.clone());
+                }
                 Some(p)
             }
             None => None,

@@ -6,6 +6,7 @@ pub mod dev;
 pub mod doctor;
 pub mod env;
 pub mod exec;
+pub mod key;
 pub mod refresh;
 pub mod run;
 pub mod session;
@@ -77,6 +78,8 @@ pub enum Command {
     Doctor(doctor::Args),
     /// Wait until the daemon answers on its control socket and holds a valid token (for CI scripts)
     Wait(wait::Args),
+    /// Local keys for a shared proxy (proxy.require_key): create, list, revoke
+    Key(key::Args),
     /// Stop the running daemon as SIGTERM does (requests in flight finish) and wait until it has exited
     Stop(stop::Args),
     /// Print shell completions
@@ -201,6 +204,7 @@ async fn dispatch(cli: Cli) -> CliResult {
         Command::Usage(a) => usage::run(&g, a).await,
         Command::Wait(a) => wait::run(&g, a).await,
         Command::Stop(a) => stop::run(&g, a).await,
+        Command::Key(a) => key::run(&g, a).await,
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "behest-agent", &mut std::io::stdout());

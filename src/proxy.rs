@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use crate::config::{ListenAddr, ProxySettings};
+use crate::keys::KeyStore;
 use crate::server::{self, Limits, Listener};
 use crate::telemetry::metrics::Metrics;
 use crate::token::TokenSource;
@@ -205,6 +206,9 @@ impl Proxy {
             upstream,
             session_id,
             allowed_origins: settings.allowed_origins.clone(),
+            allowed_hosts: settings.allowed_hosts.clone(),
+            require_key: settings.require_key,
+            keys: OnceLock::new(),
             max_replay_body: settings.max_replay_body,
             replay_budget: forward::ReplayBudget::new(settings.replay_budget),
             upstream_timeout: unbounded(settings.upstream_timeout),
@@ -243,6 +247,12 @@ impl Proxy {
     /// ignored). A reload's new proxy is given the same one, so the counts carry on.
     pub fn attach_accounting(&self, accounting: Arc<Accounting>) {
         let _ = self.forwarder().counters.accounting.set(accounting);
+    }
+
+    /// Checks local keys against `keys` from now on (once; later calls are ignored). Until then,
+    /// with `proxy.require_key` every request is refused.
+    pub fn attach_keys(&self, keys: Arc<KeyStore>) {
+        let _ = self.forwarder().keys.set(keys);
     }
 
     /// On reload: requests arriving from now on, on the listeners `self` serves, go through

@@ -289,6 +289,7 @@ async fn the_control_socket_bounds_its_connections_and_head_read_time() {
         tokens: Arc::new(move || tokens.clone()),
         daemon: Arc::new(|| json!({})),
         live: None,
+        keys: None,
         usage: None,
         shutdown: CancellationToken::new(),
     };

@@ -12,6 +12,7 @@ mod egress;
 mod faults;
 mod forwarding;
 mod interop;
+mod keys;
 mod limits;
 mod node;
 mod outage;

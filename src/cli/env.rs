@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use super::{CliResult, Global, daemon, init_cli_logging};
 use crate::config::ListenAddr;
 use crate::control::Daemon;
+use crate::keys::{KeyStore, NewKey};
 
 /// The `OPENAI_API_KEY` value: SDKs insist on one; the proxy drops it and injects the real token.
 pub const PLACEHOLDER_KEY: &str = "placeholder";
@@ -34,6 +35,10 @@ pub struct Args {
     /// default: from the CI job's variables (proxy.session_from_ci)
     #[arg(long, value_name = "ID")]
     pub session: Option<String>,
+    /// When the proxy requires local keys: how long the key made for this job (printed as
+    /// OPENAI_API_KEY) stays valid
+    #[arg(long, value_name = "DUR", default_value = "12h", value_parser = super::key::parse_duration)]
+    pub ttl: std::time::Duration,
 }
 
 pub async fn run(g: &Global, args: Args) -> CliResult {
@@ -43,7 +48,41 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     let addr = proxy_address(g, daemon.as_ref())?;
     let session = super::session::for_command(g, args.session.as_deref());
     let base = base_url(&addr, session.as_deref())?;
-    print!("{}", render(args.format, &variables(&base))?);
+    let mut vars = variables(&base);
+    // Without a daemon, a configuration that requires keys gets one in its keys file (a daemon
+    // started later reads it).
+    let local = match (&daemon, &settings) {
+        (None, Some(s)) if s.proxy.require_key => s
+            .proxy
+            .keys_file
+            .as_deref()
+            .map(|p| KeyStore::open(p, crate::clock::system()).map(std::sync::Arc::new))
+            .transpose()?,
+        _ => None,
+    };
+    let key = super::key::job_key(
+        daemon.as_ref(),
+        local,
+        NewKey {
+            name: Some("env".into()),
+            session: session.clone(),
+            ttl: Some(args.ttl),
+            ..NewKey::default()
+        },
+    )
+    .await?;
+    if let Some((_, id, key)) = key {
+        eprintln!(
+            "behest-agent: OPENAI_API_KEY is local key {id}, valid for {}",
+            humantime::format_duration(args.ttl)
+        );
+        for (k, v) in &mut vars {
+            if *k == "OPENAI_API_KEY" {
+                *v = key.clone();
+            }
+        }
+    }
+    print!("{}", render(args.format, &vars)?);
     Ok(ExitCode::SUCCESS)
 }
 

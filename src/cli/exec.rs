@@ -21,6 +21,7 @@ use super::env::{base_url, variables};
 use super::{CliResult, Failure, Global, daemon, init_cli_logging, process_env};
 use crate::app::App;
 use crate::config::{self, ListenAddr, LoadOptions};
+use crate::keys::NewKey;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -51,8 +52,12 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     let mut _runtime_dir = None;
 
     let settings = g.load();
+    let mut key_daemon = None;
+    let mut own_keys = None;
     let addr = if let Some(d) = daemon(g, settings.as_ref().ok()).await? {
-        super::env::proxy_address(g, Some(&d))?
+        let addr = super::env::proxy_address(g, Some(&d))?;
+        key_daemon = Some(d);
+        addr
     } else {
         // No daemon: our own agent for the command's lifetime, on an ephemeral port.
         let dir = tempfile::Builder::new()
@@ -89,6 +94,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
             socket.display().to_string(),
         ));
         own_accounting = Some(app.accounting());
+        own_keys = app.keys();
         own_agent = Some(tokio::spawn(app.run(shutdown.clone())));
         _runtime_dir = Some(dir);
         addr
@@ -100,6 +106,22 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v)),
     );
+    // A proxy that requires keys: one for this command, bound to its session, revoked when it
+    // exits (however it exits: the child is waited for, signals and all, before the revoke).
+    let job_key = super::key::job_key(
+        key_daemon.as_ref(),
+        own_keys,
+        NewKey {
+            name: Some(format!("exec {}", std::process::id())),
+            session: session.clone(),
+            ..NewKey::default()
+        },
+    )
+    .await
+    .context("making the command's local key")?;
+    if let Some((_, _, key)) = &job_key {
+        env.push(("OPENAI_API_KEY".into(), key.clone()));
+    }
     // `behest-agent token` inside the command reads the configuration this command was given
     // (the CLI refuses an agent serving another identity than its configuration's); what exec
     // sets itself comes later and wins.
@@ -117,6 +139,13 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     env.splice(0..0, given);
 
     let status = run_child(&args.command, env.into_iter().collect()).await;
+    if let Some((place, id, _)) = &job_key
+        && let Err(e) = place.revoke(id).await
+    {
+        eprintln!(
+            "behest-agent: the command's local key {id} could not be revoked ({e:#}); revoke it with `behest-agent key revoke {id}`"
+        );
+    }
     if !args.no_summary {
         // The session the command's requests went with: the URL's, else the configured one.
         let session = session

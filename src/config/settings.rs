@@ -228,6 +228,12 @@ pub struct ProxySettings {
     pub session_from_ci: bool,
     pub allow_remote: bool,
     pub allowed_origins: Vec<String>,
+    /// Every proxied request must present a local key ([`crate::keys`]).
+    pub require_key: bool,
+    /// Where the hashed local keys are (`None`: no state directory is known).
+    pub keys_file: Option<PathBuf>,
+    /// Host names the Host guard accepts besides loopback and the connection's own address.
+    pub allowed_hosts: Vec<String>,
     pub max_connections: usize,
     /// Concurrent upstream connections (default: `max_connections`).
     pub max_upstream_connections: usize,
@@ -757,7 +763,52 @@ fn egress(
 
 fn proxy(p: ProxyFile, origin: Origin<'_>) -> Result<ProxySettings, ConfigError> {
     let allow_remote = p.allow_remote.unwrap_or(false);
+    let require_key = p.require_key.unwrap_or(false);
     let listen = listen(p.listen, allow_remote, origin)?;
+    // A remote client is a stranger unless it shows a key: both switches are needed.
+    if let Some(sa) = listen.iter().find_map(|l| match l {
+        ListenAddr::Tcp(sa) if !sa.ip().is_loopback() => Some(sa),
+        _ => None,
+    }) && !require_key
+    {
+        return Err(origin.invalid(
+            "proxy.listen",
+            format!(
+                "{sa} is not a loopback address: anyone who can reach it could use this machine's credential. A non-loopback listen needs both proxy.allow_remote = true and proxy.require_key = true (clients then present a key from `behest-agent key create`)"
+            ),
+        ));
+    }
+    let keys_file = match p.keys_file {
+        Some(s) if s.trim().is_empty() => {
+            return Err(origin.invalid(
+                "proxy.keys_file",
+                "must be a path (leave it out for the state directory's keys.json)".to_string(),
+            ));
+        }
+        Some(s) => Some(PathBuf::from(s)),
+        None => default_state_file(origin.env, "keys.json"),
+    };
+    if require_key && keys_file.is_none() {
+        return Err(origin.missing(
+            "proxy.keys_file",
+            "proxy.require_key needs a keys file: set proxy.keys_file, or STATE_DIRECTORY / XDG_STATE_HOME / HOME",
+        ));
+    }
+    let allowed_hosts = p.allowed_hosts.unwrap_or_default();
+    if let Some(h) = allowed_hosts.iter().find(|h| {
+        h.is_empty()
+            || !h
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+    }) {
+        return Err(origin.invalid(
+            "proxy.allowed_hosts",
+            format!(
+                "`{}` is not a host name (letters, digits, '.' and '-'; no port)",
+                h.escape_debug()
+            ),
+        ));
+    }
     let allow_insecure = p.allow_insecure_upstream.unwrap_or(false);
     let upstream = nonempty(p.upstream)
         .or_else(|| origin.var("BEHEST_BASE_URL"))
@@ -781,6 +832,9 @@ fn proxy(p: ProxyFile, origin: Origin<'_>) -> Result<ProxySettings, ConfigError>
         egress: Default::default(),
         allow_remote,
         allowed_origins: p.allowed_origins.unwrap_or_default(),
+        require_key,
+        keys_file,
+        allowed_hosts,
         max_connections,
         max_upstream_connections: p.max_upstream_connections.unwrap_or(max_connections).max(1),
         max_replay_body,
@@ -863,7 +917,7 @@ pub(super) fn listen(
             return Err(origin.invalid(
                 "proxy.listen",
                 format!(
-                    "{sa} is not a loopback address: the proxy injects this machine's credential, so anyone who can reach it can use it. Listen on 127.0.0.1, or set proxy.allow_remote = true if that is really intended"
+                    "{sa} is not a loopback address: the proxy injects this machine's credential, so anyone who can reach it can use it. Listen on 127.0.0.1, or set proxy.allow_remote = true and proxy.require_key = true if that is really intended"
                 ),
             ));
         }

@@ -14,6 +14,7 @@ use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+use crate::keys::{KeyStore, KeysError, NewKey};
 use crate::server::Listener;
 use crate::token::{TokenError, TokenSource, rfc3339};
 
@@ -28,6 +29,8 @@ pub struct ControlState {
     pub live: Option<Arc<dyn Fn() -> Value + Send + Sync>>,
     /// The usage counts served at `/v1/usage`.
     pub usage: Option<Arc<crate::usage::Accounting>>,
+    /// The local keys managed at `/v1/keys` (the daemon owns the keys file).
+    pub keys: Option<Arc<KeyStore>>,
     /// The daemon's own stop: `POST /v1/shutdown` cancels it, as SIGTERM does.
     pub shutdown: CancellationToken,
 }
@@ -212,6 +215,17 @@ async fn handle(state: &ControlState, req: Request<Incoming>) -> Response<Full<B
                 "this agent keeps no usage counts",
             ),
         },
+        (&Method::GET | &Method::POST, "/v1/keys") => match &state.keys {
+            Some(keys) => keys_endpoint(keys, req.method(), req.uri().query()),
+            None => no_keys(),
+        },
+        (&Method::DELETE, p) if p.starts_with("/v1/keys/") => match &state.keys {
+            Some(keys) => match keys.revoke(&percent_decoded(&p["/v1/keys/".len()..])) {
+                Ok(()) => json_response(StatusCode::OK, &json!({"revoked": true})),
+                Err(e) => keys_error(&e),
+            },
+            None => no_keys(),
+        },
         (&Method::POST, "/v1/shutdown") => {
             tracing::info!("stop asked for on the control socket: stopping");
             state.shutdown.cancel();
@@ -234,8 +248,8 @@ async fn handle(state: &ControlState, req: Request<Incoming>) -> Response<Full<B
         }
         (
             _,
-            "/v1/token" | "/v1/refresh" | "/v1/status" | "/v1/usage" | "/v1/shutdown" | "/healthz"
-            | "/readyz",
+            "/v1/token" | "/v1/refresh" | "/v1/status" | "/v1/usage" | "/v1/shutdown" | "/v1/keys"
+            | "/healthz" | "/readyz",
         ) => error_response(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
@@ -247,6 +261,65 @@ async fn handle(state: &ControlState, req: Request<Incoming>) -> Response<Full<B
             "no such control endpoint",
         ),
     }
+}
+
+/// `GET /v1/keys`: the keys (never a key); `POST /v1/keys?name=&profile=&session=&ttl=`: a new
+/// key, shown in this answer only.
+fn keys_endpoint(keys: &KeyStore, method: &Method, query: Option<&str>) -> Response<Full<Bytes>> {
+    if method == Method::GET {
+        return match keys.list() {
+            Ok(list) => json_response(StatusCode::OK, &json!({ "keys": list })),
+            Err(e) => keys_error(&e),
+        };
+    }
+    let param = |name| query_param(query, name).map(percent_decoded);
+    let ttl = match param("ttl") {
+        None => None,
+        Some(s) => match parse_ttl(&s) {
+            Some(d) => Some(d),
+            None => {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    "bad_ttl",
+                    "ttl must be seconds or a duration like 12h",
+                );
+            }
+        },
+    };
+    let new = NewKey {
+        name: param("name"),
+        profile: param("profile"),
+        session: param("session"),
+        ttl,
+    };
+    match keys.create(new) {
+        Ok((key, entry)) => {
+            let mut v = entry.view(0);
+            v["key"] = json!(key);
+            json_response(StatusCode::CREATED, &v)
+        }
+        Err(e) => keys_error(&e),
+    }
+}
+
+fn keys_error(e: &KeysError) -> Response<Full<Bytes>> {
+    let (status, code) = match e {
+        KeysError::NoSuchKey(_) => (StatusCode::NOT_FOUND, "no_such_key"),
+        KeysError::Invalid(_) => (StatusCode::BAD_REQUEST, "bad_key_request"),
+        KeysError::Corrupt { .. } => (StatusCode::CONFLICT, "keys_file_invalid"),
+        KeysError::Read { .. } | KeysError::Write { .. } => {
+            (StatusCode::INTERNAL_SERVER_ERROR, "keys_file_error")
+        }
+    };
+    error_response(status, code, &e.to_string())
+}
+
+fn no_keys() -> Response<Full<Bytes>> {
+    error_response(
+        StatusCode::NOT_FOUND,
+        "no_keys_file",
+        "this daemon has no keys file: set proxy.keys_file (or a state directory) and restart it",
+    )
 }
 
 /// Expiry in words for humans.

@@ -61,6 +61,12 @@ pub enum ProxyError {
         message: String,
         retry_after: Option<std::time::Duration>,
     },
+    /// `proxy.require_key` is on and the request presents no local key in force.
+    #[error("{0}")]
+    InvalidLocalKey(String),
+    /// The local key is bound to another profile than the one the path names.
+    #[error("{0}")]
+    ForbiddenProfile(String),
 }
 
 impl ProxyError {
@@ -83,6 +89,8 @@ impl ProxyError {
             } => StatusCode::BAD_REQUEST,
             ProxyError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::InvalidLocalKey(_) => StatusCode::UNAUTHORIZED,
+            ProxyError::ForbiddenProfile(_) => StatusCode::FORBIDDEN,
         }
     }
 
@@ -106,6 +114,8 @@ impl ProxyError {
             } => "bad_request",
             ProxyError::HeadersTooLarge(_) => "request_header_fields_too_large",
             ProxyError::BudgetExceeded { .. } => "budget_exceeded",
+            ProxyError::InvalidLocalKey(_) => "invalid_local_key",
+            ProxyError::ForbiddenProfile(_) => "forbidden_profile",
         }
     }
 
@@ -275,6 +285,16 @@ mod tests {
                 },
                 429,
                 "budget_exceeded",
+            ),
+            (
+                ProxyError::InvalidLocalKey("x".into()),
+                401,
+                "invalid_local_key",
+            ),
+            (
+                ProxyError::ForbiddenProfile("x".into()),
+                403,
+                "forbidden_profile",
             ),
         ];
         for (e, status, code) in cases {

@@ -7,8 +7,8 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,6 +25,7 @@ use super::body::{Account, Idle, IdleTimeout, Record, ResponseBody};
 use super::error::ProxyError;
 use super::upstream::{Busy, Lease, Pool};
 use super::{Counters, UpstreamBase, guard, path};
+use crate::keys::{self, API_KEY, KeyStore, X_API_KEY};
 use crate::server::MAX_HEADERS;
 use crate::token::TokenSource;
 use crate::usage::{self, Accounting};
@@ -59,6 +60,11 @@ pub struct Forwarder {
     /// `proxy.session_id`, sent when the client sent no session.
     pub session_id: Option<HeaderValue>,
     pub allowed_origins: Vec<String>,
+    /// `proxy.allowed_hosts`: more names the Host guard accepts.
+    pub allowed_hosts: Vec<String>,
+    /// `proxy.require_key`: every request presents a local key from `keys`.
+    pub require_key: bool,
+    pub keys: OnceLock<Arc<KeyStore>>,
     pub max_replay_body: usize,
     pub replay_budget: ReplayBudget,
     pub upstream_timeout: Duration,
@@ -159,7 +165,24 @@ impl Forwarder {
         record: &mut Record,
     ) -> Result<(Response<Incoming>, Option<Lease>), ProxyError> {
         // Checked before waiting for a token: a bad request never spends a grant.
-        let (session, uri) = self.check(local, &req)?;
+        let (mut session, uri) = self.check(local, &req)?;
+        if self.require_key {
+            let key = match self.keys.get() {
+                Some(store) => store.authenticate(req.headers())?,
+                None => {
+                    return Err(ProxyError::InvalidLocalKey(
+                        "this proxy requires a local key but has no keys file".into(),
+                    ));
+                }
+            };
+            // The profile router passes the profile its `/p/NAME/` path names; this one serves
+            // the default profile, so only a refusal matters here.
+            keys::effective_profile(key.profile.as_deref(), None)?;
+            // A key bound to a session decides it, over `/s/ID/` and `X-Session-Id`.
+            if let Some(s) = &key.session_header {
+                session = Some(s.clone());
+            }
+        }
 
         let (mut head, body) = req.into_parts();
         head.uri = uri;
@@ -170,6 +193,12 @@ impl Forwarder {
         // The client's `Host` names this proxy; the client sets the upstream's from the URI.
         headers.remove(HOST);
         drop_underscored(headers);
+        if self.require_key {
+            // The local key: the client's credential, not the upstream's (Authorization is
+            // replaced by the token below).
+            headers.remove(API_KEY);
+            headers.remove(X_API_KEY);
+        }
         if let Some(s) = session {
             headers.insert(X_SESSION_ID, s);
         } else if let Some(s) = &self.session_id {
@@ -278,7 +307,7 @@ impl Forwarder {
                 "the request has more than {MAX_HEADERS} header fields"
             )));
         }
-        let rel = guard::target(req, local, &self.upstream)?;
+        let rel = guard::target(req, local, &self.upstream, &self.allowed_hosts)?;
         guard::check_origin(req.headers(), &self.allowed_origins)?;
         guard::check_transfer_encoding(req.headers())?;
         let path::Resolved { session, path } = path::resolve(rel)?;
