@@ -280,6 +280,8 @@ pub struct Accounting {
 #[derive(Debug)]
 pub struct Entry {
     pub session: String,
+    /// The profile whose token the request carried (`default` for `[auth]`).
+    pub profile: std::sync::Arc<str>,
     pub model: Option<String>,
     pub path: String,
     pub status: u16,
@@ -418,7 +420,7 @@ impl Accounting {
                 ledger::Line {
                     ts: String::new(),
                     session: entry.session,
-                    profile: "default".to_string(),
+                    profile: entry.profile.to_string(),
                     model: entry.model,
                     path: entry.path,
                     status: entry.status,
@@ -485,6 +487,7 @@ mod tests {
     fn entry(session: &str, status: u16, t: Option<Tokens>) -> Entry {
         Entry {
             session: session.into(),
+            profile: "default".into(),
             model: Some("m".into()),
             path: "/v1/chat/completions".into(),
             status,

@@ -55,6 +55,9 @@ pub enum ProxyError {
     /// A request head over the limits (h2 requests with more than 100 fields).
     #[error("{0}")]
     HeadersTooLarge(String),
+    /// `/p/NAME/` names no configured profile.
+    #[error("{0}")]
+    UnknownProfile(String),
     /// A `[budget]` is spent (SPEC §8); `retry_after` for the hourly one.
     #[error("{message}")]
     BudgetExceeded {
@@ -83,6 +86,7 @@ impl ProxyError {
             } => StatusCode::BAD_REQUEST,
             ProxyError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::UnknownProfile(_) => StatusCode::NOT_FOUND,
         }
     }
 
@@ -106,6 +110,7 @@ impl ProxyError {
             } => "bad_request",
             ProxyError::HeadersTooLarge(_) => "request_header_fields_too_large",
             ProxyError::BudgetExceeded { .. } => "budget_exceeded",
+            ProxyError::UnknownProfile(_) => "unknown_profile",
         }
     }
 

@@ -16,6 +16,8 @@ pub const MAX_SESSION_ID: usize = 128;
 /// A request path split into its session (from `/s/ID/`) and the path to forward.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Resolved<'a> {
+    /// The profile `/p/NAME/` names (as sent: looked up, never forwarded).
+    pub profile: Option<&'a str>,
     pub session: Option<HeaderValue>,
     /// Starts with `/`; relative to the upstream's base path; no dot segments.
     pub path: Cow<'a, str>,
@@ -28,6 +30,14 @@ pub fn resolve(raw: &str) -> Result<Resolved<'_>, ProxyError> {
             "the request target must be a path starting with `/`".to_string(),
         ));
     }
+    // `/p/NAME/` first, then `/s/ID/`.
+    let (profile, raw) = match raw.strip_prefix("/p/") {
+        Some(after) => match after.find('/') {
+            Some(i) => (Some(&after[..i]), &after[i..]),
+            None => (Some(after), "/"),
+        },
+        None => (None, raw),
+    };
     let (session, rest) = match raw.strip_prefix("/s/") {
         Some(after) => {
             let (id, rest) = match after.find('/') {
@@ -39,6 +49,7 @@ pub fn resolve(raw: &str) -> Result<Resolved<'_>, ProxyError> {
         None => (None, raw),
     };
     Ok(Resolved {
+        profile,
         session,
         path: normalize(rest)?,
     })
