@@ -17,7 +17,7 @@ use nix::unistd::{Pid, getpgrp, tcsetpgrp};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
-use super::env::{base_url, variables};
+use super::env::variables;
 use super::{CliResult, Failure, Global, daemon, init_cli_logging, process_env};
 use crate::app::App;
 use crate::config::{self, ListenAddr, LoadOptions};
@@ -28,6 +28,9 @@ pub struct Args {
     /// default: from the CI job's variables (proxy.session_from_ci)
     #[arg(long, value_name = "ID")]
     pub session: Option<String>,
+    /// Use this profile's identity ([profiles.NAME]): the base URL gets /p/NAME/
+    #[arg(long, value_name = "NAME")]
+    pub profile: Option<String>,
     /// The command and its arguments
     #[arg(
         required = true,
@@ -50,7 +53,11 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     let mut own_accounting = None;
     let mut _runtime_dir = None;
 
-    let settings = g.load();
+    let settings = g.load_profile(args.profile.as_deref());
+    // A profile the configuration does not have (a configuration error, exit 2).
+    if args.profile.is_some() && settings.is_err() && g.load().is_ok() {
+        super::env::profile_settings(g, args.profile.as_deref())?;
+    }
     let addr = if let Some(d) = daemon(g, settings.as_ref().ok()).await? {
         super::env::proxy_address(g, Some(&d))?
     } else {
@@ -94,7 +101,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
         addr
     };
     let session = super::session::for_command(g, args.session.as_deref());
-    let base = base_url(&addr, session.as_deref())?;
+    let base = super::env::base_url_for(&addr, args.profile.as_deref(), session.as_deref())?;
     env.extend(
         variables(&base)
             .into_iter()

@@ -33,6 +33,9 @@ pub struct Settings {
     pub budget: BudgetSettings,
     /// `[profiles.NAME]`, by name (never `default`: that is `[auth]` itself).
     pub profiles: BTreeMap<String, Profile>,
+    /// The profile `auth`, `token` and `proxy.upstream` are: `default`, unless these settings
+    /// came from [`Settings::profile`].
+    pub profile_name: String,
     /// Things worth telling the operator that do not stop the agent (file permissions, …).
     pub warnings: Vec<String>,
 }
@@ -76,6 +79,7 @@ impl Settings {
         s.token = p.token.clone();
         s.proxy.upstream = p.upstream.clone();
         s.profiles = BTreeMap::new();
+        s.profile_name = name.to_string();
         Some(s)
     }
 }
@@ -387,6 +391,7 @@ pub(super) fn validate(
         usage,
         budget,
         profiles,
+        profile_name: DEFAULT_PROFILE.to_string(),
         warnings,
     })
 }

@@ -248,7 +248,10 @@ async fn handle(state: &ControlState, req: Request<Incoming>) -> Response<Full<B
         (&Method::GET, "/v1/status") => json_response(StatusCode::OK, &status_json(state)),
         (&Method::GET, "/v1/usage") => match &state.usage {
             Some(usage) => {
-                let report = usage.report();
+                let report = match query_param(req.uri().query(), "profile") {
+                    Some(p) => usage.profile_report(&percent_decoded(p)),
+                    None => usage.report(),
+                };
                 let report = match query_param(req.uri().query(), "session") {
                     Some(session) => report.only(&percent_decoded(session)),
                     None => report,
