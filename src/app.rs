@@ -515,11 +515,13 @@ impl ProxyServing {
     }
 
     /// Hands new requests on the same listeners to `proxy` (new upstream, token source, timeouts).
+    /// The serving proxy stays the one kept here: the next swap must replace its forwarder again,
+    /// not that of `proxy`, which serves nothing itself.
     fn swap(&mut self, proxy: Option<Proxy>) {
-        if let (Some(old), Some(new)) = (&self.proxy, &proxy) {
-            old.replace_with(new);
+        match (&self.proxy, &proxy) {
+            (Some(serving), Some(new)) => serving.replace_with(new),
+            _ => self.proxy = proxy,
         }
-        self.proxy = proxy;
     }
 
     /// Stops accepting; in-flight requests finish within the shutdown grace.

@@ -130,6 +130,20 @@ impl Global {
         })
     }
 
+    /// [`Global::load_profile`], except that a configuration that loads but has no such profile
+    /// is an error now (the others leave the CLI to find a daemon without its settings).
+    pub fn load_known_profile(
+        &self,
+        profile: Option<&str>,
+    ) -> Result<Result<Settings, ConfigError>, ConfigError> {
+        match self.load_profile(profile) {
+            Err(ConfigError::Invalid { key, .. }) if key == "--profile" => {
+                Err(self.load_profile(profile).unwrap_err())
+            }
+            other => Ok(other),
+        }
+    }
+
     /// The proxy's listen addresses, needing nothing else of the configuration.
     pub fn proxy_listen(&self) -> Result<Vec<config::ListenAddr>, ConfigError> {
         config::proxy_listen(&self.load_options())

@@ -454,10 +454,14 @@ impl Accounting {
     /// The counts of the requests that went with `profile`, since the daemon started.
     pub fn profile_report(&self, profile: &str) -> Report {
         let state = self.state.lock().expect("usage lock");
-        state.profiles.get(profile).cloned().unwrap_or_else(|| Report {
-            since: state.report.since.clone(),
-            ..Report::default()
-        })
+        state
+            .profiles
+            .get(profile)
+            .cloned()
+            .unwrap_or_else(|| Report {
+                since: state.report.since.clone(),
+                ..Report::default()
+            })
     }
 
     /// Waits until the ledger has written what was recorded so far (at shutdown, and in tests).

@@ -295,7 +295,9 @@ async fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
         Some(1.0),
         "{text}"
     );
-    assert!(get("behest_agent_token_expiry_timestamp_seconds{profile=\"default\"}").unwrap() > 1.7e9);
+    assert!(
+        get("behest_agent_token_expiry_timestamp_seconds{profile=\"default\"}").unwrap() > 1.7e9
+    );
     assert!(get("behest_agent_token_seconds_until_expiry{profile=\"default\"}").unwrap() > 0.0);
     assert!(!text.contains(&h.secret));
 

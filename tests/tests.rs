@@ -14,6 +14,7 @@ mod interop;
 mod limits;
 mod node;
 mod outage;
+mod profiles;
 mod props;
 mod proxy;
 mod rig;

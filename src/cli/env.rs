@@ -74,11 +74,7 @@ pub fn profile_settings(
     g: &Global,
     profile: Option<&str>,
 ) -> anyhow::Result<Option<crate::config::Settings>> {
-    match g.load_profile(profile) {
-        Ok(s) => Ok(Some(s)),
-        Err(e) if profile.is_some() && g.load().is_ok() => Err(e.into()),
-        Err(_) => Ok(None),
-    }
+    Ok(g.load_known_profile(profile)?.ok())
 }
 
 /// [`base_url`] with `/p/PROFILE/` first when a profile is given.

@@ -53,11 +53,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     let mut own_accounting = None;
     let mut _runtime_dir = None;
 
-    let settings = g.load_profile(args.profile.as_deref());
-    // A profile the configuration does not have (a configuration error, exit 2).
-    if args.profile.is_some() && settings.is_err() && g.load().is_ok() {
-        super::env::profile_settings(g, args.profile.as_deref())?;
-    }
+    let settings = g.load_known_profile(args.profile.as_deref())?;
     let addr = if let Some(d) = daemon(g, settings.as_ref().ok()).await? {
         super::env::proxy_address(g, Some(&d))?
     } else {

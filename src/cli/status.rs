@@ -22,7 +22,7 @@ pub struct Args {
 
 pub async fn run(g: &Global, args: Args) -> CliResult {
     init_cli_logging(g);
-    let settings = g.load_profile(args.profile.as_deref());
+    let settings = g.load_known_profile(args.profile.as_deref())?;
     let mut doc = match daemon(g, settings.as_ref().ok()).await? {
         Some(d) => d.status().clone(),
         None => {

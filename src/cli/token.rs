@@ -35,7 +35,7 @@ pub struct Args {
 pub async fn run(g: &Global, args: Args) -> CliResult {
     init_cli_logging(g);
     let min_ttl = args.min_ttl.unwrap_or_default();
-    let settings = g.load_profile(args.profile.as_deref());
+    let settings = g.load_known_profile(args.profile.as_deref())?;
     let from_daemon = match daemon(g, settings.as_ref().ok()).await {
         Ok(Some(d)) => {
             let uri = format!(

@@ -65,10 +65,7 @@ pub async fn fetch_profile(
     profile: Option<&str>,
     session: Option<&str>,
 ) -> anyhow::Result<Option<Report>> {
-    let settings = g.load_profile(profile);
-    if profile.is_some() && settings.is_err() && g.load().is_ok() {
-        super::env::profile_settings(g, profile)?;
-    }
+    let settings = g.load_known_profile(profile)?;
     if let Some(d) = daemon(g, settings.as_ref().ok()).await? {
         let mut uri = match session {
             Some(s) => format!(
@@ -93,7 +90,8 @@ pub async fn fetch_profile(
     let Some(path) = settings?.usage.ledger_file else {
         return Ok(None);
     };
-    let report = ledger::read_profile(&path, profile).with_context(|| format!("reading {}", path.display()))?;
+    let report = ledger::read_profile(&path, profile)
+        .with_context(|| format!("reading {}", path.display()))?;
     Ok(report.map(|r| match session {
         Some(s) => r.only(s),
         None => r,

@@ -322,7 +322,10 @@ impl Daemon {
             _ if name == crate::config::DEFAULT_PROFILE => d.get("identity"),
             _ => None,
         };
-        if identity.is_none() && name != crate::config::DEFAULT_PROFILE && d.get("identity").is_some() {
+        if identity.is_none()
+            && name != crate::config::DEFAULT_PROFILE
+            && d.get("identity").is_some()
+        {
             return Err(ControlError::OtherIdentity {
                 path: self.path.clone(),
                 pid: d["pid"].as_u64(),
@@ -335,8 +338,8 @@ impl Daemon {
                 differences: vec![("profile", "(none)".to_string(), name.to_string())],
             });
         }
-        let Some(theirs) = identity
-            .and_then(|i| serde_json::from_value::<Identity>(i.clone()).ok())
+        let Some(theirs) =
+            identity.and_then(|i| serde_json::from_value::<Identity>(i.clone()).ok())
         else {
             return Err(ControlError::Unidentified {
                 path: self.path.clone(),

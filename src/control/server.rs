@@ -157,7 +157,8 @@ pub fn status_json(state: &ControlState) -> Value {
         .into_iter()
         .collect(),
     };
-    let mut v = json!({ "token": default.status(), "profiles": profiles, "daemon": (state.daemon)() });
+    let mut v =
+        json!({ "token": default.status(), "profiles": profiles, "daemon": (state.daemon)() });
     if let Some(live) = &state.live {
         v["proxy"] = live();
     }

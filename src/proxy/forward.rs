@@ -267,8 +267,11 @@ impl Forwarder {
         }
         tracing::debug!("replaying a request the upstream answered 401 with a new token");
         head.headers.insert(AUTHORIZATION, new.bearer().clone());
-        self.send(route, Request::from_parts(head, Either::Left(Full::new(body))))
-            .await
+        self.send(
+            route,
+            Request::from_parts(head, Either::Left(Full::new(body))),
+        )
+        .await
     }
 
     /// The accounting, when this request is one it counts (a `POST` to an accounted endpoint).
@@ -302,7 +305,11 @@ impl Forwarder {
         } = path::resolve(rel)?;
         check_session_header(req.headers())?;
         let route = self.route(profile)?;
-        Ok((route, session, route.upstream.uri(&path, req.uri().query())?))
+        Ok((
+            route,
+            session,
+            route.upstream.uri(&path, req.uri().query())?,
+        ))
     }
 
     /// The route of the profile named (`None`, or `default`: `[auth]`'s).

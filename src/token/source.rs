@@ -283,12 +283,18 @@ impl TokenSource {
         match self.current() {
             Some(t) => {
                 let exp = t.claims.exp as i64;
-                metrics.token_expiry_timestamp.get_or_create(&label).set(exp);
+                metrics
+                    .token_expiry_timestamp
+                    .get_or_create(&label)
+                    .set(exp);
                 let left = match t.expires_at.duration_since(now) {
                     Ok(d) => d.as_secs_f64(),
                     Err(e) => -e.duration().as_secs_f64(),
                 };
-                metrics.token_seconds_remaining.get_or_create(&label).set(left);
+                metrics
+                    .token_seconds_remaining
+                    .get_or_create(&label)
+                    .set(left);
                 metrics
                     .token_ready
                     .get_or_create(&label)
