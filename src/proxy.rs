@@ -208,12 +208,7 @@ impl Proxy {
                 .map_err(|e| SetupError::Upstream(e.to_string()))?;
             let host = HeaderValue::from_str(upstream.authority.as_str())
                 .map_err(|e| SetupError::Upstream(e.to_string()))?;
-            Ok(upstream::Pool::new(
-                https.clone(),
-                target,
-                host,
-                bounds.clone(),
-            ))
+            Ok(upstream::Pool::new(https.clone(), target, host, bounds))
         };
         let pool = pool_for(&upstream)?;
         let mut routes = HashMap::new();

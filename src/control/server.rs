@@ -17,13 +17,16 @@ use tokio_util::sync::CancellationToken;
 use crate::server::Listener;
 use crate::token::{TokenError, TokenSource, rfc3339};
 
+/// Every profile's token source, by name, `default` first.
+pub type AllProfiles = Arc<dyn Fn() -> Vec<(String, TokenSource)> + Send + Sync>;
+
 /// What the control API serves from. Closures, so a reload's new token source is picked up.
 #[derive(Clone)]
 pub struct ControlState {
     /// The current token source (the profile `default`).
     pub tokens: Arc<dyn Fn() -> TokenSource + Send + Sync>,
     /// Every profile's token source, by name, `default` first (`None`: only `default`).
-    pub profiles: Option<Arc<dyn Fn() -> Vec<(String, TokenSource)> + Send + Sync>>,
+    pub profiles: Option<AllProfiles>,
     /// Facts about the daemon (pid, version, proxy addresses) merged into `/v1/status`.
     pub daemon: Arc<dyn Fn() -> Value + Send + Sync>,
     /// Live figures (proxy counters) merged into `/v1/status` under `proxy`.
@@ -166,11 +169,8 @@ pub fn status_json(state: &ControlState) -> Value {
 }
 
 /// The token source of the request's `profile` query parameter (none: `default`); `Err`: the
-/// 404 for an unknown one.
-fn profile_tokens(
-    state: &ControlState,
-    query: Option<&str>,
-) -> Result<TokenSource, Response<Full<Bytes>>> {
+/// message of the 404 for an unknown one.
+fn profile_tokens(state: &ControlState, query: Option<&str>) -> Result<TokenSource, String> {
     let name = match query_param(query, "profile") {
         None => return Ok((state.tokens)()),
         Some(n) => percent_decoded(n),
@@ -184,13 +184,9 @@ fn profile_tokens(
         .and_then(|all| all().into_iter().find(|(n, _)| *n == name))
         .map(|(_, t)| t)
         .ok_or_else(|| {
-            error_response(
-                StatusCode::NOT_FOUND,
-                "unknown_profile",
-                &format!(
-                    "the daemon has no profile `{}`; profiles are [profiles.NAME] in its config",
-                    name.escape_debug()
-                ),
+            format!(
+                "the daemon has no profile `{}`; profiles are [profiles.NAME] in its config",
+                name.escape_debug()
             )
         })
 }
@@ -199,7 +195,9 @@ async fn handle(state: &ControlState, req: Request<Incoming>) -> Response<Full<B
     let path = req.uri().path();
     let tokens = match profile_tokens(state, req.uri().query()) {
         Ok(t) => t,
-        Err(not_found) => return not_found,
+        Err(message) => {
+            return error_response(StatusCode::NOT_FOUND, "unknown_profile", &message);
+        }
     };
     match (req.method(), path) {
         (&Method::GET, "/v1/token") => {
