@@ -421,6 +421,74 @@ async fn token_status_and_env_take_a_profile_and_the_control_api_refuses_an_unkn
         "{text}"
     );
 
+    // refresh: a grant for that profile only.
+    let default_grants = s.h.idp.grants_for(&s.h.client_id);
+    let out = cli(&["refresh", "--profile", "team-b"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(s.h.idp.grants_for(&s.b_id), 2);
+    assert_eq!(s.h.idp.grants_for(&s.h.client_id), default_grants);
+
+    // exec: the command's base URL names the profile, and its requests carry that token.
+    let out = cli(&[
+        "exec",
+        "--profile",
+        "team-b",
+        "--session",
+        "j2",
+        "--no-summary",
+        "--",
+        "sh",
+        "-c",
+        "echo \"$OPENAI_BASE_URL\"",
+    ])
+    .output()
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let base = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(base.trim(), format!("{}/p/team-b/s/j2/v1", s.origin));
+    let chat = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    let r = http()
+        .post(format!("{}/chat/completions", base.trim()))
+        .json(&chat)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    assert_eq!(s.uid_of_last("/v1/chat/completions"), s.b_id);
+
+    // usage: only that profile's requests.
+    let out = cli(&["usage", "--profile", "team-b", "--json"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let b: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(b["totals"]["requests"], 1, "{b}");
+    assert_eq!(b["sessions"]["j2"]["requests"], 1, "{b}");
+    let out = cli(&["usage", "--profile", "default", "--json"])
+        .output()
+        .await
+        .unwrap();
+    let d: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(d["totals"]["requests"], 0, "{d}");
+
     let out = cli(&["token", "--profile", "nope"]).output().await.unwrap();
     assert_eq!(
         out.status.code(),
