@@ -204,6 +204,27 @@ mod tests {
     }
 
     #[test]
+    fn profile_prefix_names_the_profile_and_is_stripped_before_a_session() {
+        let r = resolve("/p/team-b/s/job-1/v1/models").unwrap();
+        assert_eq!(r.profile, Some("team-b"));
+        assert_eq!(r.session.unwrap(), "job-1");
+        assert_eq!(r.path, "/v1/models");
+        let r = resolve("/p/team-b/v1/models").unwrap();
+        assert_eq!(
+            (r.profile, r.session, &*r.path),
+            (Some("team-b"), None, "/v1/models")
+        );
+        let r = resolve("/p/x").unwrap();
+        assert_eq!((r.profile, &*r.path), (Some("x"), "/"));
+        // Only a leading `/p/`; a session first leaves `/p/` in the forwarded path.
+        let r = resolve("/s/j/p/x/v1").unwrap();
+        assert_eq!((r.profile, &*r.path), (None, "/p/x/v1"));
+        assert_eq!(resolve("/v1/models").unwrap().profile, None);
+        // The profile prefix cannot hide an escape either.
+        assert!(resolve("/p/x/../../etc").is_err());
+    }
+
+    #[test]
     fn bad_session_ids_are_refused() {
         let long = format!("/s/{}/v1", "x".repeat(MAX_SESSION_ID + 1));
         for p in [
