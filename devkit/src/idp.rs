@@ -1194,6 +1194,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn other_clients_get_tokens_for_themselves_with_their_own_secret() {
+        let mut opts = options();
+        opts.other_clients = vec![("team-b".into(), SecretString::from("b-secret"))];
+        let idp = new_idp(opts);
+        let fields = [
+            ("grant_type", "client_credentials"),
+            ("client_id", "team-b"),
+            ("client_secret", "b-secret"),
+            ("audience", AUDIENCE),
+        ];
+        let token = post_form(&idp, &fields, None).await.access_token();
+        let claims = verify(&idp, &token).await.unwrap();
+        assert_eq!(
+            (claims["uid"].as_str(), claims["azp"].as_str()),
+            (Some("team-b"), Some("team-b"))
+        );
+        assert_eq!(
+            (idp.grants_for("team-b"), idp.grants_for(CLIENT_ID)),
+            (1, 0)
+        );
+        // Another client's secret is not this one's.
+        let fields = [
+            ("grant_type", "client_credentials"),
+            ("client_id", "team-b"),
+            ("client_secret", SECRET),
+            ("audience", AUDIENCE),
+        ];
+        assert_oauth_error(
+            &post_form(&idp, &fields, None).await,
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+        );
+        post_secret(&idp, &[]).await.access_token();
+        assert_eq!(idp.grants_for(CLIENT_ID), 1);
+    }
+
+    #[tokio::test]
     async fn client_secret_post_grant_returns_an_auth0_shaped_jwt_that_verifies_against_the_jwks() {
         let idp = new_idp(options());
 
