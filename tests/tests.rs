@@ -16,6 +16,7 @@ mod keys;
 mod limits;
 mod node;
 mod outage;
+mod profiles;
 mod props;
 mod proxy;
 mod rig;

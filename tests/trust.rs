@@ -528,6 +528,7 @@ async fn env_refuses_a_proxy_address_that_is_not_loopback_or_not_an_address() {
     let tokens = h.source(&[], behest_agent::clock::system());
     let state = ControlState {
         tokens: Arc::new(move || tokens.clone()),
+        profiles: None,
         daemon: Arc::new({
             let (listen, identity) = (listen.clone(), identity.clone());
             move || {

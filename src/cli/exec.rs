@@ -17,7 +17,7 @@ use nix::unistd::{Pid, getpgrp, tcsetpgrp};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
-use super::env::{base_url, variables};
+use super::env::variables;
 use super::{CliResult, Failure, Global, daemon, init_cli_logging, process_env};
 use crate::app::App;
 use crate::config::{self, ListenAddr, LoadOptions};
@@ -29,6 +29,9 @@ pub struct Args {
     /// default: from the CI job's variables (proxy.session_from_ci)
     #[arg(long, value_name = "ID")]
     pub session: Option<String>,
+    /// Use this profile's identity ([profiles.NAME]): the base URL gets /p/NAME/
+    #[arg(long, value_name = "NAME")]
+    pub profile: Option<String>,
     /// The command and its arguments
     #[arg(
         required = true,
@@ -51,7 +54,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     let mut own_accounting = None;
     let mut _runtime_dir = None;
 
-    let settings = g.load();
+    let settings = g.load_known_profile(args.profile.as_deref())?;
     let mut key_daemon = None;
     let mut own_keys = None;
     let addr = if let Some(d) = daemon(g, settings.as_ref().ok()).await? {
@@ -100,7 +103,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
         addr
     };
     let session = super::session::for_command(g, args.session.as_deref());
-    let base = base_url(&addr, session.as_deref())?;
+    let base = super::env::base_url_for(&addr, args.profile.as_deref(), session.as_deref())?;
     env.extend(
         variables(&base)
             .into_iter()

@@ -15,7 +15,8 @@ use url::Url;
 
 use super::ConfigError;
 use super::file::{
-    AuthFile, ControlFile, EgressFile, FileConfig, OneOrMany, ProxyFile, TelemetryFile, TokenFile,
+    AuthFile, ControlFile, EgressFile, FileConfig, OneOrMany, ProfileFile, ProxyFile, TelemetryFile,
+    TokenFile,
     UsageFile,
 };
 
@@ -31,8 +32,57 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     pub usage: UsageSettings,
     pub budget: BudgetSettings,
+    /// `[profiles.NAME]`, by name (never `default`: that is `[auth]` itself).
+    pub profiles: BTreeMap<String, Profile>,
+    /// The profile `auth`, `token` and `proxy.upstream` are: `default`, unless these settings
+    /// came from [`Settings::profile`].
+    pub profile_name: String,
     /// Things worth telling the operator that do not stop the agent (file permissions, …).
     pub warnings: Vec<String>,
+}
+
+/// The name of the profile `[auth]` itself is.
+pub const DEFAULT_PROFILE: &str = "default";
+
+/// The longest profile name.
+pub const MAX_PROFILE_NAME: usize = 32;
+
+/// A profile name: `[a-z0-9_-]{1,32}`.
+pub fn valid_profile(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_PROFILE_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// `[profiles.NAME]`: another identity, with its own token engine (and disk cache file) and
+/// possibly its own upstream.
+#[derive(Debug, Clone)]
+pub struct Profile {
+    pub auth: AuthSettings,
+    /// `[token]`, with this profile's client id as the expected uid and its own cache file.
+    pub token: TokenSettings,
+    /// Its own `upstream`, else `[proxy]`'s.
+    pub upstream: Option<Url>,
+}
+
+impl Settings {
+    /// The settings the profile `name` runs on: these, with its `[auth]`, token checks, cache file
+    /// and upstream. `default` is these settings as they are; an unknown name is `None`.
+    pub fn profile(&self, name: &str) -> Option<Settings> {
+        if name == DEFAULT_PROFILE {
+            return Some(self.clone());
+        }
+        let p = self.profiles.get(name)?;
+        let mut s = self.clone();
+        s.auth = p.auth.clone();
+        s.token = p.token.clone();
+        s.proxy.upstream = p.upstream.clone();
+        s.profiles = BTreeMap::new();
+        s.profile_name = name.to_string();
+        Some(s)
+    }
 }
 
 /// `[usage]`: the ledger, and whether streamed chat requests are made to report usage.
@@ -309,10 +359,25 @@ pub(super) fn validate(
 ) -> Result<Settings, ConfigError> {
     let origin = Origin { env, path };
     let mut warnings = Vec::new();
+    let auth_file = file.auth.clone();
+    let allow_insecure = file.proxy.allow_insecure_upstream.unwrap_or(false);
     let auth = auth(file.auth, origin, &mut warnings)?;
     let token = token(file.token, origin, &auth.client_id)?;
     let mut proxy = proxy(file.proxy, origin)?;
     proxy.egress = egress(file.egress, origin, &mut warnings)?;
+    let mut profiles = BTreeMap::new();
+    for (name, p) in file.profiles {
+        let profile = profile(
+            &name,
+            p,
+            &auth_file,
+            &token,
+            (&proxy, allow_insecure),
+            origin,
+            &mut warnings,
+        )?;
+        profiles.insert(name, profile);
+    }
     let control = control(file.control, origin, &mut warnings)?;
     let telemetry = telemetry(file.telemetry, origin, proxy.allow_remote)?;
     let usage = usage(file.usage, origin)?;
@@ -335,8 +400,93 @@ pub(super) fn validate(
         telemetry,
         usage,
         budget,
+        profiles,
+        profile_name: DEFAULT_PROFILE.to_string(),
         warnings,
     })
+}
+
+/// `[profiles.NAME]`: validated like `[auth]` (over `[auth]`'s values), errors naming
+/// `profiles.NAME.KEY`. The token checks are `[token]`'s, except that the expected uid is the
+/// profile's client id (`token.expected_uid` names the default profile's) and the disk cache is a
+/// file of its own (`token-NAME.json` next to `token.json`), so no two profiles share an entry.
+fn profile(
+    name: &str,
+    p: ProfileFile,
+    auth_file: &AuthFile,
+    token: &TokenSettings,
+    (proxy, allow_insecure): (&ProxySettings, bool),
+    origin: Origin<'_>,
+    warnings: &mut Vec<String>,
+) -> Result<Profile, ConfigError> {
+    let key = format!("profiles.{name}");
+    if !valid_profile(name) {
+        return Err(origin.invalid(
+            &key,
+            format!(
+                "`{}` is not a profile name: use 1 to {MAX_PROFILE_NAME} of a-z, 0-9, `_` and `-`",
+                name.escape_debug()
+            ),
+        ));
+    }
+    if name == DEFAULT_PROFILE {
+        return Err(origin.invalid(
+            &key,
+            "`default` is the profile `[auth]` configures; give this one another name".to_string(),
+        ));
+    }
+    let rename = |e: ConfigError| in_profile(e, name);
+    let upstream = match nonempty(p.upstream.clone()) {
+        Some(u) => Some(upstream(&u, allow_insecure, origin).map_err(rename)?),
+        None => proxy.upstream.clone(),
+    };
+    let auth = auth(p.over(auth_file), origin, warnings).map_err(rename)?;
+    let mut token = token.clone();
+    token.client_id = auth.client_id.clone();
+    token.expected_uid = auth.client_id.clone();
+    token.cache_file = token.cache_file.as_deref().map(|f| profile_file(f, name));
+    Ok(Profile {
+        auth,
+        token,
+        upstream,
+    })
+}
+
+/// `dir/token.json` → `dir/token-NAME.json`: a profile's own cache file.
+pub fn profile_file(path: &Path, name: &str) -> PathBuf {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let file = match path.extension() {
+        Some(ext) => format!("{stem}-{name}.{}", ext.to_string_lossy()),
+        None => format!("{stem}-{name}"),
+    };
+    path.with_file_name(file)
+}
+
+/// An `[auth]` (or `proxy.upstream`) error, renamed for the profile it came from.
+fn in_profile(e: ConfigError, name: &str) -> ConfigError {
+    let rename = |key: String| match key
+        .strip_prefix("auth.")
+        .or_else(|| key.strip_prefix("proxy."))
+    {
+        Some(rest) => format!("profiles.{name}.{rest}"),
+        None => key,
+    };
+    match e {
+        ConfigError::Invalid { file, key, message } => ConfigError::Invalid {
+            file,
+            key: rename(key),
+            message,
+        },
+        ConfigError::Missing { file, key, hint } => ConfigError::Missing {
+            file,
+            key: rename(key),
+            hint,
+        },
+        other => other,
+    }
 }
 
 /// `[usage]`: the ledger (default in the state directory; `""`: none) and its size before rotation.

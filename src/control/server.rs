@@ -18,11 +18,16 @@ use crate::keys::{KeyStore, KeysError, NewKey};
 use crate::server::Listener;
 use crate::token::{TokenError, TokenSource, rfc3339};
 
+/// Every profile's token source, by name, `default` first.
+pub type AllProfiles = Arc<dyn Fn() -> Vec<(String, TokenSource)> + Send + Sync>;
+
 /// What the control API serves from. Closures, so a reload's new token source is picked up.
 #[derive(Clone)]
 pub struct ControlState {
-    /// The current token source.
+    /// The current token source (the profile `default`).
     pub tokens: Arc<dyn Fn() -> TokenSource + Send + Sync>,
+    /// Every profile's token source, by name, `default` first (`None`: only `default`).
+    pub profiles: Option<AllProfiles>,
     /// Facts about the daemon (pid, version, proxy addresses) merged into `/v1/status`.
     pub daemon: Arc<dyn Fn() -> Value + Send + Sync>,
     /// Live figures (proxy counters) merged into `/v1/status` under `proxy`.
@@ -142,18 +147,61 @@ pub fn parse_ttl(s: &str) -> Option<Duration> {
         .or_else(|| humantime::parse_duration(s).ok())
 }
 
-/// The full status document.
+/// The full status document: `token` is the default profile's; `profiles` has every profile's
+/// (`default` too) under its name.
 pub fn status_json(state: &ControlState) -> Value {
-    let mut v = json!({ "token": (state.tokens)().status(), "daemon": (state.daemon)() });
+    let default = (state.tokens)();
+    let profiles: serde_json::Map<String, Value> = match &state.profiles {
+        Some(all) => all()
+            .into_iter()
+            .map(|(name, t)| (name, json!({ "token": t.status() })))
+            .collect(),
+        None => [(
+            crate::config::DEFAULT_PROFILE.to_string(),
+            json!({ "token": default.status() }),
+        )]
+        .into_iter()
+        .collect(),
+    };
+    let mut v =
+        json!({ "token": default.status(), "profiles": profiles, "daemon": (state.daemon)() });
     if let Some(live) = &state.live {
         v["proxy"] = live();
     }
     v
 }
 
+/// The token source of the request's `profile` query parameter (none: `default`); `Err`: the
+/// message of the 404 for an unknown one.
+fn profile_tokens(state: &ControlState, query: Option<&str>) -> Result<TokenSource, String> {
+    let name = match query_param(query, "profile") {
+        None => return Ok((state.tokens)()),
+        Some(n) => percent_decoded(n),
+    };
+    if name == crate::config::DEFAULT_PROFILE {
+        return Ok((state.tokens)());
+    }
+    state
+        .profiles
+        .as_ref()
+        .and_then(|all| all().into_iter().find(|(n, _)| *n == name))
+        .map(|(_, t)| t)
+        .ok_or_else(|| {
+            format!(
+                "the daemon has no profile `{}`; profiles are [profiles.NAME] in its config",
+                name.escape_debug()
+            )
+        })
+}
+
 async fn handle(state: &ControlState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
-    let tokens = (state.tokens)();
+    let tokens = match profile_tokens(state, req.uri().query()) {
+        Ok(t) => t,
+        Err(message) => {
+            return error_response(StatusCode::NOT_FOUND, "unknown_profile", &message);
+        }
+    };
     match (req.method(), path) {
         (&Method::GET, "/v1/token") => {
             let min_ttl = match query_param(req.uri().query(), "min_ttl") {
@@ -202,7 +250,10 @@ async fn handle(state: &ControlState, req: Request<Incoming>) -> Response<Full<B
         (&Method::GET, "/v1/status") => json_response(StatusCode::OK, &status_json(state)),
         (&Method::GET, "/v1/usage") => match &state.usage {
             Some(usage) => {
-                let report = usage.report();
+                let report = match query_param(req.uri().query(), "profile") {
+                    Some(p) => usage.profile_report(&percent_decoded(p)),
+                    None => usage.report(),
+                };
                 let report = match query_param(req.uri().query(), "session") {
                     Some(session) => report.only(&percent_decoded(session)),
                     None => report,

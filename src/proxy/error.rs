@@ -55,6 +55,9 @@ pub enum ProxyError {
     /// A request head over the limits (h2 requests with more than 100 fields).
     #[error("{0}")]
     HeadersTooLarge(String),
+    /// `/p/NAME/` names no configured profile.
+    #[error("{0}")]
+    UnknownProfile(String),
     /// A `[budget]` is spent (SPEC §8); `retry_after` for the hourly one.
     #[error("{message}")]
     BudgetExceeded {
@@ -91,6 +94,7 @@ impl ProxyError {
             ProxyError::BudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::InvalidLocalKey(_) => StatusCode::UNAUTHORIZED,
             ProxyError::ForbiddenProfile(_) => StatusCode::FORBIDDEN,
+            ProxyError::UnknownProfile(_) => StatusCode::NOT_FOUND,
         }
     }
 
@@ -116,6 +120,7 @@ impl ProxyError {
             ProxyError::BudgetExceeded { .. } => "budget_exceeded",
             ProxyError::InvalidLocalKey(_) => "invalid_local_key",
             ProxyError::ForbiddenProfile(_) => "forbidden_profile",
+            ProxyError::UnknownProfile(_) => "unknown_profile",
         }
     }
 
