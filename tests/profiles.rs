@@ -740,3 +740,56 @@ async fn profile_settings_are_validated_like_auth_and_named_in_errors() {
     .unwrap();
     assert_eq!(s.profiles["team_b"].auth.client_id, "from-env");
 }
+
+#[tokio::test]
+async fn a_key_bound_to_a_profile_selects_it_and_is_refused_by_another() {
+    let keys_file = tempfile::tempdir().unwrap().keep().join("keys.json");
+    let keys_s = keys_file.display().to_string();
+    let mut s = Stack::start(&[
+        ("BEHEST_AGENT__PROXY__REQUIRE_KEY", "true"),
+        ("BEHEST_AGENT__PROXY__KEYS_FILE", keys_s.as_str()),
+    ])
+    .await;
+    let store = behest_agent::keys::KeyStore::open(&keys_file, clock::system()).unwrap();
+    let (team_b_key, _) = store
+        .create(behest_agent::keys::NewKey {
+            profile: Some("team-b".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    s.h.remember(&team_b_key);
+    let (stop, task) = s.run();
+    let o = s.origin.clone();
+    let with_key = |url: String| {
+        let key = team_b_key.clone();
+        async move {
+            let r = http().get(url).bearer_auth(key).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    // The daemon picks up the key written to its file within a second.
+    let mut status = 0;
+    for _ in 0..100 {
+        status = with_key(format!("{o}/v1/models?k=1")).await.0;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 200);
+    assert_eq!(
+        s.uid_of_last("/v1/models?k=1"),
+        s.b_id,
+        "the key's profile, with no /p/ in the path"
+    );
+    assert_eq!(with_key(format!("{o}/p/team-b/v1/models?k=2")).await.0, 200);
+    assert_eq!(s.uid_of_last("/v1/models?k=2"), s.b_id);
+    let before = s.upstream.request_count();
+    let (status, body) = with_key(format!("{o}/p/default/v1/models?k=3")).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"]["code"], "forbidden_profile");
+    assert_eq!(s.upstream.request_count(), before, "nothing forwarded");
+    stop.cancel();
+    task.await.unwrap();
+}

@@ -15,9 +15,8 @@ use url::Url;
 
 use super::ConfigError;
 use super::file::{
-    AuthFile, ControlFile, EgressFile, FileConfig, OneOrMany, ProfileFile, ProxyFile, TelemetryFile,
-    TokenFile,
-    UsageFile,
+    AuthFile, ControlFile, EgressFile, FileConfig, OneOrMany, ProfileFile, ProxyFile,
+    TelemetryFile, TokenFile, UsageFile,
 };
 
 /// Everything the agent needs, validated.
