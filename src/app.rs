@@ -4,6 +4,7 @@
 //! settings and swaps it in; a broken new configuration never reaches this module (it is refused
 //! where it is loaded, and the old one keeps running).
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
@@ -14,9 +15,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::clock::SharedClock;
-use crate::config::{ListenAddr, Settings};
+use crate::config::{DEFAULT_PROFILE, ListenAddr, Settings};
 use crate::control::{self, ControlState};
-use crate::proxy::Proxy;
+use crate::keys::KeyStore;
+use crate::proxy::{Proxy, ProxyProfile};
 use crate::server::Listener;
 use crate::service;
 use crate::telemetry::LogHandle;
@@ -53,8 +55,54 @@ pub struct Reload {
 /// The parts that are replaced on reload.
 #[derive(Clone)]
 struct Live {
+    /// `[auth]`'s: the profile `default`.
     tokens: TokenSource,
+    /// `[profiles.NAME]`'s, by name.
+    profiles: BTreeMap<String, TokenSource>,
     proxy: Option<Proxy>,
+}
+
+impl Live {
+    /// Every token source, `default` first.
+    fn all(&self) -> Vec<(String, TokenSource)> {
+        std::iter::once((DEFAULT_PROFILE.to_string(), self.tokens.clone()))
+            .chain(self.profiles.iter().map(|(n, t)| (n.clone(), t.clone())))
+            .collect()
+    }
+}
+
+/// A profile's token source, built from settings with its disk cache loaded and checked.
+async fn token_source(
+    settings: &Settings,
+    name: &str,
+    clock: SharedClock,
+    metrics: &Arc<Metrics>,
+) -> Result<TokenSource, String> {
+    let s = settings
+        .profile(name)
+        .ok_or_else(|| format!("no profile `{name}`"))?;
+    let t = TokenSource::new(&s, clock)?;
+    t.attach_metrics_as(metrics.clone(), name);
+    t.load_cache().await;
+    t.check_cache().await;
+    Ok(t)
+}
+
+/// The proxy over `tokens` and the profiles' token sources.
+fn build_proxy(
+    settings: &Settings,
+    tokens: &TokenSource,
+    profiles: &BTreeMap<String, TokenSource>,
+) -> Result<Proxy, crate::proxy::SetupError> {
+    let routes = profiles
+        .iter()
+        .map(|(name, t)| ProxyProfile {
+            name: name.clone(),
+            tokens: t.clone(),
+            upstream: settings.profiles.get(name).and_then(|p| p.upstream.clone()),
+        })
+        .collect();
+    Proxy::with_profiles(&settings.proxy, tokens.clone(), routes)
 }
 
 /// What `/readyz`, `status` and sd_notify ask about the running parts.
@@ -67,6 +115,8 @@ struct State {
     settings: RwLock<Settings>,
     /// The proxy's bound addresses (port 0 resolved).
     addresses: RwLock<Vec<ListenAddr>>,
+    /// The local keys (`proxy.keys_file`, read at start; a reload keeps this store).
+    keys: Option<Arc<KeyStore>>,
 }
 
 impl State {
@@ -83,16 +133,22 @@ impl State {
             "config": s.path.as_ref().map(|p| p.display().to_string()),
             "control_socket": s.control.socket.display().to_string(),
             "identity": control::Identity::of(&s.auth),
+            "profiles": std::iter::once((DEFAULT_PROFILE.to_string(), control::Identity::of(&s.auth)))
+                .chain(s.profiles.iter().map(|(n, p)| (n.clone(), control::Identity::of(&p.auth))))
+                .collect::<BTreeMap<_, _>>(),
             "upstream": s.proxy.upstream.as_ref().map(|u| u.to_string()),
             "egress": s.proxy.egress.describe(),
             "listen": self.addresses.read().expect("addresses lock").iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "require_key": s.proxy.require_key,
         })
     }
 }
 
 impl Health for State {
     fn before_scrape(&self, metrics: &Metrics) {
-        self.live().tokens.update_gauges(metrics);
+        for (_, t) in self.live().all() {
+            t.update_gauges(metrics);
+        }
     }
 
     fn ready(&self) -> Result<(), String> {
@@ -127,15 +183,31 @@ impl App {
             clock.clone(),
         ));
         accounting.attach_metrics(metrics.clone());
-        let tokens = TokenSource::new(&settings, clock).map_err(StartError::Client)?;
-        tokens.attach_metrics(metrics.clone());
+        let keys = settings
+            .proxy
+            .keys_file
+            .as_deref()
+            .map(|p| Arc::new(KeyStore::open_or_empty(p, clock.clone())));
+        let tokens = TokenSource::new(&settings, clock.clone()).map_err(StartError::Client)?;
+        tokens.attach_metrics_as(metrics.clone(), DEFAULT_PROFILE);
+        let mut profiles = BTreeMap::new();
+        for name in settings.profiles.keys() {
+            let t = token_source(&settings, name, clock.clone(), &metrics)
+                .await
+                .map_err(|e| StartError::Client(format!("profile `{name}`: {e}")))?;
+            profiles.insert(name.clone(), t);
+        }
         let (proxy, proxy_listeners) = match &settings.proxy.upstream {
             Some(_) => {
                 let proxy =
-                    Proxy::new(&settings.proxy, tokens.clone()).map_err(StartError::Proxy)?;
+                    build_proxy(&settings, &tokens, &profiles).map_err(StartError::Proxy)?;
                 proxy.attach_metrics(metrics.clone());
                 proxy.attach_accounting(accounting.clone());
-                let inherited = inherited_listeners(settings.proxy.allow_remote);
+                if let Some(keys) = &keys {
+                    proxy.attach_keys(keys.clone());
+                }
+                let inherited =
+                    inherited_listeners(settings.proxy.allow_remote && settings.proxy.require_key);
                 let listeners = match inherited.map_err(|error| StartError::Listen {
                     key: "LISTEN_FDS",
                     addr: "systemd socket activation (LISTEN_FDS)".to_string(),
@@ -186,12 +258,17 @@ impl App {
             .collect();
         Ok(App {
             state: Arc::new(State {
-                live: RwLock::new(Live { tokens, proxy }),
+                live: RwLock::new(Live {
+                    tokens,
+                    profiles,
+                    proxy,
+                }),
                 metrics,
                 accounting,
                 started_at: SystemTime::now(),
                 settings: RwLock::new(settings),
                 addresses: RwLock::new(addresses),
+                keys,
             }),
             control,
             proxy_listeners,
@@ -212,6 +289,18 @@ impl App {
 
     pub fn metrics(&self) -> Arc<Metrics> {
         self.state.metrics.clone()
+    }
+
+    /// The local keys, when `proxy.require_key` is on.
+    pub fn keys(&self) -> Option<Arc<KeyStore>> {
+        let require = self
+            .state
+            .settings
+            .read()
+            .expect("settings lock")
+            .proxy
+            .require_key;
+        self.state.keys.clone().filter(|_| require)
     }
 
     /// The usage counts and budgets.
@@ -250,12 +339,17 @@ impl App {
             let st2 = state.clone();
             ControlState {
                 tokens: Arc::new(move || st.live().tokens),
+                profiles: Some(Arc::new({
+                    let st = state.clone();
+                    move || st.live().all()
+                })),
                 daemon: Arc::new(move || st2.daemon_json()),
                 live: Some(Arc::new({
                     let st = state.clone();
                     move || st.live().proxy.map(|p| p.stats()).unwrap_or(Value::Null)
                 })),
                 usage: Some(state.accounting.clone()),
+                keys: state.keys.clone(),
                 shutdown: shutdown.clone(),
             }
         };
@@ -306,9 +400,8 @@ impl App {
                     proxy_changed,
                     listen_changed,
                 }) => {
+                    generation.sync(&tracker, &state.live(), &shutdown);
                     if tokens_changed {
-                        generation.stop();
-                        generation = Generation::start(&tracker, state.live(), &shutdown);
                         reporter.cancel();
                         reporter = shutdown.child_token();
                         tracker.spawn(service::report(state.live().tokens, reporter.clone()));
@@ -347,6 +440,11 @@ impl App {
         tracker.close();
         tracker.wait().await;
         state.accounting.flush().await;
+        if let Some(keys) = &state.keys
+            && let Err(e) = keys.persist()
+        {
+            tracing::warn!("the local keys' last use was not saved: {e}");
+        }
         // The control socket's file went with its listener (only if still this daemon's: a new
         // daemon may have bound the path while this one drained).
         tracing::info!("behest-agent stopped");
@@ -354,7 +452,8 @@ impl App {
 }
 
 /// TCP sockets passed by systemd socket activation (`behest-agent.socket`), when there are any; they
-/// replace `proxy.listen` and obey its rule: a non-loopback address needs `proxy.allow_remote`.
+/// replace `proxy.listen` and obey its rule: a non-loopback address needs `proxy.allow_remote` and
+/// `proxy.require_key` (`allow_remote` here: both).
 fn inherited_listeners(allow_remote: bool) -> std::io::Result<Option<Vec<Listener>>> {
     let mut fds = listenfd::ListenFd::from_env();
     if fds.len() == 0 {
@@ -368,7 +467,7 @@ fn inherited_listeners(allow_remote: bool) -> std::io::Result<Option<Vec<Listene
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::PermissionDenied,
                     format!(
-                        "systemd passed a socket on {addr}, which is not a loopback address: the proxy injects this machine's credential, so anyone who can reach it can use it. Set ListenStream=127.0.0.1:{} in behest-agent.socket, or proxy.allow_remote = true if that is really intended",
+                        "systemd passed a socket on {addr}, which is not a loopback address: the proxy injects this machine's credential, so anyone who can reach it can use it. Set ListenStream=127.0.0.1:{} in behest-agent.socket, or proxy.allow_remote = true and proxy.require_key = true if that is really intended",
                         addr.port()
                     ),
                 ));
@@ -388,21 +487,41 @@ async fn bind_all(listen: &[ListenAddr]) -> Result<Vec<Listener>, StartError> {
     Proxy::bind(listen).await.map_err(StartError::Bind)
 }
 
-/// The refresher of one token source.
+/// The refreshers of the token sources (one per profile).
 struct Generation {
-    stop: CancellationToken,
+    running: Vec<(TokenSource, CancellationToken)>,
 }
 
 impl Generation {
     fn start(tracker: &TaskTracker, live: Live, shutdown: &CancellationToken) -> Self {
-        let stop = shutdown.child_token();
-        let s = stop.clone();
-        tracker.spawn(async move { live.tokens.run(s).await });
-        Generation { stop }
+        let mut g = Generation {
+            running: Vec::new(),
+        };
+        g.sync(tracker, &live, shutdown);
+        g
     }
 
-    fn stop(&self) {
-        self.stop.cancel();
+    /// Runs a refresher for each of `live`'s token sources: a kept one keeps its refresher, a new
+    /// one gets its own, and one no longer there is stopped.
+    fn sync(&mut self, tracker: &TaskTracker, live: &Live, shutdown: &CancellationToken) {
+        let wanted: Vec<TokenSource> = live.all().into_iter().map(|(_, t)| t).collect();
+        self.running.retain(|(t, stop)| {
+            let keep = wanted.iter().any(|w| w.same(t));
+            if !keep {
+                stop.cancel();
+            }
+            keep
+        });
+        for t in wanted {
+            if self.running.iter().any(|(r, _)| r.same(&t)) {
+                continue;
+            }
+            let stop = shutdown.child_token();
+            let s = stop.clone();
+            let run = t.clone();
+            tracker.spawn(async move { run.run(s).await });
+            self.running.push((t, stop));
+        }
     }
 }
 
@@ -430,11 +549,13 @@ impl ProxyServing {
     }
 
     /// Hands new requests on the same listeners to `proxy` (new upstream, token source, timeouts).
+    /// The serving proxy stays the one kept here: the next swap must replace its forwarder again,
+    /// not that of `proxy`, which serves nothing itself.
     fn swap(&mut self, proxy: Option<Proxy>) {
-        if let (Some(old), Some(new)) = (&self.proxy, &proxy) {
-            old.replace_with(new);
+        match (&self.proxy, &proxy) {
+            (Some(serving), Some(new)) => serving.replace_with(new),
+            _ => self.proxy = proxy,
         }
-        self.proxy = proxy;
     }
 
     /// Stops accepting; in-flight requests finish within the shutdown grace.
@@ -456,23 +577,47 @@ async fn apply(state: &State, new: Settings, log: Option<&LogHandle>) -> Result<
     if new.control.socket != old.control.socket {
         tracing::warn!("control.socket changed: it applies after a restart");
     }
+    if new.proxy.keys_file != old.proxy.keys_file {
+        tracing::warn!("proxy.keys_file changed: it applies after a restart");
+    }
     if new.telemetry.metrics_listen != old.telemetry.metrics_listen {
         tracing::warn!("telemetry.metrics_listen changed: it applies after a restart");
     }
     let identity_changed = format!("{:?}{:?}{:?}", old.auth, old.token, old.fleet)
         != format!("{:?}{:?}{:?}", new.auth, new.token, new.fleet);
     let live = state.live();
+    let clock = live.tokens.clock().clone();
     let tokens = if identity_changed {
-        let t = TokenSource::new(&new, live.tokens.clock().clone())?;
-        t.attach_metrics(state.metrics.clone());
-        t.load_cache().await;
-        t.check_cache().await;
-        t
+        token_source(&new, DEFAULT_PROFILE, clock.clone(), &state.metrics).await?
     } else {
         live.tokens.clone()
     };
-    let proxy_changed =
-        identity_changed || format!("{:?}", old.proxy) != format!("{:?}", new.proxy);
+    // A profile whose identity (its `[auth]` and token checks) and `[fleet]` are unchanged keeps
+    // its token source, and so its token: no grant. The others get new ones.
+    let mut profiles = BTreeMap::new();
+    for (name, p) in &new.profiles {
+        let kept = old.profiles.get(name).and_then(|o| {
+            (format!("{:?}{:?}", o.auth, o.token) == format!("{:?}{:?}", p.auth, p.token)
+                && old.fleet == new.fleet)
+                .then(|| live.profiles.get(name).cloned())
+                .flatten()
+        });
+        let t = match kept {
+            Some(t) => t,
+            None => token_source(&new, name, clock.clone(), &state.metrics)
+                .await
+                .map_err(|e| format!("profile `{name}`: {e}"))?,
+        };
+        profiles.insert(name.clone(), t);
+    }
+    let profiles_changed = profiles.len() != live.profiles.len()
+        || profiles
+            .iter()
+            .any(|(n, t)| !live.profiles.get(n).is_some_and(|o| o.same(t)))
+        || format!("{:?}", old.profiles) != format!("{:?}", new.profiles);
+    let proxy_changed = identity_changed
+        || profiles_changed
+        || format!("{:?}", old.proxy) != format!("{:?}", new.proxy);
     let listen_changed = old.proxy.listen != new.proxy.listen
         || old.proxy.upstream.is_some() != new.proxy.upstream.is_some()
         || old.proxy.max_connections != new.proxy.max_connections
@@ -481,9 +626,12 @@ async fn apply(state: &State, new: Settings, log: Option<&LogHandle>) -> Result<
     let proxy = if proxy_changed {
         match &new.proxy.upstream {
             Some(_) => {
-                let p = Proxy::new(&new.proxy, tokens.clone()).map_err(|e| e.to_string())?;
+                let p = build_proxy(&new, &tokens, &profiles).map_err(|e| e.to_string())?;
                 p.attach_metrics(state.metrics.clone());
                 p.attach_accounting(state.accounting.clone());
+                if let Some(keys) = &state.keys {
+                    p.attach_keys(keys.clone());
+                }
                 Some(p)
             }
             None => None,
@@ -497,7 +645,11 @@ async fn apply(state: &State, new: Settings, log: Option<&LogHandle>) -> Result<
         tracing::warn!("log level not changed: {e}");
     }
     state.accounting.configure(&new.usage, new.budget.clone());
-    *state.live.write().expect("live lock") = Live { tokens, proxy };
+    *state.live.write().expect("live lock") = Live {
+        tokens,
+        profiles,
+        proxy,
+    };
     *state.settings.write().expect("settings lock") = new;
     Ok(Applied {
         tokens_changed: identity_changed,

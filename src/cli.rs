@@ -6,6 +6,7 @@ pub mod dev;
 pub mod doctor;
 pub mod env;
 pub mod exec;
+pub mod key;
 pub mod refresh;
 pub mod run;
 pub mod session;
@@ -77,6 +78,8 @@ pub enum Command {
     Doctor(doctor::Args),
     /// Wait until the daemon answers on its control socket and holds a valid token (for CI scripts)
     Wait(wait::Args),
+    /// Local keys for a shared proxy (proxy.require_key): create, list, revoke
+    Key(key::Args),
     /// Stop the running daemon as SIGTERM does (requests in flight finish) and wait until it has exited
     Stop(stop::Args),
     /// Print shell completions
@@ -106,6 +109,42 @@ impl Global {
     /// Loads the settings from the file, the process environment and `--set`.
     pub fn load(&self) -> Result<Settings, ConfigError> {
         config::load(&self.load_options())
+    }
+
+    /// [`Global::load`], as the profile `profile` (`None`: `default`); an unknown profile is a
+    /// configuration error naming the configured ones.
+    pub fn load_profile(&self, profile: Option<&str>) -> Result<Settings, ConfigError> {
+        let settings = self.load()?;
+        let name = profile.unwrap_or(config::DEFAULT_PROFILE);
+        settings.profile(name).ok_or_else(|| {
+            let known: Vec<&str> = std::iter::once(config::DEFAULT_PROFILE)
+                .chain(settings.profiles.keys().map(String::as_str))
+                .collect();
+            ConfigError::invalid(
+                settings.path.as_deref(),
+                "--profile",
+                format!(
+                    "no profile `{}` is configured (profiles: {}); add [profiles.{}] or use one of those",
+                    name.escape_debug(),
+                    known.join(", "),
+                    name.escape_debug()
+                ),
+            )
+        })
+    }
+
+    /// [`Global::load_profile`], except that a configuration that loads but has no such profile
+    /// is an error now (the others leave the CLI to find a daemon without its settings).
+    pub fn load_known_profile(
+        &self,
+        profile: Option<&str>,
+    ) -> Result<Result<Settings, ConfigError>, ConfigError> {
+        match self.load_profile(profile) {
+            Err(ConfigError::Invalid { key, .. }) if key == "--profile" => {
+                Err(self.load_profile(profile).unwrap_err())
+            }
+            other => Ok(other),
+        }
     }
 
     /// The proxy's listen addresses, needing nothing else of the configuration.
@@ -201,6 +240,7 @@ async fn dispatch(cli: Cli) -> CliResult {
         Command::Usage(a) => usage::run(&g, a).await,
         Command::Wait(a) => wait::run(&g, a).await,
         Command::Stop(a) => stop::run(&g, a).await,
+        Command::Key(a) => key::run(&g, a).await,
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "behest-agent", &mut std::io::stdout());
@@ -221,6 +261,17 @@ pub fn release_freed_memory_in_the_background() {
 /// Sets up logging for a short CLI command (warnings only unless asked).
 pub fn init_cli_logging(g: &Global) {
     crate::telemetry::init(config::LogFormat::Text, &g.log_level("warn"), false);
+}
+
+/// `SEP` + `profile=NAME` for a control API call about `profile`; empty for none.
+pub fn profile_query(sep: &str, profile: Option<&str>) -> String {
+    match profile {
+        Some(p) => format!(
+            "{sep}profile={}",
+            url::form_urlencoded::byte_serialize(p.as_bytes()).collect::<String>()
+        ),
+        None => String::new(),
+    }
 }
 
 /// The running daemon every command uses, found the one way: on the socket of `settings` (else the

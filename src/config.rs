@@ -276,6 +276,7 @@ fn merged(opts: &LoadOptions) -> Result<(Option<PathBuf>, file::FileConfig), Con
             .list_separator(",")
             .with_list_parse_key("proxy.listen")
             .with_list_parse_key("proxy.allowed_origins")
+            .with_list_parse_key("proxy.allowed_hosts")
             .with_list_parse_key("token.required_claims"),
     );
     for (k, v) in &opts.overrides {

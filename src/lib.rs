@@ -17,6 +17,7 @@
 //! - [`fds`]: the file descriptor limit, raised at start, and the connection bounds that fit in it.
 //! - [`server`]: the one accept loop (connection bound, protocol limits, idle watchdog, drain)
 //!   that serves the proxy, the control socket, the metrics and `dev`'s servers.
+//! - [`keys`]: local keys (`proxy.require_key`): the hashed keys file and the lookup the proxy does.
 //! - [`cli`]: one file per subcommand; the binary's `main` only maps errors to exit codes.
 //! - [`clock`]: injected wall-clock time.
 //!
@@ -38,6 +39,7 @@ pub mod control;
 pub mod egress;
 pub mod fds;
 pub mod fleet;
+pub mod keys;
 pub mod proxy;
 pub mod server;
 pub mod service;

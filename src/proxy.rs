@@ -26,6 +26,7 @@ mod upstream;
 /// The session id rule, for the CLI's derived sessions.
 pub use path::{MAX_SESSION_ID, valid_session};
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
@@ -42,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use crate::config::{ListenAddr, ProxySettings};
+use crate::keys::KeyStore;
 use crate::server::{self, Limits, Listener};
 use crate::telemetry::metrics::Metrics;
 use crate::token::TokenSource;
@@ -93,7 +95,7 @@ impl Drop for Counted {
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Proxy")
-            .field("upstream", &self.forwarder().upstream.url)
+            .field("upstream", &self.forwarder().default.upstream.url)
             .finish_non_exhaustive()
     }
 }
@@ -148,6 +150,16 @@ impl Proxy {
     /// Builds the proxy and its pooled upstream client (rustls with the system's roots plus
     /// `ca_file`, ALPN h2 and http/1.1). Fails when no upstream is configured.
     pub fn new(settings: &ProxySettings, tokens: TokenSource) -> Result<Proxy, SetupError> {
+        Self::with_profiles(settings, tokens, Vec::new())
+    }
+
+    /// [`Proxy::new`], with the `[profiles.NAME]` that `/p/NAME/` selects: each its own token
+    /// source and upstream (routes to the same upstream share its connection pool).
+    pub fn with_profiles(
+        settings: &ProxySettings,
+        tokens: TokenSource,
+        profiles: Vec<ProxyProfile>,
+    ) -> Result<Proxy, SetupError> {
         let url = settings.upstream.as_ref().ok_or(SetupError::NoUpstream)?;
         let upstream = UpstreamBase::from_url(url)?;
         let session_id = settings
@@ -168,21 +180,6 @@ impl Proxy {
         http.set_connect_timeout(Some(settings.connect_timeout).filter(|d| !d.is_zero()));
         let tls =
             crate::tls::client_config(settings.ca_file.as_deref()).map_err(SetupError::Tls)?;
-        let target = Uri::builder()
-            .scheme(upstream.scheme.clone())
-            .authority(upstream.authority.clone())
-            .path_and_query("/")
-            .build()
-            .map_err(|e| SetupError::Upstream(e.to_string()))?;
-        let (route, dial) = upstream::Route::new(target, &settings.egress, http);
-        let https = HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(dial);
-        let host = HeaderValue::from_str(upstream.authority.as_str())
-            .map_err(|e| SetupError::Upstream(e.to_string()))?;
         // Zero: no limit (tokio clamps the far deadline).
         let unbounded = |d: Duration| if d.is_zero() { Duration::MAX } else { d };
         // Both connection bounds within the file descriptor limit (`run` logs the warning).
@@ -197,14 +194,61 @@ impl Proxy {
             max_connections: fit.upstream,
             permit_wait: unbounded(settings.connect_timeout),
         };
-        let pool = upstream::Pool::new(https, route, host, bounds);
+        let pool_for = |upstream: &UpstreamBase| -> Result<Arc<upstream::Pool>, SetupError> {
+            let target = Uri::builder()
+                .scheme(upstream.scheme.clone())
+                .authority(upstream.authority.clone())
+                .path_and_query("/")
+                .build()
+                .map_err(|e| SetupError::Upstream(e.to_string()))?;
+            let host = HeaderValue::from_str(upstream.authority.as_str())
+                .map_err(|e| SetupError::Upstream(e.to_string()))?;
+            // Direct, or through the egress proxy (a CONNECT tunnel, or absolute form for http).
+            let (route, dial) = upstream::Route::new(target, &settings.egress, http.clone());
+            let https = HttpsConnectorBuilder::new()
+                .with_tls_config(tls.clone())
+                .https_or_http()
+                .enable_http1()
+                .enable_http2()
+                .wrap_connector(dial);
+            Ok(upstream::Pool::new(https, route, host, bounds))
+        };
+        let pool = pool_for(&upstream)?;
+        let mut routes = HashMap::new();
+        for p in profiles {
+            let up = match &p.upstream {
+                Some(u) => UpstreamBase::from_url(u)?,
+                None => upstream.clone(),
+            };
+            let pool = if up.url == upstream.url {
+                pool.clone()
+            } else {
+                pool_for(&up)?
+            };
+            routes.insert(
+                p.name.clone().into_boxed_str(),
+                forward::Route {
+                    name: p.name.into(),
+                    tokens: p.tokens,
+                    pool,
+                    upstream: up,
+                },
+            );
+        }
 
         let fwd = Forwarder {
-            tokens,
-            pool,
-            upstream,
+            default: forward::Route {
+                name: crate::config::DEFAULT_PROFILE.into(),
+                tokens,
+                pool,
+                upstream,
+            },
+            profiles: routes,
             session_id,
             allowed_origins: settings.allowed_origins.clone(),
+            allowed_hosts: settings.allowed_hosts.clone(),
+            require_key: settings.require_key,
+            keys: OnceLock::new(),
             max_replay_body: settings.max_replay_body,
             replay_budget: forward::ReplayBudget::new(settings.replay_budget),
             upstream_timeout: unbounded(settings.upstream_timeout),
@@ -243,6 +287,12 @@ impl Proxy {
     /// ignored). A reload's new proxy is given the same one, so the counts carry on.
     pub fn attach_accounting(&self, accounting: Arc<Accounting>) {
         let _ = self.forwarder().counters.accounting.set(accounting);
+    }
+
+    /// Checks local keys against `keys` from now on (once; later calls are ignored). Until then,
+    /// with `proxy.require_key` every request is refused.
+    pub fn attach_keys(&self, keys: Arc<KeyStore>) {
+        let _ = self.forwarder().keys.set(keys);
     }
 
     /// On reload: requests arriving from now on, on the listeners `self` serves, go through
@@ -289,7 +339,7 @@ impl Proxy {
 
     /// The configured upstream base URL.
     pub fn upstream(&self) -> String {
-        self.forwarder().upstream.url.clone()
+        self.forwarder().default.upstream.url.clone()
     }
 
     /// Counters for `status` (never a header value or a token).
@@ -298,7 +348,7 @@ impl Proxy {
         let s = &fwd.counters.stats;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         json!({
-            "upstream": fwd.upstream.url,
+            "upstream": fwd.default.upstream.url,
             "requests_total": get(&s.requests),
             "responses": {
                 "1xx": get(&s.by_class[0]),
@@ -309,12 +359,20 @@ impl Proxy {
             },
             "in_flight": get(&s.in_flight),
             "connections": get(&self.shared.connections),
-            "upstream_connections": fwd.pool.open_connections(),
+            "upstream_connections": fwd.default.pool.open_connections(),
             "replay_kept_bytes": fwd.replay_budget.used(),
             "replays": get(&s.replays),
             "upstream_errors": get(&s.upstream_errors),
         })
     }
+}
+
+/// A `[profiles.NAME]` for [`Proxy::with_profiles`].
+pub struct ProxyProfile {
+    pub name: String,
+    pub tokens: TokenSource,
+    /// Its own upstream; `None`: the proxy's.
+    pub upstream: Option<Url>,
 }
 
 /// The configured upstream base URL, parsed once.

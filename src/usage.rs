@@ -261,6 +261,8 @@ impl Hourly {
 
 struct State {
     report: Report,
+    /// The same counts per profile (its names come from the configuration: bounded).
+    profiles: BTreeMap<String, Report>,
     hourly: Hourly,
 }
 
@@ -280,6 +282,8 @@ pub struct Accounting {
 #[derive(Debug)]
 pub struct Entry {
     pub session: String,
+    /// The profile whose token the request carried (`default` for `[auth]`).
+    pub profile: std::sync::Arc<str>,
     pub model: Option<String>,
     pub path: String,
     pub status: u16,
@@ -297,6 +301,7 @@ impl Accounting {
                     since: crate::token::rfc3339(clock.now()),
                     ..Report::default()
                 },
+                profiles: BTreeMap::new(),
                 hourly: Hourly::default(),
             }),
             budgets: Mutex::new(budgets),
@@ -387,6 +392,15 @@ impl Accounting {
             state
                 .report
                 .add(&entry.session, model, entry.status, entry.tokens);
+            let since = state.report.since.clone();
+            state
+                .profiles
+                .entry(entry.profile.to_string())
+                .or_insert_with(|| Report {
+                    since,
+                    ..Report::default()
+                })
+                .add(&entry.session, model, entry.status, entry.tokens);
             if let Some(t) = entry.tokens {
                 state.hourly.add(self.clock.unix() / 60, t.total);
             }
@@ -418,7 +432,7 @@ impl Accounting {
                 ledger::Line {
                     ts: String::new(),
                     session: entry.session,
-                    profile: "default".to_string(),
+                    profile: entry.profile.to_string(),
                     model: entry.model,
                     path: entry.path,
                     status: entry.status,
@@ -435,6 +449,19 @@ impl Accounting {
     /// The counts since the daemon started.
     pub fn report(&self) -> Report {
         self.state.lock().expect("usage lock").report.clone()
+    }
+
+    /// The counts of the requests that went with `profile`, since the daemon started.
+    pub fn profile_report(&self, profile: &str) -> Report {
+        let state = self.state.lock().expect("usage lock");
+        state
+            .profiles
+            .get(profile)
+            .cloned()
+            .unwrap_or_else(|| Report {
+                since: state.report.since.clone(),
+                ..Report::default()
+            })
     }
 
     /// Waits until the ledger has written what was recorded so far (at shutdown, and in tests).
@@ -485,6 +512,7 @@ mod tests {
     fn entry(session: &str, status: u16, t: Option<Tokens>) -> Entry {
         Entry {
             session: session.into(),
+            profile: "default".into(),
             model: Some("m".into()),
             path: "/v1/chat/completions".into(),
             status,

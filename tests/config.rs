@@ -197,7 +197,15 @@ fn a_non_loopback_listen_address_needs_allow_remote() {
         &format!("{MINIMAL}[proxy]\nlisten = \"0.0.0.0:8711\"\nallow_remote = true\n"),
         &[("AUTH0_CLIENT_SECRET", "s3cret-value")],
     );
-    assert!(r.is_ok());
+    let msg = r.unwrap_err().to_string();
+    assert!(msg.contains("proxy.require_key"), "{msg}");
+    let (_d, r) = load_file(
+        &format!(
+            "{MINIMAL}[proxy]\nlisten = \"0.0.0.0:8711\"\nallow_remote = true\nrequire_key = true\nkeys_file = \"/var/lib/behest-agent/keys.json\"\n"
+        ),
+        &[("AUTH0_CLIENT_SECRET", "s3cret-value")],
+    );
+    assert!(r.is_ok(), "{r:?}");
 }
 
 #[test]

@@ -913,3 +913,51 @@ async fn doctor_checks_that_redis_lets_the_agent_lock_and_says_what_the_entry_ho
     );
     assert_ne!(out.status.code(), Some(0));
 }
+
+#[tokio::test]
+async fn each_profile_shares_its_own_token_under_its_own_keys() {
+    let redis = RedisServer::start().await;
+    let b_id = format!("team-b-{}", crate::util::random(8));
+    let b_secret = format!("sec-{}", crate::util::random(32));
+    let other = (b_id.clone(), SecretString::from(b_secret.clone()));
+    let h = Harness::start_with(|o| o.other_clients = vec![other]).await;
+    h.remember(&b_secret);
+    let b_file = h.path("team-b-secret");
+    std::fs::write(&b_file, format!("{b_secret}\n")).unwrap();
+    crate::util::set_mode(&b_file, 0o600);
+    let url = redis.url();
+    let profile_env = |i: usize| {
+        let mut env = agent_env(&h, i, &url);
+        env.push(("BEHEST_AGENT__PROFILES__TEAMB__CLIENT_ID", b_id.clone()));
+        env.push((
+            "BEHEST_AGENT__PROFILES__TEAMB__CLIENT_SECRET_FILE",
+            b_file.display().to_string(),
+        ));
+        env
+    };
+    let sources = |i: usize| {
+        let settings = h.settings(&borrowed(&profile_env(i)));
+        ["default", "teamb"].map(|name| {
+            TokenSource::new(&settings.profile(name).unwrap(), clock::system()).unwrap()
+        })
+    };
+    let [a_default, a_b] = sources(0);
+    assert!(
+        a_default.fleet().unwrap().entry_key() != a_b.fleet().unwrap().entry_key(),
+        "one entry per profile"
+    );
+    let t_default = a_default.get(Duration::ZERO).await.unwrap();
+    let t_b = a_b.get(Duration::ZERO).await.unwrap();
+    assert_eq!(t_b.claims.view().uid.as_deref(), Some(b_id.as_str()));
+    assert_eq!(h.idp.grants(), 2, "one grant per profile");
+
+    // Another agent with empty caches: both tokens from the fleet, each its own profile's.
+    let [b_default, b_b] = sources(1);
+    let u_default = b_default.get(Duration::ZERO).await.unwrap();
+    let u_b = b_b.get(Duration::ZERO).await.unwrap();
+    assert!(u_default.secret().expose_secret() == t_default.secret().expose_secret());
+    assert!(u_b.secret().expose_secret() == t_b.secret().expose_secret());
+    assert_eq!(h.idp.grants(), 2);
+    assert_eq!(b_b.status().fleet.reads.hit, 1);
+    h.assert_no_secrets_logged();
+}

@@ -287,8 +287,10 @@ async fn the_control_socket_bounds_its_connections_and_head_read_time() {
     let listener = control::bind(&path, 0o600, 0o700).await.unwrap();
     let state = ControlState {
         tokens: Arc::new(move || tokens.clone()),
+        profiles: None,
         daemon: Arc::new(|| json!({})),
         live: None,
+        keys: None,
         usage: None,
         shutdown: CancellationToken::new(),
     };

@@ -125,6 +125,8 @@ const FIELDS: &[(&str, &[&str])] = &[
             "session_from_ci",
             "allow_remote",
             "allowed_origins",
+            "require_key",
+            "allowed_hosts",
             "max_connections",
             "max_replay_body",
             "connect_timeout",

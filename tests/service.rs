@@ -274,7 +274,7 @@ async fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
     let samples = parse_prometheus(&text);
     let get = |name: &str| samples.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
     assert_eq!(
-        get("behest_agent_grants_total{result=\"ok\",code=\"\"}"),
+        get("behest_agent_grants_total{profile=\"default\",result=\"ok\",code=\"\"}"),
         Some(2.0),
         "{text}"
     );
@@ -290,9 +290,15 @@ async fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
         "{text}"
     );
     assert_eq!(get("behest_agent_in_flight_requests"), Some(0.0), "{text}");
-    assert_eq!(get("behest_agent_token_ready"), Some(1.0), "{text}");
-    assert!(get("behest_agent_token_expiry_timestamp_seconds").unwrap() > 1.7e9);
-    assert!(get("behest_agent_token_seconds_until_expiry").unwrap() > 0.0);
+    assert_eq!(
+        get("behest_agent_token_ready{profile=\"default\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        get("behest_agent_token_expiry_timestamp_seconds{profile=\"default\"}").unwrap() > 1.7e9
+    );
+    assert!(get("behest_agent_token_seconds_until_expiry{profile=\"default\"}").unwrap() > 0.0);
     assert!(!text.contains(&h.secret));
 
     h.idp.set_fault(Some(Fault::Oauth {

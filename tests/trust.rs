@@ -528,6 +528,7 @@ async fn env_refuses_a_proxy_address_that_is_not_loopback_or_not_an_address() {
     let tokens = h.source(&[], behest_agent::clock::system());
     let state = ControlState {
         tokens: Arc::new(move || tokens.clone()),
+        profiles: None,
         daemon: Arc::new({
             let (listen, identity) = (listen.clone(), identity.clone());
             move || {
@@ -536,6 +537,7 @@ async fn env_refuses_a_proxy_address_that_is_not_loopback_or_not_an_address() {
             }
         }),
         live: None,
+        keys: None,
         usage: None,
         shutdown: CancellationToken::new(),
     };
@@ -878,7 +880,8 @@ async fn socket_activation_refuses_a_socket_that_is_not_loopback_unless_allowed(
     let (upstream, _g) = Upstream::start(UpstreamOptions::for_idp(&h.idp, AUDIENCE))
         .await
         .unwrap();
-    for allow_remote in [false, true] {
+    // Serving needs both proxy.allow_remote and proxy.require_key.
+    for (allow_remote, require_key) in [(false, false), (true, false), (true, true)] {
         // `ListenStream=8711`: every interface.
         let port = std::net::TcpListener::bind("0.0.0.0:0")
             .unwrap()
@@ -889,7 +892,9 @@ async fn socket_activation_refuses_a_socket_that_is_not_loopback_unless_allowed(
         let unused = h.path("unused.sock");
         let listen = format!("unix:{}", unused.display());
         let allow = allow_remote.to_string();
+        let require = require_key.to_string();
         let mut env = h.env(&[
+            ("BEHEST_AGENT__PROXY__REQUIRE_KEY", require.as_str()),
             ("BEHEST_AGENT__PROXY__UPSTREAM", up.as_str()),
             ("BEHEST_AGENT__PROXY__ALLOW_INSECURE_UPSTREAM", "true"),
             ("BEHEST_AGENT__PROXY__LISTEN", listen.as_str()),
@@ -931,12 +936,16 @@ async fn socket_activation_refuses_a_socket_that_is_not_loopback_unless_allowed(
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        if allow_remote {
-            assert_eq!(served, Some(200), "served on the passed socket");
+        if allow_remote && require_key {
+            // Served on the passed socket, and a request without a key is refused.
+            assert_eq!(served, Some(401), "served on the passed socket");
             let _ = child.kill().await;
             continue;
         }
-        assert_eq!(served, None, "served on 0.0.0.0 without proxy.allow_remote");
+        assert_eq!(
+            served, None,
+            "served on 0.0.0.0 without proxy.allow_remote and proxy.require_key"
+        );
         let code = match exited {
             Some(c) => c,
             None => tokio::time::timeout(Duration::from_secs(30), child.wait())
@@ -954,7 +963,8 @@ async fn socket_activation_refuses_a_socket_that_is_not_loopback_unless_allowed(
         assert!(
             stderr.contains(&format!(
                 "systemd passed a socket on 0.0.0.0:{port}, which is not a loopback address"
-            )) && stderr.contains("proxy.allow_remote"),
+            )) && stderr.contains("proxy.allow_remote")
+                && stderr.contains("proxy.require_key"),
             "{stderr}"
         );
     }

@@ -86,6 +86,9 @@ pub struct IdpOptions {
     pub tier: Option<String>,
     /// Source of `iat`/`exp` and of the time assertions are checked against.
     pub now: Now,
+    /// More clients with a secret (id, secret), for an agent with several identities (profiles);
+    /// each one's tokens carry its own id as `uid`.
+    pub other_clients: Vec<(String, SecretString)>,
 }
 
 impl IdpOptions {
@@ -106,6 +109,7 @@ impl IdpOptions {
             pid: Some("dev-project".to_owned()),
             tier: Some("dev".to_owned()),
             now: Now::system(),
+            other_clients: Vec::new(),
         }
     }
 }
@@ -205,6 +209,10 @@ pub struct Idp {
 
 struct Inner {
     client: Client,
+    /// [`IdpOptions::other_clients`].
+    others: Vec<Client>,
+    /// Grants per client id.
+    grants_by_client: Mutex<std::collections::BTreeMap<String, u64>>,
     audience: String,
     token_ttl: Duration,
     tid: Option<String>,
@@ -255,6 +263,8 @@ impl Faults {
 
 /// A grant that passed every check, about to be answered with a token.
 struct Grant {
+    /// The client it is for.
+    client_id: String,
     audience: String,
     scope: Option<String>,
     organization: Option<String>,
@@ -272,6 +282,16 @@ impl Idp {
                     secret: Mutex::new(opts.client_secret),
                     public_key: opts.client_public_key,
                 },
+                others: opts
+                    .other_clients
+                    .into_iter()
+                    .map(|(id, secret)| Client {
+                        id,
+                        secret: Mutex::new(secret),
+                        public_key: None,
+                    })
+                    .collect(),
+                grants_by_client: Mutex::default(),
                 audience: opts.audience,
                 token_ttl: opts.token_ttl,
                 tid: opts.tid,
@@ -324,6 +344,17 @@ impl Idp {
     }
 
     /// Requests to `/oauth/token`, whatever their outcome.
+    /// Grants made to `client_id`.
+    pub fn grants_for(&self, client_id: &str) -> u64 {
+        self.inner
+            .grants_by_client
+            .lock()
+            .unwrap()
+            .get(client_id)
+            .copied()
+            .unwrap_or(0)
+    }
+
     pub fn token_requests(&self) -> u64 {
         self.inner.token_requests.load(Ordering::SeqCst)
     }
@@ -374,7 +405,12 @@ impl Idp {
     /// that is expired, for another audience, and so on.
     pub fn mint(&self, claims: Value) -> String {
         let now = self.inner.now.unix();
-        let mut merged = self.claims(&self.inner.audience, now, self.inner.token_ttl);
+        let mut merged = self.claims(
+            &self.inner.client.id,
+            &self.inner.audience,
+            now,
+            self.inner.token_ttl,
+        );
         if let Value::Object(overrides) = claims {
             for (name, value) in overrides {
                 if value.is_null() {
@@ -549,7 +585,12 @@ impl Idp {
             now: self.inner.now.unix(),
             audiences: [&issuer, &token_endpoint],
         };
-        credentials.authenticate(&self.inner.client, &rules, &self.inner.jtis)?;
+        // One of the other clients when the request names one, else the main one.
+        let client = credentials
+            .client_id()
+            .and_then(|id| self.inner.others.iter().find(|c| c.id == id))
+            .unwrap_or(&self.inner.client);
+        credentials.authenticate(client, &rules, &self.inner.jtis)?;
 
         // With Auth0's resource-parameter compatibility profile, `resource` names the API when
         // `audience` is absent; `audience` wins when both are sent.
@@ -567,6 +608,7 @@ impl Idp {
             )));
         }
         Ok(Grant {
+            client_id: client.id.clone(),
             audience: audience.clone(),
             scope: params.get("scope").cloned(),
             organization: params.get("organization").cloned(),
@@ -580,7 +622,7 @@ impl Idp {
             Some(Fault::Ttl(ttl)) => *ttl,
             _ => self.inner.token_ttl,
         };
-        let mut claims = self.claims(&grant.audience, now, ttl);
+        let mut claims = self.claims(&grant.client_id, &grant.audience, now, ttl);
         if let Some(scope) = &grant.scope {
             claims.insert("scope".into(), json!(scope));
         }
@@ -639,14 +681,26 @@ impl Idp {
             body["expires_in"] = value.clone();
         }
         self.inner.grants.fetch_add(1, Ordering::SeqCst);
+        *self
+            .inner
+            .grants_by_client
+            .lock()
+            .unwrap()
+            .entry(grant.client_id.clone())
+            .or_default() += 1;
         token_response(Bytes::from(body.to_string()))
     }
 
     /// The claims of an Auth0 machine-to-machine token for the registered client, plus the ones
     /// the Behest Action adds.
-    fn claims(&self, audience: &str, now: u64, ttl: Duration) -> Map<String, Value> {
+    fn claims(
+        &self,
+        client_id: &str,
+        audience: &str,
+        now: u64,
+        ttl: Duration,
+    ) -> Map<String, Value> {
         let inner = &self.inner;
-        let client_id = &inner.client.id;
         let mut claims = Map::new();
         claims.insert("iss".into(), json!(self.issuer()));
         claims.insert("sub".into(), json!(format!("{client_id}@clients")));
@@ -1142,6 +1196,43 @@ mod tests {
                 .as_str()
                 .is_some_and(|d| !d.is_empty())
         );
+    }
+
+    #[tokio::test]
+    async fn other_clients_get_tokens_for_themselves_with_their_own_secret() {
+        let mut opts = options();
+        opts.other_clients = vec![("team-b".into(), SecretString::from("b-secret"))];
+        let idp = new_idp(opts);
+        let fields = [
+            ("grant_type", "client_credentials"),
+            ("client_id", "team-b"),
+            ("client_secret", "b-secret"),
+            ("audience", AUDIENCE),
+        ];
+        let token = post_form(&idp, &fields, None).await.access_token();
+        let claims = verify(&idp, &token).await.unwrap();
+        assert_eq!(
+            (claims["uid"].as_str(), claims["azp"].as_str()),
+            (Some("team-b"), Some("team-b"))
+        );
+        assert_eq!(
+            (idp.grants_for("team-b"), idp.grants_for(CLIENT_ID)),
+            (1, 0)
+        );
+        // Another client's secret is not this one's.
+        let fields = [
+            ("grant_type", "client_credentials"),
+            ("client_id", "team-b"),
+            ("client_secret", SECRET),
+            ("audience", AUDIENCE),
+        ];
+        assert_oauth_error(
+            &post_form(&idp, &fields, None).await,
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+        );
+        post_secret(&idp, &[]).await.access_token();
+        assert_eq!(idp.grants_for(CLIENT_ID), 1);
     }
 
     #[tokio::test]

@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use super::{CliResult, Global, daemon, init_cli_logging};
 use crate::config::ListenAddr;
 use crate::control::Daemon;
+use crate::keys::{KeyStore, NewKey};
 
 /// The `OPENAI_API_KEY` value: SDKs insist on one; the proxy drops it and injects the real token.
 pub const PLACEHOLDER_KEY: &str = "placeholder";
@@ -34,16 +35,57 @@ pub struct Args {
     /// default: from the CI job's variables (proxy.session_from_ci)
     #[arg(long, value_name = "ID")]
     pub session: Option<String>,
+    /// When the proxy requires local keys: how long the key made for this job (printed as
+    /// OPENAI_API_KEY) stays valid
+    #[arg(long, value_name = "DUR", default_value = "12h", value_parser = super::key::parse_duration)]
+    pub ttl: std::time::Duration,
+    /// Use this profile's identity ([profiles.NAME]): the base URL gets /p/NAME/
+    #[arg(long, value_name = "NAME")]
+    pub profile: Option<String>,
 }
 
 pub async fn run(g: &Global, args: Args) -> CliResult {
     init_cli_logging(g);
-    let settings = g.load().ok();
+    let settings = profile_settings(g, args.profile.as_deref())?;
     let daemon = daemon(g, settings.as_ref()).await?;
     let addr = proxy_address(g, daemon.as_ref())?;
     let session = super::session::for_command(g, args.session.as_deref());
-    let base = base_url(&addr, session.as_deref())?;
-    print!("{}", render(args.format, &variables(&base))?);
+    let base = base_url_for(&addr, args.profile.as_deref(), session.as_deref())?;
+    let mut vars = variables(&base);
+    // Without a daemon, a configuration that requires keys gets one in its keys file (a daemon
+    // started later reads it).
+    let local = match (&daemon, &settings) {
+        (None, Some(s)) if s.proxy.require_key => s
+            .proxy
+            .keys_file
+            .as_deref()
+            .map(|p| KeyStore::open(p, crate::clock::system()).map(std::sync::Arc::new))
+            .transpose()?,
+        _ => None,
+    };
+    let key = super::key::job_key(
+        daemon.as_ref(),
+        local,
+        NewKey {
+            name: Some("env".into()),
+            session: session.clone(),
+            ttl: Some(args.ttl),
+            ..NewKey::default()
+        },
+    )
+    .await?;
+    if let Some((_, id, key)) = key {
+        eprintln!(
+            "behest-agent: OPENAI_API_KEY is local key {id}, valid for {}",
+            humantime::format_duration(args.ttl)
+        );
+        for (k, v) in &mut vars {
+            if *k == "OPENAI_API_KEY" {
+                *v = key.clone();
+            }
+        }
+    }
+    print!("{}", render(args.format, &vars)?);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -63,6 +105,37 @@ pub fn proxy_address(g: &Global, daemon: Option<&Daemon>) -> anyhow::Result<Stri
             ListenAddr::Unix(_) => None,
         })
         .ok_or_else(|| anyhow::anyhow!("proxy.listen has no TCP address for OPENAI_BASE_URL"))
+}
+
+/// The settings as `profile` when the configuration loads (`None` when it does not: `env`
+/// needs none); a profile the loaded configuration does not have is an error.
+pub fn profile_settings(
+    g: &Global,
+    profile: Option<&str>,
+) -> anyhow::Result<Option<crate::config::Settings>> {
+    Ok(g.load_known_profile(profile)?.ok())
+}
+
+/// [`base_url`] with `/p/PROFILE/` first when a profile is given.
+pub fn base_url_for(
+    addr: &str,
+    profile: Option<&str>,
+    session: Option<&str>,
+) -> anyhow::Result<String> {
+    match profile {
+        None => base_url(addr, session),
+        Some(p) if crate::config::valid_profile(p) => {
+            let rest = base_url("", session)?;
+            Ok(format!(
+                "http://{addr}/p/{p}{}",
+                rest.trim_start_matches("http://")
+            ))
+        }
+        Some(p) => anyhow::bail!(
+            "--profile `{}`: a profile name is 1 to 32 of a-z, 0-9, '_' and '-'",
+            p.escape_debug()
+        ),
+    }
 }
 
 /// `http://ADDR/v1`, or `http://ADDR/s/SESSION/v1`.
@@ -206,6 +279,19 @@ mod tests {
 
     #[test]
     fn a_session_goes_into_the_path_and_unsafe_ones_are_refused() {
+        assert_eq!(
+            base_url("127.0.0.1:8711", Some("run-42")).unwrap(),
+            "http://127.0.0.1:8711/s/run-42/v1"
+        );
+        assert_eq!(
+            base_url_for("127.0.0.1:8711", Some("team-b"), Some("run-42")).unwrap(),
+            "http://127.0.0.1:8711/p/team-b/s/run-42/v1"
+        );
+        assert_eq!(
+            base_url_for("127.0.0.1:8711", Some("team-b"), None).unwrap(),
+            "http://127.0.0.1:8711/p/team-b/v1"
+        );
+        assert!(base_url_for("127.0.0.1:8711", Some("../x"), None).is_err());
         assert_eq!(
             base_url("127.0.0.1:8711", Some("run-42")).unwrap(),
             "http://127.0.0.1:8711/s/run-42/v1"

@@ -17,10 +17,11 @@ use nix::unistd::{Pid, getpgrp, tcsetpgrp};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
-use super::env::{base_url, variables};
+use super::env::variables;
 use super::{CliResult, Failure, Global, daemon, init_cli_logging, process_env};
 use crate::app::App;
 use crate::config::{self, ListenAddr, LoadOptions};
+use crate::keys::NewKey;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -28,6 +29,9 @@ pub struct Args {
     /// default: from the CI job's variables (proxy.session_from_ci)
     #[arg(long, value_name = "ID")]
     pub session: Option<String>,
+    /// Use this profile's identity ([profiles.NAME]): the base URL gets /p/NAME/
+    #[arg(long, value_name = "NAME")]
+    pub profile: Option<String>,
     /// The command and its arguments
     #[arg(
         required = true,
@@ -50,9 +54,13 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     let mut own_accounting = None;
     let mut _runtime_dir = None;
 
-    let settings = g.load();
+    let settings = g.load_known_profile(args.profile.as_deref())?;
+    let mut key_daemon = None;
+    let mut own_keys = None;
     let addr = if let Some(d) = daemon(g, settings.as_ref().ok()).await? {
-        super::env::proxy_address(g, Some(&d))?
+        let addr = super::env::proxy_address(g, Some(&d))?;
+        key_daemon = Some(d);
+        addr
     } else {
         // No daemon: our own agent for the command's lifetime, on an ephemeral port.
         let dir = tempfile::Builder::new()
@@ -89,17 +97,34 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
             socket.display().to_string(),
         ));
         own_accounting = Some(app.accounting());
+        own_keys = app.keys();
         own_agent = Some(tokio::spawn(app.run(shutdown.clone())));
         _runtime_dir = Some(dir);
         addr
     };
     let session = super::session::for_command(g, args.session.as_deref());
-    let base = base_url(&addr, session.as_deref())?;
+    let base = super::env::base_url_for(&addr, args.profile.as_deref(), session.as_deref())?;
     env.extend(
         variables(&base)
             .into_iter()
             .map(|(k, v)| (k.to_string(), v)),
     );
+    // A proxy that requires keys: one for this command, bound to its session, revoked when it
+    // exits (however it exits: the child is waited for, signals and all, before the revoke).
+    let job_key = super::key::job_key(
+        key_daemon.as_ref(),
+        own_keys,
+        NewKey {
+            name: Some(format!("exec {}", std::process::id())),
+            session: session.clone(),
+            ..NewKey::default()
+        },
+    )
+    .await
+    .context("making the command's local key")?;
+    if let Some((_, _, key)) = &job_key {
+        env.push(("OPENAI_API_KEY".into(), key.clone()));
+    }
     // `behest-agent token` inside the command reads the configuration this command was given
     // (the CLI refuses an agent serving another identity than its configuration's); what exec
     // sets itself comes later and wins.
@@ -117,6 +142,13 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     env.splice(0..0, given);
 
     let status = run_child(&args.command, env.into_iter().collect()).await;
+    if let Some((place, id, _)) = &job_key
+        && let Err(e) = place.revoke(id).await
+    {
+        eprintln!(
+            "behest-agent: the command's local key {id} could not be revoked ({e:#}); revoke it with `behest-agent key revoke {id}`"
+        );
+    }
     if !args.no_summary {
         // The session the command's requests went with: the URL's, else the configured one.
         let session = session

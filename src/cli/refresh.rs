@@ -11,20 +11,32 @@ use crate::control::Daemon;
 use crate::token::{TokenSource, rfc3339};
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// The profile to refresh ([profiles.NAME]; default: [auth])
+    #[arg(long, value_name = "NAME")]
+    pub profile: Option<String>,
+}
 
-pub async fn run(g: &Global, _args: Args) -> CliResult {
+pub async fn run(g: &Global, args: Args) -> CliResult {
     init_cli_logging(g);
-    let settings = g.load();
+    let settings = g.load_known_profile(args.profile.as_deref())?;
     match daemon(g, settings.as_ref().ok()).await? {
         Some(d) => {
             let wait = Daemon::grant_wait(settings.as_ref().ok());
+            let uri = format!(
+                "/v1/refresh{}",
+                super::profile_query("?", args.profile.as_deref())
+            );
             let body = d
-                .request(Method::POST, "/v1/refresh", wait)
+                .request(Method::POST, &uri, wait)
                 .await
                 .map_err(|e| anyhow!("refresh failed: {e}"))?;
+            let pointer = match &args.profile {
+                Some(p) => format!("/profiles/{p}/token/expires_at"),
+                None => "/token/expires_at".to_string(),
+            };
             let exp = body
-                .pointer("/token/expires_at")
+                .pointer(&pointer)
                 .and_then(|v| v.as_str())
                 .unwrap_or("?");
             println!("refreshed by the daemon; the new token expires at {exp}");

@@ -15,27 +15,53 @@ pub struct Args {
     /// Print JSON
     #[arg(long)]
     pub json: bool,
+    /// The profile to show as `token` ([profiles.NAME]; default: [auth])
+    #[arg(long, value_name = "NAME")]
+    pub profile: Option<String>,
 }
 
 pub async fn run(g: &Global, args: Args) -> CliResult {
     init_cli_logging(g);
-    let settings = g.load();
-    let doc = match daemon(g, settings.as_ref().ok()).await? {
+    let settings = g.load_known_profile(args.profile.as_deref())?;
+    let mut doc = match daemon(g, settings.as_ref().ok()).await? {
         Some(d) => d.status().clone(),
         None => {
             let settings = settings?;
-            let source =
-                TokenSource::new(&settings, crate::clock::system()).map_err(|e| anyhow!(e))?;
-            source.load_cache().await;
-            source.check_cache().await;
-            source.check_fleet().await;
+            let all = g.load()?;
+            // Every profile's disk cache, as the daemon would report them.
+            let mut profiles = serde_json::Map::new();
+            for name in std::iter::once(crate::config::DEFAULT_PROFILE)
+                .chain(all.profiles.keys().map(String::as_str))
+            {
+                let Some(s) = all.profile(name) else { continue };
+                let source =
+                    TokenSource::new(&s, crate::clock::system()).map_err(|e| anyhow!(e))?;
+                source.load_cache().await;
+                source.check_cache().await;
+                source.check_fleet().await;
+                profiles.insert(name.to_string(), json!({ "token": source.status() }));
+            }
+            let default = profiles
+                .get(crate::config::DEFAULT_PROFILE)
+                .map(|p| p["token"].clone())
+                .unwrap_or(Value::Null);
             json!({
-                "token": source.status(),
+                "token": default,
+                "profiles": profiles,
                 "daemon": Value::Null,
                 "cache_file": settings.token.cache_file.as_ref().map(|p| p.display().to_string()),
             })
         }
     };
+    // `--profile NAME`: that profile's token is the one shown (and decides the exit status).
+    if let Some(name) = &args.profile {
+        let token = doc
+            .pointer(&format!("/profiles/{name}/token"))
+            .cloned()
+            .ok_or_else(|| anyhow!("the daemon has no profile `{}`", name.escape_debug()))?;
+        doc["token"] = token;
+        doc["profile"] = json!(name);
+    }
     let ready = doc
         .pointer("/token/ready")
         .and_then(Value::as_bool)

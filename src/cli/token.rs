@@ -27,15 +27,22 @@ pub struct Args {
     /// Print the whole `Authorization: Bearer …` header line
     #[arg(long)]
     pub header: bool,
+    /// The profile whose token to use ([profiles.NAME]; default: [auth])
+    #[arg(long, value_name = "NAME")]
+    pub profile: Option<String>,
 }
 
 pub async fn run(g: &Global, args: Args) -> CliResult {
     init_cli_logging(g);
     let min_ttl = args.min_ttl.unwrap_or_default();
-    let settings = g.load();
+    let settings = g.load_known_profile(args.profile.as_deref())?;
     let from_daemon = match daemon(g, settings.as_ref().ok()).await {
         Ok(Some(d)) => {
-            let uri = format!("/v1/token?min_ttl={}", min_ttl.as_secs());
+            let uri = format!(
+                "/v1/token?min_ttl={}{}",
+                min_ttl.as_secs(),
+                super::profile_query("&", args.profile.as_deref())
+            );
             let wait = Daemon::grant_wait(settings.as_ref().ok());
             match d.request(Method::GET, &uri, wait).await {
                 Ok(doc) => Some(doc),

@@ -21,6 +21,9 @@ pub struct Args {
     /// Output format
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
+    /// Only the requests that went with this profile ([profiles.NAME]; `default`: [auth])
+    #[arg(long, value_name = "NAME")]
+    pub profile: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -35,7 +38,7 @@ pub enum Format {
 
 pub async fn run(g: &Global, args: Args) -> CliResult {
     init_cli_logging(g);
-    let report = match fetch(g, args.session.as_deref()).await? {
+    let report = match fetch_profile(g, args.profile.as_deref(), args.session.as_deref()).await? {
         Some(r) => r,
         None => {
             eprintln!("no usage recorded yet (no daemon runs, and the ledger is empty or off)");
@@ -53,15 +56,26 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
 
 /// The daemon's counts, else the ledger's; `None` when neither has any.
 pub async fn fetch(g: &Global, session: Option<&str>) -> anyhow::Result<Option<Report>> {
-    let settings = g.load();
+    fetch_profile(g, None, session).await
+}
+
+/// [`fetch`], only the requests of `profile` when one is given.
+pub async fn fetch_profile(
+    g: &Global,
+    profile: Option<&str>,
+    session: Option<&str>,
+) -> anyhow::Result<Option<Report>> {
+    let settings = g.load_known_profile(profile)?;
     if let Some(d) = daemon(g, settings.as_ref().ok()).await? {
-        let uri = match session {
+        let mut uri = match session {
             Some(s) => format!(
                 "/v1/usage?session={}",
                 url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>()
             ),
             None => "/v1/usage".to_string(),
         };
+        let sep = if uri.contains('?') { "&" } else { "?" };
+        uri.push_str(&super::profile_query(sep, profile));
         let body = d
             .request(
                 Method::GET,
@@ -76,7 +90,8 @@ pub async fn fetch(g: &Global, session: Option<&str>) -> anyhow::Result<Option<R
     let Some(path) = settings?.usage.ledger_file else {
         return Ok(None);
     };
-    let report = ledger::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let report = ledger::read_profile(&path, profile)
+        .with_context(|| format!("reading {}", path.display()))?;
     Ok(report.map(|r| match session {
         Some(s) => r.only(s),
         None => r,

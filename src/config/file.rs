@@ -20,9 +20,64 @@ pub struct FileConfig {
     pub budget: BudgetFile,
     pub egress: EgressFile,
     pub fleet: FleetFile,
+    /// `[profiles.NAME]`: other identities on the same agent (SPEC §9).
+    pub profiles: BTreeMap<String, ProfileFile>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// `[profiles.NAME]`: any `[auth]` key, and `upstream`; what it leaves out comes from `[auth]` and
+/// `[proxy]`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProfileFile {
+    pub provider: Option<String>,
+    pub domain: Option<String>,
+    pub issuer: Option<String>,
+    pub token_url: Option<String>,
+    pub jwks_url: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret_file: Option<String>,
+    pub client_auth: Option<String>,
+    pub private_key_file: Option<String>,
+    pub signing_alg: Option<String>,
+    pub key_id: Option<String>,
+    pub audience: Option<String>,
+    pub resource: Option<String>,
+    pub scope: Option<String>,
+    pub organization: Option<String>,
+    pub extra_params: Option<BTreeMap<String, String>>,
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Option<Duration>,
+    pub upstream: Option<String>,
+}
+
+impl ProfileFile {
+    /// The profile's `[auth]`: its own keys, else `[auth]`'s.
+    pub fn over(self, a: &AuthFile) -> AuthFile {
+        AuthFile {
+            provider: self.provider.or_else(|| a.provider.clone()),
+            domain: self.domain.or_else(|| a.domain.clone()),
+            issuer: self.issuer.or_else(|| a.issuer.clone()),
+            token_url: self.token_url.or_else(|| a.token_url.clone()),
+            jwks_url: self.jwks_url.or_else(|| a.jwks_url.clone()),
+            client_id: self.client_id.or_else(|| a.client_id.clone()),
+            client_secret_file: self
+                .client_secret_file
+                .or_else(|| a.client_secret_file.clone()),
+            client_auth: self.client_auth.or_else(|| a.client_auth.clone()),
+            private_key_file: self.private_key_file.or_else(|| a.private_key_file.clone()),
+            signing_alg: self.signing_alg.or_else(|| a.signing_alg.clone()),
+            key_id: self.key_id.or_else(|| a.key_id.clone()),
+            audience: self.audience.or_else(|| a.audience.clone()),
+            resource: self.resource.or_else(|| a.resource.clone()),
+            scope: self.scope.or_else(|| a.scope.clone()),
+            organization: self.organization.or_else(|| a.organization.clone()),
+            extra_params: self.extra_params.unwrap_or_else(|| a.extra_params.clone()),
+            timeout: self.timeout.or(a.timeout),
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthFile {
     pub provider: Option<String>,
@@ -73,6 +128,9 @@ pub struct ProxyFile {
     pub session_from_ci: Option<bool>,
     pub allow_remote: Option<bool>,
     pub allowed_origins: Option<Vec<String>>,
+    pub require_key: Option<bool>,
+    pub keys_file: Option<String>,
+    pub allowed_hosts: Option<Vec<String>>,
     pub max_connections: Option<usize>,
     pub max_upstream_connections: Option<usize>,
     pub max_replay_body: Option<String>,

@@ -15,8 +15,8 @@ use url::Url;
 
 use super::ConfigError;
 use super::file::{
-    AuthFile, ControlFile, EgressFile, FileConfig, FleetFile, OneOrMany, ProxyFile, TelemetryFile,
-    TokenFile, UsageFile,
+    AuthFile, ControlFile, EgressFile, FileConfig, FleetFile, OneOrMany, ProfileFile, ProxyFile,
+    TelemetryFile, TokenFile, UsageFile,
 };
 
 /// Everything the agent needs, validated.
@@ -33,8 +33,57 @@ pub struct Settings {
     pub budget: BudgetSettings,
     /// `[fleet]`: the token shared through Redis; `None` without `fleet.redis_url`.
     pub fleet: Option<FleetSettings>,
+    /// `[profiles.NAME]`, by name (never `default`: that is `[auth]` itself).
+    pub profiles: BTreeMap<String, Profile>,
+    /// The profile `auth`, `token` and `proxy.upstream` are: `default`, unless these settings
+    /// came from [`Settings::profile`].
+    pub profile_name: String,
     /// Things worth telling the operator that do not stop the agent (file permissions, …).
     pub warnings: Vec<String>,
+}
+
+/// The name of the profile `[auth]` itself is.
+pub const DEFAULT_PROFILE: &str = "default";
+
+/// The longest profile name.
+pub const MAX_PROFILE_NAME: usize = 32;
+
+/// A profile name: `[a-z0-9_-]{1,32}`.
+pub fn valid_profile(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_PROFILE_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// `[profiles.NAME]`: another identity, with its own token engine (and disk cache file) and
+/// possibly its own upstream.
+#[derive(Debug, Clone)]
+pub struct Profile {
+    pub auth: AuthSettings,
+    /// `[token]`, with this profile's client id as the expected uid and its own cache file.
+    pub token: TokenSettings,
+    /// Its own `upstream`, else `[proxy]`'s.
+    pub upstream: Option<Url>,
+}
+
+impl Settings {
+    /// The settings the profile `name` runs on: these, with its `[auth]`, token checks, cache file
+    /// and upstream. `default` is these settings as they are; an unknown name is `None`.
+    pub fn profile(&self, name: &str) -> Option<Settings> {
+        if name == DEFAULT_PROFILE {
+            return Some(self.clone());
+        }
+        let p = self.profiles.get(name)?;
+        let mut s = self.clone();
+        s.auth = p.auth.clone();
+        s.token = p.token.clone();
+        s.proxy.upstream = p.upstream.clone();
+        s.profiles = BTreeMap::new();
+        s.profile_name = name.to_string();
+        Some(s)
+    }
 }
 
 /// `[usage]`: the ledger, and whether streamed chat requests are made to report usage.
@@ -232,6 +281,12 @@ pub struct ProxySettings {
     pub session_from_ci: bool,
     pub allow_remote: bool,
     pub allowed_origins: Vec<String>,
+    /// Every proxied request must present a local key ([`crate::keys`]).
+    pub require_key: bool,
+    /// Where the hashed local keys are (`None`: no state directory is known).
+    pub keys_file: Option<PathBuf>,
+    /// Host names the Host guard accepts besides loopback and the connection's own address.
+    pub allowed_hosts: Vec<String>,
     pub max_connections: usize,
     /// Concurrent upstream connections (default: `max_connections`).
     pub max_upstream_connections: usize,
@@ -325,10 +380,25 @@ pub(super) fn validate(
 ) -> Result<Settings, ConfigError> {
     let origin = Origin { env, path };
     let mut warnings = Vec::new();
+    let auth_file = file.auth.clone();
+    let allow_insecure = file.proxy.allow_insecure_upstream.unwrap_or(false);
     let auth = auth(file.auth, origin, &mut warnings)?;
     let token = token(file.token, origin, &auth.client_id)?;
     let mut proxy = proxy(file.proxy, origin)?;
     proxy.egress = egress(file.egress, origin, &mut warnings)?;
+    let mut profiles = BTreeMap::new();
+    for (name, p) in file.profiles {
+        let profile = profile(
+            &name,
+            p,
+            &auth_file,
+            &token,
+            (&proxy, allow_insecure),
+            origin,
+            &mut warnings,
+        )?;
+        profiles.insert(name, profile);
+    }
     let control = control(file.control, origin, &mut warnings)?;
     let telemetry = telemetry(file.telemetry, origin, proxy.allow_remote)?;
     let usage = usage(file.usage, origin)?;
@@ -353,8 +423,93 @@ pub(super) fn validate(
         usage,
         budget,
         fleet,
+        profiles,
+        profile_name: DEFAULT_PROFILE.to_string(),
         warnings,
     })
+}
+
+/// `[profiles.NAME]`: validated like `[auth]` (over `[auth]`'s values), errors naming
+/// `profiles.NAME.KEY`. The token checks are `[token]`'s, except that the expected uid is the
+/// profile's client id (`token.expected_uid` names the default profile's) and the disk cache is a
+/// file of its own (`token-NAME.json` next to `token.json`), so no two profiles share an entry.
+fn profile(
+    name: &str,
+    p: ProfileFile,
+    auth_file: &AuthFile,
+    token: &TokenSettings,
+    (proxy, allow_insecure): (&ProxySettings, bool),
+    origin: Origin<'_>,
+    warnings: &mut Vec<String>,
+) -> Result<Profile, ConfigError> {
+    let key = format!("profiles.{name}");
+    if !valid_profile(name) {
+        return Err(origin.invalid(
+            &key,
+            format!(
+                "`{}` is not a profile name: use 1 to {MAX_PROFILE_NAME} of a-z, 0-9, `_` and `-`",
+                name.escape_debug()
+            ),
+        ));
+    }
+    if name == DEFAULT_PROFILE {
+        return Err(origin.invalid(
+            &key,
+            "`default` is the profile `[auth]` configures; give this one another name".to_string(),
+        ));
+    }
+    let rename = |e: ConfigError| in_profile(e, name);
+    let upstream = match nonempty(p.upstream.clone()) {
+        Some(u) => Some(upstream(&u, allow_insecure, origin).map_err(rename)?),
+        None => proxy.upstream.clone(),
+    };
+    let auth = auth(p.over(auth_file), origin, warnings).map_err(rename)?;
+    let mut token = token.clone();
+    token.client_id = auth.client_id.clone();
+    token.expected_uid = auth.client_id.clone();
+    token.cache_file = token.cache_file.as_deref().map(|f| profile_file(f, name));
+    Ok(Profile {
+        auth,
+        token,
+        upstream,
+    })
+}
+
+/// `dir/token.json` → `dir/token-NAME.json`: a profile's own cache file.
+pub fn profile_file(path: &Path, name: &str) -> PathBuf {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let file = match path.extension() {
+        Some(ext) => format!("{stem}-{name}.{}", ext.to_string_lossy()),
+        None => format!("{stem}-{name}"),
+    };
+    path.with_file_name(file)
+}
+
+/// An `[auth]` (or `proxy.upstream`) error, renamed for the profile it came from.
+fn in_profile(e: ConfigError, name: &str) -> ConfigError {
+    let rename = |key: String| match key
+        .strip_prefix("auth.")
+        .or_else(|| key.strip_prefix("proxy."))
+    {
+        Some(rest) => format!("profiles.{name}.{rest}"),
+        None => key,
+    };
+    match e {
+        ConfigError::Invalid { file, key, message } => ConfigError::Invalid {
+            file,
+            key: rename(key),
+            message,
+        },
+        ConfigError::Missing { file, key, hint } => ConfigError::Missing {
+            file,
+            key: rename(key),
+            hint,
+        },
+        other => other,
+    }
 }
 
 /// `[usage]`: the ledger (default in the state directory; `""`: none) and its size before rotation.
@@ -782,7 +937,52 @@ fn egress(
 
 fn proxy(p: ProxyFile, origin: Origin<'_>) -> Result<ProxySettings, ConfigError> {
     let allow_remote = p.allow_remote.unwrap_or(false);
+    let require_key = p.require_key.unwrap_or(false);
     let listen = listen(p.listen, allow_remote, origin)?;
+    // A remote client is a stranger unless it shows a key: both switches are needed.
+    if let Some(sa) = listen.iter().find_map(|l| match l {
+        ListenAddr::Tcp(sa) if !sa.ip().is_loopback() => Some(sa),
+        _ => None,
+    }) && !require_key
+    {
+        return Err(origin.invalid(
+            "proxy.listen",
+            format!(
+                "{sa} is not a loopback address: anyone who can reach it could use this machine's credential. A non-loopback listen needs both proxy.allow_remote = true and proxy.require_key = true (clients then present a key from `behest-agent key create`)"
+            ),
+        ));
+    }
+    let keys_file = match p.keys_file {
+        Some(s) if s.trim().is_empty() => {
+            return Err(origin.invalid(
+                "proxy.keys_file",
+                "must be a path (leave it out for the state directory's keys.json)".to_string(),
+            ));
+        }
+        Some(s) => Some(PathBuf::from(s)),
+        None => default_state_file(origin.env, "keys.json"),
+    };
+    if require_key && keys_file.is_none() {
+        return Err(origin.missing(
+            "proxy.keys_file",
+            "proxy.require_key needs a keys file: set proxy.keys_file, or STATE_DIRECTORY / XDG_STATE_HOME / HOME",
+        ));
+    }
+    let allowed_hosts = p.allowed_hosts.unwrap_or_default();
+    if let Some(h) = allowed_hosts.iter().find(|h| {
+        h.is_empty()
+            || !h
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+    }) {
+        return Err(origin.invalid(
+            "proxy.allowed_hosts",
+            format!(
+                "`{}` is not a host name (letters, digits, '.' and '-'; no port)",
+                h.escape_debug()
+            ),
+        ));
+    }
     let allow_insecure = p.allow_insecure_upstream.unwrap_or(false);
     let upstream = nonempty(p.upstream)
         .or_else(|| origin.var("BEHEST_BASE_URL"))
@@ -806,6 +1006,9 @@ fn proxy(p: ProxyFile, origin: Origin<'_>) -> Result<ProxySettings, ConfigError>
         egress: Default::default(),
         allow_remote,
         allowed_origins: p.allowed_origins.unwrap_or_default(),
+        require_key,
+        keys_file,
+        allowed_hosts,
         max_connections,
         max_upstream_connections: p.max_upstream_connections.unwrap_or(max_connections).max(1),
         max_replay_body,
@@ -888,7 +1091,7 @@ pub(super) fn listen(
             return Err(origin.invalid(
                 "proxy.listen",
                 format!(
-                    "{sa} is not a loopback address: the proxy injects this machine's credential, so anyone who can reach it can use it. Listen on 127.0.0.1, or set proxy.allow_remote = true if that is really intended"
+                    "{sa} is not a loopback address: the proxy injects this machine's credential, so anyone who can reach it can use it. Listen on 127.0.0.1, or set proxy.allow_remote = true and proxy.require_key = true if that is really intended"
                 ),
             ));
         }

@@ -310,11 +310,36 @@ impl Daemon {
         Ok(first)
     }
 
+    /// The daemon's identity for the settings' profile is the settings' own. A daemon without
+    /// that profile is one serving another identity.
     fn check_identity(&self, settings: &Settings) -> Result<(), ControlError> {
         let d = &self.status["daemon"];
-        let Some(theirs) = d
-            .get("identity")
-            .and_then(|i| serde_json::from_value::<Identity>(i.clone()).ok())
+        let name = settings.profile_name.as_str();
+        let identity = match d.get("profiles") {
+            // A daemon with profiles names each one's identity.
+            Some(Value::Object(all)) => all.get(name),
+            // An older one serves `default` only.
+            _ if name == crate::config::DEFAULT_PROFILE => d.get("identity"),
+            _ => None,
+        };
+        if identity.is_none()
+            && name != crate::config::DEFAULT_PROFILE
+            && d.get("identity").is_some()
+        {
+            return Err(ControlError::OtherIdentity {
+                path: self.path.clone(),
+                pid: d["pid"].as_u64(),
+                daemon_config: d["config"].as_str().map(String::from),
+                config: settings
+                    .path
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "this configuration (from the environment)".into()),
+                differences: vec![("profile", "(none)".to_string(), name.to_string())],
+            });
+        }
+        let Some(theirs) =
+            identity.and_then(|i| serde_json::from_value::<Identity>(i.clone()).ok())
         else {
             return Err(ControlError::Unidentified {
                 path: self.path.clone(),

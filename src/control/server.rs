@@ -14,20 +14,28 @@ use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+use crate::keys::{KeyStore, KeysError, NewKey};
 use crate::server::Listener;
 use crate::token::{TokenError, TokenSource, rfc3339};
+
+/// Every profile's token source, by name, `default` first.
+pub type AllProfiles = Arc<dyn Fn() -> Vec<(String, TokenSource)> + Send + Sync>;
 
 /// What the control API serves from. Closures, so a reload's new token source is picked up.
 #[derive(Clone)]
 pub struct ControlState {
-    /// The current token source.
+    /// The current token source (the profile `default`).
     pub tokens: Arc<dyn Fn() -> TokenSource + Send + Sync>,
+    /// Every profile's token source, by name, `default` first (`None`: only `default`).
+    pub profiles: Option<AllProfiles>,
     /// Facts about the daemon (pid, version, proxy addresses) merged into `/v1/status`.
     pub daemon: Arc<dyn Fn() -> Value + Send + Sync>,
     /// Live figures (proxy counters) merged into `/v1/status` under `proxy`.
     pub live: Option<Arc<dyn Fn() -> Value + Send + Sync>>,
     /// The usage counts served at `/v1/usage`.
     pub usage: Option<Arc<crate::usage::Accounting>>,
+    /// The local keys managed at `/v1/keys` (the daemon owns the keys file).
+    pub keys: Option<Arc<KeyStore>>,
     /// The daemon's own stop: `POST /v1/shutdown` cancels it, as SIGTERM does.
     pub shutdown: CancellationToken,
 }
@@ -139,18 +147,61 @@ pub fn parse_ttl(s: &str) -> Option<Duration> {
         .or_else(|| humantime::parse_duration(s).ok())
 }
 
-/// The full status document.
+/// The full status document: `token` is the default profile's; `profiles` has every profile's
+/// (`default` too) under its name.
 pub fn status_json(state: &ControlState) -> Value {
-    let mut v = json!({ "token": (state.tokens)().status(), "daemon": (state.daemon)() });
+    let default = (state.tokens)();
+    let profiles: serde_json::Map<String, Value> = match &state.profiles {
+        Some(all) => all()
+            .into_iter()
+            .map(|(name, t)| (name, json!({ "token": t.status() })))
+            .collect(),
+        None => [(
+            crate::config::DEFAULT_PROFILE.to_string(),
+            json!({ "token": default.status() }),
+        )]
+        .into_iter()
+        .collect(),
+    };
+    let mut v =
+        json!({ "token": default.status(), "profiles": profiles, "daemon": (state.daemon)() });
     if let Some(live) = &state.live {
         v["proxy"] = live();
     }
     v
 }
 
+/// The token source of the request's `profile` query parameter (none: `default`); `Err`: the
+/// message of the 404 for an unknown one.
+fn profile_tokens(state: &ControlState, query: Option<&str>) -> Result<TokenSource, String> {
+    let name = match query_param(query, "profile") {
+        None => return Ok((state.tokens)()),
+        Some(n) => percent_decoded(n),
+    };
+    if name == crate::config::DEFAULT_PROFILE {
+        return Ok((state.tokens)());
+    }
+    state
+        .profiles
+        .as_ref()
+        .and_then(|all| all().into_iter().find(|(n, _)| *n == name))
+        .map(|(_, t)| t)
+        .ok_or_else(|| {
+            format!(
+                "the daemon has no profile `{}`; profiles are [profiles.NAME] in its config",
+                name.escape_debug()
+            )
+        })
+}
+
 async fn handle(state: &ControlState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
-    let tokens = (state.tokens)();
+    let tokens = match profile_tokens(state, req.uri().query()) {
+        Ok(t) => t,
+        Err(message) => {
+            return error_response(StatusCode::NOT_FOUND, "unknown_profile", &message);
+        }
+    };
     match (req.method(), path) {
         (&Method::GET, "/v1/token") => {
             let min_ttl = match query_param(req.uri().query(), "min_ttl") {
@@ -199,7 +250,10 @@ async fn handle(state: &ControlState, req: Request<Incoming>) -> Response<Full<B
         (&Method::GET, "/v1/status") => json_response(StatusCode::OK, &status_json(state)),
         (&Method::GET, "/v1/usage") => match &state.usage {
             Some(usage) => {
-                let report = usage.report();
+                let report = match query_param(req.uri().query(), "profile") {
+                    Some(p) => usage.profile_report(&percent_decoded(p)),
+                    None => usage.report(),
+                };
                 let report = match query_param(req.uri().query(), "session") {
                     Some(session) => report.only(&percent_decoded(session)),
                     None => report,
@@ -211,6 +265,17 @@ async fn handle(state: &ControlState, req: Request<Incoming>) -> Response<Full<B
                 "no_usage",
                 "this agent keeps no usage counts",
             ),
+        },
+        (&Method::GET | &Method::POST, "/v1/keys") => match &state.keys {
+            Some(keys) => keys_endpoint(keys, req.method(), req.uri().query()),
+            None => no_keys(),
+        },
+        (&Method::DELETE, p) if p.starts_with("/v1/keys/") => match &state.keys {
+            Some(keys) => match keys.revoke(&percent_decoded(&p["/v1/keys/".len()..])) {
+                Ok(()) => json_response(StatusCode::OK, &json!({"revoked": true})),
+                Err(e) => keys_error(&e),
+            },
+            None => no_keys(),
         },
         (&Method::POST, "/v1/shutdown") => {
             tracing::info!("stop asked for on the control socket: stopping");
@@ -234,8 +299,8 @@ async fn handle(state: &ControlState, req: Request<Incoming>) -> Response<Full<B
         }
         (
             _,
-            "/v1/token" | "/v1/refresh" | "/v1/status" | "/v1/usage" | "/v1/shutdown" | "/healthz"
-            | "/readyz",
+            "/v1/token" | "/v1/refresh" | "/v1/status" | "/v1/usage" | "/v1/shutdown" | "/v1/keys"
+            | "/healthz" | "/readyz",
         ) => error_response(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
@@ -247,6 +312,65 @@ async fn handle(state: &ControlState, req: Request<Incoming>) -> Response<Full<B
             "no such control endpoint",
         ),
     }
+}
+
+/// `GET /v1/keys`: the keys (never a key); `POST /v1/keys?name=&profile=&session=&ttl=`: a new
+/// key, shown in this answer only.
+fn keys_endpoint(keys: &KeyStore, method: &Method, query: Option<&str>) -> Response<Full<Bytes>> {
+    if method == Method::GET {
+        return match keys.list() {
+            Ok(list) => json_response(StatusCode::OK, &json!({ "keys": list })),
+            Err(e) => keys_error(&e),
+        };
+    }
+    let param = |name| query_param(query, name).map(percent_decoded);
+    let ttl = match param("ttl") {
+        None => None,
+        Some(s) => match parse_ttl(&s) {
+            Some(d) => Some(d),
+            None => {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    "bad_ttl",
+                    "ttl must be seconds or a duration like 12h",
+                );
+            }
+        },
+    };
+    let new = NewKey {
+        name: param("name"),
+        profile: param("profile"),
+        session: param("session"),
+        ttl,
+    };
+    match keys.create(new) {
+        Ok((key, entry)) => {
+            let mut v = entry.view(0);
+            v["key"] = json!(key);
+            json_response(StatusCode::CREATED, &v)
+        }
+        Err(e) => keys_error(&e),
+    }
+}
+
+fn keys_error(e: &KeysError) -> Response<Full<Bytes>> {
+    let (status, code) = match e {
+        KeysError::NoSuchKey(_) => (StatusCode::NOT_FOUND, "no_such_key"),
+        KeysError::Invalid(_) => (StatusCode::BAD_REQUEST, "bad_key_request"),
+        KeysError::Corrupt { .. } => (StatusCode::CONFLICT, "keys_file_invalid"),
+        KeysError::Read { .. } | KeysError::Write { .. } => {
+            (StatusCode::INTERNAL_SERVER_ERROR, "keys_file_error")
+        }
+    };
+    error_response(status, code, &e.to_string())
+}
+
+fn no_keys() -> Response<Full<Bytes>> {
+    error_response(
+        StatusCode::NOT_FOUND,
+        "no_keys_file",
+        "this daemon has no keys file: set proxy.keys_file (or a state directory) and restart it",
+    )
 }
 
 /// Expiry in words for humans.

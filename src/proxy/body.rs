@@ -48,6 +48,8 @@ pub struct Record {
 pub struct Account {
     pub accounting: Arc<Accounting>,
     pub session: String,
+    /// The profile the request went with.
+    pub profile: Arc<str>,
     pub path: String,
     pub request_id: String,
     /// The request's own `model`, for a response that names none.
@@ -59,12 +61,14 @@ impl Account {
     pub fn new(
         accounting: Arc<Accounting>,
         session: String,
+        profile: Arc<str>,
         path: String,
         request_id: String,
     ) -> Account {
         Account {
             accounting,
             session,
+            profile,
             path,
             request_id,
             model: None,
@@ -162,6 +166,7 @@ impl Drop for Record {
             let read = a.meter.map(Meter::finish).unwrap_or_default();
             a.accounting.record(Entry {
                 session: a.session,
+                profile: a.profile,
                 model: read.model.or(a.model),
                 path: a.path,
                 status: self.status,

@@ -55,12 +55,21 @@ pub enum ProxyError {
     /// A request head over the limits (h2 requests with more than 100 fields).
     #[error("{0}")]
     HeadersTooLarge(String),
+    /// `/p/NAME/` names no configured profile.
+    #[error("{0}")]
+    UnknownProfile(String),
     /// A `[budget]` is spent (SPEC §8); `retry_after` for the hourly one.
     #[error("{message}")]
     BudgetExceeded {
         message: String,
         retry_after: Option<std::time::Duration>,
     },
+    /// `proxy.require_key` is on and the request presents no local key in force.
+    #[error("{0}")]
+    InvalidLocalKey(String),
+    /// The local key is bound to another profile than the one the path names.
+    #[error("{0}")]
+    ForbiddenProfile(String),
 }
 
 impl ProxyError {
@@ -83,6 +92,9 @@ impl ProxyError {
             } => StatusCode::BAD_REQUEST,
             ProxyError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::InvalidLocalKey(_) => StatusCode::UNAUTHORIZED,
+            ProxyError::ForbiddenProfile(_) => StatusCode::FORBIDDEN,
+            ProxyError::UnknownProfile(_) => StatusCode::NOT_FOUND,
         }
     }
 
@@ -106,6 +118,9 @@ impl ProxyError {
             } => "bad_request",
             ProxyError::HeadersTooLarge(_) => "request_header_fields_too_large",
             ProxyError::BudgetExceeded { .. } => "budget_exceeded",
+            ProxyError::InvalidLocalKey(_) => "invalid_local_key",
+            ProxyError::ForbiddenProfile(_) => "forbidden_profile",
+            ProxyError::UnknownProfile(_) => "unknown_profile",
         }
     }
 
@@ -275,6 +290,16 @@ mod tests {
                 },
                 429,
                 "budget_exceeded",
+            ),
+            (
+                ProxyError::InvalidLocalKey("x".into()),
+                401,
+                "invalid_local_key",
+            ),
+            (
+                ProxyError::ForbiddenProfile("x".into()),
+                403,
+                "forbidden_profile",
             ),
         ];
         for (e, status, code) in cases {

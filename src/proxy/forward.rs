@@ -5,10 +5,11 @@
 //! is answered by one new token and one replay of a kept body. The bodies kept for a replay share
 //! one budget ([`ReplayBudget`]): beyond it a body streams and is not kept.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,6 +26,7 @@ use super::body::{Account, Idle, IdleTimeout, Record, ResponseBody};
 use super::error::ProxyError;
 use super::upstream::{Busy, Lease, Pool};
 use super::{Counters, UpstreamBase, guard, path};
+use crate::keys::{self, API_KEY, KeyStore, X_API_KEY};
 use crate::server::MAX_HEADERS;
 use crate::token::TokenSource;
 use crate::usage::{self, Accounting};
@@ -51,14 +53,30 @@ static HOP_BY_HOP: [HeaderName; 9] = [
 /// A request body on its way upstream: kept whole (for a replay), or streamed.
 pub type UpstreamBody = Either<Full<Bytes>, Pin<Box<Idle<Incoming>>>>;
 
-/// Everything a request needs, shared by all connections; replaced whole on reload.
-pub struct Forwarder {
+/// Where a profile's requests go and with which token.
+pub struct Route {
+    /// The profile's name (`default` for `[auth]`), for the ledger.
+    pub name: Arc<str>,
     pub tokens: TokenSource,
+    /// Shared with the other routes to the same upstream.
     pub pool: Arc<Pool>,
     pub upstream: UpstreamBase,
+}
+
+/// Everything a request needs, shared by all connections; replaced whole on reload.
+pub struct Forwarder {
+    /// `[auth]`'s route: a path without `/p/NAME/`.
+    pub default: Route,
+    /// `[profiles.NAME]`, by name: looked up only for a path with `/p/NAME/`.
+    pub profiles: HashMap<Box<str>, Route>,
     /// `proxy.session_id`, sent when the client sent no session.
     pub session_id: Option<HeaderValue>,
     pub allowed_origins: Vec<String>,
+    /// `proxy.allowed_hosts`: more names the Host guard accepts.
+    pub allowed_hosts: Vec<String>,
+    /// `proxy.require_key`: every request presents a local key from `keys`.
+    pub require_key: bool,
+    pub keys: OnceLock<Arc<KeyStore>>,
     pub max_replay_body: usize,
     pub replay_budget: ReplayBudget,
     pub upstream_timeout: Duration,
@@ -159,7 +177,7 @@ impl Forwarder {
         record: &mut Record,
     ) -> Result<(Response<Incoming>, Option<Lease>), ProxyError> {
         // Checked before waiting for a token: a bad request never spends a grant.
-        let (session, uri) = self.check(local, &req)?;
+        let (route, session, uri) = self.check(local, &req)?;
 
         let (mut head, body) = req.into_parts();
         head.uri = uri;
@@ -170,6 +188,12 @@ impl Forwarder {
         // The client's `Host` names this proxy; the client sets the upstream's from the URI.
         headers.remove(HOST);
         drop_underscored(headers);
+        if self.require_key {
+            // The local key: the client's credential, not the upstream's (Authorization is
+            // replaced by the token below).
+            headers.remove(API_KEY);
+            headers.remove(X_API_KEY);
+        }
         if let Some(s) = session {
             headers.insert(X_SESSION_ID, s);
         } else if let Some(s) = &self.session_id {
@@ -191,6 +215,7 @@ impl Forwarder {
             record.account(Account::new(
                 accounting.clone(),
                 session.clone(),
+                route.name.clone(),
                 path,
                 request_id,
             ));
@@ -202,9 +227,9 @@ impl Forwarder {
 
         // A grant's future is tens of KiB: boxed, it is made only when a request waits for one,
         // instead of being copied into every request's future.
-        let token = match self.tokens.valid(Duration::ZERO) {
+        let token = match route.tokens.valid(Duration::ZERO) {
             Some(token) => token,
-            None => Box::pin(self.tokens.get(Duration::ZERO))
+            None => Box::pin(route.tokens.get(Duration::ZERO))
                 .await
                 .map_err(|e| ProxyError::TokenUnavailable(e.to_string()))?,
         };
@@ -228,14 +253,14 @@ impl Forwarder {
             body,
             _kept: kept,
         });
-        let sent = self.send(Request::from_parts(head, body)).await?;
+        let sent = self.send(route, Request::from_parts(head, body)).await?;
         if sent.0.status() != StatusCode::UNAUTHORIZED {
             return Ok(sent);
         }
 
         // The upstream refused the token: replace it (one grant shared by every request that saw
         // it) so the next request works, and replay this one once if its body was kept.
-        let Some(new) = Box::pin(self.tokens.refresh_rejected(&token)).await else {
+        let Some(new) = Box::pin(route.tokens.refresh_rejected(&token)).await else {
             return Ok(sent);
         };
         let Some(Replay {
@@ -254,8 +279,11 @@ impl Forwarder {
         }
         tracing::debug!("replaying a request the upstream answered 401 with a new token");
         head.headers.insert(AUTHORIZATION, new.bearer().clone());
-        self.send(Request::from_parts(head, Either::Left(Full::new(body))))
-            .await
+        self.send(
+            route,
+            Request::from_parts(head, Either::Left(Full::new(body))),
+        )
+        .await
     }
 
     /// The accounting, when this request is one it counts (a `POST` to an accounted endpoint).
@@ -266,24 +294,66 @@ impl Forwarder {
             .filter(|_| usage::accounted(&head.method, head.uri.path()))
     }
 
-    /// The guards, then where the request goes: its session (from `/s/ID/`) and the upstream URI.
+    /// The guards, then where the request goes: its profile's route (from `/p/NAME/`), its
+    /// session (from `/s/ID/`) and the upstream URI.
     fn check(
         &self,
         local: Option<SocketAddr>,
         req: &Request<Incoming>,
-    ) -> Result<(Option<HeaderValue>, http::Uri), ProxyError> {
+    ) -> Result<(&Route, Option<HeaderValue>, http::Uri), ProxyError> {
         guard::check_method(req.method())?;
         if req.headers().len() > MAX_HEADERS {
             return Err(ProxyError::HeadersTooLarge(format!(
                 "the request has more than {MAX_HEADERS} header fields"
             )));
         }
-        let rel = guard::target(req, local, &self.upstream)?;
+        let rel = guard::target(req, local, &self.default.upstream, &self.allowed_hosts)?;
         guard::check_origin(req.headers(), &self.allowed_origins)?;
         guard::check_transfer_encoding(req.headers())?;
-        let path::Resolved { session, path } = path::resolve(rel)?;
+        let path::Resolved {
+            profile,
+            mut session,
+            path,
+        } = path::resolve(rel)?;
         check_session_header(req.headers())?;
-        Ok((session, self.upstream.uri(&path, req.uri().query())?))
+        let route = if self.require_key {
+            let key = match self.keys.get() {
+                Some(store) => store.authenticate(req.headers())?,
+                None => {
+                    return Err(ProxyError::InvalidLocalKey(
+                        "this proxy requires a local key but has no keys file".into(),
+                    ));
+                }
+            };
+            // A key bound to a session decides it, over `/s/ID/` and `X-Session-Id`.
+            if let Some(s) = &key.session_header {
+                session = Some(s.clone());
+            }
+            // A key bound to a profile selects it when the path names none; another is refused.
+            let profile = keys::effective_profile(key.profile.as_deref(), profile)?;
+            self.route(profile.as_deref())?
+        } else {
+            self.route(profile)?
+        };
+        Ok((
+            route,
+            session,
+            route.upstream.uri(&path, req.uri().query())?,
+        ))
+    }
+
+    /// The route of the profile named (`None`, or `default`: `[auth]`'s).
+    fn route(&self, profile: Option<&str>) -> Result<&Route, ProxyError> {
+        match profile {
+            None | Some(crate::config::DEFAULT_PROFILE) => Ok(&self.default),
+            Some(name) => self.profiles.get(name).ok_or_else(|| {
+                ProxyError::UnknownProfile(if crate::config::valid_profile(name) {
+                    format!("the agent has no profile `{name}` (/p/{name}/); the configured ones are [profiles.NAME] in its config")
+                } else {
+                    "the profile in /p/NAME/ is not a profile name (a-z, 0-9, `_`, `-`, at most 32)".to_string()
+                })
+            }),
+        }
     }
 
     /// The body to send upstream, and its copy for a replay: a body whose announced length fits
@@ -316,14 +386,15 @@ impl Forwarder {
     /// Sends upstream; the response head is due within `upstream_timeout`.
     async fn send(
         &self,
+        route: &Route,
         req: Request<UpstreamBody>,
     ) -> Result<(Response<Incoming>, Option<Lease>), ProxyError> {
-        match tokio::time::timeout(self.upstream_timeout, self.pool.send(req)).await {
+        match tokio::time::timeout(self.upstream_timeout, route.pool.send(req)).await {
             // Nothing asked to upgrade (the client's `Upgrade` is never forwarded): a 101 would
             // leave the client on a connection that speaks something else.
             Ok(Ok((resp, _))) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
                 Err(ProxyError::BadUpstreamResponse {
-                    authority: self.upstream.authority.to_string(),
+                    authority: route.upstream.authority.to_string(),
                     reason:
                         "it answered 101 Switching Protocols to a request that asked for no upgrade"
                             .to_string(),
@@ -336,12 +407,12 @@ impl Forwarder {
                     waited: humantime::format_duration(busy.waited).to_string(),
                 }),
                 None => Err(body_failed_or(&*e, || ProxyError::UpstreamUnreachable {
-                    authority: self.upstream.authority.to_string(),
+                    authority: route.upstream.authority.to_string(),
                     reason: chain(&*e),
                 })),
             },
             Err(_) => Err(ProxyError::UpstreamTimeout {
-                authority: self.upstream.authority.to_string(),
+                authority: route.upstream.authority.to_string(),
                 after: humantime::format_duration(self.upstream_timeout).to_string(),
             }),
         }

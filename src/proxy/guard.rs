@@ -26,6 +26,7 @@ pub fn target<'a, B>(
     req: &'a Request<B>,
     local: Option<SocketAddr>,
     upstream: &UpstreamBase,
+    allowed_hosts: &[String],
 ) -> Result<&'a str, ProxyError> {
     let uri = req.uri();
     let path = uri.path();
@@ -36,7 +37,7 @@ pub fn target<'a, B>(
             .map(|a| a.as_str().as_bytes())
             .or_else(|| req.headers().get(HOST).map(|h| h.as_bytes()));
         if let Some(a) = authority {
-            check_host(a, local)?;
+            check_host(a, local, allowed_hosts)?;
         }
         return Ok(path);
     }
@@ -74,7 +75,7 @@ pub fn target<'a, B>(
         ));
     }
     match host {
-        Some(h) => check_host(h.as_bytes(), local)?,
+        Some(h) => check_host(h.as_bytes(), local, allowed_hosts)?,
         None if req.version() == Version::HTTP_11 => {
             return Err(ProxyError::BadRequest(
                 "an HTTP/1.1 request needs a Host header".to_string(),
@@ -86,12 +87,17 @@ pub fn target<'a, B>(
 }
 
 /// `Host` must name this machine's loopback (`localhost`, `*.localhost`, `127.x.y.z`, `[::1]`,
-/// any port) or the exact address the connection was accepted on.
-pub fn check_host(value: &[u8], local: Option<SocketAddr>) -> Result<(), ProxyError> {
+/// any port), the exact address the connection was accepted on, or a name in `allowed_hosts`
+/// (`proxy.allowed_hosts`, any port).
+pub fn check_host(
+    value: &[u8],
+    local: Option<SocketAddr>,
+    allowed_hosts: &[String],
+) -> Result<(), ProxyError> {
     let Some(local) = local else {
         return Ok(());
     };
-    if host_allowed(value, local) {
+    if host_allowed(value, local, allowed_hosts) {
         return Ok(());
     }
     Err(ProxyError::ForbiddenHost(format!(
@@ -101,7 +107,7 @@ pub fn check_host(value: &[u8], local: Option<SocketAddr>) -> Result<(), ProxyEr
     )))
 }
 
-fn host_allowed(value: &[u8], local: SocketAddr) -> bool {
+fn host_allowed(value: &[u8], local: SocketAddr, allowed_hosts: &[String]) -> bool {
     let Ok(value) = std::str::from_utf8(value) else {
         return false;
     };
@@ -132,6 +138,9 @@ fn host_allowed(value: &[u8], local: SocketAddr) -> bool {
         },
         Some(_) => return false,
     };
+    if allowed_hosts.iter().any(|a| a.eq_ignore_ascii_case(host)) {
+        return true;
+    }
     const SUFFIX: &[u8] = b".localhost";
     let h = host.as_bytes();
     // RFC 6761: `localhost` and its subdomains always resolve to loopback.
@@ -216,14 +225,14 @@ mod tests {
             "[::1]",
             "[::1]:8711",
         ] {
-            assert!(check_host(h.as_bytes(), local()).is_ok(), "{h}");
+            assert!(check_host(h.as_bytes(), local(), &[]).is_ok(), "{h}");
         }
-        assert!(check_host(b"10.1.2.3:8711", remote()).is_ok());
-        assert!(check_host(b"10.1.2.3", remote()).is_ok());
-        assert!(check_host(b"10.1.2.3:", remote()).is_ok());
+        assert!(check_host(b"10.1.2.3:8711", remote(), &[]).is_ok());
+        assert!(check_host(b"10.1.2.3", remote(), &[]).is_ok());
+        assert!(check_host(b"10.1.2.3:", remote(), &[]).is_ok());
         let v6 = Some("[fe80::1]:8711".parse().unwrap());
-        assert!(check_host(b"[fe80::1]:8711", v6).is_ok());
-        assert!(check_host(b"[FE80::1]:8711", v6).is_ok());
+        assert!(check_host(b"[fe80::1]:8711", v6, &[]).is_ok());
+        assert!(check_host(b"[FE80::1]:8711", v6, &[]).is_ok());
     }
 
     #[test]
@@ -238,7 +247,7 @@ mod tests {
             "[::1",
             "",
         ] {
-            let e = check_host(h.as_bytes(), local()).unwrap_err();
+            let e = check_host(h.as_bytes(), local(), &[]).unwrap_err();
             assert_eq!(e.code(), "forbidden_host", "{h}");
         }
         for h in [
@@ -247,13 +256,26 @@ mod tests {
             "10.1.2.3:87",
             "10.1.2.4:8711",
         ] {
-            assert!(check_host(h.as_bytes(), remote()).is_err(), "{h}");
+            assert!(check_host(h.as_bytes(), remote(), &[]).is_err(), "{h}");
         }
     }
 
     #[test]
     fn unix_socket_connections_accept_any_host() {
-        assert!(check_host(b"evil.example", None).is_ok());
+        assert!(check_host(b"evil.example", None, &[]).is_ok());
+    }
+
+    #[test]
+    fn allowed_hosts_are_accepted_with_any_port_and_nothing_else() {
+        let allowed = ["behest-agent".to_string(), "agent.ci.svc".to_string()];
+        for h in ["behest-agent", "Behest-Agent:8711", "agent.ci.svc:80"] {
+            assert!(check_host(h.as_bytes(), remote(), &allowed).is_ok(), "{h}");
+        }
+        for h in ["behest-agent.evil", "evil.example", "agent.ci.svc.evil:80"] {
+            assert!(check_host(h.as_bytes(), remote(), &allowed).is_err(), "{h}");
+            assert!(check_host(h.as_bytes(), remote(), &[]).is_err(), "{h}");
+        }
+        assert!(check_host(b"behest-agent", remote(), &[]).is_err());
     }
 
     #[test]

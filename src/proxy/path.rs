@@ -16,6 +16,8 @@ pub const MAX_SESSION_ID: usize = 128;
 /// A request path split into its session (from `/s/ID/`) and the path to forward.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Resolved<'a> {
+    /// The profile `/p/NAME/` names (as sent: looked up, never forwarded).
+    pub profile: Option<&'a str>,
     pub session: Option<HeaderValue>,
     /// Starts with `/`; relative to the upstream's base path; no dot segments.
     pub path: Cow<'a, str>,
@@ -28,6 +30,14 @@ pub fn resolve(raw: &str) -> Result<Resolved<'_>, ProxyError> {
             "the request target must be a path starting with `/`".to_string(),
         ));
     }
+    // `/p/NAME/` first, then `/s/ID/`.
+    let (profile, raw) = match raw.strip_prefix("/p/") {
+        Some(after) => match after.find('/') {
+            Some(i) => (Some(&after[..i]), &after[i..]),
+            None => (Some(after), "/"),
+        },
+        None => (None, raw),
+    };
     let (session, rest) = match raw.strip_prefix("/s/") {
         Some(after) => {
             let (id, rest) = match after.find('/') {
@@ -39,6 +49,7 @@ pub fn resolve(raw: &str) -> Result<Resolved<'_>, ProxyError> {
         None => (None, raw),
     };
     Ok(Resolved {
+        profile,
         session,
         path: normalize(rest)?,
     })
@@ -190,6 +201,27 @@ mod tests {
         assert_eq!(r.path, "/");
         let r = resolve("/v1/models").unwrap();
         assert_eq!(r.session, None);
+    }
+
+    #[test]
+    fn profile_prefix_names_the_profile_and_is_stripped_before_a_session() {
+        let r = resolve("/p/team-b/s/job-1/v1/models").unwrap();
+        assert_eq!(r.profile, Some("team-b"));
+        assert_eq!(r.session.unwrap(), "job-1");
+        assert_eq!(r.path, "/v1/models");
+        let r = resolve("/p/team-b/v1/models").unwrap();
+        assert_eq!(
+            (r.profile, r.session, &*r.path),
+            (Some("team-b"), None, "/v1/models")
+        );
+        let r = resolve("/p/x").unwrap();
+        assert_eq!((r.profile, &*r.path), (Some("x"), "/"));
+        // Only a leading `/p/`; a session first leaves `/p/` in the forwarded path.
+        let r = resolve("/s/j/p/x/v1").unwrap();
+        assert_eq!((r.profile, &*r.path), (None, "/p/x/v1"));
+        assert_eq!(resolve("/v1/models").unwrap().profile, None);
+        // The profile prefix cannot hide an escape either.
+        assert!(resolve("/p/x/../../etc").is_err());
     }
 
     #[test]

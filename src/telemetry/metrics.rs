@@ -22,10 +22,19 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GrantLabels {
+    /// The token engine's profile (`default` for `[auth]`).
+    pub profile: String,
     /// `ok` or `error`.
     pub result: String,
     /// The error code (`invalid_client`, `http_503`, `unreachable`, …); empty on success.
     pub code: String,
+}
+
+/// A per-token-engine gauge's label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProfileLabels {
+    /// `default` for `[auth]`, else the `[profiles.NAME]`.
+    pub profile: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -78,9 +87,9 @@ pub struct ModelCounters {
 pub struct Metrics {
     registry: Registry,
     pub grants: Family<GrantLabels, Counter>,
-    pub token_expiry_timestamp: Gauge,
-    pub token_seconds_remaining: Gauge<f64, AtomicU64>,
-    pub token_ready: Gauge,
+    pub token_expiry_timestamp: Family<ProfileLabels, Gauge>,
+    pub token_seconds_remaining: Family<ProfileLabels, Gauge<f64, AtomicU64>>,
+    pub token_ready: Family<ProfileLabels, Gauge>,
     pub proxy_requests: Family<CodeLabels, Counter>,
     /// `proxy_requests` per class, resolved once: the hot path then skips the family's lock,
     /// hash and label allocation.
@@ -114,19 +123,19 @@ impl Metrics {
             "Token grants by result and error code",
             grants.clone(),
         );
-        let token_expiry_timestamp = Gauge::default();
+        let token_expiry_timestamp = Family::<ProfileLabels, Gauge>::default();
         registry.register(
             "token_expiry_timestamp_seconds",
             "Expiry of the current token (Unix time)",
             token_expiry_timestamp.clone(),
         );
-        let token_seconds_remaining = Gauge::<f64, AtomicU64>::default();
+        let token_seconds_remaining = Family::<ProfileLabels, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "token_seconds_until_expiry",
             "Seconds until the current token expires",
             token_seconds_remaining.clone(),
         );
-        let token_ready = Gauge::default();
+        let token_ready = Family::<ProfileLabels, Gauge>::default();
         registry.register(
             "token_ready",
             "1 when a valid token is held",
@@ -257,9 +266,10 @@ impl Metrics {
             .inc();
     }
 
-    pub fn grant(&self, ok: bool, code: &str) {
+    pub fn grant(&self, profile: &str, ok: bool, code: &str) {
         self.grants
             .get_or_create(&GrantLabels {
+                profile: profile.to_string(),
                 result: if ok { "ok" } else { "error" }.to_string(),
                 code: code.to_string(),
             })

@@ -186,7 +186,8 @@ struct Inner {
     /// Bumped on every change, for watchers (sd_notify STATUS, metrics).
     changes: watch::Sender<u64>,
     /// Where grant outcomes are counted, once attached.
-    metrics: OnceLock<Arc<Metrics>>,
+    /// The metrics, and the profile this engine's are labelled with.
+    metrics: OnceLock<(Arc<Metrics>, String)>,
     /// The token shared with the rest of the fleet, with `[fleet]`.
     fleet: Option<Fleet>,
 }
@@ -268,12 +269,18 @@ impl TokenSource {
         }
     }
 
-    /// Counts grant outcomes in `metrics` from now on (once; later calls are ignored).
+    /// Counts grant outcomes in `metrics` from now on, as the profile `default` (once; later
+    /// calls are ignored).
     pub fn attach_metrics(&self, metrics: Arc<Metrics>) {
+        self.attach_metrics_as(metrics, crate::config::DEFAULT_PROFILE);
+    }
+
+    /// Counts grant outcomes in `metrics` from now on, labelled `profile` (once).
+    pub fn attach_metrics_as(&self, metrics: Arc<Metrics>, profile: &str) {
         if let Some(f) = &self.inner.fleet {
             f.attach_metrics(metrics.clone());
         }
-        let _ = self.inner.metrics.set(metrics);
+        let _ = self.inner.metrics.set((metrics, profile.to_string()));
     }
 
     /// The fleet this source shares its token with, with `[fleet]`.
@@ -288,22 +295,45 @@ impl TokenSource {
         }
     }
 
-    /// Sets the token gauges (expiry, time left, ready) just before a scrape.
+    /// The same engine (a clone of this handle)?
+    pub fn same(&self, other: &TokenSource) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// Sets the token gauges (expiry, time left, ready) just before a scrape, labelled with the
+    /// profile given to [`TokenSource::attach_metrics_as`].
     pub fn update_gauges(&self, metrics: &Metrics) {
         let now = self.inner.clock.now();
+        let label = crate::telemetry::metrics::ProfileLabels {
+            profile: self
+                .inner
+                .metrics
+                .get()
+                .map_or(crate::config::DEFAULT_PROFILE, |(_, p)| p.as_str())
+                .to_string(),
+        };
         match self.current() {
             Some(t) => {
                 let exp = t.claims.exp as i64;
-                metrics.token_expiry_timestamp.set(exp);
+                metrics
+                    .token_expiry_timestamp
+                    .get_or_create(&label)
+                    .set(exp);
                 let left = match t.expires_at.duration_since(now) {
                     Ok(d) => d.as_secs_f64(),
                     Err(e) => -e.duration().as_secs_f64(),
                 };
-                metrics.token_seconds_remaining.set(left);
-                metrics.token_ready.set(i64::from(t.expires_at > now));
+                metrics
+                    .token_seconds_remaining
+                    .get_or_create(&label)
+                    .set(left);
+                metrics
+                    .token_ready
+                    .get_or_create(&label)
+                    .set(i64::from(t.expires_at > now));
             }
             None => {
-                metrics.token_ready.set(0);
+                metrics.token_ready.get_or_create(&label).set(0);
             }
         }
     }
@@ -607,10 +637,10 @@ impl TokenSource {
         }
         let result = self.grant_and_check().await;
         self.inner.attempts.fetch_add(1, Ordering::AcqRel);
-        if let Some(m) = self.inner.metrics.get() {
+        if let Some((m, profile)) = self.inner.metrics.get() {
             match &result {
-                Ok(_) => m.grant(true, ""),
-                Err(e) => m.grant(false, &e.code()),
+                Ok(_) => m.grant(profile, true, ""),
+                Err(e) => m.grant(profile, false, &e.code()),
             }
         }
         let result = match result {

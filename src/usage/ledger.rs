@@ -172,6 +172,11 @@ pub fn rotated(path: &Path) -> PathBuf {
 /// The counts in a ledger (its rotated part first): what `behest-agent usage` shows when no
 /// daemon runs. Lines that do not parse are skipped. `None` when there is no ledger at all.
 pub fn read(path: &Path) -> std::io::Result<Option<Report>> {
+    read_profile(path, None)
+}
+
+/// [`read`], only the lines of `profile` when one is given.
+pub fn read_profile(path: &Path, profile: Option<&str>) -> std::io::Result<Option<Report>> {
     let mut report: Option<Report> = None;
     for part in [rotated(path), path.to_path_buf()] {
         let file = match std::fs::File::open(&part) {
@@ -184,6 +189,9 @@ pub fn read(path: &Path) -> std::io::Result<Option<Report>> {
             let Ok(line) = serde_json::from_slice::<Line>(&text?) else {
                 continue;
             };
+            if profile.is_some_and(|p| p != line.profile) {
+                continue;
+            }
             if report.since.is_empty() {
                 report.since = line.ts.clone();
             }

@@ -1,0 +1,244 @@
+//! `behest-agent key create|list|revoke`: local keys (SPEC §9). Through the running daemon's
+//! control socket when one runs (it owns the keys file and applies the change at once), else on
+//! `proxy.keys_file` directly. A new key is printed once, on stdout; `list` never shows a key.
+//! Also the helpers `exec` and `env` use to make job keys.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use http::Method;
+use serde_json::Value;
+
+use super::{CliResult, Global, daemon, init_cli_logging};
+use crate::control::Daemon;
+use crate::control::client::ANSWER_TIMEOUT;
+use crate::keys::{KeyStore, NewKey};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: KeyCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum KeyCommand {
+    /// Make a key and print it (once: only its hash is kept)
+    Create(CreateArgs),
+    /// Show the keys: id, name, profile, session, expiry, last use (never a key)
+    List {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key: it is refused from the next request on
+    Revoke {
+        /// The key's id (from `key list`)
+        id: String,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CreateArgs {
+    /// A name to recognise the key by in `key list`
+    #[arg(long, value_name = "N")]
+    pub name: Option<String>,
+    /// Bind the key to this profile
+    #[arg(long, value_name = "P")]
+    pub profile: Option<String>,
+    /// Bind the key to this session: its requests are sent with this X-Session-Id, whatever
+    /// they say
+    #[arg(long, value_name = "S")]
+    pub session: Option<String>,
+    /// Make the key expire after this long (e.g. 12h, 30m)
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub ttl: Option<Duration>,
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    crate::control::server::parse_ttl(s)
+        .ok_or_else(|| format!("`{s}` is not a duration: use e.g. 90s, 30m or 12h"))
+}
+
+pub async fn run(g: &Global, args: Args) -> CliResult {
+    init_cli_logging(g);
+    let settings = g.load();
+    let daemon = daemon(g, settings.as_ref().ok()).await?;
+    // Without a daemon: the file itself (a file that does not parse is refused, never rewritten).
+    let store = match &daemon {
+        Some(_) => None,
+        None => {
+            let settings = settings?;
+            let path = settings
+                .proxy
+                .keys_file
+                .context("no keys file: set proxy.keys_file (or a state directory)")?;
+            Some(KeyStore::open(&path, crate::clock::system())?)
+        }
+    };
+    match args.command {
+        KeyCommand::Create(a) => {
+            let new = NewKey {
+                name: a.name,
+                profile: a.profile,
+                session: a.session,
+                ttl: a.ttl,
+            };
+            let created = match (&daemon, &store) {
+                (Some(d), _) => create(d, &new).await?,
+                (None, Some(s)) => {
+                    let (key, entry) = s.create(new)?;
+                    let mut v = entry.view(0);
+                    v["key"] = Value::String(key);
+                    v
+                }
+                (None, None) => unreachable!("a store without a daemon"),
+            };
+            eprintln!(
+                "key {} created; it is shown this once (only its hash is kept):",
+                created["id"].as_str().unwrap_or("?")
+            );
+            println!("{}", created["key"].as_str().unwrap_or_default());
+        }
+        KeyCommand::List { json } => {
+            let list = match (&daemon, &store) {
+                (Some(d), _) => d
+                    .request(Method::GET, "/v1/keys", ANSWER_TIMEOUT)
+                    .await?
+                    .get("keys")
+                    .cloned()
+                    .unwrap_or(Value::Array(vec![])),
+                (None, Some(s)) => Value::Array(s.list()?),
+                (None, None) => unreachable!("a store without a daemon"),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print!("{}", table(&list));
+            }
+        }
+        KeyCommand::Revoke { id } => {
+            match (&daemon, &store) {
+                (Some(d), _) => revoke(d, &id).await?,
+                (None, Some(s)) => s.revoke(&id)?,
+                (None, None) => unreachable!("a store without a daemon"),
+            }
+            eprintln!("key {id} revoked");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `key list` as text: one line per key.
+fn table(list: &Value) -> String {
+    let empty = vec![];
+    let list = list.as_array().unwrap_or(&empty);
+    if list.is_empty() {
+        return "no keys\n".to_string();
+    }
+    let field = |k: &Value, name: &str| k[name].as_str().unwrap_or("-").to_string();
+    let mut out = String::from("ID            NAME  PROFILE  SESSION  EXPIRES  LAST USED\n");
+    for k in list {
+        let expires = match (k["expired"].as_bool(), k["expires_at"].as_str()) {
+            (Some(true), Some(t)) => format!("{t} (expired)"),
+            (_, Some(t)) => t.to_string(),
+            _ => "never".to_string(),
+        };
+        out.push_str(&format!(
+            "{}  {}  {}  {}  {}  {}\n",
+            field(k, "id"),
+            field(k, "name"),
+            field(k, "profile"),
+            field(k, "session"),
+            expires,
+            field(k, "last_used"),
+        ));
+    }
+    out
+}
+
+/// Where a job's key was made, to revoke it there.
+pub enum JobKey {
+    Daemon(Daemon),
+    Local(std::sync::Arc<KeyStore>),
+}
+
+/// A key for one job (`exec`, `env`), when the proxy it uses requires keys: made through `daemon`
+/// when it requires them, else in `local` (an in-process agent's store, or the keys file when no
+/// daemon runs and the configuration requires keys). Returns where it lives, its id and the key.
+pub async fn job_key(
+    daemon: Option<&Daemon>,
+    local: Option<std::sync::Arc<KeyStore>>,
+    new: NewKey,
+) -> anyhow::Result<Option<(JobKey, String, String)>> {
+    if let Some(d) = daemon {
+        if !requires_key(d) {
+            return Ok(None);
+        }
+        let v = create(d, &new).await?;
+        let id = v["id"].as_str().unwrap_or_default().to_string();
+        let key = v["key"].as_str().unwrap_or_default().to_string();
+        return Ok(Some((JobKey::Daemon(d.clone()), id, key)));
+    }
+    match local {
+        Some(store) => {
+            let (key, entry) = store.create(new)?;
+            Ok(Some((JobKey::Local(store), entry.id.clone(), key)))
+        }
+        None => Ok(None),
+    }
+}
+
+impl JobKey {
+    /// Revokes the job's key `id`.
+    pub async fn revoke(&self, id: &str) -> anyhow::Result<()> {
+        match self {
+            JobKey::Daemon(d) => revoke(d, id).await,
+            JobKey::Local(s) => Ok(s.revoke(id)?),
+        }
+    }
+}
+
+/// Whether the daemon refuses requests without a local key (its `/v1/status`).
+pub fn requires_key(d: &Daemon) -> bool {
+    d.status().pointer("/daemon/require_key") == Some(&Value::Bool(true))
+}
+
+/// Makes a key through the daemon; its answer holds `id` and `key`.
+pub async fn create(d: &Daemon, new: &NewKey) -> anyhow::Result<Value> {
+    let mut q = url::form_urlencoded::Serializer::new(String::new());
+    if let Some(v) = &new.name {
+        q.append_pair("name", v);
+    }
+    if let Some(v) = &new.profile {
+        q.append_pair("profile", v);
+    }
+    if let Some(v) = &new.session {
+        q.append_pair("session", v);
+    }
+    if let Some(t) = new.ttl {
+        q.append_pair("ttl", &t.as_secs().max(1).to_string());
+    }
+    let v = d
+        .request(
+            Method::POST,
+            &format!("/v1/keys?{}", q.finish()),
+            ANSWER_TIMEOUT,
+        )
+        .await?;
+    if !v["key"]
+        .as_str()
+        .is_some_and(|k| k.starts_with(crate::keys::PREFIX))
+    {
+        anyhow::bail!("the daemon's answer to POST /v1/keys holds no key");
+    }
+    Ok(v)
+}
+
+/// Revokes a key through the daemon.
+pub async fn revoke(d: &Daemon, id: &str) -> anyhow::Result<()> {
+    let id: String = url::form_urlencoded::byte_serialize(id.as_bytes()).collect();
+    d.request(Method::DELETE, &format!("/v1/keys/{id}"), ANSWER_TIMEOUT)
+        .await?;
+    Ok(())
+}
