@@ -252,9 +252,13 @@ mod tests {
         let path = dir.path().join("state/usage.jsonl");
         let one = serde_json::to_vec(&line(10)).unwrap().len() as u64 + 1;
         let ledger = Ledger::start(path.clone(), one * 3);
+        // Two batches: the second would take the file past its size, so it starts a new one.
         for n in 10..15 {
             let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_601_600 + n);
             ledger.append(at, line(n));
+            if n == 12 {
+                ledger.flush().await;
+            }
         }
         ledger.flush().await;
         use std::os::unix::fs::PermissionsExt;
