@@ -518,7 +518,10 @@ print(json.dumps({
   "date": "$(date -u +%Y-%m-%dT%H:%MZ)",
 }))
 EOF
+# The fleet section is bench/fleet.sh's: kept as it is.
+FLEET_SECTION=$(python3 -c 'import sys; t = open(sys.argv[1]).read() if __import__("os").path.exists(sys.argv[1]) else ""; a, b = t.find("<!-- fleet"), t.find("<!-- /fleet -->"); print(t[a:b + 15] if a >= 0 and b >= 0 else "")' "$OUT")
 python3 bench/summarize.py "$RAW" "$RESULTS/meta.json" >"$OUT"
+[[ -z $FLEET_SECTION ]] || printf '\n%s\n' "$FLEET_SECTION" >>"$OUT"
 # Keep every run's figures (bench/results/ is not committed); BENCHMARKS.md can be regenerated
 # from them after bench/summarize.py changes: python3 bench/summarize.py RAW META
 KEEP=$RESULTS/$(date -u +%Y%m%dT%H%MZ)
