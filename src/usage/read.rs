@@ -7,8 +7,10 @@
 
 use http::HeaderValue;
 use memchr::memmem;
+use std::borrow::Cow;
+
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::value::RawValue;
 
 /// The largest JSON body whose usage is read.
 pub const MAX_JSON: usize = 1 << 20;
@@ -30,25 +32,30 @@ impl Tokens {
     /// embeddings) or `input_tokens`/`output_tokens` (responses), and `total_tokens` (else their
     /// sum). `None` when it is not an object, names no count, or a count is not a whole
     /// non-negative number: such a response is unaccounted, never guessed.
-    pub fn from_usage(usage: &Value) -> Option<Tokens> {
-        let usage = usage.as_object()?;
-        let count = |names: [&str; 2]| -> Result<Option<u64>, ()> {
-            match names.iter().find_map(|n| usage.get(*n)) {
-                None | Some(Value::Null) => Ok(None),
-                Some(v) => v.as_u64().map(Some).ok_or(()),
-            }
-        };
-        let prompt = count(["prompt_tokens", "input_tokens"]).ok()?;
-        let completion = count(["completion_tokens", "output_tokens"]).ok()?;
-        let total = count(["total_tokens", "total_tokens"]).ok()?;
-        if prompt.is_none() && completion.is_none() && total.is_none() {
+    fn from_usage(usage: &RawValue) -> Option<Tokens> {
+        #[derive(Deserialize)]
+        struct Counts {
+            prompt_tokens: Option<u64>,
+            input_tokens: Option<u64>,
+            completion_tokens: Option<u64>,
+            output_tokens: Option<u64>,
+            total_tokens: Option<u64>,
+        }
+        // serde would also read a struct from an array, by position.
+        if !usage.get().starts_with('{') {
+            return None;
+        }
+        let c: Counts = serde_json::from_str(usage.get()).ok()?;
+        let prompt = c.prompt_tokens.or(c.input_tokens);
+        let completion = c.completion_tokens.or(c.output_tokens);
+        if prompt.is_none() && completion.is_none() && c.total_tokens.is_none() {
             return None;
         }
         let (prompt, completion) = (prompt.unwrap_or(0), completion.unwrap_or(0));
         Some(Tokens {
             prompt,
             completion,
-            total: total.unwrap_or(prompt.saturating_add(completion)),
+            total: c.total_tokens.unwrap_or(prompt.saturating_add(completion)),
         })
     }
 }
@@ -76,19 +83,25 @@ enum Kind {
     Sse { line: Vec<u8>, skipping: bool },
 }
 
-/// The fields of a JSON body or event that are read; the rest is skipped unparsed.
+/// The fields of a JSON body or event that are read, borrowed unparsed (a `usage` of the wrong
+/// shape must not lose the model); the rest is skipped.
 #[derive(Deserialize)]
-struct Shape {
-    model: Option<Value>,
-    usage: Option<Value>,
+struct Shape<'a> {
+    #[serde(borrow)]
+    model: Option<&'a RawValue>,
+    #[serde(borrow)]
+    usage: Option<&'a RawValue>,
     /// The Responses API's events carry the response here.
-    response: Option<Inner>,
+    #[serde(borrow)]
+    response: Option<Inner<'a>>,
 }
 
 #[derive(Deserialize)]
-struct Inner {
-    model: Option<Value>,
-    usage: Option<Value>,
+struct Inner<'a> {
+    #[serde(borrow)]
+    model: Option<&'a RawValue>,
+    #[serde(borrow)]
+    usage: Option<&'a RawValue>,
 }
 
 impl Meter {
@@ -206,10 +219,12 @@ fn read_json(read: &mut Read, json: &[u8]) {
         Some(inner) => (inner.model.or(shape.model), inner.usage.or(shape.usage)),
         None => (shape.model, shape.usage),
     };
-    if read.model.is_none() {
-        read.model = model.as_ref().and_then(Value::as_str).map(model_name);
+    if read.model.is_none()
+        && let Some(Ok(name)) = model.map(|m| serde_json::from_str::<Cow<str>>(m.get()))
+    {
+        read.model = Some(model_name(&name));
     }
-    if let Some(tokens) = usage.as_ref().and_then(Tokens::from_usage) {
+    if let Some(tokens) = usage.and_then(Tokens::from_usage) {
         read.tokens = Some(tokens);
     }
 }
