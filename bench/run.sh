@@ -2,8 +2,10 @@
 # behest-agent's benchmark: the shipped binary (plain `cargo build --release`, the one the Debian
 # package contains) beside a direct connection and beside nginx configured as the same
 # header-injecting reverse proxy, all against the same loopback upstreams, in one run, in paired
-# rounds. Writes BENCHMARKS.md with the SPEC section 7 verdicts (and the raw figures to
-# bench/results/). Not part of CI. Run from anywhere, as root or with sudo rights for apt-get:
+# rounds; in the request cells also beside itself with `proxy.require_key = true` (the agent_key
+# path, its client sending a local key). Writes BENCHMARKS.md with the SPEC section 7 verdicts
+# (and the raw figures to bench/results/). Not part of CI. Run from anywhere, as root or with sudo
+# rights for apt-get:
 #
 #   bench/run.sh
 #
@@ -21,7 +23,10 @@
 #                         streaming upstream (SSE events STREAM_MS apart)
 #   nginx (upstream)      the fast upstream of the request cells: an OpenAI-style JSON body from
 #                         memory, 401 without a bearer
-#   behest-agent run      the agent under test (a second one for streams, a third for the burst)
+#   behest-agent run      the agent under test (a second one for streams, a third for the burst), and
+#                         for the request cells' agent_key path a fourth configured like the first
+#                         but with `proxy.require_key = true` and a keys file holding one key made
+#                         offline with `behest-agent key create`, which wrk sends as its bearer
 #   nginx (proxy)         the comparison: proxy_pass + keepalive pool + proxy_set_header Authorization
 #   wrk, bench/stream_client.js, bench/burst.js, hyperfine   the load
 set -euo pipefail
@@ -126,7 +131,8 @@ AGENT_PORT=$((BASE_PORT + 5))
 AGENT_SSE_PORT=$((BASE_PORT + 6))
 AGENT_BURST_PORT=$((BASE_PORT + 7))
 SINK_PORT=$((BASE_PORT + 8))
-for p in $(seq "$BASE_PORT" $((BASE_PORT + 8))); do
+AGENT_KEY_PORT=$((BASE_PORT + 9))
+for p in $(seq "$BASE_PORT" $((BASE_PORT + 9))); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then die "port $p is taken (set BASE_PORT)"; fi
 done
 
@@ -187,10 +193,10 @@ agent_env() { # name port upstream_port
         "BEHEST_AGENT_CONFIG=$TMP/none.toml"
 }
 : >"$TMP/none.toml"
-start_agent() { # name port upstream_port -> sets AGENT_PID
+start_agent() { # name port upstream_port [VAR=value...] -> sets AGENT_PID
     local -a envs
     mapfile -t envs < <(agent_env "$1" "$2" "$3")
-    spawn "$PROXY_CPUS" "$TMP/agent-$1.log" env "${envs[@]}" "$BIN" --log-level warn run
+    spawn "$PROXY_CPUS" "$TMP/agent-$1.log" env "${envs[@]}" "${@:4}" "$BIN" --log-level warn run
     AGENT_PID=$SPAWNED
     wait_port "$2"
 }
@@ -275,6 +281,16 @@ agent_ready main
 start_agent sse "$AGENT_SSE_PORT" "$SSE_PORT"
 AGENT_SSE=$AGENT_PID
 agent_ready sse
+# The agent_key path: the main agent's configuration plus require_key and a keys file holding one
+# local key, made offline (no daemon owns the file yet) the way an operator would.
+KEY_ENV=(BEHEST_AGENT__PROXY__REQUIRE_KEY=true "BEHEST_AGENT__PROXY__KEYS_FILE=$TMP/keys.json")
+mapfile -t KEY_AGENT_ENV < <(agent_env key "$AGENT_KEY_PORT" "$UP_PORT")
+LOCAL_KEY=$(env "${KEY_AGENT_ENV[@]}" "${KEY_ENV[@]}" "$BIN" --log-level warn key create --name bench 2>"$TMP/key-create.err") \
+    || die "behest-agent key create failed: $(cat "$TMP/key-create.err")"
+[[ $LOCAL_KEY == bak_* ]] || die "behest-agent key create printed no key"
+start_agent key "$AGENT_KEY_PORT" "$UP_PORT" "${KEY_ENV[@]}"
+AGENT_KEY=$AGENT_PID
+agent_ready key
 sleep 1
 AGENT_IDLE_KIB=$(rss_kib "$AGENT")
 AGENT_SSE_IDLE_KIB=$(rss_kib "$AGENT_SSE")
@@ -287,11 +303,16 @@ log "agent idle RSS ${AGENT_IDLE_KIB} KiB (${AGENT_THREADS} threads); nginx prox
 DIRECT=http://127.0.0.1:$UP_PORT
 VIA_AGENT=http://127.0.0.1:$AGENT_PORT
 VIA_NGINX=http://127.0.0.1:$NGX_PORT
+VIA_KEY=http://127.0.0.1:$AGENT_KEY_PORT
 code() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
 [[ $(code "$DIRECT/v1/models") == 401 ]] || die "the upstream does not refuse a request without a bearer"
 [[ $(code -H "Authorization: $DIRECT_AUTH" "$DIRECT/v1/models") == 200 ]] || die "direct: no 200"
 [[ $(code "$VIA_AGENT/v1/models") == 200 ]] || die "agent: no 200 (see $TMP/agent-main.log)"
 [[ $(code "$VIA_NGINX/v1/models") == 200 ]] || die "nginx proxy: no 200"
+[[ $(code -H "Authorization: Bearer placeholder" "$VIA_KEY/v1/models") == 401 ]] \
+    || die "agent_key: a request without a local key was not refused (see $TMP/agent-key.log)"
+[[ $(code -H "Authorization: Bearer $LOCAL_KEY" "$VIA_KEY/v1/models") == 200 ]] \
+    || die "agent_key: no 200 with the local key (see $TMP/agent-key.log)"
 [[ $(code -X POST --data-binary "@/dev/null" -H 'Content-Type: application/json' "$VIA_AGENT/v1/chat/completions") == 200 ]] \
     || die "agent: POST failed"
 [[ $(curl -sf -X POST --data-binary @<(head -c 1048576 /dev/zero) "$VIA_AGENT/v1/files") == *file-bench* ]] \
@@ -315,11 +336,17 @@ RAW=$RESULTS/raw.jsonl
 : >"$RAW"
 
 # ---------------------------------------------------------------- 5. throughput and latency (wrk)
-PATHS=(direct agent nginx)
+PATHS=(direct agent nginx) # the streams' paths
+REQ_PATHS=(direct agent agent_key nginx)
+REQ_NP=${#REQ_PATHS[@]}
 NP=${#PATHS[@]}
-url_of() { case $1 in direct) echo "$DIRECT" ;; agent) echo "$VIA_AGENT" ;; nginx) echo "$VIA_NGINX" ;; esac; }
-auth_of() { [[ $1 == direct ]] && echo "$DIRECT_AUTH" || echo "Bearer placeholder"; }
-pids_of() { case $1 in direct) echo "" ;; agent) echo "$AGENT" ;; nginx) nginx_pids ;; esac; }
+url_of() {
+    case $1 in direct) echo "$DIRECT" ;; agent) echo "$VIA_AGENT" ;; agent_key) echo "$VIA_KEY" ;; nginx) echo "$VIA_NGINX" ;; esac
+}
+auth_of() {
+    case $1 in direct) echo "$DIRECT_AUTH" ;; agent_key) echo "Bearer $LOCAL_KEY" ;; *) echo "Bearer placeholder" ;; esac
+}
+pids_of() { case $1 in direct) echo "" ;; agent) echo "$AGENT" ;; agent_key) echo "$AGENT_KEY" ;; nginx) nginx_pids ;; esac; }
 
 # name method body concurrency path
 SCENARIOS=(
@@ -365,17 +392,18 @@ run_wrk() { # scenario-line path round duration
 
 wait_quiet "${QUIET_WAIT:-120}"
 log "warm-up: 1 s per scenario and path"
-for s in "${SCENARIOS[@]}"; do for p in "${PATHS[@]}"; do run_wrk "$s" "$p" 0 1; done; done
+for s in "${SCENARIOS[@]}"; do for p in "${REQ_PATHS[@]}"; do run_wrk "$s" "$p" 0 1; done; done
 for ((r = 1; r <= ROUNDS; r++)); do
-    log "round $r/$ROUNDS: ${#SCENARIOS[@]} scenarios x $NP paths x ${DURATION}s"
+    log "round $r/$ROUNDS: ${#SCENARIOS[@]} scenarios x $REQ_NP paths x ${DURATION}s"
     for s in "${SCENARIOS[@]}"; do
-        # Rotate the order every round so no path always runs first (or after a particular one).
-        for ((k = 0; k < NP; k++)); do run_wrk "$s" "${PATHS[$(((k + r) % NP))]}" "$r" "$DURATION"; done
+        # Rotate the order every round so no path always runs first.
+        for ((k = 0; k < REQ_NP; k++)); do run_wrk "$s" "${REQ_PATHS[$(((k + r) % REQ_NP))]}" "$r" "$DURATION"; done
     done
 done
 AGENT_AFTER_LOAD_KIB=$(rss_kib "$AGENT")
 AGENT_AFTER_LOAD_HWM_KIB=$(awk '/^VmHWM:/{print $2}' "/proc/$AGENT/status")
 LOAD_ENDED=$(date +%s)
+kill "$AGENT_KEY" 2>/dev/null || true # its part is done; the rest of the run does not need it
 
 # ---------------------------------------------------------------- 6. streaming: TTFB and event delay
 # Through the second agent and nginx's second server, both to bench-servers' echo upstream.
@@ -522,6 +550,7 @@ EOF
 FLEET_SECTION=$(python3 -c 'import sys; t = open(sys.argv[1]).read() if __import__("os").path.exists(sys.argv[1]) else ""; a, b = t.find("<!-- fleet"), t.find("<!-- /fleet -->"); print(t[a:b + 15] if a >= 0 and b >= 0 else "")' "$OUT")
 python3 bench/summarize.py "$RAW" "$RESULTS/meta.json" >"$OUT"
 [[ -z $FLEET_SECTION ]] || printf '\n%s\n' "$FLEET_SECTION" >>"$OUT"
+(($(wc -l <"$OUT") <= 150)) || log "warning: $OUT has $(wc -l <"$OUT") lines, more than 150 (shorten bench/summarize.py's output)"
 # Keep every run's figures (bench/results/ is not committed); BENCHMARKS.md can be regenerated
 # from them after bench/summarize.py changes: python3 bench/summarize.py RAW META
 KEEP=$RESULTS/$(date -u +%Y%m%dT%H%MZ)

@@ -20,7 +20,8 @@ MAX_LINES = 150
 raw_path, meta_path = sys.argv[1:3]
 rows = [json.loads(line) for line in open(raw_path) if line.strip()]
 meta = json.load(open(meta_path))
-PATHS = ["direct", "agent", "nginx"]
+PATHS = ["direct", "agent", "nginx"]  # the streams'
+REQ_PATHS = ["direct", "agent", "agent_key", "nginx"]  # the request cells': agent_key has require_key on
 med = statistics.median
 TICK_US = 1e6 / meta["clk_tck"]
 MIB = 1024
@@ -85,7 +86,7 @@ LABEL = {
 summary = {}
 for t in tests:
     summary[t] = {}
-    for p in PATHS:
+    for p in REQ_PATHS:
         runs = wrk[t][p]
         if runs:
             cpus = [r["cpu"] for r in runs if r["cpu"] is not None]
@@ -96,21 +97,30 @@ for t in tests:
                 "errors": sum(r["errors"] for r in runs), "cpu": med(cpus) if cpus else None,
             }
 
-# The agent against nginx round by round: both ran within seconds of each other in a round.
-paired = {}
-for t in tests:
-    by_round = {p: {r["round"]: r for r in wrk[t][p]} for p in ("agent", "nginx")}
-    pairs = [(by_round["agent"][k], by_round["nginx"][k]) for k in sorted(set(by_round["agent"]) & set(by_round["nginx"]))]
-    pairs = [(a, n) for a, n in pairs if n["rps"] > 0]
-    if pairs:
-        ratios = [a["rps"] / n["rps"] for a, n in pairs]
-        paired[t] = {
-            "n": len(pairs),
-            "ratio": med(ratios),
-            "ratios": ratios,
-            "more": sum(1 for a, n in pairs if a["rps"] > n["rps"]),
-            "lower": sum(1 for a, n in pairs if a["p99"] < n["p99"]),
-        }
+
+
+def pair(a_path, n_path):
+    """a_path against n_path round by round: both ran within seconds of each other in a round."""
+    out = {}
+    for t in tests:
+        by_round = {p: {r["round"]: r for r in wrk[t][p]} for p in (a_path, n_path)}
+        pairs = [(by_round[a_path][k], by_round[n_path][k]) for k in sorted(set(by_round[a_path]) & set(by_round[n_path]))]
+        pairs = [(a, n) for a, n in pairs if n["rps"] > 0]
+        if pairs:
+            ratios = [a["rps"] / n["rps"] for a, n in pairs]
+            out[t] = {
+                "n": len(pairs),
+                "ratio": med(ratios),
+                "ratios": ratios,
+                "more": sum(1 for a, n in pairs if a["rps"] > n["rps"]),
+                "lower": sum(1 for a, n in pairs if a["p99"] < n["p99"]),
+            }
+    return out
+
+
+paired = pair("agent", "nginx")
+paired_key = pair("agent_key", "nginx")
+key_vs_agent = pair("agent_key", "agent")
 
 # ------------------------------------------------------------------ streams
 streams = defaultdict(list)
@@ -144,19 +154,32 @@ def opened(hold):
 
 # ------------------------------------------------------------------ the bars, as SPEC section 7 words them
 bars = []  # (short name, the bar, figure, verdict)
-geo = None
-if paired:
-    geo = math.exp(statistics.fmean(math.log(pr["ratio"]) for pr in paired.values()))
-    worst = min(paired, key=lambda t: paired[t]["ratio"])
+
+
+def geomean(pd):
+    return math.exp(statistics.fmean(math.log(pr["ratio"]) for pr in pd.values())) if pd else None
+
+
+def request_bars(pd, path, suffix, who):
+    """The throughput and p99 bars of `path` against nginx, from pair(path, "nginx")."""
+    if not pd:
+        return
+    g = geomean(pd)
+    worst = min(pd, key=lambda t: pd[t]["ratio"])
     bars.append((
-        "throughput", "Throughput: geometric mean over the cells of the median agent/nginx ratio ≥ 1.0, no cell's < 0.95",
-        f"geometric mean {geo:.3f}; lowest cell {worst} {paired[worst]['ratio']:.3f}",
-        verdict(geo >= 1.0 and paired[worst]["ratio"] >= 0.95)))
-    short = [t for t, pr in paired.items() if 2 * pr["lower"] < pr["n"]]
+        "throughput" + suffix, f"Throughput{who}: geometric mean over the cells of the median {path}/nginx ratio ≥ 1.0, no cell's < 0.95",
+        f"geometric mean {g:.3f}; lowest cell {worst} {pd[worst]['ratio']:.3f}",
+        verdict(g >= 1.0 and pd[worst]["ratio"] >= 0.95)))
+    short = [t for t, pr in pd.items() if 2 * pr["lower"] < pr["n"]]
     bars.append((
-        "p99", "p99 added: in every cell the agent's p99 below nginx's in at least half the rounds",
-        "every cell" if not short else "missed in " + ", ".join(f"{t} ({paired[t]['lower']} of {paired[t]['n']})" for t in short),
+        "p99" + suffix, f"p99 added{who}: in every cell {'the agent' if path == 'agent' else path}'s p99 below nginx's in at least half the rounds",
+        "every cell" if not short else "missed in " + ", ".join(f"{t} ({pd[t]['lower']} of {pd[t]['n']})" for t in short),
         verdict(not short)))
+
+
+geo = geomean(paired)
+request_bars(paired, "agent", "", "")
+request_bars(paired_key, "agent_key", " (require_key)", " with `require_key` (agent_key)")
 if {"agent", "nginx", "direct"} <= st.keys():
     added = st["agent"]["ttfb50"] - st["direct"]["ttfb50"]
     added_nginx = st["nginx"]["ttfb50"] - st["direct"]["ttfb50"]
@@ -215,7 +238,8 @@ w(f"- {meta['agent_version']} (`cargo build --release`, the binary the Debian pa
   f"wrk {meta['wrk']}, node {meta['node']}, hyperfine {meta['hyperfine']}. The agent runs one event-loop thread "
   f"({meta['agent_threads']} threads in all), nginx `worker_processes 1`.")
 w("- Paths: **direct** (client → upstream with the real bearer), **agent** (client → `behest-agent run` → upstream, "
-  "the client sending `Bearer placeholder`), **nginx** (client → nginx → upstream: `proxy_pass` to a keep-alive pool "
+  "the client sending `Bearer placeholder`), in the request cells **agent_key** (a second agent configured the same "
+  "but with `proxy.require_key = true`, the client sending a local key from `behest-agent key create`), **nginx** (client → nginx → upstream: `proxy_pass` to a keep-alive pool "
   f"of {meta['nginx_keepalive']}, `proxy_set_header Authorization` with a token of the same IdP, an `X-Request-Id`, "
   "no buffering; `bench/nginx-proxy.conf.in`).")
 w("- Upstreams: nginx answering from memory for the request cells (`bench/nginx-upstream.conf.in`); for streams, "
@@ -224,7 +248,7 @@ w("- Upstreams: nginx answering from memory for the request cells (`bench/nginx-
 w("- The agent runs with usage accounting on, as shipped (SPEC §8): every `POST` chat response's `usage` is read as it "
   "passes, counted per session and model, exported as metrics and appended to a ledger file; so the request cells "
   "below are also SPEC §7's \"accounting on\" cells.")
-w(f"- {n_of(meta['rounds'], 'round')}; in each, every request cell runs on the three paths back to back ({meta['duration_s']} s "
+w(f"- {n_of(meta['rounds'], 'round')}; in each, every request cell runs on the {len(REQ_PATHS)} paths back to back ({meta['duration_s']} s "
   "of wrk each, the order rotated every round), after a 1 s warm-up of each. The agent and nginx are compared round "
   "by round; other figures are medians over the rounds (p99: the median of the rounds' p99), *spread* the lowest "
   "and highest round.")
@@ -252,25 +276,34 @@ if tests:
     w("| cell | path | req/s (spread) | p50 ms | p99 ms (spread) | proxy CPU µs/req | errors |")
     w("|---|---|---:|---:|---:|---:|---:|")
     for t in tests:
-        for p in PATHS:
+        for p in REQ_PATHS:
             x = summary[t].get(p)
             if x:
                 cpu = f"{x['cpu']:.0f}" if x["cpu"] is not None else "–"
                 w(f"| {LABEL.get(t, t)} | {p} | {x['rps']:,.0f} ({spread(x['rps_all'], lambda v: f'{v:,.0f}')}) | "
                   f"{ms(x['p50'])} | {ms(x['p99'])} ({spread(x['p99_all'], ms)}) | {cpu} | {x['errors']} |")
     w("")
-    w("The agent against nginx, round by round: the median of the rounds' req/s ratios (lowest–highest), the rounds "
-      "in which the agent served more and had the lower p99; then the p99 each proxy adds over direct (medians). "
-      "*Proxy CPU*: the proxy's user+system time over the requests served (nginx: master and worker).")
+    w("The agent (and agent_key) against nginx, round by round: the median of the rounds' req/s ratios "
+      "(lowest–highest), the rounds in which it served more and had the lower p99; then the p99 each proxy adds over "
+      "direct (medians). *Proxy CPU*: the proxy's user+system time over the requests served (nginx: master and worker).")
     w("")
-    w("| cell | agent/nginx req/s | served more | p99 lower | p99 added: agent | p99 added: nginx |")
-    w("|---|---:|---:|---:|---:|---:|")
-    for t, pr in paired.items():
+    w("| cell | agent/nginx req/s | served more | p99 lower | agent_key/nginx req/s | served more | p99 lower | "
+      "p99 added: agent | agent_key | nginx |")
+    w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+    def cmp(pr):
+        if not pr:
+            return "– | – | –"
+        return (f"{pr['ratio']:.3f} ({spread(pr['ratios'], lambda v: f'{v:.2f}')}) | {pr['more']} of {pr['n']} | "
+                f"{pr['lower']} of {pr['n']}")
+
+    for t in tests:
+        if t not in paired and t not in paired_key:
+            continue
         s = summary[t]
         d = s.get("direct")
-        add = (lambda p: f"{ms(s[p]['p99'] - d['p99'])} ms") if d else (lambda p: "–")
-        w(f"| {t} | {pr['ratio']:.3f} ({spread(pr['ratios'], lambda v: f'{v:.2f}')}) | {pr['more']} of {pr['n']} | "
-          f"{pr['lower']} of {pr['n']} | {add('agent')} | {add('nginx')} |")
+        add = lambda p: f"{ms(s[p]['p99'] - d['p99'])} ms" if d and p in s else "–"
+        w(f"| {t} | {cmp(paired.get(t))} | {cmp(paired_key.get(t))} | {add('agent')} | {add('agent_key')} | {add('nginx')} |")
     w("")
 if st:
     w("## Streaming (server-sent events)")
@@ -340,6 +373,14 @@ if paired:
       f"{best} was its best cell ({paired[best]['ratio']:.2f}×), {worst} its worst ({paired[worst]['ratio']:.2f}×).")
     lower = sum(1 for pr in paired.values() if 2 * pr["lower"] >= pr["n"])
     w(f"- p99: the agent's was below nginx's in at least half the rounds in {lower} of {len(paired)} cells.")
+if key_vs_agent:
+    kr = [pr["ratio"] for pr in key_vs_agent.values()]
+    dcpu = [summary[t]["agent_key"]["cpu"] - summary[t]["agent"]["cpu"] for t in key_vs_agent
+            if summary[t]["agent_key"]["cpu"] is not None and summary[t]["agent"]["cpu"] is not None]
+    w(f"- Local keys: with `require_key` the agent served {med(kr):.2f}× its plain req/s (median over the cells of "
+      f"each cell's median agent_key/agent round ratio; cells {min(kr):.2f}–{max(kr):.2f})"
+      + (f", at {med(dcpu):+.1f} µs CPU per request (median over the cells; {min(dcpu):+.1f} to {max(dcpu):+.1f})."
+         if dcpu else "."))
 if {"agent", "nginx", "direct"} <= st.keys():
     d = st["direct"]
     w(f"- Streaming: {st['agent']['ttfb50'] - d['ttfb50']:.3f} ms added to the first byte by the agent, "

@@ -3,7 +3,8 @@
 --   BENCH_METHOD  GET | POST
 --   BENCH_BODY    small | 1MiB | none
 --   BENCH_AUTH    the Authorization header the client sends (the real token for "direct",
---                 a placeholder through a proxy, which replaces it)
+--                 a placeholder through a proxy, which replaces it; the local key for
+--                 "agent_key", the agent with require_key, which checks it and replaces it)
 local method = os.getenv("BENCH_METHOD") or "GET"
 local body = os.getenv("BENCH_BODY") or "none"
 local auth = os.getenv("BENCH_AUTH") or ""
