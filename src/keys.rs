@@ -4,7 +4,8 @@
 //! temporary file, fsync, rename — a rename replaces a symlink at the path, never writes through it).
 //!
 //! The running daemon owns the file: `key create` and `key revoke` go through its control socket
-//! and apply at once; without a daemon the CLI edits the file itself. The daemon also notices an
+//! and apply at once; without a daemon the CLI edits the file itself. Every edit holds the lock
+//! `FILE.lock` and reads the file again first, so edits by several processes are never lost. The daemon also notices an
 //! edit by anyone else: on the request path it looks at the file's inode, size and mtime at most
 //! once a second and reads it again when they changed. A file that does not parse is an error that
 //! keeps the keys already loaded in force; a missing file holds no keys.
@@ -43,6 +44,8 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 const MAX_FILE: u64 = 4 << 20;
 /// The longest name, profile or session a key may carry.
 const MAX_LABEL: usize = 128;
+/// How long an edit waits for another process's edit of the file (a read, a write, a rename).
+const LOCK_WAIT: Duration = Duration::from_secs(5);
 
 /// `api-key` (Azure OpenAI SDKs send the key there).
 pub const API_KEY: HeaderName = HeaderName::from_static("api-key");
@@ -520,7 +523,15 @@ impl KeyStore {
         change: impl FnOnce(&mut Table) -> Result<(), KeysError>,
     ) -> Result<(), KeysError> {
         let mut file = self.file.lock().expect("keys lock");
-        self.reload_locked(&mut file, false)?;
+        // Another process (a CLI without a daemon, `exec`'s own proxy) may edit the file too:
+        // each edit reads the file again under the lock, so none is lost.
+        let _edit =
+            crate::lockfile::lock_blocking(&crate::lockfile::path_for(&self.path), LOCK_WAIT)
+                .map_err(|error| KeysError::Write {
+                    path: self.path.display().to_string(),
+                    error,
+                })?;
+        self.reload_locked(&mut file, true)?;
         let mut table: Table = (**self.table.read().expect("keys lock")).clone();
         change(&mut table)?;
         let mut keys: Vec<Stored> = table.values().map(|e| e.to_stored()).collect();
@@ -676,6 +687,27 @@ mod tests {
             .decode(body)
             .unwrap();
         assert_eq!(bytes.len(), 32);
+    }
+
+    #[test]
+    fn edits_by_several_processes_at_once_are_never_lost() {
+        // Two stores on one file stand for two processes (CLIs without a daemon, `exec`s).
+        let dir = tempfile::tempdir().unwrap();
+        let edits = |_| {
+            let s = store(dir.path());
+            move || {
+                for _ in 0..10 {
+                    let (_, e) = s.create(NewKey::default()).unwrap();
+                    s.create(NewKey::default()).unwrap();
+                    s.revoke(&e.id).unwrap();
+                }
+            }
+        };
+        let writers: Vec<_> = (0..4).map(edits).map(std::thread::spawn).collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        assert_eq!(store(dir.path()).list().unwrap().len(), 40);
     }
 
     #[test]

@@ -40,6 +40,7 @@ pub mod egress;
 pub mod fds;
 pub mod fleet;
 pub mod keys;
+pub mod lockfile;
 pub mod proxy;
 pub mod server;
 pub mod service;

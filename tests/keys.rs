@@ -266,11 +266,17 @@ async fn the_keys_file_is_private_holds_only_hashes_and_is_replaced_whole() {
         assert!(text.contains(&sha256_hex(key.as_bytes())), "{text}");
     }
     let dir = k.keys_file.parent().unwrap();
-    let names: Vec<String> = std::fs::read_dir(dir)
+    let mut names: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(names, ["keys.json"], "no temporary file is left behind");
+    names.sort();
+    assert_eq!(
+        names,
+        ["keys.json", "keys.json.lock"],
+        "no temporary file is left behind"
+    );
+    assert_eq!(mode_of(&dir.join("keys.json.lock")), 0o600);
     // `key list` never shows a key or its hash.
     let out = k.cli(&["key", "list"]).await;
     let json = k.cli(&["key", "list", "--json"]).await;

@@ -267,14 +267,22 @@ async fn handle(state: &ControlState, req: Request<Incoming>) -> Response<Full<B
             ),
         },
         (&Method::GET | &Method::POST, "/v1/keys") => match &state.keys {
-            Some(keys) => keys_endpoint(keys, req.method(), req.uri().query()),
+            Some(keys) => {
+                let (keys, method) = (keys.clone(), req.method().clone());
+                let query = req.uri().query().map(str::to_owned);
+                off_the_loop(move || keys_endpoint(&keys, &method, query.as_deref())).await
+            }
             None => no_keys(),
         },
         (&Method::DELETE, p) if p.starts_with("/v1/keys/") => match &state.keys {
-            Some(keys) => match keys.revoke(&percent_decoded(&p["/v1/keys/".len()..])) {
-                Ok(()) => json_response(StatusCode::OK, &json!({"revoked": true})),
-                Err(e) => keys_error(&e),
-            },
+            Some(keys) => {
+                let (keys, id) = (keys.clone(), percent_decoded(&p["/v1/keys/".len()..]));
+                off_the_loop(move || match keys.revoke(&id) {
+                    Ok(()) => json_response(StatusCode::OK, &json!({"revoked": true})),
+                    Err(e) => keys_error(&e),
+                })
+                .await
+            }
             None => no_keys(),
         },
         (&Method::POST, "/v1/shutdown") => {
@@ -316,6 +324,20 @@ async fn handle(state: &ControlState, req: Request<Incoming>) -> Response<Full<B
 
 /// `GET /v1/keys`: the keys (never a key); `POST /v1/keys?name=&profile=&session=&ttl=`: a new
 /// key, shown in this answer only.
+/// A keys-file edit (an fsync, perhaps a wait for another process's edit) on the blocking pool,
+/// so the proxy sharing this event loop never waits for it.
+async fn off_the_loop(
+    edit: impl FnOnce() -> Response<Full<Bytes>> + Send + 'static,
+) -> Response<Full<Bytes>> {
+    tokio::task::spawn_blocking(edit).await.unwrap_or_else(|_| {
+        error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "keys_file_error",
+            "the keys file edit failed",
+        )
+    })
+}
+
 fn keys_endpoint(keys: &KeyStore, method: &Method, query: Option<&str>) -> Response<Full<Bytes>> {
     if method == Method::GET {
         return match keys.list() {

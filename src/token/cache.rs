@@ -16,9 +16,6 @@ use jsonwebtoken::jwk::Jwk;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
-/// How often a waiter tries the cross-process lock again.
-const LOCK_POLL: Duration = Duration::from_millis(25);
-
 /// Who a token is for: what makes two configurations get different tokens from the IdP. It keys
 /// the disk cache entry, and a daemon reports it in `/v1/status` (`daemon.identity`) for the CLI
 /// to compare with its own configuration's.
@@ -118,9 +115,7 @@ impl DiskCache {
     }
 
     fn lock_path(&self) -> PathBuf {
-        let mut name = self.path.file_name().unwrap_or_default().to_os_string();
-        name.push(".lock");
-        self.dir().join(name)
+        crate::lockfile::path_for(&self.path)
     }
 
     /// The cached token for this key, if any. A missing, unreadable, corrupt or foreign file is
@@ -205,24 +200,11 @@ impl DiskCache {
         let _ = std::fs::remove_file(&self.path);
     }
 
-    /// Opens the lock file: created 0600 if missing, never through a symlink (`O_NOFOLLOW`).
-    fn open_lock(&self) -> std::io::Result<File> {
-        ensure_dir(self.dir())?;
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(self.lock_path())
-    }
-
     /// Takes the cross-process grant lock, waiting at most `wait` for the process holding it (which
     /// may be stopped, or stuck); the error then names the lock file.
     pub async fn lock(&self, wait: Duration) -> std::io::Result<CacheLock> {
         let this = self.clone();
-        let file = tokio::task::spawn_blocking(move || this.open_lock())
+        let file = tokio::task::spawn_blocking(move || crate::lockfile::open(&this.lock_path()))
             .await
             .map_err(std::io::Error::other)??;
         let taken = tokio::time::timeout(wait, async {
@@ -230,7 +212,8 @@ impl DiskCache {
                 match file.try_lock() {
                     Ok(()) => return Ok(()),
                     Err(std::fs::TryLockError::WouldBlock) => {
-                        tokio::time::sleep(LOCK_POLL.mul_f64(0.5 + fastrand::f64())).await
+                        tokio::time::sleep(crate::lockfile::POLL.mul_f64(0.5 + fastrand::f64()))
+                            .await
                     }
                     Err(std::fs::TryLockError::Error(e)) => return Err(e),
                 }
@@ -240,14 +223,7 @@ impl DiskCache {
         match taken {
             Ok(Ok(())) => Ok(CacheLock { _file: file }),
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!(
-                    "another process has held {} for {} (a stopped or stuck behest-agent?)",
-                    self.lock_path().display(),
-                    humantime::format_duration(wait)
-                ),
-            )),
+            Err(_) => Err(crate::lockfile::held(&self.lock_path(), wait)),
         }
     }
 }
