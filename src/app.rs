@@ -425,6 +425,9 @@ impl App {
                             ProxyServing::start(&tracker, state.live().proxy, listeners, &shutdown);
                     } else if proxy_changed {
                         serving.swap(state.live().proxy);
+                        // `status` reads the proxy that serves (its open connections), now
+                        // forwarding with the new configuration.
+                        state.live.write().expect("live lock").proxy = serving.proxy.clone();
                     }
                     tracing::info!("configuration reloaded");
                 }

@@ -5,6 +5,9 @@
 use std::process::Stdio;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::Empty;
+
 use behest_agent::app::App;
 use behest_agent::clock;
 use devkit::idp::Fault;
@@ -15,7 +18,7 @@ use tokio::net::UnixDatagram;
 use tokio::process::{Child, Command};
 
 use crate::util::{
-    AUDIENCE, Harness, Start, assert_no_secret_in, eventually, exits_cleanly, signal,
+    AUDIENCE, Harness, Start, assert_no_secret_in, eventually, exits_cleanly, output, signal,
 };
 
 fn daemon(h: &Harness, upstream: &Upstream, extra: &[(&str, &str)]) -> Command {
@@ -129,19 +132,24 @@ fn write_config(h: &Harness, upstream: &str, extra: &str) -> std::path::PathBuf 
     p
 }
 
-/// GET through the daemon's proxy on its Unix socket.
-async fn via_proxy(h: &Harness, path: &str) -> u16 {
+/// A connection to the daemon's proxy on its Unix socket, open until dropped.
+async fn proxy_connection(h: &Harness) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
     let stream = tokio::net::UnixStream::connect(h.path("proxy.sock"))
         .await
         .unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
+    let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .unwrap();
     tokio::spawn(conn);
+    send
+}
+
+/// GET through the daemon's proxy on its Unix socket.
+async fn via_proxy(h: &Harness, path: &str) -> u16 {
+    let mut send = proxy_connection(h).await;
     let req = http::Request::get(path)
         .header("host", "localhost")
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .body(Empty::<Bytes>::new())
         .unwrap();
     send.send_request(req).await.unwrap().status().as_u16()
 }
@@ -185,6 +193,19 @@ async fn sighup_applies_a_good_config_and_keeps_the_old_one_when_the_new_is_brok
         "an unchanged identity makes no new grant"
     );
     let up2_before = up2.request_count();
+
+    // `status` counts the connections of the proxy that serves, also after the swap.
+    let held = proxy_connection(&h).await;
+    let cfg_env = [("BEHEST_AGENT_CONFIG", cfg.to_str().unwrap())];
+    let o = output(h.agent(&["status", "--json"], &cfg_env)).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let v: Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(
+        v["proxy"]["connections"], 1,
+        "the connection held open: {}",
+        v["proxy"]
+    );
+    drop(held);
 
     // A broken config: logged, and the old one keeps serving.
     std::fs::write(&cfg, "[proxy\nupstream = ").unwrap();
