@@ -304,6 +304,28 @@ mod tests {
     }
 
     #[test]
+    fn detail_objects_are_skipped_and_an_odd_model_loses_no_usage() {
+        let r = read_all(
+            "application/json",
+            &[br#"{"model":7,"usage":{"prompt_tokens":9,"prompt_tokens_details":{"cached_tokens":4},"completion_tokens":1,"completion_tokens_details":{"reasoning_tokens":0},"total_tokens":10}}"#],
+        );
+        assert_eq!(r.model, None);
+        assert_eq!(
+            r.tokens,
+            Some(Tokens {
+                prompt: 9,
+                completion: 1,
+                total: 10
+            })
+        );
+        let r = read_all(
+            "application/json",
+            &[br#"{"model":"caf\u00e9","usage":{"total_tokens":3}}"#],
+        );
+        assert_eq!(r.model.as_deref(), Some("café"));
+    }
+
+    #[test]
     fn a_chat_stream_is_read_from_the_chunk_that_carries_usage() {
         let stream = concat!(
             "data: {\"model\":\"gpt-4o\",\"choices\":[{\"delta\":{\"content\":\"usage\\\": {\"}}],\"usage\":null}\n\n",
