@@ -322,8 +322,6 @@ async fn handle(state: &ControlState, req: Request<Incoming>) -> Response<Full<B
     }
 }
 
-/// `GET /v1/keys`: the keys (never a key); `POST /v1/keys?name=&profile=&session=&ttl=`: a new
-/// key, shown in this answer only.
 /// A keys-file edit (an fsync, perhaps a wait for another process's edit) on the blocking pool,
 /// so the proxy sharing this event loop never waits for it.
 async fn off_the_loop(
@@ -338,6 +336,8 @@ async fn off_the_loop(
     })
 }
 
+/// `GET /v1/keys`: the keys (never a key); `POST /v1/keys?name=&profile=&session=&ttl=`: a new
+/// key, shown in this answer only.
 fn keys_endpoint(keys: &KeyStore, method: &Method, query: Option<&str>) -> Response<Full<Bytes>> {
     if method == Method::GET {
         return match keys.list() {
