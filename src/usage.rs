@@ -261,6 +261,9 @@ impl Hourly {
 
 struct State {
     report: Report,
+    /// Requests let through per session, counted as they are admitted (not as they end), so
+    /// `session_requests` is exact however many run at once.
+    admitted: BTreeMap<String, u64>,
     /// The same counts per profile (its names come from the configuration: bounded).
     profiles: BTreeMap<String, Report>,
     hourly: Hourly,
@@ -301,6 +304,7 @@ impl Accounting {
                     since: crate::token::rfc3339(clock.now()),
                     ..Report::default()
                 },
+                admitted: BTreeMap::new(),
                 profiles: BTreeMap::new(),
                 hourly: Hourly::default(),
             }),
@@ -336,31 +340,33 @@ impl Accounting {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Whether a new accounted request of `session` may go upstream.
+    /// Whether a new accounted request of `session` may go upstream (it is then counted against
+    /// `session_requests` at once).
     pub fn admit(&self, session: &str) -> Result<(), Refusal> {
         let b = self.budgets.lock().expect("budgets lock").clone();
-        if b.is_none() {
-            return Ok(());
-        }
-        let now = self.clock.unix();
         let mut state = self.state.lock().expect("usage lock");
-        let spent = state.report.sessions.get(session).map(|s| s.counts);
-        let spent = spent.unwrap_or_default();
-        let refusal = if let Some(limit) = b.session_requests.filter(|l| spent.requests >= *l) {
+        let admitted = state.admitted.get(session).copied().unwrap_or(0);
+        let tokens = state
+            .report
+            .sessions
+            .get(session)
+            .map_or(0, |s| s.counts.total_tokens);
+        let refusal = if let Some(limit) = b.session_requests.filter(|l| admitted >= *l) {
             Some(Refusal {
                 key: "budget.session_requests",
-                spent: spent.requests,
+                spent: admitted,
                 limit,
                 retry_after: None,
             })
-        } else if let Some(limit) = b.session_tokens.filter(|l| spent.total_tokens >= *l) {
+        } else if let Some(limit) = b.session_tokens.filter(|l| tokens >= *l) {
             Some(Refusal {
                 key: "budget.session_tokens",
-                spent: spent.total_tokens,
+                spent: tokens,
                 limit,
                 retry_after: None,
             })
         } else if let Some(limit) = b.hourly_tokens {
+            let now = self.clock.unix();
             state.hourly.expire(now / 60);
             let hour = state.hourly.sum();
             (hour >= limit).then(|| Refusal {
@@ -372,6 +378,9 @@ impl Accounting {
         } else {
             None
         };
+        if refusal.is_none() {
+            *bounded_entry(&mut state.admitted, session, MAX_SESSIONS) += 1;
+        }
         drop(state);
         match refusal {
             None => Ok(()),
@@ -562,11 +571,17 @@ mod tests {
             r.message("a").contains("20/15 tokens")
                 && r.message("a").contains("budget.session_tokens")
         );
-        assert_eq!(a.admit("b"), Ok(()), "another session has its own budget");
+        // Requests count as they are let through, before any has ended.
         for _ in 0..3 {
-            a.record(entry("b", 500, None));
+            assert_eq!(a.admit("b"), Ok(()), "another session has its own budget");
         }
-        assert_eq!(a.admit("b").unwrap_err().key, "budget.session_requests");
+        let r = a.admit("b").unwrap_err();
+        assert_eq!((r.key, r.spent, r.limit), ("budget.session_requests", 3, 3));
+        assert_eq!(
+            a.admit("b").unwrap_err().spent,
+            3,
+            "a refusal is not counted"
+        );
     }
 
     #[test]

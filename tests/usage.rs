@@ -226,6 +226,46 @@ async fn spent_budgets_get_429_budget_exceeded_saying_which_and_how_to_raise_it(
 }
 
 #[tokio::test]
+async fn the_request_budget_counts_requests_still_in_flight() {
+    let s = stack_with(
+        |o| o.sse_interval = Duration::from_millis(20),
+        &[("BEHEST_AGENT__BUDGET__SESSION_REQUESTS", "2")],
+    )
+    .await;
+    s.upstream
+        .fail_next(2, UpstreamFault::PauseStream { after_events: 2 });
+    let streams: Vec<_> = (0..2)
+        .map(|_| {
+            let base = s.base.clone();
+            tokio::spawn(async move { openai_client(&base, "stream-usage", &[]).await })
+        })
+        .collect();
+    eventually(
+        Duration::from_secs(20),
+        "both streams are under way",
+        || s.upstream.in_flight() == 2,
+    )
+    .await;
+    // Neither has ended, so neither is in the counts yet: the third request is refused all the
+    // same, and so is every one after it.
+    for _ in 0..3 {
+        let r = post_chat(&s.base, "-").await;
+        assert_eq!(r.status(), 429);
+        let body: Value = r.json().await.unwrap();
+        let message = body["error"]["message"].as_str().unwrap().to_string();
+        assert!(message.contains("2/2 requests"), "{message}");
+    }
+    s.upstream.resume_stream();
+    s.upstream.resume_stream();
+    for stream in streams {
+        let done = stream.await.unwrap();
+        assert_eq!(done["ok"], true, "the streams in flight finish: {done}");
+    }
+    assert_eq!(s.upstream.request_count(), 2);
+    s.finish().await;
+}
+
+#[tokio::test]
 async fn a_stream_in_flight_when_the_budget_is_spent_finishes() {
     let s = stack_with(
         |o| o.sse_interval = Duration::from_millis(20),
