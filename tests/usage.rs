@@ -460,6 +460,23 @@ async fn exec_prints_the_sessions_usage_and_appends_it_to_the_step_summary() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("session gl-77: 1 requests"), "{stderr}");
 
+    // No session at all: the line says whose requests it counts.
+    let out =
+        s.h.agent_with_upstream(
+            &s.upstream.base_url(),
+            &["exec", "--", "sh", "-c", &script],
+            &[],
+        )
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("requests without a session (every client's")
+            && !stderr.contains("session -:"),
+        "{stderr}"
+    );
+
     let quiet =
         s.h.agent_with_upstream(
             &s.upstream.base_url(),

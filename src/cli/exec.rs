@@ -277,7 +277,15 @@ async fn end_group(group: Pid) {
 
 /// The session's usage on stderr, and as a Markdown table in `$GITHUB_STEP_SUMMARY` when set.
 fn summarize(report: &crate::usage::Report, session: &str) {
-    eprintln!("behest-agent: session {session}: {}", report.line());
+    if session == crate::usage::NO_SESSION {
+        // Not this command's alone: every request without a session since the daemon started.
+        eprintln!(
+            "behest-agent: requests without a session (every client's, not only this command's; give --session ID to count it alone): {}",
+            report.line()
+        );
+    } else {
+        eprintln!("behest-agent: session {session}: {}", report.line());
+    }
     if let Some(path) = std::env::var_os("GITHUB_STEP_SUMMARY").filter(|p| !p.is_empty()) {
         let table = format!("### Behest usage\n\n{}\n", report.markdown());
         let written = std::fs::OpenOptions::new()
