@@ -331,6 +331,40 @@ fn a_duration_without_a_unit_is_refused_with_the_unit_it_needs() {
 }
 
 #[test]
+fn counts_are_whole_numbers_never_rounded() {
+    for (value, says) in [
+        ("1.5", "1.5 is not a whole number"),
+        ("-1", "-1 is negative"),
+        ("\"100k\"", "\"100k\" is not a whole number"),
+    ] {
+        let toml = format!("[budget]\nsession_tokens = {value}\n");
+        let msg = load_with(&toml, &[]).unwrap_err().to_string();
+        assert!(
+            msg.contains(says) && msg.contains("session_tokens") && msg.contains("config.toml"),
+            "{value}: {msg}"
+        );
+    }
+    let msg = load_with("[proxy]\nmax_connections = 2.5\n", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("2.5 is not a whole number"), "{msg}");
+    let s = load_with(
+        "[budget]\nsession_tokens = 200000\n",
+        &[("BEHEST_AGENT__BUDGET__SESSION_REQUESTS", "7")],
+    )
+    .unwrap();
+    assert_eq!(s.budget.session_tokens, Some(200000));
+    assert_eq!(s.budget.session_requests, Some(7));
+    let msg = load_with("", &[("BEHEST_AGENT__BUDGET__HOURLY_TOKENS", "1e3")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("BEHEST_AGENT__BUDGET__HOURLY_TOKENS") && msg.contains("whole number"),
+        "{msg}"
+    );
+}
+
+#[test]
 fn an_error_in_an_environment_variable_names_the_variable_not_the_file() {
     let err = load_with("", &[("BEHEST_AGENT__PROXY__CONNECT_TIMEOUT", "soon")]).unwrap_err();
     let msg = err.to_string();

@@ -131,7 +131,9 @@ pub struct ProxyFile {
     pub require_key: Option<bool>,
     pub keys_file: Option<String>,
     pub allowed_hosts: Option<Vec<String>>,
+    #[serde(deserialize_with = "whole")]
     pub max_connections: Option<usize>,
+    #[serde(deserialize_with = "whole")]
     pub max_upstream_connections: Option<usize>,
     pub max_replay_body: Option<String>,
     pub replay_budget: Option<String>,
@@ -181,8 +183,11 @@ pub struct EgressFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BudgetFile {
+    #[serde(deserialize_with = "whole")]
     pub session_tokens: Option<u64>,
+    #[serde(deserialize_with = "whole")]
     pub session_requests: Option<u64>,
+    #[serde(deserialize_with = "whole")]
     pub hourly_tokens: Option<u64>,
 }
 
@@ -220,6 +225,56 @@ impl OneOrMany {
             OneOrMany::Many(v) => v,
         }
     }
+}
+
+/// A count: a whole, non-negative number. The `config` crate would round `1.5` silently.
+fn whole<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: TryFrom<u64>,
+{
+    struct Whole<T>(std::marker::PhantomData<T>);
+    impl<T: TryFrom<u64>> Visitor<'_> for Whole<T> {
+        type Value = Option<T>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a whole number such as 100000")
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            T::try_from(v)
+                .map(Some)
+                .map_err(|_| E::custom(format!("{v} is too large")))
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            match u64::try_from(v) {
+                Ok(v) => self.visit_u64(v),
+                Err(_) => Err(E::custom(format!(
+                    "{v} is negative; write 0 for no limit, or a whole number"
+                ))),
+            }
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+            Err(E::custom(format!(
+                "{v} is not a whole number; write one such as {}",
+                v.trunc().max(0.0)
+            )))
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            match v.trim().parse::<u64>() {
+                Ok(n) => self.visit_u64(n),
+                Err(_) => Err(E::custom(format!(
+                    "\"{v}\" is not a whole number; write one such as 100000"
+                ))),
+            }
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+    }
+    d.deserialize_any(Whole(std::marker::PhantomData))
 }
 
 /// A duration as written in the configuration: "30s", "5m", "1h 30m". A bare number is refused
