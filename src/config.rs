@@ -221,7 +221,17 @@ pub fn keys_file(opts: &LoadOptions) -> Result<Option<PathBuf>, ConfigError> {
 
 /// Loads and validates the configuration.
 pub fn load(opts: &LoadOptions) -> Result<Settings, ConfigError> {
-    let (path, model) = merged(opts).map_err(|e| e.attributed(opts))?;
+    load_adjusted(opts, |_| {})
+}
+
+/// [`load`], with `adjust` applied to the merged values before they are validated (`dev` puts its
+/// embedded IdP and upstream in place of the file's).
+pub fn load_adjusted(
+    opts: &LoadOptions,
+    adjust: impl FnOnce(&mut file::FileConfig),
+) -> Result<Settings, ConfigError> {
+    let (path, mut model) = merged(opts).map_err(|e| e.attributed(opts))?;
+    adjust(&mut model);
     settings::validate(model, &opts.env, path.as_deref()).map_err(|e| e.attributed(opts))
 }
 
