@@ -1,7 +1,8 @@
 //! `behest-agent dev`: the embedded default. Starts an Auth0-compatible IdP and an OpenAI-compatible
 //! echo upstream that verifies its tokens like Behest does (both from the `devkit` crate, served by
 //! [`server::serve`]), runs the agent against both, and prints what to try. No account, no config
-//! file; the machine's configuration and token cache are not touched.
+//! file needed (one given with `--config` applies, but for its IdP, upstream, profiles and fleet);
+//! the machine's configuration and token cache are not touched.
 //!
 //! The agent's control socket is where `status`, `token` and the other commands look for a daemon
 //! by default, so they find a dev agent with no flag or variable. When that socket cannot be used
