@@ -212,7 +212,10 @@ async fn usage_and_key_without_a_daemon_need_no_idp_settings() {
     let o = run(&["usage", "--json"]).await;
     assert_eq!(o.code, 0, "{}", o.stderr);
     let v: Value = serde_json::from_str(&o.stdout).unwrap();
-    assert_eq!(v["sessions"]["job-3"]["models"]["m1"]["total_tokens"], 7, "{v}");
+    assert_eq!(
+        v["sessions"]["job-3"]["models"]["m1"]["total_tokens"], 7,
+        "{v}"
+    );
 
     let o = run(&["key", "create", "--name", "ci"]).await;
     assert_eq!(o.code, 0, "{}", o.stderr);

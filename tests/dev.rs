@@ -226,15 +226,28 @@ async fn dev_applies_a_config_file_with_its_own_idp_and_upstream_and_refuses_an_
     std::fs::write(&cfg, "[budget]\nsesion_tokens = 5\n").unwrap();
     let by_flag = agent(
         runtime.path(),
-        &["dev", "--listen", "127.0.0.1:0", "--check", "--config", &cfg_s],
+        &[
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--check",
+            "--config",
+            &cfg_s,
+        ],
     );
-    let mut by_var = agent(runtime.path(), &["dev", "--listen", "127.0.0.1:0", "--check"]);
+    let mut by_var = agent(
+        runtime.path(),
+        &["dev", "--listen", "127.0.0.1:0", "--check"],
+    );
     by_var.env("BEHEST_AGENT_CONFIG", &cfg);
     for mut c in [by_flag, by_var] {
         let out = c.output().await.unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{err}");
-        assert!(err.contains("sesion_tokens") && err.contains(&cfg_s), "{err}");
+        assert!(
+            err.contains("sesion_tokens") && err.contains(&cfg_s),
+            "{err}"
+        );
     }
 }
 
