@@ -152,6 +152,16 @@ impl Global {
         config::proxy_listen(&self.load_options())
     }
 
+    /// `usage.ledger_file`, needing nothing else of the configuration.
+    pub fn ledger_file(&self) -> Result<Option<PathBuf>, ConfigError> {
+        config::ledger_file(&self.load_options())
+    }
+
+    /// `proxy.keys_file`, needing nothing else of the configuration.
+    pub fn keys_file(&self) -> Result<Option<PathBuf>, ConfigError> {
+        config::keys_file(&self.load_options())
+    }
+
     /// The control socket to look for a daemon on, even when the settings do not validate.
     pub fn control_socket(&self) -> PathBuf {
         config::control_socket(&self.load_options())

@@ -194,9 +194,44 @@ pub fn session_keys(opts: &LoadOptions) -> Result<(Option<String>, bool), Config
     Ok((session_id, model.proxy.session_from_ci.unwrap_or(true)))
 }
 
+/// `usage.ledger_file` (the state directory's usage.jsonl unless set; `""`: none), read like
+/// [`proxy_listen`] without the rest of the configuration: `usage` with no daemon reads the
+/// ledger, which needs no IdP settings.
+pub fn ledger_file(opts: &LoadOptions) -> Result<Option<PathBuf>, ConfigError> {
+    let (path, model) = merged(opts).map_err(|e| e.attributed(opts))?;
+    let origin = settings::Origin {
+        env: &opts.env,
+        path: path.as_deref(),
+    };
+    settings::usage(model.usage, origin)
+        .map(|u| u.ledger_file)
+        .map_err(|e| e.attributed(opts))
+}
+
+/// `proxy.keys_file` (the state directory's keys.json unless set), read like [`proxy_listen`]:
+/// `key` with no daemon edits the file, which needs no IdP settings.
+pub fn keys_file(opts: &LoadOptions) -> Result<Option<PathBuf>, ConfigError> {
+    let (path, model) = merged(opts).map_err(|e| e.attributed(opts))?;
+    let origin = settings::Origin {
+        env: &opts.env,
+        path: path.as_deref(),
+    };
+    settings::keys_file(model.proxy.keys_file, origin).map_err(|e| e.attributed(opts))
+}
+
 /// Loads and validates the configuration.
 pub fn load(opts: &LoadOptions) -> Result<Settings, ConfigError> {
-    let (path, model) = merged(opts).map_err(|e| e.attributed(opts))?;
+    load_adjusted(opts, |_| {})
+}
+
+/// [`load`], with `adjust` applied to the merged values before they are validated (`dev` puts its
+/// embedded IdP and upstream in place of the file's).
+pub fn load_adjusted(
+    opts: &LoadOptions,
+    adjust: impl FnOnce(&mut file::FileConfig),
+) -> Result<Settings, ConfigError> {
+    let (path, mut model) = merged(opts).map_err(|e| e.attributed(opts))?;
+    adjust(&mut model);
     settings::validate(model, &opts.env, path.as_deref()).map_err(|e| e.attributed(opts))
 }
 

@@ -187,6 +187,57 @@ async fn env_takes_proxy_listen_from_a_config_file_that_has_nothing_else() {
 }
 
 #[tokio::test]
+async fn usage_and_key_without_a_daemon_need_no_idp_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("ledger/usage.jsonl");
+    std::fs::create_dir_all(ledger.parent().unwrap()).unwrap();
+    std::fs::write(
+        &ledger,
+        r#"{"ts":"2026-12-07T00:00:01Z","session":"job-3","profile":"default","model":"m1","path":"/v1/chat/completions","status":200,"prompt_tokens":5,"completion_tokens":2,"total_tokens":7,"duration_ms":3,"request_id":"r1"}
+"#,
+    )
+    .unwrap();
+    let keys = dir.path().join("keys/keys.json");
+    let set_ledger = format!("usage.ledger_file={}", ledger.display());
+    let set_keys = format!("proxy.keys_file={}", keys.display());
+    // No [auth] at all, and no daemon (a runtime directory of its own).
+    let run = |args: &[&str]| {
+        let mut c = bin();
+        c.env("HOME", dir.path())
+            .env("XDG_RUNTIME_DIR", dir.path())
+            .args(["--set", &set_ledger, "--set", &set_keys])
+            .args(args);
+        output(c)
+    };
+    let o = run(&["usage", "--json"]).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let v: Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(
+        v["sessions"]["job-3"]["models"]["m1"]["total_tokens"], 7,
+        "{v}"
+    );
+
+    let o = run(&["key", "create", "--name", "ci"]).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.trim().starts_with("bak_"), "{}", o.stdout);
+    let o = run(&["key", "list", "--json"]).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let list: Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(list[0]["name"], "ci", "{list}");
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    let o = run(&["key", "revoke", &id]).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+
+    // The keys the commands use are still validated, naming the key.
+    let o = run(&["--set", "proxy.keys_file=", "key", "list"]).await;
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("proxy.keys_file"), "{}", o.stderr);
+    let o = run(&["--set", "usage.ledger_max_size=1", "usage"]).await;
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("usage.ledger_max_size"), "{}", o.stderr);
+}
+
+#[tokio::test]
 async fn refresh_without_a_daemon_exits_1_with_the_idps_error() {
     let h = Harness::start().await;
     std::fs::write(h.path("client-secret"), "wrong-secret-xyz\n").unwrap();

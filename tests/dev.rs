@@ -32,10 +32,16 @@ fn agent(runtime: &Path, args: &[&str]) -> Command {
 /// Starts `dev` on free ports and returns it with its banner, which it prints once the token is
 /// issued and every server listens.
 async fn start_dev(runtime: &Path) -> (Child, String) {
+    start_dev_with(runtime, &[]).await
+}
+
+/// [`start_dev`] with more arguments.
+async fn start_dev_with(runtime: &Path, extra: &[&str]) -> (Child, String) {
     let mut dev = agent(
         runtime,
         &["dev", "--listen", "127.0.0.1:0", "--log-level", "warn"],
     );
+    dev.args(extra);
     dev.stdout(Stdio::piped());
     let mut child = dev.spawn().expect("the binary runs");
     let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
@@ -168,4 +174,108 @@ async fn dev_takes_a_private_control_socket_when_another_agent_answers_on_the_de
         default_socket.exists(),
         "the other agent's socket is left alone"
     );
+}
+
+/// The banner's proxy base URL.
+fn base_in(banner: &str) -> &str {
+    banner
+        .lines()
+        .find_map(|l| l.strip_prefix("  Proxy                    "))
+        .unwrap_or_else(|| panic!("no proxy in the banner:\n{banner}"))
+}
+
+/// A chat completion through the dev proxy: its status.
+async fn chat(url: &str, key: Option<&str>) -> u16 {
+    let mut req = crate::proxy::http()
+        .post(format!("{url}/chat/completions"))
+        .json(&serde_json::json!({"model": "echo-1", "messages": [{"role": "user", "content": "hi"}]}));
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    req.send().await.unwrap().status().as_u16()
+}
+
+#[tokio::test]
+async fn dev_applies_a_config_file_with_its_own_idp_and_upstream_and_refuses_an_unknown_key() {
+    let runtime = tempfile::tempdir().unwrap();
+    let cfg = runtime.path().join("cfg.toml");
+    // The file's IdP, upstream and profiles give way to the embedded ones; its budget applies.
+    std::fs::write(
+        &cfg,
+        "[auth]\ndomain = \"tenant.example.invalid\"\nclient_id = \"real\"\nclient_secret_file = \"/nonexistent/secret\"\n\
+         [proxy]\nupstream = \"https://api.example.invalid\"\n\
+         [profiles.other]\nclient_id = \"other\"\n\
+         [budget]\nsession_requests = 1\n",
+    )
+    .unwrap();
+    let cfg_s = cfg.display().to_string();
+    let (mut dev, banner) = start_dev_with(runtime.path(), &["--config", &cfg_s]).await;
+    let job = base_in(&banner).replace("/v1", "/s/job-1/v1");
+    assert_eq!(chat(&job, None).await, 200);
+    assert_eq!(chat(&job, None).await, 429, "the file's budget applies");
+    let status = agent(runtime.path(), &["status", "--json"])
+        .output()
+        .await
+        .unwrap();
+    let status: Value = serde_json::from_str(&succeeded("status", &status)).unwrap();
+    assert_eq!(status["daemon"]["config"], cfg_s.as_str(), "{status}");
+    signal(&dev, nix::sys::signal::Signal::SIGTERM);
+    exits_cleanly(&mut dev).await;
+
+    // A typo is an error naming the key and the file, from --config or BEHEST_AGENT_CONFIG.
+    std::fs::write(&cfg, "[budget]\nsesion_tokens = 5\n").unwrap();
+    let by_flag = agent(
+        runtime.path(),
+        &[
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--check",
+            "--config",
+            &cfg_s,
+        ],
+    );
+    let mut by_var = agent(
+        runtime.path(),
+        &["dev", "--listen", "127.0.0.1:0", "--check"],
+    );
+    by_var.env("BEHEST_AGENT_CONFIG", &cfg);
+    for mut c in [by_flag, by_var] {
+        let out = c.output().await.unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains("sesion_tokens") && err.contains(&cfg_s),
+            "{err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn dev_names_listen_in_its_error_and_with_require_key_its_banner_says_a_key_is_needed() {
+    let runtime = tempfile::tempdir().unwrap();
+    let out = agent(runtime.path(), &["dev", "--listen", "0.0.0.0:0"])
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("value set by --listen"), "{err}");
+    assert!(!err.contains("BEHEST_AGENT__PROXY__LISTEN"), "{err}");
+
+    let (mut dev, banner) =
+        start_dev_with(runtime.path(), &["--set", "proxy.require_key=true"]).await;
+    assert!(!banner.contains("OPENAI_API_KEY=placeholder"), "{banner}");
+    assert!(banner.contains("key create"), "{banner}");
+    let base = base_in(&banner);
+    assert_eq!(chat(base, None).await, 401, "{banner}");
+    // The key the banner says to make works.
+    let key = agent(runtime.path(), &["key", "create", "--name", "dev"])
+        .output()
+        .await
+        .unwrap();
+    let key = succeeded("key create", &key);
+    assert_eq!(chat(base, Some(key.trim())).await, 200);
+    signal(&dev, nix::sys::signal::Signal::SIGTERM);
+    exits_cleanly(&mut dev).await;
 }

@@ -1,7 +1,8 @@
 //! `behest-agent dev`: the embedded default. Starts an Auth0-compatible IdP and an OpenAI-compatible
 //! echo upstream that verifies its tokens like Behest does (both from the `devkit` crate, served by
 //! [`server::serve`]), runs the agent against both, and prints what to try. No account, no config
-//! file; the machine's configuration and token cache are not touched.
+//! file needed (one given with `--config` applies, but for its IdP, upstream, profiles and fleet);
+//! the machine's configuration and token cache are not touched.
 //!
 //! The agent's control socket is where `status`, `token` and the other commands look for a daemon
 //! by default, so they find a dev agent with no flag or variable. When that socket cannot be used
@@ -88,20 +89,13 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
         .context("creating a runtime directory")?;
     let default_socket = g.control_socket();
     let mut env: HashMap<String, String> = HashMap::new();
+    // Over the file (`--config`), under `--set`.
     for (k, v) in [
-        ("BEHEST_AGENT__AUTH__DOMAIN", idp.base_url()),
-        ("BEHEST_AGENT__AUTH__AUDIENCE", DEV_AUDIENCE.to_string()),
-        ("BEHEST_AGENT__AUTH__CLIENT_ID", DEV_CLIENT_ID.to_string()),
         ("BEHEST_AGENT_CLIENT_SECRET", secret),
         ("BEHEST_AGENT__TOKEN__CACHE_FILE", String::new()),
         // Counted in memory (`usage` shows it), never in the machine's ledger.
         ("BEHEST_AGENT__USAGE__LEDGER_FILE", String::new()),
-        ("BEHEST_AGENT__PROXY__LISTEN", args.listen.clone()),
-        ("BEHEST_AGENT__PROXY__UPSTREAM", upstream.base_url()),
-        (
-            "BEHEST_AGENT__PROXY__ALLOW_INSECURE_UPSTREAM",
-            "true".to_string(),
-        ),
+        (LISTEN_VAR, args.listen.clone()),
         (
             "BEHEST_AGENT__CONTROL__SOCKET",
             default_socket.display().to_string(),
@@ -116,12 +110,35 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
             env.insert(k.to_string(), v.clone());
         }
     }
-    let settings = config::load(&LoadOptions {
-        path: None,
-        default_path: None,
-        env,
-        overrides: g.set.clone(),
-    })?;
+    // The file (`--config`, never the machine's default one) applies, validated as for `run`,
+    // except what names the IdP, the upstream and a fleet: those are the embedded ones, or none.
+    let (idp_url, upstream_url) = (idp.base_url(), upstream.base_url());
+    let settings = config::load_adjusted(
+        &LoadOptions {
+            path: g.config.clone(),
+            default_path: None,
+            env,
+            overrides: g.set.clone(),
+        },
+        |m| {
+            m.auth = config::file::AuthFile {
+                domain: Some(idp_url),
+                audience: Some(DEV_AUDIENCE.to_string()),
+                client_id: Some(DEV_CLIENT_ID.to_string()),
+                ..Default::default()
+            };
+            m.profiles.clear();
+            m.fleet = Default::default();
+            m.token.uid_claim = None;
+            m.token.expected_uid = None;
+            m.token.uid_check = None;
+            m.token.required_claims = None;
+            m.proxy.upstream = Some(upstream_url);
+            m.proxy.allow_insecure_upstream = Some(true);
+        },
+    )
+    .map_err(listen_error)?;
+    let require_key = settings.proxy.require_key;
     let (app, socket, socket_note) =
         build(settings, &runtime_dir.path().join("agent.sock")).await?;
     let tokens = app.tokens();
@@ -167,12 +184,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
   Control socket           {sock}{note}
 
 Try, in another terminal:
-
-  curl -s {base}/chat/completions -H 'Content-Type: application/json' \\
-    -d '{{\"model\":\"echo-1\",\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}'
-  curl -sN {base}/chat/completions -H 'Content-Type: application/json' \\
-    -d '{{\"model\":\"echo-1\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}'
-  OPENAI_BASE_URL={base} OPENAI_API_KEY=placeholder python3 your_script.py
+{try_requests}
   {cli} status
   {cli} usage
   {cli} token
@@ -181,6 +193,7 @@ Ctrl-C stops it.",
         idp = idp.base_url(),
         up = upstream.base_url(),
         sock = socket.display(),
+        try_requests = try_requests(&base, &cli, require_key),
     );
     // A signal, or `behest-agent stop` (which cancels `shutdown` over the control socket).
     tokio::select! {
@@ -190,6 +203,58 @@ Ctrl-C stops it.",
     shutdown.cancel();
     let _ = running.await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The variable dev passes `--listen` in.
+const LISTEN_VAR: &str = "BEHEST_AGENT__PROXY__LISTEN";
+
+/// A `proxy.listen` error names `--listen`, which gave the value (not the variable dev passes it
+/// in).
+fn listen_error(e: config::ConfigError) -> config::ConfigError {
+    let by_var = format!("value set by environment variable {LISTEN_VAR}");
+    match e {
+        config::ConfigError::Invalid { file, key, message } if file == by_var => {
+            config::ConfigError::Invalid {
+                file: "value set by --listen".to_string(),
+                key,
+                message,
+            }
+        }
+        config::ConfigError::Parse { file, message } if file == by_var => {
+            config::ConfigError::Parse {
+                file: "value set by --listen".to_string(),
+                message,
+            }
+        }
+        e => e,
+    }
+}
+
+/// The banner's requests to try: with `proxy.require_key`, each needs a key from `key create`.
+fn try_requests(base: &str, cli: &str, require_key: bool) -> String {
+    let plain = r#"{"model":"echo-1","messages":[{"role":"user","content":"hello"}]}"#;
+    let streamed =
+        r#"{"model":"echo-1","stream":true,"messages":[{"role":"user","content":"hello"}]}"#;
+    if require_key {
+        return format!(
+            "
+  (proxy.require_key is set: every request needs a local key)
+  KEY=$({cli} key create --name dev)
+  curl -s {base}/chat/completions -H \"Authorization: Bearer $KEY\" -H 'Content-Type: application/json' \\
+    -d '{plain}'
+  curl -sN {base}/chat/completions -H \"Authorization: Bearer $KEY\" -H 'Content-Type: application/json' \\
+    -d '{streamed}'
+  OPENAI_BASE_URL={base} OPENAI_API_KEY=$KEY python3 your_script.py"
+        );
+    }
+    format!(
+        "
+  curl -s {base}/chat/completions -H 'Content-Type: application/json' \\
+    -d '{plain}'
+  curl -sN {base}/chat/completions -H 'Content-Type: application/json' \\
+    -d '{streamed}'
+  OPENAI_BASE_URL={base} OPENAI_API_KEY=placeholder python3 your_script.py"
+    )
 }
 
 /// `127.0.0.1` on a free port.

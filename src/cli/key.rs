@@ -68,10 +68,9 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     let store = match &daemon {
         Some(_) => None,
         None => {
-            let settings = settings?;
-            let path = settings
-                .proxy
-                .keys_file
+            // Only the file's path is needed (not the IdP settings).
+            let path = g
+                .keys_file()?
                 .context("no keys file: set proxy.keys_file (or a state directory)")?;
             Some(KeyStore::open(&path, crate::clock::system())?)
         }

@@ -87,7 +87,8 @@ pub async fn fetch_profile(
             .map(Some)
             .context("the daemon's usage answer does not parse");
     }
-    let Some(path) = settings?.usage.ledger_file else {
+    // Without a daemon only the ledger's path is needed (not the IdP settings).
+    let Some(path) = g.ledger_file()? else {
         return Ok(None);
     };
     let report = ledger::read_profile(&path, profile)

@@ -86,6 +86,21 @@ impl Settings {
     }
 }
 
+/// `proxy.keys_file`: the path (default: the state directory's keys.json; `""` is an error).
+pub(super) fn keys_file(
+    value: Option<String>,
+    origin: Origin<'_>,
+) -> Result<Option<PathBuf>, ConfigError> {
+    match value {
+        Some(s) if s.trim().is_empty() => Err(origin.invalid(
+            "proxy.keys_file",
+            "must be a path (leave it out for the state directory's keys.json)".to_string(),
+        )),
+        Some(s) => Ok(Some(PathBuf::from(s))),
+        None => Ok(default_state_file(origin.env, "keys.json")),
+    }
+}
+
 /// `[usage]`: the ledger, and whether streamed chat requests are made to report usage.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageSettings {
@@ -513,7 +528,7 @@ fn in_profile(e: ConfigError, name: &str) -> ConfigError {
 }
 
 /// `[usage]`: the ledger (default in the state directory; `""`: none) and its size before rotation.
-fn usage(u: UsageFile, origin: Origin<'_>) -> Result<UsageSettings, ConfigError> {
+pub(super) fn usage(u: UsageFile, origin: Origin<'_>) -> Result<UsageSettings, ConfigError> {
     let ledger_file = match u.ledger_file {
         Some(s) if s.trim().is_empty() => None,
         Some(s) => Some(PathBuf::from(s)),
@@ -952,16 +967,7 @@ fn proxy(p: ProxyFile, origin: Origin<'_>) -> Result<ProxySettings, ConfigError>
             ),
         ));
     }
-    let keys_file = match p.keys_file {
-        Some(s) if s.trim().is_empty() => {
-            return Err(origin.invalid(
-                "proxy.keys_file",
-                "must be a path (leave it out for the state directory's keys.json)".to_string(),
-            ));
-        }
-        Some(s) => Some(PathBuf::from(s)),
-        None => default_state_file(origin.env, "keys.json"),
-    };
+    let keys_file = keys_file(p.keys_file, origin)?;
     if require_key && keys_file.is_none() {
         return Err(origin.missing(
             "proxy.keys_file",
