@@ -677,3 +677,20 @@ async fn a_zero_ttl_is_refused_with_what_to_use_and_makes_no_key() {
     assert!(k.list().await.is_empty(), "no key was made");
     k.s.finish().await;
 }
+
+#[tokio::test]
+async fn without_a_daemon_a_key_for_an_unknown_profile_is_refused_naming_the_configured_ones() {
+    let k = keyed().await;
+    let out = k
+        .cli_on(&k.none_socket(), &["key", "create", "--profile", "nope"])
+        .await;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(out.stdout.is_empty());
+    assert!(
+        stderr(&out).contains("no profile `nope` is configured (profiles: default)"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(k.list().await.is_empty(), "no key was made");
+    k.s.finish().await;
+}
