@@ -147,7 +147,8 @@ async fn every_duration_flag_takes_seconds_or_a_duration_and_says_what_to_use_ot
         let o = run(args).await;
         assert_eq!(o.code, 2, "{args:?}: {}", o.stderr);
         assert!(
-            o.stderr.contains("is not a duration: use e.g. 90s, 30m or 12h"),
+            o.stderr
+                .contains("is not a duration: use e.g. 90s, 30m or 12h"),
             "{args:?}: {}",
             o.stderr
         );

@@ -36,7 +36,8 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     init_cli_logging(g);
     let min_ttl = args.min_ttl.unwrap_or_default();
     let settings = g.load_known_profile(args.profile.as_deref())?;
-    let from_daemon = match profile_daemon(g, settings.as_ref().ok(), args.profile.as_deref()).await {
+    let from_daemon = match profile_daemon(g, settings.as_ref().ok(), args.profile.as_deref()).await
+    {
         Ok(Some(d)) => {
             let uri = format!(
                 "/v1/token?min_ttl={}{}",
