@@ -89,6 +89,24 @@ pub enum Command {
     },
 }
 
+/// The one parser of the CLI's duration flags: seconds (`90`) or a duration (`90s`, `30m`,
+/// `12h`), as the control API reads them.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    crate::control::server::parse_ttl(s)
+        .ok_or_else(|| format!("`{s}` is not a duration: use e.g. 90s, 30m or 12h"))
+}
+
+/// [`parse_duration`] for a lifetime (a key's `--ttl`, a token's): zero is refused, as what it
+/// makes would be expired already.
+pub fn parse_lifetime(s: &str) -> Result<std::time::Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!(
+            "`{s}` is no time at all: what it is for would expire at once; use e.g. 90s, 30m or 12h"
+        )),
+        d => Ok(d),
+    }
+}
+
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
     let (k, v) = s
         .split_once('=')
@@ -195,11 +213,11 @@ pub struct Failure {
 impl<E: Into<anyhow::Error>> From<E> for Failure {
     fn from(e: E) -> Self {
         let error = e.into();
-        let code = if error.downcast_ref::<ConfigError>().is_some() {
-            2
-        } else {
-            1
-        };
+        let usage = error.downcast_ref::<ConfigError>().is_some()
+            || error
+                .downcast_ref::<ControlError>()
+                .is_some_and(ControlError::is_unknown_profile);
+        let code = if usage { 2 } else { 1 };
         Failure { code, error }
     }
 }
@@ -297,4 +315,19 @@ pub async fn daemon(
         None => g.control_socket(),
     };
     Daemon::connect(&socket, settings).await
+}
+
+/// [`daemon`] for a command about `profile` (`None`: `default`): a daemon that does not serve it
+/// is refused here, before the command makes anything (a key, a grant), as a usage error naming
+/// the daemon's profiles.
+pub async fn profile_daemon(
+    g: &Global,
+    settings: Option<&Settings>,
+    profile: Option<&str>,
+) -> Result<Option<Daemon>, ControlError> {
+    let daemon = daemon(g, settings).await?;
+    if let Some(d) = &daemon {
+        d.check_profile(profile)?;
+    }
+    Ok(daemon)
 }

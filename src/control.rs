@@ -13,3 +13,14 @@ pub mod server;
 pub use crate::token::Identity;
 pub use client::{ControlError, Daemon};
 pub use server::{ControlState, bind, serve};
+
+/// What the daemon says of a profile it does not serve, naming the ones it does (`known`): the
+/// control API's `unknown_profile` answer and the CLI's check of `/v1/status` say the same.
+pub fn unknown_profile(name: &str, known: &[String]) -> String {
+    format!(
+        "the daemon has no profile `{}` (profiles: {}); add [profiles.{}] to its configuration and reload it, or use one of those",
+        name.escape_debug(),
+        known.join(", "),
+        name.escape_debug()
+    )
+}

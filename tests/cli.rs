@@ -127,6 +127,39 @@ async fn configuration_errors_exit_2_and_name_the_key_and_the_file() {
 }
 
 #[tokio::test]
+async fn every_duration_flag_takes_seconds_or_a_duration_and_says_what_to_use_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &'static [&'static str]| {
+        let mut c = bin();
+        c.env("HOME", dir.path())
+            .env("XDG_RUNTIME_DIR", dir.path())
+            .args(args);
+        output(c)
+    };
+    for args in [
+        &["wait", "--timeout", "banana"][..],
+        &["stop", "--timeout", "banana"],
+        &["token", "--min-ttl", "banana"],
+        &["dev", "--token-ttl", "banana"],
+        &["env", "--ttl", "banana"],
+        &["key", "create", "--ttl", "5x"],
+    ] {
+        let o = run(args).await;
+        assert_eq!(o.code, 2, "{args:?}: {}", o.stderr);
+        assert!(
+            o.stderr
+                .contains("is not a duration: use e.g. 90s, 30m or 12h"),
+            "{args:?}: {}",
+            o.stderr
+        );
+    }
+    // Plain seconds are a duration everywhere: `wait` gets that far and finds no daemon.
+    let o = run(&["wait", "--timeout", "1"]).await;
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(!o.stderr.contains("not a duration"), "{}", o.stderr);
+}
+
+#[tokio::test]
 async fn env_works_with_no_configuration_at_all() {
     let dir = tempfile::tempdir().unwrap();
     // No config file, no AUTH0_* or BEHEST_AGENT__* variables; a runtime directory of its own so

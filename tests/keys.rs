@@ -627,3 +627,70 @@ async fn exec_without_a_daemon_gives_the_sdk_in_the_command_a_key_and_revokes_it
         assert!(!String::from_utf8_lossy(o).contains(&key));
     }
 }
+
+#[tokio::test]
+async fn a_zero_ttl_is_refused_with_what_to_use_and_makes_no_key() {
+    let k = keyed().await;
+    for args in [
+        &["key", "create", "--ttl", "0s"][..],
+        &["key", "create", "--ttl", "0"],
+        &["env", "--ttl", "0s"],
+    ] {
+        let out = k.cli(args).await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(out.stdout.is_empty(), "{args:?}");
+        assert!(
+            stderr(&out).contains("use e.g. 90s, 30m or 12h"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    // Without a daemon, on the file: the same.
+    let out = k
+        .cli_on(&k.none_socket(), &["key", "create", "--ttl", "0s"])
+        .await;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    // The control API refuses it too.
+    let d = behest_agent::control::Daemon::connect(std::path::Path::new(&k.socket), None)
+        .await
+        .unwrap()
+        .unwrap();
+    for ttl in ["0", "0s"] {
+        let (code, body) = d
+            .call(
+                http::Method::POST,
+                &format!("/v1/keys?ttl={ttl}"),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        assert_eq!(code.as_u16(), 400, "{body}");
+        assert_eq!(body["error"]["code"], "bad_ttl", "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("more than 0"),
+            "{body}"
+        );
+    }
+    assert!(k.list().await.is_empty(), "no key was made");
+    k.s.finish().await;
+}
+
+#[tokio::test]
+async fn without_a_daemon_a_key_for_an_unknown_profile_is_refused_naming_the_configured_ones() {
+    let k = keyed().await;
+    let out = k
+        .cli_on(&k.none_socket(), &["key", "create", "--profile", "nope"])
+        .await;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(out.stdout.is_empty());
+    assert!(
+        stderr(&out).contains("no profile `nope` is configured (profiles: default)"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(k.list().await.is_empty(), "no key was made");
+    k.s.finish().await;
+}

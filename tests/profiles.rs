@@ -802,3 +802,93 @@ async fn a_key_bound_to_a_profile_selects_it_and_is_refused_by_another() {
     stop.cancel();
     task.await.unwrap();
 }
+
+#[tokio::test]
+async fn with_a_daemon_an_unknown_profile_is_refused_before_anything_is_made_naming_its_profiles() {
+    let keys_file = tempfile::tempdir().unwrap().keep().join("keys.json");
+    let keys_s = keys_file.display().to_string();
+    let mut s = Stack::start(&[
+        ("BEHEST_AGENT__PROXY__REQUIRE_KEY", "true"),
+        ("BEHEST_AGENT__PROXY__KEYS_FILE", keys_s.as_str()),
+    ])
+    .await;
+    let (stop, task) = s.run();
+    // A CLI without the daemon's configuration (it does not validate): it knows only the
+    // socket, so the daemon is the one to say which profiles there are.
+    let bare = |args: &[&str]| {
+        s.h.agent(args, &[("BEHEST_AGENT__AUTH__CLIENT_ID", "")])
+            .output()
+    };
+    let out = bare(&["env", "--profile", "team-b", "--format", "dotenv"])
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains(&format!("OPENAI_BASE_URL={}/p/team-b/", s.origin)),
+        "the daemon's proxy: {text}"
+    );
+    let key = text
+        .lines()
+        .find_map(|l| l.strip_prefix("OPENAI_API_KEY="))
+        .unwrap();
+    s.h.remember(key);
+
+    let socket = s.h.path("run/agent.sock");
+    let d = Daemon::connect(&socket, None).await.unwrap().unwrap();
+    let keys = || async {
+        d.request(http::Method::GET, "/v1/keys", Duration::from_secs(10))
+            .await
+            .unwrap()["keys"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    assert_eq!(keys().await, 1, "env's key");
+    for args in [
+        &["env", "--profile", "nope"][..],
+        &["exec", "--profile", "nope", "--", "echo", "ran"],
+        &["token", "--profile", "nope"],
+        &["status", "--profile", "nope"],
+        &["refresh", "--profile", "nope"],
+        &["usage", "--profile", "nope"],
+        &["key", "create", "--profile", "nope"],
+    ] {
+        let out = bare(args).await.unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+        assert!(
+            err.contains("no profile `nope` (profiles: default, team-b)"),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(keys().await, 1, "no key made for an unknown profile");
+
+    // The control API says the same.
+    let (code, body) = d
+        .call(
+            http::Method::POST,
+            "/v1/keys?profile=nope",
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!(code.as_u16(), 404);
+    assert_eq!(body["error"]["code"], "unknown_profile", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("(profiles: default, team-b)"),
+        "{body}"
+    );
+    assert_eq!(keys().await, 1);
+    stop.cancel();
+    task.await.unwrap();
+    s.h.assert_no_secrets_logged();
+}

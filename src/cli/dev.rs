@@ -42,7 +42,7 @@ pub struct Args {
     #[arg(long, default_value = "127.0.0.1:8711", value_name = "ADDR")]
     pub listen: String,
     /// Lifetime of the tokens the embedded IdP issues
-    #[arg(long, default_value = "1h", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1h", value_name = "DURATION", value_parser = super::parse_lifetime)]
     pub token_ttl: Duration,
     /// Send one chat completion (plain and streamed) through the proxy, print it and exit
     #[arg(long)]

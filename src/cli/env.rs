@@ -7,7 +7,7 @@
 
 use std::process::ExitCode;
 
-use super::{CliResult, Global, daemon, init_cli_logging};
+use super::{CliResult, Global, init_cli_logging, profile_daemon};
 use crate::config::ListenAddr;
 use crate::control::Daemon;
 use crate::keys::{KeyStore, NewKey};
@@ -37,7 +37,7 @@ pub struct Args {
     pub session: Option<String>,
     /// When the proxy requires local keys: how long the key made for this job (printed as
     /// OPENAI_API_KEY) stays valid
-    #[arg(long, value_name = "DUR", default_value = "12h", value_parser = super::key::parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "12h", value_parser = super::parse_lifetime)]
     pub ttl: std::time::Duration,
     /// Use this profile's identity ([profiles.NAME]): the base URL gets /p/NAME/
     #[arg(long, value_name = "NAME")]
@@ -47,7 +47,7 @@ pub struct Args {
 pub async fn run(g: &Global, args: Args) -> CliResult {
     init_cli_logging(g);
     let settings = profile_settings(g, args.profile.as_deref())?;
-    let daemon = daemon(g, settings.as_ref()).await?;
+    let daemon = profile_daemon(g, settings.as_ref(), args.profile.as_deref()).await?;
     let addr = proxy_address(g, daemon.as_ref())?;
     let session = super::session::for_command(g, args.session.as_deref());
     let base = base_url_for(&addr, args.profile.as_deref(), session.as_deref())?;

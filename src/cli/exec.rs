@@ -18,7 +18,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use super::env::variables;
-use super::{CliResult, Failure, Global, daemon, init_cli_logging, process_env};
+use super::{CliResult, Failure, Global, init_cli_logging, process_env, profile_daemon};
 use crate::app::App;
 use crate::config::{self, ListenAddr, LoadOptions};
 use crate::keys::NewKey;
@@ -57,7 +57,9 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     let settings = g.load_known_profile(args.profile.as_deref())?;
     let mut key_daemon = None;
     let mut own_keys = None;
-    let addr = if let Some(d) = daemon(g, settings.as_ref().ok()).await? {
+    let addr = if let Some(d) =
+        profile_daemon(g, settings.as_ref().ok(), args.profile.as_deref()).await?
+    {
         let addr = super::env::proxy_address(g, Some(&d))?;
         key_daemon = Some(d);
         addr

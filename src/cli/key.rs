@@ -10,7 +10,7 @@ use anyhow::Context;
 use http::Method;
 use serde_json::Value;
 
-use super::{CliResult, Global, daemon, init_cli_logging};
+use super::{CliResult, Global, init_cli_logging, profile_daemon};
 use crate::control::Daemon;
 use crate::control::client::ANSWER_TIMEOUT;
 use crate::keys::{KeyStore, NewKey};
@@ -51,24 +51,28 @@ pub struct CreateArgs {
     #[arg(long, value_name = "S")]
     pub session: Option<String>,
     /// Make the key expire after this long (e.g. 12h, 30m)
-    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    #[arg(long, value_name = "DUR", value_parser = super::parse_lifetime)]
     pub ttl: Option<Duration>,
-}
-
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    crate::control::server::parse_ttl(s)
-        .ok_or_else(|| format!("`{s}` is not a duration: use e.g. 90s, 30m or 12h"))
 }
 
 pub async fn run(g: &Global, args: Args) -> CliResult {
     init_cli_logging(g);
     let settings = g.load();
-    let daemon = daemon(g, settings.as_ref().ok()).await?;
+    // A key bound to a profile the agent does not have would be refused on every request.
+    let profile = match &args.command {
+        KeyCommand::Create(a) => a.profile.as_deref(),
+        _ => None,
+    };
+    let daemon = profile_daemon(g, settings.as_ref().ok(), profile).await?;
     // Without a daemon: the file itself (a file that does not parse is refused, never rewritten).
     let store = match &daemon {
         Some(_) => None,
         None => {
-            // Only the file's path is needed (not the IdP settings).
+            // Only the file's path is needed (not the IdP settings), unless the key names a
+            // profile: that must be one the configuration has.
+            if profile.is_some() {
+                g.load_profile(profile)?;
+            }
             let path = g
                 .keys_file()?
                 .context("no keys file: set proxy.keys_file (or a state directory)")?;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::anyhow;
 use http::Method;
 
-use super::{CliResult, Global, daemon, init_cli_logging};
+use super::{CliResult, Global, init_cli_logging, profile_daemon};
 use crate::control::Daemon;
 use crate::token::{TokenSource, rfc3339};
 
@@ -20,7 +20,7 @@ pub struct Args {
 pub async fn run(g: &Global, args: Args) -> CliResult {
     init_cli_logging(g);
     let settings = g.load_known_profile(args.profile.as_deref())?;
-    match daemon(g, settings.as_ref().ok()).await? {
+    match profile_daemon(g, settings.as_ref().ok(), args.profile.as_deref()).await? {
         Some(d) => {
             let wait = Daemon::grant_wait(settings.as_ref().ok());
             let uri = format!(

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::anyhow;
 use serde_json::{Value, json};
 
-use super::{CliResult, Global, daemon, init_cli_logging};
+use super::{CliResult, Global, init_cli_logging, profile_daemon};
 use crate::control::server::expires_words;
 use crate::token::TokenSource;
 
@@ -23,7 +23,7 @@ pub struct Args {
 pub async fn run(g: &Global, args: Args) -> CliResult {
     init_cli_logging(g);
     let settings = g.load_known_profile(args.profile.as_deref())?;
-    let mut doc = match daemon(g, settings.as_ref().ok()).await? {
+    let mut doc = match profile_daemon(g, settings.as_ref().ok(), args.profile.as_deref()).await? {
         Some(d) => d.status().clone(),
         None => {
             let settings = settings?;

@@ -29,7 +29,7 @@ const ATTEMPT: Duration = Duration::from_secs(5);
 pub struct Args {
     /// Give up waiting for the daemon to exit after this long (e.g. 60s); it should exceed the
     /// daemon's proxy.shutdown_grace (default 30s)
-    #[arg(long, default_value = "60s", value_name = "DUR", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "60s", value_name = "DUR", value_parser = super::parse_duration)]
     pub timeout: Duration,
 }
 

@@ -11,7 +11,7 @@ use http::Method;
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 
-use super::{CliResult, Global, daemon, init_cli_logging};
+use super::{CliResult, Global, init_cli_logging, profile_daemon};
 use crate::control::Daemon;
 use crate::control::client::ControlError;
 use crate::token::{TokenSource, rfc3339};
@@ -19,7 +19,7 @@ use crate::token::{TokenSource, rfc3339};
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The printed token stays valid at least this long (e.g. 60s, 10m)
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = super::parse_duration)]
     pub min_ttl: Option<Duration>,
     /// Print JSON with expires_at and the Behest claims
     #[arg(long, conflicts_with = "header")]
@@ -36,7 +36,8 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     init_cli_logging(g);
     let min_ttl = args.min_ttl.unwrap_or_default();
     let settings = g.load_known_profile(args.profile.as_deref())?;
-    let from_daemon = match daemon(g, settings.as_ref().ok()).await {
+    let from_daemon = match profile_daemon(g, settings.as_ref().ok(), args.profile.as_deref()).await
+    {
         Ok(Some(d)) => {
             let uri = format!(
                 "/v1/token?min_ttl={}{}",
@@ -105,6 +106,7 @@ fn daemon_absent(e: &ControlError) -> bool {
         | ControlError::OtherIdentity { .. }
         | ControlError::Invalid { .. }
         | ControlError::UnsafeAddress { .. }
+        | ControlError::UnknownProfile { .. }
         | ControlError::Refused { .. } => false,
     }
 }

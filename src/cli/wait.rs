@@ -21,7 +21,7 @@ const ATTEMPT: Duration = Duration::from_secs(2);
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Give up after this long (e.g. 30s, 2m)
-    #[arg(long, default_value = "30s", value_name = "DUR", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "30s", value_name = "DUR", value_parser = super::parse_duration)]
     pub timeout: Duration,
 }
 

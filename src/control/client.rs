@@ -64,6 +64,13 @@ pub enum ControlError {
     Invalid { path: PathBuf, message: String },
     /// The daemon reports a proxy address a job must not be pointed at.
     UnsafeAddress { path: PathBuf, address: String },
+    /// The daemon does not serve the profile a command names (a usage error, as an unknown
+    /// profile of the CLI's own configuration is).
+    UnknownProfile {
+        name: String,
+        /// The profiles it serves, `default` too.
+        profiles: Vec<String>,
+    },
     /// The daemon answered the request with an error: its message.
     Refused {
         status: StatusCode,
@@ -75,6 +82,16 @@ pub enum ControlError {
 }
 
 impl ControlError {
+    /// Whether this is the daemon's refusal of a profile it does not serve, by the CLI's check
+    /// of its status or by its control API's `unknown_profile` answer: a usage error.
+    pub fn is_unknown_profile(&self) -> bool {
+        match self {
+            ControlError::UnknownProfile { .. } => true,
+            ControlError::Refused { code, .. } => code.as_deref() == Some("unknown_profile"),
+            _ => false,
+        }
+    }
+
     /// What is wrong.
     pub fn problem(&self) -> String {
         match self {
@@ -127,6 +144,9 @@ impl ControlError {
                 "the daemon on {} reports the proxy address `{address}`, which is not a loopback address: refusing to point a job at it",
                 path.display()
             ),
+            ControlError::UnknownProfile { name, profiles } => {
+                super::unknown_profile(name, profiles)
+            }
             ControlError::Refused { message, .. } => message.clone(),
             ControlError::Io { path, message } => format!(
                 "the daemon's control socket {} failed: {message}",
@@ -161,7 +181,9 @@ impl ControlError {
                 "stop whatever listens there, or set control.socket to the daemon's socket".into()
             }
             ControlError::UnsafeAddress { .. } => "give proxy.listen a loopback address (such as 127.0.0.1:8711) and reload the daemon".into(),
-            ControlError::Refused { .. } | ControlError::Io { .. } => String::new(),
+            ControlError::UnknownProfile { .. }
+            | ControlError::Refused { .. }
+            | ControlError::Io { .. } => String::new(),
         }
     }
 }
@@ -220,6 +242,31 @@ impl Daemon {
     /// Its `/v1/status` document when it was found.
     pub fn status(&self) -> &Value {
         &self.status
+    }
+
+    /// `Ok` when the daemon serves `profile` (`None`: `default`), by its `/v1/status`; else
+    /// [`ControlError::UnknownProfile`]. A daemon that does not list its profiles (an older
+    /// version) is not checked: its control API refuses an unknown one itself.
+    pub fn check_profile(&self, profile: Option<&str>) -> Result<(), ControlError> {
+        let (Some(name), Some(Value::Object(served))) =
+            (profile, self.status.pointer("/daemon/profiles"))
+        else {
+            return Ok(());
+        };
+        if served.contains_key(name) {
+            return Ok(());
+        }
+        let default = crate::config::DEFAULT_PROFILE;
+        let profiles = served
+            .keys()
+            .filter(|n| *n == default)
+            .chain(served.keys().filter(|n| *n != default))
+            .cloned()
+            .collect();
+        Err(ControlError::UnknownProfile {
+            name: name.to_string(),
+            profiles,
+        })
     }
 
     /// How long to wait for an answer that may need a grant (`/v1/token`, `/v1/refresh`): the

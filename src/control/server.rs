@@ -181,17 +181,18 @@ fn profile_tokens(state: &ControlState, query: Option<&str>) -> Result<TokenSour
     if name == crate::config::DEFAULT_PROFILE {
         return Ok((state.tokens)());
     }
-    state
-        .profiles
-        .as_ref()
-        .and_then(|all| all().into_iter().find(|(n, _)| *n == name))
-        .map(|(_, t)| t)
-        .ok_or_else(|| {
-            format!(
-                "the daemon has no profile `{}`; profiles are [profiles.NAME] in its config",
-                name.escape_debug()
-            )
-        })
+    let all = state.profiles.as_ref().map(|all| all()).unwrap_or_default();
+    if let Some((_, t)) = all.iter().find(|(n, _)| *n == name) {
+        return Ok(t.clone());
+    }
+    let known: Vec<String> = std::iter::once(crate::config::DEFAULT_PROFILE.to_string())
+        .chain(
+            all.into_iter()
+                .map(|(n, _)| n)
+                .filter(|n| n != crate::config::DEFAULT_PROFILE),
+        )
+        .collect();
+    Err(super::unknown_profile(&name, &known))
 }
 
 async fn handle(state: &ControlState, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -349,12 +350,12 @@ fn keys_endpoint(keys: &KeyStore, method: &Method, query: Option<&str>) -> Respo
     let ttl = match param("ttl") {
         None => None,
         Some(s) => match parse_ttl(&s) {
-            Some(d) => Some(d),
-            None => {
+            Some(d) if !d.is_zero() => Some(d),
+            _ => {
                 return error_response(
                     StatusCode::BAD_REQUEST,
                     "bad_ttl",
-                    "ttl must be seconds or a duration like 12h",
+                    "ttl must be more than 0: seconds or a duration like 12h",
                 );
             }
         },
