@@ -849,6 +849,14 @@ async fn with_a_daemon_an_unknown_profile_is_refused_before_anything_is_made_nam
             .len()
     };
     assert_eq!(keys().await, 1, "env's key");
+    let listed = d
+        .request(http::Method::GET, "/v1/keys", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(
+        listed["keys"][0]["profile"], "team-b",
+        "env's key is bound to its profile: {listed}"
+    );
     for args in [
         &["env", "--profile", "nope"][..],
         &["exec", "--profile", "nope", "--", "echo", "ran"],

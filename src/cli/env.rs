@@ -68,9 +68,10 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
         local,
         NewKey {
             name: Some("env".into()),
+            // Bound to the profile it was made for: no other one accepts it.
+            profile: args.profile.clone(),
             session: session.clone(),
             ttl: Some(args.ttl),
-            ..NewKey::default()
         },
     )
     .await?;

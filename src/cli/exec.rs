@@ -118,6 +118,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
         own_keys,
         NewKey {
             name: Some(format!("exec {}", std::process::id())),
+            profile: args.profile.clone(),
             session: session.clone(),
             ..NewKey::default()
         },
