@@ -207,6 +207,13 @@ async fn a_p_name_path_carries_that_profiles_token_and_any_other_path_the_defaul
     assert_eq!(status, 404, "{body}");
     assert_eq!(body["error"]["code"], "unknown_profile", "{body}");
     assert_eq!(body["error"]["type"], "behest_agent_error", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("its profiles: default, team-b"),
+        "{body}"
+    );
     assert_eq!(s.upstream.request_count(), before);
 
     // The ledger names the profile each accounted request went with.

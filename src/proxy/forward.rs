@@ -348,9 +348,16 @@ impl Forwarder {
             None | Some(crate::config::DEFAULT_PROFILE) => Ok(&self.default),
             Some(name) => self.profiles.get(name).ok_or_else(|| {
                 ProxyError::UnknownProfile(if crate::config::valid_profile(name) {
-                    format!("the agent has no profile `{name}` (/p/{name}/); the configured ones are [profiles.NAME] in its config")
+                    let mut known: Vec<&str> = self.profiles.keys().map(|k| &**k).collect();
+                    known.sort_unstable();
+                    known.insert(0, crate::config::DEFAULT_PROFILE);
+                    format!(
+                        "the agent has no profile `{name}` (/p/{name}/); its profiles: {}",
+                        known.join(", ")
+                    )
                 } else {
-                    "the profile in /p/NAME/ is not a profile name (a-z, 0-9, `_`, `-`, at most 32)".to_string()
+                    "the profile in /p/NAME/ is not a profile name (a-z, 0-9, `_`, `-`, at most 32)"
+                        .to_string()
                 })
             }),
         }
