@@ -369,21 +369,26 @@ impl Daemon {
             _ if name == crate::config::DEFAULT_PROFILE => d.get("identity"),
             _ => None,
         };
+        let other = |differences| ControlError::OtherIdentity {
+            path: self.path.clone(),
+            pid: d["pid"].as_u64(),
+            daemon_config: d["config"].as_str().map(String::from),
+            config: settings
+                .path
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "this configuration (from the environment)".into()),
+            differences,
+        };
         if identity.is_none()
             && name != crate::config::DEFAULT_PROFILE
             && d.get("identity").is_some()
         {
-            return Err(ControlError::OtherIdentity {
-                path: self.path.clone(),
-                pid: d["pid"].as_u64(),
-                daemon_config: d["config"].as_str().map(String::from),
-                config: settings
-                    .path
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_else(|| "this configuration (from the environment)".into()),
-                differences: vec![("profile", "(none)".to_string(), name.to_string())],
-            });
+            return Err(other(vec![(
+                "profile",
+                "(none)".to_string(),
+                name.to_string(),
+            )]));
         }
         let Some(theirs) =
             identity.and_then(|i| serde_json::from_value::<Identity>(i.clone()).ok())
@@ -397,17 +402,7 @@ impl Daemon {
         if differences.is_empty() {
             return Ok(());
         }
-        Err(ControlError::OtherIdentity {
-            path: self.path.clone(),
-            pid: d["pid"].as_u64(),
-            daemon_config: d["config"].as_str().map(String::from),
-            config: settings
-                .path
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| "this configuration (from the environment)".into()),
-            differences,
-        })
+        Err(other(differences))
     }
 }
 
