@@ -514,7 +514,7 @@ kill "$AGENT_BURST" 2>/dev/null || true
 
 # ---------------------------------------------------------------- 9b. idle again
 # The main agent has served nothing since the wrk rounds. Its idle upstream connections close
-# after the pool's idle timeout (30 s; its reaper closes them within twice that) and jemalloc's
+# after the pool's idle timeout (30 s; they are closed within 15 s more) and jemalloc's
 # background thread returns freed pages about 10 s later: measured SETTLE seconds after the load.
 SETTLE=${SETTLE:-75}
 left=$((LOAD_ENDED + SETTLE - $(date +%s)))

@@ -151,6 +151,51 @@ async fn upstream_connections_are_capped_and_a_request_finding_none_free_gets_50
     rig.finish().await;
 }
 
+/// A pooled upstream connection idle for 30 s is closed by the agent (within 15 s more), not kept
+/// open until the next request: an agent that falls idle after a burst holds no upstream
+/// connections, even to an upstream that would keep them forever.
+#[tokio::test]
+async fn an_idle_upstream_connection_is_closed_after_30_s() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let rig = Rig::builder()
+        .upstream_url(format!("http://{}/v1", listener.local_addr().unwrap()))
+        .start()
+        .await;
+    // One answer, then the connection stays open until the agent closes it.
+    let upstream = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let (mut head, mut buf) = (Vec::new(), [0; 4096]);
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the request head arrives");
+            head.extend_from_slice(&buf[..n]);
+        }
+        s.write_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}",
+        )
+        .await
+        .unwrap();
+        s.read(&mut buf).await.unwrap()
+    });
+    let resp = rig.get("/v1/models").await;
+    assert_eq!(resp.status(), 200);
+    resp.into_body().collect().await.unwrap();
+    assert_eq!(rig.stat(&["upstream_connections"]), 1);
+
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(29)).await;
+    tokio::task::yield_now().await;
+    assert!(!upstream.is_finished(), "closed before 30 s idle");
+    tokio::time::advance(Duration::from_secs(17)).await;
+    tokio::time::resume();
+    assert_eq!(within(upstream).await.unwrap(), 0, "the agent closes it");
+    eventually(HANG, "the pool to count it closed", || {
+        rig.stat(&["upstream_connections"]) == 0
+    })
+    .await;
+    rig.finish().await;
+}
+
 /// SETTINGS_MAX_CONCURRENT_STREAMS (0x3) in the proxy's first SETTINGS frame: 100, where hyper's
 /// default is 200.
 #[tokio::test]

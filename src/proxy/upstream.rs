@@ -1,10 +1,11 @@
 //! The connections to the one configured upstream: idle HTTP/1.1 connections on a stack (the most
 //! recently used first), or one HTTP/2 connection shared by every request once ALPN picked h2. A
 //! request on HTTP/1.1 leases its connection until its response body was read to the end; only
-//! then does it go back (a response cut short closes it). hyper-util's general client does this
-//! for any number of authorities; for one, its hashed pool, the futures it moves and the task it
-//! spawns per request cost a fifth of the proxy's instructions per request (callgrind, `GET` at 16
-//! connections), so this is worth its lines.
+//! then does it go back (a response cut short closes it); once idle past the idle timeout it is
+//! closed. hyper-util's general client does this for any number of authorities; for one, its
+//! hashed pool, the futures it moves and the task it spawns per request cost a fifth of the
+//! proxy's instructions per request (callgrind, `GET` at 16 connections), so this is worth its
+//! lines.
 //!
 //! At most `max_connections` upstream connections are open at once: each holds a semaphore permit
 //! until it has closed (its task owns the permit). A request that needs a new connection when all
@@ -108,7 +109,7 @@ impl Pool {
         host: HeaderValue,
         bounds: Bounds,
     ) -> Arc<Pool> {
-        Arc::new(Pool {
+        let pool = Arc::new(Pool {
             connector,
             dial: route.dial,
             target: route.target,
@@ -121,7 +122,9 @@ impl Pool {
             permit_wait: bounds.permit_wait,
             idle: Mutex::default(),
             h2: Mutex::default(),
-        })
+        });
+        tokio::spawn(close_idle(Arc::downgrade(&pool)));
+        pool
     }
 
     /// Sends `req` (an absolute URI) on the shared h2 connection, a pooled HTTP/1.1 one or a new
@@ -247,6 +250,13 @@ impl Pool {
         None
     }
 
+    /// Drops the idle connections past the idle timeout, which closes them.
+    fn close_expired(&self) {
+        let mut idle = self.idle.lock().expect("idle lock");
+        let expired = idle.partition_point(|(_, since)| since.elapsed() >= self.idle_timeout);
+        idle.drain(..expired);
+    }
+
     fn put(&self, tx: http1::SendRequest<UpstreamBody>) {
         if !tx.is_ready() {
             return;
@@ -254,6 +264,22 @@ impl Pool {
         let mut idle = self.idle.lock().expect("idle lock");
         if idle.len() < self.max_idle {
             idle.push((tx, Instant::now()));
+        }
+    }
+}
+
+/// Closes the pool's idle connections once past its idle timeout (at most half that later), until
+/// the pool is gone: an agent that falls idle after a burst keeps no upstream connection open.
+async fn close_idle(pool: Weak<Pool>) {
+    let Some(every) = pool.upgrade().map(|p| p.idle_timeout / 2) else {
+        return;
+    };
+    let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+    loop {
+        tick.tick().await;
+        match pool.upgrade() {
+            Some(pool) => pool.close_expired(),
+            None => return,
         }
     }
 }
