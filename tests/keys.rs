@@ -418,6 +418,15 @@ async fn exec_key_is_revoked(by_signal: bool) {
     let list = k.list().await;
     assert_eq!(list.len(), 1);
     assert_eq!(list[0]["session"], "job-exec");
+    // It expires after 12 h (exec's --ttl) even when exec is SIGKILLed before it can revoke it.
+    let expires = humantime::parse_rfc3339(list[0]["expires_at"].as_str().unwrap()).unwrap();
+    let left = expires
+        .duration_since(std::time::SystemTime::now())
+        .unwrap();
+    assert!(
+        left > Duration::from_secs(11 * 3600) && left <= Duration::from_secs(12 * 3600),
+        "{left:?}"
+    );
     if by_signal {
         crate::util::signal(&child, nix::sys::signal::Signal::SIGTERM);
     } else {

@@ -32,6 +32,10 @@ pub struct Args {
     /// Use this profile's identity ([profiles.NAME]): the base URL gets /p/NAME/
     #[arg(long, value_name = "NAME")]
     pub profile: Option<String>,
+    /// When the proxy requires local keys: the longest the command's key stays valid. It is
+    /// revoked when the command exits; this bounds one left behind by an exec killed with SIGKILL
+    #[arg(long, value_name = "DUR", default_value = "12h", value_parser = super::parse_lifetime)]
+    pub ttl: std::time::Duration,
     /// The command and its arguments
     #[arg(
         required = true,
@@ -112,7 +116,8 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
             .map(|(k, v)| (k.to_string(), v)),
     );
     // A proxy that requires keys: one for this command, bound to its session, revoked when it
-    // exits (however it exits: the child is waited for, signals and all, before the revoke).
+    // exits (however it exits: the child is waited for, signals and all, before the revoke), and
+    // expiring after `--ttl` should this process be killed before it can revoke it.
     let job_key = super::key::job_key(
         key_daemon.as_ref(),
         own_keys,
@@ -120,7 +125,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
             name: Some(format!("exec {}", std::process::id())),
             profile: args.profile.clone(),
             session: session.clone(),
-            ..NewKey::default()
+            ttl: Some(args.ttl),
         },
     )
     .await
