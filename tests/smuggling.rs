@@ -560,6 +560,40 @@ async fn connect_is_refused_and_never_tunnels() {
     rig.finish().await;
 }
 
+/// Only the methods an HTTP API uses are forwarded; the 405 for any other lists them in `Allow`.
+#[tokio::test]
+async fn methods_no_api_uses_are_refused_with_allow() {
+    let rig = Rig::start().await;
+    for method in ["TRACE", "TRACK", "PROPFIND", "get", "FOO"] {
+        let req = head(&rig, &format!("{method} /v1/models HTTP/1.1"), "");
+        let out = rig.probe(req.as_bytes()).await;
+        assert_eq!(out.status, 405, "{method}: {}", out.text);
+        assert!(
+            out.text.contains("\"code\":\"method_not_allowed\"")
+                && out
+                    .text
+                    .contains(&format!("the method {method} is not forwarded")),
+            "{method}: {}",
+            out.text
+        );
+        assert!(
+            out.text
+                .to_ascii_lowercase()
+                .contains("\r\nallow: get, head, post, put, patch, delete, options\r\n"),
+            "{method}: {}",
+            out.text
+        );
+    }
+    assert_eq!(rig.up.request_count(), 0);
+    // (HEAD too, but its answer has a length and no body, which `probe` would wait for.)
+    for method in ["GET", "DELETE", "OPTIONS", "PUT", "PATCH"] {
+        let req = head(&rig, &format!("{method} /v1/models HTTP/1.1"), "");
+        let out = rig.probe(req.as_bytes()).await;
+        assert_ne!(out.status, 405, "{method}: {}", out.text);
+    }
+    rig.finish().await;
+}
+
 #[tokio::test]
 async fn upgrade_requests_are_forwarded_without_upgrading() {
     let rig = Rig::start().await;
@@ -659,6 +693,15 @@ async fn h2c_authority_never_chooses_the_upstream_host() {
     assert_eq!(statuses[0].1, 200, "{statuses:?}");
     assert_eq!(statuses[1].1, 403, "{statuses:?}");
     assert!(statuses[2].1 == 200 || statuses[2].1 == 403, "{statuses:?}");
+    // A foreign `Host` beside a loopback `:authority` is refused too (RFC 9113 §8.3.1).
+    let req = Request::builder()
+        .uri(format!("http://{}/v1/models", rig.host()))
+        .header("host", "evil.example")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = within(send.send_request(req)).await.unwrap();
+    assert_eq!(resp.status(), 403);
+    assert_eq!(rig.up.request_count(), 1);
     rig.assert_never_elsewhere();
     rig.finish().await;
 }

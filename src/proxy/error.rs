@@ -44,10 +44,9 @@ pub enum ProxyError {
     #[error("{0}")]
     BadFraming(String),
     /// `CONNECT`: this is not a forward proxy.
-    #[error(
-        "CONNECT is not supported: this is a reverse proxy to the configured upstream, not a forward proxy"
-    )]
-    ConnectRefused,
+    /// `CONNECT`, `TRACE` or a method no HTTP API uses; says which.
+    #[error("{0}")]
+    MethodNotAllowed(String),
     /// The client's request body broke off or went silent past `idle_timeout` while it was being
     /// sent upstream.
     #[error("the request body could not be read: {reason}")]
@@ -83,7 +82,7 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::ForbiddenHost(_) | ProxyError::ForbiddenOrigin(_) => StatusCode::FORBIDDEN,
             ProxyError::BadRequest(_) | ProxyError::BadFraming(_) => StatusCode::BAD_REQUEST,
-            ProxyError::ConnectRefused => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::RequestBody {
                 timed_out: true, ..
             } => StatusCode::REQUEST_TIMEOUT,
@@ -109,7 +108,7 @@ impl ProxyError {
             ProxyError::ForbiddenHost(_) => "forbidden_host",
             ProxyError::ForbiddenOrigin(_) => "forbidden_origin",
             ProxyError::BadRequest(_) | ProxyError::BadFraming(_) => "bad_request",
-            ProxyError::ConnectRefused => "method_not_allowed",
+            ProxyError::MethodNotAllowed(_) => "method_not_allowed",
             ProxyError::RequestBody {
                 timed_out: true, ..
             } => "request_timeout",
@@ -172,10 +171,10 @@ impl ProxyError {
         if matches!(self, ProxyError::BadFraming(_)) {
             h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
         }
-        if matches!(self, ProxyError::ConnectRefused) {
+        if matches!(self, ProxyError::MethodNotAllowed(_)) {
             h.insert(
                 http::header::ALLOW,
-                HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+                HeaderValue::from_static(super::guard::FORWARDED_METHODS),
             );
         }
         r
@@ -261,7 +260,11 @@ mod tests {
             ),
             (ProxyError::BadRequest("x".into()), 400, "bad_request"),
             (ProxyError::BadFraming("x".into()), 400, "bad_request"),
-            (ProxyError::ConnectRefused, 405, "method_not_allowed"),
+            (
+                ProxyError::MethodNotAllowed(String::new()),
+                405,
+                "method_not_allowed",
+            ),
             (
                 ProxyError::RequestBody {
                     timed_out: true,

@@ -11,13 +11,30 @@ use http::{HeaderMap, Method, Request, Version};
 use super::UpstreamBase;
 use super::error::ProxyError;
 
-/// `CONNECT` asks for a tunnel: refused, this is a reverse proxy.
+/// The methods an HTTP API uses pass. `CONNECT` asks for a tunnel (this is a reverse proxy),
+/// `TRACE` would echo the request's credentials back (nginx refuses it too), and an unknown method
+/// (`get` is one: methods are case-sensitive) reaches no API: all three get 405.
 pub fn check_method(method: &Method) -> Result<(), ProxyError> {
-    if method == Method::CONNECT {
-        return Err(ProxyError::ConnectRefused);
+    match *method {
+        Method::GET
+        | Method::HEAD
+        | Method::POST
+        | Method::PUT
+        | Method::PATCH
+        | Method::DELETE
+        | Method::OPTIONS => Ok(()),
+        Method::CONNECT => Err(ProxyError::MethodNotAllowed(
+            "CONNECT is not supported: this is a reverse proxy to the configured upstream, not a forward proxy"
+                .to_string(),
+        )),
+        _ => Err(ProxyError::MethodNotAllowed(format!(
+            "the method {method} is not forwarded; the proxy forwards {FORWARDED_METHODS}"
+        ))),
     }
-    Ok(())
 }
+
+/// The methods the proxy forwards (those an HTTP API uses), as the 405's `Allow` names them.
+pub const FORWARDED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
 
 /// Checks where the request says it is going and returns its path relative to the upstream's base
 /// path (still percent-encoded, without the query). `local` is the TCP address the connection was
@@ -31,13 +48,14 @@ pub fn target<'a, B>(
     let uri = req.uri();
     let path = uri.path();
     if req.version() == Version::HTTP_2 {
-        // h2 always carries `:authority` (hyper puts it in the URI); it plays the part of `Host`.
-        let authority = uri
-            .authority()
-            .map(|a| a.as_str().as_bytes())
-            .or_else(|| req.headers().get(HOST).map(|h| h.as_bytes()));
-        if let Some(a) = authority {
-            check_host(a, local, allowed_hosts)?;
+        // h2 carries `:authority` (hyper puts it in the URI); it plays the part of `Host`. A `Host`
+        // field beside it must pass too: RFC 9113 §8.3.1 has a request whose two differ refused.
+        let authority = uri.authority().map(|a| a.as_str().as_bytes());
+        for host in authority
+            .into_iter()
+            .chain(req.headers().get_all(HOST).iter().map(|h| h.as_bytes()))
+        {
+            check_host(host, local, allowed_hosts)?;
         }
         return Ok(path);
     }
