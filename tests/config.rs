@@ -504,9 +504,24 @@ fn a_bad_fleet_setting_names_its_key_and_never_quotes_a_password() {
             "redis_password_file",
         ),
         (
-            "redis_url = \"redis://agent@10.0.0.5:6379\"",
+            "redis_url = \"redis://agent@10.0.0.5:6379/0?password=hunter2\"",
             "fleet.redis_url",
             "redis_username",
+        ),
+        (
+            "redis_url = \"redis://10.0.0.5:6379/0?password=hunter2\"",
+            "fleet.redis_url",
+            "redis_password_file",
+        ),
+        (
+            "redis_url = \"redis://10.0.0.5:6379/0#hunter2\"",
+            "fleet.redis_url",
+            "query or fragment",
+        ),
+        (
+            "redis_url = \"redis://:hunter2@10.0.0.5:port\"",
+            "fleet.redis_url",
+            "not a URL",
         ),
         (
             "redis_url = \"redis://10.0.0.5:6379/cache\"",
@@ -568,4 +583,20 @@ fn a_redis_password_over_plain_redis_to_another_host_is_warned_about() {
         "{all}"
     );
     assert!(!all.contains("pw-0123456789"));
+    // To this machine's loopback, by name or address, there is no network to cross.
+    for host in ["localhost", "127.0.0.1", "127.0.0.2", "[::1]"] {
+        let s = load_with(
+            &format!(
+                "[fleet]\nredis_url = \"redis://{host}:6379\"\nredis_password_file = \"{}\"\n",
+                pw.display()
+            ),
+            &[],
+        )
+        .unwrap();
+        assert!(
+            !s.warnings.iter().any(|w| w.contains("rediss://")),
+            "{host}: {:?}",
+            s.warnings
+        );
+    }
 }

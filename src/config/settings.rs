@@ -1312,16 +1312,24 @@ fn fleet(
     }))
 }
 
-/// `redis://HOST[:PORT][/DB]` or `rediss://…`, with no credentials, query or fragment.
+/// `redis://HOST[:PORT][/DB]` or `rediss://…`, with no credentials, query or fragment. A message
+/// never quotes the user's text, which may carry a password (`:pw@`, `?password=`): only the
+/// scheme, host, port and path.
 fn redis_url(s: &str) -> Result<Url, String> {
-    let url = Url::parse(s).map_err(|e| format!("`{s}` is not a URL ({e})"))?;
+    let url = Url::parse(s).map_err(|e| format!("is not a URL ({e})"))?;
+    let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
+    let shown = format!(
+        "{}://{}{port}{}",
+        url.scheme(),
+        url.host_str().unwrap_or_default(),
+        url.path()
+    );
     if !matches!(url.scheme(), "redis" | "rediss") {
         return Err(format!(
-            "`{s}`: scheme `{}` is not redis:// or rediss:// (TLS)",
+            "`{shown}`: scheme `{}` is not redis:// or rediss:// (TLS)",
             url.scheme()
         ));
     }
-    // Never quote a URL that carries a password.
     if url.password().is_some() {
         return Err(
             "has a password in it; put the password in a file (mode 0600) and name it in fleet.redis_password_file"
@@ -1330,19 +1338,21 @@ fn redis_url(s: &str) -> Result<Url, String> {
     }
     if !url.username().is_empty() {
         return Err(format!(
-            "`{s}` has a user name in it; set fleet.redis_username instead"
+            "`{shown}` has a user name in it; set fleet.redis_username instead"
         ));
     }
     if url.host_str().is_none_or(str::is_empty) {
-        return Err(format!("`{s}` names no host"));
+        return Err(format!("`{shown}` names no host"));
     }
     if url.query().is_some() || url.fragment().is_some() {
-        return Err(format!("`{s}`: no query or fragment, please"));
+        return Err(format!(
+            "`{shown}` has a query or fragment; remove it (a password goes in fleet.redis_password_file, the database in the path, e.g. /0)"
+        ));
     }
     let db = url.path().trim_start_matches('/');
     if !db.is_empty() && db.parse::<u16>().is_err() {
         return Err(format!(
-            "`{s}`: the path is the database number (e.g. /0), not `{}`",
+            "`{shown}`: the path is the database number (e.g. /0), not `{}`",
             url.path()
         ));
     }
@@ -1445,7 +1455,13 @@ pub fn parse_url(s: &str) -> Result<Url, String> {
 
 pub fn is_loopback_host(url: &Url) -> bool {
     match url.host() {
-        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        // A URL of a scheme the URL standard does not know (`redis://`) keeps an IPv4 address as a
+        // name.
+        Some(url::Host::Domain(d)) => {
+            d.eq_ignore_ascii_case("localhost")
+                || d.parse::<std::net::Ipv4Addr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
         Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
         None => false,
