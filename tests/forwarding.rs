@@ -1092,7 +1092,38 @@ async fn a_request_body_silent_past_idle_timeout_is_answered_408() {
     let text = within(read_response(&mut s)).await;
     assert_eq!(status_of(&text), 408, "{text}");
     assert!(text.contains("\"code\":\"request_timeout\""), "{text}");
+    let said = "\"the request body could not be read: no data for longer than proxy.idle_timeout\"";
+    assert!(text.contains(said), "{text}");
+    // A chunked body is told the same, in the same words.
+    let mut s = TcpStream::connect(rig.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/files HTTP/1.1\r\nHost: {}\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
+        rig.host()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let text = within(read_response(&mut s)).await;
+    assert_eq!(status_of(&text), 408, "{text}");
+    assert!(text.contains(said), "{text}");
     assert_eq!(rig.stat(&["upstream_errors"]), 0);
+}
+
+/// A malformed chunked body is a 400 that says what was wrong, in hyper's words for it only.
+#[tokio::test]
+async fn a_malformed_chunked_body_is_answered_400_saying_what_was_wrong() {
+    let rig = Rig::start().await;
+    let mut s = TcpStream::connect(rig.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/files HTTP/1.1\r\nHost: {}\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        rig.host()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let text = within(read_response(&mut s)).await;
+    assert_eq!(status_of(&text), 400, "{text}");
+    assert!(
+        text.contains("\"the request body could not be read: Invalid chunk size line"),
+        "{text}"
+    );
+    assert_eq!(rig.up.request_count(), 0);
 }
 
 #[tokio::test]

@@ -516,7 +516,7 @@ fn body_failed_or(
     if user || timed_out {
         ProxyError::RequestBody {
             timed_out,
-            reason: chain(e),
+            reason: cause(e),
         }
     } else {
         other()
@@ -526,8 +526,18 @@ fn body_failed_or(
 fn body_failed(e: &(dyn std::error::Error + 'static)) -> ProxyError {
     body_failed_or(e, || ProxyError::RequestBody {
         timed_out: false,
-        reason: chain(e),
+        reason: cause(e),
     })
+}
+
+/// What went wrong with a request body: the innermost cause, without the layers hyper wraps
+/// around it ("error from user's Body stream", "error reading a body from connection").
+fn cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut e = e;
+    while let Some(inner) = e.source() {
+        e = inner;
+    }
+    e.to_string()
 }
 
 /// An error and its sources, `: `-joined (hyper's errors say little at the top level).
