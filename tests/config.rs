@@ -443,6 +443,27 @@ fn without_fleet_redis_url_the_fleet_is_off_and_its_other_keys_are_refused() {
         msg.contains("fleet.redis_url") && msg.contains("fleet.lock_timeout"),
         "{msg}"
     );
+    assert!(
+        !load_with("", &[])
+            .unwrap()
+            .warnings
+            .iter()
+            .any(|w| w.contains("fleet"))
+    );
+    // Set but empty (an unset CI variable): off, and said so.
+    for s in [
+        load_with("[fleet]\nredis_url = \"\"\n", &[]).unwrap(),
+        load_with("", &[("BEHEST_AGENT__FLEET__REDIS_URL", "")]).unwrap(),
+    ] {
+        assert!(s.fleet.is_none());
+        assert!(
+            s.warnings
+                .iter()
+                .any(|w| w.contains("fleet.redis_url is set but empty")),
+            "{:?}",
+            s.warnings
+        );
+    }
 }
 
 #[test]

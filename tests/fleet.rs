@@ -276,6 +276,7 @@ async fn an_unreachable_redis_is_warned_about_once_and_the_agent_goes_alone() {
         1,
         "one warning per change of state"
     );
+    assert_eq!(warned("fleet.redis_url"), 1, "it says what to check");
     // The daemon's companion reconnects with backoff once Redis is back.
     let stop = tokio_util::sync::CancellationToken::new();
     let run = tokio::spawn({

@@ -1237,7 +1237,15 @@ fn fleet(
     origin: Origin<'_>,
     warnings: &mut Vec<String>,
 ) -> Result<Option<FleetSettings>, ConfigError> {
+    let set_empty = f.redis_url.is_some();
     let Some(url) = nonempty(f.redis_url) else {
+        if set_empty {
+            // An unset CI variable (`redis_url = "$REDIS_URL"`) would otherwise leave it off unsaid.
+            warnings.push(
+                "fleet.redis_url is set but empty: the fleet is off, and this agent makes its own grants"
+                    .to_string(),
+            );
+        }
         let others = [
             ("fleet.redis_username", f.redis_username.is_some()),
             ("fleet.redis_password_file", f.redis_password_file.is_some()),

@@ -277,7 +277,7 @@ impl Link {
             (_, Health::Unreachable(error)) => tracing::warn!(
                 redis = %url,
                 error = %error,
-                "fleet: Redis is unreachable; carrying on alone (disk cache, own grants) until it answers"
+                "fleet: Redis is unreachable; carrying on alone (disk cache, own grants) until it answers. Check fleet.redis_url, redis_username, redis_password_file and ca_file; `behest-agent doctor` tests them"
             ),
             (_, Health::Connecting) => {}
         }
