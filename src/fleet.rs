@@ -45,7 +45,7 @@ const CHECK_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Releases the lock only if it still holds this holder's value: a holder whose lock expired
 /// must not delete the next holder's.
-const RELEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
+const RELEASE: &str = "if redis.call('GETRANGE', KEYS[1], 0, -1) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
 
 /// What [`Fleet::acquire`] found.
 pub enum Acquired<T> {
@@ -236,6 +236,15 @@ impl Fleet {
         }
     }
 
+    /// Reads the shared entry, at most one byte more than a sealed entry can hold (a larger value
+    /// is garbage): whoever can write the key cannot make every agent read megabytes. An absent
+    /// entry reads as empty.
+    fn read_entry(&self) -> redis::Cmd {
+        let mut cmd = redis::cmd("GETRANGE");
+        cmd.arg(&self.inner.entry_key).arg(0).arg(seal::MAX_ENTRY);
+        cmd
+    }
+
     /// One `PING`: is Redis there?
     pub async fn check(&self) -> Result<(), FleetError> {
         self.inner
@@ -260,17 +269,15 @@ impl Fleet {
         let mut release = redis::cmd("EVAL");
         release.arg(RELEASE).arg(1).arg(&key).arg(&value);
         self.inner.link.call::<i64>(&release).await?;
-        let mut get = redis::cmd("GET");
-        get.arg(&self.inner.entry_key);
-        let value: Option<Vec<u8>> = match self.inner.link.call(&get).await {
+        let value: Vec<u8> = match self.inner.link.call(&self.read_entry()).await {
             Err(FleetError::Refused { code, .. }) if code == "WRONGTYPE" => {
                 return Ok(Peek::Garbage);
             }
             other => other?,
         };
-        let Some(value) = value else {
+        if value.is_empty() {
             return Ok(Peek::Absent);
-        };
+        }
         let Some(key) = self.seal_key().await else {
             return Ok(Peek::Unreadable);
         };
@@ -441,9 +448,7 @@ impl Fleet {
         F: FnMut(Entry) -> Fut,
         Fut: Future<Output = Option<T>>,
     {
-        let mut get = redis::cmd("GET");
-        get.arg(&self.inner.entry_key);
-        let value: Option<Vec<u8>> = match self.inner.link.call(&get).await {
+        let value: Vec<u8> = match self.inner.link.call(&self.read_entry()).await {
             Ok(v) => v,
             Err(FleetError::Refused { code, .. }) if code == "WRONGTYPE" => {
                 *garbage = true;
@@ -452,9 +457,9 @@ impl Fleet {
             }
             Err(_) => return Err(()),
         };
-        let Some(value) = value else {
+        if value.is_empty() {
             return Ok(None);
-        };
+        }
         if refused.as_deref() == Some(value.as_slice()) {
             return Ok(None);
         }

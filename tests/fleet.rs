@@ -197,6 +197,38 @@ async fn a_holder_that_never_publishes_leaves_the_follower_alone_after_lock_time
     assert_eq!(b.status().reads.miss, 1);
 }
 
+/// A planted value larger than any sealed entry is garbage, and is not read whole: whoever can
+/// write the key cannot make every agent read megabytes.
+#[tokio::test]
+async fn an_oversized_entry_is_garbage_and_never_read_whole() {
+    let redis = RedisServer::start().await;
+    let h = Harness::start().await;
+    let a = fleet_of(&h, &redis, &[]);
+    let mut c = redis.connection().await;
+    let mut big = vec![1u8];
+    big.resize(8 << 20, b'x');
+    let _: () = c.set(a.entry_key(), big).await.unwrap();
+    let sent = || async {
+        let info: String = redis::cmd("INFO")
+            .arg("stats")
+            .query_async(&mut redis.connection().await)
+            .await
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .expect("INFO stats has total_net_output_bytes")
+    };
+    let before = sent().await;
+    let Acquired::Leader(lease) = a.acquire(take_any).await else {
+        panic!("an oversized value is no token: the agent grants");
+    };
+    let read = sent().await - before;
+    assert!(read < 1 << 20, "Redis sent the agent {read} bytes");
+    lease.release().await;
+    assert!(a.status().error.as_deref().unwrap().contains("garbage"));
+}
+
 #[tokio::test]
 async fn garbage_in_the_entry_is_warned_about_once_and_replaced_by_a_grant() {
     let redis = RedisServer::start().await;
@@ -332,7 +364,7 @@ async fn an_acl_user_with_its_password_from_a_file_is_enough() {
             "on",
             &format!(">{password}"),
             "~behest-agent:*",
-            "+get",
+            "+getrange",
             "+set",
             "+del",
             "+eval",

@@ -712,7 +712,7 @@ async fn check_fleet(r: &mut Report, source: &TokenSource) {
         Err(e) => r.fail(
             format!("fleet: Redis at {redis}"),
             e,
-            "check fleet.redis_url, fleet.redis_username and fleet.redis_password_file, fleet.ca_file for rediss://, and that the ACL user may run GET, SET, DEL, EVAL and PING on the key_prefix's keys (and SELECT for a database other than 0); meanwhile each agent makes its own grants",
+            "check fleet.redis_url, fleet.redis_username and fleet.redis_password_file, fleet.ca_file for rediss://, and that the ACL user may run GETRANGE, SET, DEL, EVAL and PING on the key_prefix's keys (and SELECT for a database other than 0); meanwhile each agent makes its own grants",
         ),
     }
 }
