@@ -281,6 +281,7 @@ fn merged(opts: &LoadOptions) -> Result<(Option<PathBuf>, file::FileConfig), Con
         .filter(|(k, _)| k.starts_with("BEHEST_AGENT__"))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    let env_keys: Vec<String> = env.keys().cloned().collect();
     if let Some(bad) = env
         .keys()
         .find(|k| !k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
@@ -328,10 +329,18 @@ fn merged(opts: &LoadOptions) -> Result<(Option<PathBuf>, file::FileConfig), Con
     })?;
     let model: file::FileConfig = merged.try_deserialize().map_err(|e| {
         let message = e.to_string();
-        // serde's words for a key the model does not have.
+        // serde's words for a key the model does not have: "unknown field `NAME`, …". One that
+        // came from the environment is named by its variable, not by the file.
         if message.contains("unknown field") {
+            let name = message.split('`').nth(1).unwrap_or_default();
+            let variable = env_keys.iter().find(|k| {
+                k.split("__")
+                    .skip(1)
+                    .any(|part| part.eq_ignore_ascii_case(name))
+            });
             ConfigError::UnknownKey {
-                file: label.clone(),
+                file: variable
+                    .map_or_else(|| label.clone(), |v| format!("environment variable {v}")),
                 message,
             }
         } else {

@@ -123,6 +123,25 @@ fn an_unknown_key_is_an_error_naming_the_key_and_the_file() {
         msg.contains(&d.path().join("config.toml").display().to_string()),
         "{msg}"
     );
+    // One from the environment is named by its variable, not by the file.
+    for var in [
+        "BEHEST_AGENT__FLEET__REDIS_URLL",
+        "BEHEST_AGENT__FLET__REDIS_URL",
+    ] {
+        let (d, r) = load_file(
+            MINIMAL,
+            &[("AUTH0_CLIENT_SECRET", "s3cret-value"), (var, "redis://x")],
+        );
+        let msg = r.unwrap_err().to_string();
+        assert!(
+            msg.contains(&format!("environment variable {var}")),
+            "{msg}"
+        );
+        assert!(
+            !msg.contains(&d.path().join("config.toml").display().to_string()),
+            "{msg}"
+        );
+    }
 }
 
 #[test]
