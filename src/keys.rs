@@ -421,6 +421,11 @@ impl KeyStore {
             .custom_flags(nix::libc::O_NOFOLLOW)
             .open(&self.path)
             .map_err(|e| self.read_error(e))?;
+        // Only keys this user (or root) wrote are served.
+        let meta = f.metadata().map_err(|e| self.read_error(e))?;
+        if let Some(why) = crate::owner::untrusted(&meta) {
+            return Err(self.corrupt(why));
+        }
         let mut text = String::new();
         Read::by_ref(&mut f)
             .take(MAX_FILE + 1)
@@ -745,6 +750,24 @@ mod tests {
         let s = KeyStore::open_or_empty(&path, crate::clock::system());
         assert!(s.create(NewKey::default()).is_err());
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "{not json");
+    }
+
+    #[test]
+    fn a_keys_file_other_users_may_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        let (key, _) = KeyStore::open_or_empty(&path, crate::clock::system())
+            .create(NewKey::default())
+            .unwrap();
+        // Another user, say, planted it writable for all in a shared directory.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let e = KeyStore::open(&path, crate::clock::system()).unwrap_err();
+        assert!(e.to_string().contains("other users may write it"), "{e}");
+        let s = KeyStore::open_or_empty(&path, crate::clock::system());
+        let mut h = HeaderMap::new();
+        h.insert(API_KEY, HeaderValue::from_str(&key).unwrap());
+        assert!(s.authenticate(&h).is_err(), "its keys are not served");
     }
 
     #[test]

@@ -41,6 +41,7 @@ pub mod fds;
 pub mod fleet;
 pub mod keys;
 pub mod lockfile;
+pub mod owner;
 pub mod proxy;
 pub mod server;
 pub mod service;

@@ -27,14 +27,17 @@ pub fn open(path: &Path) -> std::io::Result<File> {
             .mode(0o700)
             .create(dir)?;
     }
-    OpenOptions::new()
+    let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
         .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(path)
+        .open(path)?;
+    // One another user planted could be held by them forever.
+    crate::owner::check(path, &file.metadata()?)?;
+    Ok(file)
 }
 
 /// Takes the lock `path`, waiting at most `wait`; held until the file is dropped. It blocks the

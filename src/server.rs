@@ -195,8 +195,8 @@ async fn bind_one(addr: &ListenAddr) -> io::Result<Listener> {
 ///   accepted before a `chmod` would outlive it).
 /// - A stale socket file (nobody listens) is replaced; a live one is an error (`AddrInUse`); a
 ///   path that is not a socket (a file, a symlink, a directory) is never touched.
-/// - A directory every user may write is refused: another user could plant a socket there first,
-///   or replace this one.
+/// - A directory every user may write, or one another user owns, is refused: another user could
+///   plant a socket there first, or replace this one.
 /// - The check and the rename happen under a lock on the directory, so of several processes
 ///   racing for the same stale socket exactly one gets it.
 ///
@@ -204,6 +204,15 @@ async fn bind_one(addr: &ListenAddr) -> io::Result<Listener> {
 pub async fn bind_unix(path: &Path, mode: u32) -> io::Result<Listener> {
     let dir = socket_dir(path);
     let meta = std::fs::metadata(dir)?;
+    if let Some(why) = crate::owner::untrusted(&meta) {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "its directory {}: {why} (its owner could replace the socket)",
+                dir.display()
+            ),
+        ));
+    }
     if meta.mode() & 0o002 != 0 {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,

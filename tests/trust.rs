@@ -320,6 +320,20 @@ async fn the_default_directory_is_created_private_and_a_world_writable_one_is_re
         .unwrap_err();
     assert!(e.to_string().contains("writable by every user"), "{e}");
     assert!(!open.join("agent.sock").exists());
+
+    // A directory another user owns: they could move the socket away and put theirs there.
+    if nix::unistd::geteuid().is_root() {
+        let theirs = h.path("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(65534), None).unwrap();
+        let e = control::bind(&theirs.join("agent.sock"), 0o660, 0o750)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("belongs to uid 65534"), "{e}");
+        assert!(!theirs.join("agent.sock").exists());
+    } else {
+        eprintln!("SKIPPED its other-owner half: only root can give a directory to another user");
+    }
 }
 
 #[test]

@@ -175,7 +175,9 @@ impl Writer {
             .mode(0o600)
             .custom_flags(nix::libc::O_NOFOLLOW)
             .open(&self.path)?;
-        let size = file.metadata()?.len();
+        let meta = file.metadata()?;
+        crate::owner::check(&self.path, &meta)?;
+        let size = meta.len();
         self.file = Some((file, size));
         Ok(size)
     }
@@ -285,6 +287,20 @@ mod tests {
         ledger.append(std::time::SystemTime::now(), line(1));
         ledger.flush().await;
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "");
+    }
+
+    #[tokio::test]
+    async fn a_ledger_other_users_may_write_is_not_written() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.jsonl");
+        // Planted by another user, writable (and readable) by all.
+        std::fs::write(&path, "").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let ledger = Ledger::start(path.clone(), 1 << 20);
+        ledger.append(std::time::SystemTime::now(), line(1));
+        ledger.flush().await;
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
     }
 
     #[test]

@@ -1,0 +1,65 @@
+//! What another local user could have planted or may change is not trusted: the keys file, the
+//! usage ledger, lock files and the control socket's directory must belong to this process's user
+//! or root, and a file must not be writable by group or others.
+
+use std::os::unix::fs::MetadataExt;
+
+/// Why the file or directory `meta` describes is not to be trusted; `None` when it may be.
+pub fn untrusted(meta: &std::fs::Metadata) -> Option<String> {
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Some(format!(
+            "it belongs to uid {}, neither this user (uid {me}) nor root: another user may have put it there; remove it",
+            meta.uid()
+        ));
+    }
+    if meta.is_file() && meta.mode() & 0o022 != 0 {
+        return Some(format!(
+            "other users may write it (mode {:04o}); remove it, or `chmod go-w` it",
+            meta.mode() & 0o7777
+        ));
+    }
+    None
+}
+
+/// [`untrusted`] as an I/O error (permission denied) naming `path`.
+pub fn check(path: &std::path::Path, meta: &std::fs::Metadata) -> std::io::Result<()> {
+    match untrusted(meta) {
+        None => Ok(()),
+        Some(why) => Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("{}: {why}", path.display()),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_file_others_may_write_or_another_user_owns_is_untrusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        std::fs::write(&f, "").unwrap();
+        for (mode, trusted) in [(0o600, true), (0o644, true), (0o620, false), (0o602, false)] {
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).unwrap();
+            let why = untrusted(&std::fs::metadata(&f).unwrap());
+            assert_eq!(why.is_none(), trusted, "{mode:o}: {why:?}");
+        }
+        // A directory may be group-writable (the service's group); the socket's checks its mode.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o770)).unwrap();
+        assert_eq!(untrusted(&std::fs::metadata(dir.path()).unwrap()), None);
+        if nix::unistd::geteuid().is_root() {
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+            std::os::unix::fs::chown(&f, Some(65534), None).unwrap();
+            let why = untrusted(&std::fs::metadata(&f).unwrap()).unwrap();
+            assert!(why.contains("uid 65534"), "{why}");
+            let e = check(&f, &std::fs::metadata(&f).unwrap()).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied);
+        } else {
+            eprintln!("SKIPPED the other-owner half: only root can chown a file to another user");
+        }
+    }
+}
