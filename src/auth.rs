@@ -147,10 +147,25 @@ impl GrantError {
         }
     }
 
-    /// A short machine-readable code for metrics and JSON.
+    /// A short machine-readable code for metrics and JSON: RFC 6749 §5.2's codes and those
+    /// Auth0 adds; any other the IdP sent is `other` (a metric label must not take whatever an
+    /// IdP answers).
     pub fn code(&self) -> String {
         match self {
-            GrantError::Refused { error, .. } => error.clone(),
+            GrantError::Refused { error, .. } => match error.as_str() {
+                "invalid_request"
+                | "invalid_client"
+                | "invalid_grant"
+                | "unauthorized_client"
+                | "unsupported_grant_type"
+                | "invalid_scope"
+                | "access_denied"
+                | "server_error"
+                | "temporarily_unavailable"
+                | "too_many_requests"
+                | "invalid_target" => error.clone(),
+                _ => "other".into(),
+            },
             GrantError::Http { status, .. } => format!("http_{status}"),
             GrantError::Transport { .. } => "unreachable".into(),
             GrantError::Malformed(_) => "malformed_response".into(),

@@ -561,6 +561,37 @@ async fn idp_errors_keep_code_status_description_and_retry_after() {
     );
 }
 
+/// An IdP that echoes the credential back (a debug page, a confused error code) never gets it
+/// repeated: not in the error, its code (a metric label), `status`, nor the logs.
+#[tokio::test]
+async fn a_credential_the_idp_echoes_back_is_never_repeated() {
+    use base64::Engine as _;
+    let h = Harness::start().await;
+    let source = h.source(&[NO_CACHE], clock::system());
+    let basic =
+        base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", h.client_id, h.secret));
+    h.idp.fail_next(
+        1,
+        Fault::Oauth {
+            status: 400,
+            error: h.secret.clone(),
+            description: format!("got secret {} and Basic {basic}", h.secret),
+        },
+    );
+    let err = source.refresh_now().await.unwrap_err();
+    let status = serde_json::to_string(&source.status()).unwrap();
+    for text in [err.to_string(), err.code(), status] {
+        assert!(
+            !text.contains(&h.secret) && !text.contains(&basic),
+            "{text}"
+        );
+    }
+    assert!(err.to_string().contains("got secret [redacted]"), "{err}");
+    assert_eq!(err.code(), "other", "a code no IdP standard names");
+    assert!(!crate::util::logs().contains(&basic));
+    h.assert_no_secrets_logged();
+}
+
 #[test]
 fn backoff_grows_exponentially_within_bounds_and_honours_retry_after() {
     let min = Duration::from_secs(1);

@@ -115,9 +115,20 @@ impl Grant {
         let mut client = OAuthClient::new(ClientId::new(s.client_id.clone()))
             .set_token_uri(TokenUrl::from_url(endpoints.token_url.clone()));
         let mut assertion: Option<SecretString> = None;
+        // What an IdP might echo back in an error (a debug page, a confused error code): never
+        // repeated in a log line, an error, a metric or `status`.
+        let mut sent: Vec<SecretString> = Vec::new();
         match &s.client_auth {
             ClientAuth::ClientSecretPost | ClientAuth::ClientSecretBasic => {
                 let secret = self.read_secret().await?;
+                use base64::Engine as _;
+                let basic = base64::engine::general_purpose::STANDARD.encode(format!(
+                    "{}:{}",
+                    s.client_id,
+                    secret.expose_secret()
+                ));
+                sent.push(secret.clone());
+                sent.push(SecretString::from(basic));
                 client = client
                     .set_client_secret(ClientSecret::new(secret.expose_secret().to_string()))
                     .set_auth_type(match s.client_auth {
@@ -131,10 +142,10 @@ impl Grant {
                     .issuer
                     .clone()
                     .unwrap_or_else(|| endpoints.token_url.to_string());
-                assertion = Some(
-                    assertion::sign(key, &s.client_id, &aud, self.clock.unix())
-                        .map_err(GrantError::Assertion)?,
-                );
+                let signed = assertion::sign(key, &s.client_id, &aud, self.clock.unix())
+                    .map_err(GrantError::Assertion)?;
+                sent.push(signed.clone());
+                assertion = Some(signed);
             }
         }
 
@@ -176,7 +187,10 @@ impl Grant {
             Ok(token) => Ok(IssuedToken {
                 access_token: SecretString::from(token.access_token().secret().to_string()),
             }),
-            Err(e) => Err(self.map_error(e, meta, &endpoints.token_url)),
+            Err(e) => Err(redacted(
+                self.map_error(e, meta, &endpoints.token_url),
+                &sent,
+            )),
         }
     }
 
@@ -191,7 +205,7 @@ impl Grant {
         match error {
             RequestTokenError::ServerResponse(e) => GrantError::Refused {
                 status,
-                error: e.error().as_ref().to_string(),
+                error: sanitize(e.error().as_ref()),
                 description: e.error_description().map(|d| sanitize(d)),
                 retry_after,
             },
@@ -257,6 +271,40 @@ impl Grant {
                 message: "no client secret configured".into(),
             }),
         }
+    }
+}
+
+/// `error` with every credential in `sent` cut out of the text the IdP chose.
+fn redacted(error: GrantError, sent: &[SecretString]) -> GrantError {
+    let clean = |text: String| {
+        sent.iter()
+            .map(|s| s.expose_secret())
+            .filter(|s| !s.is_empty())
+            .fold(text, |t, s| t.replace(s, "[redacted]"))
+    };
+    match error {
+        GrantError::Refused {
+            status,
+            error,
+            description,
+            retry_after,
+        } => GrantError::Refused {
+            status,
+            error: clean(error),
+            description: description.map(clean),
+            retry_after,
+        },
+        GrantError::Http {
+            status,
+            snippet,
+            retry_after,
+        } => GrantError::Http {
+            status,
+            snippet: clean(snippet),
+            retry_after,
+        },
+        GrantError::Malformed(m) => GrantError::Malformed(clean(m)),
+        other => other,
     }
 }
 
