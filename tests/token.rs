@@ -561,6 +561,58 @@ async fn idp_errors_keep_code_status_description_and_retry_after() {
     );
 }
 
+/// A JWKS that is down (503) is an outage, retried from `min_backoff` as the token endpoint's
+/// would be, not a setting to fix retried at the slow end.
+#[tokio::test]
+async fn a_jwks_outage_is_retried_as_an_outage() {
+    let h = Harness::start().await;
+    let source = h.source(&[NO_CACHE], clock::system());
+    h.idp.fail_next(1, Fault::JwksDown);
+    let err = source.refresh_now().await.unwrap_err();
+    assert_eq!(err.code(), "jwks_unavailable", "{err}");
+    assert!(!err.is_config_error(), "{err}");
+    let wait = backoff(Duration::from_secs(1), Duration::from_secs(300), 1, &err);
+    assert!(wait <= Duration::from_secs(2), "{wait:?}");
+    source.refresh_now().await.expect("the JWKS is back");
+}
+
+/// A JWKS answer over 256 KiB is not read whole.
+#[tokio::test]
+async fn a_huge_jwks_is_refused_unread() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/jwks", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let _ = s.read(&mut [0; 4096]).await;
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n{\"keys\":[";
+            let _ = s.write_all(head.as_bytes()).await;
+            // 64 MiB of blanks, never all sent: the agent stops reading first.
+            for _ in 0..1024 {
+                if s.write_all(&[b' '; 64 * 1024]).await.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let h = Harness::start().await;
+    let issuer = h.idp.base_url();
+    let token_url = format!("{}/oauth/token", issuer.trim_end_matches('/'));
+    let source = h.source(
+        &[
+            NO_CACHE,
+            ("BEHEST_AGENT__AUTH__DOMAIN", ""),
+            ("BEHEST_AGENT__AUTH__PROVIDER", "oidc"),
+            ("BEHEST_AGENT__AUTH__ISSUER", issuer.as_str()),
+            ("BEHEST_AGENT__AUTH__TOKEN_URL", token_url.as_str()),
+            ("BEHEST_AGENT__AUTH__JWKS_URL", url.as_str()),
+        ],
+        clock::system(),
+    );
+    let err = source.refresh_now().await.unwrap_err();
+    assert!(err.to_string().contains("over 256 KiB"), "{err}");
+}
+
 /// An IdP that echoes the credential back (a debug page, a confused error code) never gets it
 /// repeated: not in the error, its code (a metric label), `status`, nor the logs.
 #[tokio::test]

@@ -66,9 +66,8 @@ async fn discover(issuer: &Url, http: &reqwest::Client) -> Result<ResolvedEndpoi
     if !response.status().is_success() {
         return Err(fail(format!("HTTP {}", response.status().as_u16())));
     }
-    let doc: Discovery = response
-        .json()
-        .await
+    let body = super::http::body(response).await.map_err(fail)?;
+    let doc: Discovery = serde_json::from_slice(&body)
         .map_err(|e| fail(format!("not a discovery document: {e}")))?;
     if doc.issuer.trim_end_matches('/') != base {
         return Err(fail(format!(

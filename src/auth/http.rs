@@ -52,8 +52,21 @@ pub struct ResponseMeta {
 #[error("{0}")]
 pub struct TransportError(pub String);
 
-/// Upper bound on a token-endpoint response we read.
+/// Upper bound on a response from the IdP (token endpoint, discovery, JWKS) that we read.
 const MAX_BODY: usize = 256 * 1024;
+
+/// `response`'s body, at most 256 KiB: an IdP (or what answers in its place) cannot make the agent
+/// hold more.
+pub async fn body(mut response: reqwest::Response) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| describe_reqwest(&e))? {
+        if body.len() + chunk.len() > MAX_BODY {
+            return Err("response body over 256 KiB".into());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
 
 /// `oauth2`'s HTTP client: the project's reqwest client, recording what `oauth2` drops.
 #[derive(Clone)]
@@ -82,7 +95,7 @@ async fn send(
     request: oauth2::HttpRequest,
 ) -> Result<oauth2::HttpResponse, TransportError> {
     let request = reqwest::Request::try_from(request).map_err(|e| TransportError(e.to_string()))?;
-    let mut response = client
+    let response = client
         .execute(request)
         .await
         .map_err(|e| TransportError(describe_reqwest(&e)))?;
@@ -92,21 +105,11 @@ async fn send(
         status: status.as_u16(),
         retry_after,
     });
-    let mut body = Vec::new();
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .map_err(|e| TransportError(describe_reqwest(&e)))?
-    {
-        if body.len() + chunk.len() > MAX_BODY {
-            return Err(TransportError("response body over 256 KiB".into()));
-        }
-        body.extend_from_slice(&chunk);
-    }
     let mut out = http::Response::builder().status(status);
     if let Some(h) = out.headers_mut() {
         *h = response.headers().clone();
     }
+    let body = body(response).await.map_err(TransportError)?;
     out.body(body).map_err(|e| TransportError(e.to_string()))
 }
 

@@ -35,7 +35,10 @@ pub enum CheckError {
     UnknownKid(String),
     /// Signatures are checked, but no JWKS URL is configured or discovered.
     NoJwksUrl,
+    /// The JWKS answers with something that is not one, or a key the agent cannot use.
     Jwks(String),
+    /// The JWKS could not be had now (unreachable, 5xx, 429): an outage, retried as one.
+    JwksDown(String),
     Expired(String),
     /// `nbf` or `iat` is later than now (beyond [`CLOCK_LEEWAY`]).
     NotYetValid {
@@ -96,7 +99,9 @@ impl CheckError {
             CheckError::NoJwksUrl => {
                 "no JWKS URL is known, so the token's signature cannot be checked".into()
             }
-            CheckError::Jwks(m) => format!("cannot get the issuer's JWKS: {m}"),
+            CheckError::Jwks(m) | CheckError::JwksDown(m) => {
+                format!("cannot get the issuer's JWKS: {m}")
+            }
             CheckError::Expired(at) => format!("the token expired at {at}"),
             CheckError::NotYetValid { claim, at } => format!(
                 "the token's `{claim}` claim is {at}, later than this machine's clock (more than {}s ahead)",
@@ -142,7 +147,7 @@ impl CheckError {
             CheckError::Signature(_) => format!("the token was not signed by this issuer: {SAME_ISSUER}"),
             CheckError::UnknownKid(_) => format!("the token comes from another IdP or tenant: {SAME_ISSUER}"),
             CheckError::NoJwksUrl => "set auth.jwks_url (or auth.issuer, for discovery), or token.verify_signature = false".into(),
-            CheckError::Jwks(_) => "check auth.jwks_url (or auth.domain / auth.issuer) names the IdP's JWKS and that this machine reaches it; if the IdP is having an outage, try again later".into(),
+            CheckError::Jwks(_) | CheckError::JwksDown(_) => "check auth.jwks_url (or auth.domain / auth.issuer) names the IdP's JWKS and that this machine reaches it; if the IdP is having an outage, try again later".into(),
             CheckError::Expired(_) => "check this machine's clock (`timedatectl status`); if it is right, the IdP issues tokens that are already expired: check the API's token lifetime".into(),
             CheckError::NotYetValid { .. } => "check this machine's clock (`timedatectl status`) and the IdP's: one of them is wrong".into(),
             CheckError::ClientMismatch { .. } => "the cached or issued token belongs to another client: delete token.cache_file if it was copied from elsewhere, and check auth.client_id and auth.domain".into(),
@@ -167,7 +172,9 @@ impl CheckError {
             CheckError::Algorithm(_) => "refused_algorithm",
             CheckError::Signature(_) => "bad_signature",
             CheckError::UnknownKid(_) => "unknown_kid",
-            CheckError::NoJwksUrl | CheckError::Jwks(_) => "jwks_unavailable",
+            CheckError::NoJwksUrl | CheckError::Jwks(_) | CheckError::JwksDown(_) => {
+                "jwks_unavailable"
+            }
             CheckError::Expired(_) => "expired",
             CheckError::NotYetValid { .. } => "not_yet_valid",
             CheckError::ClientMismatch { .. } => "client_mismatch",

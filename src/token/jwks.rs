@@ -60,20 +60,28 @@ impl Jwks {
     /// Fetches the set at `url` now, and keeps it.
     pub async fn fetch(&self, url: &Url) -> Result<Arc<JwkSet>, CheckError> {
         let response = self.http.get(url.clone()).send().await.map_err(|e| {
-            CheckError::Jwks(format!(
+            CheckError::JwksDown(format!(
                 "{url}: {}",
                 crate::auth::http::describe_reqwest(&e)
             ))
         })?;
-        if !response.status().is_success() {
-            return Err(CheckError::Jwks(format!(
+        let status = response.status();
+        if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            return Err(CheckError::JwksDown(format!(
                 "{url} answered HTTP {}",
-                response.status().as_u16()
+                status.as_u16()
             )));
         }
-        let set: JwkSet = response
-            .json()
+        if !status.is_success() {
+            return Err(CheckError::Jwks(format!(
+                "{url} answered HTTP {}",
+                status.as_u16()
+            )));
+        }
+        let body = crate::auth::http::body(response)
             .await
+            .map_err(|e| CheckError::JwksDown(format!("{url}: {e}")))?;
+        let set: JwkSet = serde_json::from_slice(&body)
             .map_err(|e| CheckError::Jwks(format!("{url} is not a JWKS: {e}")))?;
         let set = Arc::new(set);
         *self.set.write().expect("jwks lock") = Some((url.clone(), set.clone()));

@@ -85,7 +85,8 @@ impl RefreshError {
     pub fn is_config_error(&self) -> bool {
         match self {
             RefreshError::Grant(e) => e.is_config_error(),
-            RefreshError::Check(_) => true,
+            // The JWKS down is an outage like the token endpoint's, not a setting to fix.
+            RefreshError::Check(e) => !matches!(e, CheckError::JwksDown(_)),
         }
     }
 
@@ -842,7 +843,7 @@ impl TokenSource {
                 .ok()?;
                 Some((Arc::new(t), cached.forced))
             }
-            Err(e @ (CheckError::Jwks(_) | CheckError::NoJwksUrl)) => {
+            Err(e @ (CheckError::Jwks(_) | CheckError::JwksDown(_) | CheckError::NoJwksUrl)) => {
                 tracing::warn!(error = %e.problem(), "cannot check the cached token against the JWKS now; not using it");
                 None
             }
