@@ -126,6 +126,30 @@ async fn configuration_errors_exit_2_and_name_the_key_and_the_file() {
     assert_eq!(o.code, 2, "usage errors exit 2");
 }
 
+/// A `--session` that cannot go into a URL path is a usage error (exit 2) that says what to use.
+#[tokio::test]
+async fn a_bad_session_flag_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["env", "--session", "a;b$(id)"][..],
+        &["env", "--session", "a\nb"],
+        &["exec", "--session", "bad session", "--", "true"],
+        &["exec", "--session", "", "--", "true"],
+    ] {
+        let mut c = bin();
+        c.env("HOME", dir.path())
+            .env("XDG_RUNTIME_DIR", dir.path())
+            .args(args);
+        let o = output(c).await;
+        assert_eq!(o.code, 2, "{args:?}: {}", o.stderr);
+        assert!(
+            o.stderr.contains("use 1 to 128 letters"),
+            "{args:?}: {}",
+            o.stderr
+        );
+    }
+}
+
 #[tokio::test]
 async fn every_duration_flag_takes_seconds_or_a_duration_and_says_what_to_use_otherwise() {
     let dir = tempfile::tempdir().unwrap();

@@ -118,6 +118,29 @@ async fn doctor_passes_every_check_in_order_against_a_healthy_idp_and_upstream_a
     o.assert_no_secrets(std::slice::from_ref(&h.secret));
 }
 
+/// `doctor | head -1`: the reader goes after the first line; doctor still ends with its own
+/// exit code, not a panic's 101.
+#[tokio::test]
+async fn a_reader_that_goes_away_does_not_make_doctor_panic() {
+    let h = Harness::start().await;
+    let mut c = h.agent(&["doctor"], &[]);
+    c.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    drop(child.stdout.take());
+    let out = tokio::time::timeout(std::time::Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("doctor ends")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        matches!(out.status.code(), Some(0 | 1)),
+        "{:?}: {stderr}",
+        out.status
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
 #[tokio::test]
 async fn a_token_without_uid_fails_the_uid_check_with_the_auth0_action_as_fix_and_exits_1() {
     let h = Harness::start().await;

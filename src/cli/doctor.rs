@@ -132,28 +132,36 @@ struct Report {
     failed: bool,
 }
 
+/// One line on stdout; a reader that went away (`doctor | head -1`) is no failure of the checks.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 impl Report {
     fn pass(&mut self, what: impl Display) {
-        println!("✓ {what}");
+        say!("✓ {what}");
     }
 
     fn info(&mut self, what: impl Display) {
-        println!("· {what}");
+        say!("· {what}");
     }
 
     fn fail(&mut self, what: impl Display, problem: impl Display, fix: impl Display) {
         self.failed = true;
         let problem = problem.to_string();
         let mut lines = problem.lines();
-        println!("✗ {what}: {}", lines.next().unwrap_or_default());
+        say!("✗ {what}: {}", lines.next().unwrap_or_default());
         for l in lines {
-            println!("  {l}");
+            say!("  {l}");
         }
         let fix = fix.to_string();
         let mut lines = fix.lines();
-        println!("  fix: {}", lines.next().unwrap_or_default());
+        say!("  fix: {}", lines.next().unwrap_or_default());
         for l in lines {
-            println!("       {l}");
+            say!("       {l}");
         }
     }
 

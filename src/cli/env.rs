@@ -33,7 +33,7 @@ pub struct Args {
     pub format: Format,
     /// Attribute the job's cost to this session (base URL /s/ID/v1, sent as X-Session-Id);
     /// default: from the CI job's variables (proxy.session_from_ci)
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", value_parser = parse_session)]
     pub session: Option<String>,
     /// When the proxy requires local keys: how long the key made for this job (printed as
     /// OPENAI_API_KEY) stays valid
@@ -144,19 +144,27 @@ pub fn base_url(addr: &str, session: Option<&str>) -> anyhow::Result<String> {
     match session {
         None => Ok(format!("http://{addr}/v1")),
         Some(s) => {
-            if s.is_empty()
-                || s.len() > 128
-                || !s
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b))
-            {
-                anyhow::bail!(
-                    "--session `{s}`: use 1 to 128 letters, digits, '-', '_', '.' or '~' (it becomes part of a URL path)"
-                );
-            }
+            let s = parse_session(s).map_err(anyhow::Error::msg)?;
             Ok(format!("http://{addr}/s/{s}/v1"))
         }
     }
+}
+
+/// A session id for `env` and `exec`: 1 to 128 letters, digits, `-`, `_`, `.` or `~`, since it
+/// becomes part of a URL path. As `--session`'s parser, a bad one is a usage error (exit 2).
+pub fn parse_session(s: &str) -> Result<String, String> {
+    if s.is_empty()
+        || s.len() > 128
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b))
+    {
+        return Err(format!(
+            "--session `{}`: use 1 to 128 letters, digits, '-', '_', '.' or '~' (it becomes part of a URL path)",
+            s.escape_debug()
+        ));
+    }
+    Ok(s.to_string())
 }
 
 pub fn variables(base: &str) -> Vec<(&'static str, String)> {

@@ -27,7 +27,7 @@ use crate::keys::NewKey;
 pub struct Args {
     /// Attribute the command's cost to this session (base URL /s/ID/v1, sent as X-Session-Id);
     /// default: from the CI job's variables (proxy.session_from_ci)
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", value_parser = super::env::parse_session)]
     pub session: Option<String>,
     /// Use this profile's identity ([profiles.NAME]): the base URL gets /p/NAME/
     #[arg(long, value_name = "NAME")]
