@@ -858,6 +858,28 @@ async fn the_cache_file_is_written_with_mode_0600_and_reused_after_restart_witho
     h.assert_no_secrets_logged();
 }
 
+/// A cache file other users may read (restored from a backup, say) is not used: the next grant
+/// replaces it with a 0600 one.
+#[tokio::test]
+async fn a_cache_file_others_may_read_is_not_used_and_is_replaced() {
+    use std::os::unix::fs::PermissionsExt;
+    let h = Harness::start().await;
+    let source = h.source(&[], clock::system());
+    let t = source.get(Duration::ZERO).await.unwrap();
+    h.remember(t.secret().expose_secret());
+    drop(source);
+    let cache = h.path("state/token.json");
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let restarted = h.source(&[], clock::system());
+    assert!(restarted.load_cache().await.is_none(), "not used");
+    let t2 = restarted.get(Duration::ZERO).await.unwrap();
+    h.remember(t2.secret().expose_secret());
+    assert_eq!(h.idp.grants(), 2, "a new grant");
+    assert_eq!(mode_of(&cache), 0o600);
+    assert!(crate::util::logs().contains("other users may read it (mode 0644)"));
+    h.assert_no_secrets_logged();
+}
+
 #[tokio::test]
 async fn a_tampered_cache_file_is_discarded_and_a_new_token_granted() {
     let h = Harness::start().await;

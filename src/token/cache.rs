@@ -119,9 +119,29 @@ impl DiskCache {
     }
 
     /// The cached token for this key, if any. A missing, unreadable, corrupt or foreign file is
-    /// simply no token.
+    /// simply no token; so is one other users may read (its token may have been read: the next
+    /// grant replaces it with a 0600 file) or one another user owns.
     pub fn load(&self) -> Option<Cached> {
-        let text = std::fs::read(&self.path).ok()?;
+        use std::io::Read as _;
+        use std::os::unix::fs::MetadataExt as _;
+        let f = OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&self.path)
+            .ok()?;
+        let meta = f.metadata().ok()?;
+        let exposed = (meta.mode() & 0o077 != 0).then(|| {
+            format!(
+                "other users may read it (mode {:04o})",
+                meta.mode() & 0o7777
+            )
+        });
+        if let Some(why) = crate::owner::untrusted(&meta).or(exposed) {
+            tracing::warn!(path = %self.path.display(), reason = %why, "not using the token cache file; the next grant replaces it with a 0600 one");
+            return None;
+        }
+        let mut text = Vec::new();
+        f.take(1 << 20).read_to_end(&mut text).ok()?;
         let file: CacheFile = match serde_json::from_slice(&text) {
             Ok(f) => f,
             Err(_) => {
