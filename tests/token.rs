@@ -640,6 +640,18 @@ async fn a_credential_the_idp_echoes_back_is_never_repeated() {
     }
     assert!(err.to_string().contains("got secret [redacted]"), "{err}");
     assert_eq!(err.code(), "other", "a code no IdP standard names");
+    // Taken out before the text is cut short: no head of it survives the cut either.
+    h.idp.fail_next(
+        1,
+        Fault::Oauth {
+            status: 400,
+            error: "invalid_request".into(),
+            description: format!("{}{}", "x".repeat(190), h.secret),
+        },
+    );
+    let err = source.refresh_now().await.unwrap_err();
+    let head = &h.secret[..8];
+    assert!(!err.to_string().contains(head), "{err}");
     assert!(!crate::util::logs().contains(&basic));
     h.assert_no_secrets_logged();
 }

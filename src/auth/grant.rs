@@ -187,19 +187,27 @@ impl Grant {
             Ok(token) => Ok(IssuedToken {
                 access_token: SecretString::from(token.access_token().secret().to_string()),
             }),
-            Err(e) => Err(redacted(
-                self.map_error(e, meta, &endpoints.token_url),
-                &sent,
-            )),
+            Err(e) => Err(self.map_error(e, meta, &endpoints.token_url, &sent)),
         }
     }
 
+    /// What went wrong, in the IdP's words where it gave some: cut to one short line, with every
+    /// credential in `sent` taken out first (an IdP may echo them back).
     fn map_error(
         &self,
         error: RequestTokenError<TransportError, BasicErrorResponse>,
         meta: Option<ResponseMeta>,
         token_url: &url::Url,
+        sent: &[SecretString],
     ) -> GrantError {
+        let sanitize = |text: &str| {
+            let clean = sent
+                .iter()
+                .map(|s| s.expose_secret())
+                .filter(|s| !s.is_empty())
+                .fold(text.to_string(), |t, s| t.replace(s, "[redacted]"));
+            sanitize(&clean)
+        };
         let status = meta.as_ref().map(|m| m.status).unwrap_or(0);
         let retry_after = meta.as_ref().and_then(|m| m.retry_after);
         match error {
@@ -216,7 +224,10 @@ impl Grant {
             // A 200 body may hold the token: never quote it. Error bodies are quoted, shortened.
             RequestTokenError::Parse(e, body) => {
                 if status == 200 {
-                    GrantError::Malformed(format!("not a token response ({})", e.inner()))
+                    GrantError::Malformed(sanitize(&format!(
+                        "not a token response ({})",
+                        e.inner()
+                    )))
                 } else {
                     GrantError::Http {
                         status,
@@ -225,7 +236,7 @@ impl Grant {
                     }
                 }
             }
-            RequestTokenError::Other(m) if status == 200 => GrantError::Malformed(m),
+            RequestTokenError::Other(m) if status == 200 => GrantError::Malformed(sanitize(&m)),
             RequestTokenError::Other(m) => GrantError::Http {
                 status,
                 snippet: sanitize(&m),
@@ -271,40 +282,6 @@ impl Grant {
                 message: "no client secret configured".into(),
             }),
         }
-    }
-}
-
-/// `error` with every credential in `sent` cut out of the text the IdP chose.
-fn redacted(error: GrantError, sent: &[SecretString]) -> GrantError {
-    let clean = |text: String| {
-        sent.iter()
-            .map(|s| s.expose_secret())
-            .filter(|s| !s.is_empty())
-            .fold(text, |t, s| t.replace(s, "[redacted]"))
-    };
-    match error {
-        GrantError::Refused {
-            status,
-            error,
-            description,
-            retry_after,
-        } => GrantError::Refused {
-            status,
-            error: clean(error),
-            description: description.map(clean),
-            retry_after,
-        },
-        GrantError::Http {
-            status,
-            snippet,
-            retry_after,
-        } => GrantError::Http {
-            status,
-            snippet: clean(snippet),
-            retry_after,
-        },
-        GrantError::Malformed(m) => GrantError::Malformed(clean(m)),
-        other => other,
     }
 }
 
