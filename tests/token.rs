@@ -858,13 +858,22 @@ async fn the_cache_file_is_written_with_mode_0600_and_reused_after_restart_witho
     h.remember(t.secret().expose_secret());
     let cache = h.path("state/token.json");
     assert_eq!(mode_of(&cache), 0o600);
+    let granted_at = source.status().last_refresh.expect("a refresh");
     drop(source);
-    let restarted = h.source(&[], clock::system());
+    // Restarted two minutes later.
+    let later = TestClock::new();
+    later.jump(Duration::from_secs(120));
+    let restarted = h.source(&[], later);
     let loaded = restarted
         .load_cache()
         .await
         .expect("the cached token is loaded");
     assert_eq!(loaded.secret().expose_secret(), t.secret().expose_secret());
+    assert_eq!(
+        restarted.status().last_refresh.as_deref(),
+        Some(granted_at.as_str()),
+        "the last refresh is the grant's, not the restart's"
+    );
     restarted.get(Duration::ZERO).await.unwrap();
     assert_eq!(h.idp.grants(), 1, "restart made no grant");
     h.assert_no_secrets_logged();

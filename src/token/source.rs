@@ -900,10 +900,13 @@ impl TokenSource {
         for w in &token.warnings {
             tracing::warn!("{w}");
         }
+        let obtained_at = token.obtained_at;
         *self.inner.current.write().expect("token lock") = Some(token);
         {
             let mut st = self.inner.state.lock().expect("state lock");
-            st.last_refresh = Some(now);
+            // When the token held was issued: a token from the cache or the fleet was not
+            // refreshed now.
+            st.last_refresh = Some(obtained_at);
             st.last_error = None;
             st.failures = 0;
             st.retry_at = None;
