@@ -561,6 +561,30 @@ async fn idp_errors_keep_code_status_description_and_retry_after() {
     );
 }
 
+/// RFC 6749 §7.1: a token of a type the agent does not understand is not used (it would be sent
+/// as a Bearer token); `bearer` in any case is Bearer.
+#[tokio::test]
+async fn a_token_that_is_not_bearer_is_refused() {
+    let h = Harness::start().await;
+    let source = h.source(&[NO_CACHE], clock::system());
+    for kind in ["MAC", "DPoP"] {
+        h.idp.fail_next(1, Fault::TokenType(kind.into()));
+        let err = source.refresh_now().await.unwrap_err();
+        assert_eq!(err.code(), "malformed_response", "{err}");
+        assert!(
+            err.to_string().contains(&format!("token of type `{kind}`")),
+            "{err}"
+        );
+    }
+    for kind in ["bearer", "BEARER"] {
+        h.idp.fail_next(1, Fault::TokenType(kind.into()));
+        source
+            .refresh_now()
+            .await
+            .expect("any case of Bearer is Bearer");
+    }
+}
+
 /// A JWKS that is down (503) is an outage, retried from `min_backoff` as the token endpoint's
 /// would be, not a setting to fix retried at the slow end.
 #[tokio::test]

@@ -163,6 +163,8 @@ pub enum Fault {
     Claims(Value),
     /// A response whose `expires_in` is this value instead of the lifetime.
     ExpiresIn(Value),
+    /// A response whose `token_type` is this instead of `Bearer`.
+    TokenType(String),
 }
 
 /// The endpoint a fault is consumed by.
@@ -679,6 +681,9 @@ impl Idp {
         }
         if let Some(Fault::ExpiresIn(value)) = fault {
             body["expires_in"] = value.clone();
+        }
+        if let Some(Fault::TokenType(kind)) = fault {
+            body["token_type"] = json!(kind);
         }
         self.inner.grants.fetch_add(1, Ordering::SeqCst);
         *self

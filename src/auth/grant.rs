@@ -184,6 +184,15 @@ impl Grant {
             request.request_async(&adapter).await;
         let meta = adapter.meta.lock().expect("meta lock").clone();
         match result {
+            // RFC 6749 §7.1: a token of a type the client does not understand is not used; the
+            // agent sends Bearer tokens (RFC 6750), as Behest expects.
+            // oauth2 reads only `bearer` as Bearer; RFC 6749 §5.1 has the type case-insensitive.
+            Ok(token) if !token.token_type().as_ref().eq_ignore_ascii_case("bearer") => {
+                Err(GrantError::Malformed(sanitize(&format!(
+                    "the IdP issued a token of type `{}`; the agent sends Bearer tokens only",
+                    token.token_type().as_ref()
+                ))))
+            }
             Ok(token) => Ok(IssuedToken {
                 access_token: SecretString::from(token.access_token().secret().to_string()),
             }),
