@@ -21,6 +21,13 @@ fn bin() -> Command {
     c
 }
 
+/// [`bin`] with `dir` as its home and runtime directory: no config file and no daemon found.
+fn bin_in(dir: &std::path::Path) -> Command {
+    let mut c = bin();
+    c.env("HOME", dir).env("XDG_RUNTIME_DIR", dir);
+    c
+}
+
 #[tokio::test]
 async fn parallel_one_shot_token_calls_without_a_daemon_make_one_grant() {
     let h = Harness::start().await;
@@ -136,10 +143,8 @@ async fn a_bad_session_flag_is_a_usage_error() {
         &["exec", "--session", "bad session", "--", "true"],
         &["exec", "--session", "", "--", "true"],
     ] {
-        let mut c = bin();
-        c.env("HOME", dir.path())
-            .env("XDG_RUNTIME_DIR", dir.path())
-            .args(args);
+        let mut c = bin_in(dir.path());
+        c.args(args);
         let o = output(c).await;
         assert_eq!(o.code, 2, "{args:?}: {}", o.stderr);
         assert!(
@@ -154,10 +159,8 @@ async fn a_bad_session_flag_is_a_usage_error() {
 async fn every_duration_flag_takes_seconds_or_a_duration_and_says_what_to_use_otherwise() {
     let dir = tempfile::tempdir().unwrap();
     let run = |args: &'static [&'static str]| {
-        let mut c = bin();
-        c.env("HOME", dir.path())
-            .env("XDG_RUNTIME_DIR", dir.path())
-            .args(args);
+        let mut c = bin_in(dir.path());
+        c.args(args);
         output(c)
     };
     for args in [
@@ -188,10 +191,8 @@ async fn env_works_with_no_configuration_at_all() {
     let dir = tempfile::tempdir().unwrap();
     // No config file, no AUTH0_* or BEHEST_AGENT__* variables; a runtime directory of its own so
     // no daemon is found.
-    let mut c = bin();
-    c.env("HOME", dir.path())
-        .env("XDG_RUNTIME_DIR", dir.path())
-        .arg("env");
+    let mut c = bin_in(dir.path());
+    c.arg("env");
     let o = output(c).await;
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert!(
@@ -208,17 +209,15 @@ async fn env_takes_proxy_listen_from_a_config_file_that_has_nothing_else() {
     let cfg = dir.path().join("config.toml");
     std::fs::write(&cfg, "[proxy]\nlisten = \"127.0.0.1:9123\"\n").unwrap();
     let run = |args: &[&str]| {
-        let mut c = bin();
-        c.env("HOME", dir.path())
-            .env("XDG_RUNTIME_DIR", dir.path())
-            .args([
-                "env",
-                "--format",
-                "dotenv",
-                "--config",
-                cfg.to_str().unwrap(),
-            ])
-            .args(args);
+        let mut c = bin_in(dir.path());
+        c.args([
+            "env",
+            "--format",
+            "dotenv",
+            "--config",
+            cfg.to_str().unwrap(),
+        ])
+        .args(args);
         output(c)
     };
     let o = run(&[]).await;
@@ -259,10 +258,8 @@ async fn usage_and_key_without_a_daemon_need_no_idp_settings() {
     let set_keys = format!("proxy.keys_file={}", keys.display());
     // No [auth] at all, and no daemon (a runtime directory of its own).
     let run = |args: &[&str]| {
-        let mut c = bin();
-        c.env("HOME", dir.path())
-            .env("XDG_RUNTIME_DIR", dir.path())
-            .args(["--set", &set_ledger, "--set", &set_keys])
+        let mut c = bin_in(dir.path());
+        c.args(["--set", &set_ledger, "--set", &set_keys])
             .args(args);
         output(c)
     };

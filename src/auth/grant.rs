@@ -209,7 +209,7 @@ impl Grant {
         token_url: &url::Url,
         sent: &[SecretString],
     ) -> GrantError {
-        let sanitize = |text: &str| {
+        let quote = |text: &str| {
             let clean = sent
                 .iter()
                 .map(|s| s.expose_secret())
@@ -222,8 +222,8 @@ impl Grant {
         match error {
             RequestTokenError::ServerResponse(e) => GrantError::Refused {
                 status,
-                error: sanitize(e.error().as_ref()),
-                description: e.error_description().map(|d| sanitize(d)),
+                error: quote(e.error().as_ref()),
+                description: e.error_description().map(|d| quote(d)),
                 retry_after,
             },
             RequestTokenError::Request(t) => GrantError::Transport {
@@ -233,22 +233,19 @@ impl Grant {
             // A 200 body may hold the token: never quote it. Error bodies are quoted, shortened.
             RequestTokenError::Parse(e, body) => {
                 if status == 200 {
-                    GrantError::Malformed(sanitize(&format!(
-                        "not a token response ({})",
-                        e.inner()
-                    )))
+                    GrantError::Malformed(quote(&format!("not a token response ({})", e.inner())))
                 } else {
                     GrantError::Http {
                         status,
-                        snippet: sanitize(&String::from_utf8_lossy(&body)),
+                        snippet: quote(&String::from_utf8_lossy(&body)),
                         retry_after,
                     }
                 }
             }
-            RequestTokenError::Other(m) if status == 200 => GrantError::Malformed(sanitize(&m)),
+            RequestTokenError::Other(m) if status == 200 => GrantError::Malformed(quote(&m)),
             RequestTokenError::Other(m) => GrantError::Http {
                 status,
-                snippet: sanitize(&m),
+                snippet: quote(&m),
                 retry_after,
             },
         }
