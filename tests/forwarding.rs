@@ -463,6 +463,18 @@ async fn h2c_prior_knowledge_clients_are_served() {
         .unwrap();
     assert_agent_error(resp, 431, "request_header_fields_too_large").await;
     assert_eq!(rig.up.request_count(), 1);
+    // h2 lets a client split `Cookie` into several fields; the HTTP/1.1 upstream gets one.
+    let r = Request::builder()
+        .uri(format!("http://{}/v1/models", rig.host()))
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = within(sender.send_request(r)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let r = last(&rig);
+    let cookies: Vec<_> = r.headers.iter().filter(|(n, _)| n == "cookie").collect();
+    assert_eq!(cookies, [&("cookie".to_string(), "a=1; b=2".to_string())]);
 }
 
 // ---------------------------------------------------------------------------------------------

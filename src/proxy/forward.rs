@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{
-    AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderName, HeaderValue,
+    AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, COOKIE, HOST, HeaderName, HeaderValue,
     PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 use http::{HeaderMap, Request, Response, StatusCode, Version};
@@ -188,6 +188,7 @@ impl Forwarder {
         // The client's `Host` names this proxy; the client sets the upstream's from the URI.
         headers.remove(HOST);
         drop_underscored(headers);
+        join_cookies(headers);
         if self.require_key {
             // The local key: the client's credential, not the upstream's (Authorization is
             // replaced by the token below).
@@ -494,6 +495,23 @@ fn drop_underscored(headers: &mut HeaderMap) {
         .collect();
     for name in names {
         headers.remove(name);
+    }
+}
+
+/// Joins the `Cookie` fields an HTTP/2 client may send apart into one, with `; ` (RFC 9113
+/// §8.2.3): an HTTP/1.1 upstream takes only one (RFC 6265 §5.4).
+fn join_cookies(headers: &mut HeaderMap) {
+    if headers.get_all(COOKIE).iter().nth(1).is_none() {
+        return;
+    }
+    let joined = headers
+        .get_all(COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect::<Vec<_>>()
+        .join(&b"; "[..]);
+    if let Ok(joined) = HeaderValue::from_bytes(&joined) {
+        headers.insert(COOKIE, joined);
     }
 }
 
