@@ -298,6 +298,19 @@ async fn absolute_form_with_userinfo_never_reaches_another_host() {
 }
 
 #[tokio::test]
+async fn an_authority_form_target_outside_connect_is_a_bad_request_that_says_so() {
+    let rig = Rig::start().await;
+    for authority in [rig.evil.addr.to_string(), rig.up_addr().to_string()] {
+        let req = head(&rig, &format!("GET {authority} HTTP/1.1"), "");
+        let out = rig.assert_refused(req.as_bytes()).await;
+        assert_eq!(out.status, 400, "{authority}: {}", out.text);
+        assert!(out.text.contains("authority-form"), "{}", out.text);
+    }
+    rig.assert_never_elsewhere();
+    rig.finish().await;
+}
+
+#[tokio::test]
 async fn at_sign_and_encoded_slash_tricks_in_paths_stay_under_the_base() {
     let rig = Rig::start().await;
     let evil = rig.evil.addr;

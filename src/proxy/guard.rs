@@ -60,6 +60,14 @@ pub fn target<'a, B>(
         return Ok(path);
     }
     if let Some(authority) = uri.authority() {
+        if uri.scheme().is_none() {
+            // Authority-form (`GET host:443 HTTP/1.1`) is CONNECT's alone (RFC 9112 §3.2.3).
+            return Err(ProxyError::BadRequest(format!(
+                "the request target `{}` is a bare host (authority-form, for CONNECT only): \
+                 send a path starting with `/`",
+                truncate(authority.as_str())
+            )));
+        }
         // Absolute-form (`GET http://host/… HTTP/1.1`): RFC 9112 §3.2.2 says the target's authority
         // wins over `Host`. Only the configured upstream is served; its base path must be there.
         let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
