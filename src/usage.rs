@@ -3,14 +3,16 @@
 //! ledger ([`ledger`]), and checked against the budgets before a request goes upstream.
 //!
 //! The counts live in memory for the daemon's lifetime (a reload keeps them). Sessions are many
-//! and chosen by clients, so their number is bounded: past [`MAX_SESSIONS`] a new session is
-//! counted in the totals and under [`OTHER`]; past [`MAX_MODELS`] models the same. Budgets are
-//! checked once, when a request arrives: what is in flight finishes.
+//! and chosen by clients, so their number is bounded: the daemon keeps the [`MAX_SESSIONS`] most
+//! recently active ones, and folds the counts of those it lets go into [`OTHER`] (a runner's
+//! daemon sees a new session per job, for months); past [`MAX_MODELS`] models a session counts
+//! the rest under [`OTHER`]. Budgets are checked once, when a request arrives: what is in flight
+//! finishes.
 
 pub mod ledger;
 pub mod read;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -22,7 +24,8 @@ use crate::telemetry::metrics::{Metrics, ModelCounters};
 
 pub use read::{Meter, Read, Tokens};
 
-/// Sessions counted one by one; later ones are counted under [`OTHER`].
+/// Sessions counted one by one: the daemon keeps the most recently active ones, a ledger's reader
+/// the first ones; the rest are counted under [`OTHER`].
 pub const MAX_SESSIONS: usize = 10_000;
 /// Models counted one by one (per session, and in the metrics); later ones under [`OTHER`].
 pub const MAX_MODELS: usize = 64;
@@ -59,13 +62,25 @@ pub struct Counts {
 }
 
 impl Counts {
+    fn merge(&mut self, other: &Counts) {
+        self.requests += other.requests;
+        self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
+        self.completion_tokens = self
+            .completion_tokens
+            .saturating_add(other.completion_tokens);
+        self.total_tokens = self.total_tokens.saturating_add(other.total_tokens);
+        self.errors += other.errors;
+        self.unaccounted += other.unaccounted;
+    }
+
     fn add(&mut self, status: u16, tokens: Option<Tokens>) {
         self.requests += 1;
         match tokens {
+            // Saturating: an upstream may claim any count up to u64::MAX.
             Some(t) => {
-                self.prompt_tokens += t.prompt;
-                self.completion_tokens += t.completion;
-                self.total_tokens += t.total;
+                self.prompt_tokens = self.prompt_tokens.saturating_add(t.prompt);
+                self.completion_tokens = self.completion_tokens.saturating_add(t.completion);
+                self.total_tokens = self.total_tokens.saturating_add(t.total);
             }
             None if status >= 400 => {}
             None if (200..300).contains(&status) => self.unaccounted += 1,
@@ -94,12 +109,37 @@ pub struct Report {
 }
 
 impl Report {
-    /// Counts one response (the ledger's reader and the daemon share this).
+    /// Counts one response; a session past [`MAX_SESSIONS`] under [`OTHER`] (the ledger's reader).
     pub fn add(&mut self, session: &str, model: &str, status: u16, tokens: Option<Tokens>) {
+        let session = if self.sessions.contains_key(session) || self.sessions.len() < MAX_SESSIONS {
+            session
+        } else {
+            OTHER
+        };
+        self.count(session, model, status, tokens);
+    }
+
+    /// Counts one response under `session`, whose number the caller bounds.
+    fn count(&mut self, session: &str, model: &str, status: u16, tokens: Option<Tokens>) {
         self.totals.add(status, tokens);
-        let s = bounded_entry(&mut self.sessions, session, MAX_SESSIONS);
+        let s = match self.sessions.get_mut(session) {
+            Some(s) => s,
+            None => self.sessions.entry(session.to_string()).or_default(),
+        };
         s.counts.add(status, tokens);
         bounded_entry(&mut s.models, model, MAX_MODELS).add(status, tokens);
+    }
+
+    /// Moves `session`'s counts into [`OTHER`]'s (the totals do not change).
+    fn fold(&mut self, session: &str) {
+        let Some(gone) = self.sessions.remove(session) else {
+            return;
+        };
+        let other = self.sessions.entry(OTHER.to_string()).or_default();
+        other.counts.merge(&gone.counts);
+        for (model, c) in &gone.models {
+            bounded_entry(&mut other.models, model, MAX_MODELS).merge(c);
+        }
     }
 
     /// Only this session (an unknown one: zero counts).
@@ -237,20 +277,22 @@ impl Hourly {
     fn add(&mut self, minute: u64, tokens: u64) {
         self.expire(minute);
         match self.minutes.back_mut() {
-            Some((m, t)) if *m == minute => *t += tokens,
+            Some((m, t)) if *m == minute => *t = t.saturating_add(tokens),
             _ => self.minutes.push_back((minute, tokens)),
         }
     }
 
     fn sum(&self) -> u64 {
-        self.minutes.iter().map(|(_, t)| t).sum()
+        self.minutes
+            .iter()
+            .fold(0, |sum, (_, t)| sum.saturating_add(*t))
     }
 
     /// How long until the sum falls under `limit`, from `now` (seconds since the epoch).
     fn until_under(&self, limit: u64, now: u64) -> Duration {
         let mut sum = self.sum();
         for (m, t) in &self.minutes {
-            sum -= t;
+            sum = sum.saturating_sub(*t);
             if sum < limit {
                 return Duration::from_secs(((m + 60) * 60).saturating_sub(now).max(1));
             }
@@ -261,12 +303,61 @@ impl Hourly {
 
 struct State {
     report: Report,
-    /// Requests let through per session, counted as they are admitted (not as they end), so
-    /// `session_requests` is exact however many run at once.
-    admitted: BTreeMap<String, u64>,
+    /// The sessions counted one by one (at most [`MAX_SESSIONS`]), each with its requests let
+    /// through, counted as they are admitted (not as they end) so that `session_requests` is
+    /// exact however many run at once. The keys of `report.sessions`, but for [`OTHER`].
+    admitted: HashMap<String, Admitted>,
+    /// Requests and responses counted so far: the clock of [`Admitted::last`].
+    ticks: u64,
     /// The same counts per profile (its names come from the configuration: bounded).
     profiles: BTreeMap<String, Report>,
     hourly: Hourly,
+}
+
+#[derive(Default)]
+struct Admitted {
+    requests: u64,
+    /// When this session was last active ([`State::ticks`]): the least recent go first.
+    last: u64,
+}
+
+impl State {
+    /// `session`, marked active now; a new one past [`MAX_SESSIONS`] first makes room.
+    fn touch(&mut self, session: &str) -> &mut Admitted {
+        self.ticks += 1;
+        let last = self.ticks;
+        if !self.admitted.contains_key(session) {
+            if self.admitted.len() >= MAX_SESSIONS {
+                self.let_go();
+            }
+            self.admitted
+                .insert(session.to_string(), Admitted::default());
+        }
+        let a = self.admitted.get_mut(session).expect("inserted above");
+        a.last = last;
+        a
+    }
+
+    /// Lets the tenth of the sessions least recently admitted go, their counts folded into
+    /// [`OTHER`]: a tenth at once, so that a stream of new sessions sorts rarely.
+    fn let_go(&mut self) {
+        let mut lasts: Vec<u64> = self.admitted.values().map(|a| a.last).collect();
+        let n = (lasts.len() / 10).max(1);
+        let cut = *lasts.select_nth_unstable(n - 1).1;
+        let gone: Vec<String> = self
+            .admitted
+            .iter()
+            .filter(|(_, a)| a.last <= cut)
+            .map(|(s, _)| s.clone())
+            .collect();
+        for session in gone {
+            self.admitted.remove(&session);
+            self.report.fold(&session);
+            for report in self.profiles.values_mut() {
+                report.fold(&session);
+            }
+        }
+    }
 }
 
 /// The daemon's accounting: counts, budgets, the ledger. Shared by every forwarder.
@@ -304,7 +395,8 @@ impl Accounting {
                     since: crate::token::rfc3339(clock.now()),
                     ..Report::default()
                 },
-                admitted: BTreeMap::new(),
+                admitted: HashMap::new(),
+                ticks: 0,
                 profiles: BTreeMap::new(),
                 hourly: Hourly::default(),
             }),
@@ -345,7 +437,7 @@ impl Accounting {
     pub fn admit(&self, session: &str) -> Result<(), Refusal> {
         let b = self.budgets.lock().expect("budgets lock").clone();
         let mut state = self.state.lock().expect("usage lock");
-        let admitted = state.admitted.get(session).copied().unwrap_or(0);
+        let admitted = state.admitted.get(session).map_or(0, |a| a.requests);
         let tokens = state
             .report
             .sessions
@@ -379,7 +471,7 @@ impl Accounting {
             None
         };
         if refusal.is_none() {
-            *bounded_entry(&mut state.admitted, session, MAX_SESSIONS) += 1;
+            state.touch(session).requests += 1;
         }
         drop(state);
         match refusal {
@@ -398,9 +490,11 @@ impl Accounting {
         let model = entry.model.as_deref().unwrap_or(NO_SESSION);
         {
             let mut state = self.state.lock().expect("usage lock");
+            let session = entry.session.as_str();
+            state.touch(session);
             state
                 .report
-                .add(&entry.session, model, entry.status, entry.tokens);
+                .count(session, model, entry.status, entry.tokens);
             let since = state.report.since.clone();
             state
                 .profiles
@@ -409,7 +503,7 @@ impl Accounting {
                     since,
                     ..Report::default()
                 })
-                .add(&entry.session, model, entry.status, entry.tokens);
+                .count(session, model, entry.status, entry.tokens);
             if let Some(t) = entry.tokens {
                 state.hourly.add(self.clock.unix() / 60, t.total);
             }
@@ -613,6 +707,70 @@ mod tests {
         assert_eq!(r.sessions.len(), MAX_SESSIONS + 1);
         assert_eq!(r.sessions[OTHER].counts.requests, 5);
         assert_eq!(r.totals.requests, (MAX_SESSIONS + 5) as u64);
+    }
+
+    #[test]
+    fn the_daemon_keeps_the_sessions_most_recently_active_and_folds_the_rest_into_other() {
+        let (a, _) = accounting(BudgetSettings {
+            session_requests: Some(2),
+            ..BudgetSettings::default()
+        });
+        a.admit("early").unwrap();
+        a.record(entry("early", 200, tokens(7)));
+        for i in 0..MAX_SESSIONS + 50 {
+            let s = format!("s{i}");
+            a.admit(&s).unwrap();
+            a.record(entry(&s, 200, tokens(1)));
+            if i == MAX_SESSIONS / 2 {
+                // Active again: it stays.
+                a.admit("early").unwrap();
+            }
+        }
+        // A new session, past the bound, still has its budget and its own counts.
+        a.admit("new").unwrap();
+        a.record(entry("new", 200, tokens(3)));
+        a.admit("new").unwrap();
+        assert_eq!(a.admit("new").unwrap_err().key, "budget.session_requests");
+        let r = a.report();
+        assert!(r.sessions.len() <= MAX_SESSIONS + 1, "{}", r.sessions.len());
+        assert_eq!(r.sessions["new"].counts.total_tokens, 3);
+        assert_eq!(r.sessions["early"].counts.total_tokens, 7);
+        assert!(!r.sessions.contains_key("s0"), "the least recent went");
+        assert!(r.sessions.contains_key(&format!("s{}", MAX_SESSIONS + 49)));
+        // Nothing is lost: what went is under OTHER, and the sessions add up to the totals.
+        assert!(r.sessions[OTHER].counts.requests > 0);
+        let sum: u64 = r.sessions.values().map(|s| s.counts.requests).sum();
+        assert_eq!(sum, r.totals.requests);
+        assert_eq!(r.totals.requests, (MAX_SESSIONS + 52) as u64);
+        let p = a.profile_report("default");
+        let sum: u64 = p.sessions.values().map(|s| s.counts.total_tokens).sum();
+        assert_eq!(sum, p.totals.total_tokens);
+        assert!(!p.sessions.contains_key("s0"));
+    }
+
+    #[test]
+    fn counts_saturate_rather_than_wrap() {
+        let (a, _) = accounting(BudgetSettings::default());
+        let huge = Tokens {
+            prompt: u64::MAX,
+            completion: u64::MAX,
+            total: u64::MAX,
+        };
+        a.record(entry("a", 200, Some(huge)));
+        a.record(entry("a", 200, tokens(10)));
+        assert_eq!(a.report().totals.total_tokens, u64::MAX);
+        assert_eq!(a.report().sessions["a"].counts.prompt_tokens, u64::MAX);
+        let (a, _) = accounting(BudgetSettings {
+            hourly_tokens: Some(100),
+            ..BudgetSettings::default()
+        });
+        a.record(entry("a", 200, Some(huge)));
+        a.record(entry("a", 200, tokens(10)));
+        assert_eq!(
+            a.admit("a").unwrap_err().spent,
+            u64::MAX,
+            "the hour's sum too"
+        );
     }
 
     #[test]

@@ -422,6 +422,41 @@ async fn the_usage_command_reads_the_daemon_then_the_ledger_and_exec_prints_the_
 }
 
 #[tokio::test]
+async fn the_usage_command_prints_a_busy_daemons_counts_past_a_mebibyte() {
+    let (s, _) = stack_with_ledger(&[]).await;
+    let sessions = 3_000;
+    for i in 0..sessions {
+        let session = format!("{i:0>120}");
+        s.accounting.admit(&session).unwrap();
+        s.accounting.record(behest_agent::usage::Entry {
+            session,
+            profile: "default".into(),
+            model: Some(format!("{i:m>120}")),
+            path: "/v1/chat/completions".into(),
+            status: 200,
+            tokens: None,
+            duration: Duration::from_millis(1),
+            request_id: String::new(),
+        });
+    }
+    let socket = s.h.path("stack/agent.sock").display().to_string();
+    let mut c = s.h.agent(
+        &["usage", "--json"],
+        &[("BEHEST_AGENT__CONTROL__SOCKET", &socket)],
+    );
+    let out = c.output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout.len() > 1 << 20, "{} bytes", out.stdout.len());
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["totals"]["requests"], sessions);
+    s.finish().await;
+}
+
+#[tokio::test]
 async fn exec_prints_the_sessions_usage_and_appends_it_to_the_step_summary() {
     let s = stack_with(|_| {}, &[]).await;
     let summary = s.h.path("step-summary.md");

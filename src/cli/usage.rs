@@ -91,7 +91,7 @@ pub async fn fetch_profile(
     let Some(path) = g.ledger_file()? else {
         return Ok(None);
     };
-    let report = ledger::read_profile(&path, profile)
+    let report = ledger::read_only(&path, profile, session)
         .with_context(|| format!("reading {}", path.display()))?;
     Ok(report.map(|r| match session {
         Some(s) => r.only(s),

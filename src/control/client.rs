@@ -26,8 +26,9 @@ use crate::config::Settings;
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// The user the packaged service runs as: its sockets are trusted like this user's own.
 pub const SERVICE_USER: &str = "behest-agent";
-/// The largest answer read from the daemon.
-const MAX_BODY: usize = 1 << 20;
+/// The largest answer read from the daemon: its usage counts, up to
+/// [`MAX_SESSIONS`](crate::usage::MAX_SESSIONS) sessions of up to 64 models, run to ~200 MB.
+const MAX_BODY: usize = 256 << 20;
 /// `auth.timeout`'s default, for a CLI without settings.
 const DEFAULT_GRANT_TIMEOUT: Duration = Duration::from_secs(30);
 

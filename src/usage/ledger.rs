@@ -193,11 +193,16 @@ pub fn rotated(path: &Path) -> PathBuf {
 /// The counts in a ledger (its rotated part first): what `behest-agent usage` shows when no
 /// daemon runs. Lines that do not parse are skipped. `None` when there is no ledger at all.
 pub fn read(path: &Path) -> std::io::Result<Option<Report>> {
-    read_profile(path, None)
+    read_only(path, None, None)
 }
 
-/// [`read`], only the lines of `profile` when one is given.
-pub fn read_profile(path: &Path, profile: Option<&str>) -> std::io::Result<Option<Report>> {
+/// [`read`], only the lines of `profile` and of `session` when they are given (a session is
+/// picked before the counts' bound on sessions applies).
+pub fn read_only(
+    path: &Path,
+    profile: Option<&str>,
+    session: Option<&str>,
+) -> std::io::Result<Option<Report>> {
     let mut report: Option<Report> = None;
     for part in [rotated(path), path.to_path_buf()] {
         let file = match std::fs::File::open(&part) {
@@ -210,7 +215,9 @@ pub fn read_profile(path: &Path, profile: Option<&str>) -> std::io::Result<Optio
             let Ok(line) = serde_json::from_slice::<Line>(&text?) else {
                 continue;
             };
-            if profile.is_some_and(|p| p != line.profile) {
+            if profile.is_some_and(|p| p != line.profile)
+                || session.is_some_and(|s| s != line.session)
+            {
                 continue;
             }
             if report.since.is_empty() {
@@ -312,5 +319,24 @@ mod tests {
         text.push_str("\n{not json\n\"x\"\n");
         std::fs::write(&path, text).unwrap();
         assert_eq!(read(&path).unwrap().unwrap().totals.requests, 1);
+    }
+
+    #[test]
+    fn a_session_is_read_whatever_the_number_of_sessions_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.jsonl");
+        let mut text = String::new();
+        for i in 0..=crate::usage::MAX_SESSIONS {
+            let mut l = line(1);
+            l.session = format!("s{i}");
+            text.push_str(&serde_json::to_string(&l).unwrap());
+            text.push('\n');
+        }
+        std::fs::write(&path, text).unwrap();
+        let last = format!("s{}", crate::usage::MAX_SESSIONS);
+        let all = read(&path).unwrap().unwrap();
+        assert!(!all.sessions.contains_key(&last), "past the bound");
+        let one = read_only(&path, None, Some(&last)).unwrap().unwrap();
+        assert_eq!(one.only(&last).totals.requests, 1);
     }
 }
