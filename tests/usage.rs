@@ -226,6 +226,31 @@ async fn spent_budgets_get_429_budget_exceeded_saying_which_and_how_to_raise_it(
 }
 
 #[tokio::test]
+async fn accounted_requests_ask_the_upstream_for_a_body_it_can_read_uncompressed() {
+    let s = stack_with(|_| {}, &[]).await;
+    let r = http()
+        .post(format!("{}/chat/completions", s.base))
+        .header("accept-encoding", "gzip, deflate, br")
+        .json(&json!({"model": "echo-1", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = http()
+        .get(format!("{}/models", s.base))
+        .header("accept-encoding", "gzip, deflate, br")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = s.upstream.requests();
+    assert_eq!(seen[0].header("accept-encoding"), Some("identity"));
+    // Not accounted: as the client asked.
+    assert_eq!(seen[1].header("accept-encoding"), Some("gzip, deflate, br"));
+    s.finish().await;
+}
+
+#[tokio::test]
 async fn the_request_budget_counts_requests_still_in_flight() {
     let s = stack_with(
         |o| o.sse_interval = Duration::from_millis(20),

@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{
-    AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, COOKIE, HOST, HeaderName, HeaderValue,
-    PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+    ACCEPT_ENCODING, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, COOKIE, HOST,
+    HeaderName, HeaderValue, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
+    TRANSFER_ENCODING, UPGRADE,
 };
 use http::{HeaderMap, Request, Response, StatusCode, Version};
 use http_body::Body as _;
@@ -204,6 +205,9 @@ impl Forwarder {
         headers.entry(X_REQUEST_ID).or_insert_with(request_id);
         let accounting = self.accounting(&head);
         if let Some(accounting) = accounting {
+            // A compressed body's usage cannot be read as it passes.
+            head.headers
+                .insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
             let session = usage::session_of(&head.headers);
             let request_id = head
                 .headers
