@@ -85,7 +85,7 @@ impl Ledger {
 struct Writer {
     path: PathBuf,
     max_size: u64,
-    file: Option<(std::fs::File, u64)>,
+    file: Option<std::fs::File>,
     failing: bool,
 }
 
@@ -143,8 +143,8 @@ impl Writer {
 
     /// Appends `lines` (whole lines), rotating first when they would take the file past its size.
     fn write(&mut self, lines: &[u8]) -> std::io::Result<()> {
-        let size = match &self.file {
-            Some((_, size)) => *size,
+        let size = match self.still_open() {
+            Some(size) => size,
             None => self.open()?,
         };
         if size > 0 && size + lines.len() as u64 > self.max_size {
@@ -152,13 +152,28 @@ impl Writer {
             std::fs::rename(&self.path, rotated(&self.path))?;
             self.open()?;
         }
-        let (file, size) = self.file.as_mut().expect("opened above");
+        let file = self.file.as_mut().expect("opened above");
         if let Err(e) = file.write_all(lines) {
             self.file = None;
             return Err(e);
         }
-        *size += lines.len() as u64;
         Ok(())
+    }
+
+    /// The open ledger's size, while the path still names it: once the file was deleted, moved
+    /// away or replaced (logrotate), the next write opens the path again rather than append to a
+    /// file no one will read.
+    fn still_open(&mut self) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let open = self.file.as_ref()?.metadata().ok();
+        let here = std::fs::symlink_metadata(&self.path).ok();
+        match (open, here) {
+            (Some(o), Some(h)) if (o.dev(), o.ino()) == (h.dev(), h.ino()) => Some(o.len()),
+            _ => {
+                self.file = None;
+                None
+            }
+        }
     }
 
     /// Opens (creating) the ledger for appending; its size.
@@ -177,9 +192,8 @@ impl Writer {
             .open(&self.path)?;
         let meta = file.metadata()?;
         crate::owner::check(&self.path, &meta)?;
-        let size = meta.len();
-        self.file = Some((file, size));
-        Ok(size)
+        self.file = Some(file);
+        Ok(meta.len())
     }
 }
 
@@ -319,6 +333,24 @@ mod tests {
         text.push_str("\n{not json\n\"x\"\n");
         std::fs::write(&path, text).unwrap();
         assert_eq!(read(&path).unwrap().unwrap().totals.requests, 1);
+    }
+
+    #[tokio::test]
+    async fn a_ledger_deleted_or_moved_away_is_made_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.jsonl");
+        let ledger = Ledger::start(path.clone(), 1 << 20);
+        let now = std::time::SystemTime::now();
+        ledger.append(now, line(1));
+        ledger.flush().await;
+        std::fs::remove_file(&path).unwrap();
+        ledger.append(now, line(2));
+        ledger.flush().await;
+        assert_eq!(read(&path).unwrap().unwrap().totals.total_tokens, 3);
+        std::fs::rename(&path, dir.path().join("moved")).unwrap();
+        ledger.append(now, line(3));
+        ledger.flush().await;
+        assert_eq!(read(&path).unwrap().unwrap().totals.total_tokens, 4);
     }
 
     #[test]
