@@ -43,9 +43,23 @@ const ACCOUNTED: [&str; 4] = [
     "/responses",
 ];
 
-/// Whether a request is accounted: a `POST` to one of the [`ACCOUNTED`] endpoints.
+/// Whether a request is accounted: a `POST` to one of the [`ACCOUNTED`] endpoints, its path read
+/// as a lenient upstream might route it (percent-decoded, without `;` parameters or a trailing
+/// `/`), so that `/v1/chat/%63ompletions/` spends from the budget too.
 pub fn accounted(method: &http::Method, path: &str) -> bool {
-    method == http::Method::POST && ACCOUNTED.iter().any(|e| path.ends_with(e))
+    let is_endpoint = |p: &str| ACCOUNTED.iter().any(|e| p.ends_with(e));
+    if method != http::Method::POST {
+        return false;
+    }
+    if !path.contains(['%', ';']) && !path.ends_with('/') {
+        return is_endpoint(path);
+    }
+    let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+    let plain: Vec<&str> = decoded
+        .split('/')
+        .map(|segment| segment.split(';').next().unwrap_or_default())
+        .collect();
+    is_endpoint(plain.join("/").trim_end_matches('/'))
 }
 
 /// The six counts SPEC §8 names.
@@ -798,6 +812,17 @@ mod tests {
         }
         assert!(!accounted(&Method::GET, "/v1/chat/completions"));
         assert!(!accounted(&Method::POST, "/v1/files"));
+        // The same endpoints as a lenient upstream would route them.
+        for p in [
+            "/v1/chat/completions/",
+            "/v1/chat/%63ompletions",
+            "/v1/chat/completions;x",
+            "/v1/chat;a=b/completions//",
+            "/v1/%65mbeddings",
+        ] {
+            assert!(accounted(&Method::POST, p), "{p}");
+        }
+        assert!(!accounted(&Method::POST, "/v1/chat/completions/x/messages"));
     }
 }
 
