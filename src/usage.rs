@@ -843,21 +843,29 @@ pub fn request_model(body: &[u8]) -> Option<String> {
 }
 
 /// A streamed chat completion request without `stream_options.include_usage`, made to ask for
-/// it (`usage.stream_include_usage`); `None` when the body is left as it is.
+/// it (`usage.stream_include_usage`); `None` when the body is left as it is. Every other value
+/// goes on as the client wrote it (a number is never reparsed; the keys come out sorted).
 pub fn with_include_usage(body: &[u8]) -> Option<bytes::Bytes> {
-    let mut v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body).ok()?;
-    if v.get("stream") != Some(&serde_json::Value::Bool(true)) {
+    type Object = BTreeMap<String, Box<serde_json::value::RawValue>>;
+    let raw = |text: &str| serde_json::value::RawValue::from_string(text.to_string()).ok();
+    let mut request: Object = serde_json::from_slice(body).ok()?;
+    if request.get("stream")?.get() != "true" {
         return None;
     }
-    let options = v
-        .entry("stream_options")
-        .or_insert_with(|| serde_json::json!({}))
-        .as_object_mut()?;
-    if options.get("include_usage") == Some(&serde_json::Value::Bool(true)) {
+    let mut options: Object = match request.get("stream_options") {
+        None => Object::new(),
+        Some(v) if v.get() == "null" => Object::new(),
+        Some(v) => serde_json::from_str(v.get()).ok()?,
+    };
+    if options.get("include_usage").map(|v| v.get()) == Some("true") {
         return None;
     }
-    options.insert("include_usage".into(), serde_json::Value::Bool(true));
-    serde_json::to_vec(&v).ok().map(bytes::Bytes::from)
+    options.insert("include_usage".into(), raw("true")?);
+    request.insert(
+        "stream_options".into(),
+        raw(&serde_json::to_string(&options).ok()?)?,
+    );
+    serde_json::to_vec(&request).ok().map(bytes::Bytes::from)
 }
 
 #[cfg(test)]
@@ -877,7 +885,7 @@ mod request_tests {
 
     #[test]
     fn include_usage_is_added_to_streamed_requests_only() {
-        let added = with_include_usage(br#"{"model":"m","stream":true}"#).unwrap();
+        let added = with_include_usage(br#"{"model":"m", "stream" : true }"#).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&added).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
         assert_eq!(v["model"], "m");
@@ -897,5 +905,14 @@ mod request_tests {
         );
         assert!(with_include_usage(b"not json").is_none());
         assert!(with_include_usage(br#"{"stream":true,"stream_options":5}"#).is_none());
+        // `null` is no options; numbers go on as written, never through a float.
+        let exact = with_include_usage(
+            br#"{"stream":true,"stream_options":null,"seed":123456789012345678901234,"f":1.0e2}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            std::str::from_utf8(&exact).unwrap(),
+            r#"{"f":1.0e2,"seed":123456789012345678901234,"stream":true,"stream_options":{"include_usage":true}}"#
+        );
     }
 }
