@@ -653,6 +653,13 @@ async fn apply(state: &State, new: Settings, log: Option<&LogHandle>) -> Result<
         profiles,
         proxy,
     };
+    for gone in old
+        .profiles
+        .keys()
+        .filter(|n| !new.profiles.contains_key(*n))
+    {
+        state.metrics.forget_profile(gone);
+    }
     *state.settings.write().expect("settings lock") = new;
     Ok(Applied {
         tokens_changed: identity_changed,

@@ -559,13 +559,30 @@ async fn the_cli_refuses_a_daemon_whose_profile_serves_another_identity() {
 #[tokio::test]
 async fn reloads_add_and_remove_profiles_while_a_stream_to_another_goes_on() {
     // No disk cache: a token source built again would have to make a grant.
-    let mut s = Stack::start(&[("BEHEST_AGENT__TOKEN__CACHE_FILE", "")]).await;
+    let mut s = Stack::start(&[
+        ("BEHEST_AGENT__TOKEN__CACHE_FILE", ""),
+        ("BEHEST_AGENT__TELEMETRY__METRICS_LISTEN", "127.0.0.1:0"),
+    ])
+    .await;
     let stop = CancellationToken::new();
     let (tx, rx) = mpsc::channel(1);
     let origin = s.origin.clone();
     let app = s.app.take().unwrap();
+    let metrics = format!("http://{}/metrics", app.metrics_address().unwrap());
+    let team_b_ready = || async {
+        let text = http()
+            .get(&metrics)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.contains("behest_agent_token_ready{profile=\"team-b\"} 1")
+    };
     let run = tokio::spawn(app.run_with_reloads(stop.clone(), rx));
     assert_eq!(get(&format!("{origin}/p/team-b/v1/models")).await.0, 200);
+    assert!(team_b_ready().await);
 
     // A stream on the default profile, held after its first event.
     s.upstream
@@ -599,6 +616,10 @@ async fn reloads_add_and_remove_profiles_while_a_stream_to_another_goes_on() {
     }
     assert_eq!(status, 404, "team-b is gone");
     assert_eq!(get(&format!("{origin}/v1/models")).await.0, 200);
+    assert!(
+        !team_b_ready().await,
+        "a removed profile's gauges go with it"
+    );
 
     // Add team-b back, and a team-c with the default's client: the default keeps its token.
     s.write_config(&format!(
@@ -647,6 +668,7 @@ async fn reloads_add_and_remove_profiles_while_a_stream_to_another_goes_on() {
         200
     );
     assert_eq!(s.uid_of_last("/v1/models?again"), s.b_id);
+    assert!(team_b_ready().await);
 
     // A reload that changes nothing of team-b keeps its token source: no grant.
     let b_grants = s.h.idp.grants_for(&s.b_id);

@@ -266,6 +266,17 @@ impl Metrics {
             .inc();
     }
 
+    /// Drops a removed profile's token gauges, which would otherwise show it ready forever (its
+    /// grant counts stay).
+    pub fn forget_profile(&self, profile: &str) {
+        let label = ProfileLabels {
+            profile: profile.to_string(),
+        };
+        self.token_expiry_timestamp.remove(&label);
+        self.token_seconds_remaining.remove(&label);
+        self.token_ready.remove(&label);
+    }
+
     pub fn grant(&self, profile: &str, ok: bool, code: &str) {
         self.grants
             .get_or_create(&GrantLabels {
