@@ -534,7 +534,9 @@ async fn token_status_and_env_take_a_profile_and_the_control_api_refuses_an_unkn
 
 #[tokio::test]
 async fn the_cli_refuses_a_daemon_whose_profile_serves_another_identity() {
-    let mut s = Stack::start(&[]).await;
+    let keys = tempfile::tempdir().unwrap().keep().join("keys.json");
+    let keys = keys.display().to_string();
+    let mut s = Stack::start(&[("BEHEST_AGENT__PROXY__KEYS_FILE", &keys)]).await;
     let (stop, run) = s.run();
     // The CLI's team-b is another client than the daemon's.
     std::fs::write(&s.config, s.team_b().replace(&s.b_id, "someone-else")).unwrap();
@@ -550,6 +552,16 @@ async fn the_cli_refuses_a_daemon_whose_profile_serves_another_identity() {
         err.contains("another identity") && err.contains("someone-else"),
         "{err}"
     );
+    // Nor is a key made for it: it would spend the daemon's team-b, not the one asked for.
+    let out = s
+        .cli(&["key", "create", "--profile", "team-b"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another identity"), "{err}");
     // The default profile is still the same identity: served.
     assert!(s.cli(&["token"]).output().await.unwrap().status.success());
     stop.cancel();

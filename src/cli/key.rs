@@ -57,12 +57,13 @@ pub struct CreateArgs {
 
 pub async fn run(g: &Global, args: Args) -> CliResult {
     init_cli_logging(g);
-    let settings = g.load();
-    // A key bound to a profile the agent does not have would be refused on every request.
+    // A key bound to a profile the agent does not have would be refused on every request, and
+    // one the daemon serves as another identity than this configuration would spend that one.
     let profile = match &args.command {
         KeyCommand::Create(a) => a.profile.as_deref(),
         _ => None,
     };
+    let settings = g.load_known_profile(profile)?;
     let daemon = profile_daemon(g, settings.as_ref().ok(), profile).await?;
     // Without a daemon: the file itself (a file that does not parse is refused, never rewritten).
     let store = match &daemon {
