@@ -30,29 +30,29 @@ pub fn resolve(raw: &str) -> Result<Resolved<'_>, ProxyError> {
             "the request target must be a path starting with `/`".to_string(),
         ));
     }
-    // `/p/NAME/` first, then `/s/ID/`.
-    let (profile, raw) = match raw.strip_prefix("/p/") {
-        Some(after) => match after.find('/') {
-            Some(i) => (Some(&after[..i]), &after[i..]),
-            None => (Some(after), "/"),
-        },
-        None => (None, raw),
-    };
-    let (session, rest) = match raw.strip_prefix("/s/") {
-        Some(after) => {
-            let (id, rest) = match after.find('/') {
-                Some(i) => (&after[..i], &after[i..]),
-                None => (after, "/"),
-            };
-            (Some(session_id(id)?), rest)
-        }
-        None => (None, raw),
-    };
+    // `/p/NAME/s/ID/`, or the other way round.
+    let (mut profile, raw) = prefix(raw, "/p/");
+    let (session, mut rest) = prefix(raw, "/s/");
+    if profile.is_none() && session.is_some() {
+        (profile, rest) = prefix(rest, "/p/");
+    }
+    let session = session.map(session_id).transpose()?;
     Ok(Resolved {
         profile,
         session,
         path: normalize(rest)?,
     })
+}
+
+/// `/{tag}VALUE/rest` split into `VALUE` and `/rest`; `raw` as it is without that prefix.
+fn prefix<'a>(raw: &'a str, tag: &str) -> (Option<&'a str>, &'a str) {
+    match raw.strip_prefix(tag) {
+        Some(after) => match after.find('/') {
+            Some(i) => (Some(&after[..i]), &after[i..]),
+            None => (Some(after), "/"),
+        },
+        None => (None, raw),
+    }
 }
 
 /// Checks a session id (percent-decoded) and makes it a header value.
@@ -216,9 +216,13 @@ mod tests {
         );
         let r = resolve("/p/x").unwrap();
         assert_eq!((r.profile, &*r.path), (Some("x"), "/"));
-        // Only a leading `/p/`; a session first leaves `/p/` in the forwarded path.
+        // The other way round, the same.
         let r = resolve("/s/j/p/x/v1").unwrap();
-        assert_eq!((r.profile, &*r.path), (None, "/p/x/v1"));
+        assert_eq!((r.profile, &*r.path), (Some("x"), "/v1"));
+        assert_eq!(r.session.unwrap(), "j");
+        // One of each at most: a second `/p/` is the upstream's path.
+        let r = resolve("/p/x/s/j/p/y/v1").unwrap();
+        assert_eq!((r.profile, &*r.path), (Some("x"), "/p/y/v1"));
         assert_eq!(resolve("/v1/models").unwrap().profile, None);
         // The profile prefix cannot hide an escape either.
         assert!(resolve("/p/x/../../etc").is_err());
