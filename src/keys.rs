@@ -420,7 +420,12 @@ impl KeyStore {
             .read(true)
             .custom_flags(nix::libc::O_NOFOLLOW)
             .open(&self.path)
-            .map_err(|e| self.read_error(e))?;
+            .map_err(|e| match e.raw_os_error() {
+                Some(nix::libc::ELOOP) => self.corrupt(
+                    "a symlink, which is never followed: put the file itself there".to_string(),
+                ),
+                _ => self.read_error(e),
+            })?;
         // Only keys this user (or root) wrote are served.
         let meta = f.metadata().map_err(|e| self.read_error(e))?;
         if let Some(why) = crate::owner::untrusted(&meta) {
@@ -750,6 +755,14 @@ mod tests {
         let s = KeyStore::open_or_empty(&path, crate::clock::system());
         assert!(s.create(NewKey::default()).is_err());
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "{not json");
+        // A symlink is never followed, and the error says what to do.
+        let link = dir.path().join("link.json");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        let e = KeyStore::open(&link, crate::clock::system()).unwrap_err();
+        assert!(
+            e.to_string().contains("a symlink, which is never followed"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -638,6 +638,15 @@ async fn exec_without_a_daemon_gives_the_sdk_in_the_command_a_key_and_revokes_it
 }
 
 #[tokio::test]
+async fn a_key_bound_to_a_bad_session_is_a_usage_error() {
+    let k = keyed().await;
+    let out = k.cli(&["key", "create", "--session", "a b"]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(out.stdout.is_empty());
+    assert!(stderr(&out).contains("visible ASCII"), "{}", stderr(&out));
+}
+
+#[tokio::test]
 async fn a_zero_ttl_is_refused_with_what_to_use_and_makes_no_key() {
     let k = keyed().await;
     for args in [

@@ -48,11 +48,23 @@ pub struct CreateArgs {
     pub profile: Option<String>,
     /// Bind the key to this session: its requests are sent with this X-Session-Id, whatever
     /// they say
-    #[arg(long, value_name = "S")]
+    #[arg(long, value_name = "S", value_parser = parse_session)]
     pub session: Option<String>,
     /// Make the key expire after this long (e.g. 12h, 30m)
     #[arg(long, value_name = "DUR", value_parser = super::parse_lifetime)]
     pub ttl: Option<Duration>,
+}
+
+/// A key's session goes in `X-Session-Id`: the header's rule.
+fn parse_session(s: &str) -> Result<String, String> {
+    if crate::proxy::valid_session(s.as_bytes()) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "use 1 to {} visible ASCII characters (no spaces)",
+            crate::proxy::MAX_SESSION_ID
+        ))
+    }
 }
 
 pub async fn run(g: &Global, args: Args) -> CliResult {
