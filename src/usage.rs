@@ -226,11 +226,19 @@ fn bounded_entry<'a, V: Default>(
     map.get_mut(key).expect("inserted above")
 }
 
-/// A Markdown table cell: no `|` or line break from a session or model name.
+/// A Markdown table cell: no `|`, line break or HTML tag from a session or model name.
 fn cell(s: &str) -> String {
-    s.chars()
-        .map(|c| if c == '|' || c.is_control() { ' ' } else { c })
-        .collect()
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '|' => out.push(' '),
+            c if c.is_control() => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Why a request is refused for budget: a 429 `budget_exceeded`.
@@ -797,6 +805,9 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("| **total** |  | 1 |"), "{md}");
+        r.add("x", "<img src=x>", 200, tokens(1));
+        let md = r.markdown();
+        assert!(md.contains("| x | &lt;img src=x&gt; | 1 |"), "{md}");
     }
 
     #[test]
