@@ -181,7 +181,7 @@ impl Global {
     }
 
     /// The control socket to look for a daemon on, even when the settings do not validate.
-    pub fn control_socket(&self) -> PathBuf {
+    pub fn control_socket(&self) -> Result<PathBuf, ConfigError> {
         config::control_socket(&self.load_options())
     }
 
@@ -216,7 +216,7 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
         let usage = error.downcast_ref::<ConfigError>().is_some()
             || error
                 .downcast_ref::<ControlError>()
-                .is_some_and(ControlError::is_unknown_profile);
+                .is_some_and(ControlError::is_usage);
         let code = if usage { 2 } else { 1 };
         Failure { code, error }
     }
@@ -312,7 +312,7 @@ pub async fn daemon(
 ) -> Result<Option<Daemon>, ControlError> {
     let socket = match settings {
         Some(s) => s.control.socket.clone(),
-        None => g.control_socket(),
+        None => g.control_socket().map_err(ControlError::Config)?,
     };
     Daemon::connect(&socket, settings).await
 }

@@ -154,14 +154,17 @@ pub struct LoadOptions {
 }
 
 /// The control socket the configuration names, even when the rest of it does not validate (so the
-/// CLI can still reach a running daemon); the default location when nothing names one.
-pub fn control_socket(opts: &LoadOptions) -> std::path::PathBuf {
-    merged(opts)
-        .ok()
-        .and_then(|(_, model)| model.control.socket)
+/// CLI can still reach a running daemon); the default location when nothing names one. A file
+/// that cannot be read or parsed is an error: the socket it may name is unknown, and guessing the
+/// default could reach (and `stop`) another daemon.
+pub fn control_socket(opts: &LoadOptions) -> Result<std::path::PathBuf, ConfigError> {
+    let (_, model) = merged(opts).map_err(|e| e.attributed(opts))?;
+    Ok(model
+        .control
+        .socket
         .filter(|s| !s.trim().is_empty())
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| settings::default_socket(&opts.env))
+        .unwrap_or_else(|| settings::default_socket(&opts.env)))
 }
 
 /// The proxy's listen addresses (default `127.0.0.1:8711`), validated without the rest of the

@@ -555,3 +555,30 @@ async fn twenty_one_shot_refreshes_share_forced_grants_through_the_cache() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn a_configuration_that_does_not_load_is_a_usage_error_not_a_reason_to_try_the_default_socket()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let job = dir.path().join("job.sock").display().to_string();
+    let missing = dir.path().join("missing.toml").display().to_string();
+    let unknown = dir.path().join("unknown.toml");
+    std::fs::write(&unknown, "[control]\nsockt = \"x\"\n").unwrap();
+    let unknown = unknown.display().to_string();
+    for config in [&missing, &unknown] {
+        for args in [&["stop"][..], &["status"], &["wait", "--timeout", "5s"]] {
+            let mut c = bin_in(dir.path());
+            c.args(args)
+                .env("BEHEST_AGENT_CONFIG", config)
+                .env("BEHEST_AGENT__CONTROL__SOCKET", &job);
+            let o = output(c).await;
+            assert_eq!(o.code, 2, "{args:?} with {config}: {}", o.stderr);
+            assert!(o.stderr.contains(config.as_str()), "{args:?}: {}", o.stderr);
+            assert!(
+                !o.stderr.contains("behest-agent.sock"),
+                "{args:?}: {}",
+                o.stderr
+            );
+        }
+    }
+}

@@ -355,6 +355,7 @@ fn the_packaged_config_names_the_socket_the_service_binds() {
                 .collect(),
             overrides: vec![],
         })
+        .expect("the packaged config loads")
     };
     // The service (systemd sets RUNTIME_DIRECTORY) and a runner's CLI (cron: not even HOME).
     let runtime_dir = format!("/run/{runtime}");

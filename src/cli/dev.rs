@@ -87,7 +87,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
         .prefix("behest-agent-dev")
         .tempdir()
         .context("creating a runtime directory")?;
-    let default_socket = g.control_socket();
+    let default_socket = g.control_socket()?;
     let mut env: HashMap<String, String> = HashMap::new();
     // Over the file (`--config`), under `--set`.
     for (k, v) in [

@@ -37,7 +37,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     init_cli_logging(g);
     let settings = g.load().ok();
     let Some(d) = daemon(g, settings.as_ref()).await? else {
-        let socket = g.control_socket();
+        let socket = g.control_socket()?;
         return Err(anyhow!("no daemon answers on {}: nothing to stop", socket.display()).into());
     };
     let socket = d.path().to_path_buf();

@@ -107,6 +107,7 @@ fn daemon_absent(e: &ControlError) -> bool {
         | ControlError::Invalid { .. }
         | ControlError::UnsafeAddress { .. }
         | ControlError::UnknownProfile { .. }
-        | ControlError::Refused { .. } => false,
+        | ControlError::Refused { .. }
+        | ControlError::Config(_) => false,
     }
 }

@@ -27,11 +27,13 @@ pub struct Args {
 
 pub async fn run(g: &Global, args: Args) -> CliResult {
     init_cli_logging(g);
+    // A configuration that does not load names no socket to wait on: a usage error, at once.
+    let socket = g.control_socket()?;
     let deadline = Instant::now() + args.timeout;
     let mut last = "the control socket did not answer in time".to_string();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        match timeout(left.min(ATTEMPT), ready(g)).await {
+        match timeout(left.min(ATTEMPT), ready(g, &socket)).await {
             Ok(Ok(())) => return Ok(ExitCode::SUCCESS),
             Ok(Err(reason)) => last = reason,
             Err(_) if left > ATTEMPT => {
@@ -52,7 +54,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
 }
 
 /// `Ok` when the daemon answers and holds a valid token; otherwise why not.
-async fn ready(g: &Global) -> Result<(), String> {
+async fn ready(g: &Global, socket: &std::path::Path) -> Result<(), String> {
     let settings = g.load().ok();
     let Some(d) = daemon(g, settings.as_ref())
         .await
@@ -60,7 +62,7 @@ async fn ready(g: &Global) -> Result<(), String> {
     else {
         return Err(format!(
             "no daemon answers on {} (start `behest-agent run`, or point --config / BEHEST_AGENT__CONTROL__SOCKET at its socket)",
-            g.control_socket().display()
+            socket.display()
         ));
     };
     let (status, body) = d

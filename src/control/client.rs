@@ -80,14 +80,18 @@ pub enum ControlError {
     },
     /// The connection failed.
     Io { path: PathBuf, message: String },
+    /// The configuration that names the socket does not load (a usage error): no socket is
+    /// guessed in its place.
+    Config(crate::config::ConfigError),
 }
 
 impl ControlError {
-    /// Whether this is the daemon's refusal of a profile it does not serve, by the CLI's check
-    /// of its status or by its control API's `unknown_profile` answer: a usage error.
-    pub fn is_unknown_profile(&self) -> bool {
+    /// Whether this is a usage error: the daemon's refusal of a profile it does not serve (by
+    /// the CLI's check of its status or by its control API's `unknown_profile` answer), or a
+    /// configuration that does not load.
+    pub fn is_usage(&self) -> bool {
         match self {
-            ControlError::UnknownProfile { .. } => true,
+            ControlError::UnknownProfile { .. } | ControlError::Config(_) => true,
             ControlError::Refused { code, .. } => code.as_deref() == Some("unknown_profile"),
             _ => false,
         }
@@ -149,6 +153,7 @@ impl ControlError {
                 super::unknown_profile(name, profiles)
             }
             ControlError::Refused { message, .. } => message.clone(),
+            ControlError::Config(e) => e.to_string(),
             ControlError::Io { path, message } => format!(
                 "the daemon's control socket {} failed: {message}",
                 path.display()
@@ -184,7 +189,8 @@ impl ControlError {
             ControlError::UnsafeAddress { .. } => "give proxy.listen a loopback address (such as 127.0.0.1:8711) and reload the daemon".into(),
             ControlError::UnknownProfile { .. }
             | ControlError::Refused { .. }
-            | ControlError::Io { .. } => String::new(),
+            | ControlError::Io { .. }
+            | ControlError::Config(_) => String::new(),
         }
     }
 }
