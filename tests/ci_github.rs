@@ -365,7 +365,14 @@ async fn main_exports_the_proxy_a_step_uses_and_post_stops_the_daemon_leaving_no
 #[tokio::test]
 async fn post_after_a_failed_job_ends_a_daemon_it_cannot_reach_and_exits_0() {
     let job = Job::start().await;
-    let inputs = job.inputs(&job.h.secret, &[("INPUT_SESSION", "job-42")]);
+    // Installed under another name: the daemon is still known by its pid and start time.
+    let renamed = job.file("temp/agent-bin");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_behest-agent"), &renamed).unwrap();
+    let renamed = renamed.display().to_string();
+    let inputs = job.inputs(
+        &job.h.secret,
+        &[("INPUT_SESSION", "job-42"), ("INPUT_BINARY", &renamed)],
+    );
     let main = job.main(&inputs).await;
     assert_eq!(main.code, 0, "{}\n{}", main.stdout, main.stderr);
     assert!(job.exported()["OPENAI_BASE_URL"].ends_with("/s/job-42/v1"));
@@ -388,6 +395,47 @@ async fn post_after_a_failed_job_ends_a_daemon_it_cannot_reach_and_exits_0() {
         std::slice::from_ref(&job.h.secret),
         "post's stdout",
     );
+}
+
+#[tokio::test]
+async fn with_require_key_the_jobs_local_key_is_masked_and_ends_with_the_job() {
+    let job = Job::start().await;
+    let inputs = job.inputs(&job.h.secret, &[]);
+    let step_env = [(
+        "BEHEST_AGENT__PROXY__REQUIRE_KEY".to_string(),
+        "true".to_string(),
+    )];
+    let main = job.step("main.js", &inputs, &step_env).await;
+    assert_eq!(main.code, 0, "{}\n{}", main.stdout, main.stderr);
+    let key = job.exported()["OPENAI_API_KEY"].clone();
+    assert!(key.starts_with("bak_"), "{key}");
+    assert!(
+        main.stdout.contains(&format!("::add-mask::{key}")),
+        "the key is masked: {}",
+        main.stdout
+    );
+    // It works in a later step, and lives in the job's own keys file.
+    let base = job.exported()["OPENAI_BASE_URL"].clone();
+    let r = http()
+        .get(format!("{base}/models"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let dir = PathBuf::from(&job.state()["dir"]);
+    assert!(dir.join("keys.json").exists());
+    assert!(files_containing(&job.file("home"), "\"keys\"").is_empty());
+
+    let state: Vec<(String, String)> = job
+        .state()
+        .into_iter()
+        .map(|(k, v)| (format!("STATE_{k}"), v))
+        .chain(step_env.iter().cloned())
+        .collect();
+    let post = job.step("post.js", &inputs, &state).await;
+    assert_eq!(post.code, 0, "{}\n{}", post.stdout, post.stderr);
+    assert!(!dir.exists(), "the keys went with the job");
 }
 
 #[tokio::test]
@@ -468,6 +516,10 @@ async fn main_without_the_binary_fails_saying_so_and_post_has_nothing_to_stop() 
     let post = job.post(&inputs).await;
     assert_eq!(post.code, 0, "{}\n{}", post.stdout, post.stderr);
     assert!(post.stdout.contains("nothing to stop"), "{}", post.stdout);
+    assert!(
+        files_containing(&job.file("temp"), &job.h.secret).is_empty(),
+        "main took the secret file away"
+    );
 }
 
 #[test]

@@ -183,6 +183,42 @@ async fn before_script_serves_the_job_and_after_script_in_its_own_shell_stops_th
 }
 
 #[tokio::test]
+async fn with_require_key_the_jobs_local_key_lives_in_the_jobs_own_keys_file() {
+    let job = GitlabJob::start().await;
+    let (before, after) = template();
+    let mut script = before.clone();
+    script.push(
+        r#"printf '%s\n' "$OPENAI_BASE_URL" "$OPENAI_API_KEY" >"$CI_PROJECT_DIR/job-env""#
+            .to_string(),
+    );
+    let require = [("BEHEST_AGENT__PROXY__REQUIRE_KEY", "true")];
+    let run = job.shell(&script, &require).await;
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    let seen = std::fs::read_to_string(job.project_dir().join("job-env")).unwrap();
+    let vars: Vec<&str> = seen.lines().collect();
+    assert!(vars[1].starts_with("bak_"), "{seen}");
+    let resp = http()
+        .get(format!("{}/models", vars[0]))
+        .bearer_auth(vars[1])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(job.agent_dir().join("keys.json").exists());
+    assert!(
+        !job
+            .builds
+            .path()
+            .join("home/.local/state/behest-agent/keys.json")
+            .exists(),
+        "nothing in the user's keys file"
+    );
+    let post = job.shell(&after, &require).await;
+    assert_eq!(post.code, 0, "{}\n{}", post.stdout, post.stderr);
+    assert!(!job.agent_dir().exists(), "the keys went with the job");
+}
+
+#[tokio::test]
 async fn a_wrong_secret_fails_before_script_with_the_reason_and_after_script_still_cleans_up() {
     let job = GitlabJob::start().await;
     let (before, after) = template();

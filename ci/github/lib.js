@@ -116,14 +116,14 @@ function alive(pid) {
   }
 }
 
-/** Whether `pid` is a `behest-agent run` (so a reused pid is never killed by mistake); true
- * where /proc cannot tell. */
-function isDaemon(pid) {
+/** When `pid` started (/proc/PID/stat's 22nd field, clock ticks since boot): with the pid, it
+ * names one process, so a reused pid is never taken for the daemon. '' where /proc cannot tell. */
+function startTime(pid) {
   try {
-    const argv = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
-    return argv.includes('run') && /behest-agent/.test(path.basename(argv[0] || ''));
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19] || '';
   } catch {
-    return !fs.existsSync('/proc');
+    return '';
   }
 }
 
@@ -131,10 +131,11 @@ function sleep(ms) {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
-/** SIGTERM to the daemon, SIGKILL after `graceMs`; resolves to whether it is gone. */
-async function kill(pid, graceMs) {
+/** SIGTERM to the daemon (the process `pid` that started at `started`, from startTime), SIGKILL
+ * after `graceMs`; resolves to whether it is gone. */
+async function kill(pid, started, graceMs) {
   if (!alive(pid)) return true;
-  if (!isDaemon(pid)) return true; // the pid now names another process: ours is gone
+  if (started && startTime(pid) !== started) return true; // the pid names another process now
   for (const [signal, wait] of [['SIGTERM', graceMs], ['SIGKILL', 5000]]) {
     try {
       process.kill(pid, signal);
@@ -186,6 +187,7 @@ module.exports = {
   run,
   agentEnv,
   alive,
+  startTime,
   kill,
   logTail,
   firstLine,

@@ -5,11 +5,13 @@
 //    the log first; it is never printed, and it is kept out of the daemon's environment.
 // 2. `behest-agent run` starts detached, configured by BEHEST_AGENT__… variables (the step's own
 //    environment is inherited, so any other setting can be given that way): its own control
-//    socket in that directory, its proxy on a free loopback port, its log in agent.log there.
+//    socket and keys file in that directory, its proxy on a free loopback port, its log in
+//    agent.log there.
 //    What post needs is saved in GITHUB_STATE at once, so post stops it whatever happens next.
 // 3. `behest-agent wait` until it holds a valid token (failing at once if the daemon exits).
 // 4. `behest-agent env --format github` (with the session) goes to GITHUB_ENV, with the control
-//    socket, so later steps' `behest-agent token`, `status` and `exec` find this daemon.
+//    socket, so later steps' `behest-agent token`, `status` and `exec` find this daemon; a local
+//    key in it (proxy.require_key) is masked first.
 // On failure the daemon is stopped and the tail of its log printed.
 'use strict';
 
@@ -18,8 +20,10 @@ const path = require('node:path');
 const { spawn } = require('node:child_process');
 const lib = require('./lib.js');
 
-/** The daemon's pid once started: stopped again if main fails after that. */
-let started = 0;
+/** The daemon's pid and start time once started: stopped again if main fails after that. */
+let started = { pid: 0, at: '' };
+/** The job's directory (the secret file's): removed if main fails before a daemon started. */
+let jobDir = '';
 
 async function main() {
   const secret = lib.input('client-secret');
@@ -31,6 +35,7 @@ async function main() {
   if (!temp) throw new Error('RUNNER_TEMP is not set: this must run as a step of a GitHub Actions job');
 
   const dir = fs.mkdtempSync(path.join(temp, 'behest-agent-')); // mode 0700
+  jobDir = dir;
   const secretFile = path.join(dir, 'client-secret');
   const socket = path.join(dir, 'agent.sock');
   const log = path.join(dir, 'agent.log');
@@ -53,6 +58,9 @@ async function main() {
     BEHEST_AGENT__PROXY__UPSTREAM: lib.input('upstream'),
     BEHEST_AGENT__PROXY__LISTEN: '127.0.0.1:0',
     BEHEST_AGENT__CONTROL__SOCKET: socket,
+    // With proxy.require_key, the job's local keys live and die with the job, not in the
+    // user's keys file that other jobs' daemons load.
+    BEHEST_AGENT__PROXY__KEYS_FILE: process.env.BEHEST_AGENT__PROXY__KEYS_FILE ? undefined : path.join(dir, 'keys.json'),
   });
 
   const logFd = fs.openSync(log, 'a', 0o600);
@@ -69,9 +77,10 @@ async function main() {
   if (!spawned) {
     throw new Error(`cannot start \`${binary} run\` (${await exited}); install behest-agent on PATH or set the \`binary\` input`);
   }
-  started = daemon.pid;
+  started = { pid: daemon.pid, at: lib.startTime(daemon.pid) };
   lib.appendLines('GITHUB_STATE', [
     ['pid', daemon.pid],
+    ['started', started.at],
     ['dir', dir],
     ['socket', socket],
     ['config', config],
@@ -107,6 +116,9 @@ async function main() {
     fail(`\`behest-agent env\` failed: ${lib.firstLine(out.stderr) || out.stdout}`);
   }
   const id = /\/s\/([^/]+)\//.exec(base[1]);
+  // A local key (proxy.require_key) is a credential: hidden in the log before it is exported.
+  const key = /^OPENAI_API_KEY=(bak_\S+)$/m.exec(out.stdout);
+  if (key) lib.mask(key[1]);
   lib.appendText('GITHUB_ENV', out.stdout);
   lib.appendLines('GITHUB_ENV', [['BEHEST_AGENT__CONTROL__SOCKET', socket]]);
   lib.appendLines('GITHUB_STATE', [['session', id ? id[1] : '']]);
@@ -117,5 +129,6 @@ async function main() {
 main().catch(async (e) => {
   if (!e.reported) lib.error(e.message);
   process.exitCode = 1;
-  if (started) await lib.kill(started, 10000);
+  if (started.pid) await lib.kill(started.pid, started.at, 10000);
+  else if (jobDir) fs.rmSync(jobDir, { recursive: true, force: true });
 });

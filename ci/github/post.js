@@ -51,7 +51,7 @@ async function post() {
       lib.info('::endgroup::');
     }
   }
-  if (!(await lib.kill(pid, 10000))) {
+  if (!(await lib.kill(pid, state('started'), 10000))) {
     throw new Error(`behest-agent (pid ${pid}) is still running after SIGKILL`);
   }
   if (dir) fs.rmSync(dir, { recursive: true, force: true });
