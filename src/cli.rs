@@ -304,7 +304,8 @@ pub fn profile_query(sep: &str, profile: Option<&str>) -> String {
 
 /// The running daemon every command uses, found the one way: on the socket of `settings` (else the
 /// socket the file, the environment or `--set` name, even when the rest of the configuration does
-/// not validate: a client needs only the socket), served by this user, root or the service's user,
+/// not validate: a client needs only the socket; but never a guess when the file cannot be read
+/// or parsed), served by this user, root or the service's user,
 /// and — with `settings` — serving their identity. `Ok(None)` when no daemon runs there.
 pub async fn daemon(
     g: &Global,

@@ -316,10 +316,11 @@ pub async fn until_exited(pid: u32) {
 }
 
 #[tokio::test]
-async fn env_with_a_daemon_still_works_when_the_config_file_cannot_be_read() {
+async fn env_with_a_config_file_that_cannot_be_read_says_so_and_guesses_no_daemon() {
     let h = Harness::start().await;
-    // The daemon on the default socket of a runtime directory; a client whose --config cannot
-    // be read (a directory) still finds it there, as before sessions came from the CI.
+    // A daemon on the default socket of a runtime directory; a client whose --config cannot be
+    // read (a directory) is told so, and is not pointed at whatever daemon the default socket
+    // finds: the file it names may name another socket.
     let runtime = h.path("xdg");
     std::fs::create_dir(&runtime).unwrap();
     let socket = runtime.join("behest-agent.sock");
@@ -336,11 +337,12 @@ async fn env_with_a_daemon_still_works_when_the_config_file_cannot_be_read() {
         .arg(h.dir.path())
         .stdin(Stdio::null());
     let o = output(c).await;
-    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stdout.is_empty(), "{}", o.stdout);
     assert!(
-        o.stdout.contains("/s/gl-8/v1") && !o.stdout.contains(":8711/"),
+        o.stderr.contains(&h.dir.path().display().to_string()),
         "{}",
-        o.stdout
+        o.stderr
     );
     let o = output(h.agent(&["stop"], &[("BEHEST_AGENT__CONTROL__SOCKET", socket)])).await;
     assert_eq!(o.code, 0, "{}", o.stderr);

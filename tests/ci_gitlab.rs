@@ -206,8 +206,7 @@ async fn with_require_key_the_jobs_local_key_lives_in_the_jobs_own_keys_file() {
     assert_eq!(resp.status(), 200);
     assert!(job.agent_dir().join("keys.json").exists());
     assert!(
-        !job
-            .builds
+        !job.builds
             .path()
             .join("home/.local/state/behest-agent/keys.json")
             .exists(),
