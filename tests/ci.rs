@@ -6,6 +6,8 @@
 use std::process::Stdio;
 use std::time::Duration;
 
+use devkit::idp::Fault;
+
 use devkit::upstream::{BearerKind, Upstream, UpstreamFault, UpstreamOptions};
 use tokio::process::{Child, Command};
 
@@ -120,9 +122,11 @@ async fn wait_returns_once_the_daemon_holds_a_token_and_stop_ends_it() {
 }
 
 #[tokio::test]
-async fn wait_gives_the_grants_last_error_at_its_timeout() {
+async fn wait_gives_the_grants_last_error_at_its_timeout_or_at_once_when_only_a_fix_helps() {
     let h = Harness::start().await;
-    std::fs::write(h.path("client-secret"), "wrong-secret-for-wait\n").unwrap();
+    // An outage: the daemon may still get a token, so wait waits, then says why not.
+    h.idp
+        .set_fault(Some(Fault::Unavailable { retry_after: None }));
     let mut child = h
         .agent(&["run"], &[])
         .stdout(Stdio::null())
@@ -132,7 +136,34 @@ async fn wait_gives_the_grants_last_error_at_its_timeout() {
     let o = output(h.agent(&["wait", "--timeout", "3s"], &[])).await;
     assert_eq!(o.code, 1, "{}", o.stderr);
     assert!(
-        o.stderr.contains("holds no valid token") && o.stderr.contains("invalid_client"),
+        o.stderr.contains("not ready within 3s")
+            && o.stderr.contains("holds no valid token")
+            && o.stderr.contains("503"),
+        "{}",
+        o.stderr
+    );
+    let o = output(h.agent(&["stop"], &[])).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    exits_cleanly(&mut child).await;
+
+    // A wrong secret: retrying will not help, so wait says so at once, long before its timeout.
+    h.idp.set_fault(None);
+    std::fs::write(h.path("client-secret"), "wrong-secret-for-wait\n").unwrap();
+    let mut child = h
+        .agent(&["run"], &[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let o = tokio::time::timeout(
+        Duration::from_secs(60),
+        output(h.agent(&["wait", "--timeout", "1h"], &[])),
+    )
+    .await
+    .expect("wait ends at once on a refused client, not at its timeout");
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("will keep failing") && o.stderr.contains("invalid_client"),
         "{}",
         o.stderr
     );

@@ -1,7 +1,8 @@
 //! `behest-agent wait [--timeout DUR]`: for a script that has just started the daemon in the
 //! background. Exits 0 as soon as the daemon answers on its control socket and holds a valid
-//! token (its `/readyz`), 1 at the timeout with the last reason it was not ready on stderr. Polls
-//! every [`POLL`]; no poll outlives the timeout.
+//! token (its `/readyz`), 1 at the timeout with the last reason it was not ready on stderr, or
+//! at once when the daemon's grant failed in a way only a configuration change fixes (a wrong
+//! secret: waiting longer would not help). Polls every [`POLL`]; no poll outlives the timeout.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -20,7 +21,8 @@ const ATTEMPT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Give up after this long (e.g. 30s, 2m)
+    /// Give up after this long (e.g. 30s, 2m); a grant refused for a reason only a
+    /// configuration change fixes (a wrong secret) ends the wait at once
     #[arg(long, default_value = "30s", value_name = "DUR", value_parser = super::parse_duration)]
     pub timeout: Duration,
 }
@@ -35,7 +37,10 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
         let left = deadline.saturating_duration_since(Instant::now());
         match timeout(left.min(ATTEMPT), ready(g, &socket)).await {
             Ok(Ok(())) => return Ok(ExitCode::SUCCESS),
-            Ok(Err(reason)) => last = reason,
+            Ok(Err(NotReady::Fix(reason))) => {
+                return Err(anyhow!("{reason}").into());
+            }
+            Ok(Err(NotReady::Yet(reason))) => last = reason,
             Err(_) if left > ATTEMPT => {
                 last = format!("the control socket did not answer within {ATTEMPT:?}")
             }
@@ -53,28 +58,43 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     }
 }
 
+/// Why the daemon is not ready.
+enum NotReady {
+    /// Not yet: another poll may find it ready.
+    Yet(String),
+    /// Its grant failed in a way only a configuration change fixes.
+    Fix(String),
+}
+
 /// `Ok` when the daemon answers and holds a valid token; otherwise why not.
-async fn ready(g: &Global, socket: &std::path::Path) -> Result<(), String> {
+async fn ready(g: &Global, socket: &std::path::Path) -> Result<(), NotReady> {
     let settings = g.load().ok();
     let Some(d) = daemon(g, settings.as_ref())
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| NotReady::Yet(e.to_string()))?
     else {
-        return Err(format!(
+        return Err(NotReady::Yet(format!(
             "no daemon answers on {} (start `behest-agent run`, or point --config / BEHEST_AGENT__CONTROL__SOCKET at its socket)",
             socket.display()
-        ));
+        )));
     };
     let (status, body) = d
         .call(Method::GET, "/readyz", ATTEMPT)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| NotReady::Yet(e.to_string()))?;
     if status == StatusCode::OK {
         return Ok(());
     }
     let state = body.get("token").and_then(Value::as_str).unwrap_or("none");
     Err(match body.get("last_error").and_then(Value::as_str) {
-        Some(e) => format!("the daemon holds no valid token (token {state}; last error: {e})"),
-        None => format!("the daemon holds no valid token yet (token {state})"),
+        Some(e) if body["needs_a_fix"] == true => NotReady::Fix(format!(
+            "the daemon's grant failed and will keep failing until the configuration is fixed (token {state}; last error: {e})"
+        )),
+        Some(e) => NotReady::Yet(format!(
+            "the daemon holds no valid token (token {state}; last error: {e})"
+        )),
+        None => NotReady::Yet(format!(
+            "the daemon holds no valid token yet (token {state})"
+        )),
     })
 }

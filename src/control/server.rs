@@ -302,7 +302,12 @@ async fn handle(state: &ControlState, req: Request<Incoming>) -> Response<Full<B
                 let s = tokens.status();
                 json_response(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    &json!({"status": "not ready", "token": s.state, "last_error": s.last_error}),
+                    &json!({
+                        "status": "not ready",
+                        "token": s.state,
+                        "last_error": s.last_error,
+                        "needs_a_fix": tokens.needs_a_fix(),
+                    }),
                 )
             }
         }

@@ -369,6 +369,15 @@ impl TokenSource {
         self.valid(Duration::ZERO).is_some()
     }
 
+    /// Whether the last grant failed in a way only a configuration change fixes (a refused
+    /// client, a token that fails the checks): retrying soon will not help.
+    pub fn needs_a_fix(&self) -> bool {
+        let st = self.inner.state.lock().expect("state lock");
+        st.last_error
+            .as_ref()
+            .is_some_and(RefreshError::is_config_error)
+    }
+
     /// Notified on every change of state.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.inner.changes.subscribe()
