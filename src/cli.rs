@@ -271,7 +271,16 @@ async fn dispatch(cli: Cli) -> CliResult {
         Command::Key(a) => key::run(&g, a).await,
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
-            clap_complete::generate(shell, &mut cmd, "behest-agent", &mut std::io::stdout());
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "behest-agent", &mut script);
+            let mut script = String::from_utf8_lossy(&script).into_owned();
+            if shell == clap_complete::Shell::Bash {
+                // clap_complete's bash script spells the states of a hyphenated binary's
+                // subcommands two ways, so none of their options completed
+                // (clap-rs/clap#6421).
+                script = script.replace("behest__subcmd__agent", "behest__agent");
+            }
+            print!("{script}");
             Ok(ExitCode::SUCCESS)
         }
     }

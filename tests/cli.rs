@@ -310,6 +310,36 @@ async fn completions_and_version() {
     .await;
     assert_eq!(o.code, 0);
     assert!(o.stdout.contains("behest-agent"));
+    // Loaded in bash, it completes a subcommand's options and values, not only its name.
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("behest-agent.bash");
+    std::fs::write(&script, &o.stdout).unwrap();
+    for (words, want) in [
+        ("behest-agent to", "token"),
+        ("behest-agent token --", "--min-ttl"),
+        ("behest-agent env --format ", "dotenv"),
+        ("behest-agent key create --", "--session"),
+    ] {
+        let line = format!(
+            "source {}; COMP_WORDS=({words}); COMP_CWORD=$((${{#COMP_WORDS[@]}} - {}))\n\
+             _behest__agent behest-agent \"${{COMP_WORDS[COMP_CWORD]}}\" \"${{COMP_WORDS[COMP_CWORD-1]}}\"\n\
+             echo \"${{COMPREPLY[*]}}\"",
+            script.display(),
+            if words.ends_with(' ') { 0 } else { 1 }
+        );
+        let o = output({
+            let mut c = Command::new("bash");
+            c.arg("-c").arg(line);
+            c
+        })
+        .await;
+        assert!(
+            o.stdout.contains(want),
+            "{words}: {} {}",
+            o.stdout,
+            o.stderr
+        );
+    }
     let o = output({
         let mut c = bin();
         c.arg("--version");
