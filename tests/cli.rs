@@ -75,6 +75,32 @@ async fn token_min_ttl_beyond_what_the_idp_issues_exits_1_with_nothing_on_stdout
 }
 
 #[tokio::test]
+async fn parallel_token_min_ttl_calls_share_one_grant_even_when_it_is_too_short() {
+    let parallel = |h: &Harness| {
+        let runs: Vec<_> = (0..8)
+            .map(|_| tokio::spawn(output(h.agent(&["token", "--min-ttl", "10m"], &[]))))
+            .collect();
+        async move {
+            for r in runs {
+                let o = r.await.unwrap();
+                assert_eq!(o.code, 1, "{}", o.stderr);
+                assert!(o.stderr.contains("less than"), "{}", o.stderr);
+            }
+        }
+    };
+    // On an empty cache: one grant for all.
+    let h = Harness::start_with(|o| o.token_ttl = Duration::from_secs(120)).await;
+    parallel(&h).await;
+    assert_eq!(h.idp.grants(), 1, "one grant for eight parallel calls");
+    // With a token just cached (the new one expires in the same second as it): one more.
+    let h = Harness::start_with(|o| o.token_ttl = Duration::from_secs(120)).await;
+    let o = output(h.agent(&["token"], &[])).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    parallel(&h).await;
+    assert_eq!(h.idp.grants(), 2, "one new grant for eight parallel calls");
+}
+
+#[tokio::test]
 async fn token_min_ttl_longer_than_the_cached_token_makes_one_grant_once_the_idp_issues_longer_ones()
  {
     let h = Harness::start().await;

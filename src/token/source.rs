@@ -622,7 +622,13 @@ impl TokenSource {
             return Ok(t);
         }
         let now = self.inner.clock.now();
-        let forced = !matches!(ask, Ask::Replace) && self.good_for(Duration::ZERO).is_some();
+        // Forced: a grant although a good token is held, or one made for a `min_ttl` (its outcome,
+        // long enough or not, is shared with whoever asks again soon).
+        let forced = match ask {
+            Ask::Replace => false,
+            Ask::Valid(min_ttl) if !min_ttl.is_zero() => true,
+            _ => self.good_for(Duration::ZERO).is_some(),
+        };
         if forced && let Some(outcome) = self.recent_forced(now) {
             tracing::info!(
                 "a forced grant was made less than {} ago; sharing its outcome instead of asking again",
@@ -809,39 +815,43 @@ impl TokenSource {
     /// Takes the token another process cached when it is valid and outlives the one held; a
     /// forced one counts as this process's last forced grant.
     async fn adopt_cached(&self) {
-        let Some((t, forced)) = self.disk_token().await else {
+        let Some((t, forced, obtained_at)) = self.disk_token().await else {
             return;
         };
-        if self
-            .valid(Duration::ZERO)
-            .is_some_and(|cur| cur.expires_at >= t.expires_at)
-        {
-            return;
-        }
+        // Another process's forced grant is its outcome to share, even when the token held
+        // expires as late (`exp` counts whole seconds) or is the very same (a grant in the same
+        // second can give the same bytes).
         if forced {
             self.inner.state.lock().expect("state lock").last_forced =
-                Some((t.obtained_at, Ok(t.clone())));
+                Some((obtained_at, Ok(t.clone())));
+        }
+        if self
+            .valid(Duration::ZERO)
+            .is_some_and(|cur| Arc::ptr_eq(&cur, &t) || cur.expires_at > t.expires_at)
+        {
+            return;
         }
         self.install(t, Origin::Cache);
     }
 
-    /// The cached token from disk, and whether it came from a forced grant, if it is not the one
-    /// held and passes every check; a failing one is discarded.
-    async fn disk_token(&self) -> Option<(Arc<Token>, bool)> {
+    /// The cached token from disk (the token held, when it is the same), whether it came from a
+    /// forced grant and when it was written, if it passes every check; a failing one is
+    /// discarded.
+    async fn disk_token(&self) -> Option<(Arc<Token>, bool, SystemTime)> {
         let cache = self.inner.cache.as_ref()?;
         let cached = cache.load()?;
+        // An `obtained_at` in the future (a clock that was ahead, a hand-edited file) would put
+        // the refresh after the expiry.
+        let obtained_at = cached.obtained_at.min(self.inner.clock.now());
         if let Some(cur) = self.current()
             && cur.secret().expose_secret() == cached.access_token.expose_secret()
         {
-            return None;
+            return Some((cur, cached.forced, obtained_at));
         }
         match self.check_cached(&cached).await {
             Ok(Checked {
                 claims, warnings, ..
             }) => {
-                // An `obtained_at` in the future (a clock that was ahead, a hand-edited file) would
-                // put the refresh after the expiry.
-                let obtained_at = cached.obtained_at.min(self.inner.clock.now());
                 let t = Token::new(
                     cached.access_token,
                     claims,
@@ -850,7 +860,7 @@ impl TokenSource {
                     warnings,
                 )
                 .ok()?;
-                Some((Arc::new(t), cached.forced))
+                Some((Arc::new(t), cached.forced, obtained_at))
             }
             Err(e @ (CheckError::Jwks(_) | CheckError::JwksDown(_) | CheckError::NoJwksUrl)) => {
                 tracing::warn!(error = %e.problem(), "cannot check the cached token against the JWKS now; not using it");
