@@ -46,7 +46,7 @@ pub struct Global {
     #[arg(long, global = true, env = "BEHEST_AGENT_CONFIG", value_name = "PATH")]
     pub config: Option<PathBuf>,
     /// Log level or filter (overrides telemetry.log_level)
-    #[arg(long, global = true, value_name = "LEVEL")]
+    #[arg(long, global = true, value_name = "LEVEL", value_parser = parse_log_level)]
     pub log_level: Option<String>,
     /// More logging (-v info, -vv debug)
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -196,6 +196,10 @@ impl Global {
             _ => "debug".to_string(),
         }
     }
+}
+
+fn parse_log_level(s: &str) -> Result<String, String> {
+    config::check_log_filter(s).map(|()| s.to_string())
 }
 
 /// The process environment as a map (read once, at the edge).

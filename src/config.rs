@@ -153,6 +153,34 @@ pub struct LoadOptions {
     pub overrides: Vec<(String, String)>,
 }
 
+/// Checks a log level or filter: `info`, or directives such as `warn,behest_agent=debug`. A bare
+/// word must be a level (tracing would read `warnn` as a target, and log nothing else); a
+/// directive `target=level` must end in one.
+pub fn check_log_filter(filter: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let is_level = |s: &str| LEVELS.iter().any(|l| l.eq_ignore_ascii_case(s.trim()));
+    let bad = || {
+        format!(
+            "`{filter}` is not a level or filter: use one of trace, debug, info, warn, error, off, or directives like \"warn,behest_agent=debug\""
+        )
+    };
+    for directive in filter.split(',').map(str::trim) {
+        let level = match directive.rsplit_once('=') {
+            // A span or field filter (`target[span{field=value}]=level`) is left to tracing.
+            _ if directive.contains('[') => continue,
+            Some((target, level)) if !target.trim().is_empty() => level,
+            Some(_) => return Err(bad()),
+            None => directive,
+        };
+        if !is_level(level) {
+            return Err(bad());
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(filter)
+        .map(drop)
+        .map_err(|_| bad())
+}
+
 /// The control socket the configuration names, even when the rest of it does not validate (so the
 /// CLI can still reach a running daemon); the default location when nothing names one. A file
 /// that cannot be read or parsed is an error: the socket it may name is unknown, and guessing the

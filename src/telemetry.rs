@@ -21,6 +21,7 @@ pub struct LogHandle {
 
 impl LogHandle {
     pub fn set_level(&self, level: &str) -> Result<(), String> {
+        crate::config::check_log_filter(level)?;
         let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
         self.filter.reload(filter).map_err(|e| e.to_string())
     }

@@ -638,3 +638,17 @@ async fn a_configuration_that_does_not_load_is_a_usage_error_not_a_reason_to_try
         }
     }
 }
+
+#[tokio::test]
+async fn a_log_level_flag_that_is_no_level_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = bin_in(dir.path());
+    c.args(["--log-level", "warnn", "status"]);
+    let o = output(c).await;
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("is not a level or filter"),
+        "{}",
+        o.stderr
+    );
+}

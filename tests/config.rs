@@ -640,3 +640,26 @@ fn a_redis_password_over_plain_redis_to_another_host_is_warned_about() {
         );
     }
 }
+
+#[test]
+fn a_log_level_that_is_no_level_is_refused_rather_than_silencing_the_log() {
+    for bad in ["warnn", "x=nolevel", "behest_agent=loud,info", "=debug"] {
+        let msg = load_with(&format!("[telemetry]\nlog_level = \"{bad}\"\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("telemetry.log_level") && msg.contains("is not a level or filter"),
+            "{bad}: {msg}"
+        );
+    }
+    for good in [
+        "Warn",
+        "info",
+        "warn,behest_agent=debug",
+        "behest_agent=TRACE",
+        "off",
+    ] {
+        load_with(&format!("[telemetry]\nlog_level = \"{good}\"\n"), &[])
+            .unwrap_or_else(|e| panic!("{good}: {e}"));
+    }
+}

@@ -1194,13 +1194,8 @@ fn telemetry(
         }
     };
     let log_level = nonempty(tl.log_level).unwrap_or_else(|| "info".to_string());
-    if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
-        return Err(origin.invalid(
-            "telemetry.log_level",
-            format!(
-                "`{log_level}` is not a level or filter (try \"info\" or \"behest_agent=debug\")"
-            ),
-        ));
+    if let Err(e) = super::check_log_filter(&log_level) {
+        return Err(origin.invalid("telemetry.log_level", e));
     }
     let metrics_listen = nonempty(tl.metrics_listen)
         .map(|s| {
