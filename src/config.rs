@@ -361,19 +361,24 @@ fn merged(opts: &LoadOptions) -> Result<(Option<PathBuf>, file::FileConfig), Con
     let model: file::FileConfig = merged.try_deserialize().map_err(|e| {
         let message = e.to_string();
         // serde's words for a key the model does not have: "unknown field `NAME`, …". One that
-        // came from the environment is named by its variable, not by the file.
+        // came from `--set` or the environment is named by it, not by the file.
         if message.contains("unknown field") {
             let name = message.split('`').nth(1).unwrap_or_default();
+            let set = opts
+                .overrides
+                .iter()
+                .find(|(k, _)| k.split('.').any(|part| part.eq_ignore_ascii_case(name)));
             let variable = env_keys.iter().find(|k| {
                 k.split("__")
                     .skip(1)
                     .any(|part| part.eq_ignore_ascii_case(name))
             });
-            ConfigError::UnknownKey {
-                file: variable
-                    .map_or_else(|| label.clone(), |v| format!("environment variable {v}")),
-                message,
-            }
+            let file = match (set, variable) {
+                (Some((k, _)), _) => format!("--set {k}"),
+                (None, Some(v)) => format!("environment variable {v}"),
+                (None, None) => label.clone(),
+            };
+            ConfigError::UnknownKey { file, message }
         } else {
             ConfigError::Parse {
                 file: label.clone(),

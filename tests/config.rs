@@ -142,6 +142,22 @@ fn an_unknown_key_is_an_error_naming_the_key_and_the_file() {
             "{msg}"
         );
     }
+    // And one given with --set by that flag.
+    for key in ["auth.audiance", "nosuch.key"] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, MINIMAL).unwrap();
+        let msg = config::load(&LoadOptions {
+            path: Some(path.clone()),
+            default_path: None,
+            env: env(&[("AUTH0_CLIENT_SECRET", "s3cret-value")]),
+            overrides: vec![(key.to_string(), "x".to_string())],
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(msg.contains(&format!("--set {key}")), "{msg}");
+        assert!(!msg.contains(&path.display().to_string()), "{msg}");
+    }
 }
 
 #[test]
