@@ -193,6 +193,7 @@ impl Proxy {
             max_idle: POOL_MAX_IDLE,
             max_connections: fit.upstream,
             permit_wait: unbounded(settings.connect_timeout),
+            connect_timeout: unbounded(settings.connect_timeout),
         };
         let pool_for = |upstream: &UpstreamBase| -> Result<Arc<upstream::Pool>, SetupError> {
             let target = Uri::builder()

@@ -24,6 +24,11 @@ struct Tinyproxy {
 
 impl Tinyproxy {
     async fn start(auth: Option<(&str, &str)>) -> Tinyproxy {
+        Self::start_with(auth, "").await
+    }
+
+    /// [`Tinyproxy::start`] with more lines of configuration.
+    async fn start_with(auth: Option<(&str, &str)>, more: &str) -> Tinyproxy {
         let binary = debian_binary("tinyproxy", "tinyproxy");
         for _ in 0..5 {
             let dir = tempfile::tempdir().unwrap();
@@ -38,6 +43,7 @@ impl Tinyproxy {
             if let Some((user, pass)) = auth {
                 conf.push_str(&format!("BasicAuth {user} {pass}\n"));
             }
+            conf.push_str(more);
             // A log file of its own: what it writes to stderr is buffered until it exits.
             let log = dir.path().join("tinyproxy.log");
             conf.push_str(&format!("LogFile \"{}\"\n", log.display()));
@@ -129,6 +135,28 @@ async fn the_idp_and_an_https_upstream_are_reached_through_the_proxy() {
 }
 
 #[tokio::test]
+async fn a_proxy_refusing_the_tunnel_is_named_in_the_502() {
+    // CONNECT only to port 1: the tunnel to the upstream is refused (403); the IdP's http
+    // requests still pass.
+    let tp = Tinyproxy::start_with(None, "ConnectPort 1\n").await;
+    let via = egress(&tp.url(), "");
+    let rig = Rig::builder()
+        .tls(&[b"http/1.1"])
+        .proxy(move |p| p.egress = via)
+        .start()
+        .await;
+    let resp = rig.get("/v1/models").await;
+    assert_eq!(resp.status(), 502);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        body.contains(&format!("through the egress proxy {}", tp.url()))
+            && body.contains("error status"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
 async fn an_http_upstream_gets_absolute_form_requests_with_the_proxys_password_from_a_file() {
     let tp = Tinyproxy::start(Some(("alice", "s3cret-proxy-pw"))).await;
     let dir = tempfile::tempdir().unwrap();
@@ -140,6 +168,8 @@ async fn an_http_upstream_gets_absolute_form_requests_with_the_proxys_password_f
     let env = [
         ("BEHEST_AGENT__EGRESS__PROXY", proxy_url.as_str()),
         ("BEHEST_AGENT__EGRESS__PROXY_PASSWORD_FILE", pw_s.as_str()),
+        // The test's upstream is on loopback, which is otherwise reached directly.
+        ("BEHEST_AGENT__EGRESS__NO_PROXY", "none.invalid"),
     ];
     let s = crate::proxy::stack_with(|_| {}, &env).await;
     s.h.remember("s3cret-proxy-pw");
@@ -289,6 +319,12 @@ fn the_environments_proxies_are_read_as_curl_reads_them() {
         Some("http://p:1/"),
         "NO_PROXY given: as it says"
     );
+    // `*` is every host to curl, IP addresses too: no proxy at all.
+    let s = load(&[("https_proxy", "http://p:1"), ("NO_PROXY", "*")], "").unwrap();
+    assert!(s.proxy.egress.is_direct());
+    assert_eq!(dst(&s, "https://10.1.2.3/"), None);
+    let s = load(&[], "[egress]\nproxy = \"http://p:1\"\nno_proxy = \"*\"\n").unwrap();
+    assert_eq!(dst(&s, "https://192.0.2.7/"), None);
 
     // [egress] wins over the environment.
     let s = load(
@@ -300,6 +336,10 @@ fn the_environments_proxies_are_read_as_curl_reads_them() {
         dst(&s, "https://x.example/").as_deref(),
         Some("http://conf:2/")
     );
+    // Loopback is direct there too unless egress.no_proxy says otherwise: an http IdP on it
+    // would hand the proxy the client secret.
+    assert_eq!(dst(&s, "http://127.0.0.1:8080/"), None);
+    assert_eq!(dst(&s, "https://localhost/"), None);
 }
 
 #[test]

@@ -735,6 +735,37 @@ async fn unreachable_upstream_answers_502_in_the_openai_shape() {
 }
 
 #[tokio::test]
+async fn an_upstream_that_never_finishes_its_tls_handshake_is_given_up_at_connect_timeout() {
+    // Accepts the connection, then says nothing: a TLS handshake (or an egress proxy's CONNECT)
+    // that never ends is bounded by connect_timeout, not left to upstream_timeout.
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((c, _)) = silent.accept().await {
+            conns.push(c);
+        }
+    });
+    let rig = Rig::builder()
+        .upstream_url(format!("https://{addr}/base"))
+        .proxy(|s| {
+            s.connect_timeout = Duration::from_millis(300);
+            s.upstream_timeout = Duration::from_secs(3600);
+        })
+        .start()
+        .await;
+    let v = assert_agent_error(rig.get("/v1/models").await, 502, "upstream_unreachable").await;
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no connection within 300ms"),
+        "{v}"
+    );
+    held.abort();
+}
+
+#[tokio::test]
 async fn upstream_silent_past_upstream_timeout_answers_504() {
     let rig = Rig::with(|s| s.upstream_timeout = Duration::from_millis(50)).await;
     rig.up.set_fault(Some(UpstreamFault::Hold));

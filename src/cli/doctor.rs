@@ -762,7 +762,7 @@ async fn check_upstream(r: &mut Report, s: &Settings, token: Option<&SecretStrin
             r.fail(
                 what,
                 format!("unreachable: {}", describe_reqwest(&e)),
-                "check proxy.upstream (Behest's base URL) and that this machine reaches it (DNS, firewall; no HTTP(S)_PROXY is used); for an upstream behind a private CA, set proxy.ca_file",
+                "check proxy.upstream (Behest's base URL) and that this machine reaches it (DNS, firewall, and the egress proxy shown above when one is in use: [egress] or HTTPS_PROXY / NO_PROXY); for an upstream behind a private CA, set proxy.ca_file",
             );
             return;
         }

@@ -907,12 +907,12 @@ fn egress(
             }
         }
         let proxy = SecretString::from(url.to_string());
-        return Ok(crate::egress::Egress {
+        return Ok(bypassing(crate::egress::Egress {
             http: Some(proxy.clone()),
             https: Some(proxy),
-            no_proxy: e.no_proxy.unwrap_or_default(),
+            no_proxy: e.no_proxy.unwrap_or_else(|| LOOPBACK.to_string()),
             source: "egress.proxy".into(),
-        });
+        }));
     }
     if e.proxy_password_file.is_some() {
         return Err(origin.invalid(
@@ -941,13 +941,27 @@ fn egress(
         .no_proxy
         .or_else(|| origin.var("no_proxy"))
         .or_else(|| origin.var("NO_PROXY"))
-        .unwrap_or_else(|| "localhost, 127.0.0.0/8, ::1".to_string());
-    Ok(crate::egress::Egress {
+        .unwrap_or_else(|| LOOPBACK.to_string());
+    Ok(bypassing(crate::egress::Egress {
         http: http.map(|(_, p)| p),
         https: https.map(|(_, p)| p),
         no_proxy,
         source,
-    })
+    }))
+}
+
+/// What is reached directly when no `no_proxy` / `NO_PROXY` says otherwise: no proxy can reach
+/// this machine's loopback (and an `http` IdP there would hand the proxy the client secret).
+const LOOPBACK: &str = "localhost, 127.0.0.0/8, ::1";
+
+/// `e` without any proxy when its `no_proxy` holds `*`, which curl reads as every host, IP
+/// addresses too (hyper-util's matcher would apply it to names only).
+fn bypassing(mut e: crate::egress::Egress) -> crate::egress::Egress {
+    if e.no_proxy.split(',').any(|h| h.trim() == "*") {
+        e.http = None;
+        e.https = None;
+    }
+    e
 }
 
 fn proxy(p: ProxyFile, origin: Origin<'_>) -> Result<ProxySettings, ConfigError> {

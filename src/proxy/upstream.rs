@@ -54,6 +54,8 @@ pub struct Pool {
     max_connections: usize,
     /// How long a new connection waits for a permit (`Duration::MAX`: no limit).
     permit_wait: Duration,
+    /// How long opening a connection may take: TCP, an egress proxy's CONNECT, TLS.
+    connect_timeout: Duration,
     /// Oldest first, each with the time it went idle.
     idle: Mutex<Vec<(http1::SendRequest<UpstreamBody>, Instant)>>,
     h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
@@ -95,7 +97,17 @@ pub struct Bounds {
     pub max_connections: usize,
     /// How long a request waits for a connection to close when all are taken.
     pub permit_wait: Duration,
+    /// How long opening a connection may take (`Duration::MAX`: no limit).
+    pub connect_timeout: Duration,
 }
+
+/// Opening a connection (TCP, an egress proxy's `CONNECT`, TLS) took longer than allowed.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "no connection within {} (proxy.connect_timeout: TCP, any egress proxy's CONNECT and the TLS handshake together)",
+    humantime::format_duration(*.0)
+)]
+pub struct SlowConnect(pub Duration);
 
 enum Connected {
     H1(http1::SendRequest<UpstreamBody>),
@@ -120,6 +132,7 @@ impl Pool {
             permits: Arc::new(Semaphore::new(bounds.max_connections)),
             max_connections: bounds.max_connections,
             permit_wait: bounds.permit_wait,
+            connect_timeout: bounds.connect_timeout,
             idle: Mutex::default(),
             h2: Mutex::default(),
         });
@@ -179,7 +192,10 @@ impl Pool {
 
     async fn connect(&self) -> Result<Connected, BoxError> {
         let permit = self.permit().await?;
-        let io = self.connector.clone().call(self.dial.clone()).await?;
+        let connecting = self.connector.clone().call(self.dial.clone());
+        let io = tokio::time::timeout(self.connect_timeout, connecting)
+            .await
+            .map_err(|_| SlowConnect(self.connect_timeout))??;
         if io.connected().is_negotiated_h2() {
             let (tx, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
@@ -341,7 +357,8 @@ impl Route {
                 target,
                 forward: None,
             };
-            return (route, Dial::Tunnel(tunnel));
+            let shown = crate::egress::without_credentials(&proxy.uri().to_string());
+            return (route, Dial::Tunnel(tunnel, shown));
         }
         let route = Route {
             dial: proxy.uri().clone(),
@@ -357,7 +374,8 @@ impl Route {
 #[derive(Clone)]
 pub enum Dial {
     Direct(HttpConnector),
-    Tunnel(Tunnel<HttpConnector>),
+    /// The tunnel, and the proxy's URL without credentials (for errors).
+    Tunnel(Tunnel<HttpConnector>, String),
 }
 
 type Dialed = TokioIo<tokio::net::TcpStream>;
@@ -370,7 +388,7 @@ impl Service<Uri> for Dial {
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         match self {
             Dial::Direct(c) => c.poll_ready(cx).map_err(Into::into),
-            Dial::Tunnel(t) => t.poll_ready(cx).map_err(Into::into),
+            Dial::Tunnel(t, _) => t.poll_ready(cx).map_err(Into::into),
         }
     }
 
@@ -380,9 +398,21 @@ impl Service<Uri> for Dial {
                 let connecting = c.call(dst);
                 Box::pin(async move { connecting.await.map_err(Into::into) })
             }
-            Dial::Tunnel(t) => {
+            Dial::Tunnel(t, proxy) => {
                 let connecting = t.call(dst);
-                Box::pin(async move { connecting.await.map_err(Into::into) })
+                let proxy = proxy.clone();
+                Box::pin(async move {
+                    connecting.await.map_err(|e| {
+                        // hyper-util says only "unsuccessful" for a CONNECT answered with an
+                        // error status.
+                        let hint = if e.to_string().contains("unsuccessful") {
+                            ": it answered the CONNECT with an error status (does it let this machine reach the upstream? is egress.proxy_password_file right?)"
+                        } else {
+                            ""
+                        };
+                        format!("through the egress proxy {proxy}: {e}{hint}").into()
+                    })
+                })
             }
         }
     }
