@@ -358,7 +358,7 @@ impl Route {
                 forward: None,
             };
             let shown = crate::egress::without_credentials(&proxy.uri().to_string());
-            return (route, Dial::Tunnel(tunnel, shown));
+            return (route, Dial::Tunnel(Box::new(tunnel), shown));
         }
         let route = Route {
             dial: proxy.uri().clone(),
@@ -375,7 +375,7 @@ impl Route {
 pub enum Dial {
     Direct(HttpConnector),
     /// The tunnel, and the proxy's URL without credentials (for errors).
-    Tunnel(Tunnel<HttpConnector>, String),
+    Tunnel(Box<Tunnel<HttpConnector>>, String),
 }
 
 type Dialed = TokioIo<tokio::net::TcpStream>;
