@@ -328,6 +328,38 @@ async fn exec_takes_the_session_from_the_ci_jobs_variables() {
 }
 
 #[tokio::test]
+async fn behind_a_company_proxy_exec_keeps_the_jobs_requests_to_the_agent_off_it() {
+    let h = Harness::start().await;
+    let (upstream, _g) = Upstream::start(UpstreamOptions::for_idp(&h.idp, AUDIENCE))
+        .await
+        .unwrap();
+    // The runner routes http through a proxy (that no loopback listener is): the job's curl to
+    // OPENAI_BASE_URL must not go there.
+    let o = output(h.agent_with_upstream(
+        &upstream.base_url(),
+        &[
+            "exec",
+            "--no-summary",
+            "--",
+            "sh",
+            "-c",
+            "printf '%s|%s|' \"$NO_PROXY\" \"$no_proxy\"; curl -sf -o /dev/null -w '%{http_code}' \"$OPENAI_BASE_URL/models\"",
+        ],
+        &[
+            ("http_proxy", "http://127.0.0.1:9"),
+            ("NO_PROXY", "corp.example, 127.0.0.0/8"),
+        ],
+    ))
+    .await;
+    assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
+    assert_eq!(
+        o.stdout, "corp.example,127.0.0.0/8,127.0.0.1|corp.example,127.0.0.0/8,127.0.0.1|200",
+        "{}",
+        o.stderr
+    );
+}
+
+#[tokio::test]
 async fn wait_and_stop_have_help() {
     for cmd in ["wait", "stop"] {
         let mut c = Command::new(env!("CARGO_BIN_EXE_behest-agent"));

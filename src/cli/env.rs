@@ -5,6 +5,7 @@
 //! CI job's ([`super::session`]). Nothing else of the configuration is needed, so it works before
 //! the IdP is configured.
 
+use std::collections::HashMap;
 use std::process::ExitCode;
 
 use super::{CliResult, Global, init_cli_logging, profile_daemon};
@@ -51,7 +52,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     let addr = proxy_address(g, daemon.as_ref())?;
     let session = super::session::for_command(g, args.session.as_deref());
     let base = base_url_for(&addr, args.profile.as_deref(), session.as_deref())?;
-    let mut vars = variables(&base);
+    let mut vars = variables(&base, &super::process_env());
     // Without a daemon, a configuration that requires keys gets one in its keys file (a daemon
     // started later reads it).
     let local = match (&daemon, &settings) {
@@ -167,12 +168,49 @@ pub fn parse_session(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
-pub fn variables(base: &str) -> Vec<(&'static str, String)> {
-    vec![
+/// What a job needs to reach the proxy at `base`. When the job's environment (`process`) names an
+/// HTTP proxy, `NO_PROXY` and `no_proxy` also get the proxy's host: curl and the SDKs would
+/// otherwise send the job's requests to a company proxy, which cannot reach this loopback.
+pub fn variables(base: &str, process: &HashMap<String, String>) -> Vec<(&'static str, String)> {
+    let mut vars = vec![
         ("OPENAI_BASE_URL", base.to_string()),
         ("OPENAI_API_BASE", base.to_string()),
         ("OPENAI_API_KEY", PLACEHOLDER_KEY.to_string()),
-    ]
+    ];
+    const PROXIES: [&str; 6] = [
+        "http_proxy",
+        "HTTP_PROXY",
+        "https_proxy",
+        "HTTPS_PROXY",
+        "all_proxy",
+        "ALL_PROXY",
+    ];
+    let proxied = PROXIES
+        .iter()
+        .any(|k| process.get(*k).is_some_and(|v| !v.trim().is_empty()));
+    let host = url::Url::parse(base).ok().and_then(|u| {
+        u.host_str()
+            .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string())
+    });
+    if let (true, Some(host)) = (proxied, host) {
+        let given = ["no_proxy", "NO_PROXY"]
+            .iter()
+            .find_map(|k| process.get(*k))
+            .map_or("", |v| v.trim());
+        let mut hosts: Vec<&str> = given
+            .split(',')
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .collect();
+        if !hosts.iter().any(|h| *h == "*" || *h == host) {
+            hosts.push(&host);
+            // Without spaces, so every format (dotenv too) can carry it.
+            let merged = hosts.join(",");
+            vars.push(("NO_PROXY", merged.clone()));
+            vars.push(("no_proxy", merged));
+        }
+    }
+    vars
 }
 
 /// The variables in `format`'s syntax, each value quoted so that the shell (or the file's reader)
@@ -218,7 +256,7 @@ mod tests {
 
     #[test]
     fn each_format_renders_the_three_variables() {
-        let vars = variables("http://127.0.0.1:8711/v1");
+        let vars = variables("http://127.0.0.1:8711/v1", &HashMap::new());
         assert_eq!(
             render(Format::Sh, &vars).unwrap(),
             "export OPENAI_BASE_URL='http://127.0.0.1:8711/v1'\nexport OPENAI_API_BASE='http://127.0.0.1:8711/v1'\nexport OPENAI_API_KEY='placeholder'\n"
@@ -239,8 +277,53 @@ mod tests {
             render(Format::Github, &vars).unwrap(),
             render(Format::Dotenv, &vars).unwrap()
         );
-        let v6 = variables("http://[::1]:8711/v1");
+        let v6 = variables("http://[::1]:8711/v1", &HashMap::new());
         assert!(render(Format::Dotenv, &v6).is_ok());
+    }
+
+    #[test]
+    fn with_a_proxy_in_the_environment_no_proxy_gets_the_proxys_host() {
+        let env = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let no_proxy = |base: &str, pairs: &[(&str, &str)]| {
+            variables(base, &env(pairs))
+                .into_iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case("no_proxy"))
+                .map(|(_, v)| v)
+                .collect::<Vec<_>>()
+        };
+        let base = "http://127.0.0.1:8711/v1";
+        assert!(no_proxy(base, &[]).is_empty(), "no proxy: nothing added");
+        assert_eq!(
+            no_proxy(base, &[("http_proxy", "http://p:3128")]),
+            ["127.0.0.1", "127.0.0.1"]
+        );
+        assert_eq!(
+            no_proxy(
+                base,
+                &[
+                    ("HTTPS_PROXY", "http://p:3128"),
+                    ("NO_PROXY", ".corp, localhost")
+                ]
+            ),
+            [".corp,localhost,127.0.0.1", ".corp,localhost,127.0.0.1"]
+        );
+        assert!(
+            no_proxy(
+                base,
+                &[("http_proxy", "http://p"), ("no_proxy", "x, 127.0.0.1")]
+            )
+            .is_empty(),
+            "already listed"
+        );
+        assert_eq!(
+            no_proxy("http://[::1]:8711/v1", &[("ALL_PROXY", "http://p")]),
+            ["::1", "::1"]
+        );
     }
 
     #[test]

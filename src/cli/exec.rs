@@ -111,7 +111,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     let session = super::session::for_command(g, args.session.as_deref());
     let base = super::env::base_url_for(&addr, args.profile.as_deref(), session.as_deref())?;
     env.extend(
-        variables(&base)
+        variables(&base, &super::process_env())
             .into_iter()
             .map(|(k, v)| (k.to_string(), v)),
     );
