@@ -2,6 +2,21 @@
 //! command and maps its error to an exit code — 0 ok, 1 failure, 2 usage or configuration error —
 //! printing the whole cause chain.
 
+/// `print!` for a command's output: a reader that went away (`| head`) ends it quietly, and any
+/// other failure to write is the command's error (`print!` would panic on either).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!($($arg)*))?
+    };
+}
+
+/// [`out!`] with a newline.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!("{}\n", format_args!($($arg)*)))?
+    };
+}
+
 pub mod dev;
 pub mod doctor;
 pub mod env;
@@ -202,6 +217,18 @@ fn parse_log_level(s: &str) -> Result<String, String> {
     config::check_log_filter(s).map(|()| s.to_string())
 }
 
+/// Writes a command's output on stdout (see [`out!`]).
+pub fn write_out(text: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_fmt(text).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::anyhow!("cannot write the output: {e}"))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The process environment as a map (read once, at the edge).
 pub fn process_env() -> HashMap<String, String> {
     std::env::vars().collect()
@@ -284,7 +311,7 @@ async fn dispatch(cli: Cli) -> CliResult {
                 // (clap-rs/clap#6421).
                 script = script.replace("behest__subcmd__agent", "behest__agent");
             }
-            print!("{script}");
+            out!("{script}");
             Ok(ExitCode::SUCCESS)
         }
     }

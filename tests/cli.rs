@@ -652,3 +652,20 @@ async fn a_log_level_flag_that_is_no_level_is_a_usage_error() {
         o.stderr
     );
 }
+
+#[tokio::test]
+async fn output_to_a_reader_that_went_away_ends_quietly() {
+    for args in [&["completions", "bash"][..], &["--version"]] {
+        let mut c = bin();
+        c.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        // The reader goes away before anything is written (`behest-agent … | head -0`).
+        drop(child.stdout.take());
+        let o = child.wait_with_output().await.unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        if args[0] == "completions" {
+            assert_eq!(o.status.code(), Some(0), "{args:?}: {stderr}");
+        }
+    }
+}

@@ -175,7 +175,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     let note = socket_note
         .map(|n| format!("\n  ({n})"))
         .unwrap_or_default();
-    println!(
+    outln!(
         "behest-agent dev: the agent, an embedded Auth0-compatible IdP and an echo upstream, all in this process.
 
   IdP (Auth0-compatible)   {idp}/  client {DEV_CLIENT_ID}, audience {DEV_AUDIENCE}
@@ -324,7 +324,7 @@ async fn self_check(base: &str) -> anyhow::Result<()> {
     if !status.is_success() {
         return Err(anyhow!("the proxy answered {status}: {text}"));
     }
-    println!("POST {base}/chat/completions -> {status}\n{text}");
+    outln!("POST {base}/chat/completions -> {status}\n{text}");
     let mut streamed = body.clone();
     streamed["stream"] = serde_json::Value::Bool(true);
     let resp = client
@@ -338,7 +338,7 @@ async fn self_check(base: &str) -> anyhow::Result<()> {
     if !status.is_success() || !text.contains("data: [DONE]") {
         return Err(anyhow!("the streamed completion failed ({status}): {text}"));
     }
-    println!(
+    outln!(
         "POST {base}/chat/completions (stream) -> {status}, {} events",
         text.matches("data: ").count()
     );

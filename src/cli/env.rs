@@ -87,7 +87,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
             }
         }
     }
-    print!("{}", render(args.format, &vars)?);
+    out!("{}", render(args.format, &vars)?);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -114,7 +114,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
                 "key {} created; it is shown this once (only its hash is kept):",
                 created["id"].as_str().unwrap_or("?")
             );
-            println!("{}", created["key"].as_str().unwrap_or_default());
+            outln!("{}", created["key"].as_str().unwrap_or_default());
         }
         KeyCommand::List { json } => {
             let list = match (&daemon, &store) {
@@ -128,9 +128,9 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
                 (None, None) => unreachable!("a store without a daemon"),
             };
             if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                outln!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                print!("{}", table(&list));
+                out!("{}", table(&list));
             }
         }
         KeyCommand::Revoke { id } => {

@@ -39,7 +39,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
                 .pointer(&pointer)
                 .and_then(|v| v.as_str())
                 .unwrap_or("?");
-            println!("refreshed by the daemon; the new token expires at {exp}");
+            outln!("refreshed by the daemon; the new token expires at {exp}");
         }
         None => {
             let settings = settings?;
@@ -49,7 +49,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
                 .refresh_now()
                 .await
                 .map_err(|e| anyhow!("refresh failed: {e}"))?;
-            println!(
+            outln!(
                 "refreshed (no daemon running; cached on disk); the new token expires at {}",
                 rfc3339(t.expires_at)
             );

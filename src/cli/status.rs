@@ -67,9 +67,9 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
         .and_then(Value::as_bool)
         .unwrap_or(false);
     if args.json {
-        println!("{doc}");
+        outln!("{doc}");
     } else {
-        print!("{}", human(&doc));
+        out!("{}", human(&doc));
     }
     Ok(if ready {
         ExitCode::SUCCESS

@@ -61,7 +61,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
             None => !matches!(Daemon::connect(&socket, None).await, Ok(Some(_))),
         };
         if gone {
-            println!("{who} stopped");
+            outln!("{who} stopped");
             return Ok(ExitCode::SUCCESS);
         }
         if Instant::now() >= deadline {

@@ -86,11 +86,11 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
         .and_then(Value::as_str)
         .ok_or_else(|| anyhow!("the daemon's answer has no access_token"))?;
     if args.json {
-        println!("{doc}");
+        outln!("{doc}");
     } else if args.header {
-        println!("Authorization: Bearer {token}");
+        outln!("Authorization: Bearer {token}");
     } else {
-        println!("{token}");
+        outln!("{token}");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -47,9 +47,9 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     };
     let format = if args.json { Format::Json } else { args.format };
     match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        Format::Markdown => print!("{}", report.markdown()),
-        Format::Text => print!("{}", text(&report)),
+        Format::Json => outln!("{}", serde_json::to_string_pretty(&report)?),
+        Format::Markdown => out!("{}", report.markdown()),
+        Format::Text => out!("{}", text(&report)),
     }
     Ok(ExitCode::SUCCESS)
 }
