@@ -57,9 +57,9 @@ pub struct Cli {
 /// Options every subcommand accepts, before or after its name.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Global {
-    /// Config file [default: /etc/behest-agent/config.toml when it exists]
+    /// Config file [default: /etc/behest-agent/config.toml when it exists]; empty: the default
     #[arg(long, global = true, env = "BEHEST_AGENT_CONFIG", value_name = "PATH")]
-    pub config: Option<PathBuf>,
+    config: Option<String>,
     /// Log level or filter (overrides telemetry.log_level)
     #[arg(long, global = true, value_name = "LEVEL", value_parser = parse_log_level)]
     pub log_level: Option<String>,
@@ -132,7 +132,7 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
 impl Global {
     fn load_options(&self) -> config::LoadOptions {
         config::LoadOptions {
-            path: self.config.clone(),
+            path: self.config_path(),
             default_path: Some(PathBuf::from(config::DEFAULT_PATH)),
             env: process_env(),
             overrides: self.set.clone(),
@@ -178,6 +178,15 @@ impl Global {
             }
             other => Ok(other),
         }
+    }
+
+    /// The config file named by `--config` or `BEHEST_AGENT_CONFIG` (an empty one, as an unset CI
+    /// variable gives, names none).
+    pub fn config_path(&self) -> Option<PathBuf> {
+        self.config
+            .as_deref()
+            .filter(|c| !c.is_empty())
+            .map(PathBuf::from)
     }
 
     /// The proxy's listen addresses, needing nothing else of the configuration.

@@ -174,8 +174,8 @@ impl Report {
         let row = |out: &mut String, session: &str, model: &str, c: &Counts| {
             out.push_str(&format!(
                 "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
-                cell(session),
-                cell(model),
+                session,
+                model,
                 c.requests,
                 c.prompt_tokens,
                 c.completion_tokens,
@@ -186,7 +186,7 @@ impl Report {
         };
         for (session, s) in &self.sessions {
             for (model, c) in &s.models {
-                row(&mut out, session, model, c);
+                row(&mut out, &cell(session), &cell(model), c);
             }
         }
         row(&mut out, "**total**", "", &self.totals);
@@ -226,13 +226,19 @@ fn bounded_entry<'a, V: Default>(
     map.get_mut(key).expect("inserted above")
 }
 
-/// A Markdown table cell: no `|`, line break or HTML tag from a session or model name.
+/// A Markdown table cell that shows a session or model name as text: no `|`, line break, HTML,
+/// link or emphasis from it.
 fn cell(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
             '<' => out.push_str("&lt;"),
             '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '\\' | '`' | '*' | '_' | '[' | ']' | '(' | ')' | '!' | '~' | '#' => {
+                out.push('\\');
+                out.push(c);
+            }
             '|' => out.push(' '),
             c if c.is_control() => out.push(' '),
             c => out.push(c),
@@ -806,8 +812,13 @@ mod tests {
         );
         assert!(md.contains("| **total** |  | 1 |"), "{md}");
         r.add("x", "<img src=x>", 200, tokens(1));
+        r.add("y", "[l](http://e) *b* &amp;", 200, tokens(1));
         let md = r.markdown();
         assert!(md.contains("| x | &lt;img src=x&gt; | 1 |"), "{md}");
+        assert!(
+            md.contains(r"| y | \[l\]\(http://e\) \*b\* &amp;amp; | 1 |"),
+            "{md}"
+        );
     }
 
     #[test]

@@ -669,3 +669,20 @@ async fn output_to_a_reader_that_went_away_ends_quietly() {
         }
     }
 }
+
+#[tokio::test]
+async fn an_empty_behest_agent_config_names_no_file() {
+    // An unset CI variable often arrives empty: it is no config file, not a usage error.
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = bin_in(dir.path());
+    c.args(["env", "--format", "dotenv"])
+        .env("BEHEST_AGENT_CONFIG", "");
+    let o = output(c).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.stdout
+            .contains("OPENAI_BASE_URL=http://127.0.0.1:8711/v1"),
+        "{}",
+        o.stdout
+    );
+}

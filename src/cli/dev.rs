@@ -115,7 +115,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     let (idp_url, upstream_url) = (idp.base_url(), upstream.base_url());
     let settings = config::load_adjusted(
         &LoadOptions {
-            path: g.config.clone(),
+            path: g.config_path(),
             default_path: None,
             env,
             overrides: g.set.clone(),

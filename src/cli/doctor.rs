@@ -54,7 +54,7 @@ pub async fn run(g: &Global, _args: Args) -> CliResult {
         Err(e) => {
             // No configuration of its own (none was named): a running daemon, such as
             // `behest-agent dev`, is what the user wants checked.
-            if g.config.is_none() {
+            if g.config_path().is_none() {
                 match daemon(g, None).await {
                     Ok(Some(d)) => {
                         check_daemon_alone(&mut r, &d).await;

@@ -193,15 +193,18 @@ pub fn variables(base: &str, process: &HashMap<String, String>) -> Vec<(&'static
             .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string())
     });
     if let (true, Some(host)) = (proxied, host) {
-        let given = ["no_proxy", "NO_PROXY"]
+        // Both lists (tools differ in which they read), each entry once.
+        let mut hosts: Vec<&str> = Vec::new();
+        for h in ["no_proxy", "NO_PROXY"]
             .iter()
-            .find_map(|k| process.get(*k))
-            .map_or("", |v| v.trim());
-        let mut hosts: Vec<&str> = given
-            .split(',')
+            .filter_map(|k| process.get(*k))
+            .flat_map(|v| v.split(','))
             .map(str::trim)
-            .filter(|h| !h.is_empty())
-            .collect();
+        {
+            if !h.is_empty() && !hosts.contains(&h) {
+                hosts.push(h);
+            }
+        }
         if !hosts.iter().any(|h| *h == "*" || *h == host) {
             hosts.push(&host);
             // Without spaces, so every format (dotenv too) can carry it.
@@ -319,6 +322,18 @@ mod tests {
             )
             .is_empty(),
             "already listed"
+        );
+        assert_eq!(
+            no_proxy(
+                base,
+                &[
+                    ("http_proxy", "http://p"),
+                    ("no_proxy", "a.com"),
+                    ("NO_PROXY", "c.com,a.com")
+                ]
+            ),
+            ["a.com,c.com,127.0.0.1", "a.com,c.com,127.0.0.1"],
+            "both lists kept"
         );
         assert_eq!(
             no_proxy("http://[::1]:8711/v1", &[("ALL_PROXY", "http://p")]),

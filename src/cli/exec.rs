@@ -78,7 +78,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
         overrides.push(("proxy.listen".into(), "127.0.0.1:0".into()));
         overrides.push(("control.socket".into(), socket.display().to_string()));
         let settings = config::load(&LoadOptions {
-            path: g.config.clone(),
+            path: g.config_path(),
             default_path: Some(config::DEFAULT_PATH.into()),
             env: process_env(),
             overrides,
@@ -144,7 +144,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
             (var, v.clone())
         })
         .collect();
-    if let Some(c) = &g.config {
+    if let Some(c) = &g.config_path() {
         given.push(("BEHEST_AGENT_CONFIG".into(), c.display().to_string()));
     }
     env.splice(0..0, given);
