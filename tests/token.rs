@@ -819,6 +819,34 @@ async fn idp_down_keeps_the_cached_token_until_it_expires_then_reports_unavailab
 }
 
 #[tokio::test(start_paused = true)]
+async fn with_the_disk_cache_the_backoff_keeps_growing_after_the_held_token_expired() {
+    let clock = TestClock::new();
+    let h = Harness::start_with(|o| {
+        o.token_ttl = Duration::from_secs(60);
+        o.now = devkit_now(clock.clone());
+    })
+    .await;
+    // The disk cache on: the token held is also the one on disk.
+    let source = h.source(&[("BEHEST_AGENT__TOKEN__MAX_BACKOFF", "5m")], clock.clone());
+    let (stop, task) = spawn_refresher(&source);
+    source.get(Duration::ZERO).await.unwrap();
+    h.idp.set_fault(Some(Fault::Status(503)));
+    // Past the expiry, then ten minutes of outage.
+    tokio::time::sleep(Duration::from_secs(60 + 600)).await;
+    assert!(!source.is_ready());
+    // 1 s doubling toward 5 min: a dozen attempts or so, never one a second.
+    let attempts = h.idp.token_requests();
+    assert!(attempts < 40, "{attempts} attempts in 11 minutes");
+    assert!(
+        source.status().consecutive_failures > 5,
+        "{:?}",
+        source.status()
+    );
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
 async fn retry_after_delays_the_next_attempt() {
     let clock = TestClock::new();
     let h = Harness::start_with(|o| o.now = devkit_now(clock.clone())).await;

@@ -825,9 +825,12 @@ impl TokenSource {
             self.inner.state.lock().expect("state lock").last_forced =
                 Some((obtained_at, Ok(t.clone())));
         }
-        if self
-            .valid(Duration::ZERO)
-            .is_some_and(|cur| Arc::ptr_eq(&cur, &t) || cur.expires_at > t.expires_at)
+        // The token held, expired or not, is never installed again: that would reset the
+        // failure count and the backoff while the IdP is down.
+        if self.current().is_some_and(|cur| Arc::ptr_eq(&cur, &t))
+            || self
+                .valid(Duration::ZERO)
+                .is_some_and(|cur| cur.expires_at > t.expires_at)
         {
             return;
         }
