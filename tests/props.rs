@@ -1379,3 +1379,23 @@ fn client_credentials_never_reach_the_upstream_and_the_agent_bearer_goes_exactly
     });
     rt.block_on(rig.finish());
 }
+
+#[test]
+fn unsigned_tokens_are_refused_for_their_algorithm() {
+    // `alg: none` is not a header jsonwebtoken reads: the refusal names the algorithm, not a
+    // malformed header.
+    let rt = runtime();
+    let iss = rt.block_on(issuer());
+    let payload = &parts(&iss.genuine).unwrap()[1];
+    for alg in ["none", "None", "HS1024"] {
+        let header = json!({ "alg": alg, "typ": "JWT" }).to_string();
+        let token = format!("{}.{}.", b64(header.as_bytes()), b64(payload));
+        let r = rt.block_on(
+            iss.verifier
+                .check(&SecretString::from(token), &iss.endpoints),
+        );
+        let e = r.expect_err("an unsigned token was accepted");
+        assert_eq!(e.code(), "refused_algorithm", "{alg}: {}", e.problem());
+        assert!(e.problem().contains(alg), "{}", e.problem());
+    }
+}

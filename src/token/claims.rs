@@ -394,8 +394,7 @@ impl Verifier {
         if parts.len() != 3 {
             return Err(CheckError::Opaque);
         }
-        let header = jsonwebtoken::decode_header(text)
-            .map_err(|_| CheckError::Malformed("the header is not base64url JSON".into()))?;
+        let header = jsonwebtoken::decode_header(text).map_err(|_| unknown_alg(parts[0]))?;
         let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(parts[1].trim_end_matches('='))
             .map_err(|_| CheckError::Malformed("the payload is not base64url".into()))?;
@@ -545,5 +544,21 @@ impl Verifier {
             }),
             Some(_) => Ok(()),
         }
+    }
+}
+
+/// Why a header `jsonwebtoken` cannot read is refused: an algorithm it does not know (`none`
+/// among them) is named as such; anything else is malformed.
+fn unknown_alg(header: &str) -> CheckError {
+    let alg = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header.trim_end_matches('='))
+        .ok()
+        .and_then(|h| serde_json::from_slice::<Map<String, Value>>(&h).ok())
+        .and_then(|h| h.get("alg").and_then(Value::as_str).map(String::from));
+    match alg {
+        Some(alg) => {
+            CheckError::Algorithm(format!("{:?}", alg.chars().take(32).collect::<String>()))
+        }
+        None => CheckError::Malformed("the header is not base64url JSON".into()),
     }
 }
