@@ -17,6 +17,15 @@ macro_rules! outln {
     };
 }
 
+/// A line on stderr. A stderr that cannot be written (closed, full, its reader gone) loses the
+/// line, never the command's outcome: `eprintln!` would panic.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub mod dev;
 pub mod doctor;
 pub mod env;
@@ -238,9 +247,23 @@ pub fn write_out(text: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
     }
 }
 
-/// The process environment as a map (read once, at the edge).
+/// The process environment as a map (read once, at the edge). A variable whose name or value is
+/// not UTF-8 is left out: none of the agent's can be so (one that looks like its own is named on
+/// stderr, once), and a CI job may inherit any bytes in another.
 pub fn process_env() -> HashMap<String, String> {
-    std::env::vars().collect()
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    std::env::vars_os()
+        .filter_map(|(k, v)| match (k.into_string(), v.into_string()) {
+            (Ok(k), Ok(v)) => Some((k, v)),
+            (Ok(k), Err(_)) if k.starts_with("BEHEST_") || k.starts_with("AUTH0_") => {
+                WARNED.call_once(|| {
+                    errln!("warning: {k} is ignored: its value is not UTF-8");
+                });
+                None
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// A failure with its exit code.
@@ -278,7 +301,7 @@ pub fn main() -> ExitCode {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            errln!("error: cannot start the async runtime: {e}");
             return ExitCode::from(1);
         }
     };
@@ -288,7 +311,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(f) => {
-            eprintln!("error: {:#}", f.error);
+            errln!("error: {:#}", f.error);
             ExitCode::from(f.code)
         }
     }

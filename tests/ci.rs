@@ -328,6 +328,46 @@ async fn exec_takes_the_session_from_the_ci_jobs_variables() {
 }
 
 #[tokio::test]
+async fn exec_passes_bytes_that_are_not_utf8_through_and_keeps_the_status_when_stderr_is_gone() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let h = Harness::start().await;
+    let (upstream, _g) = Upstream::start(UpstreamOptions::for_idp(&h.idp, AUDIENCE))
+        .await
+        .unwrap();
+    // A CI job inherits any bytes: a Latin-1 variable of someone else's, a Latin-1 argument.
+    let mut c = h.agent_with_upstream(
+        &upstream.base_url(),
+        &["exec", "--", "sh", "-c", "printf %s \"$1\"; exit 7", "sh"],
+        &[],
+    );
+    c.env("LATIN1_MESSAGE", OsStr::from_bytes(b"caf\xe9"))
+        .arg(OsStr::from_bytes(b"x\xffy"));
+    let o = output(c).await;
+    assert_eq!(o.code, 7, "{}", o.stderr);
+    assert!(!o.stderr.contains("panicked"), "{}", o.stderr);
+    assert_eq!(
+        o.stdout, "x\u{fffd}y",
+        "the argument reaches the command as it was"
+    );
+    // The usage line cannot be written (stderr full): the command's status is still exec's.
+    let mut c = h.agent_with_upstream(
+        &upstream.base_url(),
+        &["exec", "--", "sh", "-c", "exit 7"],
+        &[],
+    );
+    c.stderr(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap(),
+    );
+    c.stdout(std::process::Stdio::null());
+    let status = tokio::time::timeout(Duration::from_secs(120), c.status()).await;
+    assert_eq!(status.unwrap().unwrap().code(), Some(7));
+}
+
+#[tokio::test]
 async fn behind_a_company_proxy_exec_keeps_the_jobs_requests_to_the_agent_off_it() {
     let h = Harness::start().await;
     let (upstream, _g) = Upstream::start(UpstreamOptions::for_idp(&h.idp, AUDIENCE))

@@ -168,6 +168,9 @@ async fn a_bad_session_flag_is_a_usage_error() {
         &["env", "--session", "a\nb"],
         &["exec", "--session", "bad session", "--", "true"],
         &["exec", "--session", "", "--", "true"],
+        // A client resolves /s/../v1 to /v1: the session would be lost.
+        &["exec", "--session", "..", "--", "true"],
+        &["env", "--session", "."],
     ] {
         let mut c = bin_in(dir.path());
         c.args(args);

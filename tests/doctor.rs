@@ -141,6 +141,31 @@ async fn a_reader_that_goes_away_does_not_make_doctor_panic() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
+/// `doctor > /dev/full`: its report is lost, which is no pass (as for every printing command).
+#[tokio::test]
+async fn a_report_that_cannot_be_written_exits_1() {
+    let h = Harness::start().await;
+    let mut c = h.agent(&["doctor"], &[]);
+    c.stdout(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap(),
+    )
+    .stderr(Stdio::piped());
+    // (tokio's `output()` would pipe stdout whatever was set: spawn it.)
+    let o = tokio::time::timeout(
+        Duration::from_secs(60),
+        c.spawn().unwrap().wait_with_output(),
+    )
+    .await
+    .expect("doctor ends")
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot write the output"), "{stderr}");
+}
+
 #[tokio::test]
 async fn a_token_without_uid_fails_the_uid_check_with_the_auth0_action_as_fix_and_exits_1() {
     let h = Harness::start().await;

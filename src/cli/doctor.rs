@@ -126,42 +126,50 @@ pub async fn run(g: &Global, _args: Args) -> CliResult {
     Ok(r.exit_code())
 }
 
-/// Prints the check lines as they come and remembers whether one failed.
+/// Prints the check lines as they come and remembers whether one failed, or could not be written.
 #[derive(Default)]
 struct Report {
     failed: bool,
-}
-
-/// One line on stdout; a reader that went away (`doctor | head -1`) is no failure of the checks.
-macro_rules! say {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stdout(), $($arg)*);
-    }};
+    /// Why stdout took no more lines (a reader that went away, `doctor | head -1`, is no failure).
+    lost: Option<std::io::Error>,
 }
 
 impl Report {
+    fn say(&mut self, line: impl Display) {
+        use std::io::Write as _;
+        if self.lost.is_none()
+            && let Err(e) =
+                writeln!(std::io::stdout(), "{line}").and_then(|()| std::io::stdout().flush())
+            && e.kind() != std::io::ErrorKind::BrokenPipe
+        {
+            self.lost = Some(e);
+        }
+    }
+
     fn pass(&mut self, what: impl Display) {
-        say!("✓ {what}");
+        self.say(format_args!("✓ {what}"));
     }
 
     fn info(&mut self, what: impl Display) {
-        say!("· {what}");
+        self.say(format_args!("· {what}"));
     }
 
     fn fail(&mut self, what: impl Display, problem: impl Display, fix: impl Display) {
         self.failed = true;
         let problem = problem.to_string();
         let mut lines = problem.lines();
-        say!("✗ {what}: {}", lines.next().unwrap_or_default());
+        self.say(format_args!(
+            "✗ {what}: {}",
+            lines.next().unwrap_or_default()
+        ));
         for l in lines {
-            say!("  {l}");
+            self.say(format_args!("  {l}"));
         }
         let fix = fix.to_string();
         let mut lines = fix.lines();
-        say!("  fix: {}", lines.next().unwrap_or_default());
+        self.say(format_args!("  fix: {}", lines.next().unwrap_or_default()));
         for l in lines {
-            say!("       {l}");
+            self.say(format_args!("       {l}"));
         }
     }
 
@@ -171,7 +179,10 @@ impl Report {
     }
 
     fn exit_code(&self) -> ExitCode {
-        if self.failed {
+        if let Some(e) = &self.lost {
+            errln!("error: cannot write the output: {e}");
+            ExitCode::from(1)
+        } else if self.failed {
             ExitCode::from(1)
         } else {
             ExitCode::SUCCESS

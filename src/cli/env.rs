@@ -77,7 +77,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     )
     .await?;
     if let Some((_, id, key)) = key {
-        eprintln!(
+        errln!(
             "behest-agent: OPENAI_API_KEY is local key {id}, valid for {}",
             humantime::format_duration(args.ttl)
         );
@@ -151,17 +151,20 @@ pub fn base_url(addr: &str, session: Option<&str>) -> anyhow::Result<String> {
     }
 }
 
-/// A session id for `env` and `exec`: 1 to 128 letters, digits, `-`, `_`, `.` or `~`, since it
-/// becomes part of a URL path. As `--session`'s parser, a bad one is a usage error (exit 2).
+/// A session id for `env` and `exec`: 1 to 128 letters, digits, `-`, `_`, `.` or `~`, but not `.`
+/// or `..` (a client would resolve them away), since it becomes part of a URL path. As
+/// `--session`'s parser, a bad one is a usage error (exit 2).
 pub fn parse_session(s: &str) -> Result<String, String> {
     if s.is_empty()
         || s.len() > 128
+        || s == "."
+        || s == ".."
         || !s
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b))
     {
         return Err(format!(
-            "--session `{}`: use 1 to 128 letters, digits, '-', '_', '.' or '~' (it becomes part of a URL path)",
+            "--session `{}`: use 1 to 128 letters, digits, '-', '_', '.' or '~', not `.` or `..` alone (it becomes part of a URL path)",
             s.escape_debug()
         ));
     }

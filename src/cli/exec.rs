@@ -43,7 +43,7 @@ pub struct Args {
         allow_hyphen_values = true,
         value_name = "CMD"
     )]
-    pub command: Vec<String>,
+    pub command: Vec<std::ffi::OsString>,
     /// Do not print the session's usage when the command exits (nor append it to
     /// $GITHUB_STEP_SUMMARY)
     #[arg(long)]
@@ -153,7 +153,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     if let Some((place, id, _)) = &job_key
         && let Err(e) = place.revoke(id).await
     {
-        eprintln!(
+        errln!(
             "behest-agent: the command's local key {id} could not be revoked ({e:#}); revoke it with `behest-agent key revoke {id}`"
         );
     }
@@ -193,7 +193,10 @@ const GROUP_GRACE: Duration = Duration::from_secs(5);
 /// gets SIGTERM, then SIGKILL after [`GROUP_GRACE`] — before the proxy they use goes away.
 /// Returns the command's exit code, or 128 + the signal that ended it; 127 when the command is not
 /// found and 126 when it cannot be run, as a shell says.
-async fn run_child(command: &[String], env: HashMap<String, String>) -> Result<u8, Failure> {
+async fn run_child(
+    command: &[std::ffi::OsString],
+    env: HashMap<String, String>,
+) -> Result<u8, Failure> {
     let mut child = match tokio::process::Command::new(&command[0])
         .args(&command[1..])
         .envs(env)
@@ -207,7 +210,8 @@ async fn run_child(command: &[String], env: HashMap<String, String>) -> Result<u
             } else {
                 126
             };
-            let error = anyhow::Error::new(e).context(format!("cannot run `{}`", command[0]));
+            let error = anyhow::Error::new(e)
+                .context(format!("cannot run `{}`", command[0].to_string_lossy()));
             return Err(Failure { code, error });
         }
     };
@@ -287,12 +291,12 @@ async fn end_group(group: Pid) {
 fn summarize(report: &crate::usage::Report, session: &str) {
     if session == crate::usage::NO_SESSION {
         // Not this command's alone: every request without a session since the daemon started.
-        eprintln!(
+        errln!(
             "behest-agent: requests without a session (every client's, not only this command's; give --session ID to count it alone): {}",
             report.line()
         );
     } else {
-        eprintln!("behest-agent: session {session}: {}", report.line());
+        errln!("behest-agent: session {session}: {}", report.line());
     }
     if let Some(path) = std::env::var_os("GITHUB_STEP_SUMMARY").filter(|p| !p.is_empty()) {
         let table = format!("### Behest usage\n\n{}\n", report.markdown());

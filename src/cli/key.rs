@@ -110,7 +110,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
                 }
                 (None, None) => unreachable!("a store without a daemon"),
             };
-            eprintln!(
+            errln!(
                 "key {} created; it is shown this once (only its hash is kept):",
                 created["id"].as_str().unwrap_or("?")
             );
@@ -139,7 +139,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
                 (None, Some(s)) => s.revoke(&id)?,
                 (None, None) => unreachable!("a store without a daemon"),
             }
-            eprintln!("key {id} revoked");
+            errln!("key {id} revoked");
         }
     }
     Ok(ExitCode::SUCCESS)

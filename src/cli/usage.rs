@@ -41,7 +41,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     let report = match fetch_profile(g, args.profile.as_deref(), args.session.as_deref()).await? {
         Some(r) => r,
         None => {
-            eprintln!("no usage recorded yet (no daemon runs, and the ledger is empty or off)");
+            errln!("no usage recorded yet (no daemon runs, and the ledger is empty or off)");
             Report::default()
         }
     };
