@@ -175,6 +175,8 @@ async fn a_socket_another_user_serves_is_refused_by_every_command() {
         &["refresh"],
         &["env"],
         &["exec", "--", "true"],
+        // Time does not change who serves the socket: `wait` says so at once, not in an hour.
+        &["wait", "--timeout", "1h"],
     ] {
         let o = output(agent_as(Some(&victim), &env, args)).await;
         assert_eq!(o.code, 1, "{args:?}: {}{}", o.stdout, o.stderr);

@@ -2,7 +2,7 @@
 //! background. Exits 0 as soon as the daemon answers on its control socket and holds a valid
 //! token (its `/readyz`), 1 at the timeout with the last reason it was not ready on stderr, or
 //! at once when the daemon's grant failed in a way only a configuration change fixes (a wrong
-//! secret: waiting longer would not help). Polls every [`POLL`]; no poll outlives the timeout.
+//! secret: waiting longer would not help), or when this user may not use the daemon's socket. Polls every [`POLL`]; no poll outlives the timeout.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -13,6 +13,7 @@ use serde_json::Value;
 use tokio::time::{Instant, sleep, timeout};
 
 use super::{CliResult, Global, daemon, init_cli_logging};
+use crate::control::ControlError;
 
 /// Time between two polls.
 const POLL: Duration = Duration::from_millis(100);
@@ -37,9 +38,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
         let left = deadline.saturating_duration_since(Instant::now());
         match timeout(left.min(ATTEMPT), ready(g, &socket)).await {
             Ok(Ok(())) => return Ok(ExitCode::SUCCESS),
-            Ok(Err(NotReady::Fix(reason))) => {
-                return Err(anyhow!("{reason}").into());
-            }
+            Ok(Err(NotReady::Fix(error))) => return Err(error.into()),
             Ok(Err(NotReady::Yet(reason))) => last = reason,
             Err(_) if left > ATTEMPT => {
                 last = format!("the control socket did not answer within {ATTEMPT:?}")
@@ -62,16 +61,23 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
 enum NotReady {
     /// Not yet: another poll may find it ready.
     Yet(String),
-    /// Its grant failed in a way only a configuration change fixes.
-    Fix(String),
+    /// Its grant failed in a way only a configuration change fixes, or this user may not use it.
+    Fix(anyhow::Error),
 }
 
 /// `Ok` when the daemon answers and holds a valid token; otherwise why not.
 async fn ready(g: &Global, socket: &std::path::Path) -> Result<(), NotReady> {
     let settings = g.load().ok();
-    let Some(d) = daemon(g, settings.as_ref())
-        .await
-        .map_err(|e| NotReady::Yet(e.to_string()))?
+    let Some(d) = daemon(g, settings.as_ref()).await.map_err(|e| match e {
+        // Only a change of permissions or configuration helps these, not time.
+        ControlError::Denied { .. }
+        | ControlError::Untrusted { .. }
+        | ControlError::Unidentified { .. }
+        | ControlError::OtherIdentity { .. }
+        | ControlError::UnsafeAddress { .. }
+        | ControlError::Config(_) => NotReady::Fix(e.into()),
+        e => NotReady::Yet(e.to_string()),
+    })?
     else {
         return Err(NotReady::Yet(format!(
             "no daemon answers on {} (start `behest-agent run`, or point --config / BEHEST_AGENT__CONTROL__SOCKET at its socket)",
@@ -87,7 +93,7 @@ async fn ready(g: &Global, socket: &std::path::Path) -> Result<(), NotReady> {
     }
     let state = body.get("token").and_then(Value::as_str).unwrap_or("none");
     Err(match body.get("last_error").and_then(Value::as_str) {
-        Some(e) if body["needs_a_fix"] == true => NotReady::Fix(format!(
+        Some(e) if body["needs_a_fix"] == true => NotReady::Fix(anyhow!(
             "the daemon's grant failed and will keep failing until the configuration is fixed (token {state}; last error: {e})"
         )),
         Some(e) => NotReady::Yet(format!(
