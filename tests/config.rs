@@ -204,6 +204,47 @@ fn bad_urls_and_plain_http_to_remote_hosts_are_refused() {
     assert!(r.unwrap_err().to_string().contains("proxy.upstream"));
 }
 
+/// A user and password in an IdP URL would go out and into every log line that names it.
+#[test]
+fn idp_urls_with_a_user_or_password_are_refused_without_quoting_them() {
+    let oidc =
+        "[auth]\nprovider = \"oidc\"\nclient_id = \"c\"\naudience = \"https://api.example\"\n";
+    for (toml, key) in [
+        (
+            MINIMAL.replace("example.eu.auth0.com", "https://user:hunter2@idp.example"),
+            "auth.domain",
+        ),
+        (
+            format!("{oidc}issuer = \"https://user:hunter2@idp.example/\"\n"),
+            "auth.issuer",
+        ),
+        (
+            format!(
+                "{oidc}token_url = \"https://user:hunter2@idp.example/token\"\njwks_url = \"https://idp.example/jwks\"\n"
+            ),
+            "auth.token_url",
+        ),
+    ] {
+        let (_d, r) = load_file(&toml, &[("AUTH0_CLIENT_SECRET", "s3cret-value")]);
+        let msg = r.expect_err(key).to_string();
+        assert!(
+            msg.contains(key) && msg.contains("user or password"),
+            "{msg}"
+        );
+        assert!(!msg.contains("hunter2"), "{msg}");
+    }
+    // A tenant's domain has no query to drop silently.
+    let (_d, r) = load_file(
+        &MINIMAL.replace("example.eu.auth0.com", "https://idp.example/p?x=1"),
+        &[("AUTH0_CLIENT_SECRET", "s3cret-value")],
+    );
+    let msg = r.unwrap_err().to_string();
+    assert!(
+        msg.contains("auth.domain") && msg.contains("query"),
+        "{msg}"
+    );
+}
+
 #[test]
 fn an_unreadable_secret_file_is_an_error_naming_the_key_and_the_path() {
     let (_d, r) = load_file(

@@ -1445,6 +1445,11 @@ fn base_url(domain: &str) -> Result<Url, String> {
         format!("https://{domain}")
     };
     let mut url = parse_url(&with_scheme)?;
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!(
+            "`{domain}` has a query or fragment: give the tenant's domain (e.g. example.eu.auth0.com)"
+        ));
+    }
     if !url.path().ends_with('/') {
         let p = format!("{}/", url.path());
         url.set_path(&p);
@@ -1457,9 +1462,16 @@ fn join(base: &Url, rel: &str) -> Url {
         .expect("a relative path joins onto a base URL")
 }
 
-/// An absolute http(s) URL; plain http only to a loopback host.
+/// An absolute http(s) URL without a user or password; plain http only to a loopback host.
 pub fn parse_url(s: &str) -> Result<Url, String> {
     let url = Url::parse(s).map_err(|e| format!("`{s}` is not a URL ({e})"))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        // Not echoed: the password would be in the error.
+        return Err(format!(
+            "the URL of {} holds a user or password, which would be sent and logged with it: remove them (the client's own credentials are auth.client_id and its secret)",
+            url.host_str().unwrap_or("no host")
+        ));
+    }
     match url.scheme() {
         "https" => Ok(url),
         "http" if is_loopback_host(&url) => Ok(url),
