@@ -250,6 +250,7 @@ impl Proxy {
             allowed_hosts: settings.allowed_hosts.clone(),
             require_key: settings.require_key,
             keys: OnceLock::new(),
+            max_requests: fit.clients as u64,
             max_replay_body: settings.max_replay_body,
             replay_budget: forward::ReplayBudget::new(settings.replay_budget),
             upstream_timeout: unbounded(settings.upstream_timeout),

@@ -720,3 +720,21 @@ fn a_log_level_that_is_no_level_is_refused_rather_than_silencing_the_log() {
             .unwrap_or_else(|e| panic!("{good}: {e}"));
     }
 }
+
+#[test]
+fn a_session_id_that_cannot_be_sent_and_zero_connections_are_refused_at_load() {
+    for (toml, key) in [
+        ("[proxy]\nsession_id = \"a b\"\n", "proxy.session_id"),
+        ("[proxy]\nmax_connections = 0\n", "proxy.max_connections"),
+        (
+            "[proxy]\nmax_upstream_connections = 0\n",
+            "proxy.max_upstream_connections",
+        ),
+    ] {
+        let msg = load_with(toml, &[]).expect_err(key).to_string();
+        assert!(msg.contains(key), "{msg}");
+    }
+    let long = format!("[proxy]\nsession_id = \"{}\"\n", "x".repeat(129));
+    let msg = load_with(&long, &[]).unwrap_err().to_string();
+    assert!(msg.contains("proxy.session_id"), "{msg}");
+}

@@ -151,6 +151,48 @@ async fn upstream_connections_are_capped_and_a_request_finding_none_free_gets_50
     rig.finish().await;
 }
 
+/// An h2c client cannot multiply `max_connections` by its streams: requests in flight over every
+/// connection are bounded by it too, and the one past it gets 503 `overloaded` at once.
+#[tokio::test]
+async fn requests_in_flight_over_h2c_streams_are_bounded_by_max_connections() {
+    let rig = Rig::with(|s| {
+        s.max_connections = 2;
+        s.max_upstream_connections = 8;
+    })
+    .await;
+    rig.up.fail_next(2, UpstreamFault::Hold);
+    let (mut sender, _conn) = h2c(&rig).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = sender.clone();
+        let req = models(&rig);
+        held.push(tokio::spawn(async move { s.send_request(req).await }));
+    }
+    within(rig.up.wait_for(|u| u.requests().len() == 2)).await;
+    let resp = within(sender.send_request(models(&rig))).await.unwrap();
+    assert_eq!(resp.status(), 503);
+    let v = json_body(resp).await;
+    assert_eq!(v["error"]["code"], "overloaded", "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("proxy.max_connections"), "{message}");
+    assert_eq!(
+        rig.up.request_count(),
+        2,
+        "the refused request never went upstream"
+    );
+    for h in held {
+        h.abort();
+    }
+    // Once the held requests are gone, a request is served again.
+    eventually(HANG, "the held requests to end", || {
+        rig.stat(&["in_flight"]) == 0
+    })
+    .await;
+    let resp = within(sender.send_request(models(&rig))).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    rig.finish().await;
+}
+
 /// A pooled upstream connection idle for 30 s is closed by the agent (within 15 s more), not kept
 /// open until the next request: an agent that falls idle after a burst holds no upstream
 /// connections, even to an upstream that would keep them forever.
@@ -458,7 +500,7 @@ async fn run_raises_its_soft_file_descriptor_limit_to_the_hard_one() {
 /// The probe under a limit too small for the defaults: held h2c streams toward an
 /// upstream that stalls would take every descriptor, and then the control socket and new
 /// clients got nothing. Now the bounds are lowered to fit (with a warning naming the keys), the
-/// streams beyond the upstream cap get 503, and the control socket and a new client are served.
+/// streams beyond them get 503, and the control socket and a new client are served.
 #[tokio::test]
 async fn a_stream_flood_under_a_small_fd_limit_leaves_the_control_socket_and_new_clients_served() {
     let h = Harness::start().await;
@@ -500,15 +542,19 @@ async fn a_stream_flood_under_a_small_fd_limit_leaves_the_control_socket_and_new
         streams.iter().filter(|s| s.is_finished()).count() >= 200 - cap
     })
     .await;
+    eventually(HANG, "the admitted streams to reach the upstream", || {
+        up.in_flight() >= 1
+    })
+    .await;
     assert!(up.connections() as usize <= cap, "{}", up.connections());
-    assert!(up.in_flight() >= 1);
 
     assert_eq!(get_unix(&socket, "/healthz").await["status"], "ok");
     let mut s = TcpStream::connect(&addr).await.unwrap();
     s.write_all(format!("GET /v1/models HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
         .await
         .unwrap();
-    assert_eq!(within(answer(&mut s)).await, 503, "upstream_busy");
+    // Refused at once (requests in flight are bounded by the lowered max_connections too).
+    assert_eq!(within(answer(&mut s)).await, 503, "overloaded");
 
     child.kill().await.unwrap();
     let logs = stderr.lock().unwrap().clone();

@@ -1016,12 +1016,28 @@ fn proxy(p: ProxyFile, origin: Origin<'_>) -> Result<ProxySettings, ConfigError>
         None => 64 << 20,
         Some(s) => parse_size(&s).map_err(|m| origin.invalid("proxy.replay_budget", m))?,
     };
-    let max_connections = p.max_connections.unwrap_or(4096).max(1);
+    let at_least_one = |n: Option<usize>, key: &str| match n {
+        Some(0) => Err(origin.invalid(key, "0 would serve nothing: use 1 or more".to_string())),
+        n => Ok(n),
+    };
+    let max_connections = at_least_one(p.max_connections, "proxy.max_connections")?.unwrap_or(4096);
+    let max_upstream_connections =
+        at_least_one(p.max_upstream_connections, "proxy.max_upstream_connections")?
+            .unwrap_or(max_connections);
+    let session_id = nonempty(p.session_id);
+    if let Some(s) = &session_id
+        && !crate::proxy::valid_session(s.as_bytes())
+    {
+        return Err(origin.invalid(
+            "proxy.session_id",
+            "use 1 to 128 visible ASCII characters (no spaces)".to_string(),
+        ));
+    }
     let proxy = ProxySettings {
         listen,
         upstream,
         ca_file: nonempty(p.ca_file).map(PathBuf::from),
-        session_id: nonempty(p.session_id),
+        session_id,
         session_from_ci: p.session_from_ci.unwrap_or(true),
         egress: Default::default(),
         allow_remote,
@@ -1030,7 +1046,7 @@ fn proxy(p: ProxyFile, origin: Origin<'_>) -> Result<ProxySettings, ConfigError>
         keys_file,
         allowed_hosts,
         max_connections,
-        max_upstream_connections: p.max_upstream_connections.unwrap_or(max_connections).max(1),
+        max_upstream_connections,
         max_replay_body,
         replay_budget,
         connect_timeout: nonzero(

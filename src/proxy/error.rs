@@ -22,6 +22,11 @@ pub enum ProxyError {
         "all {limit} upstream connections (proxy.max_upstream_connections) are in use and none came free within {waited} (proxy.connect_timeout); retry later, or raise proxy.max_upstream_connections"
     )]
     UpstreamBusy { limit: usize, waited: String },
+    /// As many requests are in flight as `proxy.max_connections`, h2 streams included.
+    #[error(
+        "{0} requests are in flight, the most the agent takes at once (proxy.max_connections); retry later, or raise proxy.max_connections"
+    )]
+    Overloaded(u64),
     /// The upstream answered something the agent cannot pass on.
     #[error("the upstream {authority} sent a response the agent cannot forward: {reason}")]
     BadUpstreamResponse { authority: String, reason: String },
@@ -78,7 +83,9 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable { .. } | ProxyError::BadUpstreamResponse { .. } => {
                 StatusCode::BAD_GATEWAY
             }
-            ProxyError::UpstreamBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::UpstreamBusy { .. } | ProxyError::Overloaded(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::ForbiddenHost(_) | ProxyError::ForbiddenOrigin(_) => StatusCode::FORBIDDEN,
             ProxyError::BadRequest(_) | ProxyError::BadFraming(_) => StatusCode::BAD_REQUEST,
@@ -103,6 +110,7 @@ impl ProxyError {
             ProxyError::TokenUnavailable(_) => "token_unavailable",
             ProxyError::UpstreamUnreachable { .. } => "upstream_unreachable",
             ProxyError::UpstreamBusy { .. } => "upstream_busy",
+            ProxyError::Overloaded(_) => "overloaded",
             ProxyError::BadUpstreamResponse { .. } => "bad_upstream_response",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
             ProxyError::ForbiddenHost(_) => "forbidden_host",

@@ -78,6 +78,9 @@ pub struct Forwarder {
     /// `proxy.require_key`: every request presents a local key from `keys`.
     pub require_key: bool,
     pub keys: OnceLock<Arc<KeyStore>>,
+    /// Requests in flight at once, over every connection (`proxy.max_connections`): an h2c client
+    /// cannot multiply the connection bound by its streams.
+    pub max_requests: u64,
     pub max_replay_body: usize,
     pub replay_budget: ReplayBudget,
     pub upstream_timeout: Duration,
@@ -177,6 +180,10 @@ impl Forwarder {
         req: Request<Incoming>,
         record: &mut Record,
     ) -> Result<(Response<Incoming>, Option<Lease>), ProxyError> {
+        // This request is counted already.
+        if self.counters.stats.in_flight.load(Ordering::Relaxed) > self.max_requests {
+            return Err(ProxyError::Overloaded(self.max_requests));
+        }
         // Checked before waiting for a token: a bad request never spends a grant.
         let (route, session, uri) = self.check(local, &req)?;
 
