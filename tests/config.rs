@@ -738,3 +738,59 @@ fn a_session_id_that_cannot_be_sent_and_zero_connections_are_refused_at_load() {
     let msg = load_with(&long, &[]).unwrap_err().to_string();
     assert!(msg.contains("proxy.session_id"), "{msg}");
 }
+
+/// Every list key takes a comma-separated string from `--set` and the environment, its items
+/// trimmed as in the file (`"a, b"` made ` b`: a listen address refused, an origin never matched).
+#[test]
+fn list_keys_take_comma_separated_strings_from_set_and_the_environment() {
+    let load = |pairs: &[(&str, &str)], overrides: &[(&str, &str)]| {
+        let mut pairs = pairs.to_vec();
+        pairs.push(("AUTH0_CLIENT_SECRET", "s3cret-value"));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, MINIMAL).unwrap();
+        config::load(&LoadOptions {
+            path: Some(path),
+            default_path: None,
+            env: env(&pairs),
+            overrides: overrides
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        })
+        .unwrap()
+    };
+    let check = |s: &config::Settings| {
+        assert_eq!(
+            s.proxy.allowed_origins,
+            ["http://a.example", "http://b.example"]
+        );
+        assert_eq!(s.proxy.allowed_hosts, ["agent", "agent.local"]);
+        assert_eq!(s.token.required_claims, ["tid", "pid"]);
+        assert_eq!(s.proxy.listen.len(), 2);
+    };
+    check(&load(
+        &[
+            (
+                "BEHEST_AGENT__PROXY__ALLOWED_ORIGINS",
+                "http://a.example, http://b.example",
+            ),
+            ("BEHEST_AGENT__PROXY__ALLOWED_HOSTS", "agent, agent.local"),
+            ("BEHEST_AGENT__TOKEN__REQUIRED_CLAIMS", "tid, pid"),
+            ("BEHEST_AGENT__PROXY__LISTEN", "127.0.0.1:1, 127.0.0.1:2"),
+        ],
+        &[],
+    ));
+    check(&load(
+        &[],
+        &[
+            ("proxy.allowed_origins", "http://a.example,http://b.example"),
+            ("proxy.allowed_hosts", "agent, agent.local"),
+            ("token.required_claims", "tid,pid"),
+            ("proxy.listen", "127.0.0.1:1,127.0.0.1:2"),
+        ],
+    ));
+    // An empty string is an empty list: no claim required.
+    let s = load(&[], &[("token.required_claims", "")]);
+    assert!(s.token.required_claims.is_empty());
+}

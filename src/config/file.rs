@@ -106,7 +106,7 @@ pub struct TokenFile {
     pub uid_claim: Option<String>,
     pub expected_uid: Option<String>,
     pub uid_check: Option<String>,
-    pub required_claims: Option<Vec<String>>,
+    pub required_claims: Option<OneOrMany>,
     pub verify_signature: Option<bool>,
     #[serde(deserialize_with = "duration")]
     pub refresh_margin: Option<Duration>,
@@ -127,10 +127,10 @@ pub struct ProxyFile {
     pub session_id: Option<String>,
     pub session_from_ci: Option<bool>,
     pub allow_remote: Option<bool>,
-    pub allowed_origins: Option<Vec<String>>,
+    pub allowed_origins: Option<OneOrMany>,
     pub require_key: Option<bool>,
     pub keys_file: Option<String>,
-    pub allowed_hosts: Option<Vec<String>>,
+    pub allowed_hosts: Option<OneOrMany>,
     #[serde(deserialize_with = "whole")]
     pub max_connections: Option<usize>,
     #[serde(deserialize_with = "whole")]
@@ -205,7 +205,9 @@ pub struct FleetFile {
     pub timeout: Option<Duration>,
 }
 
-/// `listen = "127.0.0.1:8711"` or `listen = ["127.0.0.1:8711", "unix:/run/x.sock"]`.
+/// A list key: `listen = ["127.0.0.1:8711", "unix:/run/x.sock"]`, or one string of
+/// comma-separated items (`--set`, and the environment before the `config` crate splits it);
+/// items are trimmed, empty ones dropped.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum OneOrMany {
@@ -215,15 +217,16 @@ pub enum OneOrMany {
 
 impl OneOrMany {
     pub fn into_vec(self) -> Vec<String> {
-        match self {
-            OneOrMany::One(s) => s
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(String::from)
-                .collect(),
+        let items = match self {
+            OneOrMany::One(s) => s.split(',').map(String::from).collect(),
             OneOrMany::Many(v) => v,
-        }
+        };
+        items
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect()
     }
 }
 

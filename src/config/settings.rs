@@ -831,9 +831,10 @@ fn token(t: TokenFile, origin: Origin<'_>, client_id: &str) -> Result<TokenSetti
         client_id: client_id.to_string(),
         expected_uid: nonempty(t.expected_uid).unwrap_or_else(|| client_id.to_string()),
         uid_check,
-        required_claims: t
-            .required_claims
-            .unwrap_or_else(|| vec!["tid".to_string(), "pid".to_string()]),
+        required_claims: t.required_claims.map_or_else(
+            || vec!["tid".to_string(), "pid".to_string()],
+            OneOrMany::into_vec,
+        ),
         verify_signature: t.verify_signature.unwrap_or(true),
         refresh_margin: t.refresh_margin.unwrap_or(Duration::from_secs(300)),
         min_backoff,
@@ -988,7 +989,7 @@ fn proxy(p: ProxyFile, origin: Origin<'_>) -> Result<ProxySettings, ConfigError>
             "proxy.require_key needs a keys file: set proxy.keys_file, or STATE_DIRECTORY / XDG_STATE_HOME / HOME",
         ));
     }
-    let allowed_hosts = p.allowed_hosts.unwrap_or_default();
+    let allowed_hosts = p.allowed_hosts.map(OneOrMany::into_vec).unwrap_or_default();
     if let Some(h) = allowed_hosts.iter().find(|h| {
         h.is_empty()
             || !h
@@ -1041,7 +1042,10 @@ fn proxy(p: ProxyFile, origin: Origin<'_>) -> Result<ProxySettings, ConfigError>
         session_from_ci: p.session_from_ci.unwrap_or(true),
         egress: Default::default(),
         allow_remote,
-        allowed_origins: p.allowed_origins.unwrap_or_default(),
+        allowed_origins: p
+            .allowed_origins
+            .map(OneOrMany::into_vec)
+            .unwrap_or_default(),
         require_key,
         keys_file,
         allowed_hosts,
