@@ -575,17 +575,48 @@ struct Applied {
 
 /// Applies new settings: what changed is rebuilt, what did not is kept (a kept token source keeps
 /// its token: an unchanged identity makes no grant). Fails without changing anything.
-async fn apply(state: &State, new: Settings, log: Option<&LogHandle>) -> Result<Applied, String> {
+async fn apply(
+    state: &State,
+    mut new: Settings,
+    log: Option<&LogHandle>,
+) -> Result<Applied, String> {
     let old = state.settings.read().expect("settings lock").clone();
-    if new.control.socket != old.control.socket {
-        tracing::warn!("control.socket changed: it applies after a restart");
-    }
-    if new.proxy.keys_file != old.proxy.keys_file {
-        tracing::warn!("proxy.keys_file changed: it applies after a restart");
-    }
-    if new.telemetry.metrics_listen != old.telemetry.metrics_listen {
-        tracing::warn!("telemetry.metrics_listen changed: it applies after a restart");
-    }
+    at_restart(
+        "control.socket",
+        &old.control.socket,
+        &mut new.control.socket,
+    );
+    at_restart(
+        "control.socket_mode",
+        &old.control.socket_mode,
+        &mut new.control.socket_mode,
+    );
+    at_restart(
+        "proxy.keys_file",
+        &old.proxy.keys_file,
+        &mut new.proxy.keys_file,
+    );
+    at_restart("[egress]", &old.proxy.egress, &mut new.proxy.egress);
+    at_restart(
+        "usage.ledger_file",
+        &old.usage.ledger_file,
+        &mut new.usage.ledger_file,
+    );
+    at_restart(
+        "usage.ledger_max_size",
+        &old.usage.ledger_max_size,
+        &mut new.usage.ledger_max_size,
+    );
+    at_restart(
+        "telemetry.log_format",
+        &old.telemetry.log_format,
+        &mut new.telemetry.log_format,
+    );
+    at_restart(
+        "telemetry.metrics_listen",
+        &old.telemetry.metrics_listen,
+        &mut new.telemetry.metrics_listen,
+    );
     let identity_changed = format!("{:?}{:?}{:?}", old.auth, old.token, old.fleet)
         != format!("{:?}{:?}{:?}", new.auth, new.token, new.fleet);
     let live = state.live();
@@ -666,6 +697,15 @@ async fn apply(state: &State, new: Settings, log: Option<&LogHandle>) -> Result<
         proxy_changed,
         listen_changed,
     })
+}
+
+/// A key that applies only at start: its change is logged, and the value in force stays in the
+/// settings (what `status` shows, and what the next reload compares with: a change back is none).
+fn at_restart<T: Clone + PartialEq>(key: &str, old: &T, new: &mut T) {
+    if old != new {
+        tracing::warn!("{key} changed: it applies after a restart");
+        *new = old.clone();
+    }
 }
 
 /// Binds the new proxy addresses, retrying briefly while the old sockets close; on failure the

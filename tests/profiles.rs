@@ -941,3 +941,52 @@ async fn with_a_daemon_an_unknown_profile_is_refused_before_anything_is_made_nam
     task.await.unwrap();
     s.h.assert_no_secrets_logged();
 }
+
+/// A key that takes a restart is said to on reload and stays as it was, in full: `[egress]` was
+/// half applied (the upstream through the new proxy, the IdP not), and a change back was warned
+/// about again.
+#[tokio::test]
+async fn a_reload_keeps_the_keys_that_take_a_restart_and_says_so_once() {
+    let mut s = Stack::start(&[]).await;
+    let stop = CancellationToken::new();
+    let (tx, rx) = mpsc::channel(1);
+    let origin = s.origin.clone();
+    let app = s.app.take().unwrap();
+    let run = tokio::spawn(app.run_with_reloads(stop.clone(), rx));
+    assert_eq!(get(&format!("{origin}/v1/models")).await.0, 200);
+    let said = || {
+        crate::util::logs()
+            .matches("[egress] changed: it applies after a restart")
+            .count()
+    };
+    // Nothing listens on the discard port: through it, every request would fail.
+    s.write_config("[egress]\nproxy = \"http://127.0.0.1:9\"\nno_proxy = \"example.invalid\"\n");
+    tx.send(Reload {
+        settings: s.settings(),
+    })
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(10), "the reload's warning", || {
+        said() == 1
+    })
+    .await;
+    assert_eq!(get(&format!("{origin}/v1/models")).await.0, 200);
+    // Back as it was: nothing changed, nothing said.
+    s.write_config("");
+    tx.send(Reload {
+        settings: s.settings(),
+    })
+    .await
+    .unwrap();
+    // A reload that is then applied: the next one is only read after it.
+    s.write_config("[telemetry]\nlog_level = \"info\"\n");
+    tx.send(Reload {
+        settings: s.settings(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(get(&format!("{origin}/v1/models")).await.0, 200);
+    assert_eq!(said(), 1);
+    stop.cancel();
+    run.await.unwrap();
+}
