@@ -794,3 +794,18 @@ fn list_keys_take_comma_separated_strings_from_set_and_the_environment() {
     let s = load(&[], &[("token.required_claims", "")]);
     assert!(s.token.required_claims.is_empty());
 }
+
+#[test]
+fn a_bad_backoff_names_the_key_that_was_set() {
+    for (toml, key) in [
+        ("[token]\nmin_backoff = \"0s\"\n", "token.min_backoff"),
+        ("[token]\nmin_backoff = \"10m\"\n", "token.min_backoff"),
+        (
+            "[token]\nmin_backoff = \"5s\"\nmax_backoff = \"2s\"\n",
+            "token.max_backoff",
+        ),
+    ] {
+        let msg = load_with(toml, &[]).expect_err(toml).to_string();
+        assert!(msg.contains(key), "{toml}: {msg}");
+    }
+}

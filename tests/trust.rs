@@ -1188,3 +1188,33 @@ async fn no_other_user_connects_to_a_socket_before_it_has_its_mode() {
         );
     }
 }
+
+/// The service's secret file, which this user may not read: the error says whose it is to read,
+/// not to correct the path.
+#[tokio::test]
+async fn a_secret_file_this_user_may_not_read_says_whom_to_run_as() {
+    let test = "a_secret_file_this_user_may_not_read_says_whom_to_run_as";
+    let Some(user) = local_user("bhst-victim", test) else {
+        return;
+    };
+    let h = Harness::start().await;
+    let home = dir_of(&user, 0o700);
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret.path(), format!("{}\n", h.secret)).unwrap();
+    std::fs::set_permissions(secret.path(), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut env = identity_env(&h, home.path(), &home.path().join("agent.sock"));
+    env.retain(|(k, _)| *k != "BEHEST_AGENT_CLIENT_SECRET");
+    env.push((
+        "BEHEST_AGENT__AUTH__CLIENT_SECRET_FILE",
+        secret.path().display().to_string(),
+    ));
+    let o = output(agent_as(Some(&user), &env, &["token"])).await;
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("auth.client_secret_file")
+            && o.stderr.contains("may not read it")
+            && o.stderr.contains("sudo -u behest-agent"),
+        "{}",
+        o.stderr
+    );
+}

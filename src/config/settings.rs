@@ -765,8 +765,17 @@ fn client_secret(
         )
     })?;
     if let SecretSource::File { path: p, key } = &source {
-        let text = std::fs::read_to_string(p)
-            .map_err(|e| origin.invalid(key, format!("cannot read {}: {e}", p.display())))?;
+        let text = std::fs::read_to_string(p).map_err(|e| {
+            let why = if e.kind() == std::io::ErrorKind::PermissionDenied {
+                format!(
+                    "{e}: this user (uid {}) may not read it; run the command as the user the agent runs as (e.g. `sudo -u behest-agent`), or let this user read it",
+                    nix::unistd::getuid()
+                )
+            } else {
+                e.to_string()
+            };
+            origin.invalid(key, format!("cannot read {}: {why}", p.display()))
+        })?;
         secret_text(&text).map_err(|e| origin.invalid(key, format!("{}: {e}", p.display())))?;
         if let Some(w) = permission_warning(p, key) {
             warnings.push(w);
@@ -816,9 +825,19 @@ fn token(t: TokenFile, origin: Origin<'_>, client_id: &str) -> Result<TokenSetti
     let min_backoff = t.min_backoff.unwrap_or(Duration::from_secs(1));
     let max_backoff = t.max_backoff.unwrap_or(Duration::from_secs(300));
     if min_backoff.is_zero() || max_backoff < min_backoff {
+        // The key that was set wrong: a max_backoff left at its default is not it.
+        let key = if min_backoff.is_zero() || t.max_backoff.is_none() {
+            "token.min_backoff"
+        } else {
+            "token.max_backoff"
+        };
         return Err(origin.invalid(
-            "token.max_backoff",
-            "needs 0 < min_backoff <= max_backoff".to_string(),
+            key,
+            format!(
+                "needs 0 < min_backoff <= max_backoff (min_backoff {}, max_backoff {})",
+                humantime::format_duration(min_backoff),
+                humantime::format_duration(max_backoff)
+            ),
         ));
     }
     let cache_file = match t.cache_file {
@@ -1297,8 +1316,17 @@ fn fleet(
     let password_file = nonempty(f.redis_password_file).map(PathBuf::from);
     if let Some(p) = &password_file {
         let key = "fleet.redis_password_file";
-        let text = std::fs::read_to_string(p)
-            .map_err(|e| origin.invalid(key, format!("cannot read {}: {e}", p.display())))?;
+        let text = std::fs::read_to_string(p).map_err(|e| {
+            let why = if e.kind() == std::io::ErrorKind::PermissionDenied {
+                format!(
+                    "{e}: this user (uid {}) may not read it; run the command as the user the agent runs as (e.g. `sudo -u behest-agent`), or let this user read it",
+                    nix::unistd::getuid()
+                )
+            } else {
+                e.to_string()
+            };
+            origin.invalid(key, format!("cannot read {}: {why}", p.display()))
+        })?;
         secret_text(&text).map_err(|e| origin.invalid(key, format!("{}: {e}", p.display())))?;
         if let Some(w) = permission_warning(p, key) {
             warnings.push(w);
