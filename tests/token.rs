@@ -1186,3 +1186,30 @@ async fn the_refresher_grants_one_second_tokens_at_most_once_per_interval() {
     stop.cancel();
     task.await.unwrap();
 }
+
+/// A short token lifetime is said once, not at every grant (in `exec`, every grant wrote it to
+/// the job's stderr).
+#[tokio::test(start_paused = true)]
+async fn a_short_lifetime_is_warned_about_once_not_at_every_refresh() {
+    let clock = TestClock::new();
+    let h = Harness::start_with(|o| {
+        o.token_ttl = Duration::from_secs(97);
+        o.now = devkit_now(clock.clone());
+    })
+    .await;
+    let source = h.source(
+        &[NO_CACHE, ("BEHEST_AGENT__TOKEN__REFRESH_MARGIN", "10s")],
+        clock.clone(),
+    );
+    let (stop, task) = spawn_refresher(&source);
+    eventually(Duration::from_secs(600), "three grants", || {
+        h.idp.grants() >= 3
+    })
+    .await;
+    let said = crate::util::logs()
+        .matches("the IdP issues tokens valid for only 1m 3")
+        .count();
+    assert_eq!(said, 1);
+    stop.cancel();
+    task.await.unwrap();
+}

@@ -153,6 +153,8 @@ struct State {
     last_forced: Option<(SystemTime, Result<Arc<Token>, RefreshError>)>,
     /// Why the disk cache cannot be written, until a write succeeds.
     cache_error: Option<String>,
+    /// The warnings of the token held, as logged.
+    warned: Vec<String>,
 }
 
 /// What a grant attempt is for.
@@ -917,15 +919,20 @@ impl TokenSource {
             tid = view.tid.as_deref().unwrap_or("-"),
             pid = view.pid.as_deref().unwrap_or("-"),
             tier = view.tier.as_deref().unwrap_or("-"),
+            profile = self.inner.metrics.get().map_or("default", |(_, p)| p.as_str()),
             "token ready"
         );
-        for w in &token.warnings {
-            tracing::warn!("{w}");
-        }
         let obtained_at = token.obtained_at;
+        let warnings = token.warnings.clone();
         *self.inner.current.write().expect("token lock") = Some(token);
         {
             let mut st = self.inner.state.lock().expect("state lock");
+            // Each token's warnings, said once while they stay the same (a short lifetime would
+            // be said at every grant).
+            for w in warnings.iter().filter(|w| !st.warned.contains(w)) {
+                tracing::warn!("{w}");
+            }
+            st.warned = warnings;
             // When the token held was issued: a token from the cache or the fleet was not
             // refreshed now.
             st.last_refresh = Some(obtained_at);
