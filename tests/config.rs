@@ -809,3 +809,19 @@ fn a_bad_backoff_names_the_key_that_was_set() {
         assert!(msg.contains(key), "{toml}: {msg}");
     }
 }
+
+#[test]
+fn a_fleet_lock_shorter_than_a_grant_may_take_is_warned_about() {
+    let s = load_with(
+        "[fleet]\nredis_url = \"redis://127.0.0.1:6379\"\nlock_timeout = \"1s\"\n",
+        &[],
+    )
+    .unwrap();
+    assert!(
+        s.warnings
+            .iter()
+            .any(|w| w.contains("fleet.lock_timeout") && w.contains("auth.timeout")),
+        "{:?}",
+        s.warnings
+    );
+}

@@ -423,6 +423,15 @@ pub(super) fn validate(
         hourly_tokens: file.budget.hourly_tokens.filter(|n| *n > 0),
     };
     let fleet = fleet(file.fleet, origin, &mut warnings)?;
+    if let Some(f) = &fleet
+        && f.lock_timeout < auth.timeout
+    {
+        warnings.push(format!(
+            "fleet.lock_timeout ({}) is shorter than auth.timeout ({}): a grant that outlives its lock lets a second agent grant too; raise fleet.lock_timeout above it",
+            humantime::format_duration(f.lock_timeout),
+            humantime::format_duration(auth.timeout)
+        ));
+    }
     if let Some(p) = path
         && let Some(w) = permission_warning(p, "config file")
     {
