@@ -22,6 +22,32 @@ pub fn untrusted(meta: &std::fs::Metadata) -> Option<String> {
     None
 }
 
+/// Why another user could replace the directory `dir` itself, with what is in it: an ancestor
+/// of it that another user owns, or one every user may write without the sticky bit (which lets
+/// only an entry's owner rename it, as in `/tmp`). `None` when none can.
+pub fn untrusted_ancestor(dir: &std::path::Path) -> Option<String> {
+    let me = nix::unistd::geteuid().as_raw();
+    let real = std::fs::canonicalize(dir).ok()?;
+    for a in real.ancestors().skip(1) {
+        let meta = std::fs::metadata(a).ok()?;
+        if meta.uid() != me && meta.uid() != 0 {
+            return Some(format!(
+                "{} belongs to uid {}, neither this user (uid {me}) nor root: that user could move what is below it",
+                a.display(),
+                meta.uid()
+            ));
+        }
+        if meta.mode() & 0o002 != 0 && meta.mode() & 0o1000 == 0 {
+            return Some(format!(
+                "{} is writable by every user without the sticky bit (mode {:04o}): any user could move what is below it",
+                a.display(),
+                meta.mode() & 0o7777
+            ));
+        }
+    }
+    None
+}
+
 /// [`untrusted`] as an I/O error (permission denied) naming `path`.
 pub fn check(path: &std::path::Path, meta: &std::fs::Metadata) -> std::io::Result<()> {
     match untrusted(meta) {

@@ -196,7 +196,8 @@ async fn bind_one(addr: &ListenAddr) -> io::Result<Listener> {
 /// - A stale socket file (nobody listens) is replaced; a live one is an error (`AddrInUse`); a
 ///   path that is not a socket (a file, a symlink, a directory) is never touched.
 /// - A directory every user may write, or one another user owns, is refused: another user could
-///   plant a socket there first, or replace this one.
+///   plant a socket there first, or replace this one. So is one below a directory another user
+///   owns or every user may write without the sticky bit: they could move the whole directory.
 /// - The check and the rename happen under a lock on the directory, so of several processes
 ///   racing for the same stale socket exactly one gets it.
 ///
@@ -221,6 +222,12 @@ pub async fn bind_unix(path: &Path, mode: u32) -> io::Result<Listener> {
                 dir.display(),
                 meta.mode() & 0o7777
             ),
+        ));
+    }
+    if let Some(why) = crate::owner::untrusted_ancestor(dir) {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("its directory {}: {why}", dir.display()),
         ));
     }
     // sun_path holds 108 bytes with the terminating NUL.

@@ -323,6 +323,20 @@ async fn the_default_directory_is_created_private_and_a_world_writable_one_is_re
     assert!(e.to_string().contains("writable by every user"), "{e}");
     assert!(!open.join("agent.sock").exists());
 
+    // A private directory below one every user may write (and no sticky bit): any user could
+    // move it away and put theirs in its place.
+    let wide = h.path("wide");
+    std::fs::create_dir(&wide).unwrap();
+    std::fs::set_permissions(&wide, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let below = wide.join("private");
+    std::fs::create_dir(&below).unwrap();
+    std::fs::set_permissions(&below, std::fs::Permissions::from_mode(0o750)).unwrap();
+    let e = control::bind(&below.join("agent.sock"), 0o660, 0o750)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("without the sticky bit"), "{e}");
+    assert!(!below.join("agent.sock").exists());
+
     // A directory another user owns: they could move the socket away and put theirs there.
     if nix::unistd::geteuid().is_root() {
         let theirs = h.path("theirs");
