@@ -825,3 +825,18 @@ fn a_fleet_lock_shorter_than_a_grant_may_take_is_warned_about() {
         s.warnings
     );
 }
+
+/// `status` shows the daemon's config file to a CLI run elsewhere: the path is absolute.
+#[test]
+fn a_relative_config_path_is_kept_absolute() {
+    // cargo runs the tests in the package's directory.
+    let s = config::load(&LoadOptions {
+        path: Some("config/behest-agent.toml".into()),
+        default_path: None,
+        env: env(&[("AUTH0_CLIENT_SECRET", "s3cret-value")]),
+        overrides: vec![],
+    })
+    .expect("config/behest-agent.toml loads");
+    let path = s.path.unwrap();
+    assert!(path.is_absolute() && path.exists(), "{}", path.display());
+}

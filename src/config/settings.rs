@@ -438,7 +438,8 @@ pub(super) fn validate(
         warnings.push(w);
     }
     Ok(Settings {
-        path: path.map(Path::to_path_buf),
+        // Absolute, as `status` shows it to a CLI in another directory.
+        path: path.map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())),
         auth,
         token,
         proxy,
