@@ -595,6 +595,25 @@ impl Accounting {
             })
     }
 
+    /// [`Report::only`] of [`Accounting::report`] (or of `profile`'s), cloning only that session:
+    /// a job's summary holds the lock for one session, not for a copy of ten thousand.
+    pub fn session_report(&self, profile: Option<&str>, session: &str) -> Report {
+        let state = self.state.lock().expect("usage lock");
+        let report = match profile {
+            Some(p) => state.profiles.get(p),
+            None => Some(&state.report),
+        };
+        let one = report
+            .and_then(|r| r.sessions.get(session))
+            .cloned()
+            .unwrap_or_default();
+        Report {
+            since: state.report.since.clone(),
+            totals: one.counts,
+            sessions: BTreeMap::from([(session.to_string(), one)]),
+        }
+    }
+
     /// Waits until the ledger has written what was recorded so far (at shutdown, and in tests).
     pub async fn flush(&self) {
         if let Some(l) = &self.ledger {
@@ -675,6 +694,14 @@ mod tests {
         assert_eq!(r.totals.total_tokens, 14);
         assert_eq!(r.clone().only("job-1").totals, want);
         assert_eq!(r.only("nope").totals, Counts::default());
+        // The same from the daemon's one-session answer, of all requests or of a profile's.
+        assert_eq!(a.session_report(None, "job-1").totals, want);
+        assert_eq!(a.session_report(Some("default"), "job-1").totals, want);
+        assert_eq!(
+            a.session_report(Some("team-b"), "job-1").totals,
+            Counts::default()
+        );
+        assert_eq!(a.session_report(None, "nope").sessions.len(), 1);
     }
 
     #[test]

@@ -251,13 +251,13 @@ async fn handle(state: &ControlState, req: Request<Incoming>) -> Response<Full<B
         (&Method::GET, "/v1/status") => json_response(StatusCode::OK, &status_json(state)),
         (&Method::GET, "/v1/usage") => match &state.usage {
             Some(usage) => {
-                let report = match query_param(req.uri().query(), "profile") {
-                    Some(p) => usage.profile_report(&percent_decoded(p)),
-                    None => usage.report(),
-                };
+                let profile = query_param(req.uri().query(), "profile").map(percent_decoded);
                 let report = match query_param(req.uri().query(), "session") {
-                    Some(session) => report.only(&percent_decoded(session)),
-                    None => report,
+                    Some(s) => usage.session_report(profile.as_deref(), &percent_decoded(s)),
+                    None => match &profile {
+                        Some(p) => usage.profile_report(p),
+                        None => usage.report(),
+                    },
                 };
                 json_response(StatusCode::OK, &json!(report))
             }
