@@ -365,3 +365,27 @@ fn bad_egress_settings_are_refused_with_the_fix() {
     let e = err(&[], "[egress]\nproxy_password_file = \"/x\"\n");
     assert!(e.contains("egress.proxy is not"), "{e}");
 }
+
+/// A proxy that cannot be reached is named in the grant's error: the IdP was never tried.
+#[tokio::test]
+async fn a_proxy_that_cannot_be_reached_is_named_in_the_grant_error() {
+    // A port nothing listens on any more.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let via = egress(&format!("http://u:gone-pw@127.0.0.1:{port}"), "");
+    let rig = Rig::builder().proxy(move |p| p.egress = via).start().await;
+    let err = rig
+        .tokens
+        .get(Duration::ZERO)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("through the egress proxy http://127.0.0.1:{port}")),
+        "{err}"
+    );
+    assert!(!err.contains("gone-pw"), "{err}");
+}

@@ -79,15 +79,23 @@ type OAuthClient<HasTokenUrl> = oauth2::Client<
 pub struct Grant {
     settings: AuthSettings,
     http: reqwest::Client,
+    /// The proxies `http` goes through, to name the one in a transport error.
+    egress: crate::egress::Egress,
     clock: SharedClock,
     endpoints: tokio::sync::OnceCell<ResolvedEndpoints>,
 }
 
 impl Grant {
-    pub fn new(settings: AuthSettings, http: reqwest::Client, clock: SharedClock) -> Arc<Self> {
+    pub fn new(
+        settings: AuthSettings,
+        http: reqwest::Client,
+        egress: crate::egress::Egress,
+        clock: SharedClock,
+    ) -> Arc<Self> {
         Arc::new(Self {
             settings,
             http,
+            egress,
             clock,
             endpoints: tokio::sync::OnceCell::new(),
         })
@@ -228,7 +236,19 @@ impl Grant {
             },
             RequestTokenError::Request(t) => GrantError::Transport {
                 url: token_url.to_string(),
-                message: t.0,
+                message: match token_url
+                    .as_str()
+                    .parse()
+                    .ok()
+                    .and_then(|u| self.egress.intercept(&u))
+                {
+                    Some(proxy) => format!(
+                        "through the egress proxy {}: {}",
+                        crate::egress::without_credentials(&proxy.uri().to_string()),
+                        t.0
+                    ),
+                    None => t.0,
+                },
             },
             // A 200 body may hold the token: never quote it. Error bodies are quoted, shortened.
             RequestTokenError::Parse(e, body) => {

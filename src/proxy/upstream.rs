@@ -365,7 +365,8 @@ impl Route {
             target,
             forward: Some(proxy.basic_auth().cloned()),
         };
-        (route, Dial::Direct(tcp))
+        let shown = crate::egress::without_credentials(&proxy.uri().to_string());
+        (route, Dial::Proxy(tcp, shown))
     }
 }
 
@@ -374,6 +375,8 @@ impl Route {
 #[derive(Clone)]
 pub enum Dial {
     Direct(HttpConnector),
+    /// To the egress proxy, which gets absolute-form requests; its URL without credentials.
+    Proxy(HttpConnector, String),
     /// The tunnel, and the proxy's URL without credentials (for errors).
     Tunnel(Box<Tunnel<HttpConnector>>, String),
 }
@@ -387,7 +390,7 @@ impl Service<Uri> for Dial {
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         match self {
-            Dial::Direct(c) => c.poll_ready(cx).map_err(Into::into),
+            Dial::Direct(c) | Dial::Proxy(c, _) => c.poll_ready(cx).map_err(Into::into),
             Dial::Tunnel(t, _) => t.poll_ready(cx).map_err(Into::into),
         }
     }
@@ -397,6 +400,15 @@ impl Service<Uri> for Dial {
             Dial::Direct(c) => {
                 let connecting = c.call(dst);
                 Box::pin(async move { connecting.await.map_err(Into::into) })
+            }
+            Dial::Proxy(c, proxy) => {
+                let connecting = c.call(dst);
+                let proxy = proxy.clone();
+                Box::pin(async move {
+                    connecting
+                        .await
+                        .map_err(|e| format!("through the egress proxy {proxy}: {e}").into())
+                })
             }
             Dial::Tunnel(t, proxy) => {
                 let connecting = t.call(dst);
@@ -415,5 +427,41 @@ impl Service<Uri> for Dial {
                 })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::SecretString;
+
+    /// An `http` upstream behind a proxy is dialled at the proxy: a failure names it.
+    #[tokio::test]
+    async fn a_failure_to_reach_the_egress_proxy_names_it() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let proxy = format!("http://u:pw-secret@127.0.0.1:{port}");
+        let egress = crate::egress::Egress {
+            http: Some(SecretString::from(proxy.clone())),
+            https: Some(SecretString::from(proxy)),
+            no_proxy: "none.invalid".into(),
+            source: "test".into(),
+        };
+        let (route, mut dial) = Route::new(
+            Uri::from_static("http://upstream.example/"),
+            &egress,
+            HttpConnector::new(),
+        );
+        let e = dial.call(route.dial).await.err().unwrap().to_string();
+        assert!(
+            e.starts_with(&format!(
+                "through the egress proxy http://127.0.0.1:{port}:"
+            )),
+            "{e}"
+        );
+        assert!(!e.contains("pw-secret"), "{e}");
     }
 }

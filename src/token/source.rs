@@ -237,7 +237,12 @@ impl TokenSource {
             http.clone(),
             clock.clone(),
         );
-        let grant = Grant::new(a.clone(), http, clock.clone());
+        let grant = Grant::new(
+            a.clone(),
+            http,
+            settings.proxy.egress.clone(),
+            clock.clone(),
+        );
         // Keyed like the disk cache: each token (each profile) has its own entry and lock.
         let fleet = settings
             .fleet
