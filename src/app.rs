@@ -410,6 +410,9 @@ impl App {
                         // Close the old sockets first so an address kept in both lists can be
                         // bound again; in-flight requests on them finish within the grace.
                         serving.stop();
+                        if let (Some(old), Some(new)) = (&serving.proxy, &state.live().proxy) {
+                            new.keep_totals_of(old);
+                        }
                         let addrs = state
                             .settings
                             .read()

@@ -315,6 +315,15 @@ impl Proxy {
         }
     }
 
+    /// Adds `old`'s running totals to this proxy's (a reload that binds the listeners again
+    /// serves on a new proxy: `status` keeps counting).
+    pub fn keep_totals_of(&self, old: &Proxy) {
+        self.forwarder()
+            .counters
+            .stats
+            .carry_over(&old.forwarder().counters.stats);
+    }
+
     /// Binds every listen address: TCP, or `unix:/path` (socket mode 0660).
     pub async fn bind(listen: &[ListenAddr]) -> std::io::Result<Vec<Listener>> {
         server::bind(listen).await

@@ -990,3 +990,40 @@ async fn a_reload_keeps_the_keys_that_take_a_restart_and_says_so_once() {
     stop.cancel();
     run.await.unwrap();
 }
+
+/// A reload that binds the listeners again serves on a new proxy: `status` keeps its totals.
+#[tokio::test]
+async fn status_keeps_counting_across_a_reload_that_rebinds() {
+    let mut s = Stack::start(&[]).await;
+    let stop = CancellationToken::new();
+    let (tx, rx) = mpsc::channel(1);
+    let origin = s.origin.clone();
+    let app = s.app.take().unwrap();
+    let run = tokio::spawn(app.run_with_reloads(stop.clone(), rx));
+    for _ in 0..3 {
+        assert_eq!(get(&format!("{origin}/v1/models")).await.0, 200);
+    }
+    let status = || async {
+        let out = s.cli(&["status", "--json"]).output().await.unwrap();
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    assert_eq!(status().await["proxy"]["requests_total"], 3);
+    // A new header_read_timeout binds the listeners again (proxy.listen is port 0: a new port).
+    s.write_config("[proxy]\nheader_read_timeout = \"29s\"\n");
+    tx.send(Reload {
+        settings: s.settings(),
+    })
+    .await
+    .unwrap();
+    let mut seen = Value::Null;
+    for _ in 0..1000 {
+        seen = status().await;
+        if seen["daemon"]["listen"] != json!([origin.trim_start_matches("http://")]) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(seen["proxy"]["requests_total"], 3, "{seen}");
+    stop.cancel();
+    run.await.unwrap();
+}
