@@ -985,6 +985,44 @@ async fn an_upstream_that_closes_idle_connections_costs_no_failed_request() {
     assert_eq!(within(server).await.unwrap(), 20, "a connection a request");
 }
 
+/// An upstream answer with both lengths is read as chunked (RFC 9112 §6.1), and its
+/// Content-Length is not forwarded: the client would wait for 100 bytes and get 2 (h2: a
+/// PROTOCOL_ERROR).
+#[tokio::test]
+async fn an_upstream_content_length_beside_transfer_encoding_is_not_forwarded() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ = s
+            .write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            )
+            .await;
+    });
+    let rig = Rig::builder()
+        .upstream_url(format!("http://{addr}"))
+        .start()
+        .await;
+    let resp = rig.get("/v1/models").await;
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers().get("content-length").is_none(),
+        "{:?}",
+        resp.headers()
+    );
+    let body = within(resp.into_body().collect()).await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"ok");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Listeners, connections, shutdown
 

@@ -152,6 +152,11 @@ impl Forwarder {
         match self.forward(local, req, &mut record).await {
             Ok((resp, lease)) => {
                 let (mut parts, body) = resp.into_parts();
+                // RFC 9112 §6.1: a Transfer-Encoding overrides a Content-Length, which a proxy
+                // removes (the body goes on chunked: that length would not match it).
+                if parts.headers.contains_key(TRANSFER_ENCODING) {
+                    parts.headers.remove(CONTENT_LENGTH);
+                }
                 strip_hop_by_hop(&mut parts.headers);
                 parts.version = Version::HTTP_11;
                 let stream = parts
