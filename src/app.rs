@@ -168,7 +168,7 @@ impl Health for State {
 pub struct App {
     state: Arc<State>,
     control: Listener,
-    proxy_listeners: Vec<Listener>,
+    proxy_listeners: Vec<Bound>,
     metrics_listener: Option<TcpListener>,
     log: Option<LogHandle>,
 }
@@ -213,8 +213,14 @@ impl App {
                     addr: "systemd socket activation (LISTEN_FDS)".to_string(),
                     error,
                 })? {
-                    Some(l) => l,
-                    None => bind_all(&settings.proxy.listen).await?,
+                    Some(l) => l.into_iter().map(|l| (None, Arc::new(l))).collect(),
+                    None => Proxy::bind(&settings.proxy.listen)
+                        .await
+                        .map_err(StartError::Bind)?
+                        .into_iter()
+                        .zip(&settings.proxy.listen)
+                        .map(|(l, addr)| (Some(addr.clone()), Arc::new(l)))
+                        .collect(),
                 };
                 (Some(proxy), listeners)
             }
@@ -252,10 +258,7 @@ impl App {
         })?;
         tokens.load_cache().await;
         tokens.check_cache().await;
-        let addresses = proxy_listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .collect();
+        let addresses = local_addresses(&proxy_listeners);
         Ok(App {
             state: Arc::new(State {
                 live: RwLock::new(Live {
@@ -394,6 +397,20 @@ impl App {
                 r = reloads.recv() => match r { Some(r) => r, None => { shutdown.cancelled().await; break; } },
             };
             service::reloading();
+            // The new listeners first: an address that cannot be bound keeps the old
+            // configuration running, on the old listeners.
+            let listeners = match &reload.settings.proxy.upstream {
+                Some(_) => serving.listeners_for(&reload.settings.proxy.listen).await,
+                None => Ok(Vec::new()),
+            };
+            let listeners = match listeners {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!("reload failed, the previous configuration keeps running: {e}");
+                    service::ready(&service::describe(&state.live().tokens));
+                    continue;
+                }
+            };
             match apply(&state, reload.settings, self.log.as_ref()).await {
                 Ok(Applied {
                     tokens_changed,
@@ -407,25 +424,18 @@ impl App {
                         tracker.spawn(service::report(state.live().tokens, reporter.clone()));
                     }
                     if listen_changed {
-                        // Close the old sockets first so an address kept in both lists can be
-                        // bound again; in-flight requests on them finish within the grace.
-                        serving.stop();
-                        if let (Some(old), Some(new)) = (&serving.proxy, &state.live().proxy) {
+                        // The new accept loops start before the old ones stop; an address in
+                        // both shares its socket, so no client is refused in between. Requests
+                        // in flight on the old ones finish within the grace.
+                        let next =
+                            ProxyServing::start(&tracker, state.live().proxy, listeners, &shutdown);
+                        if let (Some(old), Some(new)) = (&serving.proxy, &next.proxy) {
                             new.keep_totals_of(old);
                         }
-                        let addrs = state
-                            .settings
-                            .read()
-                            .expect("settings lock")
-                            .proxy
-                            .listen
-                            .clone();
-                        let listeners = match state.live().proxy {
-                            Some(_) => rebind(&state, &addrs).await,
-                            None => Vec::new(),
-                        };
-                        serving =
-                            ProxyServing::start(&tracker, state.live().proxy, listeners, &shutdown);
+                        serving.stop();
+                        serving = next;
+                        *state.addresses.write().expect("addresses lock") =
+                            local_addresses(&serving.listeners);
                     } else if proxy_changed {
                         serving.swap(state.live().proxy);
                         // `status` reads the proxy that serves (its open connections), now
@@ -442,6 +452,8 @@ impl App {
         }
 
         service::stopping();
+        // The listening sockets close now (not after the drain): new clients are refused.
+        drop(serving);
         tracing::info!("stopping: no new connections; letting in-flight requests finish");
         tracker.close();
         tracker.wait().await;
@@ -489,10 +501,6 @@ fn inherited_listeners(allow_remote: bool) -> std::io::Result<Option<Vec<Listene
     Ok(Some(out))
 }
 
-async fn bind_all(listen: &[ListenAddr]) -> Result<Vec<Listener>, StartError> {
-    Proxy::bind(listen).await.map_err(StartError::Bind)
-}
-
 /// The refreshers of the token sources (one per profile).
 struct Generation {
     running: Vec<(TokenSource, CancellationToken)>,
@@ -531,17 +539,29 @@ impl Generation {
     }
 }
 
+/// A proxy listener, and the address of `proxy.listen` it was bound for (`None`: passed by
+/// systemd). Shared by the accept loops of consecutive configurations.
+type Bound = (Option<ListenAddr>, Arc<Listener>);
+
+fn local_addresses(listeners: &[Bound]) -> Vec<ListenAddr> {
+    listeners
+        .iter()
+        .filter_map(|(_, l)| l.local_addr().ok())
+        .collect()
+}
+
 /// The proxy's accept loop over its listeners.
 struct ProxyServing {
     stop: CancellationToken,
     proxy: Option<Proxy>,
+    listeners: Vec<Bound>,
 }
 
 impl ProxyServing {
     fn start(
         tracker: &TaskTracker,
         proxy: Option<Proxy>,
-        listeners: Vec<Listener>,
+        listeners: Vec<Bound>,
         shutdown: &CancellationToken,
     ) -> Self {
         let stop = shutdown.child_token();
@@ -549,9 +569,36 @@ impl ProxyServing {
             && !listeners.is_empty()
         {
             let s = stop.clone();
-            tracker.spawn(async move { p.serve(listeners, s).await });
+            let shared: Vec<Arc<Listener>> = listeners.iter().map(|(_, l)| l.clone()).collect();
+            tracker.spawn(async move { p.serve(shared, s).await });
         }
-        ProxyServing { stop, proxy }
+        ProxyServing {
+            stop,
+            proxy,
+            listeners,
+        }
+    }
+
+    /// The listeners for `listen`: each address already listened on keeps its socket (port 0
+    /// keeps its port), a new one is bound. Sockets passed by systemd stay, whatever
+    /// `proxy.listen` says.
+    async fn listeners_for(&self, listen: &[ListenAddr]) -> std::io::Result<Vec<Bound>> {
+        if !self.listeners.is_empty() && self.listeners.iter().all(|(a, _)| a.is_none()) {
+            return Ok(self.listeners.clone());
+        }
+        let mut out = Vec::with_capacity(listen.len());
+        for addr in listen {
+            let kept = self
+                .listeners
+                .iter()
+                .find(|(a, _)| a.as_ref() == Some(addr));
+            let listener = match kept {
+                Some((_, l)) => l.clone(),
+                None => Arc::new(Proxy::bind(std::slice::from_ref(addr)).await?.remove(0)),
+            };
+            out.push((Some(addr.clone()), listener));
+        }
+        Ok(out)
     }
 
     /// Hands new requests on the same listeners to `proxy` (new upstream, token source, timeouts).
@@ -709,24 +756,4 @@ fn at_restart<T: Clone + PartialEq>(key: &str, old: &T, new: &mut T) {
         tracing::warn!("{key} changed: it applies after a restart");
         *new = old.clone();
     }
-}
-
-/// Binds the new proxy addresses, retrying briefly while the old sockets close; on failure the
-/// proxy has no listener, which is logged as an error.
-async fn rebind(state: &State, addrs: &[ListenAddr]) -> Vec<Listener> {
-    let mut last = String::new();
-    for _ in 0..50 {
-        match Proxy::bind(addrs).await {
-            Ok(l) => {
-                *state.addresses.write().expect("addresses lock") =
-                    l.iter().filter_map(|l| l.local_addr().ok()).collect();
-                return l;
-            }
-            Err(e) => last = e.to_string(),
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    tracing::error!("reload: {last}; the proxy is not serving until the next reload");
-    state.addresses.write().expect("addresses lock").clear();
-    Vec::new()
 }

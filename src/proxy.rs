@@ -331,7 +331,11 @@ impl Proxy {
 
     /// Serves until `shutdown`; then stops accepting, lets in-flight requests and streams finish
     /// for up to `shutdown_grace`, cuts the rest, and returns.
-    pub async fn serve(&self, listeners: Vec<Listener>, shutdown: CancellationToken) {
+    pub async fn serve<L: Into<Arc<Listener>>>(
+        &self,
+        listeners: Vec<L>,
+        shutdown: CancellationToken,
+    ) {
         let proxy = self.clone();
         let make = move |conn: server::Conn| {
             let proxy = proxy.clone();

@@ -357,12 +357,13 @@ fn builder() -> auto::Builder<TokioExecutor> {
 /// for its connection. Then stops accepting (Unix socket files are removed), lets open
 /// connections finish their requests and streams for up to `shutdown_grace`, cuts the rest, and
 /// returns.
-pub async fn serve<M, S, B>(
-    listeners: Vec<Listener>,
+pub async fn serve<L, M, S, B>(
+    listeners: Vec<L>,
     limits: Limits,
     make: M,
     shutdown: CancellationToken,
 ) where
+    L: Into<Arc<Listener>>,
     M: Fn(Conn) -> S + Clone + Send + 'static,
     S: HttpService<B>,
     B: HttpBody,
@@ -382,7 +383,7 @@ pub async fn serve<M, S, B>(
     let loops = TaskTracker::new();
     for listener in listeners {
         let (server, graceful) = (server.clone(), graceful.clone());
-        loops.spawn(server.accept_loop(listener, graceful, make.clone(), shutdown.clone()));
+        loops.spawn(server.accept_loop(listener.into(), graceful, make.clone(), shutdown.clone()));
     }
     loops.close();
     loops.wait().await;
@@ -414,9 +415,11 @@ struct Server {
 }
 
 impl Server {
+    /// Accepts on `listener` until `shutdown`, then lets it go (a listener another `serve` shares,
+    /// after a reload, stays open with it).
     async fn accept_loop<M, S, B>(
         self: Arc<Self>,
-        listener: Listener,
+        listener: Arc<Listener>,
         graceful: Arc<GracefulShutdown>,
         make: M,
         shutdown: CancellationToken,

@@ -991,9 +991,24 @@ async fn a_reload_keeps_the_keys_that_take_a_restart_and_says_so_once() {
     run.await.unwrap();
 }
 
-/// A reload that binds the listeners again serves on a new proxy: `status` keeps its totals.
+/// Sends `settings` as a reload, then two more of the same: once the last is taken, the first
+/// has been applied (the daemon applies one before it reads the next).
+async fn reload_and_wait(tx: &mpsc::Sender<Reload>, s: &Stack) {
+    for _ in 0..3 {
+        tx.send(Reload {
+            settings: s.settings(),
+        })
+        .await
+        .unwrap();
+    }
+}
+
+/// A reload that changes the listeners' limits serves on new accept loops: an address kept keeps
+/// its socket (port 0 its port: it was bound again on a new one, and clients were refused in
+/// between), and `status` keeps its totals. An address that cannot be bound refuses the reload,
+/// and the old listeners go on serving (they were closed first, and nothing served).
 #[tokio::test]
-async fn status_keeps_counting_across_a_reload_that_rebinds() {
+async fn a_reload_keeps_the_sockets_it_keeps_and_refuses_an_address_it_cannot_bind() {
     let mut s = Stack::start(&[]).await;
     let stop = CancellationToken::new();
     let (tx, rx) = mpsc::channel(1);
@@ -1007,23 +1022,35 @@ async fn status_keeps_counting_across_a_reload_that_rebinds() {
         let out = s.cli(&["status", "--json"]).output().await.unwrap();
         serde_json::from_slice::<Value>(&out.stdout).unwrap()
     };
-    assert_eq!(status().await["proxy"]["requests_total"], 3);
-    // A new header_read_timeout binds the listeners again (proxy.listen is port 0: a new port).
+    // A new header_read_timeout starts new accept loops.
     s.write_config("[proxy]\nheader_read_timeout = \"29s\"\n");
-    tx.send(Reload {
-        settings: s.settings(),
-    })
-    .await
-    .unwrap();
-    let mut seen = Value::Null;
-    for _ in 0..1000 {
-        seen = status().await;
-        if seen["daemon"]["listen"] != json!([origin.trim_start_matches("http://")]) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    reload_and_wait(&tx, &s).await;
+    let seen = status().await;
+    assert_eq!(
+        seen["daemon"]["listen"],
+        json!([origin.trim_start_matches("http://")])
+    );
     assert_eq!(seen["proxy"]["requests_total"], 3, "{seen}");
+    assert_eq!(get(&format!("{origin}/v1/models")).await.0, 200);
+
+    // An address another socket holds: the reload is refused as a whole.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = held.local_addr().unwrap().to_string();
+    let listen = format!("127.0.0.1:0,{taken}");
+    for (k, v) in s.env.iter_mut() {
+        if k == "BEHEST_AGENT__PROXY__LISTEN" {
+            *v = listen.clone();
+        }
+    }
+    s.write_config("[proxy]\nheader_read_timeout = \"28s\"\n");
+    reload_and_wait(&tx, &s).await;
+    assert_eq!(get(&format!("{origin}/v1/models")).await.0, 200);
+    assert!(
+        crate::util::logs().contains(&format!(
+            "reload failed, the previous configuration keeps running: cannot listen on {taken}"
+        )),
+        "the refusal names the address"
+    );
     stop.cancel();
     run.await.unwrap();
 }

@@ -441,6 +441,11 @@ async fn socket_activation_serves_the_socket_systemd_passes_instead_of_proxy_lis
         ("BEHEST_AGENT__PROXY__LISTEN", listen.as_str()),
     ]);
     env.insert("HOME".into(), h.dir.path().display().to_string());
+    // A config file, to change on reload.
+    let config = h.path("activated.toml");
+    std::fs::write(&config, "[proxy]\nshutdown_grace = \"30s\"\n").unwrap();
+    env.insert("BEHEST_AGENT_CONFIG".into(), config.display().to_string());
+    let log = h.path("activated.log");
     let mut c = Command::new("systemd-socket-activate");
     c.arg("-l").arg(format!("127.0.0.1:{port}"));
     for (k, v) in &env {
@@ -450,7 +455,7 @@ async fn socket_activation_serves_the_socket_systemd_passes_instead_of_proxy_lis
         .arg("run")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .kill_on_drop(true);
     let mut child = c
         .spawn()
@@ -473,6 +478,30 @@ async fn socket_activation_serves_the_socket_systemd_passes_instead_of_proxy_lis
     assert_eq!(status, 200, "served on the passed socket");
     assert_eq!(upstream.request_count(), 1);
     assert!(!unused.exists(), "proxy.listen was not bound");
+
+    // A reload that starts new accept loops keeps serving the passed socket (it bound
+    // proxy.listen instead, and the passed socket was closed).
+    std::fs::write(&config, "[proxy]\nshutdown_grace = \"29s\"\n").unwrap();
+    signal(&child, nix::sys::signal::Signal::SIGHUP);
+    eventually(Duration::from_secs(20), "the reload", || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("configuration reloaded"))
+    })
+    .await;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let r = client
+        .get(&url)
+        .send()
+        .await
+        .expect("the passed socket still serves");
+    assert_eq!(r.status(), 200);
+    assert!(
+        !unused.exists(),
+        "proxy.listen was not bound on reload either"
+    );
     let _ = child.kill().await;
 }
 
