@@ -243,6 +243,57 @@ async fn sigterm_with_100_open_streams_lets_them_all_finish_then_exits_0() {
     s.finish().await;
 }
 
+/// At SIGTERM the listening socket closes at once: a new client is refused, not left in the
+/// backlog of a listener nobody accepts on until the open streams are done.
+#[tokio::test]
+async fn sigterm_closes_the_listener_while_streams_drain() {
+    let s = stack_with(|o| o.sse_interval = Duration::from_millis(100), &[]).await;
+    let mut child = daemon(&s).spawn().unwrap();
+    let base = daemon_base(&s).await;
+    let mut stream = http()
+        .post(format!("{base}/chat/completions"))
+        .header("x-echo-events", "600")
+        .json(&json!({"model": "echo-1", "stream": true, "messages": [{"role": "user", "content": "long"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    stream.chunk().await.unwrap().expect("the first event");
+    let addr = base
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1")
+        .to_string();
+    // Asked of the kernel (/proc/net/tcp: local address, state 0A = LISTEN): a connect would only
+    // join the backlog.
+    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+    let listening = || {
+        std::fs::read_to_string("/proc/net/tcp")
+            .unwrap()
+            .lines()
+            .skip(1)
+            .any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f[1] == format!("0100007F:{port:04X}") && f[3] == "0A"
+            })
+    };
+    assert!(listening());
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    eventually(Duration::from_secs(10), "the listener to close", || {
+        !listening()
+    })
+    .await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "still draining the stream"
+    );
+    assert!(
+        stream.chunk().await.unwrap().is_some(),
+        "the stream goes on"
+    );
+    let _ = child.kill().await;
+    s.finish().await;
+}
+
 #[tokio::test]
 async fn a_sighup_storm_keeps_serving_and_makes_no_extra_grant() {
     let s = stack().await;
