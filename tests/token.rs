@@ -1213,3 +1213,63 @@ async fn a_short_lifetime_is_warned_about_once_not_at_every_refresh() {
     stop.cancel();
     task.await.unwrap();
 }
+
+/// A cache that could not be written gets the token held once it can: a probe alone cleared the
+/// error in `status`, and every restart still cost a grant.
+#[tokio::test(start_paused = true)]
+async fn a_cache_that_could_not_be_written_gets_the_token_once_it_can() {
+    let h = Harness::start().await;
+    let cache = h.path("blocked/token.json");
+    std::fs::create_dir_all(&cache).unwrap();
+    let path = cache.display().to_string();
+    let source = h.source(
+        &[("BEHEST_AGENT__TOKEN__CACHE_FILE", path.as_str())],
+        clock::system(),
+    );
+    let (stop, task) = spawn_refresher(&source);
+    eventually(Duration::from_secs(60), "the grant, unstored", || {
+        h.idp.grants() == 1 && source.status().cache_error.is_some()
+    })
+    .await;
+    std::fs::remove_dir(&cache).unwrap();
+    eventually(Duration::from_secs(120), "the token written", || {
+        cache.is_file()
+    })
+    .await;
+    assert_eq!(mode_of(&cache), 0o600);
+    assert!(source.status().cache_error.is_none());
+    // A restart takes it from there: no grant.
+    let again = h.source(
+        &[("BEHEST_AGENT__TOKEN__CACHE_FILE", path.as_str())],
+        clock::system(),
+    );
+    again.load_cache().await;
+    again.get(Duration::ZERO).await.expect("the cached token");
+    assert_eq!(h.idp.grants(), 1);
+    stop.cancel();
+    task.await.unwrap();
+}
+
+/// Why a cache file is not used is said once, not at every read of a start; a directory in its
+/// place is named as such (it was "other users may read it").
+#[tokio::test]
+async fn why_a_cache_file_is_not_used_is_said_once_and_truly() {
+    let h = Harness::start().await;
+    let cache = h.path("odd/token.json");
+    std::fs::create_dir_all(&cache).unwrap();
+    let path = cache.display().to_string();
+    let source = h.source(
+        &[("BEHEST_AGENT__TOKEN__CACHE_FILE", path.as_str())],
+        clock::system(),
+    );
+    for _ in 0..3 {
+        assert!(source.load_cache().await.is_none());
+    }
+    let said: Vec<String> = crate::util::logs()
+        .lines()
+        .filter(|l| l.contains(&path) && l.contains("not using the token cache"))
+        .map(String::from)
+        .collect();
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(said[0].contains("not a regular file"), "{said:?}");
+}

@@ -10,6 +10,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use jsonwebtoken::jwk::Jwk;
@@ -93,6 +94,9 @@ pub struct Cached {
 pub struct DiskCache {
     path: PathBuf,
     key: Identity,
+    /// Why the file was last not used, as logged: said once while it stays the same (a start
+    /// reads the file more than once).
+    refused: Arc<Mutex<Option<String>>>,
 }
 
 /// Holds the cross-process lock until dropped.
@@ -103,7 +107,20 @@ pub struct CacheLock {
 
 impl DiskCache {
     pub fn new(path: PathBuf, key: Identity) -> Self {
-        Self { path, key }
+        Self {
+            path,
+            key,
+            refused: Arc::default(),
+        }
+    }
+
+    /// Logs why the file is not used, unless that was the last reason logged.
+    fn refuse(&self, why: String) {
+        let mut last = self.refused.lock().expect("cache warning lock");
+        if last.as_deref() != Some(why.as_str()) {
+            tracing::warn!(path = %self.path.display(), "{why}");
+            *last = Some(why);
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -130,6 +147,10 @@ impl DiskCache {
             .open(&self.path)
             .ok()?;
         let meta = f.metadata().ok()?;
+        if !meta.is_file() {
+            self.refuse("not using the token cache path: it is not a regular file (a directory?); remove it, or set token.cache_file to a file's path".into());
+            return None;
+        }
         let exposed = (meta.mode() & 0o077 != 0).then(|| {
             format!(
                 "other users may read it (mode {:04o})",
@@ -137,7 +158,9 @@ impl DiskCache {
             )
         });
         if let Some(why) = crate::owner::untrusted(&meta).or(exposed) {
-            tracing::warn!(path = %self.path.display(), reason = %why, "not using the token cache file; the next grant replaces it with a 0600 one");
+            self.refuse(format!(
+                "not using the token cache file: {why}; the next grant replaces it with a 0600 one"
+            ));
             return None;
         }
         let mut text = Vec::new();
@@ -145,10 +168,11 @@ impl DiskCache {
         let file: CacheFile = match serde_json::from_slice(&text) {
             Ok(f) => f,
             Err(_) => {
-                tracing::warn!(path = %self.path.display(), "the token cache file is corrupt; ignoring it");
+                self.refuse("the token cache file is corrupt; ignoring it".into());
                 return None;
             }
         };
+        *self.refused.lock().expect("cache warning lock") = None;
         if file.version != 1 || file.key != self.key {
             tracing::debug!(path = %self.path.display(), "the token cache holds a token for another configuration");
             return None;

@@ -153,6 +153,9 @@ struct State {
     last_forced: Option<(SystemTime, Result<Arc<Token>, RefreshError>)>,
     /// Why the disk cache cannot be written, until a write succeeds.
     cache_error: Option<String>,
+    /// The entry a failed write did not store: written when the cache can take it (a probe that
+    /// succeeds would clear `cache_error`, and every restart still cost a grant).
+    unstored: Option<Cached>,
     /// The warnings of the token held, as logged.
     warned: Vec<String>,
 }
@@ -509,8 +512,33 @@ impl TokenSource {
                 _ = self.inner.wake.notified() => {}
             }
             if self.cache_error().is_some() {
-                // A cache that could not be written is tried again, so `status` clears once fixed.
-                self.check_cache().await;
+                // A cache that could not be written is tried again with what it missed, so the
+                // token reaches it and `status` clears once fixed.
+                let unstored = self
+                    .inner
+                    .state
+                    .lock()
+                    .expect("state lock")
+                    .unstored
+                    .clone();
+                // Only the token held: never an older one over what a grant stored meanwhile.
+                let held = |e: &Cached| {
+                    self.current().is_some_and(|t| {
+                        t.secret().expose_secret() == e.access_token.expose_secret()
+                    })
+                };
+                match (unstored, &self.inner.cache) {
+                    (Some(entry), Some(cache)) if held(&entry) => {
+                        let result = cache.store_async(&entry).await;
+                        if result.is_ok() {
+                            self.inner.state.lock().expect("state lock").unstored = None;
+                        }
+                        self.note_cache_write(result);
+                    }
+                    _ => {
+                        self.check_cache().await;
+                    }
+                }
             }
         }
     }
@@ -790,6 +818,7 @@ impl TokenSource {
             forced,
         };
         let result = cache.store_async(&entry).await;
+        self.inner.state.lock().expect("state lock").unstored = result.is_err().then_some(entry);
         self.note_cache_write(result);
     }
 
