@@ -58,7 +58,7 @@ pub async fn bind(path: &Path, mode: u32, dir_mode: u32) -> std::io::Result<List
             std::io::Error::new(
                 e.kind(),
                 format!(
-                    "another behest-agent daemon answers on {}; stop it or set control.socket",
+                    "another process answers on {} (another behest-agent daemon?); stop it or set control.socket",
                     path.display()
                 ),
             )
