@@ -153,22 +153,39 @@ fn table(list: &Value) -> String {
         return "no keys\n".to_string();
     }
     let field = |k: &Value, name: &str| k[name].as_str().unwrap_or("-").to_string();
-    let mut out = String::from("ID            NAME  PROFILE  SESSION  EXPIRES  LAST USED\n");
+    let mut rows =
+        vec![["ID", "NAME", "PROFILE", "SESSION", "EXPIRES", "LAST USED"].map(String::from)];
     for k in list {
         let expires = match (k["expired"].as_bool(), k["expires_at"].as_str()) {
             (Some(true), Some(t)) => format!("{t} (expired)"),
             (_, Some(t)) => t.to_string(),
             _ => "never".to_string(),
         };
-        out.push_str(&format!(
-            "{}  {}  {}  {}  {}  {}\n",
+        rows.push([
             field(k, "id"),
             field(k, "name"),
             field(k, "profile"),
             field(k, "session"),
             expires,
             field(k, "last_used"),
-        ));
+        ]);
+    }
+    // Aligned columns (a name may hold spaces; scripts read `--json`).
+    let mut widths = [0; 6];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
     }
     out
 }
@@ -257,4 +274,27 @@ pub async fn revoke(d: &Daemon, id: &str) -> anyhow::Result<()> {
     d.request(Method::DELETE, &format!("/v1/keys/{id}"), ANSWER_TIMEOUT)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_table_lines_up_whatever_the_names() {
+        let list = serde_json::json!([
+            {"id": "bak_1", "name": "exec 10605", "profile": "team-b", "session": "gl-1", "expires_at": "2026-12-07T18:00:00Z"},
+            {"id": "bak_22", "name": "a", "last_used": "2026-12-07T17:00:00Z"},
+        ]);
+        let t = table(&list);
+        let lines: Vec<&str> = t.lines().collect();
+        let at = |name: &str| lines[0].find(name).unwrap();
+        assert_eq!(&lines[1][at("PROFILE")..][..6], "team-b", "{t}");
+        assert_eq!(&lines[2][at("PROFILE")..][..1], "-", "{t}");
+        assert_eq!(&lines[2][at("EXPIRES")..][..5], "never", "{t}");
+        assert!(
+            lines[2][at("LAST USED")..].starts_with("2026-12-07T17"),
+            "{t}"
+        );
+    }
 }
