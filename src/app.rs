@@ -379,6 +379,8 @@ impl App {
             self.proxy_listeners,
             &shutdown,
         );
+        // Accept loops a reload stopped, whose connections still serve.
+        let mut draining: Vec<ProxyServing> = Vec::new();
         let mut reporter = shutdown.child_token();
         tracker.spawn(service::report(state.live().tokens, reporter.clone()));
         {
@@ -425,15 +427,16 @@ impl App {
                     }
                     if listen_changed {
                         // The new accept loops start before the old ones stop; an address in
-                        // both shares its socket, so no client is refused in between. Requests
-                        // in flight on the old ones finish within the grace.
+                        // both shares its socket, so no client is refused in between. The old
+                        // loops' connections go on (with the new configuration and the totals
+                        // carried over) until they close, or the daemon stops.
                         let next =
                             ProxyServing::start(&tracker, state.live().proxy, listeners, &shutdown);
                         if let (Some(old), Some(new)) = (&serving.proxy, &next.proxy) {
-                            new.keep_totals_of(old);
+                            old.replace_with(new);
                         }
                         serving.stop();
-                        serving = next;
+                        draining.push(std::mem::replace(&mut serving, next));
                         *state.addresses.write().expect("addresses lock") =
                             local_addresses(&serving.listeners);
                     } else if proxy_changed {
@@ -441,6 +444,12 @@ impl App {
                         // `status` reads the proxy that serves (its open connections), now
                         // forwarding with the new configuration.
                         state.live.write().expect("live lock").proxy = serving.proxy.clone();
+                    }
+                    draining.retain(|d| !d.finished());
+                    if let Some(current) = &serving.proxy {
+                        for old in draining.iter().filter_map(|d| d.proxy.as_ref()) {
+                            old.forward_with(current);
+                        }
                     }
                     tracing::info!("configuration reloaded");
                 }
@@ -453,7 +462,7 @@ impl App {
 
         service::stopping();
         // The listening sockets close now (not after the drain): new clients are refused.
-        drop(serving);
+        drop((serving, draining));
         tracing::info!("stopping: no new connections; letting in-flight requests finish");
         tracker.close();
         tracker.wait().await;
@@ -555,6 +564,7 @@ struct ProxyServing {
     stop: CancellationToken,
     proxy: Option<Proxy>,
     listeners: Vec<Bound>,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl ProxyServing {
@@ -565,18 +575,25 @@ impl ProxyServing {
         shutdown: &CancellationToken,
     ) -> Self {
         let stop = shutdown.child_token();
+        let mut task = None;
         if let Some(p) = proxy.clone()
             && !listeners.is_empty()
         {
-            let s = stop.clone();
+            let (stop, drain) = (stop.clone(), shutdown.clone());
             let shared: Vec<Arc<Listener>> = listeners.iter().map(|(_, l)| l.clone()).collect();
-            tracker.spawn(async move { p.serve(shared, s).await });
+            task = Some(tracker.spawn(async move { p.serve_until(shared, stop, drain).await }));
         }
         ProxyServing {
             stop,
             proxy,
             listeners,
+            task,
         }
+    }
+
+    /// Its accept loops and connections are all done.
+    fn finished(&self) -> bool {
+        self.task.as_ref().is_none_or(|t| t.is_finished())
     }
 
     /// The listeners for `listen`: each address already listened on keeps its socket (port 0
@@ -611,9 +628,11 @@ impl ProxyServing {
         }
     }
 
-    /// Stops accepting; in-flight requests finish within the shutdown grace.
-    fn stop(&self) {
+    /// Stops accepting, and lets go of its listeners (those the next accept loops share stay
+    /// open); its connections go on until they close, or the daemon stops.
+    fn stop(&mut self) {
         self.stop.cancel();
+        self.listeners.clear();
     }
 }
 

@@ -315,13 +315,10 @@ impl Proxy {
         }
     }
 
-    /// Adds `old`'s running totals to this proxy's (a reload that binds the listeners again
-    /// serves on a new proxy: `status` keeps counting).
-    pub fn keep_totals_of(&self, old: &Proxy) {
-        self.forwarder()
-            .counters
-            .stats
-            .carry_over(&old.forwarder().counters.stats);
+    /// Has the connections `self` still serves forward with `new`'s forwarder (a reload that
+    /// started new accept loops: the old ones' connections follow the configuration too).
+    pub fn forward_with(&self, new: &Proxy) {
+        *self.shared.current.write().expect("proxy forwarder lock") = new.forwarder();
     }
 
     /// Binds every listen address: TCP, or `unix:/path` (socket mode 0660).
@@ -336,6 +333,18 @@ impl Proxy {
         listeners: Vec<L>,
         shutdown: CancellationToken,
     ) {
+        self.serve_until(listeners, shutdown.clone(), shutdown)
+            .await
+    }
+
+    /// [`Proxy::serve`], accepting until `stop` and draining from `drain` on (see
+    /// [`server::serve_until`]).
+    pub async fn serve_until<L: Into<Arc<Listener>>>(
+        &self,
+        listeners: Vec<L>,
+        stop: CancellationToken,
+        drain: CancellationToken,
+    ) {
         let proxy = self.clone();
         let make = move |conn: server::Conn| {
             let proxy = proxy.clone();
@@ -349,7 +358,7 @@ impl Proxy {
                 Box::pin(async move { Ok::<_, Infallible>(fwd.handle(conn.local, req).await) })
             })
         };
-        server::serve(listeners, self.shared.limits, make, shutdown).await
+        server::serve_until(listeners, self.shared.limits, make, stop, drain).await
     }
 
     /// The configured upstream base URL.

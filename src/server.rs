@@ -368,6 +368,26 @@ pub async fn serve<L, M, S, B>(
     S: HttpService<B>,
     B: HttpBody,
 {
+    serve_until(listeners, limits, make, shutdown.clone(), shutdown).await
+}
+
+/// [`serve`], accepting until `stop` and draining the connections from `drain` on. Until then a
+/// connection accepted before `stop` goes on serving requests as long as it stays open: a reload
+/// stops the old accept loops at once, and a client whose connection one of them had just
+/// accepted is still answered (a graceful shutdown would close it before its request is read).
+pub async fn serve_until<L, M, S, B>(
+    listeners: Vec<L>,
+    limits: Limits,
+    make: M,
+    stop: CancellationToken,
+    drain: CancellationToken,
+) where
+    L: Into<Arc<Listener>>,
+    M: Fn(Conn) -> S + Clone + Send + 'static,
+    S: HttpService<B>,
+    B: HttpBody,
+{
+    let shutdown = stop;
     let mut builder = builder();
     builder
         .http1()
@@ -389,6 +409,10 @@ pub async fn serve<L, M, S, B>(
     loops.wait().await;
 
     server.connections.close();
+    tokio::select! {
+        () = drain.cancelled() => {}
+        () = server.connections.wait() => return,
+    }
     let graceful = Arc::into_inner(graceful).expect("the accept loops have ended");
     if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown())
         .await

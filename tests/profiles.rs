@@ -1022,15 +1022,34 @@ async fn a_reload_keeps_the_sockets_it_keeps_and_refuses_an_address_it_cannot_bi
         let out = s.cli(&["status", "--json"]).output().await.unwrap();
         serde_json::from_slice::<Value>(&out.stdout).unwrap()
     };
+    // A client whose connection the old accept loops took, and whose request is still on its
+    // way: it is answered, not closed unread.
+    let addr = origin.trim_start_matches("http://").to_string();
+    let mut early = tokio::net::TcpStream::connect(&addr).await.unwrap();
     // A new header_read_timeout starts new accept loops.
     s.write_config("[proxy]\nheader_read_timeout = \"29s\"\n");
     reload_and_wait(&tx, &s).await;
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        early
+            .write_all(
+                format!("GET /v1/models HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = early.read_to_end(&mut answer).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    }
     let seen = status().await;
     assert_eq!(
         seen["daemon"]["listen"],
         json!([origin.trim_start_matches("http://")])
     );
-    assert_eq!(seen["proxy"]["requests_total"], 3, "{seen}");
+    assert_eq!(seen["proxy"]["requests_total"], 4, "{seen}");
+    assert_eq!(seen["proxy"]["responses"]["2xx"], 4, "{seen}");
     assert_eq!(get(&format!("{origin}/v1/models")).await.0, 200);
 
     // An address another socket holds: the reload is refused as a whole.
