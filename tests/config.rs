@@ -840,3 +840,36 @@ fn a_relative_config_path_is_kept_absolute() {
     let path = s.path.unwrap();
     assert!(path.is_absolute() && path.exists(), "{}", path.display());
 }
+
+/// A bad value from the well-known fallbacks (`AUTH0_DOMAIN`, `BEHEST_BASE_URL`) names the
+/// variable, not a file that does not hold it.
+#[test]
+fn an_error_in_a_fallback_variable_names_the_variable() {
+    let no_domain = "[auth]\nclient_id = \"abc\"\naudience = \"https://api.behest.app\"\n";
+    let (_d, r) = load_file(
+        no_domain,
+        &[
+            ("AUTH0_DOMAIN", "https://bob:hunter2@idp.example"),
+            ("AUTH0_CLIENT_SECRET", "s3cret-value"),
+        ],
+    );
+    let e = r.unwrap_err();
+    let msg = format!("{} / {}", e.problem(), e.fix());
+    assert!(msg.contains("environment variable AUTH0_DOMAIN"), "{msg}");
+    assert!(
+        !msg.contains("config.toml") && !msg.contains("hunter2"),
+        "{msg}"
+    );
+    let (_d, r) = load_file(
+        MINIMAL,
+        &[
+            ("BEHEST_BASE_URL", "http://gateway.example.com"),
+            ("AUTH0_CLIENT_SECRET", "s3cret-value"),
+        ],
+    );
+    let msg = r.unwrap_err().to_string();
+    assert!(
+        msg.contains("environment variable BEHEST_BASE_URL"),
+        "{msg}"
+    );
+}

@@ -384,6 +384,28 @@ impl Origin<'_> {
     fn var(&self, name: &str) -> Option<String> {
         self.env.get(name).cloned().filter(|s| !s.trim().is_empty())
     }
+
+    /// `key`'s value from the file (or `BEHEST_AGENT__…`, `--set`), else from the well-known
+    /// variable `var`; an error in a value `var` gave names `var`.
+    fn or_var<T>(
+        &self,
+        value: Option<String>,
+        var: &str,
+        check: impl FnOnce(&str) -> Result<T, ConfigError>,
+    ) -> Result<Option<T>, ConfigError> {
+        match (nonempty(value), self.var(var)) {
+            (Some(v), _) => check(&v).map(Some),
+            (None, Some(v)) => check(&v).map(Some).map_err(|e| match e {
+                ConfigError::Invalid { key, message, .. } => ConfigError::Invalid {
+                    file: format!("{}environment variable {var}", super::SET_BY),
+                    key,
+                    message,
+                },
+                other => other,
+            }),
+            (None, None) => Ok(None),
+        }
+    }
 }
 
 /// Builds settings from the merged file model, one section after the other (the first error wins,
@@ -568,12 +590,12 @@ fn auth(
     origin: Origin<'_>,
     warnings: &mut Vec<String>,
 ) -> Result<AuthSettings, ConfigError> {
-    let domain = nonempty(a.domain).or_else(|| origin.var("AUTH0_DOMAIN"));
+    let domain_set = nonempty(a.domain.clone()).is_some() || origin.var("AUTH0_DOMAIN").is_some();
     let issuer = nonempty(a.issuer);
     let provider = match nonempty(a.provider).as_deref() {
         Some("auth0") => Provider::Auth0,
         Some("oidc") => Provider::Oidc,
-        None if domain.is_none() && (issuer.is_some() || a.token_url.is_some()) => Provider::Oidc,
+        None if !domain_set && (issuer.is_some() || a.token_url.is_some()) => Provider::Oidc,
         None => Provider::Auth0,
         Some(other) => {
             return Err(origin.invalid(
@@ -583,7 +605,7 @@ fn auth(
         }
     };
     let endpoints = match provider {
-        Provider::Auth0 => auth0_endpoints(domain, origin)?,
+        Provider::Auth0 => auth0_endpoints(a.domain, origin)?,
         Provider::Oidc => oidc_endpoints(issuer, a.token_url, a.jwks_url, origin)?,
     };
     let client_id = nonempty(a.client_id)
@@ -648,15 +670,17 @@ fn auth(
     })
 }
 
-/// Auth0: everything follows from the domain.
+/// Auth0: everything follows from the domain (`auth.domain`, else `AUTH0_DOMAIN`).
 fn auth0_endpoints(domain: Option<String>, origin: Origin<'_>) -> Result<Endpoints, ConfigError> {
-    let domain = domain.ok_or_else(|| {
+    let base = origin.or_var(domain, "AUTH0_DOMAIN", |d| {
+        base_url(d).map_err(|m| origin.invalid("auth.domain", m))
+    })?;
+    let base = base.ok_or_else(|| {
         origin.missing(
             "auth.domain",
             "set it to your Auth0 tenant's domain (e.g. \"example.eu.auth0.com\"), or set AUTH0_DOMAIN",
         )
     })?;
-    let base = base_url(&domain).map_err(|m| origin.invalid("auth.domain", m))?;
     let base_str = base.as_str().trim_end_matches('/').to_string();
     Ok(Endpoints::Fixed {
         issuer: Some(format!("{base_str}/")),
@@ -1034,10 +1058,9 @@ fn proxy(p: ProxyFile, origin: Origin<'_>) -> Result<ProxySettings, ConfigError>
         ));
     }
     let allow_insecure = p.allow_insecure_upstream.unwrap_or(false);
-    let upstream = nonempty(p.upstream)
-        .or_else(|| origin.var("BEHEST_BASE_URL"))
-        .map(|u| upstream(&u, allow_insecure, origin))
-        .transpose()?;
+    let upstream = origin.or_var(p.upstream, "BEHEST_BASE_URL", |u| {
+        upstream(u, allow_insecure, origin)
+    })?;
     let max_replay_body = match nonempty(p.max_replay_body) {
         None => 1 << 20,
         Some(s) => parse_size(&s).map_err(|m| origin.invalid("proxy.max_replay_body", m))?,
