@@ -793,6 +793,9 @@ fn list_keys_take_comma_separated_strings_from_set_and_the_environment() {
     // An empty string is an empty list: no claim required.
     let s = load(&[], &[("token.required_claims", "")]);
     assert!(s.token.required_claims.is_empty());
+    // A list written as one (it was split at its comma into `["tid"` and `"pid"]`).
+    let s = load(&[], &[("token.required_claims", r#"["tid", "pid"]"#)]);
+    assert_eq!(s.token.required_claims, ["tid", "pid"]);
 }
 
 #[test]

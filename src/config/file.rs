@@ -206,8 +206,8 @@ pub struct FleetFile {
 }
 
 /// A list key: `listen = ["127.0.0.1:8711", "unix:/run/x.sock"]`, or one string of
-/// comma-separated items (`--set`, and the environment before the `config` crate splits it);
-/// items are trimmed, empty ones dropped.
+/// comma-separated items (`--set`, and the environment before the `config` crate splits it) or
+/// a JSON list; items are trimmed, empty ones dropped.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum OneOrMany {
@@ -218,6 +218,10 @@ pub enum OneOrMany {
 impl OneOrMany {
     pub fn into_vec(self) -> Vec<String> {
         let items = match self {
+            // `--set 'key=["a","b"]'`: a list written as one.
+            OneOrMany::One(s) if s.trim_start().starts_with('[') => {
+                serde_json::from_str(&s).unwrap_or_else(|_| vec![s])
+            }
             OneOrMany::One(s) => s.split(',').map(String::from).collect(),
             OneOrMany::Many(v) => v,
         };
