@@ -68,7 +68,7 @@ pub struct Cli {
 pub struct Global {
     /// Config file [default: /etc/behest-agent/config.toml when it exists]; empty: the default
     #[arg(long, global = true, env = "BEHEST_AGENT_CONFIG", value_name = "PATH")]
-    config: Option<String>,
+    config: Option<PathBuf>,
     /// Log level or filter (overrides telemetry.log_level)
     #[arg(long, global = true, value_name = "LEVEL", value_parser = parse_log_level)]
     pub log_level: Option<String>,
@@ -192,10 +192,7 @@ impl Global {
     /// The config file named by `--config` or `BEHEST_AGENT_CONFIG` (an empty one, as an unset CI
     /// variable gives, names none).
     pub fn config_path(&self) -> Option<PathBuf> {
-        self.config
-            .as_deref()
-            .filter(|c| !c.is_empty())
-            .map(PathBuf::from)
+        self.config.clone().filter(|c| !c.as_os_str().is_empty())
     }
 
     /// The proxy's listen addresses, needing nothing else of the configuration.
@@ -255,7 +252,11 @@ pub fn process_env() -> HashMap<String, String> {
     std::env::vars_os()
         .filter_map(|(k, v)| match (k.into_string(), v.into_string()) {
             (Ok(k), Ok(v)) => Some((k, v)),
-            (Ok(k), Err(_)) if k.starts_with("BEHEST_") || k.starts_with("AUTH0_") => {
+            // (`BEHEST_AGENT_CONFIG` is `--config`'s, which takes any path.)
+            (Ok(k), Err(_))
+                if (k.starts_with("BEHEST_") || k.starts_with("AUTH0_"))
+                    && k != "BEHEST_AGENT_CONFIG" =>
+            {
                 WARNED.call_once(|| {
                     errln!("warning: {k} is ignored: its value is not UTF-8");
                 });

@@ -689,3 +689,20 @@ async fn an_empty_behest_agent_config_names_no_file() {
         o.stdout
     );
 }
+
+/// A config path is any path: one that is not UTF-8 is read (clap refused it as "invalid UTF-8").
+#[tokio::test]
+async fn a_config_path_that_is_not_utf8_is_read() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir
+        .path()
+        .join(std::ffi::OsStr::from_bytes(b"caf\xe9.toml"));
+    std::fs::write(&path, "[proxy]\nlisten = \"127.0.0.1:9876\"\n").unwrap();
+    let mut c = bin_in(dir.path());
+    c.args(["env", "--format", "dotenv"])
+        .env("BEHEST_AGENT_CONFIG", &path);
+    let o = output(c).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.contains("127.0.0.1:9876"), "{}", o.stdout);
+}
