@@ -1226,11 +1226,20 @@ async fn a_cache_that_could_not_be_written_gets_the_token_once_it_can() {
         &[("BEHEST_AGENT__TOKEN__CACHE_FILE", path.as_str())],
         clock::system(),
     );
+    // As the daemon starts: the cache is probed first.
+    source.check_cache().await;
     let (stop, task) = spawn_refresher(&source);
     eventually(Duration::from_secs(60), "the grant, unstored", || {
         h.idp.grants() == 1 && source.status().cache_error.is_some()
     })
     .await;
+    // Tried again twice: the reason is said once (a write and a probe worded it apart).
+    tokio::time::sleep(Duration::from_secs(65)).await;
+    let said = crate::util::logs()
+        .lines()
+        .filter(|l| l.contains(&format!("cannot write the token cache {path}")))
+        .count();
+    assert_eq!(said, 1);
     std::fs::remove_dir(&cache).unwrap();
     eventually(Duration::from_secs(120), "the token written", || {
         cache.is_file()

@@ -189,6 +189,7 @@ impl DiskCache {
     pub fn store(&self, entry: &Cached) -> std::io::Result<()> {
         let dir = self.dir();
         ensure_dir(dir)?;
+        self.not_a_directory()?;
         let file = CacheFile {
             version: 1,
             key: self.key.clone(),
@@ -219,12 +220,18 @@ impl DiskCache {
     pub fn probe_writable(&self) -> std::io::Result<()> {
         let dir = self.dir();
         ensure_dir(dir)?;
+        self.not_a_directory()?;
+        write_new(dir, &self.temp_name(), &[0u8; 512], None)
+    }
+
+    /// A directory at the path: the same words whether a write or a probe finds it.
+    fn not_a_directory(&self) -> std::io::Result<()> {
         if self.path.is_dir() {
             return Err(std::io::Error::other(
                 "it is a directory, so a token cannot be written there",
             ));
         }
-        write_new(dir, &self.temp_name(), &[0u8; 512], None)
+        Ok(())
     }
 
     fn temp_name(&self) -> String {
