@@ -68,7 +68,7 @@ pub struct Cli {
 pub struct Global {
     /// Config file [default: /etc/behest-agent/config.toml when it exists]; empty: the default
     #[arg(long, global = true, env = "BEHEST_AGENT_CONFIG", value_name = "PATH")]
-    config: Option<PathBuf>,
+    config: Option<std::ffi::OsString>,
     /// Log level or filter (overrides telemetry.log_level)
     #[arg(long, global = true, value_name = "LEVEL", value_parser = parse_log_level)]
     pub log_level: Option<String>,
@@ -192,7 +192,10 @@ impl Global {
     /// The config file named by `--config` or `BEHEST_AGENT_CONFIG` (an empty one, as an unset CI
     /// variable gives, names none).
     pub fn config_path(&self) -> Option<PathBuf> {
-        self.config.clone().filter(|c| !c.as_os_str().is_empty())
+        self.config
+            .clone()
+            .filter(|c| !c.is_empty())
+            .map(PathBuf::from)
     }
 
     /// The proxy's listen addresses, needing nothing else of the configuration.
