@@ -428,8 +428,7 @@ impl App {
                     if listen_changed {
                         // The new accept loops start before the old ones stop; an address in
                         // both shares its socket, so no client is refused in between. The old
-                        // loops' connections go on (with the new configuration and the totals
-                        // carried over) until they close, or the daemon stops.
+                        // loops' connections go on with the new configuration, then drain.
                         let next =
                             ProxyServing::start(&tracker, state.live().proxy, listeners, &shutdown);
                         if let (Some(old), Some(new)) = (&serving.proxy, &next.proxy) {
@@ -559,9 +558,14 @@ fn local_addresses(listeners: &[Bound]) -> Vec<ListenAddr> {
         .collect()
 }
 
+/// How long the connections of accept loops a reload stopped serve before they drain.
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The proxy's accept loop over its listeners.
 struct ProxyServing {
     stop: CancellationToken,
+    /// Drains its connections: at a reload, [`SETTLE`] after `stop`; at shutdown, at once.
+    drain: CancellationToken,
     proxy: Option<Proxy>,
     listeners: Vec<Bound>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -574,17 +578,18 @@ impl ProxyServing {
         listeners: Vec<Bound>,
         shutdown: &CancellationToken,
     ) -> Self {
-        let stop = shutdown.child_token();
+        let (stop, drain) = (shutdown.child_token(), shutdown.child_token());
         let mut task = None;
         if let Some(p) = proxy.clone()
             && !listeners.is_empty()
         {
-            let (stop, drain) = (stop.clone(), shutdown.clone());
+            let (stop, drain) = (stop.clone(), drain.clone());
             let shared: Vec<Arc<Listener>> = listeners.iter().map(|(_, l)| l.clone()).collect();
             task = Some(tracker.spawn(async move { p.serve_until(shared, stop, drain).await }));
         }
         ProxyServing {
             stop,
+            drain,
             proxy,
             listeners,
             task,
@@ -629,10 +634,16 @@ impl ProxyServing {
     }
 
     /// Stops accepting, and lets go of its listeners (those the next accept loops share stay
-    /// open); its connections go on until they close, or the daemon stops.
+    /// open). Its connections drain as at shutdown after [`SETTLE`]: one it has just accepted
+    /// gets its request read first (a graceful close would drop it unread).
     fn stop(&mut self) {
         self.stop.cancel();
         self.listeners.clear();
+        let drain = self.drain.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(SETTLE).await;
+            drain.cancel();
+        });
     }
 }
 
@@ -730,6 +741,9 @@ async fn apply(
         match &new.proxy.upstream {
             Some(_) => {
                 let p = build_proxy(&new, &tokens, &profiles).map_err(|e| e.to_string())?;
+                if let Some(old) = &live.proxy {
+                    p.count_with(old);
+                }
                 p.attach_metrics(state.metrics.clone());
                 p.attach_accounting(state.accounting.clone());
                 if let Some(keys) = &state.keys {

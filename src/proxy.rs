@@ -310,8 +310,20 @@ impl Proxy {
         let next = new.forwarder();
         let mut current = self.shared.current.write().expect("proxy forwarder lock");
         if !Arc::ptr_eq(&current, &next) {
-            next.counters.stats.carry_over(&current.counters.stats);
+            if !Arc::ptr_eq(&current.counters, &next.counters) {
+                next.counters.stats.carry_over(&current.counters.stats);
+            }
             *current = next;
+        }
+    }
+
+    /// Counts into `old`'s counters from now on, before serving anything (a reload: requests
+    /// still in flight on the old configuration and the new ones add to the same totals and
+    /// gauges).
+    pub fn count_with(&self, old: &Proxy) {
+        let mut current = self.shared.current.write().expect("proxy forwarder lock");
+        if let Some(fwd) = Arc::get_mut(&mut current) {
+            fwd.counters = old.forwarder().counters.clone();
         }
     }
 

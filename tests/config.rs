@@ -793,9 +793,24 @@ fn list_keys_take_comma_separated_strings_from_set_and_the_environment() {
     // An empty string is an empty list: no claim required.
     let s = load(&[], &[("token.required_claims", "")]);
     assert!(s.token.required_claims.is_empty());
-    // A list written as one (it was split at its comma into `["tid"` and `"pid"]`).
+    // A list written as one (it was split at its comma into `["tid"` and `"pid"]`), from
+    // `--set` and from the environment; IPv6 addresses are not taken for one.
     let s = load(&[], &[("token.required_claims", r#"["tid", "pid"]"#)]);
     assert_eq!(s.token.required_claims, ["tid", "pid"]);
+    let s = load(
+        &[
+            ("BEHEST_AGENT__TOKEN__REQUIRED_CLAIMS", r#"["tid","pid"]"#),
+            (
+                "BEHEST_AGENT__PROXY__LISTEN",
+                r#"["127.0.0.1:1", "127.0.0.1:2"]"#,
+            ),
+        ],
+        &[],
+    );
+    assert_eq!(s.token.required_claims, ["tid", "pid"]);
+    assert_eq!(s.proxy.listen.len(), 2);
+    let s = load(&[], &[("proxy.listen", "[::1]:1,[::1]:2")]);
+    assert_eq!(s.proxy.listen.len(), 2);
 }
 
 #[test]

@@ -1005,7 +1005,8 @@ async fn reload_and_wait(tx: &mpsc::Sender<Reload>, s: &Stack) {
 
 /// A reload that changes the listeners' limits serves on new accept loops: an address kept keeps
 /// its socket (port 0 its port: it was bound again on a new one, and clients were refused in
-/// between), and `status` keeps its totals. An address that cannot be bound refuses the reload,
+/// between), and `status` keeps its totals, a request in flight across the reload included (it
+/// counted into the old totals, lost). An address that cannot be bound refuses the reload,
 /// and the old listeners go on serving (they were closed first, and nothing served).
 #[tokio::test]
 async fn a_reload_keeps_the_sockets_it_keeps_and_refuses_an_address_it_cannot_bind() {
@@ -1022,24 +1023,39 @@ async fn a_reload_keeps_the_sockets_it_keeps_and_refuses_an_address_it_cannot_bi
         let out = s.cli(&["status", "--json"]).output().await.unwrap();
         serde_json::from_slice::<Value>(&out.stdout).unwrap()
     };
-    // A client whose connection the old accept loops took, and whose request is still on its
-    // way: it is answered, not closed unread.
     let addr = origin.trim_start_matches("http://").to_string();
-    let mut early = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    // A request in flight: all but its last byte sent; its answer comes after the reload, and
+    // counts in the same totals.
+    let mut half = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let body = r#"{"model":"m","input":"x"}"#;
+    {
+        use tokio::io::AsyncWriteExt;
+        let head = format!(
+            "POST /v1/embeddings HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        half.write_all(head.as_bytes()).await.unwrap();
+        half.write_all(&body.as_bytes()[..body.len() - 1])
+            .await
+            .unwrap();
+    }
+    for _ in 0..1000 {
+        if status().await["proxy"]["in_flight"] == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(status().await["proxy"]["in_flight"], 1);
     // A new header_read_timeout starts new accept loops.
     s.write_config("[proxy]\nheader_read_timeout = \"29s\"\n");
     reload_and_wait(&tx, &s).await;
     {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        early
-            .write_all(
-                format!("GET /v1/models HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
-            )
+        half.write_all(&body.as_bytes()[body.len() - 1..])
             .await
             .unwrap();
         let mut answer = Vec::new();
-        let _ = early.read_to_end(&mut answer).await;
+        let _ = half.read_to_end(&mut answer).await;
         let answer = String::from_utf8_lossy(&answer);
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
     }
@@ -1050,6 +1066,7 @@ async fn a_reload_keeps_the_sockets_it_keeps_and_refuses_an_address_it_cannot_bi
     );
     assert_eq!(seen["proxy"]["requests_total"], 4, "{seen}");
     assert_eq!(seen["proxy"]["responses"]["2xx"], 4, "{seen}");
+    assert_eq!(seen["proxy"]["in_flight"], 0, "{seen}");
     assert_eq!(get(&format!("{origin}/v1/models")).await.0, 200);
 
     // An address another socket holds: the reload is refused as a whole.

@@ -217,13 +217,14 @@ pub enum OneOrMany {
 
 impl OneOrMany {
     pub fn into_vec(self) -> Vec<String> {
+        // A JSON list (`--set 'key=["a","b"]'`, or from the environment, which the `config`
+        // crate splits at its commas); anything else that starts with `[` is an IPv6 address.
+        let json = |s: &str| serde_json::from_str::<Vec<String>>(s).ok();
         let items = match self {
-            // `--set 'key=["a","b"]'`: a list written as one.
-            OneOrMany::One(s) if s.trim_start().starts_with('[') => {
-                serde_json::from_str(&s).unwrap_or_else(|_| vec![s])
+            OneOrMany::One(s) => {
+                json(&s).unwrap_or_else(|| s.split(',').map(String::from).collect())
             }
-            OneOrMany::One(s) => s.split(',').map(String::from).collect(),
-            OneOrMany::Many(v) => v,
+            OneOrMany::Many(v) => json(&v.join(",")).unwrap_or(v),
         };
         items
             .iter()
