@@ -799,21 +799,7 @@ fn client_secret(
         )
     })?;
     if let SecretSource::File { path: p, key } = &source {
-        let text = std::fs::read_to_string(p).map_err(|e| {
-            let why = if e.kind() == std::io::ErrorKind::PermissionDenied {
-                format!(
-                    "{e}: this user (uid {}) may not read it; run the command as the user the agent runs as (e.g. `sudo -u behest-agent`), or let this user read it",
-                    nix::unistd::getuid()
-                )
-            } else {
-                e.to_string()
-            };
-            origin.invalid(key, format!("cannot read {}: {why}", p.display()))
-        })?;
-        secret_text(&text).map_err(|e| origin.invalid(key, format!("{}: {e}", p.display())))?;
-        if let Some(w) = permission_warning(p, key) {
-            warnings.push(w);
-        }
+        read_secret_file(p, key, origin, warnings)?;
     }
     Ok(source)
 }
@@ -950,15 +936,8 @@ fn egress(
                         .to_string(),
                 ));
             }
-            let path = PathBuf::from(&file);
-            let text = std::fs::read_to_string(&path)
-                .map_err(|err| origin.invalid(key, format!("cannot read {file}: {err}")))?;
-            let password =
-                secret_text(&text).map_err(|m| origin.invalid(key, format!("{file}: {m}")))?;
-            let _ = url.set_password(Some(password));
-            if let Some(w) = permission_warning(&path, key) {
-                warnings.push(w);
-            }
+            let password = read_secret_file(Path::new(&file), key, origin, warnings)?;
+            let _ = url.set_password(Some(&password));
         }
         let proxy = SecretString::from(url.to_string());
         return Ok(bypassing(crate::egress::Egress {
@@ -1348,22 +1327,7 @@ fn fleet(
     let redis_url = redis_url(&url).map_err(|m| origin.invalid("fleet.redis_url", m))?;
     let password_file = nonempty(f.redis_password_file).map(PathBuf::from);
     if let Some(p) = &password_file {
-        let key = "fleet.redis_password_file";
-        let text = std::fs::read_to_string(p).map_err(|e| {
-            let why = if e.kind() == std::io::ErrorKind::PermissionDenied {
-                format!(
-                    "{e}: this user (uid {}) may not read it; run the command as the user the agent runs as (e.g. `sudo -u behest-agent`), or let this user read it",
-                    nix::unistd::getuid()
-                )
-            } else {
-                e.to_string()
-            };
-            origin.invalid(key, format!("cannot read {}: {why}", p.display()))
-        })?;
-        secret_text(&text).map_err(|e| origin.invalid(key, format!("{}: {e}", p.display())))?;
-        if let Some(w) = permission_warning(p, key) {
-            warnings.push(w);
-        }
+        read_secret_file(p, "fleet.redis_password_file", origin, warnings)?;
         if redis_url.scheme() == "redis" && !is_loopback_host(&redis_url) {
             warnings.push(format!(
                 "fleet.redis_url {redis_url} is plain redis:// to another host: the Redis password crosses the network in clear (the token entry is sealed either way); use rediss://"
@@ -1499,6 +1463,34 @@ fn secret_source(file: Option<String>, env: &HashMap<String, String>) -> Option<
         }
     }
     None
+}
+
+/// The one line of the secret file `path` (the value of `key`): a file this user may not read
+/// says whom to run as; one other users may read is warned about.
+fn read_secret_file(
+    path: &Path,
+    key: &str,
+    origin: Origin<'_>,
+    warnings: &mut Vec<String>,
+) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        let why = if e.kind() == std::io::ErrorKind::PermissionDenied {
+            format!(
+                "{e}: this user (uid {}) may not read it; run the command as the user the agent runs as (e.g. `sudo -u behest-agent`), or let this user read it",
+                nix::unistd::getuid()
+            )
+        } else {
+            e.to_string()
+        };
+        origin.invalid(key, format!("cannot read {}: {why}", path.display()))
+    })?;
+    let secret = secret_text(&text)
+        .map_err(|e| origin.invalid(key, format!("{}: {e}", path.display())))?
+        .to_string();
+    if let Some(w) = permission_warning(path, key) {
+        warnings.push(w);
+    }
+    Ok(secret)
 }
 
 /// A warning when a file holding configuration or a secret can be read by other users.
