@@ -416,9 +416,10 @@ impl KeyStore {
     }
 
     fn read(&self) -> Result<Vec<Stored>, KeysError> {
+        // Non-blocking: opening a FIFO planted here would wait for a writer.
         let mut f = OpenOptions::new()
             .read(true)
-            .custom_flags(nix::libc::O_NOFOLLOW)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
             .open(&self.path)
             .map_err(|e| match e.raw_os_error() {
                 Some(nix::libc::ELOOP) => self.corrupt(
@@ -428,6 +429,15 @@ impl KeyStore {
             })?;
         // Only keys this user (or root) wrote are served.
         let meta = f.metadata().map_err(|e| self.read_error(e))?;
+        if !meta.is_file() {
+            return Err(self.corrupt("not a regular file: put the keys file itself there".into()));
+        }
+        let dir = self.path.parent().filter(|d| !d.as_os_str().is_empty());
+        if let Some(why) = crate::owner::untrusted_dir(dir.unwrap_or(Path::new("."))) {
+            return Err(self.corrupt(format!(
+                "{why}; keep the keys file in a directory only its owner may write"
+            )));
+        }
         if let Some(why) = crate::owner::untrusted(&meta) {
             return Err(self.corrupt(why));
         }
@@ -559,19 +569,23 @@ impl KeyStore {
 }
 
 /// The key a request presents: `Authorization: Bearer KEY`, else `api-key`, else `x-api-key` (the
-/// first of them present is the one looked up).
+/// first of them that holds one is the one looked up).
 pub fn presented(headers: &HeaderMap) -> Option<&[u8]> {
-    if let Some(v) = headers.get(AUTHORIZATION) {
+    let bearer = headers.get(AUTHORIZATION).and_then(|v| {
         let v = v.as_bytes();
-        return match v.get(..7) {
-            Some(scheme) if scheme.eq_ignore_ascii_case(b"bearer ") => Some(v[7..].trim_ascii()),
-            _ => None,
-        };
-    }
-    headers
-        .get(API_KEY)
-        .or_else(|| headers.get(X_API_KEY))
-        .map(|v| v.as_bytes().trim_ascii())
+        v.get(..7)
+            .filter(|scheme| scheme.eq_ignore_ascii_case(b"bearer "))
+            .map(|_| v[7..].trim_ascii())
+    });
+    // A `Basic` or empty `Authorization` presents no key: the next header may.
+    [
+        bearer,
+        headers.get(API_KEY).map(|v| v.as_bytes().trim_ascii()),
+        headers.get(X_API_KEY).map(|v| v.as_bytes().trim_ascii()),
+    ]
+    .into_iter()
+    .flatten()
+    .find(|k| !k.is_empty())
 }
 
 /// The profile a request uses: the path's (`/p/NAME/`, passed by the profile router), else the
@@ -793,7 +807,14 @@ mod tests {
         assert_eq!(presented(&h), Some(&b"b"[..]));
         h.insert(AUTHORIZATION, HeaderValue::from_static("bearer a"));
         assert_eq!(presented(&h), Some(&b"a"[..]));
+        // A `Basic` or empty Bearer presents no key: the `api-key` sent beside it is checked (it
+        // was hidden, and the 401 said no key was sent).
         h.insert(AUTHORIZATION, HeaderValue::from_static("Basic a"));
+        assert_eq!(presented(&h), Some(&b"b"[..]));
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer "));
+        assert_eq!(presented(&h), Some(&b"b"[..]));
+        h.remove(API_KEY);
+        h.remove(X_API_KEY);
         assert_eq!(presented(&h), None);
     }
 

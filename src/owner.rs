@@ -26,9 +26,19 @@ pub fn untrusted(meta: &std::fs::Metadata) -> Option<String> {
 /// of it that another user owns, or one every user may write without the sticky bit (which lets
 /// only an entry's owner rename it, as in `/tmp`). `None` when none can.
 pub fn untrusted_ancestor(dir: &std::path::Path) -> Option<String> {
+    movable(dir, 1)
+}
+
+/// [`untrusted_ancestor`] of `dir` and `dir` itself: whether another user could move or remove
+/// what is in it (the keys file).
+pub fn untrusted_dir(dir: &std::path::Path) -> Option<String> {
+    movable(dir, 0)
+}
+
+fn movable(dir: &std::path::Path, skip: usize) -> Option<String> {
     let me = nix::unistd::geteuid().as_raw();
     let real = std::fs::canonicalize(dir).ok()?;
-    for a in real.ancestors().skip(1) {
+    for a in real.ancestors().skip(skip) {
         let meta = std::fs::metadata(a).ok()?;
         if meta.uid() != me && meta.uid() != 0 {
             return Some(format!(

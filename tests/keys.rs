@@ -330,6 +330,59 @@ async fn a_corrupt_keys_file_keeps_the_previous_keys_and_says_so() {
     k.s.finish().await;
 }
 
+/// A FIFO planted in the keys file's place is refused as not a file, the keys in force stay: its
+/// open waited for a writer, and with it every request and `key list`.
+#[tokio::test]
+async fn a_fifo_in_place_of_the_keys_file_keeps_the_previous_keys() {
+    let k = keyed().await;
+    let key = k.create(&[]).await;
+    std::fs::remove_file(&k.keys_file).unwrap();
+    nix::unistd::mkfifo(
+        &k.keys_file,
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .unwrap();
+    let said = format!("{} is not valid", k.keys_file.display());
+    let end = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !crate::util::logs().contains(&said) {
+        assert_eq!(k.bearer(&key).await.0, 200);
+        assert!(
+            tokio::time::Instant::now() < end,
+            "the FIFO was never reported"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(k.bearer(&key).await.0, 200);
+    let out = k.cli_on(&k.none_socket(), &["key", "list"]).await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("not a regular file"),
+        "{}",
+        stderr(&out)
+    );
+    k.s.finish().await;
+}
+
+/// A keys file in a directory every user may write (no sticky bit) is refused: another user
+/// could move it away (every key refused) or swap in a FIFO. It was read without a word.
+#[tokio::test]
+async fn a_keys_file_in_a_directory_others_may_write_is_refused() {
+    let k = keyed().await;
+    k.create(&[]).await;
+    let dir = k.keys_file.parent().unwrap();
+    crate::util::set_mode(dir, 0o777);
+    let out = k.cli_on(&k.none_socket(), &["key", "list"]).await;
+    crate::util::set_mode(dir, 0o700);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("writable by every user without the sticky bit")
+            && err.contains(&dir.display().to_string()),
+        "{err}"
+    );
+    k.s.finish().await;
+}
+
 #[tokio::test]
 async fn the_daemon_takes_a_key_another_process_wrote_to_the_file() {
     let k = keyed().await;
