@@ -85,6 +85,25 @@ impl Egress {
         out
     }
 
+    /// The proxies' credentials as they travel (`user:password`, and both parts), for taking out
+    /// of what a proxy echoes back in an error page.
+    pub fn credentials(&self) -> Vec<(String, SecretString)> {
+        let decoded = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
+        [&self.http, &self.https]
+            .into_iter()
+            .flatten()
+            .filter_map(|p| url::Url::parse(p.expose_secret()).ok())
+            .filter_map(|u| {
+                let password = SecretString::from(decoded(u.password()?));
+                Some((decoded(u.username()), password))
+            })
+            .collect()
+    }
+
     /// The proxies in words, without credentials: `None` when the agent connects directly.
     pub fn describe(&self) -> Option<String> {
         if self.is_direct() {

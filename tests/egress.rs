@@ -389,3 +389,62 @@ async fn a_proxy_that_cannot_be_reached_is_named_in_the_grant_error() {
     );
     assert!(!err.contains("gone-pw"), "{err}");
 }
+
+/// A proxy whose error page repeats the `Proxy-Authorization` it was sent never gets the password
+/// repeated: not in the grant's error nor `status` (the IdP's error text was cleaned of the client
+/// secret only).
+#[tokio::test]
+async fn a_proxy_echoing_its_credentials_never_gets_them_repeated() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head);
+                let creds = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("proxy-authorization: "))
+                    .unwrap_or("none");
+                let body = format!("proxy says: your credentials {creds} are not welcome");
+                let answer = format!(
+                    "HTTP/1.1 500 Internal Server Error\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tcp.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    let password = "EGRESS~pw+5150";
+    let encoded: String = url::form_urlencoded::byte_serialize(password.as_bytes()).collect();
+    let via = egress(&format!("http://bob:{encoded}@127.0.0.1:{port}"), "");
+    let rig = Rig::builder().proxy(move |p| p.egress = via).start().await;
+    let err = rig
+        .tokens
+        .get(Duration::ZERO)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("proxy says"),
+        "the proxy's page is quoted: {err}"
+    );
+    use base64::Engine as _;
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("bob:{password}"));
+    let status = serde_json::to_string(&rig.tokens.status()).unwrap();
+    for text in [err, status] {
+        assert!(
+            !text.contains(password) && !text.contains(&basic) && !text.contains("5150"),
+            "{text}"
+        );
+    }
+}

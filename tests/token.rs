@@ -11,6 +11,7 @@ use behest_agent::token::source::backoff;
 use behest_agent::token::{CheckError, MIN_GRANT_INTERVAL, RefreshError, TokenError};
 use devkit::idp::{AuthMethod, ClientKey, Fault};
 use secrecy::ExposeSecret;
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::util::{Harness, devkit_now, eventually, mode_of};
@@ -220,6 +221,55 @@ async fn token_with_another_uid_is_refused_naming_both_values() {
     assert!(
         msg.contains("someone-else") && msg.contains(&h.client_id),
         "{msg}"
+    );
+}
+
+/// A refusal shows exactly what differs: a `uid` with a trailing space, a control character or a
+/// look-alike letter is escaped (all three read `c1` before), one that is not a string is shown as
+/// its JSON (it was "no `uid` claim"); a token without `iss` says so (it was "(empty body)").
+#[tokio::test]
+async fn refusals_show_exactly_what_differs() {
+    let h = Harness::start().await;
+    let source = h.source(&[NO_CACHE], clock::system());
+    let id = h.client_id.clone();
+    let cases = [
+        (
+            json!({ "uid": format!("{id} ") }),
+            format!("claim is \"{id} \""),
+        ),
+        (
+            json!({ "uid": format!("{id}\u{0}") }),
+            format!("claim is \"{id}\\u{{0}}\""),
+        ),
+        (
+            json!({ "uid": format!("\u{441}{}", &id[1..]) }),
+            format!("claim is \"\\u{{441}}{}\"", &id[1..]),
+        ),
+        (
+            json!({ "uid": [id] }),
+            format!("claim is [\"{id}\"] (not a string)"),
+        ),
+        (json!({ "iss": null }), "names no issuer".to_string()),
+    ];
+    for (claims, said) in cases {
+        h.idp.set_fault(Some(Fault::Claims(claims.clone())));
+        let msg = source.refresh_now().await.unwrap_err().to_string();
+        assert!(msg.contains(&said), "{claims}: {msg}");
+    }
+}
+
+/// A token response over 256 KiB is a malformed answer from the IdP, not an IdP out of reach
+/// (whose advice is DNS, firewall and proxies).
+#[tokio::test]
+async fn an_oversize_token_response_is_malformed_not_unreachable() {
+    let h = Harness::start().await;
+    let source = h.source(&[NO_CACHE], clock::system());
+    h.idp
+        .set_fault(Some(Fault::ExpiresIn(json!("9".repeat(300 * 1024)))));
+    let err = source.refresh_now().await.unwrap_err();
+    assert!(
+        matches!(err, RefreshError::Grant(GrantError::Malformed(ref m)) if m.contains("256 KiB")),
+        "{err:?}"
     );
 }
 
@@ -677,6 +727,51 @@ async fn a_credential_the_idp_echoes_back_is_never_repeated() {
     let head = &h.secret[..8];
     assert!(!err.to_string().contains(head), "{err}");
     assert!(!crate::util::logs().contains(&basic));
+    h.assert_no_secrets_logged();
+}
+
+/// A secret with characters form encoding changes (`~` is sent as `%7E`) is taken out of an
+/// echo in every form it was sent in: form-encoded, in HTTP Basic of the encoded pair (RFC 6749
+/// §2.3.1), and percent-decoded in lower case; only the plain one was.
+#[tokio::test]
+async fn a_secret_the_idp_echoes_back_form_encoded_is_never_repeated() {
+    use base64::Engine as _;
+    let secret = "Abc8Q~def+ghi/jk=l&m%20n!".to_string();
+    let s = secret.clone();
+    let h = Harness::start_with(move |o| o.client_secret = s.into()).await;
+    std::fs::write(h.path("client-secret"), format!("{secret}\n")).unwrap();
+    h.remember(&secret);
+    let encoded: String = url::form_urlencoded::byte_serialize(secret.as_bytes()).collect();
+    let basic =
+        base64::engine::general_purpose::STANDARD.encode(format!("{}:{encoded}", h.client_id));
+    let source = h.source(&[NO_CACHE], clock::system());
+    source.refresh_now().await.expect("the secret works");
+    let echoes = [
+        format!("body was client_secret={encoded}&audience=x"),
+        format!("Authorization: Basic {basic}"),
+        format!("lower case {}", encoded.to_lowercase()),
+    ];
+    for echo in echoes {
+        h.idp.fail_next(
+            1,
+            Fault::Oauth {
+                status: 400,
+                error: "invalid_request".into(),
+                description: echo.clone(),
+            },
+        );
+        let err = source.refresh_now().await.unwrap_err();
+        let status = serde_json::to_string(&source.status()).unwrap();
+        for text in [err.to_string(), status] {
+            let lower = text.to_lowercase();
+            assert!(
+                !text.contains(&secret)
+                    && !lower.contains(&encoded.to_lowercase())
+                    && !text.contains(&basic),
+                "{echo}: {text}"
+            );
+        }
+    }
     h.assert_no_secrets_logged();
 }
 
@@ -1259,6 +1354,42 @@ async fn a_cache_that_could_not_be_written_gets_the_token_once_it_can() {
     task.await.unwrap();
 }
 
+/// A token cached under one client secret is not served to a configuration with another: a wrong
+/// or revoked secret fails at once (it passed for as long as the cached token lived, up to a day).
+/// The file holds a mark of the secret, never the secret.
+#[tokio::test]
+async fn a_cached_token_is_not_served_with_another_secret() {
+    let h = Harness::start().await;
+    let cache = h.path("cache/token.json");
+    let path = cache.display().to_string();
+    let with_cache = ("BEHEST_AGENT__TOKEN__CACHE_FILE", path.as_str());
+    h.source(&[with_cache], clock::system())
+        .get(Duration::ZERO)
+        .await
+        .expect("a token");
+    assert!(!std::fs::read_to_string(&cache).unwrap().contains(&h.secret));
+    let wrong = h.path("wrong-secret");
+    std::fs::write(&wrong, "wrong-secret-0123456789\n").unwrap();
+    crate::util::set_mode(&wrong, 0o600);
+    let wrong = wrong.display().to_string();
+    let other = h.source(
+        &[
+            with_cache,
+            ("BEHEST_AGENT__AUTH__CLIENT_SECRET_FILE", wrong.as_str()),
+        ],
+        clock::system(),
+    );
+    assert!(other.load_cache().await.is_none());
+    let err = other.get(Duration::ZERO).await.unwrap_err();
+    assert!(err.to_string().contains("invalid_client"), "{err}");
+    // The right secret still takes it from the cache: one grant in all.
+    h.source(&[with_cache], clock::system())
+        .load_cache()
+        .await
+        .expect("the cached token");
+    assert_eq!(h.idp.grants(), 1);
+}
+
 /// Why a cache file is not used is said once, not at every read of a start; a directory in its
 /// place is named as such (it was "other users may read it").
 #[tokio::test]
@@ -1281,4 +1412,101 @@ async fn why_a_cache_file_is_not_used_is_said_once_and_truly() {
         .collect();
     assert_eq!(said.len(), 1, "{said:?}");
     assert!(said[0].contains("not a regular file"), "{said:?}");
+}
+
+/// A FIFO planted at the cache path is no token either: opening it waited for a writer forever,
+/// and with it `behest-agent token` and the daemon's start.
+#[tokio::test]
+async fn a_fifo_at_the_cache_path_is_no_token_and_no_hang() {
+    let h = Harness::start().await;
+    let cache = h.path("token.json");
+    nix::unistd::mkfifo(&cache, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let path = cache.display().to_string();
+    let source = h.source(
+        &[("BEHEST_AGENT__TOKEN__CACHE_FILE", path.as_str())],
+        clock::system(),
+    );
+    let loaded = tokio::time::timeout(Duration::from_secs(30), source.load_cache())
+        .await
+        .expect("reading a FIFO at the cache path must not wait");
+    assert!(loaded.is_none());
+    assert!(
+        crate::util::logs()
+            .lines()
+            .any(|l| l.contains(&path) && l.contains("not a regular file")),
+        "the FIFO is named as not a regular file"
+    );
+}
+
+/// An https issuer's discovery document naming a plain-http token endpoint or JWKS (loopback, so
+/// allowed in configuration) is refused: the client secret went to it out of TLS.
+#[tokio::test]
+async fn an_https_issuer_naming_plain_http_endpoints_is_refused() {
+    use behest_agent::auth::endpoints;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    behest_agent::tls::install_default_provider();
+    let certs = CertificateDer::pem_file_iter(format!("{FIXTURES}/upstream-cert.pem")).unwrap();
+    let key = PrivateKeyDer::from_pem_file(format!("{FIXTURES}/upstream-key.pem")).unwrap();
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs.map(Result::unwrap).collect(), key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let issuer = format!(
+        "https://127.0.0.1:{}/",
+        listener.local_addr().unwrap().port()
+    );
+    let http = behest_agent::auth::http::client(
+        Duration::from_secs(10),
+        Some(format!("{FIXTURES}/upstream-ca.pem").as_ref()),
+        &behest_agent::egress::Egress::default(),
+    )
+    .unwrap();
+    let cases = [
+        (
+            "token_endpoint",
+            "http://127.0.0.1:9/oauth/token",
+            "https://127.0.0.1:9/jwks",
+        ),
+        (
+            "jwks_uri",
+            "https://127.0.0.1:9/oauth/token",
+            "http://127.0.0.1:9/jwks",
+        ),
+    ];
+    for (name, token_endpoint, jwks_uri) in cases {
+        let doc = serde_json::json!({
+            "issuer": issuer,
+            "token_endpoint": token_endpoint,
+            "jwks_uri": jwks_uri,
+        })
+        .to_string();
+        let (acceptor, listener) = (acceptor.clone(), &listener);
+        let serve = async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = acceptor.accept(tcp).await.unwrap();
+            let mut buf = vec![0; 4096];
+            let _ = tls.read(&mut buf).await.unwrap();
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                doc.len()
+            );
+            tls.write_all(format!("{head}{doc}").as_bytes())
+                .await
+                .unwrap();
+            tls.shutdown().await.unwrap();
+        };
+        let configured = config::Endpoints::Discover {
+            issuer: issuer.parse().unwrap(),
+        };
+        let discover = endpoints::resolve(&configured, &http);
+        let (resolved, ()) = tokio::join!(discover, serve);
+        let err = resolved.expect_err("plain http endpoints of an https issuer");
+        let said = err.to_string();
+        assert!(said.contains(name) && said.contains("plain http"), "{said}");
+    }
 }

@@ -345,7 +345,6 @@ impl Idp {
         self.inner.grants.load(Ordering::SeqCst)
     }
 
-    /// Requests to `/oauth/token`, whatever their outcome.
     /// Grants made to `client_id`.
     pub fn grants_for(&self, client_id: &str) -> u64 {
         self.inner
@@ -357,6 +356,7 @@ impl Idp {
             .unwrap_or(0)
     }
 
+    /// Requests to `/oauth/token`, whatever their outcome.
     pub fn token_requests(&self) -> u64 {
         self.inner.token_requests.load(Ordering::SeqCst)
     }

@@ -66,7 +66,9 @@ async fn discover(issuer: &Url, http: &reqwest::Client) -> Result<ResolvedEndpoi
     if !response.status().is_success() {
         return Err(fail(format!("HTTP {}", response.status().as_u16())));
     }
-    let body = super::http::body(response).await.map_err(fail)?;
+    let body = super::http::body(response)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
     let doc: Discovery = serde_json::from_slice(&body)
         .map_err(|e| fail(format!("not a discovery document: {e}")))?;
     if doc.issuer.trim_end_matches('/') != base {
@@ -81,6 +83,18 @@ async fn discover(issuer: &Url, http: &reqwest::Client) -> Result<ResolvedEndpoi
         .jwks_uri
         .map(|u| parse_url(&u).map_err(|m| fail(format!("jwks_uri: {m}"))))
         .transpose()?;
+    // An https issuer's endpoints are https too: one named in plain http (loopback or not) would
+    // take the client secret, or the keys tokens are checked with, out of TLS.
+    for (name, url) in [
+        ("token_endpoint", Some(&token_url)),
+        ("jwks_uri", jwks_url.as_ref()),
+    ] {
+        if issuer.scheme() == "https" && url.is_some_and(|u| u.scheme() != "https") {
+            return Err(fail(format!(
+                "{name}: the https issuer names a plain http URL; the IdP's discovery document must name https endpoints"
+            )));
+        }
+    }
     Ok(ResolvedEndpoints {
         issuer: Some(doc.issuer),
         token_url,

@@ -129,14 +129,7 @@ impl Grant {
         match &s.client_auth {
             ClientAuth::ClientSecretPost | ClientAuth::ClientSecretBasic => {
                 let secret = self.read_secret().await?;
-                use base64::Engine as _;
-                let basic = base64::engine::general_purpose::STANDARD.encode(format!(
-                    "{}:{}",
-                    s.client_id,
-                    secret.expose_secret()
-                ));
                 sent.push(secret.clone());
-                sent.push(SecretString::from(basic));
                 client = client
                     .set_client_secret(ClientSecret::new(secret.expose_secret().to_string()))
                     .set_auth_type(match s.client_auth {
@@ -217,14 +210,12 @@ impl Grant {
         token_url: &url::Url,
         sent: &[SecretString],
     ) -> GrantError {
-        let quote = |text: &str| {
-            let clean = sent
-                .iter()
-                .map(|s| s.expose_secret())
-                .filter(|s| !s.is_empty())
-                .fold(text.to_string(), |t, s| t.replace(s, "[redacted]"));
-            sanitize(&clean)
-        };
+        let mut credentials: Vec<(String, SecretString)> = sent
+            .iter()
+            .map(|s| (self.settings.client_id.clone(), s.clone()))
+            .collect();
+        credentials.extend(self.egress.credentials());
+        let quote = |text: &str| sanitize(&redact(text, &credentials));
         let status = meta.as_ref().map(|m| m.status).unwrap_or(0);
         let retry_after = meta.as_ref().and_then(|m| m.retry_after);
         match error {
@@ -232,6 +223,14 @@ impl Grant {
                 status,
                 error: quote(e.error().as_ref()),
                 description: e.error_description().map(|d| quote(d)),
+                retry_after,
+            },
+            RequestTokenError::Request(TransportError::TooLarge) if status == 200 => {
+                GrantError::Malformed(TransportError::TooLarge.to_string())
+            }
+            RequestTokenError::Request(e @ TransportError::TooLarge) => GrantError::Http {
+                status,
+                snippet: e.to_string(),
                 retry_after,
             },
             RequestTokenError::Request(t) => GrantError::Transport {
@@ -245,9 +244,9 @@ impl Grant {
                     Some(proxy) => format!(
                         "through the egress proxy {}: {}",
                         crate::egress::without_credentials(&proxy.uri().to_string()),
-                        t.0
+                        t
                     ),
-                    None => t.0,
+                    None => t.to_string(),
                 },
             },
             // A 200 body may hold the token: never quote it. Error bodies are quoted, shortened.
@@ -309,6 +308,42 @@ impl Grant {
             }),
         }
     }
+}
+
+/// `text` without the `(user, secret)` credentials in any form they were sent in: as they are,
+/// form-encoded (`~` is `%7E`), or inside HTTP Basic (of the plain or the form-encoded pair, as
+/// RFC 6749 §2.3.1 has it). A text that still holds a secret once percent-decoded (`%7e`) is
+/// withheld whole.
+pub fn redact(text: &str, credentials: &[(String, SecretString)]) -> String {
+    use base64::Engine as _;
+    let encode = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let basic =
+        |u: &str, s: &str| base64::engine::general_purpose::STANDARD.encode(format!("{u}:{s}"));
+    let mut out = text.to_string();
+    for (user, secret) in credentials {
+        let secret = secret.expose_secret();
+        if secret.is_empty() {
+            continue;
+        }
+        let forms = [
+            basic(user, secret),
+            basic(&encode(user), &encode(secret)),
+            encode(secret),
+            secret.to_string(),
+        ];
+        for form in forms {
+            out = out.replace(&form, "[redacted]");
+        }
+    }
+    let spaced = out.replace('+', " ");
+    let decoded = percent_encoding::percent_decode_str(&spaced).decode_utf8_lossy();
+    if credentials
+        .iter()
+        .any(|(_, s)| !s.expose_secret().is_empty() && decoded.contains(s.expose_secret()))
+    {
+        return "(withheld: it repeats a credential the agent sent)".into();
+    }
+    out
 }
 
 /// One line, printable, at most 200 characters: safe to put in a log line or an error.

@@ -49,19 +49,31 @@ pub struct ResponseMeta {
 
 /// A transport failure, described without the request (whose body may hold a secret).
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct TransportError(pub String);
+pub enum TransportError {
+    #[error("{0}")]
+    Failed(String),
+    /// The IdP answered, with a body over [`MAX_BODY`]: a malformed answer, not an IdP out of
+    /// reach.
+    #[error("{TOO_LARGE}")]
+    TooLarge,
+}
+
+const TOO_LARGE: &str = "response body over 256 KiB";
 
 /// Upper bound on a response from the IdP (token endpoint, discovery, JWKS) that we read.
 const MAX_BODY: usize = 256 * 1024;
 
 /// `response`'s body, at most 256 KiB: an IdP (or what answers in its place) cannot make the agent
 /// hold more.
-pub async fn body(mut response: reqwest::Response) -> Result<Vec<u8>, String> {
+pub async fn body(mut response: reqwest::Response) -> Result<Vec<u8>, TransportError> {
     let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| describe_reqwest(&e))? {
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| TransportError::Failed(describe_reqwest(&e)))?
+    {
         if body.len() + chunk.len() > MAX_BODY {
-            return Err("response body over 256 KiB".into());
+            return Err(TransportError::TooLarge);
         }
         body.extend_from_slice(&chunk);
     }
@@ -94,11 +106,12 @@ async fn send(
     now: SystemTime,
     request: oauth2::HttpRequest,
 ) -> Result<oauth2::HttpResponse, TransportError> {
-    let request = reqwest::Request::try_from(request).map_err(|e| TransportError(e.to_string()))?;
+    let request =
+        reqwest::Request::try_from(request).map_err(|e| TransportError::Failed(e.to_string()))?;
     let response = client
         .execute(request)
         .await
-        .map_err(|e| TransportError(describe_reqwest(&e)))?;
+        .map_err(|e| TransportError::Failed(describe_reqwest(&e)))?;
     let status = response.status();
     let retry_after = wait_hint(response.headers(), now);
     *meta.lock().expect("meta lock") = Some(ResponseMeta {
@@ -109,8 +122,9 @@ async fn send(
     if let Some(h) = out.headers_mut() {
         *h = response.headers().clone();
     }
-    let body = body(response).await.map_err(TransportError)?;
-    out.body(body).map_err(|e| TransportError(e.to_string()))
+    let body = body(response).await?;
+    out.body(body)
+        .map_err(|e| TransportError::Failed(e.to_string()))
 }
 
 /// `reqwest`'s errors, without the URL's query (there is none of ours) and with the cause chain.

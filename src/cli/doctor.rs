@@ -636,7 +636,7 @@ async fn check_daemon_alone(r: &mut Report, daemon: &Daemon) {
             &CheckError::UidMismatch {
                 claim: "uid".into(),
                 expected: client.into(),
-                got: uid.into(),
+                got: crate::token::claims::shown(uid),
             },
         ),
         None => r.refused(

@@ -77,6 +77,9 @@ struct CacheFile {
     /// for one shortly after shares it instead of granting again.
     #[serde(default)]
     forced: bool,
+    /// [`credential_mark`] of the client credential the token was granted with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    credential: Option<String>,
 }
 
 /// A cached token, not yet checked.
@@ -88,6 +91,21 @@ pub struct Cached {
     /// or from an older agent).
     pub verified_with: Option<Jwk>,
     pub forced: bool,
+    /// [`credential_mark`] of the credential it was granted with (none from an older agent).
+    pub credential: Option<String>,
+}
+
+/// A mark of the client credential (secret or private key) that tells whether a cached token was
+/// granted with the one configured now, and reveals nothing of it: HMAC-SHA256 keyed by it. A
+/// token granted with another secret is not served: a wrong or revoked secret fails at once
+/// rather than when the cached token expires.
+pub fn credential_mark(credential: &[u8]) -> String {
+    use aws_lc_rs::hmac;
+    let tag = hmac::sign(
+        &hmac::Key::new(hmac::HMAC_SHA256, credential),
+        b"behest-agent token cache credential",
+    );
+    tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[derive(Debug, Clone)]
@@ -141,14 +159,15 @@ impl DiskCache {
     pub fn load(&self) -> Option<Cached> {
         use std::io::Read as _;
         use std::os::unix::fs::MetadataExt as _;
+        // Non-blocking: opening a FIFO planted here would wait for a writer.
         let f = OpenOptions::new()
             .read(true)
-            .custom_flags(nix::libc::O_NOFOLLOW)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
             .open(&self.path)
             .ok()?;
         let meta = f.metadata().ok()?;
         if !meta.is_file() {
-            self.refuse("not using the token cache path: it is not a regular file (a directory?); remove it, or set token.cache_file to a file's path".into());
+            self.refuse("not using the token cache path: it is not a regular file (a directory or a FIFO?); remove it, or set token.cache_file to a file's path".into());
             return None;
         }
         let exposed = (meta.mode() & 0o077 != 0).then(|| {
@@ -182,6 +201,7 @@ impl DiskCache {
             obtained_at: crate::clock::from_unix(file.obtained_at)?,
             verified_with: file.verified_with,
             forced: file.forced,
+            credential: file.credential,
         })
     }
 
@@ -201,6 +221,7 @@ impl DiskCache {
                 .as_secs(),
             verified_with: entry.verified_with.clone(),
             forced: entry.forced,
+            credential: entry.credential.clone(),
         };
         let body = serde_json::to_vec(&file).map_err(std::io::Error::other)?;
         write_new(dir, &self.temp_name(), &body, Some(&self.path))

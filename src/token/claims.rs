@@ -65,6 +65,7 @@ pub enum CheckError {
     UidMismatch {
         claim: String,
         expected: String,
+        /// The claim as [`shown`], or the JSON of one that is not a string.
         got: String,
     },
     /// A claim Behest reads is absent: a warning, never a refusal.
@@ -110,8 +111,11 @@ impl CheckError {
             CheckError::Audience { expected, got } => {
                 format!("the token's audience {got:?} does not include `{expected}`")
             }
+            CheckError::Issuer { expected, got } if got.is_empty() => {
+                format!("the token names no issuer (a string `iss` claim); expected `{expected}`")
+            }
             CheckError::Issuer { expected, got } => {
-                format!("the token's issuer `{}` is not `{expected}`", sanitize(got))
+                format!("the token's issuer {} is not `{expected}`", shown(got))
             }
             CheckError::UidMissing { claim } => {
                 format!("the token has no `{claim}` claim, and Behest identifies machines by it")
@@ -121,16 +125,15 @@ impl CheckError {
                 expected,
                 got,
             } => format!(
-                "the token was issued to another client: its `{claim}` claim is `{}`, not auth.client_id `{expected}`",
-                sanitize(got)
+                "the token was issued to another client: its `{claim}` claim is {}, not auth.client_id `{expected}`",
+                shown(got)
             ),
             CheckError::UidMismatch {
                 claim,
                 expected,
                 got,
             } => format!(
-                "the token's `{claim}` claim is `{}`, not the expected `{expected}` (the client id, unless token.expected_uid says otherwise)",
-                sanitize(got)
+                "the token's `{claim}` claim is {got}, not the expected `{expected}` (the client id, unless token.expected_uid says otherwise)"
             ),
             CheckError::ClaimMissing { claim } => {
                 format!("the token has no `{claim}` claim; Behest may refuse it")
@@ -533,18 +536,30 @@ impl Verifier {
     /// The uid claim is the expected uid (whether that refuses the token is `token.uid_check`'s).
     pub fn check_uid(&self, claims: &Claims) -> Result<(), CheckError> {
         let t = &self.settings;
-        match &claims.uid {
+        match claims.raw.get(&t.uid_claim) {
             None => Err(CheckError::UidMissing {
                 claim: t.uid_claim.clone(),
             }),
-            Some(got) if *got != t.expected_uid => Err(CheckError::UidMismatch {
+            Some(Value::String(got)) if *got == t.expected_uid => Ok(()),
+            Some(got) => Err(CheckError::UidMismatch {
                 claim: t.uid_claim.clone(),
                 expected: t.expected_uid.clone(),
-                got: got.clone(),
+                got: match got {
+                    Value::String(s) => shown(s),
+                    other => format!("{} (not a string)", sanitize(&other.to_string())),
+                },
             }),
-            Some(_) => Ok(()),
         }
     }
+}
+
+/// A claim's value quoted exactly, so that what differs from the expected one shows: a trailing
+/// space, a control character or a look-alike letter is escaped (`"c1 "`, `"c1\u{0}"`,
+/// `"\u{441}1"`); at most 200 characters.
+pub fn shown(value: &str) -> String {
+    let cut: String = value.chars().take(200).collect();
+    let more = if cut.len() < value.len() { "…" } else { "" };
+    format!("\"{}\"{more}", cut.escape_default())
 }
 
 /// Why a header `jsonwebtoken` cannot read is refused: an algorithm it does not know (`none`

@@ -729,6 +729,7 @@ impl TokenSource {
             obtained_at: e.obtained_at,
             verified_with: e.verified_with,
             forced: false,
+            credential: None,
         };
         let checked = match self.check_cached(&cached).await {
             Ok(c) => c,
@@ -816,6 +817,7 @@ impl TokenSource {
             obtained_at: t.obtained_at,
             verified_with: key,
             forced,
+            credential: self.credential_mark().await,
         };
         let result = cache.store_async(&entry).await;
         self.inner.state.lock().expect("state lock").unstored = result.is_err().then_some(entry);
@@ -846,6 +848,12 @@ impl TokenSource {
                 st.cache_error = Some(message);
             }
         }
+    }
+
+    /// [`cache::credential_mark`] of the credential configured now; none when it cannot be read.
+    async fn credential_mark(&self) -> Option<String> {
+        let credential = self.inner.grant.credential().await.ok()?;
+        Some(super::cache::credential_mark(credential.expose_secret()))
     }
 
     /// Takes the token another process cached when it is valid and outlives the one held; a
@@ -879,6 +887,10 @@ impl TokenSource {
     async fn disk_token(&self) -> Option<(Arc<Token>, bool, SystemTime)> {
         let cache = self.inner.cache.as_ref()?;
         let cached = cache.load()?;
+        if cached.credential.is_some() && cached.credential != self.credential_mark().await {
+            tracing::info!(path = %cache.path().display(), "the cached token was granted with another client secret (or key) than the one configured now: not using it");
+            return None;
+        }
         // An `obtained_at` in the future (a clock that was ahead, a hand-edited file) would put
         // the refresh after the expiry.
         let obtained_at = cached.obtained_at.min(self.inner.clock.now());
