@@ -253,6 +253,49 @@ async fn a_wrong_secret_fails_before_script_with_the_reason_and_after_script_sti
     assert!(!job.agent_dir().exists());
 }
 
+/// An agent that exits at start (here: no secret) fails before_script at once with `wait --pid`,
+/// not at the wait's timeout (every such job waited its whole `BEHEST_AGENT_WAIT_TIMEOUT`).
+#[tokio::test]
+async fn an_agent_that_exits_at_start_fails_before_script_without_waiting_out_the_timeout() {
+    let job = GitlabJob::start().await;
+    let (before, after) = template();
+    let vars = [
+        ("AUTH0_CLIENT_SECRET", ""),
+        ("BEHEST_AGENT_WAIT_TIMEOUT", "60s"),
+    ];
+    let run = job.shell(&before, &vars).await;
+    assert_ne!(run.code, 0);
+    let said = run.stdout.clone() + &run.stderr;
+    assert!(
+        said.contains("has exited before it was ready") && said.contains("client_secret"),
+        "{said}"
+    );
+    let post = job.shell(&after, &vars).await;
+    assert_eq!(post.code, 0, "{}\n{}", post.stdout, post.stderr);
+    assert!(!job.agent_dir().exists());
+}
+
+/// An agent that does not answer (stopped, hung) is still gone after after_script: SIGTERM by the
+/// pid file, then SIGKILL (a stopped one outlived SIGTERM, and the job).
+#[tokio::test]
+async fn after_script_kills_an_agent_that_does_not_answer() {
+    let job = GitlabJob::start().await;
+    let (before, after) = template();
+    let mut script = before.clone();
+    script.push(r#"kill -STOP "$(cat "$BEHEST_AGENT_JOB_DIR/agent.pid")""#.to_string());
+    let run = job.shell(&script, &[]).await;
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    let pid: u32 = std::fs::read_to_string(job.agent_dir().join("agent.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let post = job.shell(&after, &[]).await;
+    assert_eq!(post.code, 0, "{}\n{}", post.stdout, post.stderr);
+    until_exited(pid).await;
+    assert!(!job.agent_dir().exists());
+}
+
 #[test]
 fn the_template_is_one_hidden_job_to_extend() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("ci/gitlab/behest-agent.yml");

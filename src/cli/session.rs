@@ -6,7 +6,7 @@
 //! The derivation is a pure function of the environment (a map), first CI found wins:
 //! GitHub Actions `gh-$GITHUB_RUN_ID-$GITHUB_RUN_ATTEMPT-$GITHUB_JOB`, GitLab `gl-$CI_JOB_ID`,
 //! Buildkite `bk-$BUILDKITE_JOB_ID`, CircleCI `cci-$CIRCLE_WORKFLOW_JOB_ID`, Jenkins
-//! `jk-$BUILD_TAG`. A CI counts as found when all of its variables are set and not empty.
+//! `jk-$BUILD_TAG`. A CI counts as found when all of its variables are set and not blank.
 //! Characters outside `[A-Za-z0-9._-]` become `-`; an id longer than the proxy's limit
 //! ([`MAX_SESSION_ID`]) keeps its first characters and ends with `-` and 16 hex digits of the
 //! SHA-256 of the whole id, so two long ids that differ only at the end stay apart.

@@ -2,7 +2,8 @@
 //! background. Exits 0 as soon as the daemon answers on its control socket and holds a valid
 //! token (its `/readyz`), 1 at the timeout with the last reason it was not ready on stderr, or
 //! at once when the daemon's grant failed in a way only a configuration change fixes (a wrong
-//! secret: waiting longer would not help), or when this user may not use the daemon's socket. Polls every [`POLL`]; no poll outlives the timeout.
+//! secret: waiting longer would not help), when this user may not use the daemon's socket, or
+//! when the process `--pid` names has exited. Polls every [`POLL`]; no poll outlives the timeout.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -26,6 +27,22 @@ pub struct Args {
     /// configuration change fixes (a wrong secret) ends the wait at once
     #[arg(long, default_value = "30s", value_name = "DUR", value_parser = super::parse_duration)]
     pub timeout: Duration,
+    /// The daemon's process id (`$!` where the script started it): the wait ends at once when
+    /// that process has exited (a configuration it refused), rather than at the timeout
+    #[arg(long, value_name = "PID")]
+    pub pid: Option<i32>,
+}
+
+/// Whether process `pid` has exited (gone, or a zombie not yet reaped).
+fn exited(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may hold anything.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| matches!(state, 'Z' | 'X')),
+        Err(_) => true,
+    }
 }
 
 pub async fn run(g: &Global, args: Args) -> CliResult {
@@ -45,6 +62,12 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
             }
             // Cut short by the deadline: the reason before it stands.
             Err(_) => {}
+        }
+        if let Some(pid) = args.pid.filter(|p| exited(*p)) {
+            return Err(anyhow!(
+                "the daemon (pid {pid}) has exited before it was ready: its log says why ({last})"
+            )
+            .into());
         }
         if Instant::now() + POLL >= deadline {
             return Err(anyhow!(
