@@ -1023,6 +1023,40 @@ async fn an_upstream_content_length_beside_transfer_encoding_is_not_forwarded() 
     assert_eq!(&body[..], b"ok");
 }
 
+/// An upstream answer hyper cannot read (a head of 101 fields) is a 502 `bad_upstream_response`
+/// that says so: the upstream was reached (it was `upstream_unreachable`, "cannot reach").
+#[tokio::test]
+async fn an_unreadable_upstream_head_is_a_bad_response_not_an_unreachable_upstream() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let fields: String = (0..101).map(|i| format!("x-h{i}: v\r\n")).collect();
+        let answer = format!("HTTP/1.1 200 OK\r\n{fields}content-length: 2\r\n\r\nok");
+        let _ = s.write_all(answer.as_bytes()).await;
+    });
+    let rig = Rig::builder()
+        .upstream_url(format!("http://{addr}"))
+        .start()
+        .await;
+    let resp = rig.get("/v1/models").await;
+    assert_eq!(resp.status(), 502);
+    let body = within(resp.into_body().collect()).await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.contains("\"code\":\"bad_upstream_response\"") && text.contains("head"),
+        "{text}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Listeners, connections, shutdown
 

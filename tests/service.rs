@@ -284,6 +284,16 @@ async fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
     let task = tokio::spawn(app.run(stop.clone()));
 
     assert_eq!(http_get(&format!("{metrics}/healthz")).await.0, 200);
+    // Reading is all the listener is for: any other method is 405 (`DELETE /metrics` was a 200).
+    for method in [http::Method::POST, http::Method::DELETE, http::Method::PUT] {
+        let resp = crate::ci::http()
+            .request(method.clone(), format!("{metrics}/metrics"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 405, "{method}");
+        assert_eq!(resp.headers()["allow"], "GET, HEAD");
+    }
     for _ in 0..3 {
         assert_eq!(http_get(&format!("http://{proxy}/v1/models")).await.0, 200);
     }

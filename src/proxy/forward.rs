@@ -430,6 +430,12 @@ impl Forwarder {
                     limit: busy.limit,
                     waited: humantime::format_duration(busy.waited).to_string(),
                 }),
+                // A head hyper cannot read (over 100 fields, say): it was reached, and answered
+                // what no client could read either.
+                None if unreadable_head(&*e) => Err(ProxyError::BadUpstreamResponse {
+                    authority: route.upstream.authority.to_string(),
+                    reason: format!("its response head cannot be read: {}", chain(&*e)),
+                }),
                 None => Err(body_failed_or(&*e, || ProxyError::UpstreamUnreachable {
                     authority: route.upstream.authority.to_string(),
                     reason: chain(&*e),
@@ -555,6 +561,13 @@ fn body_failed_or(
     } else {
         other()
     }
+}
+
+/// Whether `e` is hyper failing to parse the upstream's response head.
+fn unreadable_head(e: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(e), |e| e.source())
+        .filter_map(|e| e.downcast_ref::<hyper::Error>())
+        .any(hyper::Error::is_parse)
 }
 
 fn body_failed(e: &(dyn std::error::Error + 'static)) -> ProxyError {

@@ -337,7 +337,17 @@ pub async fn serve(
     let make = move |_| {
         let (metrics, health) = (metrics.clone(), health.clone());
         hyper::service::service_fn(move |req: Request<Incoming>| {
-            let response = route(&metrics, health.as_ref(), req.uri().path());
+            let response = if matches!(*req.method(), http::Method::GET | http::Method::HEAD) {
+                route(&metrics, health.as_ref(), req.uri().path())
+            } else {
+                let mut r = Response::new(Full::new(Bytes::from_static(b"GET or HEAD only\n")));
+                *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+                r.headers_mut().insert(
+                    http::header::ALLOW,
+                    http::HeaderValue::from_static("GET, HEAD"),
+                );
+                r
+            };
             async move { Ok::<_, Infallible>(response) }
         })
     };
