@@ -333,6 +333,22 @@ async fn a_valid_cached_token_is_checked_without_a_grant() {
     o.assert_no_secrets(&[h.secret.clone(), token]);
 }
 
+/// A cached token signed with a key the IdP has since withdrawn: the fix is to delete the cache,
+/// not to point auth.domain at another IdP (what an unknown key means for a new grant).
+#[tokio::test]
+async fn a_cached_token_whose_key_was_withdrawn_is_named_with_the_cache_to_delete() {
+    let h = Harness::start().await;
+    let o = Out::of(h.agent(&["token"], &[])).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    h.idp.rotate_key(false);
+    let o = Out::of(h.agent(&["doctor"], &[])).await;
+    assert_eq!(o.code, 1, "{}\n{}", o.stdout, o.stderr);
+    o.line("✗ signature: the cached token does not verify against the IdP's keys now");
+    let fix = o.fix_after("✗ signature");
+    assert!(fix.contains("delete") && fix.contains("token.json"), "{fix}");
+    assert!(!fix.contains("auth.domain"), "{fix}");
+}
+
 #[tokio::test]
 async fn a_running_daemon_is_reported_with_its_pid_and_socket_mode_and_lends_its_token() {
     let h = Harness::start().await;

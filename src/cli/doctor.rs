@@ -105,8 +105,17 @@ pub async fn run(g: &Global, _args: Args) -> CliResult {
     match &idp {
         Some(idp) => {
             let found = daemon.as_ref().ok().and_then(Option::as_ref);
-            if let Some(token) = obtain(&mut r, &settings, &source, found, idp.jwks_ok).await
-                && check_token(&mut r, &settings, source.verifier(), &idp.endpoints, &token).await
+            if let Some((token, cached)) =
+                obtain(&mut r, &settings, &source, found, idp.jwks_ok).await
+                && check_token(
+                    &mut r,
+                    &settings,
+                    source.verifier(),
+                    &idp.endpoints,
+                    &token,
+                    cached,
+                )
+                .await
             {
                 servable = Some(token);
             }
@@ -337,14 +346,15 @@ async fn check_idp(r: &mut Report, s: &Settings, source: &TokenSource) -> Option
     Some(IdpFacts { endpoints, jwks_ok })
 }
 
-/// A token to check: a valid cached one, else the daemon's, else one new grant (never cached).
-async fn obtain(
+/// A token to check: a valid cached one (with the cache's path), else the daemon's, else one new
+/// grant (never cached).
+async fn obtain<'s>(
     r: &mut Report,
-    s: &Settings,
+    s: &'s Settings,
     source: &TokenSource,
     daemon: Option<&Daemon>,
     jwks_ok: bool,
-) -> Option<SecretString> {
+) -> Option<(SecretString, Option<&'s std::path::Path>)> {
     if let Some(t) = source.load_cache().await {
         let path = s
             .token
@@ -355,7 +365,7 @@ async fn obtain(
         r.pass(format!(
             "token: a valid one from the disk cache {path} (no grant made)"
         ));
-        return Some(t.secret().clone());
+        return Some((t.secret().clone(), s.token.cache_file.as_deref()));
     }
     if let Some(d) = daemon
         && d.status().pointer("/token/ready").and_then(Value::as_bool) == Some(true)
@@ -365,7 +375,7 @@ async fn obtain(
         && let Some(token) = body.get("access_token").and_then(Value::as_str)
     {
         r.pass("token: the running daemon's (no grant made)");
-        return Some(SecretString::from(token.to_string()));
+        return Some((SecretString::from(token.to_string()), None));
     }
     if !jwks_ok && s.token.cache_file.as_ref().is_some_and(|p| p.exists()) {
         r.info(
@@ -379,7 +389,7 @@ async fn obtain(
                 "grant: the IdP issued a token ({}; not cached)",
                 s.auth.client_auth.name()
             ));
-            Some(issued.access_token)
+            Some((issued.access_token, None))
         }
         Err(e) => {
             r.fail("grant", e.problem(), grant_fix(&e, &s.auth));
@@ -413,16 +423,29 @@ fn grant_fix(e: &GrantError, a: &AuthSettings) -> String {
 }
 
 /// The format, the signature and every claim, by the agent's own rules. True when the agent
-/// would serve the token.
+/// would serve the token. `cached`: the disk cache it came from.
 async fn check_token(
     r: &mut Report,
     s: &Settings,
     verifier: &Verifier,
     endpoints: &ResolvedEndpoints,
     token: &SecretString,
+    cached: Option<&std::path::Path>,
 ) -> bool {
     let claims = match verifier.verify(token, endpoints).await {
         Ok(claims) => claims,
+        // It verified against the key stored with it, not the IdP's keys now: a key the IdP
+        // withdrew, or an edited file, not a misconfigured IdP.
+        Err(e @ (CheckError::Signature(_) | CheckError::UnknownKid(_)))
+            if let Some(path) = cached =>
+        {
+            r.fail(
+                "signature",
+                format!("the cached token does not verify against the IdP's keys now ({})", e.problem()),
+                format!("delete {} (the IdP withdrew the key it was signed with, or the file was edited); the next grant replaces it", path.display()),
+            );
+            return false;
+        }
         // Its claims cannot be trusted, so none is shown.
         Err(e) => {
             let what = match e {
