@@ -144,12 +144,12 @@ impl CheckError {
     /// What to do about it: the one place each remedy is written.
     pub fn fix(&self) -> String {
         match self {
-            CheckError::Opaque => "set auth.audience to the Behest API identifier: Auth0 issues opaque tokens when no audience is asked for".into(),
+            CheckError::Opaque => "set auth.audience to the Behest API identifier: Auth0 issues opaque tokens when no audience is asked for (another IdP: make it issue JWT access tokens for that API, e.g. with a resource indicator, auth.resource)".into(),
             CheckError::Malformed(_) => "check auth.domain (or auth.issuer) names the IdP, and that the API issues signed JWTs (Auth0: an API with signing algorithm RS256)".into(),
             CheckError::Algorithm(_) => "set the API's signing algorithm to RS256 (Auth0: Applications > APIs > the API > Settings)".into(),
             CheckError::Signature(_) => format!("the token was not signed by this issuer: {SAME_ISSUER}"),
             CheckError::UnknownKid(_) => format!("the token comes from another IdP or tenant: {SAME_ISSUER}"),
-            CheckError::NoJwksUrl => "set auth.jwks_url (or auth.issuer, for discovery), or token.verify_signature = false".into(),
+            CheckError::NoJwksUrl => "set auth.jwks_url (or auth.issuer, for discovery, if the IdP's discovery document names its `jwks_uri`), or token.verify_signature = false".into(),
             CheckError::Jwks(_) | CheckError::JwksDown(_) => "check auth.jwks_url (or auth.domain / auth.issuer) names the IdP's JWKS and that this machine reaches it; if the IdP is having an outage, try again later".into(),
             CheckError::Expired(_) => "check this machine's clock (`timedatectl status`); if it is right, the IdP issues tokens that are already expired: check the API's token lifetime".into(),
             CheckError::NotYetValid { .. } => "check this machine's clock (`timedatectl status`) and the IdP's: one of them is wrong".into(),
