@@ -345,7 +345,10 @@ async fn a_cached_token_whose_key_was_withdrawn_is_named_with_the_cache_to_delet
     assert_eq!(o.code, 1, "{}\n{}", o.stdout, o.stderr);
     o.line("✗ signature: the cached token does not verify against the IdP's keys now");
     let fix = o.fix_after("✗ signature");
-    assert!(fix.contains("delete") && fix.contains("token.json"), "{fix}");
+    assert!(
+        fix.contains("delete") && fix.contains("token.json"),
+        "{fix}"
+    );
     assert!(!fix.contains("auth.domain"), "{fix}");
 }
 

@@ -250,6 +250,10 @@ async fn refusals_show_exactly_what_differs() {
             format!("claim is [\"{id}\"] (not a string)"),
         ),
         (json!({ "iss": null }), "names no issuer".to_string()),
+        (
+            json!({ "iss": format!("{}/", h.idp.base_url().trim_end_matches('/')) + "/" }),
+            "is not".to_string(),
+        ),
     ];
     for (claims, said) in cases {
         h.idp.set_fault(Some(Fault::Claims(claims.clone())));

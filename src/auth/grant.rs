@@ -314,7 +314,7 @@ impl Grant {
 /// form-encoded (`~` is `%7E`), or inside HTTP Basic (of the plain or the form-encoded pair, as
 /// RFC 6749 §2.3.1 has it). A text that still holds a secret once percent-decoded (`%7e`) is
 /// withheld whole.
-pub fn redact(text: &str, credentials: &[(String, SecretString)]) -> String {
+fn redact(text: &str, credentials: &[(String, SecretString)]) -> String {
     use base64::Engine as _;
     let encode = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
     let basic =

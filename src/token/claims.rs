@@ -503,13 +503,14 @@ impl Verifier {
         Ok(())
     }
 
-    /// `iss` is `expected` (a trailing slash aside), when an issuer is known.
+    /// `iss` is `expected` (one trailing slash aside), when an issuer is known.
     pub fn check_issuer(&self, claims: &Claims, expected: Option<&str>) -> Result<(), CheckError> {
         let Some(expected) = expected else {
             return Ok(());
         };
         let got = claims.str("iss").unwrap_or_default();
-        if got.trim_end_matches('/') != expected.trim_end_matches('/') {
+        let one = |s: &'_ str| s.strip_suffix('/').unwrap_or(s).to_string();
+        if one(got) != one(expected) {
             return Err(CheckError::Issuer {
                 expected: expected.to_string(),
                 got: got.to_string(),
@@ -537,7 +538,7 @@ impl Verifier {
     pub fn check_uid(&self, claims: &Claims) -> Result<(), CheckError> {
         let t = &self.settings;
         match claims.raw.get(&t.uid_claim) {
-            None => Err(CheckError::UidMissing {
+            None | Some(Value::Null) => Err(CheckError::UidMissing {
                 claim: t.uid_claim.clone(),
             }),
             Some(Value::String(got)) if *got == t.expected_uid => Ok(()),
