@@ -176,7 +176,8 @@ async fn spent_budgets_get_429_budget_exceeded_saying_which_and_how_to_raise_it(
     for _ in 0..2 {
         assert_eq!(openai_client(&base, "chat", &[]).await["ok"], true);
     }
-    let refused = openai_client(&base, "chat", &[]).await;
+    // With the SDK's default retries: one try, no retry (the metric below counts one refusal).
+    let refused = openai_client(&base, "chat", &[("MAX_RETRIES", "2")]).await;
     assert_eq!(refused["ok"], false, "{refused}");
     assert_eq!(refused["status"], 429, "{refused}");
     assert_eq!(refused["code"], "budget_exceeded", "{refused}");
@@ -213,6 +214,7 @@ async fn spent_budgets_get_429_budget_exceeded_saying_which_and_how_to_raise_it(
         .parse()
         .unwrap();
     assert!((1..=3600).contains(&after), "{after}");
+    assert_eq!(r.headers()["x-should-retry"], "false");
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["type"], "behest_agent_error");
     assert!(
@@ -221,6 +223,21 @@ async fn spent_budgets_get_429_budget_exceeded_saying_which_and_how_to_raise_it(
             .unwrap()
             .contains("budget.hourly_tokens"),
         "{body}"
+    );
+    // The SDK with its default retries raises at once: it slept the Retry-After (up to an hour)
+    // before each of two retries.
+    let sdk = tokio::time::timeout(
+        Duration::from_secs(120),
+        openai_client(&s.base, "chat", &[("MAX_RETRIES", "2")]),
+    )
+    .await
+    .expect("the SDK raises the budget's 429 rather than wait an hour to retry");
+    assert_eq!(sdk["status"], 429, "{sdk}");
+    assert!(
+        s.metrics
+            .encode()
+            .contains("behest_agent_budget_refusals_total{budget=\"hourly_tokens\"} 2"),
+        "one refusal above, one for the SDK's single try"
     );
     s.finish().await;
 }

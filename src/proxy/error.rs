@@ -166,15 +166,17 @@ impl ProxyError {
         let h = r.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if let ProxyError::BudgetExceeded {
-            retry_after: Some(after),
-            ..
-        } = self
-        {
-            h.insert(
-                http::header::RETRY_AFTER,
-                HeaderValue::from(after.as_secs()),
-            );
+        if let ProxyError::BudgetExceeded { retry_after, .. } = self {
+            // The OpenAI SDKs retry a 429 (twice, by default), sleeping whatever Retry-After says
+            // (an hourly budget's: up to an hour) unless told not to: a budget is there to stop
+            // the loop, so the SDK raises at once.
+            h.insert("x-should-retry", HeaderValue::from_static("false"));
+            if let Some(after) = retry_after {
+                h.insert(
+                    http::header::RETRY_AFTER,
+                    HeaderValue::from(after.as_secs()),
+                );
+            }
         }
         if matches!(self, ProxyError::BadFraming(_)) {
             h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));

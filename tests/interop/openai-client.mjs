@@ -1,6 +1,7 @@
 // The real OpenAI Node SDK as a client of behest-agent's proxy, for the interop tests.
 //
 // Usage: OPENAI_API_KEY=placeholder node openai-client.mjs <base_url> <scenario>
+// (MAX_RETRIES: the SDK's maxRetries, default 0; the SDK's own default is 2)
 //   chat        non-streaming chat completion (model echo-1, "hello")
 //   stream      streaming chat completion; each chunk with its receive time (Date.now(), ms)
 //   stream-usage  the same with stream_options.include_usage; also the usage of its last chunk
@@ -116,7 +117,7 @@ try {
     throw new Error(`usage: node openai-client.mjs <base_url> <${Object.keys(scenarios).join('|')}>`);
   }
   // The key comes from OPENAI_API_KEY; the proxy replaces it with a real token.
-  const client = new OpenAI({ baseURL, maxRetries: 0, timeout: 60_000 });
+  const client = new OpenAI({ baseURL, maxRetries: Number(process.env.MAX_RETRIES ?? 0), timeout: 60_000 });
   finish({ ok: true, scenario, ...(await scenarios[scenario](client)) }, 0);
 } catch (err) {
   finish({
