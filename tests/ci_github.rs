@@ -240,12 +240,6 @@ fn without_add_mask(stdout: &str, secret: &str) -> String {
 }
 
 /// Whether this build has `behest-agent usage` (SPEC §8; built separately).
-async fn has_usage_command() -> bool {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_behest-agent"));
-    c.args(["usage", "--help"]).stdin(Stdio::null());
-    output(c).await.code == 0
-}
-
 #[tokio::test]
 async fn main_exports_the_proxy_a_step_uses_and_post_stops_the_daemon_leaving_no_secret() {
     let job = Job::start().await;
@@ -332,6 +326,8 @@ async fn main_exports_the_proxy_a_step_uses_and_post_stops_the_daemon_leaving_no
         vec![dir.join("client-secret")]
     );
 
+    // An earlier step's summary whose last line is not ended: the table still starts a heading.
+    std::fs::write(job.file("step_summary"), "earlier text").unwrap();
     let post = job.post(&inputs).await;
     assert_eq!(post.code, 0, "{}\n{}", post.stdout, post.stderr);
     assert!(
@@ -342,15 +338,11 @@ async fn main_exports_the_proxy_a_step_uses_and_post_stops_the_daemon_leaving_no
     assert!(exited(pid), "post returned with the daemon still running");
     assert!(!dir.exists(), "post removes the directory with the secret");
     let summary = std::fs::read_to_string(job.file("step_summary")).unwrap_or_default();
-    if has_usage_command().await {
-        assert!(
-            summary.contains(&format!("Behest usage (session `{}`)", job.session())),
-            "{summary}"
-        );
-    } else {
-        assert!(post.stdout.contains("no usage table"), "{}", post.stdout);
-        assert_eq!(summary, "");
-    }
+    assert!(
+        summary.starts_with("earlier text\n")
+            && summary.contains(&format!("\n### Behest usage (session `{}`)", job.session())),
+        "{summary}"
+    );
     for (what, text) in [
         ("main's stdout", main_stdout.as_str()),
         ("main's stderr", &main.stderr),

@@ -460,6 +460,11 @@ async fn the_usage_command_reads_the_daemon_then_the_ledger_and_exec_prints_the_
         from_ledger["totals"]["total_tokens"], tokens,
         "{from_ledger}"
     );
+    // A session the ledger never saw: nothing since now, an RFC 3339 time (it was "").
+    let out = run(&["usage", "--json", "--session", "never-seen"]).await;
+    let unseen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let since = unseen["since"].as_str().unwrap();
+    assert!(humantime::parse_rfc3339(since).is_ok(), "{unseen}");
     s.finish().await;
 }
 
@@ -509,6 +514,8 @@ async fn exec_prints_the_sessions_usage_and_appends_it_to_the_step_summary() {
             .display()
     );
     let summary_s = summary.display().to_string();
+    // What the job wrote before, its last line not ended: the table still starts a heading.
+    std::fs::write(&summary, "earlier text").unwrap();
     let out =
         s.h.agent_with_upstream(
             &s.upstream.base_url(),
@@ -523,6 +530,7 @@ async fn exec_prints_the_sessions_usage_and_appends_it_to_the_step_summary() {
     assert!(stderr.contains("session job-42: 1 requests"), "{stderr}");
     let table = std::fs::read_to_string(&summary).unwrap();
     assert!(table.contains("| job-42 | echo-1 | 1 |"), "{table}");
+    assert!(table.contains("\n### Behest usage\n"), "{table}");
 
     // No --session: the CI job's, in the URL and in the summary.
     let out =

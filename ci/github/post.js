@@ -34,7 +34,7 @@ async function post() {
     const summary = process.env.GITHUB_STEP_SUMMARY;
     if (usage.code === 0 && usage.stdout.trim() && summary) {
       const title = session ? `Behest usage (session \`${session}\`)` : 'Behest usage';
-      fs.appendFileSync(summary, `### ${title}\n\n${usage.stdout.trimEnd()}\n\n`);
+      fs.appendFileSync(summary, `\n### ${title}\n\n${usage.stdout.trimEnd()}\n\n`);
     } else {
       lib.info(`behest-agent: no usage table (${lib.firstLine(usage.stderr) || `exit ${usage.code}`})`);
     }

@@ -299,7 +299,8 @@ fn summarize(report: &crate::usage::Report, session: &str) {
         errln!("behest-agent: session {session}: {}", report.line());
     }
     if let Some(path) = std::env::var_os("GITHUB_STEP_SUMMARY").filter(|p| !p.is_empty()) {
-        let table = format!("### Behest usage\n\n{}\n", report.markdown());
+        // After a blank line: what the job wrote before may not end its last line.
+        let table = format!("\n### Behest usage\n\n{}\n", report.markdown());
         let written = std::fs::OpenOptions::new()
             .append(true)
             .create(true)

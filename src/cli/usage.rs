@@ -38,13 +38,18 @@ pub enum Format {
 
 pub async fn run(g: &Global, args: Args) -> CliResult {
     init_cli_logging(g);
-    let report = match fetch_profile(g, args.profile.as_deref(), args.session.as_deref()).await? {
-        Some(r) => r,
-        None => {
-            errln!("no usage recorded yet (no daemon runs, and the ledger is empty or off)");
-            Report::default()
-        }
-    };
+    let mut report =
+        match fetch_profile(g, args.profile.as_deref(), args.session.as_deref()).await? {
+            Some(r) => r,
+            None => {
+                errln!("no usage recorded yet (no daemon runs, and the ledger is empty or off)");
+                Report::default()
+            }
+        };
+    // Nothing counted (no ledger, or not one line of the session): nothing since now.
+    if report.since.is_empty() {
+        report.since = crate::token::rfc3339(std::time::SystemTime::now());
+    }
     let format = if args.json { Format::Json } else { args.format };
     match format {
         Format::Json => outln!("{}", serde_json::to_string_pretty(&report)?),

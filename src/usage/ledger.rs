@@ -184,14 +184,33 @@ impl Writer {
                 .mode(0o700)
                 .create(dir)?;
         }
+        // Non-blocking: opening a FIFO planted here would wait for a reader (and the daemon's
+        // exit with it).
         let file = std::fs::OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .mode(0o600)
-            .custom_flags(nix::libc::O_NOFOLLOW)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
             .open(&self.path)?;
         let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Err(std::io::Error::other(format!(
+                "{} is not a regular file; remove it",
+                self.path.display()
+            )));
+        }
         crate::owner::check(&self.path, &meta)?;
+        // A line cut short (a full disk, a crash) is ended, so the next one stays a line of its own.
+        let mut last = [0u8];
+        if meta.len() > 0 {
+            use std::os::unix::fs::FileExt;
+            file.read_exact_at(&mut last, meta.len() - 1)?;
+        }
+        let mut file = file;
+        if meta.len() > 0 && last[0] != b'\n' {
+            file.write_all(b"\n")?;
+        }
         self.file = Some(file);
         Ok(meta.len())
     }
@@ -219,7 +238,12 @@ pub fn read_only(
 ) -> std::io::Result<Option<Report>> {
     let mut report: Option<Report> = None;
     for part in [rotated(path), path.to_path_buf()] {
-        let file = match std::fs::File::open(&part) {
+        // Non-blocking: opening a FIFO planted here would wait for a writer.
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open(&part)
+        {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e),
@@ -322,6 +346,38 @@ mod tests {
         ledger.append(std::time::SystemTime::now(), line(1));
         ledger.flush().await;
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
+    }
+
+    /// A FIFO at the path is not written (its open waited for a reader, and the daemon's exit
+    /// with it).
+    #[tokio::test]
+    async fn a_fifo_at_the_ledger_path_is_not_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.jsonl");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let ledger = Ledger::start(path.clone(), 1 << 20);
+        ledger.append(std::time::SystemTime::now(), line(1));
+        tokio::time::timeout(std::time::Duration::from_secs(30), ledger.flush())
+            .await
+            .expect("the writer is not stuck opening the FIFO");
+    }
+
+    /// A line cut short (a full disk, a crash) is ended before the next is written: the two ran
+    /// together into one line no reader could parse.
+    #[tokio::test]
+    async fn a_line_cut_short_is_ended_before_the_next() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.jsonl");
+        let whole = serde_json::to_string(&line(1)).unwrap();
+        std::fs::write(&path, format!("{whole}\n{}", &whole[..20])).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let ledger = Ledger::start(path.clone(), 1 << 20);
+        ledger.append(std::time::SystemTime::now(), line(2));
+        ledger.flush().await;
+        let report = read(&path).unwrap().unwrap();
+        assert_eq!(report.totals.requests, 2, "both whole lines are read");
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 3);
     }
 
     #[test]

@@ -229,11 +229,15 @@ fn read_json(read: &mut Read, json: &[u8]) {
     }
 }
 
-/// A model name fit for a metric label and a ledger line: printable, at most [`MAX_MODEL`]
+/// A model name fit for a metric label and a ledger line: printable, with no bidirectional
+/// override that would show it (or the rest of a terminal line) reversed, at most [`MAX_MODEL`]
 /// characters.
 pub fn model_name(raw: &str) -> String {
     raw.chars()
-        .filter(|c| !c.is_control())
+        .filter(|c| {
+            !c.is_control()
+                && !matches!(c, '\u{61c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        })
         .take(MAX_MODEL)
         .collect()
 }
@@ -435,6 +439,8 @@ mod tests {
     #[test]
     fn model_names_are_cut_and_printable() {
         assert_eq!(model_name("a\nb"), "ab");
+        // A right-to-left override would show `evil` as `live` on a terminal.
+        assert_eq!(model_name("\u{202e}live\u{2066}"), "live");
         assert_eq!(model_name(&"x".repeat(500)).len(), MAX_MODEL);
     }
 }
