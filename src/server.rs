@@ -13,8 +13,10 @@
 //! - h2: `SETTINGS_MAX_HEADER_LIST_SIZE` is [`MAX_HEAD`], at most [`MAX_STREAMS`] concurrent streams.
 //! - Idle connections: when no byte has moved either way for `idle_timeout` and no request waits
 //!   for its response head, the connection is closed. That ends idle h2c connections and clients
-//!   that stopped reading a stream; a connection that has not sent a whole request within
-//!   `header_read_timeout` of its accept is closed too (before hyper knows its protocol).
+//!   that stopped reading a stream; so does a response body the client has not taken a frame of
+//!   for `idle_timeout` (an h2c stream whose window stays shut while PINGs or other streams keep
+//!   bytes moving). A connection that has not sent a whole request within `header_read_timeout`
+//!   of its accept is closed too (before hyper knows its protocol).
 
 use std::convert::Infallible;
 use std::io;
@@ -478,10 +480,11 @@ impl Server {
                 service_fn(move |req| {
                     let waiting = Waiting::new(activity.clone());
                     let response = service.call(req);
+                    let activity = activity.clone();
                     async move {
                         let r = response.await;
                         drop(waiting);
-                        r
+                        r.map(|r| r.map(|body| Owed::new(body, &activity)))
                     }
                 })
             };
@@ -506,11 +509,14 @@ impl Server {
     }
 }
 
-/// What the idle watchdog reads: when a byte last moved, and how many requests wait.
+/// What the idle watchdog reads: when a byte last moved, how many requests wait, and since when
+/// the client owes each response body a read.
 struct Activity {
     start: Instant,
     /// Milliseconds from `start` to the last read or write that moved a byte.
     last: AtomicU64,
+    /// The response bodies' [`Owed`] marks.
+    bodies: std::sync::Mutex<Vec<std::sync::Weak<AtomicU64>>>,
     /// Requests whose response head is not out yet.
     waiting: AtomicUsize,
     /// Requests seen so far.
@@ -524,43 +530,126 @@ impl Activity {
         Activity {
             start: Instant::now(),
             last: AtomicU64::new(0),
+            bodies: std::sync::Mutex::default(),
             waiting: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             first: tokio::sync::Notify::new(),
         }
     }
 
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
     fn touch(&self) {
-        let ms = self.start.elapsed().as_millis() as u64;
-        self.last.store(ms, Ordering::Relaxed);
+        self.last.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// Since when (milliseconds from `start`) the longest-owed response body has waited for the
+    /// client to take its next frame.
+    fn oldest_owed(&self) -> Option<u64> {
+        let mut bodies = self.bodies.lock().expect("bodies lock");
+        bodies.retain(|b| b.strong_count() > 0);
+        bodies
+            .iter()
+            .filter_map(|b| b.upgrade().map(|b| b.load(Ordering::Relaxed)))
+            .filter(|since| *since != NOT_OWED)
+            .min()
     }
 
     /// Returns when the connection has been idle past its limit: `header_read_timeout` from the
     /// accept until a first request, then `idle_timeout` from the last byte moved while no
-    /// request waits for its response (that wait is bounded by the upstream timeout). Never when
-    /// the limit is zero.
+    /// request waits for its response (that wait is bounded by the upstream timeout), or from
+    /// when a response body was last taken by a client that has since stopped reading it (on h2c
+    /// other streams and PINGs keep bytes moving). Never when the limit is zero.
     async fn stalled(&self, limits: Limits) {
         loop {
             let first = self.first.notified();
-            let (limit, since) = match self.requests.load(Ordering::Relaxed) {
+            let requests = self.requests.load(Ordering::Relaxed);
+            let (limit, since) = match requests {
                 0 => (limits.header_read_timeout, 0),
                 _ => (limits.idle_timeout, self.last.load(Ordering::Relaxed)),
             };
             if limit.is_zero() {
                 return std::future::pending().await;
             }
-            let deadline = self.start + Duration::from_millis(since) + limit;
-            if deadline > Instant::now() {
-                tokio::select! {
-                    () = tokio::time::sleep_until(deadline) => {}
-                    () = first => {}
-                }
-            } else if self.waiting.load(Ordering::Relaxed) == 0 {
+            let now = Instant::now();
+            let after = |ms: u64| self.start + Duration::from_millis(ms) + limit;
+            let owed = self.oldest_owed().map(after);
+            if owed.is_some_and(|deadline| deadline <= now) {
                 return;
-            } else {
-                tokio::time::sleep(limit).await;
+            }
+            let idle = after(since);
+            if idle <= now && self.waiting.load(Ordering::Relaxed) == 0 {
+                return;
+            }
+            let next = if idle > now { idle } else { now + limit };
+            tokio::select! {
+                () = tokio::time::sleep_until(owed.map_or(next, |o| o.min(next))) => {}
+                () = first => {}
             }
         }
+    }
+}
+
+/// An [`Owed`] mark while hyper is waiting for the body, not the client for hyper.
+const NOT_OWED: u64 = u64::MAX;
+
+pin_project_lite::pin_project! {
+    /// A response body, marking on its connection's [`Activity`] since when the client owes it a
+    /// read: from when it is handed to hyper, and after each frame, until hyper asks for the next
+    /// one, which it does only once the client can take more (its h2 window is open, the socket
+    /// writable).
+    struct Owed<B> {
+        #[pin]
+        body: B,
+        since: Arc<AtomicU64>,
+        activity: Arc<Activity>,
+    }
+}
+
+impl<B> Owed<B> {
+    fn new(body: B, activity: &Arc<Activity>) -> Owed<B> {
+        let since = Arc::new(AtomicU64::new(activity.now()));
+        let mut bodies = activity.bodies.lock().expect("bodies lock");
+        // Marks of bodies gone are dropped as the list would grow: amortized O(1) a response.
+        if bodies.len() == bodies.capacity() {
+            bodies.retain(|b| b.strong_count() > 0);
+        }
+        bodies.push(Arc::downgrade(&since));
+        drop(bodies);
+        Owed {
+            body,
+            since,
+            activity: activity.clone(),
+        }
+    }
+}
+
+impl<B: Body> Body for Owed<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        let this = self.project();
+        let polled = this.body.poll_frame(cx);
+        let mark = match &polled {
+            Poll::Ready(Some(_)) => this.activity.now(),
+            _ => NOT_OWED,
+        };
+        this.since.store(mark, Ordering::Relaxed);
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 

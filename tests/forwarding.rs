@@ -872,6 +872,39 @@ async fn a_client_that_stops_reading_a_stream_is_cut_after_idle_timeout() {
     .await;
 }
 
+/// An h2c client that stops reading a stream (its window stays shut) is cut after `idle_timeout`
+/// though it keeps bytes moving with PINGs: the stream held its request slot and upstream
+/// connection for as long as the client liked.
+#[tokio::test]
+async fn an_h2c_stream_the_client_stops_reading_is_cut_though_pings_flow() {
+    let rig = Rig::builder()
+        .upstream(|o| o.sse_interval = Duration::ZERO)
+        .proxy(|s| s.idle_timeout = Duration::from_millis(300))
+        .start()
+        .await;
+    let io = TokioIo::new(TcpStream::connect(rig.addr).await.unwrap());
+    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(hyper_util::rt::TokioTimer::new())
+        .initial_stream_window_size(0)
+        .keep_alive_interval(Duration::from_millis(50))
+        .keep_alive_while_idle(true)
+        .handshake(io)
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let r = Request::post(format!("http://{}/v1/chat/completions", rig.host()))
+        .header(EVENTS_HEADER, "1000000")
+        .header("content-type", "application/json")
+        .body(Full::new(chat("long", true)))
+        .unwrap();
+    let resp = within(sender.send_request(r)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    // The head came (it is not flow-controlled); no byte of the body can. The agent closes the
+    // connection, and the client's task ends.
+    within(conn).await.unwrap().ok();
+    within(rig.up.wait_for(|u| u.cancelled() == 1)).await;
+}
+
 #[tokio::test]
 async fn an_idle_h2c_connection_is_closed_after_idle_timeout() {
     let rig = Rig::with(|s| s.idle_timeout = Duration::from_millis(200)).await;
