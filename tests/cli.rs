@@ -184,6 +184,20 @@ async fn a_bad_session_flag_is_a_usage_error() {
     }
 }
 
+/// `wait --pid` takes a process id: 0 (no process; it was "has exited") and negatives are usage
+/// errors.
+#[tokio::test]
+async fn wait_pid_takes_a_process_id_only() {
+    let dir = tempfile::tempdir().unwrap();
+    for pid in ["0", "-1", "abc"] {
+        let mut c = bin_in(dir.path());
+        c.args(["wait", "--timeout", "1s", "--pid", pid]);
+        let o = output(c).await;
+        assert_eq!(o.code, 2, "{pid}: {}", o.stderr);
+        assert!(o.stderr.contains(pid), "{pid}: {}", o.stderr);
+    }
+}
+
 #[tokio::test]
 async fn every_duration_flag_takes_seconds_or_a_duration_and_says_what_to_use_otherwise() {
     let dir = tempfile::tempdir().unwrap();

@@ -250,6 +250,12 @@ async fn refusals_show_exactly_what_differs() {
             format!("claim is [\"{id}\"] (not a string)"),
         ),
         (json!({ "iss": null }), "names no issuer".to_string()),
+        (json!({ "iss": 1 }), "issuer 1 (not a string)".to_string()),
+        // An `azp` that is not a string was not checked at all: the token was served.
+        (
+            json!({ "azp": ["other-client"] }),
+            "its `azp` claim is [\"other-client\"] (not a string)".to_string(),
+        ),
         (
             json!({ "iss": format!("{}/", h.idp.base_url().trim_end_matches('/')) + "/" }),
             "is not".to_string(),
@@ -727,8 +733,14 @@ async fn a_credential_the_idp_echoes_back_is_never_repeated() {
             description: format!("{}{}", "x".repeat(190), h.secret),
         },
     );
+    // A source of its own: one forced grant's outcome is shared for a few seconds.
+    let source = h.source(&[NO_CACHE], clock::system());
     let err = source.refresh_now().await.unwrap_err();
     let head = &h.secret[..8];
+    assert!(
+        err.to_string().contains("xxxx"),
+        "this refusal's text: {err}"
+    );
     assert!(!err.to_string().contains(head), "{err}");
     assert!(!crate::util::logs().contains(&basic));
     h.assert_no_secrets_logged();
@@ -750,10 +762,33 @@ async fn a_secret_the_idp_echoes_back_form_encoded_is_never_repeated() {
         base64::engine::general_purpose::STANDARD.encode(format!("{}:{encoded}", h.client_id));
     let source = h.source(&[NO_CACHE], clock::system());
     source.refresh_now().await.expect("the secret works");
+    let lower_hex = encoded
+        .split('%')
+        .enumerate()
+        .map(|(i, part)| match i {
+            0 => part.to_string(),
+            _ => format!("%{}{}", part[..2].to_lowercase(), &part[2..]),
+        })
+        .collect::<String>();
+    let twice: String = url::form_urlencoded::byte_serialize(encoded.as_bytes()).collect();
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let b64url = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let hex: String = secret.bytes().map(|b| format!("{b:02x}")).collect();
+    let entities: String = secret.chars().map(|c| format!("&#{};", c as u32)).collect();
     let echoes = [
         format!("body was client_secret={encoded}&audience=x"),
         format!("Authorization: Basic {basic}"),
-        format!("lower case {}", encoded.to_lowercase()),
+        format!("lower-case escapes {lower_hex}"),
+        format!("twice: {twice}"),
+        format!("unpadded: {}", basic.trim_end_matches('=')),
+        format!(
+            "base64url: {}",
+            b64url(format!("{}:{encoded}", h.client_id).as_bytes())
+        ),
+        format!("base64 of it: {}", b64(secret.as_bytes())),
+        format!("split: {}\n{}", &secret[..9], &secret[9..]),
+        format!("hex: {hex}"),
+        format!("html: {entities}"),
     ];
     for echo in echoes {
         h.idp.fail_next(
@@ -764,14 +799,27 @@ async fn a_secret_the_idp_echoes_back_form_encoded_is_never_repeated() {
                 description: echo.clone(),
             },
         );
+        // A source of its own: one forced grant's outcome is shared for a few seconds.
+        let source = h.source(&[NO_CACHE], clock::system());
         let err = source.refresh_now().await.unwrap_err();
+        let said = err.to_string();
+        assert!(
+            said.contains("[redacted]") || said.contains("(withheld"),
+            "{echo}: {said}"
+        );
         let status = serde_json::to_string(&source.status()).unwrap();
         for text in [err.to_string(), status] {
             let lower = text.to_lowercase();
             assert!(
                 !text.contains(&secret)
                     && !lower.contains(&encoded.to_lowercase())
-                    && !text.contains(&basic),
+                    && !text.contains(&lower_hex)
+                    && !text.contains(basic.trim_end_matches('='))
+                    && !text.contains(&twice)
+                    && !text.contains(&b64(secret.as_bytes()))
+                    && !text.contains(&hex)
+                    && !text.contains(&secret[9..])
+                    && !text.contains("&#"),
                 "{echo}: {text}"
             );
         }

@@ -335,14 +335,98 @@ fn redact(text: &str, credentials: &[(String, SecretString)]) -> String {
             out = out.replace(&form, "[redacted]");
         }
     }
-    let spaced = out.replace('+', " ");
-    let decoded = percent_encoding::percent_decode_str(&spaced).decode_utf8_lossy();
-    if credentials
+    let secrets: Vec<&str> = credentials
         .iter()
-        .any(|(_, s)| !s.expose_secret().is_empty() && decoded.contains(s.expose_secret()))
-    {
+        .map(|(_, s)| s.expose_secret())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if holds_secret(&out, &secrets) {
         return "(withheld: it repeats a credential the agent sent)".into();
     }
+    out
+}
+
+/// Whether `text` still holds one of `secrets` in a form an echo may have put it in: percent-
+/// encoded (once, twice or thrice; `+` for a space), as HTML character references, cut by white
+/// space, or inside a run of base64 (either alphabet, padded or not) or hex.
+fn holds_secret(text: &str, secrets: &[&str]) -> bool {
+    use base64::Engine as _;
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    let lenient = |alphabet: &base64::alphabet::Alphabet| {
+        GeneralPurpose::new(
+            alphabet,
+            GeneralPurposeConfig::new()
+                .with_decode_padding_mode(DecodePaddingMode::Indifferent)
+                .with_decode_allow_trailing_bits(true),
+        )
+    };
+    let std_b64 = lenient(&base64::alphabet::STANDARD);
+    let url_b64 = lenient(&base64::alphabet::URL_SAFE);
+    let mut views = vec![text.to_string(), html_unescaped(text)];
+    for run in text.split(|c: char| !(c.is_ascii_alphanumeric() || "+/=-_".contains(c))) {
+        let run = run.trim_end_matches('=');
+        if run.len() < 8 {
+            continue;
+        }
+        for engine in [&std_b64, &url_b64] {
+            if let Ok(bytes) = engine.decode(run) {
+                views.push(String::from_utf8_lossy(&bytes).into_owned());
+            }
+        }
+        if run.len() % 2 == 0
+            && let Ok(bytes) = (0..run.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&run[i..i + 2], 16))
+                .collect::<Result<Vec<u8>, _>>()
+        {
+            views.push(String::from_utf8_lossy(&bytes).into_owned());
+        }
+    }
+    let mut decoded = Vec::new();
+    for view in &views {
+        let mut v = view.clone();
+        for _ in 0..3 {
+            v = percent_encoding::percent_decode_str(&v.replace('+', " "))
+                .decode_utf8_lossy()
+                .into_owned();
+            decoded.push(v.clone());
+        }
+    }
+    views.extend(decoded);
+    let squeezed = |s: &str| s.chars().filter(|c| !c.is_whitespace()).collect::<String>();
+    views.iter().any(|v| {
+        let v = squeezed(v);
+        secrets
+            .iter()
+            .any(|s| !squeezed(s).is_empty() && v.contains(&squeezed(s)))
+    })
+}
+
+/// `&#126;` and `&#x7e;` as the characters they stand for.
+fn html_unescaped(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("&#") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 2..];
+        let (hex, digits) = match after.strip_prefix(['x', 'X']) {
+            Some(h) => (true, h),
+            None => (false, after),
+        };
+        let end = digits.find(';').unwrap_or(0);
+        let code = u32::from_str_radix(&digits[..end], if hex { 16 } else { 10 });
+        match code.ok().filter(|_| end > 0).and_then(char::from_u32) {
+            Some(c) => {
+                out.push(c);
+                rest = &digits[end + 1..];
+            }
+            None => {
+                out.push_str("&#");
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
     out
 }
 

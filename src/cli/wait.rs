@@ -29,7 +29,7 @@ pub struct Args {
     pub timeout: Duration,
     /// The daemon's process id (`$!` where the script started it): the wait ends at once when
     /// that process has exited (a configuration it refused), rather than at the timeout
-    #[arg(long, value_name = "PID")]
+    #[arg(long, value_name = "PID", value_parser = clap::value_parser!(i32).range(1..))]
     pub pid: Option<i32>,
 }
 

@@ -51,6 +51,7 @@ pub enum CheckError {
     },
     Issuer {
         expected: String,
+        /// The claim as [`shown`] (or the JSON of one that is not a string); empty when absent.
         got: String,
     },
     UidMissing {
@@ -60,6 +61,7 @@ pub enum CheckError {
     ClientMismatch {
         claim: &'static str,
         expected: String,
+        /// The claim as [`shown`], or the JSON of one that is not a string.
         got: String,
     },
     UidMismatch {
@@ -115,7 +117,7 @@ impl CheckError {
                 format!("the token names no issuer (a string `iss` claim); expected `{expected}`")
             }
             CheckError::Issuer { expected, got } => {
-                format!("the token's issuer {} is not `{expected}`", shown(got))
+                format!("the token's issuer {got} is not `{expected}`")
             }
             CheckError::UidMissing { claim } => {
                 format!("the token has no `{claim}` claim, and Behest identifies machines by it")
@@ -125,8 +127,7 @@ impl CheckError {
                 expected,
                 got,
             } => format!(
-                "the token was issued to another client: its `{claim}` claim is {}, not auth.client_id `{expected}`",
-                shown(got)
+                "the token was issued to another client: its `{claim}` claim is {got}, not auth.client_id `{expected}`"
             ),
             CheckError::UidMismatch {
                 claim,
@@ -483,20 +484,29 @@ impl Verifier {
     /// token of another client (a tampered or copied cache) is never served.
     pub fn check_client(&self, claims: &Claims) -> Result<(), CheckError> {
         let expected = &self.settings.client_id;
-        let named = [
-            ("azp", claims.str("azp")),
-            ("client_id", claims.str("client_id")),
-            (
-                "sub",
-                claims.str("sub").and_then(|s| s.strip_suffix("@clients")),
-            ),
-        ];
-        for (claim, got) in named {
-            if let Some(got) = got.filter(|got| got != expected) {
+        for claim in ["azp", "client_id", "sub"] {
+            let got = match claims.raw.get(claim) {
+                None => continue,
+                // A `sub` names a client only as Auth0's `CLIENT@clients`.
+                Some(Value::String(s)) if claim == "sub" => match s.strip_suffix("@clients") {
+                    Some(client) => client,
+                    None => continue,
+                },
+                Some(Value::String(s)) => s.as_str(),
+                // Not a string (`["c2"]`, `1`): not the client id, whatever it holds.
+                Some(other) => {
+                    return Err(CheckError::ClientMismatch {
+                        claim,
+                        expected: expected.clone(),
+                        got: not_a_string(other),
+                    });
+                }
+            };
+            if got != expected {
                 return Err(CheckError::ClientMismatch {
                     claim,
                     expected: expected.clone(),
-                    got: got.to_string(),
+                    got: shown(got),
                 });
             }
         }
@@ -508,15 +518,17 @@ impl Verifier {
         let Some(expected) = expected else {
             return Ok(());
         };
-        let got = claims.str("iss").unwrap_or_default();
         let one = |s: &'_ str| s.strip_suffix('/').unwrap_or(s).to_string();
-        if one(got) != one(expected) {
-            return Err(CheckError::Issuer {
-                expected: expected.to_string(),
-                got: got.to_string(),
-            });
-        }
-        Ok(())
+        let got = match claims.raw.get("iss") {
+            Some(Value::String(got)) if one(got) == one(expected) => return Ok(()),
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(got)) => shown(got),
+            Some(other) => not_a_string(other),
+        };
+        Err(CheckError::Issuer {
+            expected: expected.to_string(),
+            got,
+        })
     }
 
     /// `aud` includes the configured audience, when one is configured.
@@ -547,7 +559,7 @@ impl Verifier {
                 expected: t.expected_uid.clone(),
                 got: match got {
                     Value::String(s) => shown(s),
-                    other => format!("{} (not a string)", sanitize(&other.to_string())),
+                    other => not_a_string(other),
                 },
             }),
         }
@@ -561,6 +573,11 @@ pub fn shown(value: &str) -> String {
     let cut: String = value.chars().take(200).collect();
     let more = if cut.len() < value.len() { "…" } else { "" };
     format!("\"{}\"{more}", cut.escape_default())
+}
+
+/// A claim that is not a string, shown as its JSON.
+fn not_a_string(value: &Value) -> String {
+    format!("{} (not a string)", sanitize(&value.to_string()))
 }
 
 /// Why a header `jsonwebtoken` cannot read is refused: an algorithm it does not know (`none`

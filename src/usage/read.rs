@@ -229,14 +229,14 @@ fn read_json(read: &mut Read, json: &[u8]) {
     }
 }
 
-/// A model name fit for a metric label and a ledger line: printable, with no bidirectional
-/// override that would show it (or the rest of a terminal line) reversed, at most [`MAX_MODEL`]
-/// characters.
+/// A model name fit for a metric label and a ledger line: printable, with no invisible character
+/// (zero-width, a line separator) and no bidirectional override that would show it (or the rest
+/// of a terminal line) reversed, at most [`MAX_MODEL`] characters.
 pub fn model_name(raw: &str) -> String {
     raw.chars()
         .filter(|c| {
             !c.is_control()
-                && !matches!(c, '\u{61c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+                && !matches!(c, '\u{61c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
         })
         .take(MAX_MODEL)
         .collect()
@@ -441,6 +441,7 @@ mod tests {
         assert_eq!(model_name("a\nb"), "ab");
         // A right-to-left override would show `evil` as `live` on a terminal.
         assert_eq!(model_name("\u{202e}live\u{2066}"), "live");
+        assert_eq!(model_name("gpt\u{200b}-4\u{feff}\u{2028}"), "gpt-4");
         assert_eq!(model_name(&"x".repeat(500)).len(), MAX_MODEL);
     }
 }
