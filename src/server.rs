@@ -13,8 +13,8 @@
 //! - h2: `SETTINGS_MAX_HEADER_LIST_SIZE` is [`MAX_HEAD`], at most [`MAX_STREAMS`] concurrent streams.
 //! - Idle connections: when no byte has moved either way for `idle_timeout` and no request waits
 //!   for its response head, the connection is closed. That ends idle h2c connections and clients
-//!   that stopped reading a stream; so does a response body the client has not taken a frame of
-//!   for `idle_timeout` (an h2c stream whose window stays shut while PINGs or other streams keep
+//!   that stopped reading a stream; so does an h2 response body the client has not taken a frame
+//!   of for `idle_timeout` (a stream whose window stays shut while PINGs or other streams keep
 //!   bytes moving). A connection that has not sent a whole request within `header_read_timeout`
 //!   of its accept is closed too (before hyper knows its protocol).
 
@@ -477,14 +477,15 @@ impl Server {
             let activity = Arc::new(Activity::new());
             let service = {
                 let (service, activity) = (make(conn), activity.clone());
-                service_fn(move |req| {
+                service_fn(move |req: Request<Incoming>| {
                     let waiting = Waiting::new(activity.clone());
+                    // On HTTP/1 the bytes moving are this body's: the idle rule above covers it.
+                    let owed = (req.version() == http::Version::HTTP_2).then(|| activity.clone());
                     let response = service.call(req);
-                    let activity = activity.clone();
                     async move {
                         let r = response.await;
                         drop(waiting);
-                        r.map(|r| r.map(|body| Owed::new(body, &activity)))
+                        r.map(|r| r.map(|body| Owed::new(body, owed)))
                     }
                 })
             };
@@ -596,33 +597,32 @@ impl Activity {
 const NOT_OWED: u64 = u64::MAX;
 
 pin_project_lite::pin_project! {
-    /// A response body, marking on its connection's [`Activity`] since when the client owes it a
-    /// read: from when it is handed to hyper, and after each frame, until hyper asks for the next
-    /// one, which it does only once the client can take more (its h2 window is open, the socket
-    /// writable).
+    /// A response body of an h2 stream, marking on its connection's [`Activity`] since when the
+    /// client owes it a read: from when it is handed to hyper, and after each frame, until hyper
+    /// asks for the next one, which it does once the stream's window has room for it. (On
+    /// HTTP/1 it marks nothing: hyper also waits for its whole write buffer to drain, which a slow
+    /// but steady reader takes long for.)
     struct Owed<B> {
         #[pin]
         body: B,
-        since: Arc<AtomicU64>,
-        activity: Arc<Activity>,
+        mark: Option<(Arc<AtomicU64>, Arc<Activity>)>,
     }
 }
 
 impl<B> Owed<B> {
-    fn new(body: B, activity: &Arc<Activity>) -> Owed<B> {
-        let since = Arc::new(AtomicU64::new(activity.now()));
-        let mut bodies = activity.bodies.lock().expect("bodies lock");
-        // Marks of bodies gone are dropped as the list would grow: amortized O(1) a response.
-        if bodies.len() == bodies.capacity() {
-            bodies.retain(|b| b.strong_count() > 0);
-        }
-        bodies.push(Arc::downgrade(&since));
-        drop(bodies);
-        Owed {
-            body,
-            since,
-            activity: activity.clone(),
-        }
+    fn new(body: B, activity: Option<Arc<Activity>>) -> Owed<B> {
+        let mark = activity.map(|activity| {
+            let since = Arc::new(AtomicU64::new(activity.now()));
+            let mut bodies = activity.bodies.lock().expect("bodies lock");
+            // Marks of bodies gone are dropped as the list would grow: amortized O(1) a response.
+            if bodies.len() == bodies.capacity() {
+                bodies.retain(|b| b.strong_count() > 0);
+            }
+            bodies.push(Arc::downgrade(&since));
+            drop(bodies);
+            (since, activity)
+        });
+        Owed { body, mark }
     }
 }
 
@@ -636,11 +636,13 @@ impl<B: Body> Body for Owed<B> {
     ) -> Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
         let this = self.project();
         let polled = this.body.poll_frame(cx);
-        let mark = match &polled {
-            Poll::Ready(Some(_)) => this.activity.now(),
-            _ => NOT_OWED,
-        };
-        this.since.store(mark, Ordering::Relaxed);
+        if let Some((since, activity)) = this.mark {
+            let owed = match &polled {
+                Poll::Ready(Some(_)) => activity.now(),
+                _ => NOT_OWED,
+            };
+            since.store(owed, Ordering::Relaxed);
+        }
         polled
     }
 
