@@ -90,9 +90,9 @@ impl GrantError {
             GrantError::Refused {
                 error, retry_after, ..
             } => match error.as_str() {
-                "invalid_client" => "check auth.client_id and the client secret (or private key): they must be the machine-to-machine application's Client ID and Client Secret (Auth0: Applications > the application > Settings); for private_key_jwt, its public key must be registered with the application (Auth0: Applications > the application > Credentials) and auth.key_id must name it".into(),
                 "unauthorized_client" => "enable the client-credentials grant for the application (Auth0: Applications > the application > Advanced Settings > Grant Types > Client Credentials)".into(),
-                "access_denied" => "authorize the application for the API named by auth.audience (Auth0: Applications > APIs > the API > Machine to Machine Applications), and check auth.audience is that API's identifier".into(),
+                "access_denied" => "set auth.audience to the Behest API's identifier if it is not set, authorize the application for that API (Auth0: Applications > APIs > the API > Machine to Machine Applications), and check auth.audience is that API's identifier".into(),
+                "invalid_client" => "check auth.client_id and the client secret: they must be the machine-to-machine application's Client ID and Client Secret (Auth0: Applications > the application > Settings); with private_key_jwt, its public key must be registered with the application (Auth0: Applications > the application > Credentials) and auth.key_id must name it".into(),
                 "invalid_scope" => "ask only for scopes the API grants this application (auth.scope), or remove auth.scope".into(),
                 "invalid_target" => "auth.resource is not a resource this IdP knows: correct it, or use auth.audience".into(),
                 "too_many_requests" => format!(

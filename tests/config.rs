@@ -243,6 +243,17 @@ fn idp_urls_with_a_user_or_password_are_refused_without_quoting_them() {
         msg.contains("auth.domain") && msg.contains("query"),
         "{msg}"
     );
+    // Nor a path: the token endpoint was asked at /oauth/token/oauth/token, and the 404 blamed
+    // the tenant's settings.
+    let (_d, r) = load_file(
+        &MINIMAL.replace("example.eu.auth0.com", "https://idp.example/oauth/token"),
+        &[("AUTH0_CLIENT_SECRET", "s3cret-value")],
+    );
+    let msg = r.unwrap_err().to_string();
+    assert!(
+        msg.contains("auth.domain") && msg.contains("has a path (/oauth/token)"),
+        "{msg}"
+    );
 }
 
 #[test]

@@ -377,6 +377,20 @@ async fn a_running_daemon_is_reported_with_its_pid_and_socket_mode_and_lends_its
     assert_eq!(h.idp.grants(), 1, "doctor used the daemon's token");
     o.assert_no_secrets(std::slice::from_ref(&h.secret));
 
+    // Its next grant fails (the secret rotated wrong): its token still serves, but doctor says
+    // so (it passed every check).
+    h.idp.set_fault(Some(Fault::Oauth {
+        status: 401,
+        error: "invalid_client".into(),
+        description: "wrong secret".into(),
+    }));
+    let refresh = Out::of(h.agent(&["refresh"], &no_cache)).await;
+    assert_eq!(refresh.code, 1, "{}", refresh.stderr);
+    let o = Out::of(h.agent(&["doctor"], &no_cache)).await;
+    assert_eq!(o.code, 1, "{}\n{}", o.stdout, o.stderr);
+    let (_, line) = o.line("✗ daemon's last grant: it failed");
+    assert!(line.contains("invalid_client"), "{line}");
+
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id().unwrap() as i32),
         nix::sys::signal::Signal::SIGTERM,

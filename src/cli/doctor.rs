@@ -598,6 +598,14 @@ fn check_daemon(r: &mut Report, s: &Settings, daemon: &Result<Option<Daemon>, Co
                     format!("the daemon holds no valid token: {why}"),
                     "fix the cause above; the daemon recovers by itself (or run `behest-agent refresh`); its log: `journalctl -u behest-agent`",
                 );
+            } else if let Some(why) = v.pointer("/token/last_error").and_then(Value::as_str) {
+                // Its token still serves, but the grant that should replace it failed (a secret
+                // rotated wrong): it will stop serving when that token expires.
+                r.fail(
+                    "daemon's last grant",
+                    format!("it failed (the daemon serves its token until it expires): {why}"),
+                    "fix the cause above, then `behest-agent refresh`; its log: `journalctl -u behest-agent`",
+                );
             }
         }
     }

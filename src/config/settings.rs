@@ -1523,10 +1523,14 @@ fn base_url(domain: &str) -> Result<Url, String> {
             "`{domain}` has a query or fragment: give the tenant's domain (e.g. example.eu.auth0.com)"
         ));
     }
-    if !url.path().ends_with('/') {
-        let p = format!("{}/", url.path());
-        url.set_path(&p);
+    // `https://tenant/oauth/token` would be asked at `/oauth/token/oauth/token`.
+    if !url.path().trim_end_matches('/').is_empty() {
+        return Err(format!(
+            "`{domain}` has a path ({}): give the tenant's domain alone (e.g. example.eu.auth0.com); the agent adds /oauth/token and the JWKS path itself",
+            url.path()
+        ));
     }
+    url.set_path("/");
     Ok(url)
 }
 
