@@ -395,21 +395,16 @@ async fn a_proxy_that_cannot_be_reached_is_named_in_the_grant_error() {
 /// secret only).
 #[tokio::test]
 async fn a_proxy_echoing_its_credentials_never_gets_them_repeated() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
         loop {
             let (mut tcp, _) = listener.accept().await.unwrap();
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tcp.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
+                let Some(head) = crate::util::read_head(&mut tcp).await else {
+                    return;
+                };
                 let head = String::from_utf8_lossy(&head);
                 let creds = head
                     .lines()

@@ -966,14 +966,9 @@ async fn a_client_leaving_mid_stream_cancels_it_upstream_and_its_connection_is_n
 
 /// Reads one request head and answers `{}`.
 async fn answer_once(s: &mut TcpStream) -> bool {
-    let mut head = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        match s.read(&mut buf).await {
-            Ok(0) | Err(_) => return false,
-            Ok(n) => head.extend_from_slice(&buf[..n]),
-        }
-    }
+    let Some(head) = crate::util::read_head(s).await else {
+        return false;
+    };
     assert!(
         head.starts_with(b"GET /v1/models HTTP/1.1\r\n"),
         "origin form"
@@ -1027,13 +1022,8 @@ async fn an_upstream_content_length_beside_transfer_encoding_is_not_forwarded() 
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.unwrap();
-        let mut head = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => head.extend_from_slice(&buf[..n]),
-            }
+        if crate::util::read_head(&mut s).await.is_none() {
+            return;
         }
         let _ = s
             .write_all(
@@ -1064,13 +1054,8 @@ async fn an_unreadable_upstream_head_is_a_bad_response_not_an_unreachable_upstre
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.unwrap();
-        let mut head = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => head.extend_from_slice(&buf[..n]),
-            }
+        if crate::util::read_head(&mut s).await.is_none() {
+            return;
         }
         let fields: String = (0..101).map(|i| format!("x-h{i}: v\r\n")).collect();
         let answer = format!("HTTP/1.1 200 OK\r\n{fields}content-length: 2\r\n\r\nok");

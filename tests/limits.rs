@@ -206,18 +206,15 @@ async fn an_idle_upstream_connection_is_closed_after_30_s() {
     // One answer, then the connection stays open until the agent closes it.
     let upstream = tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.unwrap();
-        let (mut head, mut buf) = (Vec::new(), [0; 4096]);
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = s.read(&mut buf).await.unwrap();
-            assert!(n > 0, "the request head arrives");
-            head.extend_from_slice(&buf[..n]);
-        }
+        crate::util::read_head(&mut s)
+            .await
+            .expect("the request head arrives");
         s.write_all(
             b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}",
         )
         .await
         .unwrap();
-        s.read(&mut buf).await.unwrap()
+        s.read(&mut [0; 4096]).await.unwrap()
     });
     let resp = rig.get("/v1/models").await;
     assert_eq!(resp.status(), 200);

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use devkit::upstream::{Upstream, UpstreamOptions};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::util::{AUDIENCE, Harness, Start, eventually, exits_cleanly, output, signal};
 
@@ -176,14 +176,7 @@ async fn token_does_not_go_around_a_daemon_that_answered_with_a_refusal() {
     let listener = tokio::net::UnixListener::bind(run_dir(&h)).unwrap();
     let refuser = tokio::spawn(async move {
         while let Ok((mut conn, _)) = listener.accept().await {
-            let mut head = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                match conn.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => head.extend_from_slice(&buf[..n]),
-                }
-            }
+            let _ = crate::util::read_head(&mut conn).await;
             let body = r#"{"error":{"code":"forbidden","message":"refused-by-the-daemon"}}"#;
             let response = format!(
                 "HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",

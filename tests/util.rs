@@ -130,6 +130,21 @@ pub fn assert_no_secret_in(text: &str, secrets: &[String], what: &str) {
     }
 }
 
+/// Reads an HTTP request head from `s`, up to its blank line (with whatever came after it in the
+/// same reads); `None` when the connection ends or fails first.
+pub async fn read_head(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(head)
+}
+
 pub fn random(len: usize) -> String {
     let mut bytes = vec![0u8; len];
     aws_lc_rs::rand::fill(&mut bytes).unwrap();
