@@ -166,6 +166,7 @@ async fn sighup_applies_a_good_config_and_keeps_the_old_one_when_the_new_is_brok
     let cfg = write_config(&h, &up1.base_url(), "");
     let mut cmd = daemon(&h, &up1, &[]);
     cmd.env_remove("BEHEST_AGENT__PROXY__UPSTREAM")
+        .env_remove("BEHEST_AGENT__PROXY__LISTEN")
         .env("BEHEST_AGENT_CONFIG", &cfg);
     let mut child = cmd.spawn().unwrap();
     let log = collect(child.stderr.take().unwrap());

@@ -229,6 +229,8 @@ impl Harness {
                 "BEHEST_AGENT__CONTROL__SOCKET",
                 self.path("run/agent.sock").display().to_string(),
             ),
+            // Never the default 8711: tests run in parallel, next to whatever else the machine runs.
+            ("BEHEST_AGENT__PROXY__LISTEN", "127.0.0.1:0".to_string()),
             ("BEHEST_AGENT__TOKEN__MIN_BACKOFF", "1s".to_string()),
             ("BEHEST_AGENT__TOKEN__MAX_BACKOFF", "8s".to_string()),
         ]
