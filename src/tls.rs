@@ -63,3 +63,22 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, Tls
         .with_no_client_auth();
     Ok(config)
 }
+
+/// What to add to a connection error when the server answered the TLS hello in plain HTTP: rustls
+/// says only "received corrupt message of type InvalidContentType".
+pub fn plain_http_hint(e: &(dyn std::error::Error + 'static)) -> &'static str {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        // An `io::Error` shows, but does not give as its source, the error it wraps.
+        next = match e.downcast_ref::<std::io::Error>() {
+            Some(io) => io.get_ref().map(|inner| inner as _),
+            None => e.source(),
+        };
+        if let Some(rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType)) =
+            e.downcast_ref()
+        {
+            return " (the server speaks plain HTTP, not TLS: give it an http:// URL)";
+        }
+    }
+    ""
+}

@@ -344,6 +344,30 @@ async fn refresh_without_a_daemon_exits_1_with_the_idps_error() {
 }
 
 #[tokio::test]
+async fn a_failed_one_shot_token_says_why_once() {
+    let h = Harness::start().await;
+    std::fs::write(h.path("client-secret"), "wrong-secret-xyz\n").unwrap();
+    let o = output(h.agent(&["token"], &[])).await;
+    assert_eq!(o.code, 1);
+    // The engine's retry warning was printed before the command's own error.
+    assert_eq!(
+        o.stderr.matches("invalid_client").count(),
+        1,
+        "{}",
+        o.stderr
+    );
+}
+
+#[tokio::test]
+async fn https_to_a_plain_http_idp_says_so() {
+    let h = Harness::start().await;
+    let https = h.idp.base_url().replace("http://", "https://");
+    let o = output(h.agent(&["token"], &[("BEHEST_AGENT__AUTH__DOMAIN", &https)])).await;
+    assert_eq!(o.code, 1);
+    assert!(o.stderr.contains("speaks plain HTTP"), "{}", o.stderr);
+}
+
+#[tokio::test]
 async fn completions_and_version() {
     let o = output({
         let mut c = bin();

@@ -735,6 +735,27 @@ async fn unreachable_upstream_answers_502_in_the_openai_shape() {
 }
 
 #[tokio::test]
+async fn an_https_upstream_url_for_a_plain_http_server_says_so() {
+    // A plain HTTP server answers the TLS hello with a 400 in clear text.
+    let plain = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = plain.local_addr().unwrap();
+    let serving = tokio::spawn(async move {
+        while let Ok((mut c, _)) = plain.accept().await {
+            let _ = c.read(&mut [0; 1024]).await;
+            let _ = c.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+        }
+    });
+    let rig = Rig::builder()
+        .upstream_url(format!("https://{addr}/base"))
+        .start()
+        .await;
+    let v = assert_agent_error(rig.get("/v1/models").await, 502, "upstream_unreachable").await;
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("speaks plain HTTP"), "{v}");
+    serving.abort();
+}
+
+#[tokio::test]
 async fn an_upstream_that_never_finishes_its_tls_handshake_is_given_up_at_connect_timeout() {
     // Accepts the connection, then says nothing: a TLS handshake (or an egress proxy's CONNECT)
     // that never ends is bounded by connect_timeout, not left to upstream_timeout.

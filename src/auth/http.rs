@@ -144,6 +144,7 @@ pub fn describe_reqwest(e: &reqwest::Error) -> String {
         msg.push_str(&s.to_string());
         source = s.source();
     }
+    msg.push_str(crate::tls::plain_http_hint(e));
     msg
 }
 

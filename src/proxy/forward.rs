@@ -588,7 +588,7 @@ fn cause(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// An error and its sources, `: `-joined (hyper's errors say little at the top level).
-pub fn chain(e: &dyn std::error::Error) -> String {
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
     while let Some(inner) = source {
@@ -599,6 +599,7 @@ pub fn chain(e: &dyn std::error::Error) -> String {
         }
         source = inner.source();
     }
+    s.push_str(crate::tls::plain_http_hint(e));
     s
 }
 

@@ -8,7 +8,7 @@
 //! refresh sooner than that after the last grant. With `[fleet]`, every grant is preceded by a look
 //! at the token the fleet shares through Redis ([`crate::fleet`]), and every grant is shared.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -196,6 +196,8 @@ struct Inner {
     metrics: OnceLock<(Arc<Metrics>, String)>,
     /// The token shared with the rest of the fleet, with `[fleet]`.
     fleet: Option<Fleet>,
+    /// Set by [`TokenSource::run`]: the refresher logs failed grants.
+    running: AtomicBool,
 }
 
 /// Where an installed token came from, for the log line.
@@ -276,6 +278,7 @@ impl TokenSource {
                 changes: watch::channel(0).0,
                 metrics: OnceLock::new(),
                 fleet,
+                running: AtomicBool::new(false),
             }),
         }
     }
@@ -482,6 +485,7 @@ impl TokenSource {
     /// is slow to answer does not hold up the daemon's exit). With `[fleet]`, keeps the connection
     /// to Redis too: made at start, made again with backoff.
     pub async fn run(&self, shutdown: CancellationToken) {
+        self.inner.running.store(true, Ordering::Relaxed);
         match &self.inner.fleet {
             Some(f) => {
                 tokio::join!(self.refresh_until(shutdown.clone()), f.run(shutdown));
@@ -1004,7 +1008,11 @@ impl TokenSource {
         st.retry_at_wall = Some(self.inner.clock.now() + delay);
         let message = error.to_string();
         let still_valid = self.valid(Duration::ZERO).is_some();
-        if error.is_config_error() && st.reported_config_error.as_deref() != Some(message.as_str())
+        if !self.inner.running.load(Ordering::Relaxed) {
+            // A command's one-shot source: its caller prints the error, once, and there is no
+            // retry to announce.
+        } else if error.is_config_error()
+            && st.reported_config_error.as_deref() != Some(message.as_str())
         {
             tracing::error!(
                 code = %error.code(),
