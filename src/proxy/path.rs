@@ -63,6 +63,12 @@ pub fn session_id(raw: &str) -> Result<HeaderValue, ProxyError> {
             "the session id in /s/ID/ must be 1 to {MAX_SESSION_ID} visible ASCII characters"
         )));
     }
+    // The prefix is read before dot segments are resolved: `/s/../v1` is a path, not a session.
+    if matches!(&decoded[..], b"." | b"..") {
+        return Err(ProxyError::BadRequest(
+            "the session id in /s/ID/ cannot be `.` or `..`".to_string(),
+        ));
+    }
     HeaderValue::from_bytes(&decoded).map_err(|_| {
         ProxyError::BadRequest("the session id in /s/ID/ is not a valid header value".to_string())
     })
@@ -236,6 +242,8 @@ mod tests {
             "/s/a%20b/v1",
             "/s/%C3%A9/v1",
             "/s/a%0Ab/v1",
+            "/s/../v1",
+            "/s/%2e/v1",
             long.as_str(),
         ] {
             assert!(resolve(p).is_err(), "{p}");
