@@ -5,6 +5,8 @@
 //! timeouts, cancellation, shutdown, h2c, a TLS upstream with ALPN, the counters and the log line.
 
 use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -1032,6 +1034,61 @@ async fn an_upstream_that_closes_idle_connections_costs_no_failed_request() {
         }
     }
     assert_eq!(within(server).await.unwrap(), 20, "a connection a request");
+}
+
+/// An upstream that closes a kept-alive connection just as the next request is written: a GET
+/// without a body is sent again on a new connection, a POST is not (502, seen once).
+#[tokio::test]
+async fn a_close_racing_a_reused_connection_repeats_a_get_but_never_a_post() {
+    for (method, status, seen) in [("GET", 200, 2), ("POST", 502, 1)] {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // The first connection answers one request, then reads the next and closes unanswered;
+        // the others answer. Counts the requests after the first.
+        let heads = Arc::new(AtomicUsize::new(0));
+        let counted = heads.clone();
+        let server = tokio::spawn(async move {
+            let (mut first, _) = listener.accept().await.unwrap();
+            assert!(answer_once(&mut first).await);
+            if crate::util::read_head(&mut first).await.is_some() {
+                counted.fetch_add(1, Ordering::SeqCst);
+            }
+            drop(first);
+            while let Ok((mut s, _)) = listener.accept().await {
+                if answer_once_any(&mut s).await {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        });
+        let rig = Rig::builder()
+            .upstream_url(format!("http://{addr}"))
+            .start()
+            .await;
+        let resp = rig.get("/v1/models").await;
+        within(resp.into_body().collect()).await.unwrap();
+        let req = rig
+            .request(method, "/v1/models")
+            .body(Empty::<Bytes>::new());
+        let resp = rig.send(req.unwrap()).await;
+        assert_eq!(resp.status(), status, "{method}");
+        // Sent again (or not) before the answer: nothing more comes after it.
+        assert_eq!(
+            heads.load(Ordering::SeqCst),
+            seen,
+            "{method}: requests after the first"
+        );
+        server.abort();
+    }
+}
+
+/// Reads one request head, whatever it is, and answers `{}`.
+async fn answer_once_any(s: &mut TcpStream) -> bool {
+    if crate::util::read_head(s).await.is_none() {
+        return false;
+    }
+    s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+        .await
+        .is_ok()
 }
 
 /// An upstream answer with both lengths is read as chunked (RFC 9112 §6.1), and its

@@ -18,8 +18,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use http::header::{HOST, PROXY_AUTHORIZATION};
-use http::{HeaderValue, Request, Response, Uri};
+use http::{HeaderValue, Method, Request, Response, Uri};
+use http_body::Body;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_rustls::HttpsConnector;
@@ -141,8 +144,10 @@ impl Pool {
     }
 
     /// Sends `req` (an absolute URI) on the shared h2 connection, a pooled HTTP/1.1 one or a new
-    /// one. A request that could not be written because its pooled connection had closed meanwhile
-    /// goes out on a new connection; any other failure is returned.
+    /// one. A request whose pooled connection closed before it was written goes out on a new
+    /// connection; so does a GET, HEAD or OPTIONS without a body whose pooled connection closed or
+    /// reset before an answer (the upstream's keep-alive timeout firing as it was written), as
+    /// nginx does. Any other failure is returned: a request with a body is never sent twice.
     pub async fn send(
         self: &Arc<Self>,
         mut req: Request<UpstreamBody>,
@@ -151,12 +156,13 @@ impl Pool {
             return Ok((h2.send_request(req).await?, None));
         }
         if let Some(mut tx) = self.take_idle() {
-            let h1 = self.h1_form(req);
-            match tx.try_send_request(h1).await {
+            let again = repeatable(&req);
+            match tx.try_send_request(self.h1_form(req)).await {
                 Ok(resp) => return Ok((resp, Some(self.lease(tx)))),
-                Err(mut e) => match e.take_message() {
-                    Some(back) => req = self.absolute(back),
-                    None => return Err(e.into_error().into()),
+                Err(mut e) => match (e.take_message(), again) {
+                    (Some(back), _) => req = self.absolute(back),
+                    (None, Some(copy)) if closed_before_an_answer(e.error()) => req = copy,
+                    (None, _) => return Err(e.into_error().into()),
                 },
             }
         }
@@ -282,6 +288,28 @@ impl Pool {
             idle.push((tx, Instant::now()));
         }
     }
+}
+
+/// A copy of `req` to send again should its pooled connection close under it: a GET, HEAD or
+/// OPTIONS without a body, which the upstream may receive twice.
+fn repeatable(req: &Request<UpstreamBody>) -> Option<Request<UpstreamBody>> {
+    if !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
+        || !req.body().is_end_stream()
+    {
+        return None;
+    }
+    let mut copy = Request::new(Either::Left(Full::new(Bytes::new())));
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
+}
+
+/// The connection closed or was reset with no answer begun (not a response hyper could not read).
+fn closed_before_an_answer(e: &hyper::Error) -> bool {
+    e.is_incomplete_message()
+        || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
 }
 
 /// Closes the pool's idle connections once past its idle timeout (at most half that later), until
