@@ -43,23 +43,25 @@ const ACCOUNTED: [&str; 4] = [
     "/responses",
 ];
 
-/// Whether a request is accounted: a `POST` to one of the [`ACCOUNTED`] endpoints, its path read
-/// as a lenient upstream might route it (percent-decoded, without `;` parameters or a trailing
-/// `/`), so that `/v1/chat/%63ompletions/` spends from the budget too.
+/// Whether a request is accounted: a `POST` to one of the [`ACCOUNTED`] endpoints.
 pub fn accounted(method: &http::Method, path: &str) -> bool {
-    let is_endpoint = |p: &str| ACCOUNTED.iter().any(|e| p.ends_with(e));
-    if method != http::Method::POST {
-        return false;
-    }
+    method == http::Method::POST && endpoint(path).is_some()
+}
+
+/// The [`ACCOUNTED`] endpoint `path` names, read as a lenient upstream might route it
+/// (percent-decoded, without `;` parameters or a trailing `/`), so that
+/// `/v1/chat/%63ompletions/` spends from the budget too.
+pub fn endpoint(path: &str) -> Option<&'static str> {
+    let find = |p: &str| ACCOUNTED.into_iter().find(|e| p.ends_with(e));
     if !path.contains(['%', ';']) && !path.ends_with('/') {
-        return is_endpoint(path);
+        return find(path);
     }
     let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
     let plain: Vec<&str> = decoded
         .split('/')
         .map(|segment| segment.split(';').next().unwrap_or_default())
         .collect();
-    is_endpoint(plain.join("/").trim_end_matches('/'))
+    find(plain.join("/").trim_end_matches('/'))
 }
 
 /// The six counts SPEC §8 names.

@@ -148,6 +148,24 @@ async fn a_stream_without_include_usage_is_unaccounted_unless_the_agent_asks_for
     let c = counts(&s, "-");
     assert_eq!(c["unaccounted"], 0, "{c}");
     assert!(c["total_tokens"].as_u64().unwrap() > 0, "{c}");
+    // Asked on every path variant that is accounted as a chat completion, too.
+    let body = br#"{"model":"echo-1","stream":true}"#;
+    for path in [
+        "chat/completions",
+        "chat/completions/",
+        "chat/completions;x=1",
+        "chat/%63ompletions",
+    ] {
+        http()
+            .post(format!("{}/{path}", s.base))
+            .header("content-type", "application/json")
+            .body(&body[..])
+            .send()
+            .await
+            .unwrap();
+        let sent = s.upstream.requests().pop().unwrap();
+        assert!(sent.body_len > body.len() as u64, "{path}: {sent:?}");
+    }
     s.finish().await;
 }
 

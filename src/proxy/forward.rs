@@ -256,7 +256,7 @@ impl Forwarder {
         if let (Some(accounting), Some((whole, _))) = (accounting, &kept) {
             record.request_model(usage::request_model(whole));
             if accounting.stream_include_usage()
-                && head.uri.path().ends_with("/chat/completions")
+                && usage::endpoint(head.uri.path()) == Some("/chat/completions")
                 && whole.len() <= usage::read::MAX_JSON
                 && let Some(asked) = usage::with_include_usage(whole)
             {

@@ -147,7 +147,10 @@ impl Meter {
                     if *skipping {
                         *skipping = false;
                     } else if line.is_empty() {
-                        sse_line(&mut self.read, head);
+                        // Over MAX_LINE it is skipped here too, not only when it spans frames.
+                        if head.len() <= MAX_LINE {
+                            sse_line(&mut self.read, head);
+                        }
                     } else if line.len() + head.len() <= MAX_LINE {
                         line.extend_from_slice(head);
                         sse_line(&mut self.read, line);
@@ -428,6 +431,16 @@ mod tests {
         }
         m.feed(b"\ndata: {\"model\":\"m\",\"usage\":{\"total_tokens\":5}}\n");
         assert_eq!(m.finish().tokens.map(|t| t.total), Some(5));
+        // A line over MAX_LINE is skipped however the frames cut it, also when one frame holds
+        // it whole.
+        let pad = "y".repeat(MAX_LINE);
+        let long = format!("data: {{\"c\":\"{pad}\",\"usage\":{{\"total_tokens\":5}}}}\n\n");
+        assert_eq!(
+            read_all("text/event-stream", &[long.as_bytes()]).tokens,
+            None
+        );
+        let (a, b) = long.as_bytes().split_at(100);
+        assert_eq!(read_all("text/event-stream", &[a, b]).tokens, None);
     }
 
     #[test]
