@@ -5,7 +5,7 @@
 //! where it is loaded, and the old one keeps running).
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 use serde_json::{Value, json};
@@ -47,9 +47,10 @@ pub enum StartError {
     Bind(std::io::Error),
 }
 
-/// A request to apply new settings (already loaded and validated).
+/// A request to apply new settings (already loaded and validated), or why the configuration could
+/// not be loaded (for `status`).
 pub struct Reload {
-    pub settings: Settings,
+    pub settings: Result<Settings, String>,
 }
 
 /// The parts that are replaced on reload.
@@ -117,11 +118,22 @@ struct State {
     addresses: RwLock<Vec<ListenAddr>>,
     /// The local keys (`proxy.keys_file`, read at start; a reload keeps this store).
     keys: Option<Arc<KeyStore>>,
+    /// When the last reload was refused, and why, until one succeeds.
+    reload_refused: Mutex<Option<(SystemTime, String)>>,
 }
 
 impl State {
     fn live(&self) -> Live {
         self.live.read().expect("live lock").clone()
+    }
+
+    /// Logs a refused reload and keeps it for `status` and systemd's `STATUS=`.
+    fn refuse_reload(&self, error: String) {
+        tracing::error!("reload refused, the previous configuration keeps running: {error}");
+        service::status(&format!(
+            "reload refused, the previous configuration keeps running: {error}"
+        ));
+        *self.reload_refused.lock().expect("reload lock") = Some((SystemTime::now(), error));
     }
 
     fn daemon_json(&self) -> Value {
@@ -140,6 +152,8 @@ impl State {
             "egress": s.proxy.egress.describe(),
             "listen": self.addresses.read().expect("addresses lock").iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "require_key": s.proxy.require_key,
+            "reload_refused": self.reload_refused.lock().expect("reload lock").as_ref()
+                .map(|(at, error)| json!({"at": rfc3339(*at), "error": error})),
         })
     }
 }
@@ -269,6 +283,7 @@ impl App {
                 metrics,
                 accounting,
                 started_at: SystemTime::now(),
+                reload_refused: Mutex::new(None),
                 settings: RwLock::new(settings),
                 addresses: RwLock::new(addresses),
                 keys,
@@ -398,22 +413,29 @@ impl App {
                 _ = shutdown.cancelled() => break,
                 r = reloads.recv() => match r { Some(r) => r, None => { shutdown.cancelled().await; break; } },
             };
+            let settings = match reload.settings {
+                Ok(settings) => settings,
+                Err(e) => {
+                    state.refuse_reload(e);
+                    continue;
+                }
+            };
             service::reloading();
             // The new listeners first: an address that cannot be bound keeps the old
             // configuration running, on the old listeners.
-            let listeners = match &reload.settings.proxy.upstream {
-                Some(_) => serving.listeners_for(&reload.settings.proxy.listen).await,
+            let listeners = match &settings.proxy.upstream {
+                Some(_) => serving.listeners_for(&settings.proxy.listen).await,
                 None => Ok(Vec::new()),
             };
             let listeners = match listeners {
                 Ok(l) => l,
                 Err(e) => {
-                    tracing::error!("reload failed, the previous configuration keeps running: {e}");
-                    service::ready(&service::describe(&state.live().tokens));
+                    state.refuse_reload(e.to_string());
+                    service::reloaded(&service::describe(&state.live().tokens));
                     continue;
                 }
             };
-            match apply(&state, reload.settings, self.log.as_ref()).await {
+            match apply(&state, settings, self.log.as_ref()).await {
                 Ok(Applied {
                     tokens_changed,
                     proxy_changed,
@@ -450,13 +472,12 @@ impl App {
                             old.forward_with(current);
                         }
                     }
+                    *state.reload_refused.lock().expect("reload lock") = None;
                     tracing::info!("configuration reloaded");
                 }
-                Err(e) => {
-                    tracing::error!("reload failed, the previous configuration keeps running: {e}")
-                }
+                Err(e) => state.refuse_reload(e.to_string()),
             }
-            service::ready(&service::describe(&state.live().tokens));
+            service::reloaded(&service::describe(&state.live().tokens));
         }
 
         service::stopping();

@@ -3,6 +3,7 @@
 //! `WatchdogSec`, `RELOADING=1` and `STOPPING=1`). Every call is a no-op outside systemd
 //! (`NOTIFY_SOCKET` unset). Status lines never carry a secret.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sd_notify::NotifyState;
@@ -16,8 +17,22 @@ fn send(states: &[NotifyState]) {
     }
 }
 
+/// Whether `READY=1` was sent: a reload before it (while the first token is awaited) must not send
+/// one.
+static READY_SENT: AtomicBool = AtomicBool::new(false);
+
 pub fn ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
+    READY_SENT.store(true, Ordering::Relaxed);
+}
+
+/// A reload is done: `READY=1` again if the agent was ready before it, else only `STATUS=`.
+pub fn reloaded(status: &str) {
+    if READY_SENT.load(Ordering::Relaxed) {
+        ready(status);
+    } else {
+        self::status(status);
+    }
 }
 
 pub fn status(status: &str) {
@@ -25,6 +40,9 @@ pub fn status(status: &str) {
 }
 
 pub fn reloading() {
+    if !READY_SENT.load(Ordering::Relaxed) {
+        return;
+    }
     match sd_notify::NotifyState::monotonic_usec_now() {
         Ok(now) => send(&[NotifyState::Reloading, now]),
         Err(_) => send(&[NotifyState::Reloading]),

@@ -614,7 +614,7 @@ async fn reloads_add_and_remove_profiles_while_a_stream_to_another_goes_on() {
     // Remove team-b.
     s.write_config("");
     tx.send(Reload {
-        settings: s.settings(),
+        settings: Ok(s.settings()),
     })
     .await
     .unwrap();
@@ -639,7 +639,7 @@ async fn reloads_add_and_remove_profiles_while_a_stream_to_another_goes_on() {
         s.team_b()
     ));
     tx.send(Reload {
-        settings: s.settings(),
+        settings: Ok(s.settings()),
     })
     .await
     .unwrap();
@@ -689,7 +689,7 @@ async fn reloads_add_and_remove_profiles_while_a_stream_to_another_goes_on() {
         s.team_b()
     ));
     tx.send(Reload {
-        settings: s.settings(),
+        settings: Ok(s.settings()),
     })
     .await
     .unwrap();
@@ -962,7 +962,7 @@ async fn a_reload_keeps_the_keys_that_take_a_restart_and_says_so_once() {
     // Nothing listens on the discard port: through it, every request would fail.
     s.write_config("[egress]\nproxy = \"http://127.0.0.1:9\"\nno_proxy = \"example.invalid\"\n");
     tx.send(Reload {
-        settings: s.settings(),
+        settings: Ok(s.settings()),
     })
     .await
     .unwrap();
@@ -974,14 +974,14 @@ async fn a_reload_keeps_the_keys_that_take_a_restart_and_says_so_once() {
     // Back as it was: nothing changed, nothing said.
     s.write_config("");
     tx.send(Reload {
-        settings: s.settings(),
+        settings: Ok(s.settings()),
     })
     .await
     .unwrap();
     // A reload that is then applied: the next one is only read after it.
     s.write_config("[telemetry]\nlog_level = \"info\"\n");
     tx.send(Reload {
-        settings: s.settings(),
+        settings: Ok(s.settings()),
     })
     .await
     .unwrap();
@@ -996,7 +996,7 @@ async fn a_reload_keeps_the_keys_that_take_a_restart_and_says_so_once() {
 async fn reload_and_wait(tx: &mpsc::Sender<Reload>, s: &Stack) {
     for _ in 0..3 {
         tx.send(Reload {
-            settings: s.settings(),
+            settings: Ok(s.settings()),
         })
         .await
         .unwrap();

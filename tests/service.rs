@@ -105,6 +105,38 @@ async fn sd_notify_ready_after_token_and_listeners_then_status_watchdog_reloadin
     assert_no_secret_in(&err, std::slice::from_ref(&h.secret), "the daemon's log");
 }
 
+#[tokio::test]
+async fn a_sighup_before_the_first_token_sends_no_ready() {
+    let h = Harness::start().await;
+    h.idp.set_fault(Some(Fault::Status(503)));
+    let (upstream, _g) = Upstream::start(UpstreamOptions::for_idp(&h.idp, AUDIENCE))
+        .await
+        .unwrap();
+    let notify_path = h.path("notify.sock");
+    let sock = UnixDatagram::bind(&notify_path).unwrap();
+    let no_cache = [("BEHEST_AGENT__TOKEN__CACHE_FILE", "")];
+    let mut child = daemon(&h, &upstream, &no_cache)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .spawn()
+        .unwrap();
+    let log = collect(child.stderr.take().unwrap());
+    expect_notify(&sock, "the failing IdP", |m| m.contains("no valid token")).await;
+    signal(&child, nix::sys::signal::Signal::SIGHUP);
+    eventually(Duration::from_secs(30), "the reload", || {
+        log.lock().unwrap().contains("configuration reloaded")
+    })
+    .await;
+    h.idp.set_fault(None);
+    let ready = expect_notify(&sock, "READY=1", |m| {
+        assert!(!m.contains("RELOADING=1"), "a reload while starting: {m}");
+        m.contains("READY=1")
+    })
+    .await;
+    assert!(h.idp.grants() >= 1, "READY=1 before the token: {ready}");
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    exits_cleanly(&mut child).await;
+}
+
 async fn stop_wait(mut child: Child) -> String {
     exits_cleanly(&mut child).await;
     let mut err = String::new();
@@ -227,6 +259,23 @@ async fn sighup_applies_a_good_config_and_keeps_the_old_one_when_the_new_is_brok
         up2_before + 1,
         "on the last good configuration"
     );
+    // `status` says so, until a reload succeeds (asked without the broken file, which `status`
+    // would refuse to read).
+    let refused = |o: &crate::util::Out| {
+        let v: Value = serde_json::from_str(&o.stdout).unwrap();
+        v["daemon"]["reload_refused"]["error"]
+            .as_str()
+            .map(str::to_string)
+    };
+    let o = output(h.agent(&["status", "--json"], &[])).await;
+    let error = refused(&o).expect("the refused reload in status");
+    assert!(error.contains(cfg.to_str().unwrap()), "{error}");
+    let o = output(h.agent(&["status"], &[])).await;
+    assert!(
+        o.stdout.contains("reload:       refused at"),
+        "{}",
+        o.stdout
+    );
 
     // A changed identity forces a new grant.
     write_config(&h, &up2.base_url(), "[auth]\nscope = \"read:models\"\n");
@@ -241,6 +290,8 @@ async fn sighup_applies_a_good_config_and_keeps_the_old_one_when_the_new_is_brok
         h.idp.last_grant().unwrap().scope.as_deref(),
         Some("read:models")
     );
+    let o = output(h.agent(&["status", "--json"], &cfg_env)).await;
+    assert_eq!(refused(&o), None, "{}", o.stdout);
     signal(&child, nix::sys::signal::Signal::SIGTERM);
     exits_cleanly(&mut child).await;
     let text = log.lock().unwrap().clone();

@@ -73,15 +73,13 @@ fn spawn_signal_handler(
                 _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading the configuration");
-                    match g.load() {
-                        Ok(settings) => {
-                            for w in settings.warnings.iter().chain(&crate::fds::warning(&settings.proxy)) {
-                                tracing::warn!("{w}");
-                            }
-                            let _ = reloads.send(Reload { settings }).await;
+                    let settings = g.load().map_err(|e| e.to_string());
+                    if let Ok(settings) = &settings {
+                        for w in settings.warnings.iter().chain(&crate::fds::warning(&settings.proxy)) {
+                            tracing::warn!("{w}");
                         }
-                        Err(e) => tracing::error!("reload refused, the previous configuration keeps running: {e}"),
                     }
+                    let _ = reloads.send(Reload { settings }).await;
                 }
             }
         }

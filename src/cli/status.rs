@@ -163,6 +163,13 @@ fn human(doc: &Value) -> String {
                 let l: Vec<&str> = l.iter().filter_map(Value::as_str).collect();
                 out.push_str(&format!("proxy listen: {}\n", l.join(", ")));
             }
+            if let Some(r) = d.get("reload_refused").filter(|r| !r.is_null()) {
+                out.push_str(&format!(
+                    "reload:       refused at {} (the previous configuration runs): {}\n",
+                    r.get("at").and_then(Value::as_str).unwrap_or("?"),
+                    r.get("error").and_then(Value::as_str).unwrap_or("?"),
+                ));
+            }
         }
     }
     if let Some(p) = doc.get("proxy").filter(|p| !p.is_null()) {
