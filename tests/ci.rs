@@ -11,7 +11,9 @@ use devkit::idp::Fault;
 use devkit::upstream::{BearerKind, Upstream, UpstreamFault, UpstreamOptions};
 use tokio::process::{Child, Command};
 
-use crate::util::{AUDIENCE, Harness, Start, assert_no_secret_in, eventually, exits_cleanly};
+use crate::util::{
+    AUDIENCE, Harness, Start, assert_no_secret_in, eventually, exits_cleanly, signal,
+};
 pub use crate::util::{Out, output};
 
 /// Whether process `pid` has exited: gone from /proc, or a zombie nobody has reaped yet.
@@ -69,6 +71,49 @@ async fn base_url(h: &Harness) -> String {
         .expect("env prints OPENAI_BASE_URL")
         .trim_matches(['\'', '"'])
         .to_string()
+}
+
+#[tokio::test]
+async fn env_and_exec_refuse_a_daemon_whose_proxy_listens_on_a_unix_socket_only() {
+    let h = Harness::start().await;
+    let listen = format!("unix:{}", h.path("proxy.sock").display());
+    let (_upstream, _g, mut child) = daemon(&h, &[("BEHEST_AGENT__PROXY__LISTEN", &listen)]).await;
+    let o = output(h.agent(&["wait", "--timeout", "60s"], &[])).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    // The configuration names a TCP address: not the daemon's, so not to be printed.
+    let elsewhere = [("BEHEST_AGENT__PROXY__LISTEN", "127.0.0.1:9")];
+    for args in [&["env"][..], &["exec", "--", "true"]] {
+        let o = output(h.agent(args, &elsewhere)).await;
+        assert_eq!(o.code, 1, "{args:?}: {}", o.stdout);
+        assert!(
+            o.stderr.contains("listens only on unix:"),
+            "{args:?}: {}",
+            o.stderr
+        );
+        assert!(!o.stdout.contains("127.0.0.1:9"), "{args:?}: {}", o.stdout);
+    }
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    exits_cleanly(&mut child).await;
+}
+
+#[tokio::test]
+async fn exec_gives_the_command_its_config_path_absolute() {
+    let h = Harness::start().await;
+    let (_upstream, _g, mut child) = daemon(&h, &[]).await;
+    let o = output(h.agent(&["wait", "--timeout", "60s"], &[])).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    std::fs::write(h.path("cfg.toml"), "[proxy]\n").unwrap();
+    let script = "cd / && printenv BEHEST_AGENT_CONFIG";
+    let mut exec = h.agent(
+        &["exec", "--config", "cfg.toml", "--", "sh", "-c", script],
+        &[],
+    );
+    exec.current_dir(h.dir.path());
+    let o = output(exec).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(o.stdout.trim(), h.path("cfg.toml").to_str().unwrap());
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    exits_cleanly(&mut child).await;
 }
 
 #[tokio::test]

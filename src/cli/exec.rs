@@ -145,6 +145,8 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
         })
         .collect();
     if let Some(c) = &g.config_path() {
+        // Absolute: the command may change directory before it runs `behest-agent`.
+        let c = std::path::absolute(c).unwrap_or_else(|_| c.clone());
         given.push(("BEHEST_AGENT_CONFIG".into(), c.display().to_string()));
     }
     env.splice(0..0, given);

@@ -66,7 +66,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
         }
         if Instant::now() >= deadline {
             return Err(anyhow!(
-                "{who} is still running {} after it was asked to stop (requests in flight may take up to proxy.shutdown_grace; give a longer --timeout)",
+                "{who} is still running {} after it was asked to stop: it is finishing the requests in flight (up to proxy.shutdown_grace) and exits by itself. Its control socket is already closed, so another `stop` finds nothing to stop; to wait for it, give `stop` a longer --timeout next time",
                 humantime::format_duration(args.timeout)
             )
             .into());

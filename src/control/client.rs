@@ -319,6 +319,15 @@ impl Daemon {
         })
     }
 
+    /// The daemon's proxy addresses as it reports them (none: it runs no proxy).
+    pub fn proxy_listen(&self) -> Vec<&str> {
+        self.status
+            .pointer("/daemon/listen")
+            .and_then(Value::as_array)
+            .map(|l| l.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default()
+    }
+
     /// The address a job should use for the daemon's proxy: its first TCP listener, an
     /// unspecified address (`0.0.0.0`) as loopback; `None` when it serves no TCP listener. Every
     /// address it reports must be a loopback (or unspecified) `IP:PORT` or `unix:PATH`: the CLI
