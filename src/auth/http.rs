@@ -148,27 +148,46 @@ pub fn describe_reqwest(e: &reqwest::Error) -> String {
     msg
 }
 
-/// `Retry-After` (seconds or an HTTP date), else Auth0's `x-ratelimit-reset` (a Unix time) on 429.
+/// The longest wait honoured: a wrong clock or a hostile answer cannot stop refreshes for longer.
+pub const MAX_WAIT_HINT: Duration = Duration::from_secs(3600);
+
+/// `Retry-After` (seconds or an HTTP date), else Auth0's `x-ratelimit-reset` (a Unix time) on 429:
+/// a time is read against the response's own `Date` when it has one (an IdP whose clock is off
+/// means the wait it wrote), in whole seconds, at most [`MAX_WAIT_HINT`].
 pub fn wait_hint(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    if let Some(v) = headers
+    let now = headers
+        .get(http::header::DATE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_http_date(v.trim()).ok())
+        .unwrap_or(now);
+    let until = |at: SystemTime| {
+        let d = at.duration_since(now).unwrap_or_default();
+        Duration::from_secs(d.as_secs() + u64::from(d.subsec_nanos() > 0))
+    };
+    let wait = if let Some(v) = headers
         .get(http::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
     {
-        let v = v.trim();
         if let Ok(secs) = v.parse::<u64>() {
-            return Some(Duration::from_secs(secs));
+            Duration::from_secs(secs)
+        } else {
+            until(
+                humantime::parse_rfc3339_weak(v)
+                    .or_else(|_| parse_http_date(v))
+                    .ok()?,
+            )
         }
-        if let Ok(at) = humantime::parse_rfc3339_weak(v).or_else(|_| parse_http_date(v)) {
-            return Some(at.duration_since(now).unwrap_or_default());
-        }
-    }
-    let reset = headers
-        .get("x-ratelimit-reset")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())?;
-    // A reset beyond what time can hold is no hint at all.
-    let at = crate::clock::from_unix(reset)?;
-    Some(at.duration_since(now).unwrap_or_default())
+    } else {
+        let reset = headers
+            .get("x-ratelimit-reset")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())?;
+        // A reset beyond what time can hold is no hint at all.
+        until(crate::clock::from_unix(reset)?)
+    };
+    Some(wait.min(MAX_WAIT_HINT))
 }
 
 /// IMF-fixdate, e.g. `Sun, 06 Nov 1994 08:49:37 GMT`.
@@ -211,5 +230,22 @@ mod tests {
         assert_eq!(wait_hint(&h, now), Some(Duration::from_secs(30)));
 
         assert_eq!(wait_hint(&HeaderMap::new(), now), None);
+
+        // A date is read against the response's own Date (the IdP's clock two hours ahead).
+        let mut h = HeaderMap::new();
+        h.insert("date", "Mon, 12 Jan 1970 15:46:40 GMT".parse().unwrap());
+        h.insert(
+            "retry-after",
+            "Mon, 12 Jan 1970 15:47:00 GMT".parse().unwrap(),
+        );
+        assert_eq!(wait_hint(&h, now), Some(Duration::from_secs(20)));
+        // In whole seconds, and at most an hour.
+        let mut h = HeaderMap::new();
+        h.insert("x-ratelimit-reset", "1000030".parse().unwrap());
+        let late = now + Duration::from_millis(400);
+        assert_eq!(wait_hint(&h, late), Some(Duration::from_secs(30)));
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", "999999".parse().unwrap());
+        assert_eq!(wait_hint(&h, now), Some(MAX_WAIT_HINT));
     }
 }

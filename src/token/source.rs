@@ -35,8 +35,6 @@ const WALL_CLOCK_RECHECK: Duration = Duration::from_secs(30);
 /// A 401 from the upstream forces a new grant at most this often (no grant storm when the upstream
 /// rejects every token).
 const REJECTION_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
-/// The longest `Retry-After` honoured.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// Tokens that live shorter than this are warned about: the agent has to grant often to keep one.
 pub const SHORT_LIFETIME: Duration = Duration::from_secs(300);
 
@@ -1101,7 +1099,7 @@ pub fn backoff(min: Duration, max: Duration, failures: u32, error: &RefreshError
     };
     let jittered = exp.mul_f64(0.5 + fastrand::f64() * 0.5).max(min);
     match error.retry_after() {
-        Some(ra) => jittered.max(ra.min(MAX_RETRY_AFTER)),
+        Some(ra) => jittered.max(ra),
         None => jittered,
     }
 }
