@@ -359,6 +359,45 @@ async fn a_failed_one_shot_token_says_why_once() {
 }
 
 #[tokio::test]
+async fn one_shot_commands_honour_the_wait_the_idp_told_an_earlier_one() {
+    let h = Harness::start().await;
+    h.idp.set_fault(Some(Fault::TooManyRequests {
+        retry_after: Some(10),
+        reset_in: None,
+    }));
+    let o = output(h.agent(&["token"], &[])).await;
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert_eq!(h.idp.token_requests(), 1);
+    // Within those 10 s: neither `token` nor `refresh` asks again, and they say why.
+    for args in [&["token"][..], &["refresh"]] {
+        let o = output(h.agent(args, &[])).await;
+        assert_eq!(o.code, 1, "{args:?}: {}", o.stderr);
+        assert!(
+            o.stderr.contains("told an earlier grant to wait"),
+            "{}",
+            o.stderr
+        );
+    }
+    assert_eq!(h.idp.token_requests(), 1);
+    // The IdP is fine again, but the wait is not over. Another secret is another client: it asks
+    // at once (and is refused).
+    h.idp.set_fault(None);
+    std::fs::write(h.path("client-secret"), "another-secret-xyz\n").unwrap();
+    let o = output(h.agent(&["token"], &[])).await;
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert_eq!(h.idp.token_requests(), 2);
+    // The right secret asks again only once the wait is over; that grant forgets the wait.
+    std::fs::write(h.path("client-secret"), format!("{}\n", h.secret)).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while output(h.agent(&["token"], &[])).await.code != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never asked again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(h.idp.token_requests(), 3, "one grant, after the wait");
+    assert!(!h.path("state/token.json.wait").exists());
+}
+
+#[tokio::test]
 async fn https_to_a_plain_http_idp_says_so() {
     let h = Harness::start().await;
     let https = h.idp.base_url().replace("http://", "https://");

@@ -586,6 +586,13 @@ async fn idp_errors_keep_code_status_description_and_retry_after() {
         }
         other => panic!("unexpected {other:?}"),
     }
+    // While that wait runs, a refresh does not ask the IdP again.
+    let asked = h.idp.token_requests();
+    let again = source.refresh_now().await.unwrap_err();
+    assert_eq!(again.code(), err.code());
+    assert_eq!(h.idp.token_requests(), asked);
+    // A source for each of the others (the wait above would hold them off).
+    let source = h.source(&[NO_CACHE], clock::system());
     h.idp.fail_next(1, Fault::Status(502));
     let err = source.refresh_now().await.unwrap_err();
     assert!(

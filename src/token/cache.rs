@@ -82,6 +82,19 @@ struct CacheFile {
     credential: Option<String>,
 }
 
+/// A grant the IdP answered with a wait (`Retry-After`), kept in `FILE.wait` so that the next
+/// one-shot commands honour it instead of each asking again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Wait {
+    key: Identity,
+    /// [`credential_mark`] of the credential that was refused: another one may ask at once.
+    credential: Option<String>,
+    /// Unix seconds.
+    until: u64,
+    pub code: String,
+    pub message: String,
+}
+
 /// A cached token, not yet checked.
 #[derive(Clone)]
 pub struct Cached {
@@ -265,6 +278,69 @@ impl DiskCache {
             std::process::id(),
             fastrand::u64(..)
         )
+    }
+
+    fn wait_path(&self) -> PathBuf {
+        let mut name = self.path.as_os_str().to_os_string();
+        name.push(".wait");
+        PathBuf::from(name)
+    }
+
+    /// Keeps a failed grant's wait for the next one-shot commands (best effort).
+    pub fn store_wait(
+        &self,
+        until: SystemTime,
+        credential: Option<String>,
+        code: &str,
+        message: &str,
+    ) {
+        let wait = Wait {
+            key: self.key.clone(),
+            credential,
+            until: until
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs(),
+            code: code.to_string(),
+            message: message.to_string(),
+        };
+        if let Ok(body) = serde_json::to_vec(&wait) {
+            let _ = ensure_dir(self.dir()).and_then(|()| {
+                write_new(
+                    self.dir(),
+                    &self.temp_name(),
+                    &body,
+                    Some(&self.wait_path()),
+                )
+            });
+        }
+    }
+
+    /// The wait a grant for this key and `credential` was told, when it still runs at `now`. Read
+    /// as the token is: never through a symlink or from a file another user could write.
+    pub fn wait(&self, credential: Option<&str>, now: SystemTime) -> Option<(SystemTime, Wait)> {
+        use std::io::Read as _;
+        use std::os::unix::fs::MetadataExt as _;
+        let f = OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+            .open(self.wait_path())
+            .ok()?;
+        let meta = f.metadata().ok()?;
+        if !meta.is_file() || meta.mode() & 0o022 != 0 || crate::owner::untrusted(&meta).is_some() {
+            return None;
+        }
+        let mut text = Vec::new();
+        f.take(64 << 10).read_to_end(&mut text).ok()?;
+        let wait: Wait = serde_json::from_slice(&text).ok()?;
+        let until = crate::clock::from_unix(wait.until)?;
+        (wait.key == self.key && wait.credential.as_deref() == credential && until > now)
+            .then_some((until, wait))
+    }
+
+    /// Forgets a kept wait (a grant succeeded).
+    pub fn clear_wait(&self) {
+        let _ = std::fs::remove_file(self.wait_path());
     }
 
     /// Removes the cached token (it failed its checks).

@@ -69,6 +69,14 @@ pub enum RefreshError {
     /// carries the check's, so it is not also a `source()` (an error chain would say it twice).
     #[error("the IdP issued a token the agent refuses: {0}")]
     Check(CheckError),
+    /// Another command's grant was told to wait (`Retry-After`), and the wait is not over: not
+    /// asked again.
+    #[error("{message} (the IdP told an earlier grant to wait until {}; not asking it again before then)", rfc3339(*.until))]
+    Waiting {
+        code: String,
+        message: String,
+        until: SystemTime,
+    },
 }
 
 impl From<CheckError> for RefreshError {
@@ -85,6 +93,7 @@ impl RefreshError {
             RefreshError::Grant(e) => e.is_config_error(),
             // The JWKS down is an outage like the token endpoint's, not a setting to fix.
             RefreshError::Check(e) => !matches!(e, CheckError::JwksDown(_)),
+            RefreshError::Waiting { .. } => false,
         }
     }
 
@@ -92,7 +101,7 @@ impl RefreshError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             RefreshError::Grant(e) => e.retry_after(),
-            RefreshError::Check(_) => None,
+            RefreshError::Check(_) | RefreshError::Waiting { .. } => None,
         }
     }
 
@@ -101,6 +110,7 @@ impl RefreshError {
         match self {
             RefreshError::Grant(e) => e.code(),
             RefreshError::Check(e) => e.code().into(),
+            RefreshError::Waiting { code, .. } => code.clone(),
         }
     }
 }
@@ -421,10 +431,21 @@ impl TokenSource {
         self.valid(min_ttl).ok_or_else(|| self.shortfall(min_ttl))
     }
 
-    /// Forces a new grant now (the `refresh` command), whatever the backoff; within
-    /// [`MIN_GRANT_INTERVAL`] of the last forced grant, that grant's outcome instead.
+    /// Forces a new grant now (the `refresh` command), whatever the backoff but a wait the IdP
+    /// asked for (then its error); within [`MIN_GRANT_INTERVAL`] of the last forced grant, that
+    /// grant's outcome instead.
     pub async fn refresh_now(&self) -> Result<Arc<Token>, RefreshError> {
         let _guard = self.inner.grant_lock.lock().await;
+        // Not while the wait the IdP asked for runs.
+        {
+            let st = self.inner.state.lock().expect("state lock");
+            if let Some(e) = &st.last_error
+                && e.retry_after().is_some()
+                && st.retry_at.is_some_and(|at| Instant::now() < at)
+            {
+                return Err(e.clone());
+            }
+        }
         self.attempt(Ask::New).await
     }
 
@@ -673,6 +694,20 @@ impl TokenSource {
             );
             return outcome.map(|t| self.valid(Duration::ZERO).unwrap_or(t));
         }
+        // A one-shot command honours the wait the IdP told an earlier one: the held token while it
+        // is valid, else that refusal again.
+        if !self.inner.running.load(Ordering::Relaxed)
+            && let Some(waiting) = self.told_to_wait(now).await
+        {
+            let result = match ask {
+                Ask::Valid(min_ttl) => self.valid(min_ttl).ok_or(waiting),
+                _ => Err(waiting),
+            };
+            if let Err(e) = &result {
+                self.inner.state.lock().expect("state lock").last_error = Some(e.clone());
+            }
+            return result;
+        }
         // Before any grant but a `refresh`: the token the fleet shares, or its grant lock.
         let mut lease = None;
         if let Some(fleet) = &self.inner.fleet
@@ -706,10 +741,14 @@ impl TokenSource {
                 }
                 self.store(&t, key, forced).await;
                 self.install(t.clone(), Origin::Grant);
+                if let Some(cache) = &self.inner.cache {
+                    cache.clear_wait();
+                }
                 Ok(t)
             }
             Err(e) => {
                 self.record_failure(&e);
+                self.keep_wait(&e, now).await;
                 Err(e)
             }
         };
@@ -853,6 +892,34 @@ impl TokenSource {
     }
 
     /// [`cache::credential_mark`] of the credential configured now; none when it cannot be read.
+    /// The wait the IdP told a grant of this identity and credential, when it is not over.
+    async fn told_to_wait(&self, now: SystemTime) -> Option<RefreshError> {
+        let cache = self.inner.cache.clone()?;
+        let credential = self.credential_mark().await;
+        let (until, wait) =
+            tokio::task::spawn_blocking(move || cache.wait(credential.as_deref(), now))
+                .await
+                .ok()??;
+        Some(RefreshError::Waiting {
+            code: wait.code,
+            message: wait.message,
+            until,
+        })
+    }
+
+    /// Keeps a wait the IdP asked for with `error`, for the next one-shot commands.
+    async fn keep_wait(&self, error: &RefreshError, now: SystemTime) {
+        let (Some(cache), Some(wait)) = (self.inner.cache.clone(), error.retry_after()) else {
+            return;
+        };
+        let credential = self.credential_mark().await;
+        let (code, message) = (error.code(), error.to_string());
+        let _ = tokio::task::spawn_blocking(move || {
+            cache.store_wait(now + wait, credential, &code, &message)
+        })
+        .await;
+    }
+
     async fn credential_mark(&self) -> Option<String> {
         let credential = self.inner.grant.credential().await.ok()?;
         Some(super::cache::credential_mark(credential.expose_secret()))
