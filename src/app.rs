@@ -224,7 +224,7 @@ impl App {
                     inherited_listeners(settings.proxy.allow_remote && settings.proxy.require_key);
                 let listeners = match inherited.map_err(|error| StartError::Listen {
                     key: "LISTEN_FDS",
-                    addr: "systemd socket activation (LISTEN_FDS)".to_string(),
+                    addr: "the sockets systemd passed".to_string(),
                     error,
                 })? {
                     Some(l) => l.into_iter().map(|l| (None, Arc::new(l))).collect(),

@@ -95,6 +95,16 @@ impl ConfigError {
     /// did not).
     fn attributed(self, opts: &LoadOptions) -> Self {
         match self {
+            // Missing although a variable or `--set` names it: it was given empty (an unset CI
+            // variable), which also hid the file's value.
+            ConfigError::Missing { file, key, hint } => match setter(opts, &key) {
+                Some(by) => ConfigError::Invalid {
+                    file: by,
+                    message: "is empty, so it is not set at all (a value in the file is not used either); give it a value, or unset it".to_string(),
+                    key,
+                },
+                None => ConfigError::Missing { file, key, hint },
+            },
             ConfigError::Invalid { file, key, message } => ConfigError::Invalid {
                 file: setter(opts, &key).unwrap_or(file),
                 key,

@@ -44,6 +44,13 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 const MAX_FILE: u64 = 4 << 20;
 /// The longest name, profile or session a key may carry.
 const MAX_LABEL: usize = 128;
+/// What [`valid_name`] asks of a key's name.
+pub const NAME_RULE: &str = "at most 128 characters, none of them control characters";
+
+/// A key's name: shown in `key list`, so bounded and without control characters.
+pub fn valid_name(name: &str) -> bool {
+    name.len() <= MAX_LABEL && !name.chars().any(char::is_control)
+}
 /// How long an edit waits for another process's edit of the file (a read, a write, a rename).
 const LOCK_WAIT: Duration = Duration::from_secs(5);
 
@@ -103,11 +110,9 @@ impl NewKey {
             )));
         }
         if let Some(n) = &self.name
-            && (n.len() > MAX_LABEL || n.chars().any(char::is_control))
+            && !valid_name(n)
         {
-            return Err(KeysError::Invalid(format!(
-                "--name: at most {MAX_LABEL} characters, none of them control characters"
-            )));
+            return Err(KeysError::Invalid(format!("--name: {NAME_RULE}")));
         }
         if self.ttl.is_some_and(|t| t.is_zero()) {
             return Err(KeysError::Invalid(

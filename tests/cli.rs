@@ -404,6 +404,7 @@ async fn https_to_a_plain_http_idp_says_so() {
     let o = output(h.agent(&["token"], &[("BEHEST_AGENT__AUTH__DOMAIN", &https)])).await;
     assert_eq!(o.code, 1);
     assert!(o.stderr.contains("speaks plain HTTP"), "{}", o.stderr);
+    assert!(!o.stderr.contains("client error ("), "{}", o.stderr);
 }
 
 #[tokio::test]

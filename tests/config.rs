@@ -449,6 +449,39 @@ fn counts_are_whole_numbers_never_rounded() {
         msg.contains("BEHEST_AGENT__BUDGET__HOURLY_TOKENS") && msg.contains("whole number"),
         "{msg}"
     );
+    // Negative: no advice that does not hold for every count (0 is refused for some).
+    let msg = load_with("[proxy]\nmax_connections = -1\n", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(!msg.contains("no limit"), "{msg}");
+}
+
+#[test]
+fn an_empty_variable_that_hides_the_files_value_is_named() {
+    let msg = load_with("", &[("BEHEST_AGENT__AUTH__CLIENT_ID", "")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("environment variable BEHEST_AGENT__AUTH__CLIENT_ID")
+            && msg.contains("is empty")
+            && !msg.contains("config.toml"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_list_key_of_the_wrong_type_says_what_it_takes() {
+    let msg = load_with("[proxy]\nlisten = 5\n", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("proxy.listen") && msg.contains("a string or a list of strings"),
+        "{msg}"
+    );
+    assert!(
+        !msg.contains("OneOrMany") && !msg.contains("variant"),
+        "{msg}"
+    );
 }
 
 #[test]

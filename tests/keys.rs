@@ -697,6 +697,20 @@ async fn a_key_bound_to_a_bad_session_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(out.stdout.is_empty());
     assert!(stderr(&out).contains("visible ASCII"), "{}", stderr(&out));
+    // So is a bad name, with or without a daemon.
+    for socket in [None, Some(k.none_socket())] {
+        let args = ["key", "create", "--name", "a\tb"];
+        let out = match &socket {
+            None => k.cli(&args).await,
+            Some(s) => k.cli_on(s, &args).await,
+        };
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("control characters"),
+            "{}",
+            stderr(&out)
+        );
+    }
 }
 
 #[tokio::test]

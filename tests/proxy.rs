@@ -251,14 +251,39 @@ async fn exec_without_a_daemon_serves_its_own_proxy_and_passes_the_exit_status()
 }
 
 #[tokio::test]
+async fn key_create_says_when_the_daemon_asks_for_no_key() {
+    let s = stack().await;
+    let o = crate::util::output(s.h.agent(&["key", "create"], &[])).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("proxy.require_key is off"),
+        "{}",
+        o.stderr
+    );
+    s.finish().await;
+}
+
+#[tokio::test]
 async fn exec_exits_127_for_a_missing_command_and_126_for_one_it_cannot_run() {
     let s = stack().await;
     let not_executable = s.h.path("not-executable");
     std::fs::write(&not_executable, "#!/bin/sh\nexit 0\n").unwrap();
-    for (command, code) in [
-        (s.h.path("no-such-command").display().to_string(), 127),
-        ("no-such-command-on-the-path".to_string(), 127),
-        (not_executable.display().to_string(), 126),
+    for (command, code, says) in [
+        (
+            s.h.path("no-such-command").display().to_string(),
+            127,
+            "no such file",
+        ),
+        (
+            "no-such-command-on-the-path".to_string(),
+            127,
+            "not found on PATH",
+        ),
+        (
+            not_executable.display().to_string(),
+            126,
+            "Permission denied",
+        ),
     ] {
         let out =
             s.h.agent_with_upstream(&s.upstream.base_url(), &["exec", "--", &command], &[])
@@ -267,7 +292,10 @@ async fn exec_exits_127_for_a_missing_command_and_126_for_one_it_cannot_run() {
                 .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(code), "{command}: {stderr}");
-        assert!(stderr.contains(&command), "{stderr}");
+        assert!(
+            stderr.contains(&command) && stderr.contains(says),
+            "{stderr}"
+        );
     }
     s.finish().await;
 }

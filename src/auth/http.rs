@@ -140,8 +140,12 @@ pub fn describe_reqwest(e: &reqwest::Error) -> String {
     };
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
+        let text = s.to_string();
+        // hyper-util's "client error (Connect)" only repeats what `msg` says.
+        if !text.starts_with("client error (") {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
         source = s.source();
     }
     msg.push_str(crate::tls::plain_http_hint(e));

@@ -207,13 +207,20 @@ async fn run_child(
     {
         Ok(child) => child,
         Err(e) => {
-            let code = if e.kind() == std::io::ErrorKind::NotFound {
-                127
+            let name = command[0].to_string_lossy();
+            let (code, error) = if e.kind() == std::io::ErrorKind::NotFound {
+                let place = if name.contains('/') {
+                    "no such file"
+                } else {
+                    "not found on PATH"
+                };
+                (127, anyhow::anyhow!("cannot run `{name}`: {place}"))
             } else {
-                126
+                (
+                    126,
+                    anyhow::Error::new(e).context(format!("cannot run `{name}`")),
+                )
             };
-            let error = anyhow::Error::new(e)
-                .context(format!("cannot run `{}`", command[0].to_string_lossy()));
             return Err(Failure { code, error });
         }
     };

@@ -41,7 +41,7 @@ pub enum KeyCommand {
 #[derive(Debug, clap::Args)]
 pub struct CreateArgs {
     /// A name to recognise the key by in `key list`
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = parse_name)]
     pub name: Option<String>,
     /// Bind the key to this profile
     #[arg(long, value_name = "P")]
@@ -53,6 +53,14 @@ pub struct CreateArgs {
     /// Make the key expire after this long (e.g. 12h, 30m)
     #[arg(long, value_name = "DUR", value_parser = super::parse_lifetime)]
     pub ttl: Option<Duration>,
+}
+
+fn parse_name(s: &str) -> Result<String, String> {
+    if crate::keys::valid_name(s) {
+        Ok(s.to_string())
+    } else {
+        Err(crate::keys::NAME_RULE.to_string())
+    }
 }
 
 /// A key's session goes in `X-Session-Id`: the header's rule.
@@ -115,6 +123,18 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
                 created["id"].as_str().unwrap_or("?")
             );
             outln!("{}", created["key"].as_str().unwrap_or_default());
+            let required = match &daemon {
+                Some(d) => d
+                    .status()
+                    .pointer("/daemon/require_key")
+                    .and_then(Value::as_bool),
+                None => settings.as_ref().ok().map(|s| s.proxy.require_key),
+            };
+            if required == Some(false) {
+                errln!(
+                    "note: proxy.require_key is off, so the proxy asks no client for a key; keys count once it is on"
+                );
+            }
         }
         KeyCommand::List { json } => {
             let list = match (&daemon, &store) {

@@ -208,11 +208,35 @@ pub struct FleetFile {
 /// A list key: `listen = ["127.0.0.1:8711", "unix:/run/x.sock"]`, or one string of
 /// comma-separated items (`--set`, and the environment before the `config` crate splits it) or
 /// a JSON list; items are trimmed, empty ones dropped.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub enum OneOrMany {
     One(String),
     Many(Vec<String>),
+}
+
+/// By hand rather than `untagged`, whose error names no type the user wrote.
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Items;
+        impl<'de> Visitor<'de> for Items {
+            type Value = OneOrMany;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string or a list of strings, such as [\"127.0.0.1:8711\"]")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(OneOrMany::One(v.to_string()))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element::<String>()? {
+                    items.push(item);
+                }
+                Ok(OneOrMany::Many(items))
+            }
+        }
+        d.deserialize_any(Items)
+    }
 }
 
 impl OneOrMany {
@@ -257,7 +281,7 @@ where
             match u64::try_from(v) {
                 Ok(v) => self.visit_u64(v),
                 Err(_) => Err(E::custom(format!(
-                    "{v} is negative; write 0 for no limit, or a whole number"
+                    "{v} is negative; write a whole number (0 or more)"
                 ))),
             }
         }
