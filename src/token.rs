@@ -67,8 +67,17 @@ impl Token {
         // Refresh when the remaining lifetime falls below max(margin, 10% of lifetime), minus up to a
         // quarter of that window of jitter so a fleet does not refresh in lockstep; never sooner
         // than MIN_GRANT_INTERVAL after the grant (tokens of a few seconds would burn the quota).
+        // The jitter is fixed by the token and the machine: every `status` shows the same point,
+        // and machines sharing one token (a fleet) still spread out.
         let window = refresh_margin.max(lifetime / 10).min(lifetime / 2);
-        let jitter = window.mul_f64(fastrand::f64() * 0.25);
+        let seed = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::hash::DefaultHasher::new();
+            secret.expose_secret().hash(&mut h);
+            nix::unistd::gethostname().ok().hash(&mut h);
+            h.finish()
+        };
+        let jitter = window.mul_f64(seed as f64 / u64::MAX as f64 * 0.25);
         let refresh_at = (expires_at - window - jitter).max(obtained_at + MIN_GRANT_INTERVAL);
         Ok(Token {
             secret,

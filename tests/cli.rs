@@ -344,6 +344,21 @@ async fn refresh_without_a_daemon_exits_1_with_the_idps_error() {
 }
 
 #[tokio::test]
+async fn status_without_a_daemon_shows_one_refresh_point_for_the_cached_token() {
+    let h = Harness::start().await;
+    assert_eq!(output(h.agent(&["token"], &[])).await.code, 0);
+    let next = || async {
+        let o = output(h.agent(&["status", "--json"], &[])).await;
+        let v: Value = serde_json::from_str(&o.stdout).unwrap();
+        v["token"]["next_refresh"].as_str().unwrap().to_string()
+    };
+    let first = next().await;
+    for _ in 0..3 {
+        assert_eq!(next().await, first);
+    }
+}
+
+#[tokio::test]
 async fn a_failed_one_shot_token_says_why_once() {
     let h = Harness::start().await;
     std::fs::write(h.path("client-secret"), "wrong-secret-xyz\n").unwrap();
