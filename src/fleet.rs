@@ -245,13 +245,14 @@ impl Fleet {
         cmd
     }
 
-    /// One `PING`: is Redis there?
+    /// Is Redis there, and may this agent read the entry? (A `PING` passed an ACL that refuses
+    /// every command the fleet needs, and the state read `connected`.)
     pub async fn check(&self) -> Result<(), FleetError> {
-        self.inner
-            .link
-            .call::<String>(&redis::cmd("PING"))
-            .await
-            .map(drop)
+        match self.inner.link.call::<Vec<u8>>(&self.read_entry()).await {
+            // Something else under the key: Redis answers; a read calls the entry garbage.
+            Err(FleetError::Refused { code, .. }) if code == "WRONGTYPE" => Ok(()),
+            other => other.map(drop),
+        }
     }
 
     /// What `doctor` checks: Redis answers, and lets this agent do what the fleet needs (`SET NX

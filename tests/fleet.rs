@@ -368,7 +368,6 @@ async fn an_acl_user_with_its_password_from_a_file_is_enough() {
             "+set",
             "+del",
             "+eval",
-            "+ping",
         ])
         .query_async(&mut c)
         .await
@@ -411,6 +410,28 @@ async fn an_acl_user_with_its_password_from_a_file_is_enough() {
     );
     h.remember("wrong-password-0123456789");
     crate::util::assert_no_secret_in(&words, &h.secrets.lock().unwrap(), "the fleet status");
+
+    // A user that may only PING is not connected: the check reads the entry as the fleet does.
+    let _: () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER",
+            "pinger",
+            "on",
+            &format!(">{password}"),
+            "~*",
+            "+ping",
+        ])
+        .query_async(&mut redis.connection().await)
+        .await
+        .unwrap();
+    std::fs::write(file, format!("{password}\n")).unwrap();
+    let pinger = [
+        ("BEHEST_AGENT__FLEET__REDIS_USERNAME", "pinger"),
+        ("BEHEST_AGENT__FLEET__REDIS_PASSWORD_FILE", file),
+    ];
+    let d = fleet_of(&h, &redis, &pinger);
+    assert!(d.check().await.is_err());
+    assert_eq!(d.status().state, "unreachable");
     h.assert_no_secrets_logged();
 }
 
