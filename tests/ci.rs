@@ -74,7 +74,7 @@ async fn base_url(h: &Harness) -> String {
 }
 
 #[tokio::test]
-async fn env_and_exec_refuse_a_daemon_whose_proxy_listens_on_a_unix_socket_only() {
+async fn env_and_exec_refuse_a_daemon_whose_proxy_listens_on_a_unix_socket_only_or_nowhere() {
     let h = Harness::start().await;
     let listen = format!("unix:{}", h.path("proxy.sock").display());
     let (_upstream, _g, mut child) = daemon(&h, &[("BEHEST_AGENT__PROXY__LISTEN", &listen)]).await;
@@ -92,6 +92,22 @@ async fn env_and_exec_refuse_a_daemon_whose_proxy_listens_on_a_unix_socket_only(
         );
         assert!(!o.stdout.contains("127.0.0.1:9"), "{args:?}: {}", o.stdout);
     }
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    exits_cleanly(&mut child).await;
+
+    // A daemon with no upstream serves no proxy at all.
+    let h = Harness::start().await;
+    let mut child = h
+        .agent(&["run"], &[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let o = output(h.agent(&["wait", "--timeout", "60s"], &[])).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let o = output(h.agent(&["env"], &[])).await;
+    assert_eq!(o.code, 1, "{}", o.stdout);
+    assert!(o.stderr.contains("serves no proxy"), "{}", o.stderr);
     signal(&child, nix::sys::signal::Signal::SIGTERM);
     exits_cleanly(&mut child).await;
 }

@@ -490,6 +490,28 @@ async fn main_with_a_wrong_secret_fails_saying_why_and_leaves_no_daemon() {
 }
 
 #[tokio::test]
+async fn main_missing_an_input_or_the_upstream_fails_saying_which() {
+    for (missing, says) in [
+        ("INPUT_DOMAIN", "`auth.domain` is missing"),
+        ("INPUT_UPSTREAM", "serves no proxy"),
+    ] {
+        let job = Job::start().await;
+        let inputs = job.inputs(&job.h.secret, &[(missing, "")]);
+        let main = job.main(&inputs).await;
+        assert_eq!(main.code, 1, "{missing}: {}\n{}", main.stdout, main.stderr);
+        let error = main
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("::error::"))
+            .unwrap_or_else(|| panic!("{missing}: no error annotation: {}", main.stdout));
+        assert!(error.contains(says), "{missing}: {error}");
+        assert!(!job.exported().contains_key("OPENAI_BASE_URL"), "{missing}");
+        let post = job.post(&inputs).await;
+        assert_eq!(post.code, 0, "{}\n{}", post.stdout, post.stderr);
+    }
+}
+
+#[tokio::test]
 async fn main_without_the_binary_fails_saying_so_and_post_has_nothing_to_stop() {
     let job = Job::start().await;
     let inputs = job.inputs(

@@ -296,6 +296,51 @@ async fn after_script_kills_an_agent_that_does_not_answer() {
     assert!(!job.agent_dir().exists());
 }
 
+/// A project directory too deep for a socket path: BEHEST_AGENT_JOB_DIR moves the job's
+/// directory, and after_script finds it there too.
+#[tokio::test]
+async fn a_job_dir_variable_moves_the_agents_directory() {
+    let job = GitlabJob::start().await;
+    let (before, after) = template();
+    let moved = job.builds.path().join("b");
+    let var = [("BEHEST_AGENT_JOB_DIR", moved.to_str().unwrap())];
+    let mut script = before.clone();
+    script.push(r#"curl -sf "$OPENAI_BASE_URL/models" >/dev/null"#.to_string());
+    let run = job.shell(&script, &var).await;
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    assert!(moved.join("agent.sock").exists());
+    assert!(!job.agent_dir().exists());
+    let post = job.shell(&after, &var).await;
+    assert_eq!(post.code, 0, "{}\n{}", post.stdout, post.stderr);
+    assert!(!moved.exists());
+}
+
+/// A pid file whose agent is gone and whose pid another process took: after_script leaves that
+/// process alone.
+#[tokio::test]
+async fn after_script_never_kills_a_process_that_reused_the_agents_pid() {
+    let job = GitlabJob::start().await;
+    let (before, after) = template();
+    let mut script = before.clone();
+    script.push("behest-agent stop".to_string());
+    let run = job.shell(&script, &[]).await;
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    let mut bystander = tokio::process::Command::new("sleep")
+        .arg("300")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = bystander.id().unwrap();
+    std::fs::write(job.agent_dir().join("agent.pid"), format!("{pid}\n")).unwrap();
+    let post = job.shell(&after, &[]).await;
+    assert_eq!(post.code, 0, "{}\n{}", post.stdout, post.stderr);
+    assert!(
+        bystander.try_wait().unwrap().is_none(),
+        "the bystander was killed"
+    );
+    bystander.kill().await.unwrap();
+}
+
 #[test]
 fn the_template_is_one_hidden_job_to_extend() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("ci/gitlab/behest-agent.yml");

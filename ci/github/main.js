@@ -102,7 +102,17 @@ async function main() {
   ]);
   abort.abort();
   if (waited.exited) {
-    fail(`behest-agent exited (${waited.exited}) before it was ready; its log says why`);
+    // A configuration it refused: its last `error:` line says which setting (an input's).
+    const why = lib
+      .logTail(log, 40, secret)
+      .split('\n')
+      .reverse()
+      .find((l) => l.startsWith('error: '));
+    fail(
+      why
+        ? `behest-agent exited (${waited.exited}) before it was ready: ${why.slice('error: '.length)}`
+        : `behest-agent exited (${waited.exited}) before it was ready; its log says why`,
+    );
   }
   if (waited.code !== 0) {
     fail(`behest-agent: ${lib.firstLine(waited.stderr).replace(/^error: /, '')}`);

@@ -93,18 +93,21 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
 
 /// The proxy's address: the daemon's first loopback TCP listener (see
 /// [`Daemon::proxy_address`]), else the configuration's `proxy.listen` (nothing else of the
-/// configuration is needed, so this works with none at all). A daemon whose proxy listens on
-/// Unix sockets only is an error: the configuration's address would name nothing, or another
-/// user's proxy.
+/// configuration is needed, so this works with none at all). A daemon that serves no proxy, or
+/// one on Unix sockets only, is an error: the configuration's address would name nothing, or
+/// another user's proxy.
 pub fn proxy_address(g: &Global, daemon: Option<&Daemon>) -> anyhow::Result<String> {
     if let Some(d) = daemon {
         if let Some(addr) = d.proxy_address()? {
             return Ok(addr.to_string());
         }
-        if let Some(unix) = d.proxy_listen().first() {
-            anyhow::bail!(
+        match d.proxy_listen().first() {
+            Some(unix) => anyhow::bail!(
                 "the running daemon's proxy listens only on {unix}, which no OpenAI SDK can take as a base URL; add a loopback TCP address to its proxy.listen (e.g. \"127.0.0.1:8711\")"
-            );
+            ),
+            None => anyhow::bail!(
+                "the running daemon serves no proxy: its proxy.upstream is not set (set it, or BEHEST_BASE_URL, and restart it)"
+            ),
         }
     }
     g.proxy_listen()?
