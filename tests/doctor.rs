@@ -250,6 +250,26 @@ async fn a_wrong_client_secret_fails_the_grant_with_invalid_client_and_its_fix()
 }
 
 #[tokio::test]
+async fn while_the_idp_asks_to_wait_doctor_does_not_ask_it_again() {
+    let h = Harness::start().await;
+    h.idp.set_fault(Some(Fault::TooManyRequests {
+        retry_after: Some(600),
+        reset_in: None,
+    }));
+    let o = Out::of(h.agent(&["token"], &[])).await;
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    let asked = h.idp.token_requests();
+    let o = Out::of(h.agent(&["doctor"], &[])).await;
+    assert_eq!(o.code, 1, "{}\n{}", o.stdout, o.stderr);
+    let (_, grant) = o.line("✗ grant: ");
+    assert!(
+        grant.contains("not tried") && grant.contains("too_many_requests"),
+        "{grant}"
+    );
+    assert_eq!(h.idp.token_requests(), asked);
+}
+
+#[tokio::test]
 async fn a_secret_file_readable_by_others_fails_the_permission_check_with_chmod_600() {
     let h = Harness::start().await;
     let secret_file = h.path("client-secret");

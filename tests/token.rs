@@ -2,7 +2,7 @@
 //! refresh timing and backoff (with paused time), the disk cache, and the secret-leak check.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use behest_agent::auth::GrantError;
 use behest_agent::clock::{self, TestClock};
@@ -559,6 +559,31 @@ async fn a_rotated_secret_file_is_used_at_the_next_grant_without_restart() {
         .refresh_now()
         .await
         .expect("the new secret is read at the next grant");
+}
+
+/// A new engine on the same disk cache (a reload's, another command's) honours the wait the IdP
+/// told the last one, and schedules its next try after it.
+#[tokio::test]
+async fn a_new_engine_honours_the_wait_the_idp_told_the_last_one() {
+    let h = Harness::start().await;
+    h.idp.set_fault(Some(Fault::TooManyRequests {
+        retry_after: Some(600),
+        reset_in: None,
+    }));
+    let first = h.source(&[], clock::system());
+    assert!(first.get(Duration::ZERO).await.is_err());
+    let asked = h.idp.token_requests();
+    let second = h.source(&[], clock::system());
+    let err = second.get(Duration::ZERO).await.unwrap_err().to_string();
+    assert!(err.contains("told an earlier grant to wait"), "{err}");
+    assert!(second.refresh_now().await.is_err());
+    assert_eq!(h.idp.token_requests(), asked);
+    let next = second.status().next_refresh.expect("a next try");
+    let next = humantime::parse_rfc3339(&next).unwrap();
+    assert!(
+        next > SystemTime::now() + Duration::from_secs(500),
+        "{next:?}"
+    );
 }
 
 #[tokio::test]

@@ -383,6 +383,14 @@ async fn obtain<'s>(
         );
         return None;
     }
+    if let Some(waiting) = source.waiting(source.clock().now()).await {
+        r.fail(
+            "grant",
+            format!("not tried: {waiting}"),
+            "wait until then: the IdP asked for it, and every request before counts against the tenant's rate limit".to_string(),
+        );
+        return None;
+    }
     match source.grant().request().await {
         Ok(issued) => {
             r.pass(format!(

@@ -17,6 +17,8 @@ use jsonwebtoken::jwk::Jwk;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
+use crate::auth::http::MAX_WAIT_HINT;
+
 /// Who a token is for: what makes two configurations get different tokens from the IdP. It keys
 /// the disk cache entry, and a daemon reports it in `/v1/status` (`daemon.identity`) for the CLI
 /// to compare with its own configuration's.
@@ -82,6 +84,9 @@ struct CacheFile {
     credential: Option<String>,
 }
 
+/// The waits kept at most: one per client credential recently told to wait.
+const MAX_WAITS: usize = 8;
+
 /// A grant the IdP answered with a wait (`Retry-After`), kept in `FILE.wait` so that the next
 /// one-shot commands honour it instead of each asking again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,6 +98,12 @@ pub struct Wait {
     until: u64,
     pub code: String,
     pub message: String,
+}
+
+impl Wait {
+    fn runs_at(&self, now: SystemTime) -> bool {
+        crate::clock::from_unix(self.until).is_some_and(|until| until > now)
+    }
 }
 
 /// A cached token, not yet checked.
@@ -286,15 +297,22 @@ impl DiskCache {
         PathBuf::from(name)
     }
 
-    /// Keeps a failed grant's wait for the next one-shot commands (best effort).
+    /// Keeps a failed grant's wait for the next one-shot commands (best effort), beside those of
+    /// other credentials still running (a rotated secret must not free the old one from its wait).
     pub fn store_wait(
         &self,
+        now: SystemTime,
         until: SystemTime,
         credential: Option<String>,
         code: &str,
         message: &str,
     ) {
-        let wait = Wait {
+        let mut waits: Vec<Wait> = self
+            .read_waits()
+            .into_iter()
+            .filter(|w| w.credential != credential && w.runs_at(now))
+            .collect();
+        waits.push(Wait {
             key: self.key.clone(),
             credential,
             until: until
@@ -303,8 +321,9 @@ impl DiskCache {
                 .as_secs(),
             code: code.to_string(),
             message: message.to_string(),
-        };
-        if let Ok(body) = serde_json::to_vec(&wait) {
+        });
+        let keep = waits.len().saturating_sub(MAX_WAITS);
+        if let Ok(body) = serde_json::to_vec(&waits[keep..]) {
             let _ = ensure_dir(self.dir()).and_then(|()| {
                 write_new(
                     self.dir(),
@@ -316,26 +335,36 @@ impl DiskCache {
         }
     }
 
-    /// The wait a grant for this key and `credential` was told, when it still runs at `now`. Read
-    /// as the token is: never through a symlink or from a file another user could write.
+    /// The wait a grant for this key and `credential` was told, when it still runs at `now` (at
+    /// most [`MAX_WAIT_HINT`] from now, whatever the file says).
     pub fn wait(&self, credential: Option<&str>, now: SystemTime) -> Option<(SystemTime, Wait)> {
+        let wait = self.read_waits().into_iter().find(|w| {
+            w.key == self.key && w.credential.as_deref() == credential && w.runs_at(now)
+        })?;
+        let until = crate::clock::from_unix(wait.until)?.min(now + MAX_WAIT_HINT);
+        Some((until, wait))
+    }
+
+    /// The kept waits. Read as the token is: never through a symlink or from a file another user
+    /// could write.
+    fn read_waits(&self) -> Vec<Wait> {
         use std::io::Read as _;
         use std::os::unix::fs::MetadataExt as _;
-        let f = OpenOptions::new()
+        let Ok(f) = OpenOptions::new()
             .read(true)
             .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
             .open(self.wait_path())
-            .ok()?;
-        let meta = f.metadata().ok()?;
-        if !meta.is_file() || meta.mode() & 0o022 != 0 || crate::owner::untrusted(&meta).is_some() {
-            return None;
-        }
+        else {
+            return Vec::new();
+        };
+        let trusted = f.metadata().is_ok_and(|meta| {
+            meta.is_file() && meta.mode() & 0o022 == 0 && crate::owner::untrusted(&meta).is_none()
+        });
         let mut text = Vec::new();
-        f.take(64 << 10).read_to_end(&mut text).ok()?;
-        let wait: Wait = serde_json::from_slice(&text).ok()?;
-        let until = crate::clock::from_unix(wait.until)?;
-        (wait.key == self.key && wait.credential.as_deref() == credential && until > now)
-            .then_some((until, wait))
+        if !trusted || f.take(64 << 10).read_to_end(&mut text).is_err() {
+            return Vec::new();
+        }
+        serde_json::from_slice(&text).unwrap_or_default()
     }
 
     /// Forgets a kept wait (a grant succeeded).
@@ -410,4 +439,46 @@ fn ensure_dir(dir: &Path) -> std::io::Result<()> {
         .recursive(true)
         .mode(0o700)
         .create(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(dir: &Path) -> DiskCache {
+        let key = Identity {
+            issuer: "https://idp.example/".into(),
+            client_id: "c1".into(),
+            audience: None,
+            resource: None,
+            organization: None,
+            scope: None,
+        };
+        DiskCache::new(dir.join("token.json"), key)
+    }
+
+    #[test]
+    fn waits_are_kept_per_credential_and_never_read_past_an_hour() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cache(dir.path());
+        let now = SystemTime::now();
+        let year = Duration::from_secs(365 * 86400);
+        c.store_wait(now, now + year, Some("a".into()), "too_many_requests", "A");
+        c.store_wait(
+            now,
+            now + Duration::from_secs(60),
+            Some("b".into()),
+            "too_many_requests",
+            "B",
+        );
+        // The other credential's wait did not replace this one's.
+        let (until, wait) = c.wait(Some("a"), now).unwrap();
+        assert_eq!(wait.message, "A");
+        assert!(until <= now + MAX_WAIT_HINT, "capped where it is read");
+        assert_eq!(c.wait(Some("b"), now).unwrap().1.message, "B");
+        assert!(c.wait(Some("c"), now).is_none());
+        assert!(c.wait(Some("b"), now + Duration::from_secs(61)).is_none());
+        c.clear_wait();
+        assert!(c.wait(Some("a"), now).is_none());
+    }
 }

@@ -694,17 +694,20 @@ impl TokenSource {
             );
             return outcome.map(|t| self.valid(Duration::ZERO).unwrap_or(t));
         }
-        // A one-shot command honours the wait the IdP told an earlier one: the held token while it
-        // is valid, else that refusal again.
-        if !self.inner.running.load(Ordering::Relaxed)
-            && let Some(waiting) = self.told_to_wait(now).await
-        {
+        // The wait the IdP told an earlier grant (this process's, another command's, or the
+        // engine's before a reload) is honoured: the held token while it is valid, else that
+        // refusal again, and no retry before it is over.
+        if let Some(waiting) = self.waiting(now).await {
             let result = match ask {
                 Ask::Valid(min_ttl) => self.valid(min_ttl).ok_or(waiting),
                 _ => Err(waiting),
             };
-            if let Err(e) = &result {
-                self.inner.state.lock().expect("state lock").last_error = Some(e.clone());
+            if let Err(e @ RefreshError::Waiting { until, .. }) = &result {
+                let left = until.duration_since(now).unwrap_or_default();
+                let mut st = self.inner.state.lock().expect("state lock");
+                st.last_error = Some(e.clone());
+                st.retry_at = Some(Instant::now() + left);
+                st.retry_at_wall = Some(*until);
             }
             return result;
         }
@@ -892,8 +895,9 @@ impl TokenSource {
     }
 
     /// [`cache::credential_mark`] of the credential configured now; none when it cannot be read.
-    /// The wait the IdP told a grant of this identity and credential, when it is not over.
-    async fn told_to_wait(&self, now: SystemTime) -> Option<RefreshError> {
+    /// The wait the IdP told a grant of this identity and credential (kept beside the disk
+    /// cache), when it is not over.
+    pub async fn waiting(&self, now: SystemTime) -> Option<RefreshError> {
         let cache = self.inner.cache.clone()?;
         let credential = self.credential_mark().await;
         let (until, wait) =
@@ -915,7 +919,7 @@ impl TokenSource {
         let credential = self.credential_mark().await;
         let (code, message) = (error.code(), error.to_string());
         let _ = tokio::task::spawn_blocking(move || {
-            cache.store_wait(now + wait, credential, &code, &message)
+            cache.store_wait(now, now + wait, credential, &code, &message)
         })
         .await;
     }
