@@ -127,13 +127,13 @@ impl State {
         self.live.read().expect("live lock").clone()
     }
 
-    /// Logs a refused reload and keeps it for `status` and systemd's `STATUS=`.
-    fn refuse_reload(&self, error: String) {
-        tracing::error!("reload refused, the previous configuration keeps running: {error}");
-        service::status(&format!(
-            "reload refused, the previous configuration keeps running: {error}"
-        ));
+    /// Logs a refused reload and keeps it for `status`; returns the line for systemd's
+    /// `STATUS=`.
+    fn refuse_reload(&self, error: String) -> String {
+        let line = format!("reload refused, the previous configuration keeps running: {error}");
+        tracing::error!("{line}");
         *self.reload_refused.lock().expect("reload lock") = Some((SystemTime::now(), error));
+        line
     }
 
     fn daemon_json(&self) -> Value {
@@ -416,7 +416,7 @@ impl App {
             let settings = match reload.settings {
                 Ok(settings) => settings,
                 Err(e) => {
-                    state.refuse_reload(e);
+                    service::status(&state.refuse_reload(e));
                     continue;
                 }
             };
@@ -430,12 +430,11 @@ impl App {
             let listeners = match listeners {
                 Ok(l) => l,
                 Err(e) => {
-                    state.refuse_reload(e.to_string());
-                    service::reloaded(&service::describe(&state.live().tokens));
+                    service::reloaded(&state.refuse_reload(e.to_string()));
                     continue;
                 }
             };
-            match apply(&state, settings, self.log.as_ref()).await {
+            let status = match apply(&state, settings, self.log.as_ref()).await {
                 Ok(Applied {
                     tokens_changed,
                     proxy_changed,
@@ -474,10 +473,11 @@ impl App {
                     }
                     *state.reload_refused.lock().expect("reload lock") = None;
                     tracing::info!("configuration reloaded");
+                    service::describe(&state.live().tokens)
                 }
                 Err(e) => state.refuse_reload(e.to_string()),
-            }
-            service::reloaded(&service::describe(&state.live().tokens));
+            };
+            service::reloaded(&status);
         }
 
         service::stopping();

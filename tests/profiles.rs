@@ -1083,7 +1083,7 @@ async fn a_reload_keeps_the_sockets_it_keeps_and_refuses_an_address_it_cannot_bi
     assert_eq!(get(&format!("{origin}/v1/models")).await.0, 200);
     assert!(
         crate::util::logs().contains(&format!(
-            "reload failed, the previous configuration keeps running: cannot listen on {taken}"
+            "reload refused, the previous configuration keeps running: cannot listen on {taken}"
         )),
         "the refusal names the address"
     );

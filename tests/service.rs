@@ -137,6 +137,38 @@ async fn a_sighup_before_the_first_token_sends_no_ready() {
     exits_cleanly(&mut child).await;
 }
 
+#[tokio::test]
+async fn a_reload_refused_for_an_address_in_use_says_so_in_status() {
+    let h = Harness::start().await;
+    let (upstream, _g) = Upstream::start(UpstreamOptions::for_idp(&h.idp, AUDIENCE))
+        .await
+        .unwrap();
+    let notify_path = h.path("notify.sock");
+    let sock = UnixDatagram::bind(&notify_path).unwrap();
+    let cfg = write_config(&h, &upstream.base_url(), "");
+    let mut cmd = daemon(&h, &upstream, &[]);
+    cmd.env_remove("BEHEST_AGENT__PROXY__LISTEN")
+        .env("BEHEST_AGENT_CONFIG", &cfg)
+        .env("NOTIFY_SOCKET", &notify_path);
+    let mut child = cmd.spawn().unwrap();
+    expect_notify(&sock, "READY=1", |m| m.contains("READY=1")).await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = taken.local_addr().unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "[proxy]\nupstream = \"{}\"\nallow_insecure_upstream = true\nlisten = \"{busy}\"\n",
+            upstream.base_url()
+        ),
+    )
+    .unwrap();
+    signal(&child, nix::sys::signal::Signal::SIGHUP);
+    let done = expect_notify(&sock, "READY=1 after the reload", |m| m.contains("READY=1")).await;
+    assert!(done.contains("STATUS=reload refused"), "{done}");
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    exits_cleanly(&mut child).await;
+}
+
 async fn stop_wait(mut child: Child) -> String {
     exits_cleanly(&mut child).await;
     let mut err = String::new();
