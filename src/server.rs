@@ -558,35 +558,44 @@ impl Activity {
             .min()
     }
 
-    /// Returns when the connection has been idle past its limit: `header_read_timeout` from the
-    /// accept until a first request, then `idle_timeout` from the last byte moved while no
-    /// request waits for its response (that wait is bounded by the upstream timeout), or from
-    /// when a response body was last taken by a client that has since stopped reading it (on h2c
-    /// other streams and PINGs keep bytes moving). Never when the limit is zero.
+    /// Returns when the connection has been idle past its limit: `idle_timeout` from the last byte
+    /// moved while no request waits for its response (that wait is bounded by the upstream
+    /// timeout), or from when a response body was last taken by a client that has since stopped
+    /// reading it (on h2c other streams and PINGs keep bytes moving); and before a first request,
+    /// `header_read_timeout` from the accept too, bytes moving or not. A zero limit is no limit.
     async fn stalled(&self, limits: Limits) {
+        let at = |ms: u64, limit: Duration| {
+            (!limit.is_zero()).then(|| self.start + Duration::from_millis(ms) + limit)
+        };
         loop {
             let first = self.first.notified();
-            let requests = self.requests.load(Ordering::Relaxed);
-            let (limit, since) = match requests {
-                0 => (limits.header_read_timeout, 0),
-                _ => (limits.idle_timeout, self.last.load(Ordering::Relaxed)),
-            };
-            if limit.is_zero() {
-                return std::future::pending().await;
-            }
+            let before_any_request = self.requests.load(Ordering::Relaxed) == 0;
+            let idle = at(self.last.load(Ordering::Relaxed), limits.idle_timeout);
+            let head = at(0, limits.header_read_timeout).filter(|_| before_any_request);
+            let owed = self
+                .oldest_owed()
+                .and_then(|ms| at(ms, limits.idle_timeout));
             let now = Instant::now();
-            let after = |ms: u64| self.start + Duration::from_millis(ms) + limit;
-            let owed = self.oldest_owed().map(after);
-            if owed.is_some_and(|deadline| deadline <= now) {
+            if owed.is_some_and(|deadline| deadline <= now)
+                || head.is_some_and(|deadline| deadline <= now)
+                || (idle.is_some_and(|deadline| deadline <= now)
+                    && self.waiting.load(Ordering::Relaxed) == 0)
+            {
                 return;
             }
-            let idle = after(since);
-            if idle <= now && self.waiting.load(Ordering::Relaxed) == 0 {
-                return;
-            }
-            let next = if idle > now { idle } else { now + limit };
+            // An idle deadline passed while a request waits: look again one limit later.
+            let idle = idle.map(|d| {
+                if d > now {
+                    d
+                } else {
+                    now + limits.idle_timeout
+                }
+            });
+            let Some(next) = [idle, head, owed].into_iter().flatten().min() else {
+                return std::future::pending().await;
+            };
             tokio::select! {
-                () = tokio::time::sleep_until(owed.map_or(next, |o| o.min(next))) => {}
+                () = tokio::time::sleep_until(next) => {}
                 () = first => {}
             }
         }

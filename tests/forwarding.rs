@@ -951,6 +951,27 @@ async fn an_idle_h2c_connection_is_closed_after_idle_timeout() {
     .await;
 }
 
+/// Before any request too: an h2c client that sends its preface and nothing else is an idle
+/// connection, not a slow request head (it lived until `header_read_timeout`).
+#[tokio::test]
+async fn an_h2c_connection_without_a_request_is_closed_after_idle_timeout() {
+    let rig = Rig::with(|s| {
+        s.idle_timeout = Duration::from_millis(200);
+        s.header_read_timeout = Duration::from_secs(3600);
+    })
+    .await;
+    let io = TokioIo::new(TcpStream::connect(rig.addr).await.unwrap());
+    let (_sender, conn) =
+        hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(TokioExecutor::new(), io)
+            .await
+            .unwrap();
+    within(conn).await.ok();
+    eventually(HANG, "the connection to be gone", || {
+        rig.stat(&["connections"]) == 0
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn client_disconnect_cancels_the_upstream_request() {
     let rig = Rig::start().await;
@@ -1078,6 +1099,54 @@ async fn a_close_racing_a_reused_connection_repeats_a_get_but_never_a_post() {
             "{method}: requests after the first"
         );
         server.abort();
+    }
+}
+
+/// A refusal before the body is read (here an unknown profile) leaves an HTTP/1 connection
+/// usable when the body comes after the head: the proxy reads it away. (It closed the connection
+/// with the body unread, and the reset that followed could take the refusal with it.)
+#[tokio::test]
+async fn a_refused_request_whose_body_comes_late_keeps_its_connection() {
+    let rig = Rig::start().await;
+    let mut c = TcpStream::connect(rig.addr).await.unwrap();
+    let body = br#"{"model":"m","messages":[]}"#;
+    for i in 0..5 {
+        let head = format!(
+            "POST /p/nope/v1/chat/completions HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            rig.host(),
+            body.len()
+        );
+        c.write_all(head.as_bytes()).await.unwrap();
+        // The head alone first: the refusal is decided before the body arrives.
+        let mut first = [0u8; 1];
+        let early = tokio::time::timeout(Duration::from_millis(50), c.peek(&mut first)).await;
+        c.write_all(body).await.unwrap();
+        let head = within(crate::util::read_head(&mut c))
+            .await
+            .unwrap_or_else(|| {
+                panic!(
+                    "request {i} (answered early: {}): the connection closed",
+                    early.is_ok()
+                )
+            });
+        let text = String::from_utf8_lossy(&head).to_lowercase();
+        assert!(text.starts_with("http/1.1 404"), "{text}");
+        assert!(!text.contains("connection: close"), "{text}");
+        let length: usize = text
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let at = text.find("\r\n\r\n").unwrap() + 4;
+        let mut rest = head[at..].to_vec();
+        while rest.len() < length {
+            let mut buf = [0u8; 1024];
+            let n = c.read(&mut buf).await.unwrap();
+            assert!(n > 0, "request {i}: the body was cut");
+            rest.extend_from_slice(&buf[..n]);
+        }
     }
 }
 

@@ -402,6 +402,9 @@ async fn percent_encoded_dot_segments_never_leave_the_base_path() {
         "/v1/../../secret",
         "/s/job/../../secret",
         "/v1/..;/secret",
+        // A dot segment where the session goes is not a session (it was forwarded as the path).
+        "/s/../v1/models",
+        "/s/%2e/v1/models",
     ] {
         let req = head(&rig, &format!("GET {target} HTTP/1.1"), "");
         let out = rig.assert_refused(req.as_bytes()).await;
@@ -421,7 +424,6 @@ async fn percent_encoded_dot_segments_never_leave_the_base_path() {
             "/v1/%252e%252e/%252e%252e/x",
             "/base/v1/%252e%252e/%252e%252e/x",
         ),
-        ("/s/../v1/models", "/base/v1/models"),
         ("/v1/files/../models/./x", "/base/v1/models/x"),
     ] {
         let before = rig.up.request_count();

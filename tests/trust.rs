@@ -442,7 +442,7 @@ fn config_file(h: &Harness, name: &str, client_id: &str, audience: &str) -> Path
     std::fs::write(
         &p,
         format!(
-            "[auth]\ndomain = \"{}\"\nclient_id = \"{client_id}\"\naudience = \"{audience}\"\nclient_secret_file = \"{}\"\n\n[token]\ncache_file = \"{}\"\n\n[control]\nsocket = \"{}\"\n",
+            "[auth]\ndomain = \"{}\"\nclient_id = \"{client_id}\"\naudience = \"{audience}\"\nclient_secret_file = \"{}\"\n\n[token]\ncache_file = \"{}\"\n\n[control]\nsocket = \"{}\"\n\n[proxy]\nupstream = \"http://127.0.0.1:9\"\nallow_insecure_upstream = true\nlisten = \"127.0.0.1:0\"\n",
             h.idp.base_url(),
             h.path("client-secret").display(),
             h.path(&format!("{name}.token.json")).display(),

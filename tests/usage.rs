@@ -148,13 +148,16 @@ async fn a_stream_without_include_usage_is_unaccounted_unless_the_agent_asks_for
     let c = counts(&s, "-");
     assert_eq!(c["unaccounted"], 0, "{c}");
     assert!(c["total_tokens"].as_u64().unwrap() > 0, "{c}");
-    // Asked on every path variant that is accounted as a chat completion, too.
+    // Asked on every path variant that is accounted as a chat or legacy completion, too.
     let body = br#"{"model":"echo-1","stream":true}"#;
     for path in [
         "chat/completions",
         "chat/completions/",
         "chat/completions;x=1",
         "chat/%63ompletions",
+        // Accounted as (legacy) completions, which take stream_options too.
+        "chat//completions",
+        "completions",
     ] {
         http()
             .post(format!("{}/{path}", s.base))

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{
-    ACCEPT_ENCODING, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, COOKIE, HOST,
+    ACCEPT_ENCODING, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, COOKIE, EXPECT, HOST,
     HeaderName, HeaderValue, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
     TRANSFER_ENCODING, UPGRADE,
 };
@@ -149,7 +149,12 @@ impl Forwarder {
         req: Request<Incoming>,
     ) -> Response<ResponseBody> {
         let mut record = Record::new(self.counters.clone(), &req);
-        match self.forward(local, req, &mut record).await {
+        // HTTP/1, and a body the client will send (with `Expect: 100-continue` it waits for a 100
+        // that a refusal never sends).
+        let h1 = req.version() < Version::HTTP_2;
+        let expects_continue = req.headers().contains_key(EXPECT);
+        let mut unread = None;
+        match self.forward(local, req, &mut record, &mut unread).await {
             Ok((resp, lease)) => {
                 let (mut parts, body) = resp.into_parts();
                 // RFC 9112 §6.1: a Transfer-Encoding overrides a Content-Length, which a proxy
@@ -174,25 +179,39 @@ impl Forwarder {
                     tracing::warn!(error = %e, "upstream request failed");
                 }
                 record.responded(e.status(), false);
-                e.response_with(ResponseBody::full)
+                let mut resp = e.response_with(ResponseBody::full);
+                if h1
+                    && let Some(body) = unread
+                    && (expects_continue || !discard(body).await)
+                {
+                    resp.headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
+                }
+                resp
             }
         }
     }
 
+    /// Forwards `req`. Its body waits in `unread` until it is sent: a refusal before that leaves it
+    /// there.
     async fn forward(
         &self,
         local: Option<SocketAddr>,
         req: Request<Incoming>,
         record: &mut Record,
+        unread: &mut Option<Incoming>,
     ) -> Result<(Response<Incoming>, Option<Lease>), ProxyError> {
+        let (head, body) = req.into_parts();
+        *unread = Some(body);
         // This request is counted already.
         if self.counters.stats.in_flight.load(Ordering::Relaxed) > self.max_requests {
             return Err(ProxyError::Overloaded(self.max_requests));
         }
         // Checked before waiting for a token: a bad request never spends a grant.
+        let req = Request::from_parts(head, ());
         let (route, session, uri) = self.check(local, &req)?;
 
-        let (mut head, body) = req.into_parts();
+        let (mut head, ()) = req.into_parts();
         head.uri = uri;
         head.version = Version::HTTP_11;
         head.extensions = http::Extensions::new();
@@ -252,11 +271,15 @@ impl Forwarder {
         };
         head.headers.insert(AUTHORIZATION, token.bearer().clone());
 
+        let body = unread.take().expect("the body is sent once");
         let (mut body, mut kept) = self.request_body(body).await?;
         if let (Some(accounting), Some((whole, _))) = (accounting, &kept) {
             record.request_model(usage::request_model(whole));
             if accounting.stream_include_usage()
-                && usage::endpoint(head.uri.path()) == Some("/chat/completions")
+                && matches!(
+                    usage::endpoint(head.uri.path()),
+                    Some("/chat/completions" | "/completions")
+                )
                 && whole.len() <= usage::read::MAX_JSON
                 && let Some(asked) = usage::with_include_usage(whole)
             {
@@ -316,7 +339,7 @@ impl Forwarder {
     fn check(
         &self,
         local: Option<SocketAddr>,
-        req: &Request<Incoming>,
+        req: &Request<()>,
     ) -> Result<(&Route, Option<HeaderValue>, http::Uri), ProxyError> {
         guard::check_method(req.method())?;
         if req.headers().len() > MAX_HEADERS {
@@ -447,6 +470,32 @@ impl Forwarder {
             }),
         }
     }
+}
+
+/// Reads away the body of a request the proxy refused, so that its HTTP/1 connection stays
+/// usable: a connection closed with a body still coming is reset, and the reset can take the
+/// refusal with it. Only a body of known size up to 1 MiB, within 5 s; `false` otherwise (the
+/// connection then closes, and says so).
+async fn discard(body: Incoming) -> bool {
+    const MAX: u64 = 1 << 20;
+    if body.is_end_stream() {
+        return true;
+    }
+    if body.size_hint().exact().is_none_or(|n| n > MAX) {
+        return false;
+    }
+    let drain = async {
+        let mut body = body;
+        while let Some(frame) = body.frame().await {
+            if frame.is_err() {
+                return false;
+            }
+        }
+        true
+    };
+    tokio::time::timeout(Duration::from_secs(5), drain)
+        .await
+        .unwrap_or(false)
 }
 
 /// `X-Session-Id` follows the rule of `/s/ID/` and `proxy.session_id` ([`path::valid_session`]),

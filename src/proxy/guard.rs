@@ -123,6 +123,9 @@ pub fn check_host(
     let Some(local) = local else {
         return Ok(());
     };
+    // An IPv4 client of a dual-stack `[::]` socket arrives at `[::ffff:a.b.c.d]`: it names
+    // `a.b.c.d`.
+    let local = SocketAddr::new(local.ip().to_canonical(), local.port());
     if host_allowed(value, local, allowed_hosts) {
         return Ok(());
     }
@@ -182,7 +185,7 @@ fn host_allowed(value: &[u8], local: SocketAddr, allowed_hosts: &[String]) -> bo
     }
     match host.parse::<IpAddr>() {
         Ok(ip) if ip.is_loopback() => true,
-        Ok(ip) => ip == local.ip() && port.is_none_or(|p| p == local.port()),
+        Ok(ip) => ip.to_canonical() == local.ip() && port.is_none_or(|p| p == local.port()),
         Err(_) => false,
     }
 }
@@ -284,6 +287,13 @@ mod tests {
         ] {
             assert!(check_host(h.as_bytes(), remote(), &[]).is_err(), "{h}");
         }
+    }
+
+    #[test]
+    fn an_ipv4_client_of_a_dual_stack_socket_names_its_ipv4_address() {
+        let mapped: Option<SocketAddr> = "[::ffff:192.0.2.2]:8711".parse().ok();
+        assert!(check_host(b"192.0.2.2:8711", mapped, &[]).is_ok());
+        assert!(check_host(b"192.0.2.3:8711", mapped, &[]).is_err());
     }
 
     #[test]
