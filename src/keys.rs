@@ -496,7 +496,12 @@ impl KeyStore {
             session: new.session,
             sha256: hex(&sha256(key.as_bytes())),
             created_at: now,
-            expires_at: new.ttl.map(|t| now.saturating_add(t.as_secs().max(1))),
+            // At least the TTL asked: `now` is the second begun, so one more second (a key made
+            // at :12.9 with 1s lived 0.1 s), and the TTL rounded up.
+            expires_at: new.ttl.map(|t| {
+                let secs = t.as_secs() + u64::from(t.subsec_nanos() > 0);
+                now.saturating_add(secs.max(1)).saturating_add(1)
+            }),
             last_used: None,
         };
         let entry = Arc::new(KeyEntry::from_stored(stored).map_err(KeysError::Invalid)?);
