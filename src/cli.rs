@@ -213,6 +213,11 @@ impl Global {
         config::keys_file(&self.load_options())
     }
 
+    /// `proxy.require_key`, needing nothing else of the configuration.
+    pub fn require_key(&self) -> Result<bool, ConfigError> {
+        config::require_key(&self.load_options())
+    }
+
     /// The control socket to look for a daemon on, even when the settings do not validate.
     pub fn control_socket(&self) -> Result<PathBuf, ConfigError> {
         config::control_socket(&self.load_options())

@@ -260,6 +260,12 @@ pub fn keys_file(opts: &LoadOptions) -> Result<Option<PathBuf>, ConfigError> {
     settings::keys_file(model.proxy.keys_file, origin).map_err(|e| e.attributed(opts))
 }
 
+/// `proxy.require_key`, needing nothing else of the configuration (`key create`'s note).
+pub fn require_key(opts: &LoadOptions) -> Result<bool, ConfigError> {
+    let (_, model) = merged(opts).map_err(|e| e.attributed(opts))?;
+    Ok(model.proxy.require_key.unwrap_or(false))
+}
+
 /// Loads and validates the configuration.
 pub fn load(opts: &LoadOptions) -> Result<Settings, ConfigError> {
     load_adjusted(opts, |_| {})

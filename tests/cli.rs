@@ -317,6 +317,11 @@ async fn usage_and_key_without_a_daemon_need_no_idp_settings() {
     let o = run(&["key", "create", "--name", "ci"]).await;
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert!(o.stdout.trim().starts_with("bak_"), "{}", o.stdout);
+    assert!(
+        o.stderr.contains("proxy.require_key is off"),
+        "{}",
+        o.stderr
+    );
     let o = run(&["key", "list", "--json"]).await;
     assert_eq!(o.code, 0, "{}", o.stderr);
     let list: Value = serde_json::from_str(&o.stdout).unwrap();

@@ -128,7 +128,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
                     .status()
                     .pointer("/daemon/require_key")
                     .and_then(Value::as_bool),
-                None => settings.as_ref().ok().map(|s| s.proxy.require_key),
+                None => g.require_key().ok(),
             };
             if required == Some(false) {
                 errln!(
