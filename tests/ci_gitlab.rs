@@ -315,30 +315,35 @@ async fn a_job_dir_variable_moves_the_agents_directory() {
     assert!(!moved.exists());
 }
 
-/// A pid file whose agent is gone and whose pid another process took: after_script leaves that
-/// process alone.
+/// A pid file whose agent is gone and whose pid another process took, here one the job started
+/// (it has the job's environment): after_script leaves that process alone.
 #[tokio::test]
 async fn after_script_never_kills_a_process_that_reused_the_agents_pid() {
     let job = GitlabJob::start().await;
     let (before, after) = template();
     let mut script = before.clone();
+    let victim = job.builds.path().join("victim.pid");
+    script.push(format!(
+        "sleep 300 >/dev/null 2>&1 & echo $! >{}",
+        victim.display()
+    ));
     script.push("behest-agent stop".to_string());
     let run = job.shell(&script, &[]).await;
     assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
-    let mut bystander = tokio::process::Command::new("sleep")
-        .arg("300")
-        .kill_on_drop(true)
-        .spawn()
+    let pid: i32 = std::fs::read_to_string(&victim)
+        .unwrap()
+        .trim()
+        .parse()
         .unwrap();
-    let pid = bystander.id().unwrap();
     std::fs::write(job.agent_dir().join("agent.pid"), format!("{pid}\n")).unwrap();
     let post = job.shell(&after, &[]).await;
     assert_eq!(post.code, 0, "{}\n{}", post.stdout, post.stderr);
-    assert!(
-        bystander.try_wait().unwrap().is_none(),
-        "the bystander was killed"
+    let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
     );
-    bystander.kill().await.unwrap();
+    assert!(alive, "the job's own process was killed");
 }
 
 #[test]

@@ -94,6 +94,9 @@ pub struct Wait {
     key: Identity,
     /// [`credential_mark`] of the credential that was refused: another one may ask at once.
     credential: Option<String>,
+    /// When the IdP said to wait, in Unix seconds.
+    #[serde(default)]
+    at: u64,
     /// Unix seconds.
     until: u64,
     pub code: String,
@@ -101,8 +104,16 @@ pub struct Wait {
 }
 
 impl Wait {
+    /// When the wait ends: at most [`MAX_WAIT_HINT`] after it was told, and never for a wait
+    /// told in the future (a clock that was ahead, a planted file), which would hold for ever.
+    fn end(&self, now: SystemTime) -> Option<SystemTime> {
+        let at = crate::clock::from_unix(self.at).filter(|at| *at <= now)?;
+        let until = crate::clock::from_unix(self.until)?.min(at + MAX_WAIT_HINT);
+        (until > now).then_some(until)
+    }
+
     fn runs_at(&self, now: SystemTime) -> bool {
-        crate::clock::from_unix(self.until).is_some_and(|until| until > now)
+        self.end(now).is_some()
     }
 }
 
@@ -312,13 +323,16 @@ impl DiskCache {
             .into_iter()
             .filter(|w| w.credential != credential && w.runs_at(now))
             .collect();
+        let unix = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs()
+        };
         waits.push(Wait {
             key: self.key.clone(),
             credential,
-            until: until
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs(),
+            at: unix(now),
+            until: unix(until),
             code: code.to_string(),
             message: message.to_string(),
         });
@@ -335,14 +349,13 @@ impl DiskCache {
         }
     }
 
-    /// The wait a grant for this key and `credential` was told, when it still runs at `now` (at
-    /// most [`MAX_WAIT_HINT`] from now, whatever the file says).
+    /// The wait a grant for this key and `credential` was told, and when it ends, when it still
+    /// runs at `now` (at most [`MAX_WAIT_HINT`] after it was told, whatever the file says).
     pub fn wait(&self, credential: Option<&str>, now: SystemTime) -> Option<(SystemTime, Wait)> {
         let wait = self.read_waits().into_iter().find(|w| {
             w.key == self.key && w.credential.as_deref() == credential && w.runs_at(now)
         })?;
-        let until = crate::clock::from_unix(wait.until)?.min(now + MAX_WAIT_HINT);
-        Some((until, wait))
+        Some((wait.end(now)?, wait))
     }
 
     /// The kept waits. Read as the token is: never through a symlink or from a file another user
@@ -478,6 +491,17 @@ mod tests {
         assert_eq!(c.wait(Some("b"), now).unwrap().1.message, "B");
         assert!(c.wait(Some("c"), now).is_none());
         assert!(c.wait(Some("b"), now + Duration::from_secs(61)).is_none());
+        // An hour after it was told, a year's wait is over (it does not move with each read).
+        assert!(c.wait(Some("a"), now + MAX_WAIT_HINT).is_none());
+        // One told in the future (a clock that was ahead) is not honoured at all.
+        c.store_wait(
+            now + year,
+            now + year,
+            Some("d".into()),
+            "too_many_requests",
+            "D",
+        );
+        assert!(c.wait(Some("d"), now).is_none());
         c.clear_wait();
         assert!(c.wait(Some("a"), now).is_none());
     }
