@@ -87,8 +87,8 @@ struct CacheFile {
 /// The waits kept at most: one per client credential recently told to wait.
 const MAX_WAITS: usize = 8;
 
-/// A grant the IdP answered with a wait (`Retry-After`), kept in `FILE.wait` so that the next
-/// one-shot commands honour it instead of each asking again.
+/// A grant the IdP answered with a wait (`Retry-After`), kept in `FILE.wait` so that every engine
+/// on this cache (one-shot commands, a reload's new engine) honours it instead of asking again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Wait {
     key: Identity,
@@ -308,7 +308,7 @@ impl DiskCache {
         PathBuf::from(name)
     }
 
-    /// Keeps a failed grant's wait for the next one-shot commands (best effort), beside those of
+    /// Keeps a failed grant's wait for the engines on this cache (best effort), beside those of
     /// other credentials still running (a rotated secret must not free the old one from its wait).
     pub fn store_wait(
         &self,

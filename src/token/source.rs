@@ -69,8 +69,8 @@ pub enum RefreshError {
     /// carries the check's, so it is not also a `source()` (an error chain would say it twice).
     #[error("the IdP issued a token the agent refuses: {0}")]
     Check(CheckError),
-    /// Another command's grant was told to wait (`Retry-After`), and the wait is not over: not
-    /// asked again.
+    /// An earlier grant (kept beside the disk cache) was told to wait (`Retry-After`), and the
+    /// wait is not over: not asked again.
     #[error("{message} (the IdP told an earlier grant to wait until {}; not asking it again before then)", rfc3339(*.until))]
     Waiting {
         code: String,
