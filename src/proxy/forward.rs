@@ -288,12 +288,13 @@ impl Forwarder {
                 kept = kept.map(|(_, guard)| (asked, guard));
             }
         }
+        let req = Request::from_parts(head, body);
         let replay = kept.map(|(body, kept)| Replay {
-            head: clone_head(&head),
+            head: clone_head(&req),
             body,
             _kept: kept,
         });
-        let sent = self.send(route, Request::from_parts(head, body)).await?;
+        let sent = self.send(route, req).await?;
         if sent.0.status() != StatusCode::UNAUTHORIZED {
             return Ok(sent);
         }
@@ -528,13 +529,13 @@ fn request_id() -> HeaderValue {
 }
 
 /// The head of a request, for a replay (its extensions are not needed).
-fn clone_head(head: &http::request::Parts) -> http::request::Parts {
-    let mut req = Request::new(());
-    *req.method_mut() = head.method.clone();
-    *req.uri_mut() = head.uri.clone();
-    *req.version_mut() = head.version;
-    *req.headers_mut() = head.headers.clone();
-    req.into_parts().0
+pub(super) fn clone_head<B>(req: &Request<B>) -> http::request::Parts {
+    let mut copy = Request::new(());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy.into_parts().0
 }
 
 /// Removes the hop-by-hop headers and those `Connection` names.

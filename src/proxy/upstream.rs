@@ -298,12 +298,11 @@ fn repeatable(req: &Request<UpstreamBody>) -> Option<Request<UpstreamBody>> {
     {
         return None;
     }
-    let mut copy = Request::new(Either::Left(Full::new(Bytes::new())));
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    Some(copy)
+    let head = super::forward::clone_head(req);
+    Some(Request::from_parts(
+        head,
+        Either::Left(Full::new(Bytes::new())),
+    ))
 }
 
 /// The connection closed or was reset with no answer begun (not a response hyper could not read).
