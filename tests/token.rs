@@ -586,6 +586,21 @@ async fn a_new_engine_honours_the_wait_the_idp_told_the_last_one() {
     );
 }
 
+/// A forced refresh that fails while the token is good is not tried again before the token is
+/// due, and `status` says when that is rather than a retry time that passes unused.
+#[tokio::test]
+async fn a_failed_forced_refresh_leaves_the_next_refresh_at_the_tokens_own_time() {
+    let h = Harness::start().await;
+    let source = h.source(&[NO_CACHE], clock::system());
+    source.get(Duration::ZERO).await.expect("a token");
+    let due = source.status().next_refresh.expect("a refresh time");
+    h.idp.fail_next(1, Fault::Status(502));
+    assert!(source.refresh_now().await.is_err());
+    let status = source.status();
+    assert_eq!(status.consecutive_failures, 1);
+    assert_eq!(status.next_refresh.as_deref(), Some(due.as_str()));
+}
+
 #[tokio::test]
 async fn idp_errors_keep_code_status_description_and_retry_after() {
     let h = Harness::start().await;

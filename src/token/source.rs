@@ -1069,12 +1069,19 @@ impl TokenSource {
 
     fn record_failure(&self, error: &RefreshError) {
         let s = self.inner.verifier.settings();
+        // A token still held is refreshed at its own time however soon the backoff ends (a
+        // forced `refresh` that failed is not tried again before the token is due).
+        let refresh_at = self.current().map(|t| t.refresh_at);
         let mut st = self.inner.state.lock().expect("state lock");
         st.failures = st.failures.saturating_add(1);
         st.grants_failed += 1;
-        let delay = backoff(s.min_backoff, s.max_backoff, st.failures, error);
+        let mut delay = backoff(s.min_backoff, s.max_backoff, st.failures, error);
         st.retry_at = Some(Instant::now() + delay);
-        st.retry_at_wall = Some(self.inner.clock.now() + delay);
+        let now = self.inner.clock.now();
+        if let Some(due) = refresh_at.and_then(|at| at.duration_since(now).ok()) {
+            delay = delay.max(due);
+        }
+        st.retry_at_wall = Some(now + delay);
         let message = error.to_string();
         let still_valid = self.valid(Duration::ZERO).is_some();
         if !self.inner.running.load(Ordering::Relaxed) {
