@@ -72,6 +72,34 @@ async fn one_shot_token_and_status_serve_the_cached_token_while_the_idp_is_down(
     );
 }
 
+/// `doctor` during the outage: the IdP checks fail, but the cached token passes its checks against
+/// the key stored with it, as `token` serves it, and the upstream is tried with it.
+#[tokio::test]
+async fn doctor_checks_the_cached_token_without_the_idp_during_an_outage() {
+    let h = Harness::start().await;
+    let (upstream, _stop) = Upstream::start(UpstreamOptions::for_idp(&h.idp, AUDIENCE))
+        .await
+        .unwrap();
+    let token = cached_token(&h).await;
+    h.stop_idp().await;
+    let o = output(h.agent_with_upstream(&upstream.base_url(), &["doctor"], &[])).await;
+    assert_eq!(o.code, 1, "the IdP is down:\n{}", o.stdout);
+    for line in [
+        "✗ JWKS",
+        "✓ token: a valid one from the disk cache",
+        "✓ signature: verified against the key stored with the cached token",
+        &format!("✓ uid: {}", h.client_id),
+        "✓ upstream",
+    ] {
+        assert!(
+            o.stdout.lines().any(|l| l.starts_with(line)),
+            "no line starting with {line:?} in:\n{}",
+            o.stdout
+        );
+    }
+    assert!(!o.stdout.contains(&token));
+}
+
 #[tokio::test]
 async fn a_one_shot_token_served_from_the_cache_asks_the_idp_nothing() {
     let h = Harness::start().await;

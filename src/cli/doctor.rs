@@ -32,7 +32,7 @@ use crate::control::server::expires_words;
 use crate::control::{ControlError, Daemon};
 use crate::fleet::Peek;
 use crate::token::jwks::Jwks;
-use crate::token::{CheckError, TokenSource, Verifier, rfc3339};
+use crate::token::{CheckError, Claims, TokenSource, Verifier, rfc3339};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {}
@@ -354,7 +354,7 @@ async fn obtain<'s>(
     source: &TokenSource,
     daemon: Option<&Daemon>,
     jwks_ok: bool,
-) -> Option<(SecretString, Option<&'s std::path::Path>)> {
+) -> Option<(SecretString, Option<(&'s std::path::Path, Claims)>)> {
     if let Some(t) = source.load_cache().await {
         let path = s
             .token
@@ -365,7 +365,8 @@ async fn obtain<'s>(
         r.pass(format!(
             "token: a valid one from the disk cache {path} (no grant made)"
         ));
-        return Some((t.secret().clone(), s.token.cache_file.as_deref()));
+        let cached = s.token.cache_file.as_deref().map(|p| (p, t.claims.clone()));
+        return Some((t.secret().clone(), cached));
     }
     if let Some(d) = daemon
         && d.status().pointer("/token/ready").and_then(Value::as_bool) == Some(true)
@@ -431,21 +432,31 @@ fn grant_fix(e: &GrantError, a: &AuthSettings) -> String {
 }
 
 /// The format, the signature and every claim, by the agent's own rules. True when the agent
-/// would serve the token. `cached`: the disk cache it came from.
+/// would serve the token. `cached`: the disk cache it came from, and the claims it was read with
+/// (checked against the key stored with it).
 async fn check_token(
     r: &mut Report,
     s: &Settings,
     verifier: &Verifier,
     endpoints: &ResolvedEndpoints,
     token: &SecretString,
-    cached: Option<&std::path::Path>,
+    cached: Option<(&std::path::Path, Claims)>,
 ) -> bool {
+    let mut offline = None;
     let claims = match verifier.verify(token, endpoints).await {
         Ok(claims) => claims,
+        // The IdP's keys cannot be fetched now (an outage): the cached token stays in service,
+        // checked against the key stored with it, as the daemon and `token` serve it.
+        Err(e @ (CheckError::Jwks(_) | CheckError::JwksDown(_)))
+            if let Some((_, claims)) = cached =>
+        {
+            offline = Some(e);
+            claims
+        }
         // It verified against the key stored with it, not the IdP's keys now: a key the IdP
         // withdrew, or an edited file, not a misconfigured IdP.
         Err(e @ (CheckError::Signature(_) | CheckError::UnknownKid(_)))
-            if let Some(path) = cached =>
+            if let Some((path, _)) = cached =>
         {
             r.fail(
                 "signature",
@@ -464,7 +475,12 @@ async fn check_token(
             return false;
         }
     };
-    if s.token.verify_signature {
+    if let Some(e) = offline {
+        r.pass(format!(
+            "signature: verified against the key stored with the cached token (the JWKS cannot be fetched now: {})",
+            e.problem()
+        ));
+    } else if s.token.verify_signature {
         let how = jsonwebtoken::decode_header(token.expose_secret())
             .map(|h| {
                 let kid = h.kid.map(|k| format!(", key id {k}")).unwrap_or_default();
