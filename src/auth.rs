@@ -89,7 +89,7 @@ impl GrantError {
         match self {
             GrantError::Refused {
                 error, retry_after, ..
-            } => match error.as_str() {
+            } => match self.refused_credentials().unwrap_or(error.as_str()) {
                 "unauthorized_client" => "enable the client-credentials grant for the application (Auth0: Applications > the application > Advanced Settings > Grant Types > Client Credentials)".into(),
                 "access_denied" => "set auth.audience to the Behest API's identifier if it is not set, authorize the application for that API (Auth0: Applications > APIs > the API > Machine to Machine Applications), and check auth.audience is that API's identifier".into(),
                 "invalid_client" => "check auth.client_id and the client secret: they must be the machine-to-machine application's Client ID and Client Secret (Auth0: Applications > the application > Settings); with private_key_jwt, its public key must be registered with the application (Auth0: Applications > the application > Credentials) and auth.key_id must name it".into(),
@@ -118,6 +118,18 @@ impl GrantError {
             GrantError::Discovery { .. } => "check auth.issuer (the IdP's issuer URL, exactly as its discovery document names it) and that this machine reaches it; or set auth.token_url and auth.jwks_url to skip discovery".into(),
             GrantError::Secret { .. } => "put the application's Client Secret there, readable by the user the agent runs as and no one else (mode 0600)".into(),
             GrantError::Assertion(_) => "check auth.private_key_file and auth.signing_alg match (an RSA key for RS*/PS*, an EC P-256 key for ES256)".into(),
+        }
+    }
+
+    /// The refusal's error code, read as `invalid_client` when the IdP refused the client's own
+    /// credentials: Auth0 answers a wrong secret with 401 `access_denied` ("Unauthorized"), where
+    /// 403 `access_denied` is about the API asked for.
+    pub fn refused_credentials(&self) -> Option<&'static str> {
+        match self {
+            GrantError::Refused {
+                status: 401, error, ..
+            } if error == "access_denied" => Some("invalid_client"),
+            _ => None,
         }
     }
 

@@ -249,6 +249,38 @@ async fn a_wrong_client_secret_fails_the_grant_with_invalid_client_and_its_fix()
     o.assert_no_secrets(&[h.secret.clone(), wrong]);
 }
 
+/// Auth0 answers a wrong secret with 401 `access_denied` "Unauthorized": the fix is about the
+/// credentials, where 403 `access_denied` is about the API.
+#[tokio::test]
+async fn a_401_access_denied_is_fixed_by_the_credentials_and_a_403_by_the_api() {
+    let h = Harness::start().await;
+    let refuse = |status: u16, description: &str| Fault::Oauth {
+        status,
+        error: "access_denied".into(),
+        description: description.into(),
+    };
+    h.idp.set_fault(Some(refuse(401, "Unauthorized")));
+    let o = Out::of(h.agent(&["doctor"], &[])).await;
+    assert_eq!(o.code, 1, "{}\n{}", o.stdout, o.stderr);
+    let fix = o.fix_after("✗ grant: ");
+    assert!(
+        fix.contains("Client Secret") && fix.contains(&h.client_id),
+        "{fix}"
+    );
+    assert!(!fix.contains("auth.audience"), "{fix}");
+    let o = Out::of(h.agent(&["token"], &[])).await;
+    assert!(o.stderr.contains("Client Secret"), "{}", o.stderr);
+
+    h.idp
+        .set_fault(Some(refuse(403, "Service not found: https://nope")));
+    let o = Out::of(h.agent(&["doctor"], &[])).await;
+    let fix = o.fix_after("✗ grant: ");
+    assert!(
+        fix.contains("auth.audience") && fix.contains(AUDIENCE),
+        "{fix}"
+    );
+}
+
 #[tokio::test]
 async fn while_the_idp_asks_to_wait_doctor_does_not_ask_it_again() {
     let h = Harness::start().await;

@@ -413,7 +413,7 @@ fn grant_fix(e: &GrantError, a: &AuthSettings) -> String {
     let GrantError::Refused { error, .. } = e else {
         return fix;
     };
-    match error.as_str() {
+    match e.refused_credentials().unwrap_or(error.as_str()) {
         "invalid_client" => {
             let credential = match &a.client_auth {
                 ClientAuth::PrivateKeyJwt(key) => {
