@@ -555,8 +555,11 @@ impl Accounting {
             };
             c.requests.inc();
             if let Some(t) = entry.tokens {
-                c.prompt.inc_by(t.prompt);
-                c.completion.inc_by(t.completion);
+                // Saturating as the counts are (a counter that wrapped would read as a reset);
+                // only this lock's holder adds to them.
+                for (counter, n) in [(&c.prompt, t.prompt), (&c.completion, t.completion)] {
+                    counter.inc_by(n.min(u64::MAX - counter.get()));
+                }
             }
         }
         if let Some(ledger) = &self.ledger {
@@ -813,10 +816,20 @@ mod tests {
             completion: u64::MAX,
             total: u64::MAX,
         };
+        let metrics = Arc::new(Metrics::new());
+        a.attach_metrics(metrics.clone());
         a.record(entry("a", 200, Some(huge)));
         a.record(entry("a", 200, tokens(10)));
         assert_eq!(a.report().totals.total_tokens, u64::MAX);
         assert_eq!(a.report().sessions["a"].counts.prompt_tokens, u64::MAX);
+        let text = metrics.encode();
+        for kind in ["prompt", "completion"] {
+            let line = format!(
+                "usage_tokens_total{{model=\"m\",kind=\"{kind}\"}} {}",
+                u64::MAX
+            );
+            assert!(text.contains(&line), "no {line:?} in:\n{text}");
+        }
         let (a, _) = accounting(BudgetSettings {
             hourly_tokens: Some(100),
             ..BudgetSettings::default()
