@@ -1222,6 +1222,49 @@ async fn an_unreadable_upstream_head_is_a_bad_response_not_an_unreachable_upstre
     );
 }
 
+/// An upstream response head is read up to 64 KiB (the status line and fields): one just under
+/// is passed on, one just over is a 502 `bad_upstream_response`.
+#[tokio::test]
+async fn an_upstream_head_over_64_kib_is_a_bad_response() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let Some(head) = crate::util::read_head(&mut s).await else {
+                    return;
+                };
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let target = head.split_whitespace().nth(1).unwrap();
+                let size: usize = target.rsplit('/').next().unwrap().parse().unwrap();
+                let start = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-big: ";
+                let value = "a".repeat(size - start.len() - 4);
+                let answer = format!("{start}{value}\r\n\r\nok");
+                assert_eq!(answer.len(), size + 2);
+                let _ = s.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    let rig = Rig::builder()
+        .upstream_url(format!("http://{addr}"))
+        .start()
+        .await;
+    let resp = rig.get("/v1/65536").await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-big"].len(), 65536 - 47);
+    let resp = rig.get("/v1/65537").await;
+    assert_eq!(resp.status(), 502);
+    let body = within(resp.into_body().collect()).await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.contains("\"code\":\"bad_upstream_response\""),
+        "{text}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Listeners, connections, shutdown
 

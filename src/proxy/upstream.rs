@@ -37,6 +37,11 @@ use super::forward::UpstreamBody;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The largest response head read from the upstream (status line and fields, or an h2 header
+/// list); a larger one is a 502 `bad_upstream_response`. Envoy's default, and more than clients
+/// take: the `h2` libraries refuse lists over 64 KiB.
+pub const MAX_UPSTREAM_HEAD: usize = 64 * 1024;
+
 /// The upstream's connections.
 pub struct Pool {
     connector: HttpsConnector<Dial>,
@@ -205,6 +210,7 @@ impl Pool {
         if io.connected().is_negotiated_h2() {
             let (tx, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                .max_header_list_size(MAX_UPSTREAM_HEAD as u32)
                 .handshake(io)
                 .await?;
             tokio::spawn(async move {
@@ -215,7 +221,10 @@ impl Pool {
             });
             return Ok(Connected::H2(tx));
         }
-        let (tx, conn) = http1::handshake(io).await?;
+        let (tx, conn) = http1::Builder::new()
+            .max_header_size(MAX_UPSTREAM_HEAD)
+            .handshake(io)
+            .await?;
         tokio::spawn(async move {
             let _permit = permit;
             if let Err(error) = conn.await {
