@@ -367,6 +367,29 @@ async fn a_configuration_that_does_not_load_prints_its_error_as_the_first_line_a
     o.assert_no_secrets(std::slice::from_ref(&h.secret));
 }
 
+/// Without a config file, an environment variable that does not load is said once, on the config
+/// line with its fix; and text that opens a JSON list must be one (not read as the items `["tid"`
+/// and `1]`).
+#[tokio::test]
+async fn a_bad_environment_value_is_said_once_and_a_broken_json_list_is_refused() {
+    let h = Harness::start().await;
+    let var = "BEHEST_AGENT__TOKEN__REQUIRED_CLAIMS";
+    let o = Out::of(h.agent(&["doctor"], &[(var, r#"["tid",1]"#)])).await;
+    assert_eq!(o.code, 2, "{}\n{}", o.stdout, o.stderr);
+    let first = o.stdout.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("✗ config: ") && first.contains(var) && first.contains("JSON list"),
+        "{}",
+        o.stdout
+    );
+    assert!(!o.stdout.contains("✗ daemon"), "{}", o.stdout);
+    assert!(
+        !o.fix_after("✗ config: ").trim().ends_with("fix:"),
+        "{}",
+        o.stdout
+    );
+}
+
 #[tokio::test]
 async fn a_valid_cached_token_is_checked_without_a_grant() {
     let h = Harness::start().await;

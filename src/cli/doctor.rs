@@ -60,7 +60,8 @@ pub async fn run(g: &Global, _args: Args) -> CliResult {
                         check_daemon_alone(&mut r, &d).await;
                         return Ok(r.exit_code());
                     }
-                    Ok(None) => {}
+                    // The configuration's own error, said once on the line below.
+                    Ok(None) | Err(ControlError::Config(_)) => {}
                     Err(e) => r.fail("daemon", e.problem(), e.fix()),
                 }
             }

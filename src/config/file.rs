@@ -225,6 +225,7 @@ impl<'de> Deserialize<'de> for OneOrMany {
                 f.write_str("a string or a list of strings, such as [\"127.0.0.1:8711\"]")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                json_list(v)?;
                 Ok(OneOrMany::One(v.to_string()))
             }
             fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
@@ -232,10 +233,26 @@ impl<'de> Deserialize<'de> for OneOrMany {
                 while let Some(item) = seq.next_element::<String>()? {
                     items.push(item);
                 }
+                json_list(&items.join(","))?;
                 Ok(OneOrMany::Many(items))
             }
         }
         d.deserialize_any(Items)
+    }
+}
+
+/// Text that opens like a JSON list of strings (`["`) must be one: `["tid",1]` is refused rather
+/// than read as the items `["tid"` and `1]`.
+fn json_list<E: de::Error>(text: &str) -> Result<(), E> {
+    let opens = text
+        .trim_start()
+        .strip_prefix('[')
+        .is_some_and(|rest| rest.trim_start().starts_with('"'));
+    match serde_json::from_str::<Vec<String>>(text) {
+        Err(e) if opens => Err(E::custom(format!(
+            "`{text}` is not a JSON list of strings ({e}); write [\"a\", \"b\"], or a,b"
+        ))),
+        _ => Ok(()),
     }
 }
 
