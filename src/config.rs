@@ -74,10 +74,14 @@ impl ConfigError {
             ConfigError::Invalid { file, .. } if file.starts_with(SET_BY) => {
                 format!("correct the {}", &file[SET_BY.len()..])
             }
-            ConfigError::Invalid { key, .. } if key.split('.').all(plain_key) => format!(
-                "correct `{key}` in the file, or its environment variable BEHEST_AGENT__{}",
-                key.replace('.', "__").to_uppercase()
-            ),
+            ConfigError::Invalid { key, .. }
+                if key.split('.').all(plain_key) && !key.contains('-') =>
+            {
+                format!(
+                    "correct `{key}` in the file, or its environment variable BEHEST_AGENT__{}",
+                    key.replace('.', "__").to_uppercase()
+                )
+            }
             // Not a config key: the systemd credential `client-secret`.
             ConfigError::Invalid { key, .. } => format!("correct the {key}"),
         }
@@ -143,10 +147,12 @@ fn setter(opts: &LoadOptions, key: &str) -> Option<String> {
     if opts.overrides.iter().any(|(k, _)| k == key) {
         return Some(format!("{SET_BY}--set {key}"));
     }
-    let var = format!("BEHEST_AGENT__{}", key.replace('.', "__").to_uppercase());
+    // The `config` crate reads variable names in any case.
+    let var = format!("BEHEST_AGENT__{}", key.replace('.', "__"));
     opts.env
-        .contains_key(&var)
-        .then(|| format!("{SET_BY}environment variable {var}"))
+        .keys()
+        .find(|k| k.eq_ignore_ascii_case(&var))
+        .map(|k| format!("{SET_BY}environment variable {k}"))
 }
 
 /// What to load and from where.
@@ -405,9 +411,10 @@ fn merged(opts: &LoadOptions) -> Result<(Option<PathBuf>, file::FileConfig), Con
     Ok((path, model))
 }
 
-/// `[a-z0-9_]+`: a section or key name with nothing the `config` crate would read as a path.
+/// `[a-z0-9_-]+`: a section, key or profile name with nothing the `config` crate would read as a
+/// path.
 fn plain_key(k: &str) -> bool {
     !k.is_empty()
         && k.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }

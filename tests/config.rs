@@ -511,6 +511,49 @@ fn an_error_in_an_environment_variable_names_the_variable_not_the_file() {
     assert!(msg.contains("config.toml"), "{msg}");
 }
 
+/// The `config` crate reads variable names in any case: an error in one named in lower case names
+/// that variable too, not the file.
+#[test]
+fn an_error_in_a_lower_case_variable_names_it() {
+    let var = "BEHEST_AGENT__proxy__idle_timeout";
+    let err = load_with("", &[(var, "0s")]).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!("environment variable {var}")) && !msg.contains("config.toml"),
+        "{msg}"
+    );
+    assert_eq!(err.fix(), format!("correct the environment variable {var}"));
+}
+
+/// A profile name may hold `-` (`team-b`), and `--set` reaches its keys.
+#[test]
+fn set_reaches_a_profile_whose_name_has_a_dash() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, MINIMAL).unwrap();
+    let load = |value: &str| {
+        config::load(&LoadOptions {
+            path: Some(path.clone()),
+            default_path: None,
+            env: env(&[("AUTH0_CLIENT_SECRET", "s3cret-value")]),
+            overrides: vec![
+                ("profiles.team-b.client_id".into(), "team-b-client".into()),
+                ("profiles.team-b.timeout".into(), value.into()),
+            ],
+        })
+    };
+    let s = load("7s").unwrap();
+    let p = &s.profiles["team-b"];
+    assert_eq!(p.auth.client_id, "team-b-client");
+    assert_eq!(p.auth.timeout, Duration::from_secs(7));
+    let err = load("0s").unwrap_err();
+    assert!(
+        err.to_string().contains("--set profiles.team-b.timeout"),
+        "{err}"
+    );
+    assert_eq!(err.fix(), "correct the --set profiles.team-b.timeout");
+}
+
 #[test]
 fn zero_timeouts_are_refused_naming_the_key() {
     for key in [
