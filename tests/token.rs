@@ -207,6 +207,16 @@ async fn token_without_uid_is_refused_and_the_error_gives_the_auth0_action() {
         source.current().is_none(),
         "a refused token is never served"
     );
+    // With another uid claim configured, the Action sets that one.
+    let source = h.source(
+        &[NO_CACHE, ("BEHEST_AGENT__TOKEN__UID_CLAIM", "client_uid")],
+        clock::system(),
+    );
+    let msg = source.get(Duration::ZERO).await.unwrap_err().to_string();
+    assert!(
+        msg.contains("setCustomClaim(\"client_uid\", event.client.client_id)"),
+        "{msg}"
+    );
 }
 
 #[tokio::test]

@@ -18,10 +18,14 @@ use crate::auth::grant::sanitize;
 use crate::clock::SharedClock;
 use crate::config::{TokenSettings, UidCheck};
 
-/// The Auth0 credentials-exchange Action that sets `uid` (quoted in errors and `doctor`).
-pub const UID_ACTION: &str = r#"exports.onExecuteCredentialsExchange = async (event, api) => {
-  api.accessToken.setCustomClaim("uid", event.client.client_id);
-};"#;
+/// The Auth0 credentials-exchange Action that sets the uid claim `claim` (quoted in errors and
+/// `doctor`).
+fn uid_action(claim: &str) -> String {
+    format!(
+        "exports.onExecuteCredentialsExchange = async (event, api) => {{\n  api.accessToken.setCustomClaim({}, event.client.client_id);\n}};",
+        Value::from(claim)
+    )
+}
 
 /// Why a token is refused (or, for [`CheckError::ClaimMissing`], what is worth a warning). The
 /// message is [`CheckError::problem`] followed by [`CheckError::fix`]; `doctor` prints them apart.
@@ -157,11 +161,13 @@ impl CheckError {
             CheckError::ClientMismatch { .. } => "the cached or issued token belongs to another client: delete token.cache_file if it was copied from elsewhere, and check auth.client_id and auth.domain".into(),
             CheckError::Audience { .. } => "set auth.audience to the Behest API identifier (Auth0: Applications > APIs > the API > Identifier), and authorize the application for that API".into(),
             CheckError::Issuer { .. } => "set auth.domain (Auth0) or auth.issuer (OIDC) to the IdP that issues the token".into(),
-            CheckError::UidMissing { .. } => format!(
-                "add this Action to Auth0's Machine to Machine (credentials exchange) trigger and to that flow:\n{UID_ACTION}\n(or set token.uid_check = \"warn\" to serve such tokens anyway)"
+            CheckError::UidMissing { claim } => format!(
+                "add this Action to Auth0's Machine to Machine (credentials exchange) trigger and to that flow:\n{}\n(or set token.uid_check = \"warn\" to serve such tokens anyway)",
+                uid_action(claim)
             ),
-            CheckError::UidMismatch { .. } => format!(
-                "make the credentials-exchange Action set it to event.client.client_id (or set token.expected_uid if another value is intended):\n{UID_ACTION}"
+            CheckError::UidMismatch { claim, .. } => format!(
+                "make the credentials-exchange Action set it to event.client.client_id (or set token.expected_uid if another value is intended):\n{}",
+                uid_action(claim)
             ),
             CheckError::ClaimMissing { claim } => format!(
                 "set it in the credentials-exchange Action with api.accessToken.setCustomClaim(\"{claim}\", …)"
