@@ -262,6 +262,22 @@ async fn dev_names_listen_in_its_error_and_with_require_key_its_banner_says_a_ke
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("value set by --listen"), "{err}");
     assert!(!err.contains("BEHEST_AGENT__PROXY__LISTEN"), "{err}");
+    // A Unix socket alone is refused before anything starts; so is a token lifetime Auth0 would
+    // never issue.
+    let socket = runtime.path().join("dev.sock");
+    for args in [
+        ["--listen", &format!("unix:{}", socket.display())],
+        ["--token-ttl", "999999h"],
+    ] {
+        let out = agent(runtime.path(), &[&["dev"][..], &args[..]].concat())
+            .output()
+            .await
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(!err.contains("token ready"), "{err}");
+    }
+    assert!(!socket.exists());
 
     let (mut dev, banner) =
         start_dev_with(runtime.path(), &["--set", "proxy.require_key=true"]).await;

@@ -42,11 +42,23 @@ pub struct Args {
     #[arg(long, default_value = "127.0.0.1:8711", value_name = "ADDR")]
     pub listen: String,
     /// Lifetime of the tokens the embedded IdP issues
-    #[arg(long, default_value = "1h", value_name = "DURATION", value_parser = super::parse_lifetime)]
+    #[arg(long, default_value = "1h", value_name = "DURATION", value_parser = token_ttl)]
     pub token_ttl: Duration,
     /// Send one chat completion (plain and streamed) through the proxy, print it and exit
     #[arg(long)]
     pub check: bool,
+}
+
+/// The longest token lifetime Auth0 issues.
+const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+fn token_ttl(s: &str) -> Result<Duration, String> {
+    match super::parse_lifetime(s)? {
+        d if d > MAX_TOKEN_TTL => Err(format!(
+            "`{s}` is longer than 30 days, the longest lifetime Auth0 issues"
+        )),
+        d => Ok(d),
+    }
 }
 
 pub async fn run(g: &Global, args: Args) -> CliResult {
@@ -138,6 +150,20 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
         },
     )
     .map_err(listen_error)?;
+    // The banner's URLs and `--check` are on a TCP address.
+    if !settings
+        .proxy
+        .listen
+        .iter()
+        .any(|a| matches!(a, ListenAddr::Tcp(_)))
+    {
+        return Err(config::ConfigError::Invalid {
+            file: "value set by --listen".to_string(),
+            key: "proxy.listen".to_string(),
+            message: "dev needs a TCP address, such as 127.0.0.1:0".to_string(),
+        }
+        .into());
+    }
     let require_key = settings.proxy.require_key;
     let (app, socket, socket_note) =
         build(settings, &runtime_dir.path().join("agent.sock")).await?;
