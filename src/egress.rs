@@ -66,6 +66,17 @@ impl Egress {
         self.matcher().intercept(dst)
     }
 
+    /// `message`, about a request to `url` that failed, naming the proxy it went through if any.
+    pub fn through(&self, url: &str, message: impl std::fmt::Display) -> String {
+        match url.parse().ok().and_then(|u| self.intercept(&u)) {
+            Some(proxy) => format!(
+                "through the egress proxy {}: {message}",
+                without_credentials(&proxy.uri().to_string())
+            ),
+            None => message.to_string(),
+        }
+    }
+
     /// reqwest's configuration of the same proxies (reqwest builds the same hyper-util matcher
     /// from them, credentials in the URL included); none when direct. Never the environment on
     /// reqwest's own terms.

@@ -390,6 +390,34 @@ async fn a_bad_environment_value_is_said_once_and_a_broken_json_list_is_refused(
     );
 }
 
+/// Behind an egress proxy that cannot be reached, the IdP checks name the proxy, as `token` does.
+#[tokio::test]
+async fn idp_checks_through_an_unreachable_egress_proxy_name_it() {
+    let h = Harness::start().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let proxy = format!("http://127.0.0.1:{port}");
+    let o = Out::of(h.agent(
+        &["doctor"],
+        &[
+            ("BEHEST_AGENT__EGRESS__PROXY", &proxy),
+            ("BEHEST_AGENT__EGRESS__NO_PROXY", "none.invalid"),
+        ],
+    ))
+    .await;
+    assert_eq!(o.code, 1, "{}", o.stdout);
+    for check in ["✗ token endpoint: ", "✗ JWKS: "] {
+        let (_, line) = o.line(check);
+        assert!(
+            line.contains(&format!("through the egress proxy {proxy}")),
+            "{line}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_valid_cached_token_is_checked_without_a_grant() {
     let h = Harness::start().await;

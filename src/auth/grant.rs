@@ -235,19 +235,7 @@ impl Grant {
             },
             RequestTokenError::Request(t) => GrantError::Transport {
                 url: token_url.to_string(),
-                message: match token_url
-                    .as_str()
-                    .parse()
-                    .ok()
-                    .and_then(|u| self.egress.intercept(&u))
-                {
-                    Some(proxy) => format!(
-                        "through the egress proxy {}: {}",
-                        crate::egress::without_credentials(&proxy.uri().to_string()),
-                        t
-                    ),
-                    None => t.to_string(),
-                },
+                message: self.egress.through(token_url.as_str(), t),
             },
             // A 200 body may hold the token: never quote it. Error bodies are quoted, shortened.
             RequestTokenError::Parse(e, body) => {

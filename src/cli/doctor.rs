@@ -306,7 +306,10 @@ async fn check_idp(r: &mut Report, s: &Settings, source: &TokenSource) -> Option
         Err(e) => {
             let e = GrantError::Transport {
                 url: token_url.to_string(),
-                message: describe_reqwest(&e),
+                message: s
+                    .proxy
+                    .egress
+                    .through(token_url.as_str(), describe_reqwest(&e)),
             };
             r.fail("token endpoint", e.problem(), e.fix());
         }
@@ -337,6 +340,11 @@ async fn check_idp(r: &mut Report, s: &Settings, source: &TokenSource) -> Option
                     if n == 1 { "" } else { "s" }
                 ));
                 true
+            }
+            Err(CheckError::JwksDown(m)) => {
+                let m = s.proxy.egress.through(url.as_str(), m);
+                r.refused("JWKS", &CheckError::JwksDown(m));
+                false
             }
             Err(e) => {
                 r.refused("JWKS", &e);

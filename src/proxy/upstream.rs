@@ -53,6 +53,8 @@ pub struct Pool {
     /// For an `http` upstream behind an egress proxy: requests go to the proxy in absolute form,
     /// with this `Proxy-Authorization` when it needs one.
     forward: Option<Option<HeaderValue>>,
+    /// The egress proxy's URL without credentials, when there is one (for errors).
+    via: Option<String>,
     /// The `Host` of HTTP/1.1 requests.
     host: HeaderValue,
     idle_timeout: Duration,
@@ -109,13 +111,15 @@ pub struct Bounds {
     pub connect_timeout: Duration,
 }
 
-/// Opening a connection (TCP, an egress proxy's `CONNECT`, TLS) took longer than allowed.
+/// Opening a connection (TCP, an egress proxy's `CONNECT`, TLS) took longer than allowed; the
+/// egress proxy it went through, if any.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "no connection within {} (proxy.connect_timeout: TCP, any egress proxy's CONNECT and the TLS handshake together)",
+    "{}no connection within {} (proxy.connect_timeout: TCP, any egress proxy's CONNECT and the TLS handshake together)",
+    .1.as_ref().map(|p| format!("through the egress proxy {p}: ")).unwrap_or_default(),
     humantime::format_duration(*.0)
 )]
-pub struct SlowConnect(pub Duration);
+pub struct SlowConnect(pub Duration, pub Option<String>);
 
 enum Connected {
     H1(http1::SendRequest<UpstreamBody>),
@@ -134,6 +138,7 @@ impl Pool {
             dial: route.dial,
             target: route.target,
             forward: route.forward,
+            via: route.via,
             host,
             idle_timeout: bounds.idle_timeout,
             max_idle: bounds.max_idle,
@@ -206,7 +211,7 @@ impl Pool {
         let connecting = self.connector.clone().call(self.dial.clone());
         let io = tokio::time::timeout(self.connect_timeout, connecting)
             .await
-            .map_err(|_| SlowConnect(self.connect_timeout))??;
+            .map_err(|_| SlowConnect(self.connect_timeout, self.via.clone()))??;
         if io.connected().is_negotiated_h2() {
             let (tx, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
@@ -363,6 +368,8 @@ pub struct Route {
     pub dial: Uri,
     pub target: Uri,
     pub forward: Option<Option<HeaderValue>>,
+    /// The egress proxy's URL without credentials, when there is one (for errors).
+    pub via: Option<String>,
 }
 
 impl Route {
@@ -376,6 +383,7 @@ impl Route {
                     dial: target.clone(),
                     target,
                     forward: None,
+                    via: None,
                 },
                 Dial::Direct(tcp),
             )
@@ -383,6 +391,7 @@ impl Route {
         let Some(proxy) = egress.intercept(&target) else {
             return direct(target, tcp);
         };
+        let shown = crate::egress::without_credentials(&proxy.uri().to_string());
         if target.scheme() == Some(&http::uri::Scheme::HTTPS) {
             let mut tunnel = Tunnel::new(proxy.uri().clone(), tcp);
             if let Some(auth) = proxy.basic_auth() {
@@ -392,16 +401,16 @@ impl Route {
                 dial: target.clone(),
                 target,
                 forward: None,
+                via: Some(shown.clone()),
             };
-            let shown = crate::egress::without_credentials(&proxy.uri().to_string());
             return (route, Dial::Tunnel(Box::new(tunnel), shown));
         }
         let route = Route {
             dial: proxy.uri().clone(),
             target,
             forward: Some(proxy.basic_auth().cloned()),
+            via: Some(shown.clone()),
         };
-        let shown = crate::egress::without_credentials(&proxy.uri().to_string());
         (route, Dial::Proxy(tcp, shown))
     }
 }
@@ -499,5 +508,58 @@ mod tests {
             "{e}"
         );
         assert!(!e.contains("pw-secret"), "{e}");
+    }
+
+    /// A proxy that takes the connection but never answers the `CONNECT`: the timeout names it.
+    #[tokio::test]
+    async fn a_connect_timeout_through_the_egress_proxy_names_it() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = silent.local_addr().unwrap().port();
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((s, _)) = silent.accept().await {
+                open.push(s);
+            }
+        });
+        let proxy = SecretString::from(format!("http://127.0.0.1:{port}"));
+        let egress = crate::egress::Egress {
+            http: Some(proxy.clone()),
+            https: Some(proxy),
+            no_proxy: "none.invalid".into(),
+            source: "test".into(),
+        };
+        let (route, dial) = Route::new(
+            Uri::from_static("https://upstream.example/"),
+            &egress,
+            HttpConnector::new(),
+        );
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(crate::tls::client_config(None).unwrap())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(dial);
+        let pool = Pool::new(
+            https,
+            route,
+            HeaderValue::from_static("upstream.example"),
+            Bounds {
+                idle_timeout: Duration::from_secs(60),
+                max_idle: 1,
+                max_connections: 1,
+                permit_wait: Duration::from_secs(1),
+                connect_timeout: Duration::from_millis(200),
+            },
+        );
+        let req = Request::get("https://upstream.example/v1/models")
+            .body(Either::Left(Full::new(Bytes::new())))
+            .unwrap();
+        let e = pool.send(req).await.err().unwrap().to_string();
+        assert!(
+            e.starts_with(&format!(
+                "through the egress proxy http://127.0.0.1:{port}: no connection within 200ms"
+            )),
+            "{e}"
+        );
+        held.abort();
     }
 }
