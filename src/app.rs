@@ -165,8 +165,15 @@ impl Health for State {
         }
     }
 
-    fn ready(&self) -> Result<(), String> {
-        let tokens = self.live().tokens;
+    fn ready(&self, profile: Option<&str>) -> Result<(), String> {
+        let live = self.live();
+        let tokens = match profile {
+            None => live.tokens,
+            Some(name) => match live.all().into_iter().find(|(n, _)| n == name) {
+                Some((_, t)) => t,
+                None => return Err(format!("no profile `{name}`")),
+            },
+        };
         if tokens.is_ready() {
             Ok(())
         } else {

@@ -343,7 +343,7 @@ struct Ready;
 
 impl Health for Ready {
     fn before_scrape(&self, _: &Metrics) {}
-    fn ready(&self) -> Result<(), String> {
+    fn ready(&self, _: Option<&str>) -> Result<(), String> {
         Ok(())
     }
 }

@@ -592,9 +592,12 @@ async fn reloads_add_and_remove_profiles_while_a_stream_to_another_goes_on() {
             .unwrap();
         text.contains("behest_agent_token_ready{profile=\"team-b\"} 1")
     };
+    let readyz = metrics.replace("/metrics", "/readyz?profile=");
     let run = tokio::spawn(app.run_with_reloads(stop.clone(), rx));
     assert_eq!(get(&format!("{origin}/p/team-b/v1/models")).await.0, 200);
     assert!(team_b_ready().await);
+    assert_eq!(get(&format!("{readyz}team-b")).await.0, 200);
+    assert_eq!(get(&format!("{readyz}nope")).await.0, 503);
 
     // A stream on the default profile, held after its first event.
     s.upstream
@@ -632,6 +635,7 @@ async fn reloads_add_and_remove_profiles_while_a_stream_to_another_goes_on() {
         !team_b_ready().await,
         "a removed profile's gauges go with it"
     );
+    assert_eq!(get(&format!("{readyz}team-b")).await.0, 503);
 
     // Add team-b back, and a team-c with the default's client: the default keeps its token.
     s.write_config(&format!(

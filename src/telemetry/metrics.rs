@@ -323,8 +323,9 @@ impl Metrics {
 pub trait Health: Send + Sync + 'static {
     /// Updates time-dependent gauges just before a scrape.
     fn before_scrape(&self, metrics: &Metrics);
-    /// Ready: a valid token is held and the listeners are bound.
-    fn ready(&self) -> Result<(), String>;
+    /// Ready: a valid token is held (by `profile`, else the default profile) and the listeners
+    /// are bound.
+    fn ready(&self, profile: Option<&str>) -> Result<(), String>;
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown`.
@@ -338,7 +339,7 @@ pub async fn serve(
         let (metrics, health) = (metrics.clone(), health.clone());
         hyper::service::service_fn(move |req: Request<Incoming>| {
             let response = if matches!(*req.method(), http::Method::GET | http::Method::HEAD) {
-                route(&metrics, health.as_ref(), req.uri().path())
+                route(&metrics, health.as_ref(), req.uri())
             } else {
                 let mut r = Response::new(Full::new(Bytes::from_static(b"GET or HEAD only\n")));
                 *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
@@ -355,8 +356,8 @@ pub async fn serve(
     crate::server::serve(listeners, crate::server::Limits::LOCAL, make, shutdown).await
 }
 
-fn route(metrics: &Metrics, health: &dyn Health, path: &str) -> Response<Full<Bytes>> {
-    let (status, ctype, body) = match path {
+fn route(metrics: &Metrics, health: &dyn Health, uri: &http::Uri) -> Response<Full<Bytes>> {
+    let (status, ctype, body) = match uri.path() {
         "/metrics" => {
             health.before_scrape(metrics);
             (
@@ -366,7 +367,7 @@ fn route(metrics: &Metrics, health: &dyn Health, path: &str) -> Response<Full<By
             )
         }
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
-        "/readyz" => match health.ready() {
+        "/readyz" => match health.ready(profile(uri).as_deref()) {
             Ok(()) => (StatusCode::OK, "text/plain", "ready\n".to_string()),
             Err(why) => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -385,4 +386,11 @@ fn route(metrics: &Metrics, health: &dyn Health, path: &str) -> Response<Full<By
         .header(http::header::CONTENT_TYPE, ctype)
         .body(Full::new(Bytes::from(body)))
         .expect("a static response builds")
+}
+
+/// The `profile` query parameter, as `/readyz?profile=NAME` on the control socket takes it.
+fn profile(uri: &http::Uri) -> Option<String> {
+    url::form_urlencoded::parse(uri.query()?.as_bytes())
+        .find(|(k, _)| k == "profile")
+        .map(|(_, v)| v.into_owned())
 }
