@@ -554,6 +554,35 @@ fn set_reaches_a_profile_whose_name_has_a_dash() {
     assert_eq!(err.fix(), "correct the --set profiles.team-b.timeout");
 }
 
+/// `[auth]` keys the provider or client authentication in force does not use are said, not
+/// silently dropped.
+#[test]
+fn unused_auth_keys_are_warned_about() {
+    let s = load_with(
+        "",
+        &[
+            ("BEHEST_AGENT__AUTH__ISSUER", "https://other.example/"),
+            ("BEHEST_AGENT__AUTH__SIGNING_ALG", "RS256"),
+        ],
+    )
+    .unwrap();
+    for key in ["auth.issuer", "auth.signing_alg"] {
+        assert!(
+            s.warnings
+                .iter()
+                .any(|w| w.starts_with(&format!("{key} is set but not used"))),
+            "{key}: {:?}",
+            s.warnings
+        );
+    }
+    let s = load_with("", &[]).unwrap();
+    assert!(
+        !s.warnings.iter().any(|w| w.contains("is set but not used")),
+        "{:?}",
+        s.warnings
+    );
+}
+
 #[test]
 fn zero_timeouts_are_refused_naming_the_key() {
     for key in [

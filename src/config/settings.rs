@@ -420,6 +420,7 @@ pub(super) fn validate(
     let auth_file = file.auth.clone();
     let allow_insecure = file.proxy.allow_insecure_upstream.unwrap_or(false);
     let auth = auth(file.auth, origin, &mut warnings)?;
+    warnings.extend(unused_auth_keys(&auth_file, &auth));
     let token = token(file.token, origin, &auth.client_id)?;
     let mut proxy = proxy(file.proxy, origin)?;
     proxy.egress = egress(file.egress, origin, &mut warnings)?;
@@ -668,6 +669,53 @@ fn auth(
         extra_params: extra_params(a.extra_params, origin)?,
         timeout: nonzero(a.timeout, Duration::from_secs(30), "auth.timeout", origin)?,
     })
+}
+
+/// `[auth]` keys set but not used by the provider and client authentication in force: said, not
+/// refused (a profile inherits them and may use them).
+fn unused_auth_keys(a: &AuthFile, s: &AuthSettings) -> Vec<String> {
+    let set = |v: &Option<String>| v.as_deref().is_some_and(|v| !v.trim().is_empty());
+    let mut unused = Vec::new();
+    let mut note = |key: &str, used_with: &str| {
+        unused.push(format!(
+            "auth.{key} is set but not used: it applies only with {used_with}; remove it, or set that if it was meant"
+        ))
+    };
+    match s.provider {
+        Provider::Auth0 => {
+            for (key, v) in [
+                ("issuer", &a.issuer),
+                ("token_url", &a.token_url),
+                ("jwks_url", &a.jwks_url),
+            ] {
+                if set(v) {
+                    note(
+                        key,
+                        "auth.provider = \"oidc\" (Auth0's endpoints follow from auth.domain)",
+                    );
+                }
+            }
+        }
+        Provider::Oidc if set(&a.domain) => note("domain", "auth.provider = \"auth0\""),
+        Provider::Oidc => {}
+    }
+    let jwt = matches!(s.client_auth, ClientAuth::PrivateKeyJwt(_));
+    for (key, v) in [
+        ("private_key_file", &a.private_key_file),
+        ("signing_alg", &a.signing_alg),
+        ("key_id", &a.key_id),
+    ] {
+        if !jwt && set(v) {
+            note(key, "auth.client_auth = \"private_key_jwt\"");
+        }
+    }
+    if jwt && set(&a.client_secret_file) {
+        note(
+            "client_secret_file",
+            "auth.client_auth = \"client_secret_post\" or \"client_secret_basic\"",
+        );
+    }
+    unused
 }
 
 /// Auth0: everything follows from the domain (`auth.domain`, else `AUTH0_DOMAIN`).
