@@ -64,9 +64,10 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, Tls
     Ok(config)
 }
 
-/// What to add to a connection error when the server answered the TLS hello in plain HTTP: rustls
-/// says only "received corrupt message of type InvalidContentType".
-pub fn plain_http_hint(e: &(dyn std::error::Error + 'static)) -> &'static str {
+/// What to add to a connection error whose TLS cause rustls words cryptically: a server that
+/// answered the hello in plain HTTP ("received corrupt message of type InvalidContentType"), or
+/// one that presents a CA certificate as its own ("Other(OtherError(CaUsedAsEndEntity))").
+pub fn tls_hint(e: &(dyn std::error::Error + 'static)) -> &'static str {
     let mut next = Some(e);
     while let Some(e) = next {
         // An `io::Error` shows, but does not give as its source, the error it wraps.
@@ -78,6 +79,12 @@ pub fn plain_http_hint(e: &(dyn std::error::Error + 'static)) -> &'static str {
             e.downcast_ref()
         {
             return " (the server speaks plain HTTP, not TLS: give it an http:// URL)";
+        }
+        if let Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))) =
+            e.downcast_ref()
+            && other.to_string().contains("CaUsedAsEndEntity")
+        {
+            return " (the server presents a CA certificate as its own: it needs a server certificate issued by that CA, with the CA in proxy.ca_file)";
         }
     }
     ""

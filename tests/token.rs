@@ -1547,6 +1547,43 @@ async fn a_fifo_at_the_cache_path_is_no_token_and_no_hang() {
     );
 }
 
+/// A server presenting a CA certificate as its own (`openssl req -x509` makes one by default) is
+/// named as such, not as rustls's `Other(OtherError(CaUsedAsEndEntity))` alone.
+#[tokio::test]
+async fn a_server_presenting_a_ca_certificate_is_named_as_such() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    behest_agent::tls::install_default_provider();
+    let cert = format!("{FIXTURES}/ca-as-server-cert.pem");
+    let certs = CertificateDer::pem_file_iter(&cert).unwrap();
+    let key = PrivateKeyDer::from_pem_file(format!("{FIXTURES}/ca-as-server-key.pem")).unwrap();
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs.map(Result::unwrap).collect(), key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}/", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let _ = acceptor.accept(tcp).await;
+        }
+    });
+    let http = behest_agent::auth::http::client(
+        Duration::from_secs(10),
+        Some(cert.as_ref()),
+        &behest_agent::egress::Egress::default(),
+    )
+    .unwrap();
+    let err = http.get(&url).send().await.unwrap_err();
+    let message = behest_agent::auth::http::describe_reqwest(&err);
+    assert!(
+        message.contains("presents a CA certificate as its own"),
+        "{message}"
+    );
+}
+
 /// An https issuer's discovery document naming a plain-http token endpoint or JWKS (loopback, so
 /// allowed in configuration) is refused: the client secret went to it out of TLS.
 #[tokio::test]

@@ -148,7 +148,7 @@ pub fn describe_reqwest(e: &reqwest::Error) -> String {
         }
         source = s.source();
     }
-    msg.push_str(crate::tls::plain_http_hint(e));
+    msg.push_str(crate::tls::tls_hint(e));
     msg
 }
 

@@ -649,7 +649,7 @@ pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
         }
         source = inner.source();
     }
-    s.push_str(crate::tls::plain_http_hint(e));
+    s.push_str(crate::tls::tls_hint(e));
     s
 }
 
