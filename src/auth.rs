@@ -106,6 +106,8 @@ impl GrantError {
                 }
                 _ => "check the application's settings in the tenant and what the agent asks for (auth.audience, auth.scope, auth.extra_params)".into(),
             },
+            // Only a proxy sends it: an `http` IdP is reached through the egress proxy.
+            GrantError::Http { status: 407, .. } => "the egress proxy wants other credentials: check the user in egress.proxy and egress.proxy_password_file (or the ones in HTTPS_PROXY / http_proxy)".into(),
             GrantError::Http { .. } => format!(
                 "check {IDP_KEYS} names the IdP itself, not a proxy or a web page; if the IdP is down, try again later"
             ),

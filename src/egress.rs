@@ -12,6 +12,10 @@
 use hyper_util::client::proxy::matcher::{Intercept, Matcher};
 use secrecy::{ExposeSecret, SecretString};
 
+/// What to add to an error when the egress proxy answered a `CONNECT` with an error status:
+/// hyper-util (and reqwest with it) says only "unsuccessful".
+pub const CONNECT_REFUSED: &str = " (the egress proxy answered the CONNECT with an error status: does it let this machine reach that host? is egress.proxy_password_file right?)";
+
 /// The proxies in force, resolved from `[egress]` or the environment.
 #[derive(Clone, Default)]
 pub struct Egress {

@@ -234,6 +234,57 @@ async fn a_wrong_proxy_password_is_a_clear_grant_error() {
     assert_eq!(rig.h.idp.token_requests(), 0, "nothing reached the IdP");
 }
 
+/// A proxy that answers every request with `status`: for each connection, reads a head and
+/// answers, closing after.
+async fn answering_proxy(status: &'static str) -> String {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if crate::util::read_head(&mut s).await.is_some() {
+                    let answer = format!(
+                        "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    );
+                    let _ = s.write_all(answer.as_bytes()).await;
+                }
+            });
+        }
+    });
+    url
+}
+
+/// A proxy's refusal says what to check about the proxy: a 407 to an `http` IdP's request is not
+/// the IdP's answer, and a `CONNECT` refused (which reqwest words as "unsuccessful") gets a hint.
+#[tokio::test]
+async fn a_proxys_refusal_says_to_check_the_proxy() {
+    let proxy = answering_proxy("407 Proxy Authentication Required").await;
+    let via = egress(&proxy, "");
+    let rig = Rig::builder().proxy(move |p| p.egress = via).start().await;
+    let err = rig
+        .tokens
+        .get(Duration::ZERO)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("HTTP 407") && err.contains("egress.proxy_password_file"),
+        "{err}"
+    );
+    assert!(!err.contains("names the IdP itself"), "{err}");
+
+    let proxy = answering_proxy("403 Forbidden").await;
+    let http = behest_agent::auth::http::client(Duration::from_secs(10), None, &egress(&proxy, ""))
+        .unwrap();
+    let err = http.get("https://idp.example/").send().await.unwrap_err();
+    let message = behest_agent::auth::http::describe_reqwest(&err);
+    assert!(
+        message.contains("answered the CONNECT with an error status"),
+        "{message}"
+    );
+}
+
 #[tokio::test]
 async fn no_proxy_destinations_are_reached_directly() {
     let tp = Tinyproxy::start(None).await;

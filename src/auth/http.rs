@@ -149,6 +149,9 @@ pub fn describe_reqwest(e: &reqwest::Error) -> String {
         source = s.source();
     }
     msg.push_str(crate::tls::tls_hint(e));
+    if msg.ends_with("tunnel error: unsuccessful") {
+        msg.push_str(crate::egress::CONNECT_REFUSED);
+    }
     msg
 }
 

@@ -460,10 +460,8 @@ impl Service<Uri> for Dial {
                 let proxy = proxy.clone();
                 Box::pin(async move {
                     connecting.await.map_err(|e| {
-                        // hyper-util says only "unsuccessful" for a CONNECT answered with an
-                        // error status.
                         let hint = if e.to_string().contains("unsuccessful") {
-                            ": it answered the CONNECT with an error status (does it let this machine reach the upstream? is egress.proxy_password_file right?)"
+                            crate::egress::CONNECT_REFUSED
                         } else {
                             ""
                         };
