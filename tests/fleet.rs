@@ -18,7 +18,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
 
 use crate::redis_server::RedisServer;
-use crate::util::{Harness, Start, devkit_now, eventually, logs};
+use crate::util::{FIXTURES, Harness, Start, devkit_now, eventually, logs};
 
 /// The `[fleet]` keys of a test agent using `redis`, plus `extra`.
 fn fleet_env<'a>(redis: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
@@ -434,8 +434,6 @@ async fn an_acl_user_with_its_password_from_a_file_is_enough() {
     assert_eq!(d.status().state, "unreachable");
     h.assert_no_secrets_logged();
 }
-
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
 
 #[tokio::test]
 async fn rediss_verifies_the_server_against_the_configured_ca() {

@@ -36,8 +36,6 @@ use crate::util::{AUDIENCE, Harness, Start};
 pub const HANG: Duration = Duration::from_secs(20);
 /// The upstream's base path: every forwarded request must stay under it.
 pub const BASE: &str = "/base";
-/// The test CA, and the upstream certificate it signed for 127.0.0.1.
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
 
 pub async fn within<F: Future>(f: F) -> F::Output {
     tokio::time::timeout(HANG, f).await.expect("the test hung")
@@ -160,7 +158,8 @@ impl RigBuilder {
             ("BEHEST_AGENT__PROXY__ALLOW_INSECURE_UPSTREAM", "true"),
         ]);
         if self.alpn.is_some() {
-            settings.proxy.ca_file = Some(format!("{FIXTURES}/upstream-ca.pem").into());
+            settings.proxy.ca_file =
+                Some(format!("{}/upstream-ca.pem", crate::util::FIXTURES).into());
         }
         (self.proxy)(&mut settings.proxy);
         let tokens = TokenSource::new(&settings, clock::system()).expect("the token source");
@@ -189,15 +188,7 @@ impl RigBuilder {
 
 /// The echo upstream behind TLS with `alpn`, each connection served by hyper as ALPN decided.
 async fn serve_tls(opts: UpstreamOptions, alpn: Vec<Vec<u8>>) -> (Upstream, DropGuard) {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    behest_agent::tls::install_default_provider();
-    let certs = CertificateDer::pem_file_iter(format!("{FIXTURES}/upstream-cert.pem")).unwrap();
-    let key = PrivateKeyDer::from_pem_file(format!("{FIXTURES}/upstream-key.pem")).unwrap();
-    let mut config = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(certs.map(Result::unwrap).collect(), key)
-        .unwrap();
+    let mut config = crate::util::tls_server_config("upstream-cert.pem", "upstream-key.pem");
     config.alpn_protocols = alpn;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -1551,17 +1551,9 @@ async fn a_fifo_at_the_cache_path_is_no_token_and_no_hang() {
 /// named as such, not as rustls's `Other(OtherError(CaUsedAsEndEntity))` alone.
 #[tokio::test]
 async fn a_server_presenting_a_ca_certificate_is_named_as_such() {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
-    behest_agent::tls::install_default_provider();
+    use crate::util::{FIXTURES, tls_server_config};
+    let config = tls_server_config("ca-as-server-cert.pem", "ca-as-server-key.pem");
     let cert = format!("{FIXTURES}/ca-as-server-cert.pem");
-    let certs = CertificateDer::pem_file_iter(&cert).unwrap();
-    let key = PrivateKeyDer::from_pem_file(format!("{FIXTURES}/ca-as-server-key.pem")).unwrap();
-    let config = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(certs.map(Result::unwrap).collect(), key)
-        .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://{}/", listener.local_addr().unwrap());
@@ -1588,18 +1580,10 @@ async fn a_server_presenting_a_ca_certificate_is_named_as_such() {
 /// allowed in configuration) is refused: the client secret went to it out of TLS.
 #[tokio::test]
 async fn an_https_issuer_naming_plain_http_endpoints_is_refused() {
+    use crate::util::{FIXTURES, tls_server_config};
     use behest_agent::auth::endpoints;
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
-    behest_agent::tls::install_default_provider();
-    let certs = CertificateDer::pem_file_iter(format!("{FIXTURES}/upstream-cert.pem")).unwrap();
-    let key = PrivateKeyDer::from_pem_file(format!("{FIXTURES}/upstream-key.pem")).unwrap();
-    let config = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(certs.map(Result::unwrap).collect(), key)
-        .unwrap();
+    let config = tls_server_config("upstream-cert.pem", "upstream-key.pem");
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let issuer = format!(

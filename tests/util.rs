@@ -22,6 +22,23 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 pub const AUDIENCE: &str = "https://api.behest.test";
 
+/// The test certificates: a CA, a server certificate for 127.0.0.1 it issued, and one that is its
+/// own CA.
+pub const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+
+/// A TLS server configuration with the certificate chain and key in these fixture files.
+pub fn tls_server_config(cert: &str, key: &str) -> rustls::ServerConfig {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    behest_agent::tls::install_default_provider();
+    let certs = CertificateDer::pem_file_iter(format!("{FIXTURES}/{cert}")).unwrap();
+    let key = PrivateKeyDer::from_pem_file(format!("{FIXTURES}/{key}")).unwrap();
+    rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs.map(Result::unwrap).collect(), key)
+        .unwrap()
+}
+
 /// The devkit servers' limits: a local server's, with room for as many connections as the proxy
 /// accepts by default, so a burst through the proxy never waits in the upstream's backlog.
 const LIMITS: Limits = Limits {
