@@ -3,7 +3,7 @@
 //! token (its `/readyz`), 1 at the timeout with the last reason it was not ready on stderr, or
 //! at once when the daemon's grant failed in a way only a configuration change fixes (a wrong
 //! secret: waiting longer would not help), when this user may not use the daemon's socket, or
-//! when the process `--pid` names has exited. Polls every [`POLL`]; no poll outlives the timeout.
+//! when the process `--pid` names has exited. Polls every [`POLL`], the last time at the timeout.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -53,7 +53,8 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     let mut last = "the control socket did not answer in time".to_string();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        match timeout(left.min(ATTEMPT), ready(g, &socket)).await {
+        // The last poll, at the deadline, still gets one POLL to be answered.
+        match timeout(left.max(POLL).min(ATTEMPT), ready(g, &socket)).await {
             Ok(Ok(())) => return Ok(ExitCode::SUCCESS),
             Ok(Err(NotReady::Fix(error))) => return Err(error.into()),
             Ok(Err(NotReady::Yet(reason))) => last = reason,
@@ -69,14 +70,15 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
             )
             .into());
         }
-        if Instant::now() + POLL >= deadline {
+        let now = Instant::now();
+        if now >= deadline {
             return Err(anyhow!(
                 "the daemon was not ready within {}: {last}",
                 humantime::format_duration(args.timeout)
             )
             .into());
         }
-        sleep(POLL).await;
+        sleep(POLL.min(deadline - now)).await;
     }
 }
 
