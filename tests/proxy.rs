@@ -250,6 +250,43 @@ async fn exec_without_a_daemon_serves_its_own_proxy_and_passes_the_exit_status()
     s.finish().await;
 }
 
+/// A grant only a configuration change fixes (a wrong secret) fails `exec` before the command
+/// runs, as the Action and the GitLab template fail; an IdP that cannot be reached does not
+/// (the proxy retries while the command runs).
+#[tokio::test]
+async fn exec_without_a_daemon_does_not_run_the_command_with_a_wrong_secret() {
+    let s = stack().await;
+    std::fs::write(s.h.path("client-secret"), "wrong-secret-value\n").unwrap();
+    let ran = s.h.path("ran");
+    let out =
+        s.h.agent_with_upstream(
+            &s.upstream.base_url(),
+            &["exec", "--", "touch", ran.to_str().unwrap()],
+            &[],
+        )
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("invalid_client"), "{stderr}");
+    assert!(!ran.exists(), "the command ran");
+
+    s.h.stop_idp().await;
+    let out =
+        s.h.agent_with_upstream(
+            &s.upstream.base_url(),
+            &["exec", "--", "touch", ran.to_str().unwrap()],
+            &[],
+        )
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(ran.exists(), "the command ran while the IdP was down");
+    s.finish().await;
+}
+
 #[tokio::test]
 async fn key_create_says_when_the_daemon_asks_for_no_key() {
     let s = stack().await;

@@ -104,7 +104,16 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
         ));
         own_accounting = Some(app.accounting());
         own_keys = app.keys();
+        let tokens = app.tokens();
         own_agent = Some(tokio::spawn(app.run(shutdown.clone())));
+        // A grant only a configuration change fixes (a wrong secret) fails the command before
+        // it runs, as the GitHub Action and the GitLab template do; any other failure is the
+        // proxy's to retry while the command runs.
+        if let Err(e) = tokens.get(Duration::ZERO).await
+            && tokens.needs_a_fix()
+        {
+            return Err(anyhow::anyhow!("{e}").into());
+        }
         _runtime_dir = Some(dir);
         addr
     };
