@@ -51,6 +51,9 @@ pub enum GrantError {
 /// The keys that say where the IdP is, for remedies that cannot know which one is in use.
 const IDP_KEYS: &str = "auth.domain (or auth.issuer / auth.token_url)";
 
+/// The fix when the IdP refused the client's own credentials.
+const CREDENTIALS_FIX: &str = "check auth.client_id and the client secret: they must be the machine-to-machine application's Client ID and Client Secret (Auth0: Applications > the application > Settings); with private_key_jwt, its public key must be registered with the application (Auth0: Applications > the application > Credentials) and auth.key_id must name it";
+
 impl GrantError {
     /// What went wrong, without the remedy.
     pub fn problem(&self) -> String {
@@ -92,7 +95,7 @@ impl GrantError {
             } => match self.refused_credentials().unwrap_or(error.as_str()) {
                 "unauthorized_client" => "enable the client-credentials grant for the application (Auth0: Applications > the application > Advanced Settings > Grant Types > Client Credentials)".into(),
                 "access_denied" => "set auth.audience to the Behest API's identifier if it is not set, authorize the application for that API (Auth0: Applications > APIs > the API > Machine to Machine Applications), and check auth.audience is that API's identifier".into(),
-                "invalid_client" => "check auth.client_id and the client secret: they must be the machine-to-machine application's Client ID and Client Secret (Auth0: Applications > the application > Settings); with private_key_jwt, its public key must be registered with the application (Auth0: Applications > the application > Credentials) and auth.key_id must name it".into(),
+                "invalid_client" => CREDENTIALS_FIX.into(),
                 "invalid_scope" => "ask only for scopes the API grants this application (auth.scope), or remove auth.scope".into(),
                 "invalid_target" => "auth.resource is not a resource this IdP knows: correct it, or use auth.audience".into(),
                 "too_many_requests" => format!(
@@ -106,6 +109,8 @@ impl GrantError {
                 }
                 _ => "check the application's settings in the tenant and what the agent asks for (auth.audience, auth.scope, auth.extra_params)".into(),
             },
+            // A token endpoint's 401 without an OAuth2 body: still the client's authentication.
+            GrantError::Http { status: 401, .. } => CREDENTIALS_FIX.into(),
             // Only a proxy sends it: an `http` IdP is reached through the egress proxy.
             GrantError::Http { status: 407, .. } => "the egress proxy wants other credentials: check the user in egress.proxy and egress.proxy_password_file (or the ones in HTTPS_PROXY / http_proxy)".into(),
             GrantError::Http { .. } => format!(

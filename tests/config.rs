@@ -563,10 +563,20 @@ fn unused_auth_keys_are_warned_about() {
         &[
             ("BEHEST_AGENT__AUTH__ISSUER", "https://other.example/"),
             ("BEHEST_AGENT__AUTH__SIGNING_ALG", "RS256"),
+            ("BEHEST_AGENT__PROFILES__P1__CLIENT_ID", "p1-client"),
+            ("BEHEST_AGENT__PROFILES__P1__KEY_ID", "k1"),
         ],
     )
     .unwrap();
-    for key in ["auth.issuer", "auth.signing_alg"] {
+    // A profile's own keys, not what it inherits from [auth].
+    assert!(
+        !s.warnings
+            .iter()
+            .any(|w| w.starts_with("profiles.p1.issuer")),
+        "{:?}",
+        s.warnings
+    );
+    for key in ["auth.issuer", "auth.signing_alg", "profiles.p1.key_id"] {
         assert!(
             s.warnings
                 .iter()
@@ -581,6 +591,29 @@ fn unused_auth_keys_are_warned_about() {
         "{:?}",
         s.warnings
     );
+}
+
+/// Text that looks like a JSON list must be one of strings; an IPv6 address in brackets is not a
+/// list.
+#[test]
+fn list_values_that_look_like_json_must_be_json_lists_of_strings() {
+    for bad in ["[1]", "[tid, pid]", "['tid']", r#"["tid",1]"#] {
+        let msg = load_with("", &[("BEHEST_AGENT__TOKEN__REQUIRED_CLAIMS", bad)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("token.required_claims") && msg.contains("not a JSON list"),
+            "{bad}: {msg}"
+        );
+    }
+    let s = load_with(
+        "",
+        &[("BEHEST_AGENT__TOKEN__REQUIRED_CLAIMS", r#"["tid", "org"]"#)],
+    )
+    .unwrap();
+    assert_eq!(s.token.required_claims, ["tid", "org"]);
+    let s = load_with("", &[("BEHEST_AGENT__PROXY__LISTEN", "[::1]:8799")]).unwrap();
+    assert_eq!(s.proxy.listen.len(), 1);
 }
 
 #[test]

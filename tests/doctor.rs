@@ -270,6 +270,10 @@ async fn a_401_access_denied_is_fixed_by_the_credentials_and_a_403_by_the_api() 
     assert!(!fix.contains("auth.audience"), "{fix}");
     let o = Out::of(h.agent(&["token"], &[])).await;
     assert!(o.stderr.contains("Client Secret"), "{}", o.stderr);
+    // A 401 without an OAuth2 body is about the credentials too (RFC 6749 §5.2).
+    h.idp.set_fault(Some(Fault::Status(401)));
+    let o = Out::of(h.agent(&["token"], &[])).await;
+    assert!(o.stderr.contains("Client Secret"), "{}", o.stderr);
 
     h.idp
         .set_fault(Some(refuse(403, "Service not found: https://nope")));

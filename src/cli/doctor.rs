@@ -836,7 +836,10 @@ async fn check_upstream(r: &mut Report, s: &Settings, token: Option<&SecretStrin
         Err(e) => {
             r.fail(
                 what,
-                format!("unreachable: {}", describe_reqwest(&e)),
+                format!(
+                    "unreachable: {}",
+                    s.proxy.egress.through(&url, describe_reqwest(&e))
+                ),
                 "check proxy.upstream (Behest's base URL) and that this machine reaches it (DNS, firewall, and the egress proxy shown above when one is in use: [egress] or HTTPS_PROXY / NO_PROXY); for an upstream behind a private CA, set proxy.ca_file",
             );
             return;

@@ -241,13 +241,17 @@ impl<'de> Deserialize<'de> for OneOrMany {
     }
 }
 
-/// Text that opens like a JSON list of strings (`["`) must be one: `["tid",1]` is refused rather
-/// than read as the items `["tid"` and `1]`.
+/// Text that looks like a JSON list (`["…`, or `[…]` around anything but an IPv6 address) must be
+/// one of strings: `["tid",1]` or `[tid, pid]` is refused rather than read as the items `["tid"`
+/// and `1]`.
 fn json_list<E: de::Error>(text: &str) -> Result<(), E> {
-    let opens = text
-        .trim_start()
-        .strip_prefix('[')
-        .is_some_and(|rest| rest.trim_start().starts_with('"'));
+    let Some(rest) = text.trim().strip_prefix('[') else {
+        return Ok(());
+    };
+    let opens = rest.trim_start().starts_with('"')
+        || rest
+            .strip_suffix(']')
+            .is_some_and(|inner| inner.parse::<std::net::Ipv6Addr>().is_err());
     match serde_json::from_str::<Vec<String>>(text) {
         Err(e) if opens => Err(E::custom(format!(
             "`{text}` is not a JSON list of strings ({e}); write [\"a\", \"b\"], or a,b"

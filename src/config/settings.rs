@@ -420,7 +420,7 @@ pub(super) fn validate(
     let auth_file = file.auth.clone();
     let allow_insecure = file.proxy.allow_insecure_upstream.unwrap_or(false);
     let auth = auth(file.auth, origin, &mut warnings)?;
-    warnings.extend(unused_auth_keys(&auth_file, &auth));
+    warnings.extend(unused_auth_keys(&auth_file, &auth, "auth"));
     let token = token(file.token, origin, &auth.client_id)?;
     let mut proxy = proxy(file.proxy, origin)?;
     proxy.egress = egress(file.egress, origin, &mut warnings)?;
@@ -511,7 +511,9 @@ fn profile(
         Some(u) => Some(upstream(&u, allow_insecure, origin).map_err(rename)?),
         None => proxy.upstream.clone(),
     };
+    let own = p.clone().over(&AuthFile::default());
     let auth = auth(p.over(auth_file), origin, warnings).map_err(rename)?;
+    warnings.extend(unused_auth_keys(&own, &auth, &format!("profiles.{name}")));
     let mut token = token.clone();
     token.client_id = auth.client_id.clone();
     token.expected_uid = auth.client_id.clone();
@@ -671,14 +673,14 @@ fn auth(
     })
 }
 
-/// `[auth]` keys set but not used by the provider and client authentication in force: said, not
-/// refused (a profile inherits them and may use them).
-fn unused_auth_keys(a: &AuthFile, s: &AuthSettings) -> Vec<String> {
+/// Keys of `a` (`[auth]`, or a profile's own) set but not used by the provider and client
+/// authentication in force: said, not refused (a profile inherits `[auth]`'s and may use them).
+fn unused_auth_keys(a: &AuthFile, s: &AuthSettings, section: &str) -> Vec<String> {
     let set = |v: &Option<String>| v.as_deref().is_some_and(|v| !v.trim().is_empty());
     let mut unused = Vec::new();
     let mut note = |key: &str, used_with: &str| {
         unused.push(format!(
-            "auth.{key} is set but not used: it applies only with {used_with}; remove it, or set that if it was meant"
+            "{section}.{key} is set but not used: it applies only with {used_with}; remove it, or set that if it was meant"
         ))
     };
     match s.provider {
@@ -691,12 +693,16 @@ fn unused_auth_keys(a: &AuthFile, s: &AuthSettings) -> Vec<String> {
                 if set(v) {
                     note(
                         key,
-                        "auth.provider = \"oidc\" (Auth0's endpoints follow from auth.domain)",
+                        &format!(
+                            "{section}.provider = \"oidc\" (Auth0's endpoints follow from the domain)"
+                        ),
                     );
                 }
             }
         }
-        Provider::Oidc if set(&a.domain) => note("domain", "auth.provider = \"auth0\""),
+        Provider::Oidc if set(&a.domain) => {
+            note("domain", &format!("{section}.provider = \"auth0\""))
+        }
         Provider::Oidc => {}
     }
     let jwt = matches!(s.client_auth, ClientAuth::PrivateKeyJwt(_));
@@ -706,13 +712,13 @@ fn unused_auth_keys(a: &AuthFile, s: &AuthSettings) -> Vec<String> {
         ("key_id", &a.key_id),
     ] {
         if !jwt && set(v) {
-            note(key, "auth.client_auth = \"private_key_jwt\"");
+            note(key, &format!("{section}.client_auth = \"private_key_jwt\""));
         }
     }
     if jwt && set(&a.client_secret_file) {
         note(
             "client_secret_file",
-            "auth.client_auth = \"client_secret_post\" or \"client_secret_basic\"",
+            &format!("{section}.client_auth = \"client_secret_post\" or \"client_secret_basic\""),
         );
     }
     unused
