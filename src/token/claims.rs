@@ -165,8 +165,10 @@ impl CheckError {
                 "add this Action to Auth0's Machine to Machine (credentials exchange) trigger and to that flow:\n{}\n(or set token.uid_check = \"warn\" to serve such tokens anyway)",
                 uid_action(claim)
             ),
-            CheckError::UidMismatch { claim, .. } => format!(
-                "make the credentials-exchange Action set it to event.client.client_id (or set token.expected_uid if another value is intended):\n{}",
+            CheckError::UidMismatch {
+                claim, expected, ..
+            } => format!(
+                "make the credentials-exchange Action set it to `{expected}` (event.client.client_id, unless token.expected_uid names another value), or correct token.expected_uid:\n{}",
                 uid_action(claim)
             ),
             CheckError::ClaimMissing { claim } => format!(
