@@ -989,6 +989,39 @@ async fn client_disconnect_cancels_the_upstream_request() {
     .await;
 }
 
+/// A request waiting for an upstream connection when all are taken gets the first one that goes
+/// back idle (it waited for one to close, which an idle pooled connection does not do for 30 s,
+/// and got 503 `upstream_busy`).
+#[tokio::test]
+async fn a_request_waiting_for_an_upstream_connection_gets_one_that_goes_back_idle() {
+    let rig = Rig::with(|s| {
+        s.max_upstream_connections = 1;
+        s.connect_timeout = Duration::from_secs(10);
+    })
+    .await;
+    rig.up
+        .fail_next(1, UpstreamFault::PauseStream { after_events: 1 });
+    let resp = rig.send(stream_request(&rig)).await;
+    let mut body = resp.into_body();
+    let mut seen = Vec::new();
+    read_until(&mut body, &mut seen, b"\n\n").await;
+    // A second request finds the one connection taken, and waits.
+    let req = rig
+        .request("GET", "/v1/models")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    let waiting = tokio::spawn(send_on(TcpStream::connect(rig.addr).await.unwrap(), req));
+    eventually(HANG, "the second request in flight", || {
+        rig.stat(&["in_flight"]) == 2
+    })
+    .await;
+    rig.up.resume_stream();
+    read_until(&mut body, &mut seen, b"data: [DONE]\n\n").await;
+    assert!(within(body.frame()).await.is_none());
+    assert_eq!(within(waiting).await.unwrap().status(), 200);
+    assert_eq!(rig.up.connections(), 1, "the same connection served both");
+}
+
 #[tokio::test]
 async fn a_client_leaving_mid_stream_cancels_it_upstream_and_its_connection_is_not_reused() {
     let rig = Rig::start().await;

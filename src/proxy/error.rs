@@ -17,7 +17,7 @@ pub enum ProxyError {
     /// The upstream could not be connected to, or the exchange with it failed.
     #[error("cannot reach the upstream {authority}: {reason}")]
     UpstreamUnreachable { authority: String, reason: String },
-    /// Every upstream connection was in use and none closed within `proxy.connect_timeout`.
+    /// Every upstream connection was in use and none came free within `proxy.connect_timeout`.
     #[error(
         "all {limit} upstream connections (proxy.max_upstream_connections) are in use and none came free within {waited} (proxy.connect_timeout); retry later, or raise proxy.max_upstream_connections"
     )]

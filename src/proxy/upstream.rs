@@ -9,7 +9,7 @@
 //!
 //! At most `max_connections` upstream connections are open at once: each holds a semaphore permit
 //! until it has closed (its task owns the permit). A request that needs a new connection when all
-//! are taken waits up to `connect_timeout` for one to close, then fails with [`Busy`].
+//! are taken waits up to `connect_timeout` for one to go back idle or close, then fails with [`Busy`].
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -29,7 +29,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::proxy::Tunnel;
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -68,7 +68,15 @@ pub struct Pool {
     connect_timeout: Duration,
     /// Oldest first, each with the time it went idle.
     idle: Mutex<Vec<(http1::SendRequest<UpstreamBody>, Instant)>>,
+    /// Told when a connection goes back idle: a request waiting for a slot takes it.
+    returned: Notify,
     h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
+}
+
+/// Where a request goes out: an idle connection, or a new one under this permit.
+enum Slot {
+    Idle(http1::SendRequest<UpstreamBody>),
+    New(OwnedSemaphorePermit),
 }
 
 /// An HTTP/1.1 connection lent to one request; [`Lease::release`] gives it back.
@@ -87,12 +95,12 @@ impl Lease {
     }
 }
 
-/// Every upstream connection is taken and none closed within the connect timeout.
+/// Every upstream connection is taken and none came free within the connect timeout.
 #[derive(Debug, thiserror::Error)]
 #[error("all {limit} upstream connections are in use")]
 pub struct Busy {
     pub limit: usize,
-    /// How long the request waited for one to close.
+    /// How long the request waited for one.
     pub waited: Duration,
 }
 
@@ -147,6 +155,7 @@ impl Pool {
             permit_wait: bounds.permit_wait,
             connect_timeout: bounds.connect_timeout,
             idle: Mutex::default(),
+            returned: Notify::new(),
             h2: Mutex::default(),
         });
         tokio::spawn(close_idle(Arc::downgrade(&pool)));
@@ -165,7 +174,29 @@ impl Pool {
         if let Some(mut h2) = self.shared_h2() {
             return Ok((h2.send_request(req).await?, None));
         }
-        if let Some(mut tx) = self.take_idle() {
+        let mut next = self.take_idle().map(Slot::Idle);
+        loop {
+            let slot = match next.take() {
+                Some(slot) => slot,
+                None => self.slot().await?,
+            };
+            let mut tx = match slot {
+                Slot::Idle(tx) => tx,
+                // Connecting (TCP, TLS, the handshake) is a large future, boxed so that it does
+                // not weigh on every request's.
+                Slot::New(permit) => {
+                    return match Box::pin(self.connect(permit)).await? {
+                        Connected::H1(mut tx) => {
+                            let resp = tx.send_request(self.h1_form(req)).await?;
+                            Ok((resp, Some(self.lease(tx))))
+                        }
+                        Connected::H2(mut tx) => {
+                            *self.h2.lock().expect("h2 lock") = Some(tx.clone());
+                            Ok((tx.send_request(req).await?, None))
+                        }
+                    };
+                }
+            };
             let again = repeatable(&req);
             match tx.try_send_request(self.h1_form(req)).await {
                 Ok(resp) => return Ok((resp, Some(self.lease(tx)))),
@@ -176,18 +207,34 @@ impl Pool {
                 },
             }
         }
-        // Connecting (TCP, TLS, the handshake) is a large future, boxed so that it does not weigh on
-        // every request's.
-        match Box::pin(self.connect()).await? {
-            Connected::H1(mut tx) => {
-                let resp = tx.send_request(self.h1_form(req)).await?;
-                Ok((resp, Some(self.lease(tx))))
+    }
+
+    /// An idle connection, else a permit for a new one; when every connection is taken, whichever
+    /// comes first of one going back idle and one closing, waiting up to `permit_wait`.
+    async fn slot(&self) -> Result<Slot, Busy> {
+        let wait = async {
+            loop {
+                // Asked for before looking, so a connection put back in between is not missed.
+                let returned = self.returned.notified();
+                tokio::pin!(returned);
+                returned.as_mut().enable();
+                if let Some(tx) = self.take_idle() {
+                    return Slot::Idle(tx);
+                }
+                tokio::select! {
+                    permit = self.permits.clone().acquire_owned() => {
+                        return Slot::New(permit.expect("the semaphore is never closed"));
+                    }
+                    () = returned => {}
+                }
             }
-            Connected::H2(mut tx) => {
-                *self.h2.lock().expect("h2 lock") = Some(tx.clone());
-                Ok((tx.send_request(req).await?, None))
-            }
-        }
+        };
+        tokio::time::timeout(self.permit_wait, wait)
+            .await
+            .map_err(|_| Busy {
+                limit: self.max_connections,
+                waited: self.permit_wait,
+            })
     }
 
     /// Upstream connections open (or being opened) now.
@@ -206,8 +253,7 @@ impl Pool {
         req
     }
 
-    async fn connect(&self) -> Result<Connected, BoxError> {
-        let permit = self.permit().await?;
+    async fn connect(&self, permit: OwnedSemaphorePermit) -> Result<Connected, BoxError> {
         let connecting = self.connector.clone().call(self.dial.clone());
         let io = tokio::time::timeout(self.connect_timeout, connecting)
             .await
@@ -237,18 +283,6 @@ impl Pool {
             }
         });
         Ok(Connected::H1(tx))
-    }
-
-    /// A permit for one more connection, waiting up to `permit_wait` for one to close.
-    async fn permit(&self) -> Result<OwnedSemaphorePermit, Busy> {
-        let acquire = self.permits.clone().acquire_owned();
-        match tokio::time::timeout(self.permit_wait, acquire).await {
-            Ok(permit) => Ok(permit.expect("the semaphore is never closed")),
-            Err(_) => Err(Busy {
-                limit: self.max_connections,
-                waited: self.permit_wait,
-            }),
-        }
     }
 
     fn shared_h2(&self) -> Option<http2::SendRequest<UpstreamBody>> {
@@ -300,6 +334,8 @@ impl Pool {
         let mut idle = self.idle.lock().expect("idle lock");
         if idle.len() < self.max_idle {
             idle.push((tx, Instant::now()));
+            drop(idle);
+            self.returned.notify_one();
         }
     }
 }
