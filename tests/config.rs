@@ -391,7 +391,13 @@ fn the_documented_example_config_is_valid_and_complete() {
         env: env(&[("AUTH0_CLIENT_SECRET", "s3cret-value")]),
         overrides: vec![],
     });
-    r.expect("config/behest-agent.toml loads");
+    let s = r.expect("config/behest-agent.toml loads");
+    // A user's first start with it is quiet: it sets no key the agent would warn about.
+    assert!(
+        !s.warnings.iter().any(|w| w.contains("is set but not used")),
+        "{:?}",
+        s.warnings
+    );
 }
 
 fn load_with(toml: &str, pairs: &[(&str, &str)]) -> Result<config::Settings, ConfigError> {

@@ -294,4 +294,23 @@ async fn dev_names_listen_in_its_error_and_with_require_key_its_banner_says_a_ke
     assert_eq!(chat(base, Some(key.trim())).await, 200);
     signal(&dev, nix::sys::signal::Signal::SIGTERM);
     exits_cleanly(&mut dev).await;
+    // The key went with the run, not into the user's keys file; `--check` makes its own.
+    let state = runtime.path().join(".local/state/behest-agent/keys.json");
+    assert!(!state.exists(), "dev wrote {}", state.display());
+    let out = agent(
+        runtime.path(),
+        &[
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--set",
+            "proxy.require_key=true",
+            "--check",
+        ],
+    )
+    .output()
+    .await
+    .unwrap();
+    succeeded("dev --check with require_key", &out);
+    assert!(!state.exists(), "dev --check wrote {}", state.display());
 }

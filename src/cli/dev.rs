@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::{CliResult, Global};
 use crate::app::{App, StartError};
 use crate::config::{self, ListenAddr, LoadOptions, Settings};
+use crate::keys::NewKey;
 use crate::server::{self, Limits, Listener};
 
 /// The API identifier the embedded IdP issues tokens for.
@@ -107,6 +108,12 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
         ("BEHEST_AGENT__TOKEN__CACHE_FILE", String::new()),
         // Counted in memory (`usage` shows it), never in the machine's ledger.
         ("BEHEST_AGENT__USAGE__LEDGER_FILE", String::new()),
+        // Keys made for this run (with proxy.require_key) go with it, never into the machine's
+        // keys file.
+        (
+            "BEHEST_AGENT__PROXY__KEYS_FILE",
+            runtime_dir.path().join("keys.json").display().to_string(),
+        ),
         (LISTEN_VAR, args.listen.clone()),
         (
             "BEHEST_AGENT__CONTROL__SOCKET",
@@ -168,6 +175,7 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     let (app, socket, socket_note) =
         build(settings, &runtime_dir.path().join("agent.sock")).await?;
     let tokens = app.tokens();
+    let keys = app.keys();
     let proxy_addr = app.proxy_addresses().into_iter().find_map(|a| match a {
         ListenAddr::Tcp(sa) => Some(sa),
         ListenAddr::Unix(_) => None,
@@ -184,7 +192,20 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
     let base = format!("http://{proxy_addr}/v1");
 
     if args.check {
-        let result = self_check(&base).await;
+        // With proxy.require_key, the check's requests carry a key of their own.
+        let key = match &keys {
+            Some(k) => Some(
+                k.create(NewKey {
+                    name: Some("dev --check".into()),
+                    ttl: Some(Duration::from_secs(300)),
+                    ..NewKey::default()
+                })
+                .context("making a key for the check")?
+                .0,
+            ),
+            None => None,
+        };
+        let result = self_check(&base, key.as_deref().unwrap_or("placeholder")).await;
         shutdown.cancel();
         let _ = running.await;
         return result.map(|()| ExitCode::SUCCESS).map_err(Into::into);
@@ -332,7 +353,7 @@ fn random_secret() -> String {
 }
 
 /// One plain and one streamed chat completion through the proxy, as a client would send them.
-async fn self_check(base: &str) -> anyhow::Result<()> {
+async fn self_check(base: &str, key: &str) -> anyhow::Result<()> {
     let client = reqwest::Client::builder()
         .no_proxy()
         .build()
@@ -340,7 +361,7 @@ async fn self_check(base: &str) -> anyhow::Result<()> {
     let body = serde_json::json!({"model": "echo-1", "messages": [{"role": "user", "content": "hello from behest-agent dev"}]});
     let resp = client
         .post(format!("{base}/chat/completions"))
-        .bearer_auth("placeholder")
+        .bearer_auth(key)
         .json(&body)
         .send()
         .await
@@ -355,6 +376,7 @@ async fn self_check(base: &str) -> anyhow::Result<()> {
     streamed["stream"] = serde_json::Value::Bool(true);
     let resp = client
         .post(format!("{base}/chat/completions"))
+        .bearer_auth(key)
         .json(&streamed)
         .send()
         .await
