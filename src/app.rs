@@ -312,6 +312,16 @@ impl App {
         self.state.live().tokens
     }
 
+    /// The token engine of `profile` (`None`: the default one), if the agent serves it.
+    pub fn profile_tokens(&self, profile: Option<&str>) -> Option<TokenSource> {
+        let name = profile.unwrap_or(DEFAULT_PROFILE);
+        self.state
+            .live()
+            .all()
+            .into_iter()
+            .find_map(|(n, t)| (n == name).then_some(t))
+    }
+
     pub fn metrics(&self) -> Arc<Metrics> {
         self.state.metrics.clone()
     }

@@ -272,6 +272,47 @@ async fn exec_without_a_daemon_does_not_run_the_command_with_a_wrong_secret() {
     assert!(stderr.contains("invalid_client"), "{stderr}");
     assert!(!ran.exists(), "the command ran");
 
+    // The command's profile is what counts: a good one runs beside a wrong default, and a wrong
+    // one does not run beside a good default.
+    let good = s.h.path("good-secret");
+    std::fs::write(&good, format!("{}\n", s.h.secret)).unwrap();
+    crate::util::set_mode(&good, 0o600);
+    let wrong = s.h.path("client-secret").display().to_string();
+    let good = good.display().to_string();
+    for (default, profile, runs) in [(&wrong, &good, true), (&good, &wrong, false)] {
+        let _ = std::fs::remove_file(&ran);
+        let out =
+            s.h.agent_with_upstream(
+                &s.upstream.base_url(),
+                &[
+                    "exec",
+                    "--profile",
+                    "team_b",
+                    "--",
+                    "touch",
+                    ran.to_str().unwrap(),
+                ],
+                &[
+                    ("BEHEST_AGENT__AUTH__CLIENT_SECRET_FILE", default.as_str()),
+                    (
+                        "BEHEST_AGENT__PROFILES__TEAM_B__CLIENT_SECRET_FILE",
+                        profile.as_str(),
+                    ),
+                ],
+            )
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(if runs { 0 } else { 1 }),
+            "{stderr}"
+        );
+        assert_eq!(ran.exists(), runs, "{stderr}");
+    }
+    let _ = std::fs::remove_file(&ran);
+
     s.h.stop_idp().await;
     let out =
         s.h.agent_with_upstream(

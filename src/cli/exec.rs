@@ -104,12 +104,13 @@ pub async fn run(g: &Global, args: Args) -> CliResult {
         ));
         own_accounting = Some(app.accounting());
         own_keys = app.keys();
-        let tokens = app.tokens();
+        let tokens = app.profile_tokens(args.profile.as_deref());
         own_agent = Some(tokio::spawn(app.run(shutdown.clone())));
-        // A grant only a configuration change fixes (a wrong secret) fails the command before
-        // it runs, as the GitHub Action and the GitLab template do; any other failure is the
-        // proxy's to retry while the command runs.
-        if let Err(e) = tokens.get(Duration::ZERO).await
+        // A grant of the command's profile that only a configuration change fixes (a wrong
+        // secret) fails the command before it runs, as the GitHub Action and the GitLab template
+        // do; any other failure is the proxy's to retry while the command runs.
+        if let Some(tokens) = tokens
+            && let Err(e) = tokens.get(Duration::ZERO).await
             && tokens.needs_a_fix()
         {
             return Err(anyhow::anyhow!("{e}").into());
