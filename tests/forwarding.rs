@@ -1022,6 +1022,65 @@ async fn a_request_waiting_for_an_upstream_connection_gets_one_that_goes_back_id
     assert_eq!(rig.up.connections(), 1, "the same connection served both");
 }
 
+/// An upstream that closes each connection right after its answer without saying so: a POST
+/// waiting for a connection is not handed one it is closing (a request with a body is never sent
+/// twice, so it would fail with 502); it gets a new one.
+#[tokio::test]
+async fn a_waiting_post_gets_a_new_connection_not_one_the_upstream_is_closing() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let go = Arc::new(tokio::sync::Semaphore::new(0));
+    let received = Arc::new(AtomicUsize::new(0));
+    tokio::spawn({
+        let (go, received) = (go.clone(), received.clone());
+        async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let (go, received) = (go.clone(), received.clone());
+                tokio::spawn(async move {
+                    // Each request's head and its small body arrive together.
+                    if crate::util::read_head(&mut s).await.is_none() {
+                        return;
+                    }
+                    received.fetch_add(1, Ordering::SeqCst);
+                    let _ = go.acquire().await.unwrap();
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                    // Closed a moment after, unread, with no `Connection: close` said.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                });
+            }
+        }
+    });
+    let rig = Rig::builder()
+        .upstream_url(format!("http://{addr}"))
+        .proxy(|s| {
+            s.max_upstream_connections = 2;
+            s.connect_timeout = Duration::from_secs(10);
+        })
+        .start()
+        .await;
+    let post = || {
+        let req = rig
+            .request("POST", "/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        let addr = rig.addr;
+        tokio::spawn(async move { send_on(TcpStream::connect(addr).await.unwrap(), req).await })
+    };
+    let posts: Vec<_> = (0..3).map(|_| post()).collect();
+    eventually(HANG, "three requests in flight", || {
+        rig.stat(&["in_flight"]) == 3
+    })
+    .await;
+    go.add_permits(3);
+    for p in posts {
+        assert_eq!(within(p).await.unwrap().status(), 200);
+    }
+    assert_eq!(received.load(Ordering::SeqCst), 3);
+}
+
 #[tokio::test]
 async fn a_client_leaving_mid_stream_cancels_it_upstream_and_its_connection_is_not_reused() {
     let rig = Rig::start().await;

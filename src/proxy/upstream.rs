@@ -178,7 +178,7 @@ impl Pool {
         loop {
             let slot = match next.take() {
                 Some(slot) => slot,
-                None => self.slot().await?,
+                None => self.slot(is_repeatable(&req)).await?,
             };
             let mut tx = match slot {
                 Slot::Idle(tx) => tx,
@@ -210,22 +210,32 @@ impl Pool {
     }
 
     /// An idle connection, else a permit for a new one; when every connection is taken, whichever
-    /// comes first of one going back idle and one closing, waiting up to `permit_wait`.
-    async fn slot(&self) -> Result<Slot, Busy> {
+    /// comes first of one going back idle and one closing, waiting up to `permit_wait`. A
+    /// connection that went back idle while waiting was answering a moment ago, and an upstream
+    /// that closes after each answer without saying so closes it now: only a request that may be
+    /// sent twice (`repeatable`) takes it; another closes it and takes the permit it frees.
+    async fn slot(&self, repeatable: bool) -> Result<Slot, Busy> {
         let wait = async {
+            // One acquire for the whole wait, so the request keeps its place in the queue.
+            let permit = self.permits.clone().acquire_owned();
+            tokio::pin!(permit);
+            let mut waited = false;
             loop {
                 // Asked for before looking, so a connection put back in between is not missed.
                 let returned = self.returned.notified();
                 tokio::pin!(returned);
                 returned.as_mut().enable();
-                if let Some(tx) = self.take_idle() {
-                    return Slot::Idle(tx);
+                match self.take_idle() {
+                    Some(tx) if repeatable || !waited => return Slot::Idle(tx),
+                    // Dropped: it closes, and its permit comes back.
+                    Some(_) => {}
+                    None => {}
                 }
                 tokio::select! {
-                    permit = self.permits.clone().acquire_owned() => {
+                    permit = &mut permit => {
                         return Slot::New(permit.expect("the semaphore is never closed"));
                     }
-                    () = returned => {}
+                    () = returned => waited = true,
                 }
             }
         };
@@ -340,12 +350,16 @@ impl Pool {
     }
 }
 
-/// A copy of `req` to send again should its pooled connection close under it: a GET, HEAD or
-/// OPTIONS without a body, which the upstream may receive twice.
+/// A GET, HEAD or OPTIONS without a body: the upstream may receive it twice.
+fn is_repeatable(req: &Request<UpstreamBody>) -> bool {
+    matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
+        && req.body().is_end_stream()
+}
+
+/// A copy of `req` to send again should its pooled connection close under it, when it is
+/// [`is_repeatable`].
 fn repeatable(req: &Request<UpstreamBody>) -> Option<Request<UpstreamBody>> {
-    if !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
-        || !req.body().is_end_stream()
-    {
+    if !is_repeatable(req) {
         return None;
     }
     let head = super::forward::clone_head(req);
